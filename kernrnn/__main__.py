@@ -1,0 +1,5 @@
+import sys
+
+from kernrnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Argument checks shared by the public entry points.
+
+Every failure says which argument, what was expected and what was given.
+Nothing is cast or broadcast silently.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_dtype(dtype, name: str = "dtype") -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dt not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+    return dt
+
+
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def array_attrs(a, name: str):
+    """(shape, dtype) of anything array-like, without copying device arrays."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+    return tuple(a.shape), np.dtype(str(a.dtype).replace("torch.", ""))
+
+
+def check_array(a, name: str, shape: tuple, dtype: np.dtype, finite: bool = False):
+    """Check rank, sizes (None = any) and dtype of ``a``."""
+    got_shape, got_dtype = array_attrs(a, name)
+    want = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+    if len(got_shape) != len(shape):
+        raise ValueError(
+            f"{name} must have {len(shape)} dimensions {want}, got shape {list(got_shape)}"
+        )
+    for got, exp in zip(got_shape, shape):
+        if exp is not None and got != exp:
+            raise ValueError(f"{name} must have shape {want}, got {list(got_shape)}")
+    if got_dtype != dtype:
+        raise TypeError(
+            f"{name} must have dtype {dtype} (the layer's dtype; no silent cast), got {got_dtype}"
+        )
+    if finite and isinstance(a, np.ndarray) and not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return a
+
+
+def check_lengths(lengths, batch: int, T: int):
+    """``lengths`` as int64 [B] NumPy array with 0 <= L <= T."""
+    if lengths is None:
+        return np.full(batch, T, dtype=np.int64)
+    if hasattr(lengths, "get") and not isinstance(lengths, (np.ndarray, dict)):
+        lengths = lengths.get()  # CuPy array: lengths are small, read them once
+    arr = np.asarray(lengths)
+    if arr.ndim != 1 or arr.shape[0] != batch:
+        raise ValueError(f"lengths must have shape [{batch}] (one per sequence), got {list(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > T):
+        raise ValueError(
+            f"lengths must lie in [0, {T}] (T = x.shape[0]), got min {arr.min()} max {arr.max()}"
+        )
+    return arr.astype(np.int64)

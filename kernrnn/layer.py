@@ -1,0 +1,233 @@
+"""The recurrent layer: PyTorch's ``nn.RNN``/``nn.LSTM``/``nn.GRU`` contract for any cell.
+
+Parameters use PyTorch's names and layouts (``weight_ih_l{k}``,
+``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, suffix ``_reverse``), so
+a model moves between kernrnn and PyTorch without conversion.  There is no
+autograd: :meth:`RNN.backward` runs BPTT for the last forward call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernrnn import _checks
+from kernrnn.backends import check_device, get_backend
+from kernrnn.functional import resolve_cell
+
+__all__ = ["RNN"]
+
+PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class RNN:
+    """A stack of recurrent layers of one cell type.
+
+    ``y, hn = layer(x, h0=None, lengths=None)`` with ``x`` ``[T, B, I]``
+    (time-major) gives ``y`` ``[T, B, D*H]`` and ``hn`` ``[num_layers*D, B, H]``
+    (a tuple ``(h, c)`` for cells with more than one state, like the LSTM).
+    ``dx, dh0 = layer.backward(dy, dhn=None)`` then accumulates the parameter
+    gradients into :attr:`grads` (keys as :meth:`state_dict`).
+
+    ``cell`` is a registered name (``"rnn"``, ``"lstm"``, ``"gru"``, plugins)
+    or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
+    relu Elman RNN (``"rnn_relu"``).
+    """
+
+    def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
+                 bidirectional=False, dtype=np.float32, device="cpu", nonlinearity=None,
+                 seed=None):
+        if nonlinearity is not None:
+            if cell != "rnn":
+                raise ValueError(f"nonlinearity applies to cell 'rnn' only, got cell {cell!r}")
+            if nonlinearity not in ("tanh", "relu"):
+                raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+            cell = "rnn" if nonlinearity == "tanh" else "rnn_relu"
+        self.cell = resolve_cell(cell)
+        if input_size is None or hidden_size is None:
+            raise TypeError("RNN() needs input_size and hidden_size")
+        self.input_size = _checks.positive_int(input_size, "input_size")
+        self.hidden_size = _checks.positive_int(hidden_size, "hidden_size")
+        self.num_layers = _checks.positive_int(num_layers, "num_layers")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        self.dtype = _checks.as_dtype(dtype)
+        self.device = check_device(device)
+        self._backend = get_backend(self.device)
+        self.training = True
+        self._ctx = None
+        rng = np.random.default_rng(seed)
+        params = {}
+        for name, shape in self.param_shapes().items():
+            kind = name.split("_l")[0]
+            params[name] = self.cell.init_params(rng, kind, shape, self.hidden_size).astype(self.dtype)
+        self.params = {k: self._backend.asarray(v) for k, v in params.items()}
+        self.grads = {k: self._backend.xp.zeros_like(v) for k, v in self.params.items()}
+
+    # -- parameters --------------------------------------------------------
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of all parameters, in PyTorch's order."""
+        G, H = self.cell.n_gates, self.hidden_size
+        shapes = {}
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else H * self.num_directions
+            for d in range(self.num_directions):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                shapes[f"weight_ih{sfx}"] = (G * H, in_size)
+                shapes[f"weight_hh{sfx}"] = (G * H, H)
+                shapes[f"bias_ih{sfx}"] = (G * H,)
+                shapes[f"bias_hh{sfx}"] = (G * H,)
+        return shapes
+
+    def state_dict(self) -> dict:
+        """The parameters by PyTorch name (the layer's own arrays, not copies)."""
+        return dict(self.params)
+
+    def load_state_dict(self, state_dict) -> None:
+        """Copy parameters in; missing, extra or mis-shaped keys are errors."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        shapes = self.param_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        extra = [k for k in state_dict if k not in shapes]
+        if missing or extra:
+            raise ValueError(
+                f"state_dict does not match this {self!r}: missing keys {missing}, "
+                f"unexpected keys {extra}"
+            )
+        new = {}
+        for name, shape in shapes.items():
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # torch tensors
+                value = value.detach().cpu().numpy() if self.device == "cpu" else value.detach()
+            _checks.check_array(value, f"state_dict[{name!r}]", shape, self.dtype, finite=True)
+            new[name] = self._backend.xp.array(self._backend.asarray(value), copy=True)
+        self.params = new
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.grads = {k: self._backend.xp.zeros_like(v) for k, v in self.params.items()}
+
+    def train(self, mode: bool = True) -> "RNN":
+        """Training mode: forward saves what backward needs."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "RNN":
+        """Inference mode: forward saves nothing (faster, less memory)."""
+        return self.train(False)
+
+    def to(self, device: str) -> "RNN":
+        """Move parameters and gradients to ``device`` (``"cpu"`` or ``"cuda"``)."""
+        device = check_device(device)
+        if device == self.device:
+            return self
+        backend = get_backend(device)
+        self.params = {k: backend.from_host(_to_host(v)) if device == "cuda" else _to_host(v)
+                       for k, v in self.params.items()}
+        self.grads = {k: backend.from_host(_to_host(v)) if device == "cuda" else _to_host(v)
+                      for k, v in self.grads.items()}
+        self.device, self._backend, self._ctx = device, backend, None
+        return self
+
+    def __repr__(self) -> str:
+        return (f"RNN({self.cell.name!r}, input_size={self.input_size}, "
+                f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}, dtype={self.dtype.name}, "
+                f"device={self.device!r})")
+
+    # -- forward / backward ------------------------------------------------
+
+    def __call__(self, x, h0=None, lengths=None):
+        return self.forward(x, h0, lengths)
+
+    def forward(self, x, h0=None, lengths=None):
+        """Run all layers; see the class docstring for shapes."""
+        be, xp = self._backend, self._backend.xp
+        D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
+        _checks.check_array(x, "x", (None, None, self.input_size), self.dtype, finite=True)
+        x = be.asarray(x)
+        T, B, _ = x.shape
+        h0 = self._check_state(h0, B, "h0")
+        lens = _checks.check_lengths(lengths, B, T)
+        dev_lens = be.lengths(lens)
+        hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
+        ctxs = []
+        inp = x
+        for layer in range(L):
+            out = xp.empty((T, B, D * H), dtype=self.dtype)
+            for d in range(D):
+                idx = layer * D + d
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                p = [self.params[f"{k}{sfx}"] for k in PARAM_KINDS]
+                init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
+                _, hn[:, idx], ctx = be.forward(
+                    self.cell, inp, *p, init, dev_lens, bool(d), self.training,
+                    y=out[:, :, d * H:(d + 1) * H],
+                )
+                ctxs.append(ctx)
+            inp = out
+        self._ctx = (ctxs, T, B) if self.training else None
+        return inp, self._pack_state(hn)
+
+    def backward(self, dy, dhn=None):
+        """BPTT for the last forward call; returns ``(dx, dh0)``.
+
+        Parameter gradients are added to :attr:`grads` (call :meth:`zero_grad`
+        to reset).  ``dhn`` has the structure of ``hn`` (None: zeros).
+        """
+        if self._ctx is None:
+            raise ValueError(
+                "backward() needs a forward() call in training mode first "
+                "(none since the last backward, or the layer is in eval mode)"
+            )
+        ctxs, T, B = self._ctx
+        be, xp = self._backend, self._backend.xp
+        D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
+        _checks.check_array(dy, "dy", (T, B, D * H), self.dtype, finite=True)
+        dy = be.asarray(dy)
+        dhn = self._check_state(dhn, B, "dhn")
+        dh0 = xp.zeros((S, L * D, B, H), dtype=self.dtype)
+        for layer in reversed(range(L)):
+            dx = None
+            for d in range(D):
+                idx = layer * D + d
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
+                dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * H:(d + 1) * H], dhn_d)
+                dx = dxd if dx is None else dx + dxd
+                for k in PARAM_KINDS:
+                    self.grads[f"{k}{sfx}"] += g[k]
+            dy = dx
+        self._ctx = None
+        return dx, self._pack_state(dh0)
+
+    # -- state helpers -----------------------------------------------------
+
+    def _pack_state(self, st):
+        return st[0] if self.cell.n_state == 1 else tuple(st[s] for s in range(self.cell.n_state))
+
+    def _check_state(self, state, B, name):
+        """[S, L*D, B, H] from PyTorch-style ``h`` or ``(h, c)``; None stays None."""
+        if state is None:
+            return None
+        S, H = self.cell.n_state, self.hidden_size
+        LD = self.num_layers * self.num_directions
+        if S == 1:
+            parts = (state,)
+        else:
+            if not isinstance(state, (tuple, list)) or len(state) != S:
+                raise TypeError(
+                    f"{name} must be a tuple {self.cell.state} of {S} arrays [{LD}, {B}, {H}] "
+                    f"for cell {self.cell.name!r}, got {type(state).__name__}"
+                )
+            parts = tuple(state)
+        for sname, part in zip(self.cell.state, parts):
+            _checks.check_array(part, f"{name} ({sname})", (LD, B, H), self.dtype, finite=True)
+        return self._backend.xp.stack([self._backend.asarray(p) for p in parts])
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -1,0 +1,126 @@
+"""Compile a cell's scalar math for one precision.
+
+Plugin authors write per-element math as plain Python with ``math`` calls and
+plain constants (``1 - z``, ``0.5 * x``).  Numba types a Python literal as
+float64/int64, so ``1 - z`` with a float32 ``z`` silently becomes float64 math:
+slow on GPUs (``.f64`` instructions) and unvectorisable on CPUs.  Instead of
+asking authors to write ``np.float32(1)`` everywhere, the core rewrites every
+numeric literal of the function (and of the plain Python helpers it calls) into
+a cast to the kernel's precision, then compiles it with
+``numba.njit(inline="always")``.  Inlined at Numba IR level, the result can be
+called from CPU kernels, from CUDA kernels (also under ``compile_ptx`` without
+a GPU) and from the CUDA simulator.
+
+Literals left alone: subscripts (``saved[0]``), integer exponents (``x ** 2``
+stays a multiplication) and ``range`` arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import textwrap
+import types
+from functools import lru_cache
+
+import numba
+import numpy as np
+
+__all__ = ["compile_scalar", "retype_source", "ScalarCompileError"]
+
+_CAST_NAME = "__kernrnn_cast"
+
+
+class ScalarCompileError(Exception):
+    """The scalar math of a cell cannot be turned into a Numba function."""
+
+
+class _RetypeConstants(ast.NodeTransformer):
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        node.value = self.visit(node.value)  # the index stays an integer
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        node.left = self.visit(node.left)
+        if not (isinstance(node.op, ast.Pow) and isinstance(node.right, ast.Constant)):
+            node.right = self.visit(node.right)
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if isinstance(node.func, ast.Name) and node.func.id == "range":
+            return node
+        return self.generic_visit(node)
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            return node
+        call = ast.Call(
+            func=ast.Name(id=_CAST_NAME, ctx=ast.Load()),
+            args=[ast.Constant(value=float(node.value))],
+            keywords=[],
+        )
+        return ast.copy_location(call, node)
+
+
+def retype_source(fn: types.FunctionType) -> str:
+    """The source of ``fn`` with numeric literals wrapped in a precision cast."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError) as exc:
+        raise ScalarCompileError(
+            f"cannot read the source of {fn.__qualname__!r} (defined in "
+            f"{getattr(fn, '__module__', '?')}); cell math must be a function "
+            f"defined with 'def' in a file, not a lambda or REPL function"
+        ) from exc
+    tree = ast.parse(src)
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        raise ScalarCompileError(
+            f"{fn.__qualname__!r} must be defined with 'def' (got {type(fdef).__name__})"
+        )
+    fdef.decorator_list = []
+    fdef.body = [_RetypeConstants().visit(stmt) for stmt in fdef.body]
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _is_plain_python_function(obj: object) -> bool:
+    return isinstance(obj, types.FunctionType) and not hasattr(obj, "py_func")
+
+
+def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.FunctionType:
+    key = (fn, dtype.str)
+    if key in seen:
+        return seen[key]
+    src = retype_source(fn)
+    namespace = dict(fn.__globals__)
+    namespace[_CAST_NAME] = numba.from_dtype(dtype)
+    if fn.__closure__:
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+            namespace[name] = cell.cell_contents
+    # Helpers the function calls are rewritten the same way, so a helper such
+    # as ``sigmoid`` keeps the kernel's precision too.
+    for name in fn.__code__.co_names + fn.__code__.co_freevars:
+        obj = namespace.get(name)
+        if _is_plain_python_function(obj) and obj is not fn:
+            namespace[name] = _rebuild(obj, dtype, seen)
+    filename = f"<kernrnn retyped {fn.__module__}.{fn.__qualname__} {dtype}>"
+    exec(compile(src, filename, "exec"), namespace)
+    compiled = numba.njit(inline="always")(namespace[fn.__name__])
+    seen[key] = compiled
+    return compiled
+
+
+@lru_cache(maxsize=None)
+def compile_scalar(fn: types.FunctionType, dtype) -> numba.core.registry.CPUDispatcher:
+    """``fn`` as an inline Numba function whose constants have ``dtype``."""
+    if not _is_plain_python_function(fn):
+        raise ScalarCompileError(
+            f"expected a plain Python function for the cell math, got {type(fn).__name__} "
+            f"{fn!r}; pass the undecorated function (the core compiles it)"
+        )
+    return _rebuild(fn, np.dtype(dtype), {})
+
+
+# Keep ``math`` importable from this module for generated code.
+_ = math
