@@ -1,0 +1,196 @@
+"""Conformance check for a cell: kernels vs the float64 reference.
+
+:func:`check_cell` is what a plugin author runs on a new cell (and what the
+test-suite runs on every registered one): on random problems it compares
+
+* the layer's output and final state, in float64 and float32, with the
+  reference built from the cell's NumPy ``reference`` step;
+* every gradient (each parameter, the input, each initial-state component)
+  with a central finite difference of the reference loss along a random
+  direction per tensor, in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernrnn.testing import tolerances as tol
+from kernrnn.testing.reference import reference_rnn
+
+__all__ = ["check_cell", "ConformanceReport", "ConformanceError", "random_problem",
+           "run_layer", "forward_errors", "gradient_errors"]
+
+
+class ConformanceError(AssertionError):
+    """A kernel disagrees with the reference beyond the tolerance."""
+
+
+@dataclass
+class ConformanceReport:
+    cell: str
+    device: str
+    examples: int = 0
+    max_forward_error: dict = field(default_factory=lambda: {"float64": 0.0, "float32": 0.0})
+    max_gradient_error: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"cell {self.cell!r} on {self.device}: {self.examples} problems, max forward "
+                f"error float64 {self.max_forward_error['float64']:.2e}, float32 "
+                f"{self.max_forward_error['float32']:.2e}, max gradient error "
+                f"(vs finite differences) {self.max_gradient_error:.2e}")
+
+
+def random_problem(rng: np.random.Generator, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2):
+    from kernrnn.testing.strategies import Problem
+
+    T, B = int(rng.integers(1, max_T + 1)), int(rng.integers(1, max_B + 1))
+    lengths = tuple(int(v) for v in rng.integers(0, T + 1, B)) if rng.random() < 0.5 else None
+    return Problem(T, B, int(rng.integers(1, max_I + 1)), int(rng.integers(1, max_H + 1)),
+                   int(rng.integers(1, max_layers + 1)), bool(rng.random() < 0.5), lengths,
+                   bool(rng.random() < 0.5), int(rng.integers(0, 2**32 - 1)))
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def _state_tuple(cell, s):
+    return (s,) if cell.n_state == 1 else tuple(s)
+
+
+def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None):
+    """Forward (and backward when ``dy`` is given) through :class:`kernrnn.RNN`.
+
+    Returns host arrays ``(y, hn, dx, dh0, grads)`` (the last three None
+    without ``dy``); states as tuples.
+    """
+    from kernrnn.layer import RNN
+
+    layer = RNN(cell, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
+                dtype=x.dtype, device=device)
+    be = layer._backend
+    layer.load_state_dict({k: be.from_host(v) if device == "cuda" else v
+                           for k, v in params.items()})
+    put = (lambda a: be.from_host(a)) if device == "cuda" else (lambda a: a)
+    h0_arg = None
+    if h0 is not None:
+        h0_arg = put(h0[0]) if cell.n_state == 1 else tuple(put(h) for h in h0)
+    y, hn = layer(put(x), h0_arg, p.lengths)
+    if dy is None:
+        return _to_host(y), tuple(_to_host(h) for h in _state_tuple(cell, hn)), None, None, None
+    dhn_arg = dhn[0] if cell.n_state == 1 else tuple(dhn)
+    if device == "cuda":
+        dhn_arg = put(dhn_arg) if cell.n_state == 1 else tuple(put(h) for h in dhn_arg)
+    dx, dh0 = layer.backward(put(dy), dhn_arg)
+    return (_to_host(y), tuple(_to_host(h) for h in _state_tuple(cell, hn)), _to_host(dx),
+            tuple(_to_host(h) for h in _state_tuple(cell, dh0)),
+            {k: _to_host(v) for k, v in layer.grads.items()})
+
+
+def _scaled_error(got, want, tolerance):
+    """max |got - want| / (atol + rtol |want|): <= 1 means within tolerance."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ConformanceError(f"shape {got.shape} differs from the reference's {want.shape}")
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - want) / (tolerance["atol"] + tolerance["rtol"] * np.abs(want))))
+
+
+def forward_errors(cell, p, dtype, device="cpu"):
+    """(scaled error, absolute error) of output and final state vs the reference."""
+    from kernrnn.testing.strategies import make_arrays
+
+    params, x, h0 = make_arrays(cell, p, np.float64)
+    ref_y, ref_hn = reference_rnn(cell, params, x, h0, p.lengths, p.num_layers, p.bidirectional)
+    cast = {k: v.astype(dtype) for k, v in params.items()}
+    y, hn, *_ = run_layer(cell, p, cast, x.astype(dtype),
+                          None if h0 is None else tuple(h.astype(dtype) for h in h0), device)
+    t = tol.forward_tolerance(dtype)
+    scaled = max([_scaled_error(y, ref_y, t)] + [_scaled_error(a, b, t) for a, b in zip(hn, ref_hn)])
+    absolute = max([float(np.max(np.abs(y - ref_y), initial=0))]
+                   + [float(np.max(np.abs(a - b), initial=0)) for a, b in zip(hn, ref_hn)])
+    return scaled, absolute
+
+
+def gradient_errors(cell, p, device="cpu"):
+    """Largest relative error of directional derivatives vs finite differences.
+
+    One random direction per tensor: each parameter, ``x`` and each component
+    of ``h0`` (when the problem has one).  The loss is ``sum(y*dy) + sum(hn*dhn)``
+    with random ``dy``, ``dhn``.
+    """
+    from kernrnn.testing.strategies import make_arrays
+
+    params, x, h0 = make_arrays(cell, p, np.float64)
+    rng = np.random.default_rng(p.seed ^ 0x5EED)
+    D = 2 if p.bidirectional else 1
+    dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
+    dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
+    _, _, dx, dh0, grads = run_layer(cell, p, params, x, h0, device, dy, dhn)
+
+    def loss(params_, x_, h0_):
+        y, hn = reference_rnn(cell, params_, x_, h0_, p.lengths, p.num_layers, p.bidirectional)
+        return float(np.sum(y * dy) + sum(np.sum(a * b) for a, b in zip(hn, dhn)))
+
+    h = tol.FD_STEP
+    worst = 0.0
+    targets = [("param", k) for k in params] + [("x", None)]
+    if h0 is not None:
+        targets += [("h0", s) for s in range(cell.n_state)]
+    for kind, key in targets:
+        if kind == "param":
+            base, grad = params[key], grads[key]
+        elif kind == "x":
+            base, grad = x, dx
+        else:
+            base, grad = h0[key], dh0[key]
+        v = rng.standard_normal(base.shape)
+
+        def shifted(sign):
+            moved = base + sign * h * v
+            if kind == "param":
+                return loss({**params, key: moved}, x, h0)
+            if kind == "x":
+                return loss(params, moved, h0)
+            return loss(params, x, tuple(moved if s == key else h0[s] for s in range(len(h0))))
+
+        fd = (shifted(1) - shifted(-1)) / (2 * h)
+        analytic = float(np.sum(grad * v))
+        err = abs(analytic - fd) / (tol.FD["atol"] + tol.FD["rtol"] * max(abs(fd), 1.0))
+        if err > 1:
+            raise ConformanceError(
+                f"cell {cell.name!r}: gradient of {kind} {key!r} disagrees with finite differences: "
+                f"directional derivative {analytic!r} vs {fd!r} on {p}"
+            )
+        worst = max(worst, abs(analytic - fd) / max(abs(fd), 1.0))
+    return worst
+
+
+def check_cell(cell, device="cpu", examples=10, seed=0) -> ConformanceReport:
+    """Run the conformance checks on ``cell`` (a Cell or a registered name).
+
+    Raises :class:`ConformanceError` at the first disagreement; returns a
+    report of the largest errors seen otherwise.
+    """
+    from kernrnn.functional import resolve_cell
+
+    cell = resolve_cell(cell)
+    rng = np.random.default_rng(seed)
+    report = ConformanceReport(cell.name, device)
+    for _ in range(examples):
+        p = random_problem(rng)
+        for dtype in (np.float64, np.float32):
+            scaled, absolute = forward_errors(cell, p, dtype, device)
+            if scaled > 1:
+                raise ConformanceError(
+                    f"cell {cell.name!r} on {device}, {np.dtype(dtype)}: forward differs from the "
+                    f"reference by {absolute:.3e} (tolerance {tol.forward_tolerance(dtype)}) on {p}"
+                )
+            key = np.dtype(dtype).name
+            report.max_forward_error[key] = max(report.max_forward_error[key], absolute)
+        report.max_gradient_error = max(report.max_gradient_error, gradient_errors(cell, p, device))
+        report.examples += 1
+    return report

@@ -1,0 +1,75 @@
+"""Hypothesis strategies for recurrent-layer problems.
+
+``problems()`` draws shapes (T, B, I, H from 1 up), layers, directions,
+lengths, whether there is an initial state, and a seed; the arrays themselves
+come from a seeded NumPy generator (bounded values) so that shrinking works on
+the shape and the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+__all__ = ["Problem", "problems", "make_arrays"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    T: int
+    B: int
+    I: int
+    H: int
+    num_layers: int
+    bidirectional: bool
+    lengths: tuple[int, ...] | None
+    with_h0: bool
+    seed: int
+
+
+@st.composite
+def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirectional=None,
+             variable_lengths=True):
+    """A random problem; ``bidirectional=None`` draws it too."""
+    T = draw(st.integers(1, max_T))
+    B = draw(st.integers(1, max_B))
+    I = draw(st.integers(1, max_I))
+    H = draw(st.integers(1, max_H))
+    L = draw(st.integers(1, max_layers))
+    bi = draw(st.booleans()) if bidirectional is None else bidirectional
+    lengths = None
+    if variable_lengths and draw(st.booleans()):
+        lengths = tuple(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
+    with_h0 = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    return Problem(T, B, I, H, L, bi, lengths, with_h0, seed)
+
+
+def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
+    """Parameters (PyTorch names), input and initial state for problem ``p``.
+
+    Weights are uniform in +-scale/sqrt(H) (PyTorch's init for scale=1),
+    inputs and states uniform in [-1, 1].  Returns ``(params, x, h0)`` with
+    ``h0`` a tuple of S ``[L*D, B, H]`` arrays or None.
+    """
+    rng = np.random.default_rng(p.seed)
+    D = 2 if p.bidirectional else 1
+    G, H = cell.n_gates, p.H
+    bound = scale / np.sqrt(H)
+    params = {}
+    for layer in range(p.num_layers):
+        in_size = p.I if layer == 0 else D * H
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            params[f"weight_ih{sfx}"] = rng.uniform(-bound, bound, (G * H, in_size)).astype(dtype)
+            params[f"weight_hh{sfx}"] = rng.uniform(-bound, bound, (G * H, H)).astype(dtype)
+            params[f"bias_ih{sfx}"] = rng.uniform(-bound, bound, G * H).astype(dtype)
+            params[f"bias_hh{sfx}"] = rng.uniform(-bound, bound, G * H).astype(dtype)
+    x = rng.uniform(-1, 1, (p.T, p.B, p.I)).astype(dtype)
+    h0 = None
+    if p.with_h0:
+        h0 = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, H)).astype(dtype)
+                   for _ in range(cell.n_state))
+    return params, x, h0

@@ -1,0 +1,29 @@
+"""Test configuration: hypothesis profiles and a fresh plugin registry per test."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Deterministic in CI (same examples every run); broader locally.
+settings.register_profile(
+    "ci", max_examples=15, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Reset the process registry before and after a test that changes plugins."""
+    from kernrnn import plugins
+
+    plugins.reset_registry()
+    yield
+    plugins.reset_registry()
