@@ -118,8 +118,15 @@ def _positive(value, flag, minimum=1):
 
 
 def _limit_threads(n):
-    """Give Numba and BLAS ``n`` threads for the whole run."""
+    """Give Numba and BLAS ``n`` threads for the whole run.
+
+    Numba's kernels call BLAS through SciPy, whose OpenBLAS is a second copy
+    next to NumPy's; it is loaded here first so that the limit reaches it too
+    (threadpoolctl only limits libraries already loaded).  Measured on a loaded
+    2-core machine: an unlimited second pool made an LSTM step 4x slower.
+    """
     import numba
+    import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS before limiting)
     from threadpoolctl import threadpool_limits
 
     _positive(n, "--threads")
