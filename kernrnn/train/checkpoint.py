@@ -86,9 +86,10 @@ def load_checkpoint(path) -> Checkpoint:
         return ValueError(f"checkpoint {path!r} is not a valid kernrnn checkpoint: {why}")
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise bad("not an .npz archive (a bare .npy array)")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise bad("not an .npz archive (a bare .npy array)")
+        with loaded as npz:
             names = list(npz.files)
             if META_KEY not in names:
                 raise bad(f"no {META_KEY!r} member (not written by kernrnn, or truncated)")
