@@ -169,10 +169,15 @@ def _build(args, ckpt=None):
         recorded = {
             "task": tcfg["task"], "data": tcfg.get("source") if tcfg["task"] in
             ("forecast", "charlm") and tcfg.get("source") != "sunspots" else None,
-            "seq_len": tcfg["seq_len"], "cell": mcfg["cell"], "hidden": mcfg["hidden_size"],
+            "seq_len": tcfg["seq_len"], "column": tcfg.get("column"),
+            "steps_per_epoch": tcfg.get("steps_per_epoch"),
+            "vary_lengths": tcfg.get("vary_lengths") or None, "cell": mcfg["cell"],
+            "hidden": mcfg["hidden_size"],
             "layers": mcfg["num_layers"], "embedding": mcfg.get("embedding_dim"),
             "dtype": mcfg["dtype"], "batch_size": tr["batch_size"], "optimizer": ocfg["name"],
-            "lr": ocfg["lr"], "clip": tr["clip"] or 0.0, "tbptt": tr["tbptt"],
+            "lr": ocfg["lr"], "momentum": ocfg.get("momentum"),
+            "weight_decay": ocfg.get("weight_decay"), "clip": tr["clip"] or 0.0,
+            "tbptt": tr["tbptt"],
             "seed": tr["seed"],
         }
         for key, value in recorded.items():
@@ -357,8 +362,11 @@ def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> 
     if resumed:
         print(f"resuming at epoch {trainer.epoch + 1}, step {trainer.global_step} "
               f"from {args.resume}", file=info)
+    if epochs <= trainer.epoch:
+        print(f"the run has already completed {trainer.epoch} epochs (--epochs {epochs}); "
+              f"pass a larger --epochs to train further", file=info)
     spe = trainer.steps_per_epoch()
-    total = epochs * spe
+    total = max(epochs * spe, trainer.global_step)
     if args.stop_after is not None:
         total = min(total, args.stop_after)
     unit = "tok" if task.vocab_size else "timestep"
@@ -474,7 +482,8 @@ def run_predict(args) -> int:
             preds.append(z * task.std + task.mean)
             hist.append(z)
         labels = _next_labels(task.labels, args.steps)
-        result["forecast"] = [{"label": lab, "value": v} for lab, v in zip(labels, preds)]
+        result["forecast"] = [{"label": lab, "value": v}
+                              for lab, v in zip(labels, preds, strict=True)]
     if args.evaluate or task.name != "forecast":
         d = task.eval_data(model.dtype)
         result["evaluation"] = task.evaluate(predict(model, d.x, d.lengths))

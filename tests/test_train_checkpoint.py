@@ -7,8 +7,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from kernrnn.train import (Adam, AddingTask, SequenceModel, Trainer, load_checkpoint,
-                           make_optimizer, save_checkpoint)
+from kernrnn.train import (
+    Adam,
+    AddingTask,
+    SequenceModel,
+    Trainer,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+)
 from kernrnn.train.data import ForecastTask
 
 

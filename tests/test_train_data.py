@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernrnn.train.data import (AddingTask, CharLMTask, CopyTask, ForecastTask, load_sunspots,
-                                make_task, read_csv_series, task_from_config)
+from kernrnn.train.data import (
+    AddingTask,
+    CharLMTask,
+    CopyTask,
+    ForecastTask,
+    load_sunspots,
+    make_task,
+    read_csv_series,
+    task_from_config,
+)
 
 
 def test_embedded_sunspots():

@@ -68,7 +68,7 @@ def test_train_batch_on_device_matches_cpu(cell, tokens):
         loss = "mse"
     lengths = np.array([9, 5, 1, 7])
     results = []
-    for m, xp in zip(models, (np, cupy)):
+    for m, xp in zip(models, (np, cupy), strict=True):
         opt = Adam(lr=0.01)
         r = train_batch(m, loss, opt, xp.asarray(x), xp.asarray(y), lengths, tbptt=4, clip=1.0)
         results.append((float(r.loss), m.state_dict()))

@@ -82,7 +82,7 @@ def test_gradients_match_finite_differences(p):
     for _ in range(2):
         v = {k: rng.normal(size=a.shape) for k, a in params.items()}
 
-        def loss_at(sign):
+        def loss_at(sign, v=v):
             for k, a in params.items():
                 a += sign * FD_STEP * v[k]
             val = float(np.sum(model.forward(x, None, lengths)[0] * R))

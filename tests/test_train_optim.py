@@ -84,10 +84,10 @@ def test_matches_pytorch(name, kwargs, tcls):
     opt = make_optimizer(name, **kwargs)
     for g in grads:
         opt.step(params, g)
-        for tp, k in zip(tparams, params):
+        for tp, k in zip(tparams, params, strict=True):
             tp.grad = torch.tensor(g[k])
         topt.step()
-    for tp, k in zip(tparams, params):
+    for tp, k in zip(tparams, params, strict=True):
         np.testing.assert_allclose(params[k], tp.detach().numpy(), rtol=1e-12, atol=1e-12)
 
 
@@ -136,12 +136,12 @@ def test_clip_matches_pytorch_and_zero_means_measure_only():
     rng = np.random.default_rng(0)
     grads = {"a": rng.normal(size=(4, 3)), "b": rng.normal(size=5)}
     ts = [torch.zeros(v.shape, dtype=torch.float64, requires_grad=True) for v in grads.values()]
-    for t, v in zip(ts, grads.values()):
+    for t, v in zip(ts, grads.values(), strict=True):
         t.grad = torch.tensor(v.copy())
     ref = torch.nn.utils.clip_grad_norm_(ts, 0.5)
     norm = clip_grad_norm(grads, 0.5)
     np.testing.assert_allclose(float(norm), ref.item(), rtol=1e-12)
-    for t, v in zip(ts, grads.values()):
+    for t, v in zip(ts, grads.values(), strict=True):
         np.testing.assert_allclose(v, t.grad.numpy(), rtol=1e-12)
     before = {k: v.copy() for k, v in grads.items()}
     clip_grad_norm(grads, 0)

@@ -6,10 +6,17 @@ model's device (NumPy arrays on the CPU, CuPy arrays with the CUDA backend).
 """
 
 from kernrnn.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from kernrnn.train.data import (AddingTask, CharLMTask, CopyTask, ForecastTask, make_task,
-                                read_csv_series, task_from_config)
-from kernrnn.train.losses import cross_entropy_loss, length_mask, mse_loss
+from kernrnn.train.data import (
+                                AddingTask,
+                                CharLMTask,
+                                CopyTask,
+                                ForecastTask,
+                                make_task,
+                                read_csv_series,
+                                task_from_config,
+)
 from kernrnn.train.loop import StepResult, Trainer, predict, train_batch
+from kernrnn.train.losses import cross_entropy_loss, length_mask, mse_loss
 from kernrnn.train.model import SequenceModel
 from kernrnn.train.optim import SGD, Adam, AdamW, clip_grad_norm, global_norm, make_optimizer
 

@@ -201,7 +201,8 @@ class ForecastTask:
             std = float(train.std())
             mean = float(train.mean())
         if not std > 0:
-            raise ValueError(f"series from {source}: the training part is constant, nothing to learn")
+            raise ValueError(
+                f"series from {source}: the training part is constant, nothing to learn")
         self.values, self.labels = values, labels
         self.n_train, self.n_test = n_train, n_test
         self.mean, self.std = float(mean), float(std)
@@ -230,7 +231,9 @@ class ForecastTask:
         return EpochData(x, y, lengths)
 
     def describe(self) -> str:
-        src = "embedded yearly sunspot numbers 1700-2008" if self.source == EMBEDDED else self.source
+        src = self.source
+        if src == EMBEDDED:
+            src = "embedded yearly sunspot numbers 1700-2008"
         return (f"forecast: {src} ({self.column}), {self.n_train} values for training, "
                 f"{self.n_test} held out; windows of {self.seq_len} steps")
 
@@ -506,7 +509,8 @@ class AddingTask(_SyntheticTask):
         return EpochData(x.astype(dtype), y.astype(dtype), lengths.astype(np.int64))
 
     def describe(self) -> str:
-        return (f"adding problem: T={self.seq_len}{' (variable lengths)' if self.vary_lengths else ''}, "
+        vary = " (variable lengths)" if self.vary_lengths else ""
+        return (f"adding problem: T={self.seq_len}{vary}, "
                 f"{self._steps} fresh batches per epoch, {self.test_size} held-out sequences")
 
     def evaluate(self, outputs) -> dict:

@@ -74,16 +74,16 @@ def adding_markdown(rows, args, command) -> str:
 
     base = rows[0]["baseline_mse"]
     lines = [
-        "# Adding problem, T = %d" % args.T,
+        f"# Adding problem, T = {args.T}",
         "",
         "Two of T values in [0, 1) are marked (one in each half); the target is "
         "their sum, read out after the last step (sequence-to-one, MSE). "
-        "Predicting 1 always gives MSE 1/6 = 0.167 (here %.4f on the held-out set)." % base,
+        f"Predicting 1 always gives MSE 1/6 = 0.167 (here {base:.4f} on the held-out set).",
         "",
-        "Same budget for every cell: %d steps of batch %d (fresh sequences each step), "
-        "hidden %d, one layer, Adam lr %g, global-norm clipping 1.0, float32, CPU, "
-        "%d thread(s). Held-out set: 1000 sequences (fixed seed)."
-        % (args.steps, args.batch, args.hidden, args.lr, args.threads),
+        f"Same budget for every cell: {args.steps} steps of batch {args.batch} (fresh "
+        f"sequences each step), hidden {args.hidden}, one layer, Adam lr {args.lr:g}, "
+        f"global-norm clipping 1.0, float32, CPU, {args.threads} thread(s). Held-out set: "
+        "1000 sequences (fixed seed).",
         "",
         "| cell | seed | held-out MSE at end | best held-out MSE | first step with MSE < 0.01 | "
         "vs trivial (0.167) | wall time |",
@@ -108,7 +108,7 @@ def adding_markdown(rows, args, command) -> str:
         command,
         "```",
         "",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. "
         f"Machine: {_machine()}, shared with other jobs (wall times are noisy; "
         f"they are not a speed benchmark). kernrnn {__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}.",

@@ -141,7 +141,8 @@ class Trainer:
         self.seed = int(seed)
         self.eval_every = int(eval_every)
         if task.head != model.head:
-            raise ValueError(f"task {task.name!r} needs head {task.head!r}, model has {model.head!r}")
+            raise ValueError(
+                f"task {task.name!r} needs head {task.head!r}, model has {model.head!r}")
         self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x7A11]))
         self.epoch = 0              # completed epochs
         self.step_in_epoch = 0      # batches done in the current epoch
@@ -216,7 +217,8 @@ class Trainer:
                 self.elapsed += dt
                 if not math.isfinite(loss):
                     raise FloatingPointError(
-                        f"loss became {loss} at step {self.global_step + 1}; lower --lr or set --clip"
+                        f"loss became {loss} at step {self.global_step + 1}; "
+                        f"lower --lr or set --clip"
                     )
                 self.losses.append(loss)
                 self.grad_norms.append(norm)
@@ -298,7 +300,8 @@ class Trainer:
             self.epoch_rng_state = pos["epoch_rng_state"]
             self.rng.bit_generator.state = pos["rng_state"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint position is malformed ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"checkpoint position is malformed ({type(e).__name__}: {e})") from None
         hist = ckpt.group("history")
         self.losses = [float(v) for v in hist.get("loss", [])]
         self.grad_norms = [float(v) for v in hist.get("grad_norm", [])]

@@ -99,7 +99,8 @@ def cross_entropy_loss(logits, target, mask=None, denom=None):
             f"without the class axis), got {list(target.shape)}"
         )
     if not np.issubdtype(np.dtype(str(target.dtype)), np.integer):
-        raise TypeError(f"cross_entropy_loss: target must hold integer class ids, got {target.dtype}")
+        raise TypeError(
+            f"cross_entropy_loss: target must hold integer class ids, got {target.dtype}")
     _check_mask(mask, logits.shape[:-1], "cross_entropy_loss")
     xp = array_module(logits)
     C = logits.shape[-1]

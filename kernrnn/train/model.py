@@ -68,7 +68,8 @@ class SequenceModel:
             rnn_in = self.embedding_dim
         else:
             if input_size is None:
-                raise TypeError("SequenceModel needs input_size (real input) or vocab_size (tokens)")
+                raise TypeError(
+                    "SequenceModel needs input_size (real input) or vocab_size (tokens)")
             if embedding_dim is not None:
                 raise ValueError("embedding_dim needs vocab_size (token input)")
             self.vocab_size = None
@@ -125,7 +126,7 @@ class SequenceModel:
         }
 
     @classmethod
-    def from_config(cls, config: dict, device="cpu", seed=None) -> "SequenceModel":
+    def from_config(cls, config: dict, device="cpu", seed=None) -> SequenceModel:
         cfg = dict(config)
         known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
                  "embedding_dim", "head", "bidirectional", "dtype"}
@@ -202,11 +203,11 @@ class SequenceModel:
                 raise ValueError(f"parameter {k!r} contains NaN or infinity")
             p[...] = self.xp.asarray(host)
 
-    def train(self, mode: bool = True) -> "SequenceModel":
+    def train(self, mode: bool = True) -> SequenceModel:
         self.rnn.train(mode)
         return self
 
-    def eval(self) -> "SequenceModel":
+    def eval(self) -> SequenceModel:
         return self.train(False)
 
     @property
@@ -222,7 +223,8 @@ class SequenceModel:
         if not hasattr(x, "shape") or len(x.shape) != 2:
             raise ValueError(
                 f"x must be token ids of shape [T, B] for a model with vocab_size="
-                f"{self.vocab_size}, got {type(x).__name__} of shape {list(getattr(x, 'shape', []))}"
+                f"{self.vocab_size}, got {type(x).__name__} of shape "
+                f"{list(getattr(x, 'shape', []))}"
             )
         if not np.issubdtype(np.dtype(str(x.dtype)), np.integer):
             raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
