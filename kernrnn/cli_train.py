@@ -95,7 +95,8 @@ def add_parser(sub) -> None:
                    help="also report the held-out error against the naive baseline")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--device", default="cpu")
-    q.set_defaults(func=run_predict)
+    q.add_argument("--threads", type=int, default=1, help="CPU threads (1)")
+    q.set_defaults(func=_with_threads(run_predict))
 
     r = sub.add_parser("generate", help="sample text from a character-LM checkpoint")
     r.add_argument("checkpoint")
@@ -105,10 +106,23 @@ def add_parser(sub) -> None:
     r.add_argument("--temperature", type=float, default=0.8)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
-    r.set_defaults(func=run_generate)
+    r.add_argument("--threads", type=int, default=1, help="CPU threads (1)")
+    r.set_defaults(func=_with_threads(run_generate))
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _with_threads(fn):
+    def run(args):
+        limits = _limit_threads(args.threads)
+        try:
+            return fn(args)
+        finally:
+            limits.restore_original_limits()
+
+    run.__doc__ = fn.__doc__
+    return run
 
 
 def _positive(value, flag, minimum=1):
@@ -133,8 +147,16 @@ def _limit_threads(n):
     cap = numba.config.NUMBA_NUM_THREADS
     if n > cap:
         raise ValueError(f"--threads must be <= {cap} (NUMBA_NUM_THREADS), got {n}")
+    before = numba.get_num_threads()
     numba.set_num_threads(n)
-    return threadpool_limits(limits=n)
+    limits = threadpool_limits(limits=n)
+
+    class _Restore:
+        def restore_original_limits(self):
+            limits.restore_original_limits()
+            numba.set_num_threads(before)
+
+    return _Restore()
 
 
 def _check_cell(name):
