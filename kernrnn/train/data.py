@@ -286,6 +286,7 @@ def _forecast_from_source(source, column=None, seq_len=20, test_fraction=0.2, ex
         source = EMBEDDED
     else:
         raw = _read_bytes(source)
+        source = os.path.abspath(source)  # a resumed run may start in another directory
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
@@ -433,6 +434,7 @@ def _charlm_from_source(source, seq_len=100, test_fraction=0.1, expect_sha=None,
     if source is None:
         raise ValueError("task 'charlm' needs a text file: pass --data FILE")
     raw = _read_bytes(source)
+    source = os.path.abspath(source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
