@@ -323,8 +323,8 @@ def _plot(path, trainer, title):
     loss = np.asarray(trainer.losses)
     steps = np.arange(1, len(loss) + 1)
     ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label="training loss (batch)")
-    if len(loss) >= 5:
-        w = max(1, len(loss) // 50)
+    w = max(1, len(loss) // 50)
+    if w > 1:
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1:], smooth, color="tab:blue", lw=1.5,
                 label=f"training loss ({w}-step mean)")
@@ -337,7 +337,9 @@ def _plot(path, trainer, title):
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss ({trainer.task.loss})")
-    ax.set_title(title, fontsize=10)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.split("\n")), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -374,6 +376,7 @@ def run_train(args) -> int:
 def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> int:
     info = sys.stderr
     resumed = trainer.global_step > 0 or trainer.epoch > 0
+    start_step = trainer.global_step
     print(f"kernrnn train: {task.describe()}", file=info)
     print(f"model: {model.num_layers}x {model.cell} hidden {model.hidden_size}, "
           f"{model.num_params():,} parameters, {model.dtype.name}, device {model.device}; "
@@ -435,29 +438,32 @@ def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> 
               file=info)
         return 0
     metrics = trainer.last_eval or trainer.evaluate()
-    wall = time.perf_counter() - t_start
-    result = {
-        "task": task.config(), "model": model.config(), "metrics": metrics,
-        "steps": trainer.global_step, "epochs": trainer.epoch,
-        "wall_time_s": round(wall, 3), "train_time_s": round(fit_s, 3),
-        "first_step_s": round(first_step.get("s", 0.0), 3),
-        "final_train_loss": trainer.losses[-1] if trainer.losses else None,
-    }
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
     png = None
     if not args.no_plot:
         png = os.path.join(out, "loss.png")
         _plot(png, trainer, f"{task.describe()}\n{model.cell} hidden {model.hidden_size} x "
                             f"{model.num_layers}")
+    wall = time.perf_counter() - t_start  # includes loading, evaluation and the plot
+    session_steps = trainer.global_step - start_step
+    result = {
+        "task": task.config(), "model": model.config(), "metrics": metrics,
+        "steps": trainer.global_step, "epochs": trainer.epoch,
+        "session_steps": session_steps, "wall_time_s": round(wall, 3),
+        "train_time_s": round(fit_s, 3), "first_step_s": round(first_step.get("s", 0.0), 3),
+        "final_train_loss": trainer.losses[-1] if trainer.losses else None,
+    }
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
     print(_fmt_metrics(metrics))
     extra = ""
     if "copy_accuracy" in metrics:
         extra = (f"; recalled-symbol accuracy {metrics['copy_accuracy']:.3f} vs "
                  f"{metrics['baseline_copy_accuracy']:.3f}")
-    print(f"{trainer.global_step} steps, {trainer.epoch} epochs in {wall:.1f} s wall "
-          f"(training {fit_s:.1f} s, first step incl. kernel compile/load "
-          f"{first_step.get('s', 0.0):.1f} s){extra}")
+    done = f"{trainer.global_step} steps ({trainer.epoch} epochs)"
+    if start_step:
+        done += f", {session_steps} of them in this run,"
+    print(f"{done} in {wall:.1f} s wall (training {fit_s:.1f} s, first step incl. kernel "
+          f"compile/load {first_step.get('s', 0.0):.1f} s){extra}")
     print(f"checkpoint: {ckpt_path}" + (f"\nloss curve: {png}" if png else ""))
     return 0
 
