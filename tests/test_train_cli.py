@@ -38,6 +38,14 @@ def test_default_task_tiny_run(tmp_path, capsys):
     assert "2009\t" in out and "2011\t" in out and "held-out RMSE" in out
     rc, out, _ = _run(capsys, "predict", str(out_dir / "checkpoint.npz"), "--json")
     assert len(json.loads(out)["forecast"]) == 10
+    # forecast another series with the checkpoint's standardisation
+    other = tmp_path / "other.csv"
+    other.write_text("year,n\n" + "\n".join(f"{1900 + i},{50 + 40 * np.sin(i / 2):.2f}"
+                                             for i in range(40)))
+    rc, out, err = _run(capsys, "predict", str(out_dir / "checkpoint.npz"), "--data",
+                        str(other), "--steps", "2")
+    assert rc == 0, err
+    assert "1940\t" in out and "1941\t" in out
 
 
 def test_resume_from_cli_matches_uninterrupted_run(tmp_path, capsys):

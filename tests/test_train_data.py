@@ -80,13 +80,17 @@ def test_forecast_windows(n, W, seed):
     d = task.epoch(np.random.default_rng(0), 4, dtype=np.float64)
     assert d.size == task.n_train - 1 and d.lengths.max() <= W and d.lengths.min() == 1
     z = task.z
-    for i in range(d.size):  # every window: inputs z[a:e], targets shifted by one
+    # the epoch is a permutation of the windows ending at every training point
+    order = np.random.default_rng(0).permutation(d.size)
+    for i in range(d.size):
+        e = order[i] + 1  # inputs z[a:e], targets z[a+1:e+1], a = max(0, e - W)
+        a = max(0, e - W)
         L = d.lengths[i]
-        xs, ys = d.x[:L, i, 0], d.y[:L, i, 0]
-        e = int(np.flatnonzero(np.isclose(z, xs[-1]))[0]) + 1 if L else 0
-        np.testing.assert_allclose(ys[:-1], xs[1:])
-        np.testing.assert_allclose(ys[-1], z[e])
-        assert not d.x[L:, i].any()
+        assert L == e - a
+        np.testing.assert_array_equal(d.x[:L, i, 0], z[a:e])
+        np.testing.assert_array_equal(d.y[:L, i, 0], z[a + 1:e + 1])
+        assert not d.x[L:, i].any() and not d.y[L:, i].any()
+    assert (z[:task.n_train] * task.std + task.mean == pytest.approx(values[:task.n_train]))
     # held-out forecast of the persistence model's kind: perfect outputs give RMSE 0
     ev = task.eval_data(np.float64)
     out = np.zeros((W, ev.size, 1))
