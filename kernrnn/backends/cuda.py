@@ -1,0 +1,578 @@
+"""CUDA backend: Numba-CUDA kernels and cuBLAS GEMMs (via CuPy) for one layer and direction.
+
+Same interface and array layouts as :mod:`kernrnn.backends.cpu` (``XW
+[T,B,G*H]``, ``States [S,T+1,B,H]`` indexed by time boundary, ``Saved
+[K,T,B,H]``, ``dXW``/``dHU [T,B,G*H]``), so :mod:`kernrnn.layer` and
+:mod:`kernrnn.functional` run unchanged with ``device="cuda"``.
+
+Per layer and direction:
+
+* forward: ``XW = x @ W_ih.T + b_ih`` for all steps in one cuBLAS GEMM, then
+  per step one GEMM ``HU = h_{t-1} @ W_hh.T`` and one fused pointwise kernel
+  (bias ``b_hh``, the cell's math, lengths masking, output and saved values);
+* backward: per step one fused pointwise kernel (adds the pending recurrent
+  gradient ``dHrec`` and ``dy_t``, runs the cell's backward, writes
+  ``dXW_t``, ``dHU_t`` and the element-wise part of ``dh_{t-1}``) and one GEMM
+  ``dHrec = dHU_t @ W_hh``; the weight gradients are large GEMMs afterwards.
+
+So each step costs two launches; nothing waits on the host inside the time
+loop.  Kernels run on CuPy's current stream.  Arrays are wrapped once per call
+with ``cuda.as_cuda_array(..., sync=False)`` (Numba would otherwise
+synchronise the producer stream at every launch, see DESIGN.md) and kernels
+are specialised once per argument types, so a launch skips Numba's typing.
+
+The recurrence can instead run in the persistent fused kernel of
+:mod:`kernrnn.backends.cuda_persistent` (when that module exists); choose with
+``KERNRNN_CUDA_PATH=auto|gemm|persistent`` or :func:`set_path`.  Its contract:
+
+* ``supports(cell, dtype, B, H, training) -> bool`` (optional; used by ``auto``)
+* ``forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
+  training)`` fills ``States`` (all boundaries after the initial one), ``Saved``
+  (when ``training``) and ``Y``, exactly as :func:`_gemm_forward_loop` does;
+* ``backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW,
+  dHU)``: ``dS [S,B,H]`` holds ``dhn`` on entry and the complete ``dh0`` on
+  exit; fills ``dXW`` and ``dHU`` (zero rows at masked steps).
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) NumPy stands in for
+CuPy and the same kernels run on the CPU, so CI tests this module's logic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
+from kernrnn.scalar import compile_scalar
+
+__all__ = [
+    "xp", "SIMULATOR", "CudaUnavailableError", "require", "asarray", "from_host", "lengths",
+    "forward", "backward", "ForwardContext", "get_kernels", "kernel_sources", "set_path",
+    "get_path", "PATHS", "BLOCK",
+]
+
+PATHS = ("auto", "gemm", "persistent")
+PATH_ENV = "KERNRNN_CUDA_PATH"
+BLOCK = 256  # threads per block of the pointwise kernels
+# The simulator runs each thread of a block as a Python thread: small blocks keep it
+# fast and give small problems several blocks (and a partial last one) to check.
+SIM_BLOCK = 8
+INSTALL_HINT = (
+    "install the CUDA extra matching your driver: pip install 'kernrnn[cuda12]' "
+    "(CUDA 12) or pip install 'kernrnn[cuda13]' (CUDA 13)"
+)
+
+
+class CudaUnavailableError(RuntimeError):
+    """device='cuda' was asked for but CuPy, numba-cuda or a GPU is missing."""
+
+
+# -- what is available ---------------------------------------------------------
+
+_import_error: str | None = None
+try:
+    from numba import cuda
+except Exception as exc:  # numba-cuda missing or broken
+    cuda = None
+    _import_error = f"numba-cuda could not be imported ({type(exc).__name__}: {exc})"
+
+
+def _simulator_enabled() -> bool:
+    if cuda is None:
+        return False
+    try:
+        from numba.cuda.core import config as cuda_config  # numba-cuda
+    except ImportError:  # numba's built-in target
+        from numba import config as cuda_config
+    return bool(getattr(cuda_config, "ENABLE_CUDASIM", False))
+
+
+SIMULATOR = _simulator_enabled()
+
+cupy = None
+if not SIMULATOR:
+    try:
+        import cupy  # noqa: F811
+    except Exception as exc:
+        cupy = None
+        _cupy_error = f"CuPy could not be imported ({type(exc).__name__}: {exc})"
+    else:
+        _cupy_error = None
+else:
+    _cupy_error = None
+
+#: The array module of this backend: CuPy on a GPU, NumPy under the simulator
+#: (or, so that importing never fails, when CuPy is missing; :func:`require`
+#: then refuses to run).
+xp = cupy if cupy is not None else np
+
+
+def require() -> None:
+    """Raise :class:`CudaUnavailableError` naming what is missing and how to install it."""
+    if SIMULATOR:
+        return
+    if cuda is None:
+        raise CudaUnavailableError(f"device='cuda' needs numba-cuda: {_import_error}; "
+                                   + INSTALL_HINT)
+    if cupy is None:
+        raise CudaUnavailableError(f"device='cuda' needs CuPy: {_cupy_error}; " + INSTALL_HINT)
+    problem = _gpu_problem()
+    if problem:
+        raise CudaUnavailableError(
+            f"device='cuda' needs an NVIDIA GPU with a working driver: {problem}. If the GPU "
+            f"is there, check that the CuPy and numba-cuda builds match its CUDA version; "
+            + INSTALL_HINT
+        )
+
+
+@lru_cache(maxsize=1)
+def _gpu_problem() -> str:
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy finds no usable GPU ({type(exc).__name__}: {exc})"
+    if n < 1:
+        return "CuPy reports 0 GPUs"
+    try:
+        if not cuda.is_available():
+            return "numba-cuda finds no usable GPU (cuda.is_available() is False)"
+    except Exception as exc:
+        return f"numba-cuda cannot reach the GPU ({type(exc).__name__}: {exc})"
+    return ""
+
+
+# -- arrays ----------------------------------------------------------------------
+
+
+def asarray(a):
+    """The backend's array for ``a``, without a copy and without a dtype change.
+
+    Accepts CuPy arrays and anything with ``__cuda_array_interface__`` or
+    DLPack (e.g. PyTorch CUDA tensors); the result shares its memory.  NumPy
+    arrays are copied to the device once (under the simulator they stay
+    NumPy).  Non-contiguous inputs become contiguous (one device copy).
+    """
+    if SIMULATOR or cupy is None:
+        if hasattr(a, "__cuda_array_interface__") or _is_cuda_tensor(a):
+            raise TypeError(
+                f"got a GPU array ({type(a).__name__}) but the CUDA backend runs under the "
+                f"simulator, where arrays are NumPy arrays"
+            )
+        return np.ascontiguousarray(a)
+    if isinstance(a, cupy.ndarray):
+        return cupy.ascontiguousarray(a)
+    if hasattr(a, "__cuda_array_interface__"):
+        return cupy.ascontiguousarray(cupy.asarray(a))
+    if hasattr(a, "__dlpack__") and _is_cuda_tensor(a):
+        return cupy.ascontiguousarray(cupy.from_dlpack(a))
+    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a CPU torch tensor
+        a = a.detach().numpy()
+    if isinstance(a, np.ndarray):
+        return cupy.asarray(np.ascontiguousarray(a))
+    raise TypeError(
+        f"expected a CuPy array, an array with __cuda_array_interface__ or DLPack (e.g. a "
+        f"PyTorch CUDA tensor) or a NumPy array, got {type(a).__name__}"
+    )
+
+
+def _is_cuda_tensor(a) -> bool:
+    dev = getattr(a, "device", None)
+    if getattr(dev, "type", None) == "cuda":
+        return True
+    dl = getattr(a, "__dlpack_device__", None)
+    if callable(dl):
+        try:
+            return dl()[0] in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        except Exception:
+            return False
+    return False
+
+
+def from_host(a: np.ndarray):
+    """Copy a host array to the device (a NumPy copy under the simulator)."""
+    a = np.ascontiguousarray(a)
+    if SIMULATOR or cupy is None:
+        return a.copy()
+    return cupy.asarray(a)
+
+
+def lengths(lens: np.ndarray):
+    """Sequence lengths ``int64 [B]`` on the device, copied once per forward call."""
+    return from_host(np.asarray(lens, dtype=np.int64))
+
+
+# -- kernels -----------------------------------------------------------------------
+
+
+def _forward_source(G: int, S: int, K: int, train: bool) -> str:
+    body = forward_body(
+        G, S, K,
+        xw=lambda g: f"XW[t, b, {g} * H + j]",
+        hu=lambda g: f"HU[b, {g} * H + j] + b_hh[{g} * H + j]",
+        prev=lambda s: f"States[{s}, p, b, j]",
+        new=lambda s: f"States[{s}, n, b, j]",
+        saved=(lambda k: f"Saved[{k}, t, b, j]") if train else None,
+        y="Y[t, b, j]",
+        indent=8,
+    )
+    carry = "\n".join(f"        States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S))
+    name = "forward_train" if train else "forward_infer"
+    return f'''
+def {name}_py(XW, HU, b_hh, States, Saved, Y, lengths, t, p, n):
+    """One forward step for every (batch, unit) element; thread = element."""
+    idx = cuda.grid(1)
+    B = XW.shape[1]
+    H = States.shape[3]
+    if idx >= B * H:
+        return
+    b = idx // H
+    j = idx - b * H
+    if t < lengths[b]:
+{body}
+    else:
+{carry}
+        Y[t, b, j] = 0
+
+
+{name} = cuda.jit(cache=CACHE)({name}_py)
+'''
+
+
+def _backward_source(G: int, S: int, K: int) -> str:
+    body = backward_body(
+        G, S, K,
+        saved=lambda k: f"Saved[{k}, t, b, j]",
+        prev=lambda s: f"States[{s}, p, b, j]",
+        dstate=lambda s: (f"dS[0, b, j] + dHrec[b, j] + dY[t, b, j]" if s == 0
+                          else f"dS[{s}, b, j]"),
+        dxw=lambda g: f"dXW[t, b, {g} * H + j]",
+        dhu=lambda g: f"dHU[t, b, {g} * H + j]",
+        dprev=lambda s: f"dS[{s}, b, j]",
+        indent=8,
+    )
+    zero = "\n".join(f"        dXW[t, b, {g} * H + j] = 0\n        dHU[t, b, {g} * H + j] = 0"
+                     for g in range(G))
+    return f'''
+def backward_step_py(dY, dS, dHrec, Saved, States, lengths, dXW, dHU, t, p):
+    """One BPTT step per element.  dHrec holds dHU_(t+1) @ W_hh, the recurrent part
+    of dh_t not yet added to dS[0]; a masked step passes the state gradient on."""
+    idx = cuda.grid(1)
+    B = dS.shape[1]
+    H = dS.shape[2]
+    if idx >= B * H:
+        return
+    b = idx // H
+    j = idx - b * H
+    if t < lengths[b]:
+{body}
+    else:
+        dS[0, b, j] = dS[0, b, j] + dHrec[b, j]
+{zero}
+
+
+backward_step = cuda.jit(cache=CACHE)(backward_step_py)
+
+
+def add_py(out, a):
+    """out += a, element-wise over [B, H] (the last step's pending recurrent gradient)."""
+    idx = cuda.grid(1)
+    B = out.shape[0]
+    H = out.shape[1]
+    if idx < B * H:
+        b = idx // H
+        j = idx - b * H
+        out[b, j] = out[b, j] + a[b, j]
+
+
+add = cuda.jit(cache=CACHE)(add_py)
+'''
+
+
+def kernel_sources(cell) -> str:
+    """The generated CUDA module source of ``cell`` (the same for every dtype)."""
+    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    return (
+        f"# kernrnn CUDA kernels: cell {cell.name!r}, math {cell_fingerprint(cell)}\n"
+        "from numba import cuda\n"
+        + _forward_source(G, S, K, True) + _forward_source(G, S, K, False)
+        + _backward_source(G, S, K)
+    )
+
+
+@dataclass(frozen=True)
+class CudaKernels:
+    """The CUDA kernels of one cell in one precision, plus their Python sources."""
+
+    forward_train: object
+    forward_infer: object
+    backward_step: object
+    add: object
+    module: object  # the generated module (``*_py`` functions for compile_ptx)
+
+
+@lru_cache(maxsize=None)
+def get_kernels(cell, dtype) -> CudaKernels:
+    """Build the CUDA kernels of ``cell`` for ``dtype`` (compiled lazily per argument types)."""
+    if cuda is None:
+        raise CudaUnavailableError(f"CUDA kernels need numba-cuda: {_import_error}; "
+                                   + INSTALL_HINT)
+    dtype = np.dtype(dtype)
+    source = kernel_sources(cell)
+    source = f"# dtype {dtype}\n" + source
+    namespace = {
+        "cell_forward": compile_scalar(cell.forward, dtype),
+        "cell_backward": compile_scalar(cell.backward, dtype),
+        "CACHE": not SIMULATOR,
+    }
+    tag = f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
+    m = load_module(source, tag, namespace)
+    return CudaKernels(m.forward_train, m.forward_infer, m.backward_step, m.add, m)
+
+
+def ptx_signatures(dtype, y_layout: str = "A"):
+    """Numba signatures of the kernels for :func:`numba.cuda.compile_ptx`.
+
+    ``Y``/``dY`` are views into a layer's ``[T, B, D*H]`` output, hence
+    layout ``"A"``; all other arrays are C-contiguous.
+    """
+    from numba import types as nt
+
+    f = nt.float32 if np.dtype(dtype) == np.float32 else nt.float64
+    i = nt.int64
+
+    def arr(ndim, layout="C", dt=f):
+        return nt.Array(dt, ndim, layout)
+
+    fwd = (arr(3), arr(2), arr(1), arr(4), arr(4), arr(3, y_layout), arr(1, dt=i), i, i, i)
+    bwd = (arr(3, y_layout), arr(3), arr(2), arr(4), arr(4), arr(1, dt=i), arr(3), arr(3), i, i)
+    add = (arr(2), arr(2))
+    return {"forward_train_py": fwd, "forward_infer_py": fwd, "backward_step_py": bwd,
+            "add_py": add}
+
+
+class _Launcher:
+    """Launches kernels on one stream with arguments wrapped once.
+
+    On a GPU each kernel is specialised for its argument types on first use in
+    a call, so per-step launches skip Numba's type dispatch.
+    """
+
+    def __init__(self):
+        if SIMULATOR:
+            self.stream = None
+        else:
+            ptr = cupy.cuda.get_current_stream().ptr
+            self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+        self._spec = {}
+
+    @staticmethod
+    def wrap(a):
+        """A Numba device view of a CuPy array, without syncing its stream.
+
+        Under the simulator: a view of the NumPy array that the simulated
+        kernel writes through (plain NumPy arguments would be copied in and
+        out at every launch, and strided ones refused).
+        """
+        if SIMULATOR:
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+            return FakeCUDAArray(a)
+        return cuda.as_cuda_array(a, sync=False)
+
+    def __call__(self, kernel, nthreads, *args):
+        if nthreads <= 0:
+            return
+        if SIMULATOR:
+            kernel[(nthreads + SIM_BLOCK - 1) // SIM_BLOCK, SIM_BLOCK](*args)
+            return
+        grid = (nthreads + BLOCK - 1) // BLOCK
+        spec = self._spec.get(id(kernel))
+        if spec is None:
+            spec = self._spec[id(kernel)] = kernel.specialize(*args)
+        spec[grid, BLOCK, self.stream](*args)
+
+
+# -- path choice ----------------------------------------------------------------------
+
+_path_override: str | None = None
+
+
+def set_path(path: str | None) -> None:
+    """Choose the recurrence implementation: ``"auto"``, ``"gemm"``, ``"persistent"``.
+
+    None restores the default (environment variable ``KERNRNN_CUDA_PATH``, else
+    ``"auto"``).
+    """
+    global _path_override
+    if path is not None:
+        _check_path(path, "path")
+    _path_override = path
+
+
+def get_path() -> str:
+    """The configured path (``set_path`` first, then ``KERNRNN_CUDA_PATH``, else auto)."""
+    if _path_override is not None:
+        return _path_override
+    return _check_path(os.environ.get(PATH_ENV, "auto").strip().lower() or "auto", PATH_ENV)
+
+
+def _check_path(path, name):
+    if path not in PATHS:
+        raise ValueError(f"{name} must be one of {', '.join(PATHS)}; got {path!r}")
+    return path
+
+
+def _persistent_module():
+    try:
+        return importlib.import_module("kernrnn.backends.cuda_persistent")
+    except ModuleNotFoundError as exc:
+        if exc.name != "kernrnn.backends.cuda_persistent":
+            raise
+        return None
+
+
+def _resolve_path(path, cell, dtype, B, H, training) -> str:
+    path = get_path() if path is None else _check_path(path, "path")
+    if path == "gemm":
+        return "gemm"
+    mod = _persistent_module()
+    if path == "persistent":
+        if mod is None:
+            raise ValueError(
+                "path='persistent' needs kernrnn.backends.cuda_persistent, which this "
+                "installation lacks; use path='gemm' or 'auto'"
+            )
+        return "persistent"
+    supports = getattr(mod, "supports", None) if mod is not None else None
+    if supports is not None and supports(cell, np.dtype(dtype), B, H, training):
+        return "persistent"
+    return "gemm"
+
+
+# -- forward / backward -----------------------------------------------------------------
+
+
+@dataclass
+class ForwardContext:
+    """What backward needs from one forward call (one layer, one direction)."""
+
+    cell: object
+    x: object
+    W_ih: object
+    W_hh: object
+    States: object
+    Saved: object
+    lengths: object
+    reverse: bool
+    path: str = "gemm"
+    device: str = "cuda"
+
+
+def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training):
+    """Per step: HU = h_{t-1} @ W_hh.T (cuBLAS) then one fused pointwise kernel."""
+    T, B, GH = XW.shape
+    H = W_hh.shape[1]
+    k = get_kernels(cell, XW.dtype)
+    kernel = k.forward_train if training else k.forward_infer
+    HU = xp.empty((B, GH), dtype=XW.dtype)
+    W_hhT = W_hh.T
+    launch = _Launcher()
+    w = launch.wrap
+    args = [w(XW), w(HU), w(b_hh), w(States), w(Saved), w(Y), w(lengths)]
+    for step in range(T):
+        if reverse:
+            t = T - 1 - step
+            p, n = t + 1, t
+        else:
+            t = step
+            p, n = t, t + 1
+        xp.matmul(States[0, p], W_hhT, out=HU)
+        launch(kernel, B * H, *args, t, p, n)
+
+
+def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU):
+    """Per step: fused pointwise backward, then dHrec = dHU_t @ W_hh (cuBLAS)."""
+    T, B, _ = dXW.shape
+    H = W_hh.shape[1]
+    k = get_kernels(cell, dXW.dtype)
+    dHrec = xp.zeros((B, H), dtype=dXW.dtype)
+    launch = _Launcher()
+    w = launch.wrap
+    args = [w(dY), w(dS), w(dHrec), w(Saved), w(States), w(lengths), w(dXW), w(dHU)]
+    for step in range(T):
+        t = step if reverse else T - 1 - step
+        p = t + 1 if reverse else t
+        launch(k.backward_step, B * H, *args, t, p)
+        xp.matmul(dHU[t], W_hh, out=dHrec)
+    launch(k.add, B * H, w(dS[0]), w(dHrec))
+
+
+def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=None,
+            path=None):
+    """Run one layer in one direction on the GPU; arguments are already validated.
+
+    ``h0`` is ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an
+    optional ``[T, B, H]`` (possibly strided) view to write the output into.
+    Returns ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    """
+    T, B, I = x.shape
+    H = W_hh.shape[1]
+    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    dtype = x.dtype
+    chosen = _resolve_path(path, cell, dtype, B, H, training)
+    XW = xp.matmul(x.reshape(T * B, I), W_ih.T).reshape(T, B, G * H)
+    XW += b_ih
+    States = xp.empty((S, T + 1, B, H), dtype=dtype)
+    States[:, T if reverse else 0] = h0
+    Saved = xp.empty((K if training else 0, T, B, H), dtype=dtype)
+    if y is None:
+        y = xp.empty((T, B, H), dtype=dtype)
+    if T > 0 and B > 0:
+        if chosen == "persistent":
+            _persistent_module().forward_loop(cell, XW, W_hh, b_hh, States, Saved, y, lengths,
+                                              reverse, training)
+        else:
+            _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, y, lengths, reverse,
+                               training)
+    hn = States[:, 0 if reverse else T].copy()
+    ctx = None
+    if training:
+        ctx = ForwardContext(cell, x, W_ih, W_hh, States, Saved, lengths, reverse, chosen)
+    return y, hn, ctx
+
+
+def backward(ctx: ForwardContext, dy, dhn):
+    """BPTT for one forward call.  Returns ``(dx, dh0, grads)``.
+
+    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
+    """
+    x, W_ih, W_hh = ctx.x, ctx.W_ih, ctx.W_hh
+    T, B, I = x.shape
+    H = W_hh.shape[1]
+    GH = W_hh.shape[0]
+    dtype = x.dtype
+    dS = xp.array(dhn, dtype=dtype, copy=True)
+    dXW = xp.empty((T, B, GH), dtype=dtype)
+    dHU = xp.empty((T, B, GH), dtype=dtype)
+    if T > 0 and B > 0:
+        if ctx.path == "persistent":
+            _persistent_module().backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, ctx.Saved,
+                                               ctx.lengths, ctx.reverse, dXW, dHU)
+        else:
+            _gemm_backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths,
+                                ctx.reverse, dXW, dHU)
+    Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
+    dXW2 = dXW.reshape(T * B, GH)
+    dHU2 = dHU.reshape(T * B, GH)
+    grads = {
+        "weight_ih": xp.matmul(dXW2.T, x.reshape(T * B, I)),
+        "weight_hh": xp.matmul(dHU2.T, Hprev.reshape(T * B, H)),
+        "bias_ih": dXW2.sum(axis=0),
+        "bias_hh": dHU2.sum(axis=0),
+    }
+    dx = xp.matmul(dXW2, W_ih).reshape(T, B, I)
+    return dx, dS, grads
