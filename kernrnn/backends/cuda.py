@@ -357,17 +357,23 @@ def ptx_signatures(dtype, y_layout: str = "A"):
 class _Launcher:
     """Launches kernels on one stream with arguments wrapped once.
 
-    On a GPU each kernel is specialised for its argument types on first use in
-    a call, so per-step launches skip Numba's type dispatch.
+    The first launch of a kernel in a loop goes through Numba's dispatcher
+    (type dispatch, compilation or the disk cache); later launches call the
+    compiled kernel's ``launch`` directly, skipping the per-call typing of
+    every argument.  If that internal entry point is missing (another
+    numba-cuda version), every launch simply goes through the dispatcher.
     """
 
     def __init__(self):
         if SIMULATOR:
             self.stream = None
         else:
+            dev = cupy.cuda.Device().id
+            if cuda.get_current_device().id != dev:  # follow CuPy's current GPU
+                cuda.select_device(dev)
             ptr = cupy.cuda.get_current_stream().ptr
             self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        self._spec = {}
+        self._fast = {}
 
     @staticmethod
     def wrap(a):
@@ -390,10 +396,18 @@ class _Launcher:
             kernel[(nthreads + SIM_BLOCK - 1) // SIM_BLOCK, SIM_BLOCK](*args)
             return
         grid = (nthreads + BLOCK - 1) // BLOCK
-        spec = self._spec.get(id(kernel))
-        if spec is None:
-            spec = self._spec[id(kernel)] = kernel.specialize(*args)
-        spec[grid, BLOCK, self.stream](*args)
+        fast = self._fast.get(id(kernel))
+        if fast is not None:
+            fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self.stream, 0)
+            return
+        kernel[grid, BLOCK, self.stream](*args)
+        try:
+            argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+            compiled = kernel.overloads[argtypes]
+            if callable(getattr(compiled, "launch", None)):
+                self._fast[id(kernel)] = compiled
+        except Exception:  # noqa: BLE001 - keep the dispatcher path
+            pass
 
 
 # -- path choice ----------------------------------------------------------------------
