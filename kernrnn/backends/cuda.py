@@ -410,6 +410,82 @@ class _Launcher:
             pass
 
 
+# -- per-step GEMMs ----------------------------------------------------------------------
+
+_raw_gemm_ok: dict = {}
+
+
+def _step_gemm(A_stack, Bm, C, trans_b: bool):
+    """``f(i)``: ``C = A_stack[i] @ (Bm.T if trans_b else Bm)`` for the time loop.
+
+    On a GPU this calls cuBLAS's ``sgemm``/``dgemm`` directly with pointers
+    computed once (``cupy.matmul`` costs tens of microseconds of Python per
+    call, more than a small step's GEMM itself); the raw path is checked once
+    per process and dtype against ``cupy.matmul`` and falls back to it on any
+    mismatch or error.  Row-major ``C = A @ op(B)`` is column-major
+    ``C^T = op(B)^T @ A^T``, hence the swapped operands.
+    """
+    def fallback(i):
+        xp.matmul(A_stack[i], Bm.T if trans_b else Bm, out=C)
+
+    if SIMULATOR or not (A_stack.flags.c_contiguous and Bm.flags.c_contiguous
+                         and C.flags.c_contiguous):
+        return fallback
+    dtype = np.dtype(C.dtype)
+    if dtype not in _raw_gemm_ok:
+        _raw_gemm_ok[dtype] = _check_raw_gemm(dtype)
+    if not _raw_gemm_ok[dtype]:
+        return fallback
+    return _raw_step_gemm(A_stack, Bm, C, trans_b)
+
+
+def _raw_step_gemm(A_stack, Bm, C, trans_b):
+    from cupy_backends.cuda.libs import cublas
+
+    dtype = np.dtype(C.dtype)
+    gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
+    handle = cupy.cuda.device.get_cublas_handle()
+    M, K = A_stack.shape[1], A_stack.shape[2]
+    N = C.shape[1]
+    consts = np.array([1, 0], dtype=dtype)  # alpha, beta on the host (default pointer mode)
+    alpha, beta = consts.ctypes.data, consts.ctypes.data + dtype.itemsize
+    base, step = A_stack.data.ptr, M * K * dtype.itemsize
+    b_ptr, c_ptr = Bm.data.ptr, C.data.ptr
+    op_b = cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N
+    ldb = Bm.shape[1]
+    keep = (A_stack, Bm, C, consts)  # the closure keeps the buffers alive
+
+    def f(i, _keep=keep):
+        gemm(handle, op_b, cublas.CUBLAS_OP_N, N, M, K, alpha, b_ptr, ldb,
+             base + i * step, K, beta, c_ptr, N)
+
+    return f
+
+
+def _check_raw_gemm(dtype) -> bool:
+    """One small comparison of the raw cuBLAS call with cupy.matmul (synchronises once)."""
+    import warnings
+
+    try:
+        rs = cupy.random.RandomState(0)
+        A = rs.uniform(-1, 1, (3, 5, 7)).astype(dtype)
+        ok = True
+        for trans_b, shape in ((True, (6, 7)), (False, (7, 6))):
+            Bm = rs.uniform(-1, 1, shape).astype(dtype)
+            C = cupy.empty((5, 6), dtype=dtype)
+            _raw_step_gemm(A, Bm, C, trans_b)(2)
+            want = A[2] @ (Bm.T if trans_b else Bm)
+            ok = ok and bool(cupy.allclose(C, want, rtol=1e-4, atol=1e-5))
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"kernrnn: raw cuBLAS GEMM unavailable ({type(exc).__name__}: {exc}); "
+                      f"using cupy.matmul per step", RuntimeWarning, stacklevel=3)
+        return False
+    if not ok:
+        warnings.warn("kernrnn: raw cuBLAS GEMM disagreed with cupy.matmul; using cupy.matmul "
+                      "per step", RuntimeWarning, stacklevel=3)
+    return ok
+
+
 # -- path choice ----------------------------------------------------------------------
 
 _path_override: str | None = None
@@ -493,7 +569,7 @@ def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
     k = get_kernels(cell, XW.dtype)
     kernel = k.forward_train if training else k.forward_infer
     HU = xp.empty((B, GH), dtype=XW.dtype)
-    W_hhT = W_hh.T
+    recurrent_gemm = _step_gemm(States[0], W_hh, HU, trans_b=True)  # HU = h_p @ W_hh.T
     launch = _Launcher()
     w = launch.wrap
     args = [w(XW), w(HU), w(b_hh), w(States), w(Saved), w(Y), w(lengths)]
@@ -504,7 +580,7 @@ def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
         else:
             t = step
             p, n = t, t + 1
-        xp.matmul(States[0, p], W_hhT, out=HU)
+        recurrent_gemm(p)
         launch(kernel, B * H, *args, t, p, n)
 
 
@@ -514,6 +590,7 @@ def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW
     H = W_hh.shape[1]
     k = get_kernels(cell, dXW.dtype)
     dHrec = xp.zeros((B, H), dtype=dXW.dtype)
+    recurrent_gemm = _step_gemm(dHU, W_hh, dHrec, trans_b=False)  # dHrec = dHU_t @ W_hh
     launch = _Launcher()
     w = launch.wrap
     args = [w(dY), w(dS), w(dHrec), w(Saved), w(States), w(lengths), w(dXW), w(dHU)]
@@ -521,7 +598,7 @@ def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW
         t = step if reverse else T - 1 - step
         p = t + 1 if reverse else t
         launch(k.backward_step, B * H, *args, t, p)
-        xp.matmul(dHU[t], W_hh, out=dHrec)
+        recurrent_gemm(t)
     launch(k.add, B * H, w(dS[0]), w(dHrec))
 
 
