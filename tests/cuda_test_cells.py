@@ -1,9 +1,10 @@
-"""A cell contributed by a test plugin, used by the CUDA tests.
+"""Cells contributed by a test plugin, used by the CUDA tests.
 
-The minimal gated unit (Zhou et al. 2016) with the reset applied after the
+``test_mgu``: the minimal gated unit (Zhou et al. 2016) with the reset applied after the
 recurrent matmul, as in the GRU: two gates, one state, a helper function with
 its own literals (so retyping of helpers is exercised in the PTX check).
-Registered through the public hook, exactly as a third-party plugin would.
+``test_linear``: a linear recurrence that saves nothing for backward (the
+empty-saved-tuple corner of the generated kernels).  Registered through the public hook, exactly as a third-party plugin would.
 """
 
 import numpy as np
@@ -39,6 +40,23 @@ MGU = Cell("test_mgu", gates="fn", forward=forward, backward=backward, reference
            description="minimal gated unit (test plugin)")
 
 
+def linear_forward(xw, hu, prev):
+    return (0.5 * (xw[0] + hu[0]),), ()
+
+
+def linear_backward(saved, prev, dstate):
+    d = 0.5 * dstate[0]
+    return (d,), (d,), (0.0,)
+
+
+def linear_reference(xw, hu, prev):
+    return (0.5 * (xw[0] + hu[0]),)
+
+
+LINEAR = Cell("test_linear", gates=1, forward=linear_forward, backward=linear_backward,
+              reference=linear_reference, description="linear recurrence, nothing saved (test)")
+
+
 class TestCellsPlugin:
     """The plugin object (pluggy accepts any object with hook implementations)."""
 
@@ -47,6 +65,7 @@ class TestCellsPlugin:
     @hookimpl
     def kernrnn_register_cells(self, registry):
         registry.add(MGU)
+        registry.add(LINEAR)
 
 
 def registry_with_test_cells():

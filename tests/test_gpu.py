@@ -19,7 +19,7 @@ def _gpu_reason() -> str:
     try:
         cb.require()
     except cb.CudaUnavailableError as exc:
-        return str(exc)
+        return str(exc).split(";")[0]
     return ""
 
 

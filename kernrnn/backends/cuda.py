@@ -165,6 +165,9 @@ def asarray(a):
         return np.ascontiguousarray(a)
     if isinstance(a, cupy.ndarray):
         return cupy.ascontiguousarray(a)
+    if hasattr(a, "detach") and _is_cuda_tensor(a):
+        # a PyTorch tensor that requires grad refuses to export itself; we only read it
+        a = a.detach()
     if hasattr(a, "__cuda_array_interface__"):
         return cupy.ascontiguousarray(cupy.asarray(a))
     if hasattr(a, "__dlpack__") and _is_cuda_tensor(a):
@@ -570,6 +573,8 @@ def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
     kernel = k.forward_train if training else k.forward_infer
     HU = xp.empty((B, GH), dtype=XW.dtype)
     recurrent_gemm = _step_gemm(States[0], W_hh, HU, trans_b=True)  # HU = h_p @ W_hh.T
+    if Saved.size == 0:  # inference, or a cell that saves nothing: never read or written
+        Saved = xp.empty((1, 1, 1, 1), dtype=XW.dtype)
     launch = _Launcher()
     w = launch.wrap
     args = [w(XW), w(HU), w(b_hh), w(States), w(Saved), w(Y), w(lengths)]
@@ -591,6 +596,8 @@ def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW
     k = get_kernels(cell, dXW.dtype)
     dHrec = xp.zeros((B, H), dtype=dXW.dtype)
     recurrent_gemm = _step_gemm(dHU, W_hh, dHrec, trans_b=False)  # dHrec = dHU_t @ W_hh
+    if Saved.size == 0:  # a cell that saves nothing
+        Saved = xp.empty((1, 1, 1, 1), dtype=dXW.dtype)
     launch = _Launcher()
     w = launch.wrap
     args = [w(dY), w(dS), w(dHrec), w(Saved), w(States), w(lengths), w(dXW), w(dHU)]

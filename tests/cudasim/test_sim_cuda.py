@@ -129,3 +129,30 @@ def test_layer_moves_between_devices():
     layer.to("cpu")
     y_back, _ = layer(x)
     np.testing.assert_array_equal(y_back, y_cpu)
+
+
+def test_functional_api_on_the_cuda_backend(monkeypatch):
+    """rnn_forward / rnn_backward run unchanged on the CUDA backend (device chosen by the
+    arrays; under the simulator the arrays are NumPy, so the choice is forced here)."""
+    from kernrnn import functional
+
+    cell = REGISTRY.get("lstm")
+    rng = np.random.default_rng(4)
+    T, B, I, H = 4, 3, 2, 5
+    x = rng.uniform(-1, 1, (T, B, I))
+    w = [rng.uniform(-0.4, 0.4, s) for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+    h0 = (rng.uniform(-1, 1, (B, H)), rng.uniform(-1, 1, (B, H)))
+    dy = rng.uniform(-1, 1, (T, B, H))
+    results = {}
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(functional, "device_of", lambda a, d=device: d)
+        y, hn, ctx = functional.rnn_forward(cell, x, *w, h0=h0, lengths=[4, 2, 3], reverse=True)
+        assert ctx.device == device
+        results[device] = (y, hn, *functional.rnn_backward(ctx, dy, dhn=hn))
+    (y_c, hn_c, dx_c, dh0_c, g_c), (y_g, hn_g, dx_g, dh0_g, g_g) = results["cpu"], results["cuda"]
+    np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx_g, dx_c, rtol=1e-11, atol=1e-12)
+    for a, b in zip(hn_g + dh0_g, hn_c + dh0_c):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    for k in g_c:
+        np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
