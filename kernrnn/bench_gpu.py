@@ -281,6 +281,8 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
             flops = 2.0 * T * B * G * H * (I + H)
             report(f"| {cell} | {B} | {T} | {I} | {H} | {kf:.3f} | {tf:.3f} | {kf / tf:.2f} | "
                    f"{kt:.3f} | {tt:.3f} | {kt / tt:.2f} | {flops / kf / 1e9:.2f} |")
+    raw = {np.dtype(k).name: v for k, v in cb._raw_gemm_ok.items()}
+    report(f"per-step GEMM through raw cuBLAS calls (else cupy.matmul): {raw or 'not used'}")
 
 
 # -- main -------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="timed runs per case (default 20)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     ap.add_argument("--skip-checks", action="store_true", help="do not run the correctness checks")
-    ap.add_argument("--test-timeout", type=float, default=150.0, help="seconds for pytest -m gpu")
+    ap.add_argument("--test-timeout", type=float, default=240.0, help="seconds for pytest -m gpu")
     ap.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     args = ap.parse_args(argv)
 

@@ -58,7 +58,7 @@ def test_conformance_on_gpu(cell_name):
 
 
 @pytest.mark.parametrize("cell_name", CELLS)
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(p=problems())
 def test_gpu_gradients_match_finite_differences(cell_name, p):
     gradient_errors(REGISTRY.get(cell_name), p, device="cuda")
@@ -69,7 +69,7 @@ def test_gpu_gradients_match_finite_differences(cell_name, p):
 # checked against finite differences): finite differences across a relu kink
 # are unreliable at these sizes.
 @pytest.mark.parametrize("cell_name", CELLS)
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(p=problems(max_T=12, max_B=9, max_I=20, max_H=70, max_layers=2))
 def test_gpu_matches_reference_and_cpu(cell_name, p):
     cell = REGISTRY.get(cell_name)
