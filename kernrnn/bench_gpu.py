@@ -123,8 +123,13 @@ def check_against_reference(report: Report) -> None:
     (finite differences across a relu kink are wrong on large problems, not the kernels)."""
     from kernrnn.plugins import get_registry
     from kernrnn.testing import tolerances as tol
-    from kernrnn.testing.conformance import (ConformanceError, forward_errors, gradient_errors,
-                                             random_problem, run_layer)
+    from kernrnn.testing.conformance import (
+        ConformanceError,
+        forward_errors,
+        gradient_errors,
+        random_problem,
+        run_layer,
+    )
     from kernrnn.testing.strategies import make_arrays
 
     report("| cell | problems | max fwd err f64 | max fwd err f32 | grad err vs FD (small, f64) "
@@ -135,7 +140,7 @@ def check_against_reference(report: Report) -> None:
         worst = {"f64": 0.0, "f32": 0.0, "fd": 0.0, "cpu": 0.0}
         n = 6
         try:
-            for i in range(n):
+            for _ in range(n):
                 small = random_problem(rng)
                 worst["fd"] = max(worst["fd"], gradient_errors(cell, small, "cuda"))
                 p = random_problem(rng, max_T=12, max_B=9, max_I=24, max_H=40, max_layers=2)
@@ -154,7 +159,7 @@ def check_against_reference(report: Report) -> None:
                 want = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
                 got = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
                 errs = [_rel(got[2], want[2])] + [_rel(got[4][k], want[4][k]) for k in want[4]]
-                errs += [_rel(a, b) for a, b in zip(got[3], want[3])]
+                errs += [_rel(a, b) for a, b in zip(got[3], want[3], strict=True)]
                 worst["cpu"] = max(worst["cpu"], max(errs))
                 if worst["cpu"] > 1e-9:
                     raise ConformanceError(f"float64 gradients differ from the CPU backend by "
@@ -227,10 +232,50 @@ def _median_ms(fn, sync, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_against_cudnn(report: Report, torch, reps: int) -> None:
+def _time_case(cell, tname, B, T, I, H, torch, sync, reps):
+    """Median ms of (kernrnn fwd, cuDNN fwd, kernrnn train, cuDNN train) and the gate count."""
     import cupy
 
     import kernrnn
+
+    layer = kernrnn.RNN(cell, I, H, dtype=np.float32, device="cuda", seed=0)
+    x = cupy.random.uniform(-1, 1, (T, B, I), dtype=cupy.float32)
+    dy = cupy.random.uniform(-1, 1, (T, B, H), dtype=cupy.float32)
+
+    def k_fwd():
+        layer.eval()
+        layer(x)
+
+    def k_train():
+        layer.train()
+        layer(x)
+        layer.backward(dy)
+
+    kf = _median_ms(k_fwd, sync, reps)
+    kt = _median_ms(k_train, sync, reps)
+    tf = tt = float("nan")
+    if torch is not None:
+        m = getattr(torch.nn, tname)(I, H).cuda()
+        # cuDNN computes dx too when x requires grad, as kernrnn always does
+        tx = torch.as_tensor(x, device="cuda").requires_grad_()
+        tdy = torch.as_tensor(dy, device="cuda")
+
+        def t_fwd():
+            with torch.no_grad():
+                m(tx)
+
+        def t_train():
+            out, _ = m(tx)
+            out.backward(tdy)
+
+        tf = _median_ms(t_fwd, sync, reps)
+        tt = _median_ms(t_train, sync, reps)
+    return kf, tf, kt, tt, layer.cell.n_gates
+
+
+def time_against_cudnn(report: Report, torch, reps: int) -> None:
+    import cupy
+
     from kernrnn.backends import cuda as cb
 
     def sync():
@@ -245,39 +290,7 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
     report("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell, tname in CELLS:
         for B, T, I, H in SIZES:
-            layer = kernrnn.RNN(cell, I, H, dtype=np.float32, device="cuda", seed=0)
-            x = cupy.random.uniform(-1, 1, (T, B, I), dtype=cupy.float32)
-            dy = cupy.random.uniform(-1, 1, (T, B, H), dtype=cupy.float32)
-
-            def k_fwd():
-                layer.eval()
-                layer(x)
-
-            def k_train():
-                layer.train()
-                layer(x)
-                layer.backward(dy)
-
-            kf = _median_ms(k_fwd, sync, reps)
-            kt = _median_ms(k_train, sync, reps)
-            tf = tt = float("nan")
-            if torch is not None:
-                m = getattr(torch.nn, tname)(I, H).cuda()
-                # cuDNN computes dx too when x requires grad, as kernrnn always does
-                tx = torch.as_tensor(x, device="cuda").requires_grad_()
-                tdy = torch.as_tensor(dy, device="cuda")
-
-                def t_fwd():
-                    with torch.no_grad():
-                        m(tx)
-
-                def t_train():
-                    out, _ = m(tx)
-                    out.backward(tdy)
-
-                tf = _median_ms(t_fwd, sync, reps)
-                tt = _median_ms(t_train, sync, reps)
-            G = layer.cell.n_gates
+            kf, tf, kt, tt, G = _time_case(cell, tname, B, T, I, H, torch, sync, reps)
             flops = 2.0 * T * B * G * H * (I + H)
             report(f"| {cell} | {B} | {T} | {I} | {H} | {kf:.3f} | {tf:.3f} | {kf / tf:.2f} | "
                    f"{kt:.3f} | {tt:.3f} | {kt / tt:.2f} | {flops / kf / 1e9:.2f} |")
@@ -289,7 +302,8 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench_gpu", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench_gpu",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="timed runs per case (default 20)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     ap.add_argument("--skip-checks", action="store_true", help="do not run the correctness checks")
@@ -316,7 +330,7 @@ def main(argv=None) -> int:
 
     report = Report()
     t_start = time.perf_counter()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     report(f"# kernrnn CUDA check and benchmark, {now}")
     report(f"GPU: {_gpu_name()}; {_versions()}")
     report()

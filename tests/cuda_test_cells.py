@@ -4,7 +4,9 @@
 recurrent matmul, as in the GRU: two gates, one state, a helper function with
 its own literals (so retyping of helpers is exercised in the PTX check).
 ``test_linear``: a linear recurrence that saves nothing for backward (the
-empty-saved-tuple corner of the generated kernels).  Registered through the public hook, exactly as a third-party plugin would.
+empty-saved-tuple corner of the generated kernels).
+
+Registered through the public hook, exactly as a third-party plugin would.
 """
 
 import numpy as np

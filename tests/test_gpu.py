@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(REASON), reason=REASON or
 
 if not REASON:
     import cupy
+    from cuda_test_cells import registry_with_test_cells
     from hypothesis import given, settings
 
-    from cuda_test_cells import registry_with_test_cells
     from kernrnn.backends import cuda as cb
     from kernrnn.testing import check_cell
     from kernrnn.testing.conformance import forward_errors, gradient_errors, run_layer
@@ -84,7 +84,7 @@ def test_gpu_matches_reference_and_cpu(cell_name, p):
     want = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
     got = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
     np.testing.assert_allclose(got[2], want[2], rtol=1e-9, atol=1e-11)
-    for a, b in zip(got[3], want[3]):
+    for a, b in zip(got[3], want[3], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
     for k in want[4]:
         np.testing.assert_allclose(got[4][k], want[4][k], rtol=1e-9, atol=1e-11, err_msg=k)
@@ -188,8 +188,9 @@ def test_paths_agree():
     for path in ("gemm", "persistent"):
         cb.set_path(path)
         try:
-            outs[path] = run_layer(cell, p, params, x, h0, "cuda", np.ones((20, 4, 128), np.float32),
-                                   tuple(np.zeros((2, 4, 64), np.float32) for _ in range(2)))
+            dy = np.ones((20, 4, 128), np.float32)
+            dhn = tuple(np.zeros((2, 4, 64), np.float32) for _ in range(2))
+            outs[path] = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
         finally:
             cb.set_path(None)
     np.testing.assert_allclose(outs["persistent"][0], outs["gemm"][0], **tol.FLOAT32)

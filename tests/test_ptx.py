@@ -14,10 +14,12 @@ import pytest
 cuda = pytest.importorskip("numba.cuda", reason="the PTX check needs numba-cuda (extra 'cudasim')")
 
 from cuda_test_cells import registry_with_test_cells  # noqa: E402
+
 from kernrnn.backends import cuda as cb  # noqa: E402
 
 if cb.SIMULATOR:
-    pytest.skip("compile_ptx needs the real CUDA target, not the simulator", allow_module_level=True)
+    pytest.skip("compile_ptx needs the real CUDA target, not the simulator",
+                allow_module_level=True)
 
 REGISTRY = registry_with_test_cells()
 F64 = re.compile(r"\.f64\b")

@@ -42,7 +42,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -250,7 +250,7 @@ def _backward_source(G: int, S: int, K: int) -> str:
         G, S, K,
         saved=lambda k: f"Saved[{k}, t, b, j]",
         prev=lambda s: f"States[{s}, p, b, j]",
-        dstate=lambda s: (f"dS[0, b, j] + dHrec[b, j] + dY[t, b, j]" if s == 0
+        dstate=lambda s: ("dS[0, b, j] + dHrec[b, j] + dY[t, b, j]" if s == 0
                           else f"dS[{s}, b, j]"),
         dxw=lambda g: f"dXW[t, b, {g} * H + j]",
         dhu=lambda g: f"dHU[t, b, {g} * H + j]",
@@ -317,7 +317,7 @@ class CudaKernels:
     module: object  # the generated module (``*_py`` functions for compile_ptx)
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_kernels(cell, dtype) -> CudaKernels:
     """Build the CUDA kernels of ``cell`` for ``dtype`` (compiled lazily per argument types)."""
     if cuda is None:

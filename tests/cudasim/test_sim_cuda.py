@@ -15,10 +15,10 @@ if not cb.SIMULATOR:
     pytest.skip("simulator tests: run through tests/test_cuda_sim.py (sets NUMBA_ENABLE_CUDASIM=1)",
                 allow_module_level=True)
 
+from cuda_test_cells import registry_with_test_cells  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cuda_test_cells import registry_with_test_cells  # noqa: E402
 from kernrnn.backends import cpu  # noqa: E402
 from kernrnn.testing import tolerances as tol  # noqa: E402
 from kernrnn.testing.conformance import forward_errors, gradient_errors, run_layer  # noqa: E402
@@ -70,7 +70,7 @@ def test_float32_gradients_close_to_float64(cell_name, p):
                     tuple(map(f32, dhn)))
     t = tol.grad_tolerance(np.float32)
     np.testing.assert_allclose(got[2], ref[2], **t)  # dx
-    for a, b in zip(got[3], ref[3]):  # dh0
+    for a, b in zip(got[3], ref[3], strict=True):  # dh0
         np.testing.assert_allclose(a, b, **t)
     for k in ref[4]:
         np.testing.assert_allclose(got[4][k], ref[4][k], **t, err_msg=k)
@@ -152,7 +152,7 @@ def test_functional_api_on_the_cuda_backend(monkeypatch):
     (y_c, hn_c, dx_c, dh0_c, g_c), (y_g, hn_g, dx_g, dh0_g, g_g) = results["cpu"], results["cuda"]
     np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx_g, dx_c, rtol=1e-11, atol=1e-12)
-    for a, b in zip(hn_g + dh0_g, hn_c + dh0_c):
+    for a, b in zip(hn_g + dh0_g, hn_c + dh0_c, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
     for k in g_c:
         np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
