@@ -233,7 +233,8 @@ def _median_ms(fn, sync, reps: int, warmup: int = 3) -> float:
 
 
 def _time_case(cell, tname, B, T, I, H, torch, sync, reps):
-    """Median ms of (kernrnn fwd, cuDNN fwd, kernrnn train, cuDNN train) and the gate count."""
+    """Median ms (kernrnn fwd, same with CUDA graphs, cuDNN fwd, then the same for a
+    training step) and the gate count."""
     import cupy
 
     import kernrnn
@@ -251,8 +252,17 @@ def _time_case(cell, tname, B, T, I, H, torch, sync, reps):
         layer(x)
         layer.backward(dy)
 
+    from kernrnn.backends import cuda as cb
+
+    cb.set_graphs(False)
     kf = _median_ms(k_fwd, sync, reps)
     kt = _median_ms(k_train, sync, reps)
+    cb.set_graphs(True)  # warm-up runs eagerly, captures, then replays
+    try:
+        kfg = _median_ms(k_fwd, sync, reps)
+        ktg = _median_ms(k_train, sync, reps)
+    finally:
+        cb.set_graphs(None)
     tf = tt = float("nan")
     if torch is not None:
         m = getattr(torch.nn, tname)(I, H).cuda()
@@ -270,7 +280,7 @@ def _time_case(cell, tname, B, T, I, H, torch, sync, reps):
 
         tf = _median_ms(t_fwd, sync, reps)
         tt = _median_ms(t_train, sync, reps)
-    return kf, tf, kt, tt, layer.cell.n_gates
+    return kf, kfg, tf, kt, ktg, tt, layer.cell.n_gates
 
 
 def time_against_cudnn(report: Report, torch, reps: int) -> None:
@@ -285,15 +295,18 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
 
     report(f"\nfloat32, median of {reps} runs, ms; ratio = kernrnn / cuDNN (< 1: kernrnn faster); "
            f"CUDA path: {cb.get_path()}")
-    report("| cell | B | T | I | H | kernrnn fwd | cuDNN fwd | ratio | kernrnn train | "
-           "cuDNN train | ratio | fwd TFLOP/s |")
-    report("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    report("(graphs: the per-step loop replayed as a CUDA graph, KERNRNN_CUDA_GRAPHS=1)")
+    report("| cell | B | T | I | H | kernrnn fwd | +graphs | cuDNN fwd | ratio | ratio graphs | "
+           "kernrnn train | +graphs | cuDNN train | ratio | ratio graphs | fwd TFLOP/s |")
+    report("|" + "---|" * 16)
     for cell, tname in CELLS:
         for B, T, I, H in SIZES:
-            kf, tf, kt, tt, G = _time_case(cell, tname, B, T, I, H, torch, sync, reps)
+            kf, kfg, tf, kt, ktg, tt, G = _time_case(cell, tname, B, T, I, H, torch, sync, reps)
             flops = 2.0 * T * B * G * H * (I + H)
-            report(f"| {cell} | {B} | {T} | {I} | {H} | {kf:.3f} | {tf:.3f} | {kf / tf:.2f} | "
-                   f"{kt:.3f} | {tt:.3f} | {kt / tt:.2f} | {flops / kf / 1e9:.2f} |")
+            report(f"| {cell} | {B} | {T} | {I} | {H} | {kf:.3f} | {kfg:.3f} | {tf:.3f} | "
+                   f"{kf / tf:.2f} | {kfg / tf:.2f} | {kt:.3f} | {ktg:.3f} | {tt:.3f} | "
+                   f"{kt / tt:.2f} | {ktg / tt:.2f} | {flops / min(kf, kfg) / 1e9:.2f} |")
+    report(f"graph use: {cb.graph_stats}")
     raw = {np.dtype(k).name: v for k, v in cb._raw_gemm_ok.items()}
     report(f"per-step GEMM through raw cuBLAS calls (else cupy.matmul): {raw or 'not used'}")
 

@@ -70,3 +70,93 @@ def test_auto_path_asks_the_persistent_module(monkeypatch):
     lstm = get_registry().get("lstm")
     assert cb._resolve_path("auto", lstm, np.float32, 8, 64, True) == "persistent"
     assert cb._resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
+
+
+class _FakeGraph:
+    def __init__(self, log):
+        self.log = log
+
+    def launch(self, stream=None):
+        self.log.append("replay")
+
+
+class _FakeStream:
+    def __init__(self, log, fail):
+        self.log, self.fail, self.capturing = log, fail, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        if self.fail:
+            raise RuntimeError("capture not supported here")
+        self.capturing = True
+
+    def end_capture(self):
+        self.capturing = False
+        return _FakeGraph(self.log)
+
+
+def _fake_cupy(log, fail=False):
+    class Cuda:
+        @staticmethod
+        def Stream(non_blocking=False):  # noqa: N802 - CuPy's name
+            Cuda.last = _FakeStream(log, fail)
+            return Cuda.last
+
+        @staticmethod
+        def get_current_stream():
+            return None
+
+    class Cupy:
+        cuda = Cuda
+
+    return Cupy
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["capture works", "capture fails"])
+def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, fail):
+    log = []
+    fake = _fake_cupy(log, fail)
+    monkeypatch.setattr(cb, "cupy", fake)
+    scratches = []
+
+    def make_scratch():
+        scratches.append(object())
+        return scratches[-1]
+
+    def issue(scratch):
+        stream = getattr(fake.cuda, "last", None)
+        log.append(("capture" if stream is not None and stream.capturing else "eager", scratch))
+
+    cb.set_graphs(True)
+    try:
+        if fail:
+            with pytest.warns(RuntimeWarning, match="graph capture failed"):
+                for _ in range(4):
+                    cb._run_loop(("k",), issue, make_scratch)
+        else:
+            for _ in range(4):
+                cb._run_loop(("k",), issue, make_scratch)
+        cb._run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
+    finally:
+        cb.set_graphs(None)
+    kinds = [e if isinstance(e, str) else e[0] for e in log]
+    if fail:  # every run eager; the scratch kept for the key is reused
+        assert kinds == ["eager"] * 5
+        assert log[1][1] is log[2][1] is log[3][1]
+    else:
+        assert kinds == ["eager", "capture", "replay", "replay", "replay", "eager"]
+
+
+def test_graphs_off_by_default(monkeypatch):
+    monkeypatch.delenv(cb.GRAPHS_ENV, raising=False)
+    cb.set_graphs(None)
+    assert not cb.graphs_enabled()
+    monkeypatch.setenv(cb.GRAPHS_ENV, "1")
+    assert cb.graphs_enabled() is (not cb.SIMULATOR)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        cb.set_graphs("yes")

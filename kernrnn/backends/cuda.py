@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -52,7 +53,7 @@ from kernrnn.scalar import compile_scalar
 __all__ = [
     "xp", "SIMULATOR", "CudaUnavailableError", "require", "asarray", "from_host", "lengths",
     "forward", "backward", "ForwardContext", "get_kernels", "kernel_sources", "set_path",
-    "get_path", "PATHS", "BLOCK",
+    "get_path", "PATHS", "BLOCK", "set_graphs", "graphs_enabled", "graph_stats",
 ]
 
 PATHS = ("auto", "gemm", "persistent")
@@ -565,48 +566,168 @@ class ForwardContext:
     device: str = "cuda"
 
 
+# -- the GEMM-per-step loops, optionally replayed as CUDA graphs --------------------------
+
+GRAPHS_ENV = "KERNRNN_CUDA_GRAPHS"
+_GRAPH_CACHE_SIZE = 64
+_graphs_override: bool | None = None
+_graph_cache: OrderedDict = OrderedDict()  # key -> (graph or None, scratch)
+_graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
+graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
+
+
+def set_graphs(enabled: bool | None) -> None:
+    """Replay the per-step loop as a CUDA graph (True), never (False), or as
+    ``KERNRNN_CUDA_GRAPHS`` says (None; default off)."""
+    global _graphs_override
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {enabled!r}")
+    _graphs_override = enabled
+    _graph_cache.clear()
+    _graph_seen.clear()
+
+
+def graphs_enabled() -> bool:
+    if SIMULATOR:
+        return False
+    if _graphs_override is not None:
+        return _graphs_override
+    return os.environ.get(GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _layout_key(*arrays):
+    return tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
+
+
+def _run_loop(key, issue, make_scratch):
+    """Run ``issue(scratch)`` (which enqueues one whole time loop on CuPy's current stream).
+
+    With graphs enabled, a loop is captured into a CUDA graph the second time
+    the same key is seen and replayed from then on.  The key holds every
+    device pointer, shape and stride the loop bakes in (plus cell, dtype and
+    direction), so a replay does exactly what issuing the loop again would;
+    per-loop scratch buffers live with the graph.  The first sighting runs
+    eagerly, which also compiles the kernels and checks the raw GEMM, so
+    nothing is compiled or synchronised during a capture.  A failed capture
+    falls back to eager runs for that key.
+    """
+    if key is None or not graphs_enabled():
+        graph_stats["eager"] += 1
+        issue(make_scratch())
+        return
+    entry = _graph_cache.get(key)
+    if entry is None and key not in _graph_seen:
+        _graph_seen[key] = True
+        while len(_graph_seen) > 4 * _GRAPH_CACHE_SIZE:
+            _graph_seen.popitem(last=False)
+        graph_stats["eager"] += 1
+        issue(make_scratch())
+        return
+    if entry is None:
+        scratch = make_scratch()
+        graph = _capture(issue, scratch)
+        _graph_cache[key] = entry = (graph, scratch)
+        while len(_graph_cache) > _GRAPH_CACHE_SIZE:
+            _graph_cache.popitem(last=False)
+    else:
+        _graph_cache.move_to_end(key)
+        graph_stats["replayed"] += 1
+    graph, scratch = entry
+    if graph is None:
+        graph_stats["eager"] += 1
+        issue(scratch)
+    else:
+        graph.launch(stream=cupy.cuda.get_current_stream())
+
+
+def _capture(issue, scratch):
+    import warnings
+
+    side = cupy.cuda.Stream(non_blocking=True)
+    graph = None
+    try:
+        with side:
+            side.begin_capture()
+            try:
+                issue(scratch)
+            finally:
+                graph = side.end_capture()
+        graph_stats["captured"] += 1
+    except Exception as exc:  # noqa: BLE001 - eager runs still work
+        graph_stats["capture_failed"] += 1
+        warnings.warn(f"kernrnn: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                      f"running this loop without graphs", RuntimeWarning, stacklevel=4)
+        graph = None
+    return graph
+
+
 def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training):
     """Per step: HU = h_{t-1} @ W_hh.T (cuBLAS) then one fused pointwise kernel."""
     T, B, GH = XW.shape
     H = W_hh.shape[1]
-    k = get_kernels(cell, XW.dtype)
+    dtype = XW.dtype
+    k = get_kernels(cell, dtype)
     kernel = k.forward_train if training else k.forward_infer
-    HU = xp.empty((B, GH), dtype=XW.dtype)
-    recurrent_gemm = _step_gemm(States[0], W_hh, HU, trans_b=True)  # HU = h_p @ W_hh.T
-    if Saved.size == 0:  # inference, or a cell that saves nothing: never read or written
-        Saved = xp.empty((1, 1, 1, 1), dtype=XW.dtype)
-    launch = _Launcher()
-    w = launch.wrap
-    args = [w(XW), w(HU), w(b_hh), w(States), w(Saved), w(Y), w(lengths)]
-    for step in range(T):
-        if reverse:
-            t = T - 1 - step
-            p, n = t + 1, t
-        else:
-            t = step
-            p, n = t, t + 1
-        recurrent_gemm(p)
-        launch(kernel, B * H, *args, t, p, n)
+
+    def make_scratch():
+        HU = xp.empty((B, GH), dtype=dtype)
+        dummy = xp.empty((1, 1, 1, 1), dtype=dtype)
+        return HU, dummy
+
+    def issue(scratch):
+        HU, dummy = scratch
+        saved = Saved if Saved.size else dummy  # empty: inference or nothing saved
+        recurrent_gemm = _step_gemm(States[0], W_hh, HU, trans_b=True)  # HU = h_p @ W_hh.T
+        launch = _Launcher()
+        w = launch.wrap
+        args = [w(XW), w(HU), w(b_hh), w(States), w(saved), w(Y), w(lengths)]
+        for step in range(T):
+            if reverse:
+                t = T - 1 - step
+                p, n = t + 1, t
+            else:
+                t = step
+                p, n = t, t + 1
+            recurrent_gemm(p)
+            launch(kernel, B * H, *args, t, p, n)
+
+    key = None
+    if graphs_enabled():
+        key = ("forward", cell, np.dtype(dtype).str, bool(training), bool(reverse),
+               _layout_key(XW, W_hh, b_hh, States, Saved, Y, lengths))
+    _run_loop(key, issue, make_scratch)
 
 
 def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU):
     """Per step: fused pointwise backward, then dHrec = dHU_t @ W_hh (cuBLAS)."""
     T, B, _ = dXW.shape
     H = W_hh.shape[1]
-    k = get_kernels(cell, dXW.dtype)
-    dHrec = xp.zeros((B, H), dtype=dXW.dtype)
-    recurrent_gemm = _step_gemm(dHU, W_hh, dHrec, trans_b=False)  # dHrec = dHU_t @ W_hh
-    if Saved.size == 0:  # a cell that saves nothing
-        Saved = xp.empty((1, 1, 1, 1), dtype=dXW.dtype)
-    launch = _Launcher()
-    w = launch.wrap
-    args = [w(dY), w(dS), w(dHrec), w(Saved), w(States), w(lengths), w(dXW), w(dHU)]
-    for step in range(T):
-        t = step if reverse else T - 1 - step
-        p = t + 1 if reverse else t
-        launch(k.backward_step, B * H, *args, t, p)
-        recurrent_gemm(t)
-    launch(k.add, B * H, w(dS[0]), w(dHrec))
+    dtype = dXW.dtype
+    k = get_kernels(cell, dtype)
+
+    def make_scratch():
+        return xp.empty((B, H), dtype=dtype), xp.empty((1, 1, 1, 1), dtype=dtype)
+
+    def issue(scratch):
+        dHrec, dummy = scratch
+        dHrec.fill(0)
+        saved = Saved if Saved.size else dummy  # a cell that saves nothing
+        recurrent_gemm = _step_gemm(dHU, W_hh, dHrec, trans_b=False)  # dHrec = dHU_t @ W_hh
+        launch = _Launcher()
+        w = launch.wrap
+        args = [w(dY), w(dS), w(dHrec), w(saved), w(States), w(lengths), w(dXW), w(dHU)]
+        for step in range(T):
+            t = step if reverse else T - 1 - step
+            p = t + 1 if reverse else t
+            launch(k.backward_step, B * H, *args, t, p)
+            recurrent_gemm(t)
+        launch(k.add, B * H, w(dS[0]), w(dHrec))
+
+    key = None
+    if graphs_enabled():
+        key = ("backward", cell, np.dtype(dtype).str, bool(reverse),
+               _layout_key(dY, dS, W_hh, States, Saved, lengths, dXW, dHU))
+    _run_loop(key, issue, make_scratch)
 
 
 def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=None,
