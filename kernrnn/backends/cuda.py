@@ -18,8 +18,11 @@ Per layer and direction:
 So each step costs two launches; nothing waits on the host inside the time
 loop.  Kernels run on CuPy's current stream.  Arrays are wrapped once per call
 with ``cuda.as_cuda_array(..., sync=False)`` (Numba would otherwise
-synchronise the producer stream at every launch, see DESIGN.md) and kernels
-are specialised once per argument types, so a launch skips Numba's typing.
+synchronise the producer stream at every launch, see DESIGN.md); after the
+first launch of a loop, kernels are launched without Numba's type dispatch and
+the per-step GEMMs call cuBLAS directly.  With ``KERNRNN_CUDA_GRAPHS=1`` (or
+:func:`set_graphs`) a loop seen twice with the same buffers is captured into a
+CUDA graph and replayed, removing the per-launch Python cost.
 
 The recurrence can instead run in the persistent fused kernel of
 :mod:`kernrnn.backends.cuda_persistent` (when that module exists); choose with
