@@ -36,6 +36,10 @@ The recurrence can instead run in the persistent fused kernel of
   dHU)``: ``dS [S,B,H]`` holds ``dhn`` on entry and the complete ``dh0`` on
   exit; fills ``dXW`` and ``dHU`` (zero rows at masked steps).
 
+Both run on CuPy's current stream without host synchronisation; ``lengths``
+is int64 ``[B]`` on the device; ``Y`` and ``dY`` may be strided views (a
+slice of a bidirectional layer's output); all other arrays are C-contiguous.
+
 Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) NumPy stands in for
 CuPy and the same kernels run on the CPU, so CI tests this module's logic.
 """
