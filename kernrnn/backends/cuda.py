@@ -450,9 +450,16 @@ def _step_gemm(A_stack, Bm, C, trans_b: bool):
     return _raw_step_gemm(A_stack, Bm, C, trans_b)
 
 
-def _raw_step_gemm(A_stack, Bm, C, trans_b):
-    from cupy_backends.cuda.libs import cublas
+def _cublas_module():
+    try:
+        from cupy_backends.cuda.libs import cublas
+    except ImportError:  # other CuPy layouts
+        from cupy.cuda import cublas
+    return cublas
 
+
+def _raw_step_gemm(A_stack, Bm, C, trans_b):
+    cublas = _cublas_module()
     dtype = np.dtype(C.dtype)
     gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
     handle = cupy.cuda.device.get_cublas_handle()
@@ -462,12 +469,13 @@ def _raw_step_gemm(A_stack, Bm, C, trans_b):
     alpha, beta = consts.ctypes.data, consts.ctypes.data + dtype.itemsize
     base, step = A_stack.data.ptr, M * K * dtype.itemsize
     b_ptr, c_ptr = Bm.data.ptr, C.data.ptr
-    op_b = cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N
+    op_n, op_t = getattr(cublas, "CUBLAS_OP_N", 0), getattr(cublas, "CUBLAS_OP_T", 1)
+    op_b = op_t if trans_b else op_n
     ldb = Bm.shape[1]
     keep = (A_stack, Bm, C, consts)  # the closure keeps the buffers alive
 
     def f(i, _keep=keep):
-        gemm(handle, op_b, cublas.CUBLAS_OP_N, N, M, K, alpha, b_ptr, ldb,
+        gemm(handle, op_b, op_n, N, M, K, alpha, b_ptr, ldb,
              base + i * step, K, beta, c_ptr, N)
 
     return f
