@@ -160,3 +160,64 @@ def test_graphs_off_by_default(monkeypatch):
     assert cb.graphs_enabled() is (not cb.SIMULATOR)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         cb.set_graphs("yes")
+
+
+def _column_major_gemm(dtype):
+    """cuBLAS's gemm semantics (column-major, host pointers) on host memory."""
+    import ctypes
+
+    dt = np.dtype(dtype)
+
+    def view(ptr, ld, rows, cols):
+        n = ld * (cols - 1) + rows
+        raw = (ctypes.c_char * (n * dt.itemsize)).from_address(ptr)
+        flat = np.ctypeslib.as_array(raw).view(dt)
+        return np.lib.stride_tricks.as_strided(flat, (rows, cols), (dt.itemsize, ld * dt.itemsize))
+
+    def gemm(handle, opa, opb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        a = view(A, lda, m, k) if opa == 0 else view(A, lda, k, m).T
+        b = view(B, ldb, k, n) if opb == 0 else view(B, ldb, n, k).T
+        al = view(alpha, 1, 1, 1)[0, 0]
+        be = view(beta, 1, 1, 1)[0, 0]
+        c = view(C, ldc, m, n)
+        c[...] = al * (a @ b) + (be * c if be else 0)
+
+    return gemm
+
+
+class _HostArray(np.ndarray):
+    """A NumPy array with CuPy's ``.data.ptr``."""
+
+    @property
+    def data(self):
+        import types
+
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_raw_cublas_arguments_compute_the_row_major_products(monkeypatch, dtype):
+    """The per-step GEMMs pass row-major operands to column-major cuBLAS; check the
+    argument mapping against a host emulation of cuBLAS's gemm."""
+    import types
+
+    fake_blas = types.SimpleNamespace(sgemm=_column_major_gemm(np.float32),
+                                      dgemm=_column_major_gemm(np.float64),
+                                      CUBLAS_OP_N=0, CUBLAS_OP_T=1)
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 0)))
+    monkeypatch.setattr(cb, "_cublas_module", lambda: fake_blas)
+    monkeypatch.setattr(cb, "cupy", fake_cupy)
+    rng = np.random.default_rng(0)
+    T, B, H, G = 4, 3, 5, 4
+    arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
+    States0, W_hh, dHU = arr(T + 1, B, H), arr(G * H, H), arr(T, B, G * H)
+    HU, dHrec = arr(B, G * H), arr(B, H)
+    fwd = cb._raw_step_gemm(States0, W_hh, HU, trans_b=True)
+    bwd = cb._raw_step_gemm(dHU, W_hh, dHrec, trans_b=False)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for i in range(T):
+        fwd(i)
+        np.testing.assert_allclose(HU, np.asarray(States0[i]) @ np.asarray(W_hh).T, rtol=rtol)
+        bwd(i)
+        np.testing.assert_allclose(dHrec, np.asarray(dHU[i]) @ np.asarray(W_hh), rtol=rtol)
