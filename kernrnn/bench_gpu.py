@@ -293,7 +293,8 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
         if torch is not None:
             torch.cuda.synchronize()
 
-    report(f"\nfloat32, median of {reps} runs, ms; ratio = kernrnn / cuDNN (< 1: kernrnn faster); "
+    report(f"\nfloat32 (cuDNN without TF32), median of {reps} runs, ms; ratio = kernrnn / cuDNN "
+           f"(< 1: kernrnn faster); forward = inference, train = forward + backward incl. dx; "
            f"CUDA path: {cb.get_path()}")
     report("(graphs: the per-step loop replayed as a CUDA graph, KERNRNN_CUDA_GRAPHS=1)")
     report("| cell | B | T | I | H | kernrnn fwd | +graphs | cuDNN fwd | ratio | ratio graphs | "
@@ -334,6 +335,10 @@ def main(argv=None) -> int:
     try:
         import torch
 
+        # kernrnn computes float32 in float32; so must cuDNN for a like-for-like check
+        # and timing (its default lets RNNs use TF32 tensor cores, 10-bit mantissas).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         if not torch.cuda.is_available():
             print("PyTorch has no CUDA: cuDNN timings are left out", file=sys.stderr)
             torch = None
