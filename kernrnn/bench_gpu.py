@@ -16,7 +16,9 @@ few minutes and without network:
    faster).
 
 Exit status 0 when every check passed, 1 when one failed, 2 when there is no
-usable GPU.  ``--out FILE`` also writes the report as Markdown.
+usable GPU.  ``--out FILE`` also writes the report as Markdown (commit it as
+``docs/benchmarks/cuda-<date>-<gpu>.md``).  From a source checkout without
+installing: ``PYTHONPATH=.:plugins python3 -m kernrnn.bench_gpu --out FILE``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ def run_gpu_tests(report: Report, timeout: float) -> None:
     tests = Path(__file__).resolve().parent.parent / "tests"
     if not (tests / "test_gpu.py").exists():
         report("gpu tests: skipped (no tests/ directory next to the package)")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None or importlib.util.find_spec("hypothesis") is None:
+        report("gpu tests: skipped (pytest or hypothesis is not installed)")
         return
     t0 = time.perf_counter()
     try:
