@@ -156,4 +156,79 @@ def setup(app):
     app.add_directive("kernrnn-hookspecs", HookSpecs)
     app.add_directive("kernrnn-cells", Cells)
     app.add_directive("kernrnn-benchmarks", Benchmarks)
+    _setup_aliases(app)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# -- references to re-exported names ------------------------------------------
+# kernrnn re-exports names (kernrnn.RNN is kernrnn.layer.RNN, kernrnn.testing
+# .check_cell is kernrnn.testing.conformance.check_cell).  Each object is
+# documented once, where it is defined; a reference by any public name that
+# imports to the same object resolves to that entry.
+
+_SCALARS = (str, bytes, int, float, bool, type(None), tuple)
+
+
+def import_path(dotted: str):
+    """The object at ``dotted`` (module attributes and class members), or None."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except Exception:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _unwrap(obj):
+    return obj.fget if isinstance(obj, property) else obj
+
+
+def canonical_target(target: str, documented: dict, modname=None, clsname=None):
+    """The documented name of the object ``target`` refers to, or None."""
+    candidates = []
+    if modname and clsname:
+        candidates.append(f"{modname}.{clsname}.{target}")
+    if modname:
+        candidates.append(f"{modname}.{target}")
+    candidates.append(target)
+    for cand in candidates:
+        if not cand.startswith("kernrnn"):
+            continue
+        obj = import_path(cand)
+        if obj is None:
+            continue
+        qual = getattr(_unwrap(obj), "__qualname__", None)
+        mod = getattr(_unwrap(obj), "__module__", None)
+        if qual and mod and f"{mod}.{qual}" in documented:
+            return f"{mod}.{qual}"
+        if isinstance(obj, _SCALARS):
+            continue
+        for name in documented:
+            if import_path(name) is obj:
+                return name
+    return None
+
+
+def _resolve_alias(app, env, node, contnode):
+    if node.get("refdomain") != "py":
+        return None
+    domain = env.get_domain("py")
+    target = canonical_target(node["reftarget"], domain.objects,
+                              node.get("py:module"), node.get("py:class"))
+    if target is None or target == node["reftarget"]:
+        return None
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], target,
+                               node, contnode)
+
+
+def _setup_aliases(app):
+    app.connect("missing-reference", _resolve_alias)
