@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernrnn import _checks
-from kernrnn.backends import get_backend, device_of
+from kernrnn.backends import device_of, get_backend
 
 __all__ = ["rnn_forward", "rnn_backward", "resolve_cell"]
 
