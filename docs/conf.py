@@ -48,12 +48,9 @@ nitpick_ignore_regex = [
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_default_options = {"show-inheritance": False}
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 
 html_theme = "furo"
 html_title = f"kernrnn {release}"
 html_static_path = []
-pygments_style = "sphinx"
-pygments_dark_style = "monokai"
