@@ -5,6 +5,9 @@
   documented as soon as it is specified (use it inside an ``eval-rst`` block).
 * ``kernrnn-cells``: a table of the cells shipped with kernrnn, read from the
   registry.
+* ``kernrnn-cli-help``: the ``--help`` text of ``kernrnn`` and of each
+  sub-command in :data:`kernrnn.cli.COMMANDS` (or of the one named), so the
+  command-line reference follows the parsers.
 * ``kernrnn-benchmarks``: every committed benchmark output under
   ``docs/benchmarks/`` (text as literal blocks, images as figures), or a
   clearly marked placeholder when there is none yet.
@@ -64,6 +67,35 @@ def hookspec_rst() -> str:
     return "\n".join(lines)
 
 
+def cli_help(command: str | None = None, width: int = 88) -> list[tuple[str, str]]:
+    """(title, help text) for ``kernrnn`` and its sub-commands, or for ``command`` only.
+
+    An unknown ``command`` gives an empty list (the sub-command is not part of
+    this build).
+    """
+    import argparse
+    import os
+
+    from kernrnn.cli import build_parser
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps to the terminal width
+    try:
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if command is not None:
+            sub = subparsers.choices.get(command)
+            return [] if sub is None else [(f"kernrnn {command}", sub.format_help())]
+        found = [("kernrnn", parser.format_help())]
+        found += [(f"kernrnn {name}", sub.format_help()) for name, sub in subparsers.choices.items()]
+        return found
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
 def benchmark_files(directory: Path) -> list[Path]:
     """Committed benchmark outputs the benchmarks page shows, sorted by name."""
     if not directory.is_dir():
@@ -121,6 +153,29 @@ def setup(app):
                     target += row
             return [table]
 
+    class CliHelp(SphinxDirective):
+        """``--help`` of the command line, or a note when the command is absent."""
+
+        optional_arguments = 1
+
+        def run(self):
+            command = self.arguments[0] if self.arguments else None
+            result = []
+            helps = cli_help(command)
+            if not helps:
+                note = nodes.admonition()
+                note += nodes.title(text=f"kernrnn {command}: not in this build")
+                note += nodes.paragraph(text=f"This build of kernrnn has no '{command}' command; "
+                                             "its help appears here once it does.")
+                return [note]
+            for title, text in helps:
+                if command is None:
+                    result.append(nodes.rubric(text=title))
+                block = nodes.literal_block(text, text)
+                block["language"] = "text"
+                result.append(block)
+            return result
+
     class Benchmarks(SphinxDirective):
         """Committed benchmark outputs, or a placeholder saying how they are made."""
 
@@ -155,6 +210,7 @@ def setup(app):
 
     app.add_directive("kernrnn-hookspecs", HookSpecs)
     app.add_directive("kernrnn-cells", Cells)
+    app.add_directive("kernrnn-cli-help", CliHelp)
     app.add_directive("kernrnn-benchmarks", Benchmarks)
     _setup_aliases(app)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
