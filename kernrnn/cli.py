@@ -12,7 +12,7 @@ import sys
 
 __all__ = ["main", "COMMANDS"]
 
-#: Modules providing ``add_parser(subparsers)``; each parser sets ``func=handler``.
+# module paths providing add_parser(subparsers); each parser sets func=handler
 COMMANDS = [
     "kernrnn.cli_cells",
 ]

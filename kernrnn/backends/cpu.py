@@ -100,7 +100,7 @@ def _backward_source(G: int, S: int, K: int) -> str:
         G, S, K,
         saved=lambda k: f"Saved[{k}, t, b, j]",
         prev=lambda s: f"States[{s}, p, b, j]",
-        dstate=lambda s: "dS[0, b, j] + dY[t, b, j]" if s == 0 else f"dS[{s}, b, j]",
+        dstate=lambda s: f"dS[0, b, j] + dY[t, b, j]" if s == 0 else f"dS[{s}, b, j]",
         dxw=lambda g: f"dXW[t, b, {g} * H + j]",
         dhu=lambda g: f"dHU[t, b, {g} * H + j]",
         dprev=lambda s: f"dS[{s}, b, j]",
