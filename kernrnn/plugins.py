@@ -37,11 +37,15 @@ __all__ = [
     "reset_registry",
 ]
 
+#: pluggy project name and entry-point group of cell plugins.
 PROJECT = "kernrnn"
+#: Name of the environment variable that, set to 1, loads only the shipped cells.
 AUTOLOAD_ENV = "KERNRNN_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = ("kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru")
 
+#: Marks a hook specification (used by :class:`CellSpecs`).
 hookspec = pluggy.HookspecMarker(PROJECT)
+#: Marks a plugin's hook implementation, e.g. ``@hookimpl def kernrnn_register_cells(registry)``.
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
@@ -122,10 +126,12 @@ class CellRegistry:
             ) from None
 
     def source(self, name: str) -> CellSource:
+        """Where the cell called ``name`` came from (plugin and distribution)."""
         self.get(name)
         return self._sources[name]
 
     def names(self) -> list[str]:
+        """The registered cell names, sorted."""
         return sorted(self._cells)
 
     def __contains__(self, name: object) -> bool:
@@ -202,6 +208,8 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
         src = sources.get(pm.get_name(exc.plugin), exc.plugin)
         raise PluginError(f"{src} implements an unknown hook: {exc}") from exc
 
+    from kernrnn.cell import CellError
+
     registry = CellRegistry()
     # Call each implementation on its own so every cell knows its source.
     for impl in reversed(pm.hook.kernrnn_register_cells.get_hookimpls()):
@@ -212,6 +220,8 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
                 impl.function(**kwargs)
             except PluginError:
                 raise
+            except CellError as exc:
+                raise PluginError(f"{source} registered a bad cell: {exc}") from exc
             except Exception as exc:
                 raise PluginError(
                     f"{source} failed in kernrnn_register_cells: {type(exc).__name__}: {exc}"
