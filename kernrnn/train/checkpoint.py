@@ -8,7 +8,7 @@ Layout inside the ``.npz`` (a zip of ``.npy`` members, each CRC-checked):
 * anything else the caller adds (``history/...``, ``data/...``).
 
 Writing goes to a temporary file in the target directory, is flushed and
-fsynced, then renamed over the target with :func:`os.replace`: a crash leaves
+fsynced, then renamed over the target with ``os.replace``: a crash leaves
 either the old or the new checkpoint, never half of one.  Loading uses
 ``allow_pickle=False`` and turns every failure (not a zip, truncated, CRC
 mismatch, missing metadata, wrong format) into a ``ValueError`` that names the

@@ -256,7 +256,7 @@ class ForecastTask:
         return z * self.std + self.mean
 
     def evaluate(self, outputs) -> dict:
-        """Held-out metrics from the model's outputs on :meth:`eval_data`."""
+        """Held-out metrics from the model's outputs on ``eval_data()``."""
         pred = self.forecasts(outputs)
         truth = self.values[self.n_train:]
         naive = self.values[self.n_train - 1:-1]
@@ -623,7 +623,7 @@ def make_task(task=None, data=None, seq_len=None, column=None, steps_per_epoch=N
 
 
 def task_from_config(cfg: dict, data=None):
-    """Rebuild a task from :meth:`config` (a checkpoint); ``data`` overrides the source path.
+    """Rebuild a task from ``config()`` (a checkpoint); ``data`` overrides the source path.
 
     The data file's SHA-256 must match the recorded one unless ``data`` is given.
     """

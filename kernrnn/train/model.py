@@ -44,7 +44,7 @@ class SequenceModel:
     ``[T, B, output_size]`` for ``head="seq"`` and ``[B, output_size]`` for
     ``head="last"``.  ``dh0 = model.backward(dout, dhn=None)`` accumulates into
     :attr:`grads` (``dh0`` has the structure of ``h0``; the input gradient of
-    real-valued input is kept in :attr:`last_dx`).
+    real-valued input is kept in ``last_dx``).
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
