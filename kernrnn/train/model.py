@@ -309,10 +309,11 @@ class SequenceModel:
 
 
 def _scatter_add(xp, target, index, values):
-    """``target[index[i]] += values[i]`` with repeated indices summed."""
-    if xp is np:
-        np.add.at(target, index, values)
-    else:  # CuPy
+    """``target[index[i]] += values[i]`` with repeated indices summed (NumPy or CuPy)."""
+    at = getattr(xp.add, "at", None)
+    if at is not None:
+        at(target, index, values)
+    else:  # CuPy releases before ufunc.at
         import cupyx
 
         cupyx.scatter_add(target, index, values)
