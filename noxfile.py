@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Sphinx HTML in docs/_build/html; warnings are errors, every reference must resolve."""
-    session.install("-e", ".[docs]")
+    session.install("-e", ".[docs,test,train]")
     session.run(
         "sphinx-build", "-W", "-n", "--keep-going", "-b", "html",
         "docs", "docs/_build/html", *session.posargs,
