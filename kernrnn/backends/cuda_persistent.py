@@ -1,0 +1,769 @@
+"""Persistent fused recurrence kernels (Numba-CUDA): one launch for all T steps.
+
+Why: with one GEMM launch and one pointwise launch per step, a 100-step
+sequence at small batch spends its time in launch overhead and in re-reading
+``W_hh`` from memory every step.  Here one cooperative launch runs the whole
+time loop (Diamos et al. 2016, "Persistent RNNs"):
+
+* each block owns a slice of ``U`` hidden units and keeps the matching rows of
+  ``W_hh`` (all G gates of its units: ``G*U x H``; for the backward-data pass
+  the matching columns, ``U x G*H``) in shared memory for the whole sequence;
+* per step, a block computes its units' recurrent pre-activations for the
+  whole batch (a small GEMM out of shared memory, split over the block's
+  threads along the reduction and summed through shared memory), and runs the
+  cell's pointwise step on them in the same kernel (the "epilogue"); the
+  epilogue is generated from the cell's single definition, exactly as the CPU
+  kernels are, so every registered cell gets a persistent kernel;
+* ``h_t`` (backward: ``dHU_t``) goes through global memory to the other blocks,
+  with one grid-wide barrier per step (``cuda.cg.this_grid().sync()``).  The
+  grid is never larger than what can be co-resident (checked at launch).
+
+Only the recurrence is here; ``XW`` (input GEMM, ``b_ih`` included) comes in
+precomputed, and the weight gradients are large GEMMs afterwards (caller).
+Array layouts are those of :mod:`kernrnn.backends.cpu`.
+
+Every kernel takes ``(s0, s1)``: the steps it runs.  A persistent launch runs
+``(0, T)``; ``stepwise=True`` runs the *same kernel* once per step, ``(t,
+t+1)``, so the grid barrier is never reached.  That mode exists for Numba's
+CUDA simulator, which runs blocks one after another and implements the grid
+barrier as a block barrier (correct only for one-block grids): the simulator
+tests run the persistent launch on one block and the stepwise launch on
+several blocks, i.e. the same per-block code and the same cross-block data
+exchange, with kernel boundaries in place of the barrier.
+
+The reduction goes through shared memory and ``syncthreads`` rather than warp
+shuffles, because the simulator has no shuffles: the code the tests run is
+the code the GPU runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba
+import numpy as np
+
+from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
+from kernrnn.scalar import compile_scalar
+
+__all__ = [
+    "Plan", "DeviceProps", "plan", "supported", "supports", "device_props", "get_kernels",
+    "kernel_sources", "forward_loop", "backward_loop", "ptx_signatures", "benchmark",
+    "THREADS", "MAX_BATCH",
+]
+
+THREADS = 256  # threads per block on a GPU (8 warps)
+MAX_BATCH = 64  # above this the per-step cuBLAS GEMM is the better tool (heuristic, unmeasured)
+_STATIC_SMEM = 48 * 1024  # dynamic shared memory above this needs an opt-in attribute
+
+
+def _simulator() -> bool:
+    try:
+        from numba.cuda import config as cuda_config
+    except Exception:  # pragma: no cover - numba-cuda missing
+        from numba import config as cuda_config
+    return bool(getattr(cuda_config, "ENABLE_CUDASIM", False))
+
+
+# -- generated kernels ------------------------------------------------------------------
+
+
+def _nb_for(B: int) -> int:
+    """Batch rows per thread in the GEMM (register tile): W is read once per NB rows."""
+    return 1 if B <= 1 else 2 if B == 2 else 4
+
+
+def _unroll(lines, indent: int) -> str:
+    pad = " " * indent
+    return "\n".join(pad + line for line in lines)
+
+
+def _forward_source(G: int, S: int, K: int, NB: int, train: bool) -> str:
+    name = f"forward_{'train' if train else 'infer'}_nb{NB}"
+    body = forward_body(
+        G, S, K,
+        xw=lambda g: f"XW[t, b, {g} * H + j]",
+        hu=lambda g: f"hu{g} + b_hh[{g} * H + j]",
+        prev=lambda s: f"States[{s}, p, b, j]",
+        new=lambda s: f"States[{s}, n, b, j]",
+        saved=(lambda k: f"Saved[{k}, t, b, j]") if train else None,
+        y="Y[t, b, j]",
+        indent=28,
+    )
+    carry = _unroll(
+        [f"States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S)] + ["Y[t, b, j] = zero"],
+        28,
+    )
+    rows = _unroll([f"bb{m} = min(b0 + {m}, B - 1)" for m in range(NB)], 12)
+    init = _unroll([f"a{g}_{m} = zero" for g in range(G) for m in range(NB)], 12)
+    loads = _unroll(
+        [f"w{g} = sm[({g} * U + u) * HP + k]" for g in range(G)]
+        + [f"h{m} = States[0, p, bb{m}, k]" for m in range(NB)]
+        + [f"a{g}_{m} += w{g} * h{m}" for g in range(G) for m in range(NB)],
+        16,
+    )
+    store = _unroll(
+        [f"sm[RED + ((kp * {G} + {g}) * {NB} + {m}) * NSLOT + slot] = a{g}_{m}"
+         for g in range(G) for m in range(NB)],
+        12,
+    )
+    hu_init = _unroll([f"hu{g} = zero" for g in range(G)], 24)
+    hu_sum = _unroll(
+        [f"hu{g} += sm[RED + ((q * {G} + {g}) * {NB} + m) * NSLOT + es]" for g in range(G)], 28
+    )
+    return f'''
+@cuda.jit
+def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1):
+    T = XW.shape[0]
+    B = XW.shape[1]
+    H = W_hh.shape[1]
+    NT = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    j0 = cuda.blockIdx.x * U
+    nu = min(U, H - j0)
+    zero = DT(0)
+    # Odd row stride: threads reading the same k of different rows hit different banks.
+    HP = H + 1 - H % 2
+    RED = {G} * U * HP
+    sm = cuda.shared.array(0, NBT)
+    # This block's rows of W_hh (gates g of units j0..j0+nu) stay here for all steps.
+    for idx in range(tid, {G} * nu * H, NT):
+        r = idx // H
+        k = idx - r * H
+        g = r // nu
+        u = r - g * nu
+        sm[(g * U + u) * HP + k] = W_hh[g * H + j0 + u, k]
+    cuda.syncthreads()
+    KP = NT // NSLOT
+    slot = tid % NSLOT
+    kp = tid // NSLOT
+    KC = (H + KP - 1) // KP
+    k0 = min(H, kp * KC)
+    k1 = min(H, k0 + KC)
+    ngroups = nu * ((B + {NB} - 1) // {NB})
+    grid = cuda.cg.this_grid()
+    for step in range(s0, s1):
+        if step > s0:
+            grid.sync()  # h of the previous step is complete in every block
+        if reverse:
+            t = T - 1 - step
+            p = t + 1
+            n = t
+        else:
+            t = step
+            p = t
+            n = t + 1
+        for r0 in range(0, ngroups, NSLOT):
+            grp = min(r0 + slot, ngroups - 1)  # idle slots redo the last group, results unused
+            u = grp % nu
+            b0 = (grp // nu) * {NB}
+{rows}
+{init}
+            for k in range(k0, k1):
+{loads}
+{store}
+            cuda.syncthreads()
+            for e in range(tid, NSLOT * {NB}, NT):
+                es = e % NSLOT
+                m = e // NSLOT
+                eg = r0 + es
+                if eg < ngroups:
+                    b = (eg // nu) * {NB} + m
+                    if b < B:
+                        j = j0 + eg % nu
+{hu_init}
+                        for q in range(KP):
+{hu_sum}
+                        if t < lengths[b]:
+{body}
+                        else:
+{carry}
+            cuda.syncthreads()
+'''
+
+
+def _backward_source(G: int, S: int, K: int, NB: int) -> str:
+    name = f"backward_nb{NB}"
+    body = backward_body(
+        G, S, K,
+        saved=lambda k: f"Saved[{k}, t, b, j]",
+        prev=lambda s: f"States[{s}, p, b, j]",
+        dstate=lambda s: "dh + dY[t, b, j]" if s == 0 else f"dS[{s}, b, j]",
+        dxw=lambda g: f"dXW[t, b, {g} * H + j]",
+        dhu=lambda g: f"dHU[t, b, {g} * H + j]",
+        dprev=lambda s: f"dS[{s}, b, j]",
+        indent=28,
+    )
+    masked = _unroll(
+        ["dS[0, b, j] = dh"]
+        + [f"dXW[t, b, {g} * H + j] = zero" for g in range(G)]
+        + [f"dHU[t, b, {g} * H + j] = zero" for g in range(G)],
+        28,
+    )
+    rows = _unroll([f"bb{m} = min(b0 + {m}, B - 1)" for m in range(NB)], 12)
+    init = _unroll([f"a{m} = zero" for m in range(NB)], 12)
+    loads = _unroll(
+        ["w = sm[u * LP + k]"] + [f"a{m} += w * dHU[tq, bb{m}, k]" for m in range(NB)], 16
+    )
+    store = _unroll(
+        [f"sm[RED + (kp * {NB} + {m}) * NSLOT + slot] = a{m}" for m in range(NB)], 12
+    )
+    return f'''
+@cuda.jit
+def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0, s1, final):
+    T = dY.shape[0]
+    B = dY.shape[1]
+    H = dS.shape[2]
+    GH = W_hh.shape[0]
+    NT = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    j0 = cuda.blockIdx.x * U
+    nu = min(U, H - j0)
+    zero = DT(0)
+    LP = GH + 1 - GH % 2
+    RED = U * LP
+    sm = cuda.shared.array(0, NBT)
+    # Columns j0..j0+nu of W_hh (rows of W_hh^T) stay here for all steps.
+    for idx in range(tid, nu * GH, NT):
+        i = idx // nu
+        u = idx - i * nu
+        sm[u * LP + i] = W_hh[i, j0 + u]
+    cuda.syncthreads()
+    KP = NT // NSLOT
+    slot = tid % NSLOT
+    kp = tid // NSLOT
+    KC = (GH + KP - 1) // KP
+    k0 = min(GH, kp * KC)
+    k1 = min(GH, k0 + KC)
+    ngroups = nu * ((B + {NB} - 1) // {NB})
+    grid = cuda.cg.this_grid()
+    send = s1 + 1 if final else s1
+    for step in range(s0, send):
+        if step > s0:
+            grid.sync()  # dHU of the previous step is complete in every block
+        last = step >= s1  # only the recurrent GEMM of the last step is left
+        if reverse:
+            t = step
+            tq = max(t - 1, 0)  # the step processed before this one
+            p = t + 1
+        else:
+            t = T - 1 - step
+            tq = min(t + 1, T - 1)
+            p = t
+        kend = k1 if step > 0 else k0  # nothing has flowed back before the first step
+        for r0 in range(0, ngroups, NSLOT):
+            grp = min(r0 + slot, ngroups - 1)
+            u = grp % nu
+            b0 = (grp // nu) * {NB}
+{rows}
+{init}
+            for k in range(k0, kend):
+{loads}
+{store}
+            cuda.syncthreads()
+            for e in range(tid, NSLOT * {NB}, NT):
+                es = e % NSLOT
+                m = e // NSLOT
+                eg = r0 + es
+                if eg < ngroups:
+                    b = (eg // nu) * {NB} + m
+                    if b < B:
+                        j = j0 + eg % nu
+                        dh = dS[0, b, j]
+                        for q in range(KP):
+                            dh += sm[RED + (q * {NB} + m) * NSLOT + es]
+                        if last:
+                            dS[0, b, j] = dh
+                        elif t < lengths[b]:
+{body}
+                        else:
+{masked}
+            cuda.syncthreads()
+'''
+
+
+def kernel_sources(cell, NB: int) -> str:
+    """Python source of the persistent kernels of ``cell`` with batch tile ``NB``."""
+    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    return "from numba import cuda\n" + "\n".join([
+        _forward_source(G, S, K, NB, True),
+        _forward_source(G, S, K, NB, False),
+        _backward_source(G, S, K, NB),
+    ])
+
+
+@dataclass(frozen=True)
+class PersistentKernels:
+    forward_train: object
+    forward_infer: object
+    backward: object
+
+
+@lru_cache(maxsize=None)
+def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
+    """Build the persistent kernels of ``cell`` for ``dtype`` and batch tile ``NB``."""
+    dtype = np.dtype(dtype)
+    sim = _simulator()
+    source = (
+        f"# kernrnn persistent CUDA kernels: cell {cell.name!r}, {dtype}, NB={NB}, "
+        f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n" + kernel_sources(cell, NB)
+    )
+    namespace = {
+        "cell_forward": compile_scalar(cell.forward, dtype),
+        "cell_backward": compile_scalar(cell.backward, dtype),
+        "DT": dtype.type,
+        "NBT": numba.from_dtype(dtype),
+    }
+    tag = f"persist{'sim' if sim else ''}_{cell.name}_{dtype.name}_nb{NB}"
+    mod = load_module(source, tag, namespace)
+    return PersistentKernels(
+        getattr(mod, f"forward_train_nb{NB}"), getattr(mod, f"forward_infer_nb{NB}"),
+        getattr(mod, f"backward_nb{NB}"),
+    )
+
+
+# -- launch planning --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceProps:
+    """What the plan needs to know about a GPU."""
+
+    sm_count: int
+    smem_per_block_optin: int  # bytes of shared memory one block may use (opt-in)
+    name: str = "?"
+
+
+def device_props() -> DeviceProps:
+    """Properties of the current CUDA device."""
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    return DeviceProps(
+        int(dev.MULTIPROCESSOR_COUNT), int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+        dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name),
+    )
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _nslot(groups: int, red_len: int, threads: int) -> int:
+    """Outputs computed side by side; the other factor of ``threads`` splits the reduction.
+
+    As many slots as groups (up to ``threads``), but keep at least ~8 terms
+    per thread in the reduction so that the partial-sum exchange stays cheap.
+    """
+    nslot = min(threads, _pow2_at_least(groups))
+    min_slots = threads // _pow2_at_least(max(1, red_len // 8))
+    return max(nslot, min(threads, max(1, min_slots)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Grid shape and shared memory of one persistent launch pair."""
+
+    U: int  # hidden units per block
+    blocks: int
+    threads: int
+    NB: int
+    nslot_fwd: int
+    nslot_bwd: int
+    smem_fwd: int  # bytes of dynamic shared memory
+    smem_bwd: int
+
+    @property
+    def smem(self) -> int:
+        return max(self.smem_fwd, self.smem_bwd)
+
+
+def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS) -> Plan:
+    """Split ``H`` units over at most ``blocks`` blocks of ``threads`` threads."""
+    if threads < 1 or threads & (threads - 1):
+        raise ValueError(f"threads must be a power of two, got {threads}")
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    G = cell.n_gates
+    isz = np.dtype(dtype).itemsize
+    U = -(-H // min(blocks, H))
+    nblocks = -(-H // U)
+    NB = _nb_for(B)
+    groups = U * (-(-B // NB))
+    HP = H + 1 - H % 2
+    LP = G * H + 1 - (G * H) % 2
+    return Plan(
+        U=U, blocks=nblocks, threads=threads, NB=NB,
+        nslot_fwd=_nslot(groups, H, threads), nslot_bwd=_nslot(groups, G * H, threads),
+        smem_fwd=(G * U * HP + threads * G * NB) * isz,
+        smem_bwd=(U * LP + threads * NB) * isz,
+    )
+
+
+def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = None) -> bool:
+    """Whether the persistent path should run this problem (the automatic choice).
+
+    Heuristic: one block per SM (so the grid is co-resident whatever the
+    register use), each block keeps ``G*ceil(H/SMs)`` rows of ``W_hh`` (and
+    the same number of values of ``W_hh^T`` for the backward pass) plus a
+    reduction scratch in shared memory; the problem is taken when that fits
+    the per-block opt-in limit (on an H100, 227 KiB: an fp32 LSTM up to
+    H of about 1,400) and ``B <= MAX_BATCH``.  At larger batches the per-step
+    GEMM is compute-bound and cuBLAS uses the GPU better than this simple
+    shared-memory GEMM; the batch limit is a guess to be tuned on a GPU.
+    """
+    if B < 1 or H < 1 or B > MAX_BATCH:
+        return False
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return False
+    props = device_props if device_props is not None else globals()["device_props"]()
+    p = plan(cell, B, H, dtype, blocks=props.sm_count)
+    return p.smem <= props.smem_per_block_optin
+
+
+def supports(cell, dtype, B: int, H: int, training: bool) -> bool:
+    """The hook :mod:`kernrnn.backends.cuda` asks for its ``auto`` choice."""
+    if _simulator():
+        return False  # the simulator runs blocks one at a time: keep 'auto' on the GEMM path
+    try:
+        return supported(cell, B, H, dtype)
+    except Exception:
+        return False
+
+
+# -- launching --------------------------------------------------------------------------
+
+
+def _default_stream():
+    """CuPy's current stream as a Numba stream (the backend's stream rule)."""
+    from numba import cuda
+
+    try:
+        import cupy
+    except ImportError:
+        return cuda.default_stream()
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+
+
+def _wrap(a):
+    from numba import cuda
+
+    if cuda.is_cuda_array(a) and not isinstance(a, cuda.devicearray.DeviceNDArray):
+        return cuda.as_cuda_array(a, sync=False)
+    return a
+
+
+_prepared: dict = {}
+
+
+def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
+    """Compile for these argument types, opt in to large shared memory, check co-residency."""
+    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+    key = (id(dispatcher), argtypes, threads, smem)
+    hit = _prepared.get(key)
+    if hit is None:
+        kernel = dispatcher.compile(argtypes)
+        if smem > _STATIC_SMEM:
+            from numba.cuda.cudadrv.driver import binding, driver
+
+            cufunc = kernel._codelibrary.get_cufunc()
+            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            driver.cuKernelSetAttribute(attr, smem, cufunc.handle, cufunc.device.id)
+        hit = _prepared[key] = kernel.max_cooperative_grid_blocks(threads, smem)
+    if blocks > hit:
+        raise ValueError(
+            f"persistent kernel: {blocks} blocks of {threads} threads with {smem} bytes of shared "
+            f"memory cannot all be resident at once (at most {hit}); use the GEMM path"
+        )
+
+
+def _resolve(cell, B, H, dtype, blocks, threads, stepwise):
+    sim = _simulator()
+    if threads is None:
+        threads = 32 if sim else THREADS
+    props = None
+    if blocks is None:
+        if sim:
+            blocks = min(H, 4)
+        else:
+            props = device_props()
+            blocks = props.sm_count
+    p = plan(cell, B, H, dtype, blocks, threads)
+    if stepwise is None:
+        stepwise = sim and p.blocks > 1
+    if sim and not stepwise and p.blocks > 1:
+        raise ValueError(
+            f"the CUDA simulator runs blocks one after another, so a persistent launch of "
+            f"{p.blocks} blocks would deadlock at its grid barrier; use stepwise=True or blocks=1"
+        )
+    if not sim:
+        props = props or device_props()
+        if p.smem > props.smem_per_block_optin:
+            raise ValueError(
+                f"persistent kernel for cell {cell.name!r}, H={H}, B={B}, {np.dtype(dtype)}: "
+                f"needs {p.smem} bytes of shared memory per block, the device allows "
+                f"{props.smem_per_block_optin}; use the GEMM path"
+            )
+    return p, stepwise
+
+
+def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
+    """Run ``kernel`` over ``steps`` (list of (s0, s1, extra...)) launches."""
+    sim = _simulator()
+    if sim:
+        for s in steps:
+            kernel[p.blocks, p.threads, 0, smem](*args, *s)
+        return
+    stream = _default_stream() if stream is None else stream
+    args = tuple(_wrap(a) for a in args)
+    _prepare(kernel, args + steps[0], p.threads, smem, p.blocks)
+    for s in steps:
+        kernel[p.blocks, p.threads, stream, smem](*args, *s)
+
+
+def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training, *,
+                 blocks=None, threads=None, stepwise=None, stream=None):
+    """Fill ``States``, ``Saved`` (when ``training``) and ``Y`` like the CPU forward kernels.
+
+    ``XW [T,B,G*H]`` has ``b_ih`` added; ``States [S,T+1,B,H]`` holds the
+    initial state at boundary 0 (``reverse``: T); ``Y [T,B,H]`` may be a
+    strided view.  ``blocks``/``threads`` override the plan (tests), and
+    ``stepwise`` launches the same kernel once per step (simulator).
+    """
+    T, B, GH = XW.shape
+    H = W_hh.shape[1]
+    if T == 0 or B == 0:
+        return
+    p, stepwise = _resolve(cell, B, H, XW.dtype, blocks, threads, stepwise)
+    k = get_kernels(cell, XW.dtype, p.NB)
+    kernel = k.forward_train if training else k.forward_infer
+    args = (XW, W_hh, b_hh, States, Saved, Y, lengths, bool(reverse), p.U, p.nslot_fwd)
+    steps = [(s, s + 1) for s in range(T)] if stepwise else [(0, T)]
+    _launch(kernel, p, p.smem_fwd, stream, args, steps, stepwise)
+
+
+def backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, *,
+                  blocks=None, threads=None, stepwise=None, stream=None):
+    """BPTT of the recurrence like the CPU ``backward_loop``.
+
+    ``dS [S,B,H]`` holds ``dhn`` on entry and ``dh0`` on exit (the per-step
+    ``dS[0] += dHU_t @ W_hh`` runs inside the kernel); fills ``dXW`` and
+    ``dHU`` (zero at masked steps).  Weight gradients are the caller's.
+    """
+    T, B, H = dY.shape
+    if T == 0 or B == 0:
+        return
+    p, stepwise = _resolve(cell, B, H, dY.dtype, blocks, threads, stepwise)
+    kernel = get_kernels(cell, dY.dtype, p.NB).backward
+    args = (dY, dS, W_hh, States, Saved, lengths, bool(reverse), dXW, dHU, p.U, p.nslot_bwd)
+    if stepwise:
+        steps = [(s, s + 1, False) for s in range(T)] + [(T, T, True)]
+    else:
+        steps = [(0, T, True)]
+    _launch(kernel, p, p.smem_bwd, stream, args, steps, stepwise)
+
+
+# -- compile check ----------------------------------------------------------------------
+
+
+def ptx_signatures(dtype, strided: bool = True):
+    """Numba signatures of the three kernels (for ``cuda.compile_ptx``)."""
+    from numba import types
+
+    f = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    lay = "A" if strided else "C"
+
+    def arr(nd, layout="C", dt=f):
+        return types.Array(dt, nd, layout)
+
+    i64, b1 = types.int64, types.boolean
+    fwd = (arr(3), arr(2), arr(1), arr(4), arr(4), arr(3, lay), arr(1, dt=i64), b1,
+           i64, i64, i64, i64)
+    bwd = (arr(3, lay), arr(3), arr(2), arr(4), arr(4), arr(1, dt=i64), b1, arr(3), arr(3),
+           i64, i64, i64, i64, b1)
+    return fwd, bwd
+
+
+# -- benchmark (needs a GPU, CuPy and PyTorch) ----------------------------------------
+
+
+def _flops(cell, T, B, I, H) -> float:
+    """Forward FLOPs of one layer: input and recurrent GEMMs (the pointwise math is extra)."""
+    return 2.0 * T * B * cell.n_gates * H * (I + H)
+
+
+def benchmark(cells=("lstm", "gru"), T=100, hidden=(256, 512, 1024), batches=(1, 4, 16, 64),
+              repeats=20, warmup=3, file=None):
+    """Forward and training step, kernrnn (persistent and GEMM paths) vs PyTorch cuDNN.
+
+    float32, I = H, one layer, one direction; prints one row per case with
+    median times (ms), the time ratio kernrnn/cuDNN and achieved TFLOP/s
+    (forward 2*T*B*G*H*(I+H) FLOPs, training step 3x that).  Times are CUDA
+    event times around the whole call, on CuPy's current stream, after
+    warm-up.  Returns the rows as dicts.
+    """
+    import sys
+
+    import cupy
+    import torch
+
+    from kernrnn.functional import rnn_backward, rnn_forward
+    from kernrnn.plugins import get_registry
+
+    out = file or sys.stdout
+    props = device_props()
+    rows = []
+    print(f"# persistent-kernel benchmark on {props.name} ({props.sm_count} SMs), float32, "
+          f"T={T}, I=H, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", file=out)
+    print("| cell | H | B | path | fwd ms | cuDNN fwd ms | fwd ratio | fwd TFLOP/s | train ms "
+          "| cuDNN train ms | train ratio | train TFLOP/s |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop))
+        return float(np.median(times))
+
+    def torch_timed(fn):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            stop = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return float(np.median(times))
+
+    try:
+        from kernrnn.backends import cuda as cuda_backend
+    except Exception:
+        cuda_backend = None
+
+    for name in cells:
+        cell = get_registry().get(name)
+        tmod = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}.get(name)
+        for H in hidden:
+            I = H
+            for B in batches:
+                rng = np.random.default_rng(0)
+                bound = 1.0 / np.sqrt(H)
+                G = cell.n_gates
+                w_ih = cupy.asarray(rng.uniform(-bound, bound, (G * H, I)).astype(np.float32))
+                w_hh = cupy.asarray(rng.uniform(-bound, bound, (G * H, H)).astype(np.float32))
+                b_ih = cupy.asarray(rng.uniform(-bound, bound, G * H).astype(np.float32))
+                b_hh = cupy.asarray(rng.uniform(-bound, bound, G * H).astype(np.float32))
+                x = cupy.asarray(rng.uniform(-1, 1, (T, B, I)).astype(np.float32))
+                dy = cupy.asarray(rng.uniform(-1, 1, (T, B, H)).astype(np.float32))
+                f = _flops(cell, T, B, I, H)
+
+                t_fwd = t_train = float("nan")
+                if tmod is not None:
+                    m = tmod(I, H).cuda()
+                    with torch.no_grad():
+                        m.weight_ih_l0.copy_(torch.as_tensor(w_ih, device="cuda"))
+                        m.weight_hh_l0.copy_(torch.as_tensor(w_hh, device="cuda"))
+                        m.bias_ih_l0.copy_(torch.as_tensor(b_ih, device="cuda"))
+                        m.bias_hh_l0.copy_(torch.as_tensor(b_hh, device="cuda"))
+                    tx = torch.as_tensor(x, device="cuda")
+                    tdy = torch.as_tensor(dy, device="cuda")
+                    txg = tx.clone().requires_grad_(True)
+
+                    def torch_fwd():
+                        with torch.no_grad():
+                            m(tx)
+
+                    def torch_train():
+                        y, _ = m(txg)
+                        y.backward(tdy)
+
+                    t_fwd = torch_timed(torch_fwd)
+                    t_train = torch_timed(torch_train)
+
+                paths = ["persistent", "gemm"] if cuda_backend is not None else ["persistent"]
+                for path in paths:
+                    if path == "persistent" and not supported(cell, B, H, np.float32, props):
+                        continue
+                    if cuda_backend is not None and hasattr(cuda_backend, "set_path"):
+                        cuda_backend.set_path(path)
+
+                    def k_fwd():
+                        rnn_forward(cell, x, w_ih, w_hh, b_ih, b_hh, training=False)
+
+                    def k_train():
+                        _, _, ctx = rnn_forward(cell, x, w_ih, w_hh, b_ih, b_hh, training=True)
+                        rnn_backward(ctx, dy)
+
+                    try:
+                        k_f = timed(k_fwd)
+                        k_t = timed(k_train)
+                    except Exception as exc:  # report and go on with the table
+                        print(f"| {name} | {H} | {B} | {path} | failed: {type(exc).__name__}: "
+                              f"{exc} |", file=out)
+                        continue
+                    row = dict(cell=name, H=H, B=B, path=path, fwd_ms=k_f, cudnn_fwd_ms=t_fwd,
+                               train_ms=k_t, cudnn_train_ms=t_train,
+                               fwd_tflops=f / k_f / 1e9, train_tflops=3 * f / k_t / 1e9)
+                    rows.append(row)
+                    print(f"| {name} | {H} | {B} | {path} | {k_f:.3f} | {t_fwd:.3f} | "
+                          f"{k_f / t_fwd:.2f} | {row['fwd_tflops']:.2f} | {k_t:.3f} | "
+                          f"{t_train:.3f} | {k_t / t_train:.2f} | {row['train_tflops']:.2f} |",
+                          file=out, flush=True)
+                if cuda_backend is not None and hasattr(cuda_backend, "set_path"):
+                    cuda_backend.set_path(None)
+    return rows
+
+
+def _loop_only_benchmark(cell_name="lstm", T=100, H=512, B=4, repeats=20):
+    """Time forward_loop/backward_loop alone on the GPU (no cuda.py needed)."""
+    import cupy
+
+    from kernrnn.plugins import get_registry
+
+    cell = get_registry().get(cell_name)
+    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    f32 = np.float32
+    XW = cupy.random.uniform(-1, 1, (T, B, G * H)).astype(f32)
+    W = cupy.random.uniform(-1, 1, (G * H, H)).astype(f32) / math.sqrt(H)
+    bh = cupy.zeros(G * H, f32)
+    States = cupy.zeros((S, T + 1, B, H), f32)
+    Saved = cupy.zeros((K, T, B, H), f32)
+    Y = cupy.zeros((T, B, H), f32)
+    lens = cupy.full(B, T, dtype=np.int64)
+    dS = cupy.zeros((S, B, H), f32)
+    dXW = cupy.zeros((T, B, G * H), f32)
+    dHU = cupy.zeros((T, B, G * H), f32)
+
+    def run_f():
+        forward_loop(cell, XW, W, bh, States, Saved, Y, lens, False, True)
+
+    def run_b():
+        backward_loop(cell, Y, dS, W, States, Saved, lens, False, dXW, dHU)
+
+    res = {}
+    for label, fn in (("forward_loop", run_f), ("backward_loop", run_b)):
+        fn()
+        cupy.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        cupy.cuda.get_current_stream().synchronize()
+        res[label] = (time.perf_counter() - t0) / repeats * 1e3
+    return res
+
