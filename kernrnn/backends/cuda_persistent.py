@@ -144,10 +144,10 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
     k0 = min(H, kp * KC)
     k1 = min(H, k0 + KC)
     ngroups = nu * ((B + {NB} - 1) // {NB})
-    grid = cuda.cg.this_grid()
+    grid = this_grid_()
     for step in range(s0, s1):
         if step > s0:
-            grid.sync()  # h of the previous step is complete in every block
+            grid_sync_(grid)  # h of the previous step is complete in every block
         if reverse:
             t = T - 1 - step
             p = t + 1
@@ -239,11 +239,11 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
     k0 = min(GH, kp * KC)
     k1 = min(GH, k0 + KC)
     ngroups = nu * ((B + {NB} - 1) // {NB})
-    grid = cuda.cg.this_grid()
+    grid = this_grid_()
     send = s1 + 1 if final else s1
     for step in range(s0, send):
         if step > s0:
-            grid.sync()  # dHU of the previous step is complete in every block
+            grid_sync_(grid)  # dHU of the previous step is complete in every block
         last = step >= s1  # only the recurrent GEMM of the last step is left
         if reverse:
             t = step
@@ -285,10 +285,35 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
 '''
 
 
-def kernel_sources(cell, NB: int) -> str:
+# The grid barrier.  On the GPU the kernels call Numba-CUDA's cooperative-groups
+# intrinsics directly: ``cuda.cg.this_grid()`` goes through an ``@overload``
+# whose implementation is compiled as a device function, which needs a live
+# GPU context, so ``compile_ptx`` on a machine without a GPU would fail.  The
+# intrinsics emit the same calls (``cudaCGGetIntrinsicHandle`` /
+# ``cudaCGSynchronize``) and mark the kernel cooperative, like the overload.
+# The simulator has no intrinsics: there the generated module defines the same
+# two names over ``cuda.cg`` (the simulator swaps ``cuda`` in its globals).
+_SIM_GRID = """
+def this_grid_():
+    return cuda.cg.this_grid()
+
+
+def grid_sync_(g):
+    g.sync()
+"""
+
+
+def _grid_namespace() -> dict:
+    from numba.cuda import cg
+
+    return {"this_grid_": cg._this_grid, "grid_sync_": cg._grid_group_sync}
+
+
+def kernel_sources(cell, NB: int, simulator: bool = False) -> str:
     """Python source of the persistent kernels of ``cell`` with batch tile ``NB``."""
     G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    return "from numba import cuda\n" + "\n".join([
+    head = "from numba import cuda\n" + (_SIM_GRID if simulator else "")
+    return head + "\n".join([
         _forward_source(G, S, K, NB, True),
         _forward_source(G, S, K, NB, False),
         _backward_source(G, S, K, NB),
@@ -309,7 +334,8 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
     sim = _simulator()
     source = (
         f"# kernrnn persistent CUDA kernels: cell {cell.name!r}, {dtype}, NB={NB}, "
-        f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n" + kernel_sources(cell, NB)
+        f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n"
+        + kernel_sources(cell, NB, sim)
     )
     namespace = {
         "cell_forward": compile_scalar(cell.forward, dtype),
@@ -317,6 +343,8 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
     }
+    if not sim:
+        namespace.update(_grid_namespace())
     tag = f"persist{'sim' if sim else ''}_{cell.name}_{dtype.name}_nb{NB}"
     mod = load_module(source, tag, namespace)
     return PersistentKernels(
