@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numba
@@ -509,7 +509,7 @@ def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
         )
 
 
-def _resolve(cell, B, H, dtype, blocks, threads, stepwise):
+def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot):
     sim = _simulator()
     if threads is None:
         threads = 32 if sim else THREADS
@@ -521,6 +521,10 @@ def _resolve(cell, B, H, dtype, blocks, threads, stepwise):
             props = device_props()
             blocks = props.sm_count
     p = plan(cell, B, H, dtype, blocks, threads)
+    if nslot is not None:
+        if nslot < 1 or nslot & (nslot - 1) or nslot > threads:
+            raise ValueError(f"nslot must be a power of two <= threads={threads}, got {nslot}")
+        p = replace(p, nslot_fwd=nslot, nslot_bwd=nslot)
     if stepwise is None:
         stepwise = sim and p.blocks > 1
     if sim and not stepwise and p.blocks > 1:
@@ -543,8 +547,18 @@ def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
     """Run ``kernel`` over ``steps`` (list of (s0, s1, extra...)) launches."""
     sim = _simulator()
     if sim:
+        # The simulator copies each argument as one contiguous buffer, so a
+        # strided view (y of a bidirectional layer) goes in as a contiguous
+        # copy and is written back afterwards.  On a GPU strides are native.
+        views = [(i, a) for i, a in enumerate(args)
+                 if isinstance(a, np.ndarray) and not a.flags.c_contiguous]
+        args = list(args)
+        for i, a in views:
+            args[i] = np.ascontiguousarray(a)
         for s in steps:
             kernel[p.blocks, p.threads, 0, smem](*args, *s)
+        for i, a in views:
+            a[...] = args[i]
         return
     stream = _default_stream() if stream is None else stream
     args = tuple(_wrap(a) for a in args)
@@ -554,19 +568,22 @@ def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
 
 
 def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training, *,
-                 blocks=None, threads=None, stepwise=None, stream=None):
+                 blocks=None, threads=None, stepwise=None, nslot=None,
+                 stream=None):
     """Fill ``States``, ``Saved`` (when ``training``) and ``Y`` like the CPU forward kernels.
 
     ``XW [T,B,G*H]`` has ``b_ih`` added; ``States [S,T+1,B,H]`` holds the
     initial state at boundary 0 (``reverse``: T); ``Y [T,B,H]`` may be a
-    strided view.  ``blocks``/``threads`` override the plan (tests), and
-    ``stepwise`` launches the same kernel once per step (simulator).
+    strided view.  ``blocks``, ``threads`` and ``nslot`` (outputs computed
+    side by side; ``threads // nslot`` threads split each dot product)
+    override the plan, for tests; ``stepwise`` launches the same kernel once
+    per step (the simulator's default when there are several blocks).
     """
     T, B, GH = XW.shape
     H = W_hh.shape[1]
     if T == 0 or B == 0:
         return
-    p, stepwise = _resolve(cell, B, H, XW.dtype, blocks, threads, stepwise)
+    p, stepwise = _resolve(cell, B, H, XW.dtype, blocks, threads, stepwise, nslot)
     k = get_kernels(cell, XW.dtype, p.NB)
     kernel = k.forward_train if training else k.forward_infer
     args = (XW, W_hh, b_hh, States, Saved, Y, lengths, bool(reverse), p.U, p.nslot_fwd)
@@ -575,7 +592,8 @@ def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, train
 
 
 def backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, *,
-                  blocks=None, threads=None, stepwise=None, stream=None):
+                  blocks=None, threads=None, stepwise=None, nslot=None,
+                  stream=None):
     """BPTT of the recurrence like the CPU ``backward_loop``.
 
     ``dS [S,B,H]`` holds ``dhn`` on entry and ``dh0`` on exit (the per-step
@@ -585,7 +603,7 @@ def backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU,
     T, B, H = dY.shape
     if T == 0 or B == 0:
         return
-    p, stepwise = _resolve(cell, B, H, dY.dtype, blocks, threads, stepwise)
+    p, stepwise = _resolve(cell, B, H, dY.dtype, blocks, threads, stepwise, nslot)
     kernel = get_kernels(cell, dY.dtype, p.NB).backward
     args = (dY, dS, W_hh, States, Saved, lengths, bool(reverse), dXW, dHU, p.U, p.nslot_bwd)
     if stepwise:
