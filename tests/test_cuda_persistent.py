@@ -165,3 +165,24 @@ def test_persistent_kernels_under_simulator():
     assert proc.returncode == 0, f"simulator tests failed:\n{report}"
     last = proc.stdout.strip().splitlines()[-1]
     assert " passed" in last and "skipped" not in last, report
+
+
+# -- real GPU ---------------------------------------------------------------------------
+
+
+def _gpu_available() -> bool:
+    if cp._simulator() or importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU and CuPy")
+def test_gpu_selfcheck(capsys):
+    """Several-block persistent launches with the real grid barrier vs the CPU kernels."""
+    ok = cp.gpu_selfcheck()
+    report = capsys.readouterr().out
+    assert ok, report

@@ -121,7 +121,7 @@ def _close(got, want, tolerance, what, c):
 
 def _check_against_cpu_and_reference(cell, c):
     a = _arrays(cell, c)
-    dt, T, B, rev = c["dtype"], c["T"], c["B"], c["reverse"]
+    dt, T, rev = c["dtype"], c["T"], c["reverse"]
     got = _persistent(cell, a, c)
 
     # forward vs the float64 reference (independent code)
