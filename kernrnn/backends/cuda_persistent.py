@@ -829,7 +829,16 @@ def loop_benchmark(cell_name="lstm", T=100, H=512, B=4, repeats=20):
 # -- GPU self-check (correctness on real hardware, before any timing) ---------------------
 
 
-def gpu_selfcheck(cells=None, file=None) -> bool:
+SELFCHECK_CASES = (  # T, B, H, I, reverse, lengths: several blocks, odd sizes, masking
+    (7, 3, 200, 5, False, None),
+    (5, 5, 300, 3, True, (5, 0, 3, 5, 1)),
+    (6, 16, 1024, 8, False, None),
+    (4, 1, 33, 2, True, None),
+    (3, 64, 256, 4, False, (1, 2, 3) * 21 + (0,)),
+)
+
+
+def gpu_selfcheck(cells=None, cases=None, file=None) -> bool:
     """Run the persistent kernels on the GPU and compare them with the CPU kernels.
 
     Several-block grids with the real grid barrier (what the simulator cannot
@@ -852,13 +861,7 @@ def gpu_selfcheck(cells=None, file=None) -> bool:
     out = file or sys.stdout
     reg = get_registry()
     names = list(cells) if cells is not None else reg.names()
-    cases = [  # T, B, H, I, reverse, lengths
-        (7, 3, 200, 5, False, None),
-        (5, 5, 300, 3, True, [5, 0, 3, 5, 1]),
-        (6, 16, 1024, 8, False, None),
-        (4, 1, 33, 2, True, None),
-        (3, 64, 256, 4, False, list(range(1, 4)) * 21 + [0]),
-    ]
+    cases = SELFCHECK_CASES if cases is None else cases
     ok = True
     for name in names:
         cell = reg.get(name)
