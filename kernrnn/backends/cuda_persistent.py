@@ -106,14 +106,14 @@ def _forward_source(G: int, S: int, K: int, NB: int, train: bool) -> str:
         16,
     )
     store = _unroll(
-        [f"sm[RED + ((kp * {G} + {g}) * {NB} + {m}) * NSLOT + slot] = a{g}_{m}"
-         for g in range(G) for m in range(NB)],
-        12,
+        [f"sm[RED + {g * NB + m} * NT + tid] = a{g}_{m}" for g in range(G) for m in range(NB)], 12
     )
-    hu_init = _unroll([f"hu{g} = zero" for g in range(G)], 24)
-    hu_sum = _unroll(
-        [f"hu{g} += sm[RED + ((q * {G} + {g}) * {NB} + m) * NSLOT + es]" for g in range(G)], 28
+    tree = _unroll(
+        [f"sm[RED + {i} * NT + tid] += sm[RED + {i} * NT + tid + half]" for i in range(G * NB)],
+        20,
     )
+    hu_sum = _unroll([f"hu{g} = sm[RED + ({g} * {NB} + m) * NT + es * KP]" for g in range(G)],
+                     24)
     return f'''
 @cuda.jit
 def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1):
@@ -125,8 +125,11 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
     j0 = cuda.blockIdx.x * U
     nu = min(U, H - j0)
     zero = DT(0)
-    # Odd row stride: threads reading the same k of different rows hit different banks.
-    HP = H + 1 - H % 2
+    KP = NT // NSLOT  # threads per dot product, on interleaved k: coalesced, conflict-free
+    kp = tid % KP
+    slot = tid // KP
+    # Row stride = KP (mod 32): a warp's KP-wide runs of k on different rows hit distinct banks.
+    HP = H + (KP % 32 - H % 32) % 32
     RED = {G} * U * HP
     sm = cuda.shared.array(0, NBT)
     # This block's rows of W_hh (gates g of units j0..j0+nu) stay here for all steps.
@@ -137,12 +140,6 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
         u = r - g * nu
         sm[(g * U + u) * HP + k] = W_hh[g * H + j0 + u, k]
     cuda.syncthreads()
-    KP = NT // NSLOT
-    slot = tid % NSLOT
-    kp = tid // NSLOT
-    KC = (H + KP - 1) // KP
-    k0 = min(H, kp * KC)
-    k1 = min(H, k0 + KC)
     ngroups = nu * ((B + {NB} - 1) // {NB})
     grid = this_grid_()
     for step in range(s0, s1):
@@ -162,10 +159,16 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
             b0 = (grp // nu) * {NB}
 {rows}
 {init}
-            for k in range(k0, k1):
+            for k in range(kp, H, KP):
 {loads}
 {store}
             cuda.syncthreads()
+            half = KP // 2
+            while half > 0:  # tree sum of the KP partial sums of each output
+                if kp < half:
+{tree}
+                cuda.syncthreads()
+                half //= 2
             for e in range(tid, NSLOT * {NB}, NT):
                 es = e % NSLOT
                 m = e // NSLOT
@@ -174,8 +177,6 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
                     b = (eg // nu) * {NB} + m
                     if b < B:
                         j = j0 + eg % nu
-{hu_init}
-                        for q in range(KP):
 {hu_sum}
                         if t < lengths[b]:
 {body}
@@ -208,8 +209,9 @@ def _backward_source(G: int, S: int, K: int, NB: int) -> str:
     loads = _unroll(
         ["w = sm[u * LP + k]"] + [f"a{m} += w * dHU[tq, bb{m}, k]" for m in range(NB)], 16
     )
-    store = _unroll(
-        [f"sm[RED + (kp * {NB} + {m}) * NSLOT + slot] = a{m}" for m in range(NB)], 12
+    store = _unroll([f"sm[RED + {m} * NT + tid] = a{m}" for m in range(NB)], 12)
+    tree = _unroll(
+        [f"sm[RED + {m} * NT + tid] += sm[RED + {m} * NT + tid + half]" for m in range(NB)], 20
     )
     return f'''
 @cuda.jit
@@ -223,7 +225,10 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
     j0 = cuda.blockIdx.x * U
     nu = min(U, H - j0)
     zero = DT(0)
-    LP = GH + 1 - GH % 2
+    KP = NT // NSLOT
+    kp = tid % KP
+    slot = tid // KP
+    LP = GH + (KP % 32 - GH % 32) % 32
     RED = U * LP
     sm = cuda.shared.array(0, NBT)
     # Columns j0..j0+nu of W_hh (rows of W_hh^T) stay here for all steps.
@@ -232,12 +237,6 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
         u = idx - i * nu
         sm[u * LP + i] = W_hh[i, j0 + u]
     cuda.syncthreads()
-    KP = NT // NSLOT
-    slot = tid % NSLOT
-    kp = tid // NSLOT
-    KC = (GH + KP - 1) // KP
-    k0 = min(GH, kp * KC)
-    k1 = min(GH, k0 + KC)
     ngroups = nu * ((B + {NB} - 1) // {NB})
     grid = this_grid_()
     send = s1 + 1 if final else s1
@@ -253,17 +252,23 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
             t = T - 1 - step
             tq = min(t + 1, T - 1)
             p = t
-        kend = k1 if step > 0 else k0  # nothing has flowed back before the first step
+        kend = GH if step > 0 else 0  # nothing has flowed back before the first step
         for r0 in range(0, ngroups, NSLOT):
             grp = min(r0 + slot, ngroups - 1)
             u = grp % nu
             b0 = (grp // nu) * {NB}
 {rows}
 {init}
-            for k in range(k0, kend):
+            for k in range(kp, kend, KP):
 {loads}
 {store}
             cuda.syncthreads()
+            half = KP // 2
+            while half > 0:
+                if kp < half:
+{tree}
+                cuda.syncthreads()
+                half //= 2
             for e in range(tid, NSLOT * {NB}, NT):
                 es = e % NSLOT
                 m = e // NSLOT
@@ -272,9 +277,7 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
                     b = (eg // nu) * {NB} + m
                     if b < B:
                         j = j0 + eg % nu
-                        dh = dS[0, b, j]
-                        for q in range(KP):
-                            dh += sm[RED + (q * {NB} + m) * NSLOT + es]
+                        dh = dS[0, b, j] + sm[RED + m * NT + es * KP]
                         if last:
                             dS[0, b, j] = dh
                         elif t < lengths[b]:
@@ -421,13 +424,23 @@ def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS) -> Pl
     nblocks = -(-H // U)
     NB = _nb_for(B)
     groups = U * (-(-B // NB))
-    HP = H + 1 - H % 2
-    LP = G * H + 1 - (G * H) % 2
-    return Plan(
-        U=U, blocks=nblocks, threads=threads, NB=NB,
-        nslot_fwd=_nslot(groups, H, threads), nslot_bwd=_nslot(groups, G * H, threads),
-        smem_fwd=(G * U * HP + threads * G * NB) * isz,
-        smem_bwd=(U * LP + threads * NB) * isz,
+    return _with_nslot(
+        Plan(U=U, blocks=nblocks, threads=threads, NB=NB, nslot_fwd=0, nslot_bwd=0,
+             smem_fwd=0, smem_bwd=0),
+        cell, H, isz, _nslot(groups, H, threads), _nslot(groups, G * H, threads))
+
+
+def _padded(n: int, kp: int) -> int:
+    """Row stride >= n with stride = kp (mod 32), as the kernels compute it."""
+    return n + (kp % 32 - n % 32) % 32
+
+
+def _with_nslot(p: Plan, cell, H: int, isz: int, nslot_fwd: int, nslot_bwd: int) -> Plan:
+    G, T_ = cell.n_gates, p.threads
+    return replace(
+        p, nslot_fwd=nslot_fwd, nslot_bwd=nslot_bwd,
+        smem_fwd=(G * p.U * _padded(H, T_ // nslot_fwd) + T_ * G * p.NB) * isz,
+        smem_bwd=(p.U * _padded(G * H, T_ // nslot_bwd) + T_ * p.NB) * isz,
     )
 
 
@@ -524,7 +537,7 @@ def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot):
     if nslot is not None:
         if nslot < 1 or nslot & (nslot - 1) or nslot > threads:
             raise ValueError(f"nslot must be a power of two <= threads={threads}, got {nslot}")
-        p = replace(p, nslot_fwd=nslot, nslot_bwd=nslot)
+        p = _with_nslot(p, cell, H, np.dtype(dtype).itemsize, nslot, nslot)
     if stepwise is None:
         stepwise = sim and p.blocks > 1
     if sim and not stepwise and p.blocks > 1:
