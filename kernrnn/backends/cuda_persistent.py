@@ -34,6 +34,27 @@ exchange, with kernel boundaries in place of the barrier.
 The reduction goes through shared memory and ``syncthreads`` rather than warp
 shuffles, because the simulator has no shuffles: the code the tests run is
 the code the GPU runs.
+
+Work split inside a block (``THREADS`` = 256 threads): an output group is
+one hidden unit for ``NB`` (1, 2 or 4) batch rows, all G gates (forward) or
+the ``dh`` of that unit (backward); ``NSLOT`` groups are computed side by side
+and each dot product is split over ``KP = THREADS // NSLOT`` threads on
+interleaved ``k`` (neighbouring threads read neighbouring ``k``: coalesced
+``h`` loads, and with the shared-memory row stride padded to ``KP`` mod 32,
+bank-conflict-free ``W`` loads), then summed by a shared-memory tree.
+
+Limits, and what to tune first on a GPU (nothing here has been timed yet):
+
+* shared memory per block: ``G*ceil(H/SMs)*H`` values of ``W_hh`` plus
+  ``THREADS*G*NB`` of scratch; on an H100 (132 SMs, 227 KiB) an fp32 LSTM
+  fits up to H of about 1,400, fp64 about half that (:func:`supported`);
+* one block per SM, so the grid is co-resident whatever the register count
+  (ptxas for sm_90: 135-175 registers per thread, no spills, see the tests);
+* every block reads all of ``h_{t-1}`` (``B*H`` values) from L2 each step, and
+  the inner loop issues G + NB loads per G*NB FMAs, so large batches are
+  load-bound: bigger register tiles (several units per thread), staging
+  ``h_{t-1}`` in shared memory and the ``MAX_BATCH``/``NB``/``NSLOT``
+  heuristics are the knobs.
 """
 
 from __future__ import annotations
@@ -465,10 +486,27 @@ def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = No
     return p.smem <= props.smem_per_block_optin
 
 
+@cache
+def _cudadevrt_found() -> bool:
+    """The grid barrier links libcudadevrt.a; without it the kernels cannot be built."""
+    try:
+        from numba.cuda.cudadrv import libs
+
+        libs.check_static_lib(libs.get_cudalib("cudadevrt", static=True))
+    except Exception:
+        return False
+    return True
+
+
 def supports(cell, dtype, B: int, H: int, training: bool) -> bool:
-    """The hook :mod:`kernrnn.backends.cuda` asks for its ``auto`` choice."""
-    if _simulator():
-        return False  # the simulator runs blocks one at a time: keep 'auto' on the GEMM path
+    """The hook :mod:`kernrnn.backends.cuda` asks for its ``auto`` choice.
+
+    False under the simulator (it runs blocks one at a time), where no device
+    answers, or where ``libcudadevrt`` is missing: ``auto`` then stays on the
+    GEMM path instead of failing.
+    """
+    if _simulator() or not _cudadevrt_found():
+        return False
     try:
         return supported(cell, B, H, dtype)
     except Exception:
