@@ -51,6 +51,7 @@ def test_plan_covers_every_unit_once(B, H, blocks, threads, cell_name, dtype):
     cell = REGISTRY.get(cell_name)
     p = cp.plan(cell, B, H, dtype, blocks, threads)
     assert p.blocks <= blocks
+    assert p.NB in cp.NB_CHOICES and (p.NB == 1 or cell.n_gates * p.NB <= 32)  # no spills
     assert p.blocks * p.U >= H > (p.blocks - 1) * p.U  # every block has >= 1 unit
     for nslot in (p.nslot_fwd, p.nslot_bwd):
         assert threads % nslot == 0 and nslot & (nslot - 1) == 0
@@ -77,6 +78,8 @@ def test_bad_overrides_name_the_argument():
         cp.plan(cell, 1, 4, np.float32, blocks=2, threads=24)
     with pytest.raises(ValueError, match="blocks"):
         cp.plan(cell, 1, 4, np.float32, blocks=0)
+    with pytest.raises(ValueError, match="nb"):
+        cp.plan(cell, 1, 4, np.float32, blocks=1, nb=3)
 
 
 # -- PTX compile check ------------------------------------------------------------------
@@ -134,6 +137,9 @@ def test_persistent_kernels_compile_to_ptx(cell_name, dtype):
     kernels = [("forward_train", k.forward_train, fwd), ("backward", k.backward, bwd)]
     if dtype == np.float32:
         kernels.append(("forward_infer", k.forward_infer, fwd))
+        k8 = cp.get_kernels(cell, dtype, 8)  # the large-batch tile: most registers
+        kernels += [("forward_train nb=8", k8.forward_train, fwd),
+                    ("backward nb=8", k8.backward, bwd)]
     for label, disp, sig in kernels:
         ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
         where = f"{cell_name} {label} {np.dtype(dtype)}"

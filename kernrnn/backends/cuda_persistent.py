@@ -92,9 +92,20 @@ def _simulator() -> bool:
 # -- generated kernels ------------------------------------------------------------------
 
 
-def _nb_for(B: int) -> int:
-    """Batch rows per thread in the GEMM (register tile): W is read once per NB rows."""
-    return 1 if B <= 1 else 2 if B == 2 else 4
+NB_CHOICES = (1, 2, 4, 8)
+
+
+def _nb_for(B: int, G: int) -> int:
+    """Batch rows per thread in the GEMM (register tile): W is read once per NB rows.
+
+    NB = 8 from B = 32 on: the threads of a warp then share one batch tile, so
+    each ``h`` load is one cache line, and the inner loop issues G + 8 loads
+    per 8*G FMAs instead of G + 4 per 4*G (a model, to be checked on a GPU).
+    At most 32 accumulators (G*NB) per thread: an LSTM forward at NB = 8
+    already takes 250 of the 255 registers (ptxas, sm_90), more would spill.
+    """
+    nb = 1 if B <= 1 else 2 if B == 2 else 4 if B < 32 else 8
+    return max(c for c in NB_CHOICES if c <= nb and (c == 1 or G * c <= 32))
 
 
 def _unroll(lines, indent: int) -> str:
@@ -433,7 +444,8 @@ class Plan:
         return max(self.smem_fwd, self.smem_bwd)
 
 
-def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS) -> Plan:
+def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS,
+         nb: int | None = None) -> Plan:
     """Split ``H`` units over at most ``blocks`` blocks of ``threads`` threads."""
     if threads < 1 or threads & (threads - 1):
         raise ValueError(f"threads must be a power of two, got {threads}")
@@ -443,7 +455,9 @@ def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS) -> Pl
     isz = np.dtype(dtype).itemsize
     U = -(-H // min(blocks, H))
     nblocks = -(-H // U)
-    NB = _nb_for(B)
+    if nb is not None and nb not in NB_CHOICES:
+        raise ValueError(f"nb must be one of {NB_CHOICES}, got {nb!r}")
+    NB = _nb_for(B, G) if nb is None else nb
     groups = U * (-(-B // NB))
     return _with_nslot(
         Plan(U=U, blocks=nblocks, threads=threads, NB=NB, nslot_fwd=0, nslot_bwd=0,
@@ -560,7 +574,7 @@ def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
         )
 
 
-def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot):
+def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot, nb):
     sim = _simulator()
     if threads is None:
         threads = 32 if sim else THREADS
@@ -571,7 +585,7 @@ def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot):
         else:
             props = device_props()
             blocks = props.sm_count
-    p = plan(cell, B, H, dtype, blocks, threads)
+    p = plan(cell, B, H, dtype, blocks, threads, nb)
     if nslot is not None:
         if nslot < 1 or nslot & (nslot - 1) or nslot > threads:
             raise ValueError(f"nslot must be a power of two <= threads={threads}, got {nslot}")
@@ -619,22 +633,23 @@ def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
 
 
 def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training, *,
-                 blocks=None, threads=None, stepwise=None, nslot=None,
+                 blocks=None, threads=None, stepwise=None, nslot=None, nb=None,
                  stream=None):
     """Fill ``States``, ``Saved`` (when ``training``) and ``Y`` like the CPU forward kernels.
 
     ``XW [T,B,G*H]`` has ``b_ih`` added; ``States [S,T+1,B,H]`` holds the
     initial state at boundary 0 (``reverse``: T); ``Y [T,B,H]`` may be a
-    strided view.  ``blocks``, ``threads`` and ``nslot`` (outputs computed
-    side by side; ``threads // nslot`` threads split each dot product)
-    override the plan, for tests; ``stepwise`` launches the same kernel once
-    per step (the simulator's default when there are several blocks).
+    strided view.  ``blocks``, ``threads``, ``nslot`` (outputs computed
+    side by side; ``threads // nslot`` threads split each dot product) and
+    ``nb`` (batch rows per thread) override the plan, for tests;
+    ``stepwise`` launches the same kernel once per step (the simulator's
+    default when there are several blocks).
     """
     T, B, GH = XW.shape
     H = W_hh.shape[1]
     if T == 0 or B == 0:
         return
-    p, stepwise = _resolve(cell, B, H, XW.dtype, blocks, threads, stepwise, nslot)
+    p, stepwise = _resolve(cell, B, H, XW.dtype, blocks, threads, stepwise, nslot, nb)
     k = get_kernels(cell, XW.dtype, p.NB)
     kernel = k.forward_train if training else k.forward_infer
     args = (XW, W_hh, b_hh, States, Saved, Y, lengths, bool(reverse), p.U, p.nslot_fwd)
@@ -643,7 +658,7 @@ def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, train
 
 
 def backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, *,
-                  blocks=None, threads=None, stepwise=None, nslot=None,
+                  blocks=None, threads=None, stepwise=None, nslot=None, nb=None,
                   stream=None):
     """BPTT of the recurrence like the CPU ``backward_loop``.
 
@@ -654,7 +669,7 @@ def backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU,
     T, B, H = dY.shape
     if T == 0 or B == 0:
         return
-    p, stepwise = _resolve(cell, B, H, dY.dtype, blocks, threads, stepwise, nslot)
+    p, stepwise = _resolve(cell, B, H, dY.dtype, blocks, threads, stepwise, nslot, nb)
     kernel = get_kernels(cell, dY.dtype, p.NB).backward
     args = (dY, dS, W_hh, States, Saved, lengths, bool(reverse), dXW, dHU, p.U, p.nslot_bwd)
     if stepwise:

@@ -54,11 +54,12 @@ def launches(draw):
     threads = draw(st.sampled_from([4, 8, 16]))
     blocks = draw(st.integers(1, min(H, 3)))
     nslot = draw(st.sampled_from([n for n in (1, 2, 4, 8, 16) if n <= threads]))
+    nb = draw(st.sampled_from([None, 1, 2, 4, 8]))  # None: the plan's choice for B
     reverse = draw(st.booleans())
     lengths = draw(st.one_of(st.none(), st.lists(st.integers(0, T), min_size=B, max_size=B)))
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     seed = draw(st.integers(0, 2**32 - 1))
-    return dict(T=T, B=B, H=H, I=I, threads=threads, blocks=blocks, nslot=nslot,
+    return dict(T=T, B=B, H=H, I=I, threads=threads, blocks=blocks, nslot=nslot, nb=nb,
                 reverse=reverse, lengths=lengths, dtype=dtype, seed=seed)
 
 
@@ -82,7 +83,7 @@ def _persistent(cell, a, c, training=True):
     """Forward and backward through the persistent kernels; returns what a layer returns."""
     T, B, H, dt, rev = c["T"], c["B"], c["H"], c["dtype"], c["reverse"]
     G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    kw = dict(blocks=c["blocks"], threads=c["threads"], nslot=c["nslot"],
+    kw = dict(blocks=c["blocks"], threads=c["threads"], nslot=c["nslot"], nb=c.get("nb"),
               stepwise=c.get("stepwise"))
     XW = (a["x"].reshape(T * B, -1) @ a["W_ih"].T).reshape(T, B, G * H) + a["b_ih"]
     States = np.full((S, T + 1, B, H), np.nan, dt)
