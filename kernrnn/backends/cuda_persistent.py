@@ -47,9 +47,11 @@ Limits, and what to tune first on a GPU (nothing here has been timed yet):
 
 * shared memory per block: ``G*ceil(H/SMs)*H`` values of ``W_hh`` plus
   ``THREADS*G*NB`` of scratch; on an H100 (132 SMs, 227 KiB) an fp32 LSTM
-  fits up to H of about 1,400, fp64 about half that (:func:`supported`);
+  fits up to H = 1,320 (1,216 at B = 64), fp64 up to about 870
+  (:func:`supported`);
 * one block per SM, so the grid is co-resident whatever the register count
-  (ptxas for sm_90: 135-175 registers per thread, no spills, see the tests);
+  (ptxas for sm_90: 135-175 registers per thread, 250 for the LSTM forward
+  with NB = 8, no spills; see the tests);
 * every block reads all of ``h_{t-1}`` (``B*H`` values) from L2 each step, and
   the inner loop issues G + NB loads per G*NB FMAs, so large batches are
   load-bound: bigger register tiles (several units per thread), staging
@@ -487,8 +489,9 @@ def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = No
     the same number of values of ``W_hh^T`` for the backward pass) plus a
     reduction scratch in shared memory; the problem is taken when that fits
     the per-block opt-in limit (on an H100, 227 KiB: an fp32 LSTM up to
-    H of about 1,400) and ``B <= MAX_BATCH``.  At larger batches the per-step
-    GEMM is compute-bound and cuBLAS uses the GPU better than this simple
+    H = 1,320, a GRU 1,504, an Elman RNN 2,688 at B = 16) and
+    ``B <= MAX_BATCH``.  At larger batches the per-step GEMM is
+    compute-bound and cuBLAS uses the GPU better than this simple
     shared-memory GEMM; the batch limit is a guess to be tuned on a GPU.
     """
     if B < 1 or H < 1 or B > MAX_BATCH:
