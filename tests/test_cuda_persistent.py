@@ -192,3 +192,10 @@ def test_gpu_selfcheck(capsys):
     ok = cp.gpu_selfcheck()
     report = capsys.readouterr().out
     assert ok, report
+
+
+def test_main_rejects_unknown_task(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cp.main(["nope"])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err

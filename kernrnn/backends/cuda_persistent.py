@@ -1007,25 +1007,28 @@ def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("what", nargs="*", default=["check", "bench"],
-                    choices=["check", "bench", "loops"])
+    ap.add_argument("what", nargs="*", help="check, bench, loops (default: check bench)")
     ap.add_argument("--cells", default="lstm,gru")
     ap.add_argument("--hidden", default="256,512,1024")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
+    what = args.what or ["check", "bench"]
+    bad = sorted(set(what) - {"check", "bench", "loops"})
+    if bad:
+        ap.error(f"unknown task(s) {', '.join(bad)}; choose from check, bench, loops")
     cells = [c for c in args.cells.split(",") if c]
     status = 0
-    if "check" in args.what and not gpu_selfcheck():
+    if "check" in what and not gpu_selfcheck():
         status = 1
-    if "loops" in args.what:
+    if "loops" in what:
         for name in cells:
             for H in (int(h) for h in args.hidden.split(",")):
                 for B in (int(b) for b in args.batches.split(",")):
                     res = loop_benchmark(name, 100, H, B, args.repeats)
                     print(f"{name} H={H} B={B}: " + ", ".join(
                         f"{k} {v:.3f} ms" for k, v in res.items()), flush=True)
-    if "bench" in args.what:
+    if "bench" in what:
         benchmark(cells=cells, hidden=tuple(int(h) for h in args.hidden.split(",")),
                   batches=tuple(int(b) for b in args.batches.split(",")),
                   repeats=args.repeats)
