@@ -553,27 +553,34 @@ def _wrap(a):
     return a
 
 
-_prepared: dict = {}
+_smem_optin: dict = {}  # id(compiled kernel) -> dynamic shared memory opted in so far
+_coop_limit: dict = {}  # (id(compiled kernel), threads, smem) -> co-resident blocks
 
 
 def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
-    """Compile for these argument types, opt in to large shared memory, check co-residency."""
-    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
-    key = (id(dispatcher), argtypes, threads, smem)
-    hit = _prepared.get(key)
-    if hit is None:
-        kernel = dispatcher.compile(argtypes)
-        if smem > _STATIC_SMEM:
-            from numba.cuda.cudadrv.driver import binding, driver
+    """Compile for these argument types, opt in to large shared memory, check co-residency.
 
-            cufunc = kernel._codelibrary.get_cufunc()
-            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            driver.cuKernelSetAttribute(attr, smem, cufunc.handle, cufunc.device.id)
-        hit = _prepared[key] = kernel.max_cooperative_grid_blocks(threads, smem)
-    if blocks > hit:
+    The opt-in only ever grows, so a kernel launched with several shared
+    memory sizes (different H) keeps working for all of them.
+    """
+    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+    kernel = dispatcher.compile(argtypes)
+    kid = id(kernel)
+    if smem > _STATIC_SMEM and _smem_optin.get(kid, 0) < smem:
+        from numba.cuda.cudadrv.driver import binding, driver
+
+        cufunc = kernel._codelibrary.get_cufunc()
+        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.cuKernelSetAttribute(attr, smem, cufunc.handle, cufunc.device.id)
+        _smem_optin[kid] = smem
+    key = (kid, threads, smem)
+    if key not in _coop_limit:
+        _coop_limit[key] = kernel.max_cooperative_grid_blocks(threads, smem)
+    if blocks > _coop_limit[key]:
         raise ValueError(
             f"persistent kernel: {blocks} blocks of {threads} threads with {smem} bytes of shared "
-            f"memory cannot all be resident at once (at most {hit}); use the GEMM path"
+            f"memory cannot all be resident at once (at most {_coop_limit[key]}); use the GEMM "
+            f"path"
         )
 
 
