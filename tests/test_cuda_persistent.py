@@ -199,3 +199,45 @@ def test_main_rejects_unknown_task(capsys):
         cp.main(["nope"])
     assert exc.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_prepare_opts_in_shared_memory_monotonically(monkeypatch):
+    """The launch preparation, with the driver faked (no GPU here)."""
+    from numba.cuda.cudadrv import driver as drv
+
+    calls = []
+
+    class FakeDriver:
+        def cuKernelSetAttribute(self, attr, value, handle, dev):
+            calls.append(value)
+
+    class FakeFunc:
+        handle, device = object(), type("D", (), {"id": 0})()
+
+    class FakeKernel:
+        _codelibrary = type("L", (), {"get_cufunc": staticmethod(lambda: FakeFunc())})()
+
+        def max_cooperative_grid_blocks(self, threads, smem):
+            return 132 if smem <= 200_000 else 0
+
+    kernel = FakeKernel()
+
+    class FakeDispatcher:
+        def typeof_pyval(self, a):
+            return type(a)
+
+        def compile(self, argtypes):
+            return kernel
+
+    monkeypatch.setattr(drv, "driver", FakeDriver())
+    d = FakeDispatcher()
+    cp._prepare(d, (1,), 256, 40_000, 132)  # under 48 KiB: no opt-in
+    cp._prepare(d, (1,), 256, 150_000, 132)
+    cp._prepare(d, (1,), 256, 100_000, 132)  # smaller: keeps 150 KB
+    cp._prepare(d, (1,), 256, 150_000, 132)
+    assert calls == [150_000]
+    with pytest.raises(ValueError, match="resident"):
+        cp._prepare(d, (1,), 256, 180_000, 133)
+    with pytest.raises(ValueError, match="resident"):
+        cp._prepare(d, (1,), 256, 210_000, 1)
+    assert calls == [150_000, 180_000, 210_000]
