@@ -328,33 +328,32 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
 # GPU context, so ``compile_ptx`` on a machine without a GPU would fail.  The
 # intrinsics emit the same calls (``cudaCGGetIntrinsicHandle`` /
 # ``cudaCGSynchronize``) and mark the kernel cooperative, like the overload.
-# The simulator has no intrinsics: there the generated module defines the same
-# two names over ``cuda.cg`` (the simulator swaps ``cuda`` in its globals).
-_SIM_GRID = """
-def this_grid_():
-    return cuda.cg.this_grid()
+# The simulator has no intrinsics, and a numba-cuda without these private
+# names may come along: then the kernels spell the barrier the public way
+# (``cuda.cg.this_grid()`` / ``grid.sync()``), the only textual difference.
 
 
-def grid_sync_(g):
-    g.sync()
-"""
+def _grid_intrinsics() -> dict | None:
+    try:
+        from numba.cuda import cg
+
+        return {"this_grid_": cg._this_grid, "grid_sync_": cg._grid_group_sync}
+    except (ImportError, AttributeError):
+        return None
 
 
-def _grid_namespace() -> dict:
-    from numba.cuda import cg
-
-    return {"this_grid_": cg._this_grid, "grid_sync_": cg._grid_group_sync}
-
-
-def kernel_sources(cell, NB: int, simulator: bool = False) -> str:
+def kernel_sources(cell, NB: int, public_barrier: bool = False) -> str:
     """Python source of the persistent kernels of ``cell`` with batch tile ``NB``."""
     G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    head = "from numba import cuda\n" + (_SIM_GRID if simulator else "")
-    return head + "\n".join([
+    src = "from numba import cuda\n" + "\n".join([
         _forward_source(G, S, K, NB, True),
         _forward_source(G, S, K, NB, False),
         _backward_source(G, S, K, NB),
     ])
+    if public_barrier:
+        src = src.replace("this_grid_()", "cuda.cg.this_grid()")
+        src = src.replace("grid_sync_(grid)", "grid.sync()")
+    return src
 
 
 @dataclass(frozen=True)
@@ -369,10 +368,11 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
     """Build the persistent kernels of ``cell`` for ``dtype`` and batch tile ``NB``."""
     dtype = np.dtype(dtype)
     sim = _simulator()
+    intrinsics = None if sim else _grid_intrinsics()
     source = (
         f"# kernrnn persistent CUDA kernels: cell {cell.name!r}, {dtype}, NB={NB}, "
         f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n"
-        + kernel_sources(cell, NB, sim)
+        + kernel_sources(cell, NB, public_barrier=intrinsics is None)
     )
     namespace = {
         "cell_forward": compile_scalar(cell.forward, dtype),
@@ -380,8 +380,8 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
     }
-    if not sim:
-        namespace.update(_grid_namespace())
+    if intrinsics is not None:
+        namespace.update(intrinsics)
     tag = f"persist{'sim' if sim else ''}_{cell.name}_{dtype.name}_nb{NB}"
     mod = load_module(source, tag, namespace)
     return PersistentKernels(
