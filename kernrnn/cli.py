@@ -15,6 +15,7 @@ __all__ = ["main", "COMMANDS"]
 # module paths providing add_parser(subparsers); each parser sets func=handler
 COMMANDS = [
     "kernrnn.cli_cells",
+    "kernrnn.cli_bench",
 ]
 
 
