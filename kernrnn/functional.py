@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernrnn import _checks
-from kernrnn.backends import get_backend, device_of
+from kernrnn.backends import device_of, get_backend
+from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["rnn_forward", "rnn_backward", "resolve_cell"]
 
@@ -42,6 +43,7 @@ def rnn_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0=None, length
     backend = get_backend(device_of(x))
     shape, dtype = _checks.array_attrs(x, "x")
     dtype = _checks.as_dtype(dtype, "x.dtype")
+    check_cell_compiles(cell, dtype)
     _checks.check_array(x, "x", (None, None, None), dtype, finite=True)
     T, B, I = shape
     GH = weight_ih.shape[0] if hasattr(weight_ih, "shape") and weight_ih.ndim == 2 else None

@@ -13,6 +13,7 @@ import numpy as np
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
 from kernrnn.functional import resolve_cell
+from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["RNN"]
 
@@ -53,6 +54,7 @@ class RNN:
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
         self.dtype = _checks.as_dtype(dtype)
+        check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self.device = check_device(device)
         self._backend = get_backend(self.device)
         self.training = True
@@ -225,7 +227,8 @@ class RNN:
                 )
             parts = tuple(state)
         for sname, part in zip(self.cell.state, parts):
-            _checks.check_array(part, f"{name} ({sname})", (LD, B, H), self.dtype, finite=True)
+            label = name if S == 1 else f"{name} ({sname})"
+            _checks.check_array(part, label, (LD, B, H), self.dtype, finite=True)
         return self._backend.xp.stack([self._backend.asarray(p) for p in parts])
 
 

@@ -202,6 +202,8 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
         src = sources.get(pm.get_name(exc.plugin), exc.plugin)
         raise PluginError(f"{src} implements an unknown hook: {exc}") from exc
 
+    from kernrnn.cell import CellError
+
     registry = CellRegistry()
     # Call each implementation on its own so every cell knows its source.
     for impl in reversed(pm.hook.kernrnn_register_cells.get_hookimpls()):
@@ -212,6 +214,8 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
                 impl.function(**kwargs)
             except PluginError:
                 raise
+            except CellError as exc:
+                raise PluginError(f"{source} registered a bad cell: {exc}") from exc
             except Exception as exc:
                 raise PluginError(
                     f"{source} failed in kernrnn_register_cells: {type(exc).__name__}: {exc}"

@@ -71,6 +71,11 @@ class _RetypeConstants(ast.NodeTransformer):
 
 def retype_source(fn: types.FunctionType) -> str:
     """The source of ``fn`` with numeric literals wrapped in a precision cast."""
+    if fn.__name__ == "<lambda>":
+        raise ScalarCompileError(
+            f"cell math must be a function defined with 'def' in a file, not a lambda "
+            f"({fn.__qualname__} in {fn.__module__})"
+        )
     try:
         src = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError) as exc:
@@ -180,3 +185,77 @@ def compile_scalar(fn: types.FunctionType, dtype) -> numba.core.registry.CPUDisp
 
 # Keep ``math`` importable from this module for generated code.
 _ = math
+
+
+@lru_cache(maxsize=None)
+def check_cell_compiles(cell, dtype) -> None:
+    """Compile ``cell``'s forward and backward for ``dtype``, naming the cell on failure.
+
+    Run once per (cell, precision) before its kernels are first used, so a
+    plugin whose math Numba cannot compile is reported as the plugin's fault
+    (with its source) instead of as an error deep inside a generated kernel.
+    """
+    from kernrnn.cell import CellError
+
+    dtype = np.dtype(dtype)
+    nbtype = numba.from_dtype(dtype)
+    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    gates = numba.types.UniTuple(nbtype, G)
+    state = numba.types.UniTuple(nbtype, S)
+    saved = numba.types.UniTuple(nbtype, K) if K else numba.types.Tuple(())
+    for which, args in (("forward", (gates, gates, state)), ("backward", (saved, state, state))):
+        fn = getattr(cell, which)
+        try:
+            scalar = compile_scalar(fn, dtype)
+            driver = numba.njit(_driver(scalar))
+            driver.compile(args)
+            rtype = driver.overloads[args].signature.return_type
+            _check_result(which, rtype, nbtype, G, S, K)
+        except CellError as exc:
+            raise CellError(f"cell {cell.name!r}{_source_note(cell)}: {exc}") from None
+        except Exception as exc:
+            raise CellError(
+                f"cell {cell.name!r}{_source_note(cell)}: its {which} math does not compile "
+                f"for {dtype} with Numba: {type(exc).__name__}: {_first_lines(exc)}"
+            ) from exc
+
+
+def _driver(scalar):
+    def driver(a, b, c):
+        return scalar(a, b, c)
+
+    return driver
+
+
+def _check_result(which, rtype, nbtype, G, S, K):
+    from kernrnn.cell import CellError
+
+    expected = [S, K] if which == "forward" else [G, G, S]
+    parts = list(getattr(rtype, "types", ()))
+    lens = [len(getattr(p, "types", ())) if hasattr(p, "types") else p.count for p in parts]
+    if lens != expected:
+        raise CellError(f"{which} returns {rtype}, expected tuples of sizes {expected}")
+    for part in parts:
+        members = part.types if hasattr(part, "types") else (part.dtype,) * part.count
+        if any(m != nbtype for m in members):
+            raise CellError(
+                f"{which} returns {rtype}: every value must be a {nbtype} scalar (a value of "
+                f"another type, e.g. an int or float64 from an unconverted call, would change "
+                f"the kernel's precision)"
+            )
+
+
+def _source_note(cell) -> str:
+    from kernrnn.plugins import get_registry
+
+    try:
+        reg = get_registry()
+        if cell.name in reg and reg.get(cell.name) is cell:
+            return f" ({reg.source(cell.name)})"
+    except Exception:
+        pass
+    return ""
+
+
+def _first_lines(exc: Exception, n: int = 6) -> str:
+    return " ".join(str(exc).strip().splitlines()[:n])

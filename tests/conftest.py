@@ -27,3 +27,15 @@ def fresh_registry(monkeypatch):
     plugins.reset_registry()
     yield
     plugins.reset_registry()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the largest errors seen against the reference (for the issue notes)."""
+    try:
+        from test_layer_properties import MAX_SEEN
+    except ImportError:
+        return
+    if MAX_SEEN:
+        terminalreporter.section("largest errors seen vs the float64 reference")
+        for key, value in sorted(MAX_SEEN.items()):
+            terminalreporter.write_line(f"{key}: {value:.3e}")

@@ -343,7 +343,7 @@ def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=N
     H = W_hh.shape[1]
     G, S, K = cell.n_gates, cell.n_state, cell.n_saved
     k = get_kernels(cell, x.dtype)
-    XW = (x.reshape(T * B, -1) @ W_ih.T).reshape(T, B, G * H)
+    XW = (x.reshape(T * B, x.shape[2]) @ W_ih.T).reshape(T, B, G * H)
     States = np.empty((S, T + 1, B, H), dtype=x.dtype)
     States[:, T if reverse else 0] = h0
     Saved = np.empty((K if training else 0, T, B, H), dtype=x.dtype)

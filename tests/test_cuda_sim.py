@@ -1,0 +1,31 @@
+"""Runs tests/cudasim/ under Numba's CUDA simulator, in a subprocess.
+
+``NUMBA_ENABLE_CUDASIM`` is read when ``numba.cuda`` is first imported, and
+the rest of this suite needs the real CUDA target (the PTX compile check), so
+the simulator tests get their own interpreter.  A plain ``pytest`` from the
+repository root runs them; failures show the subprocess's report.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba.cuda", reason="the CUDA simulator needs numba-cuda (extra 'cudasim')")
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.cudasim
+def test_cuda_backend_under_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env.pop("KERNRNN_CUDA_PATH", None)
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "cudasim"), "-q", "-p", "no:cacheprovider",
+           "--rootdir", str(HERE.parent), "-x"]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, f"simulator tests failed:\n{report}"
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], report

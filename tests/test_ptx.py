@@ -1,0 +1,66 @@
+"""PTX compile check: every cell's CUDA kernels compile for sm_90, without a GPU.
+
+``cuda.compile_ptx`` runs NVVM from the numba-cuda[cu12]/[cu13] wheels, so this
+catches what the simulator cannot (types, unsupported calls, tuple indexing).
+float32 kernels must hold no float64 instruction: a Python literal promoted to
+float64 would make the GPU run at a fraction of its float32 speed.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+cuda = pytest.importorskip("numba.cuda", reason="the PTX check needs numba-cuda (extra 'cudasim')")
+
+from cuda_test_cells import registry_with_test_cells  # noqa: E402
+
+from kernrnn.backends import cuda as cb  # noqa: E402
+
+if cb.SIMULATOR:
+    pytest.skip("compile_ptx needs the real CUDA target, not the simulator",
+                allow_module_level=True)
+
+REGISTRY = registry_with_test_cells()
+F64 = re.compile(r"\.f64\b")
+
+
+def _nvvm_available() -> bool:
+    try:
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
+    except Exception:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _nvvm_available(),
+                                reason="NVVM not found: install numba-cuda[cu12] or [cu13]")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cell_name", REGISTRY.names())
+def test_kernels_compile_to_ptx(cell_name, dtype):
+    cell = REGISTRY.get(cell_name)
+    kernels = cb.get_kernels(cell, dtype)
+    sigs = cb.ptx_signatures(dtype)
+    assert set(sigs) >= {"forward_train_py", "forward_infer_py", "backward_step_py"}
+    for name, sig in sigs.items():
+        ptx, _ = cuda.compile_ptx(getattr(kernels.module, name), sig, cc=(9, 0))
+        assert ".visible .entry" in ptx, f"{cell_name} {name}: no kernel entry in the PTX"
+        assert ".target sm_90" in ptx
+        if np.dtype(dtype) == np.float32:
+            hits = [line.strip() for line in ptx.splitlines() if F64.search(line)]
+            assert not hits, (f"cell {cell_name!r} kernel {name} float32 PTX holds {len(hits)} "
+                              f"float64 instructions, e.g. {hits[:3]}")
+        else:
+            # float64 kernels really compute in float64 (no accidental float32 path)
+            assert F64.search(ptx), f"{cell_name} {name}: float64 PTX has no .f64 instruction"
+
+
+def test_contiguous_output_signature_also_compiles():
+    """Y and dY may also arrive C-contiguous (functional API); that variant compiles too."""
+    cell = REGISTRY.get("lstm")
+    k = cb.get_kernels(cell, np.float32)
+    for name, sig in cb.ptx_signatures(np.float32, y_layout="C").items():
+        ptx, _ = cuda.compile_ptx(getattr(k.module, name), sig, cc=(9, 0))
+        assert not F64.search(ptx)

@@ -1,0 +1,61 @@
+"""The precision-preserving compilation of cell math."""
+
+import math
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernrnn.scalar import ScalarCompileError, compile_scalar, retype_source
+
+
+def poly(x):
+    return 1 - 0.5 * x + x ** 2 - 3 * math.tanh(x)
+
+
+def uses_helper(a, b, c):
+    return (poly(a[0]) + 2,), (b[0],)
+
+
+def test_literals_are_wrapped_but_indices_and_exponents_are_not():
+    src = retype_source(uses_helper)
+    assert "a[0]" in src and "b[0]" in src and "__kernrnn_cast(2.0)" in src
+    src = retype_source(poly)
+    assert "x ** 2" in src and "__kernrnn_cast(0.5)" in src
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_result_keeps_precision(dtype):
+    f = compile_scalar(uses_helper, dtype)
+
+    @numba.njit
+    def drive(v):
+        return f((v,), (v,), (v,))
+
+    drive(dtype(0.5))
+    rtype = drive.nopython_signatures[0].return_type
+    name = np.dtype(dtype).name
+    assert str(rtype) == f"UniTuple(UniTuple({name} x 1) x 2)"
+
+
+@given(st.floats(-5, 5))
+def test_float64_result_equals_python(x):
+    f = compile_scalar(poly, np.float64)
+
+    @numba.njit
+    def drive(v):
+        return f(v)
+
+    assert drive(x) == pytest.approx(poly(x), rel=1e-14, abs=1e-14)
+
+
+def test_lambda_is_rejected_with_reason():
+    with pytest.raises(ScalarCompileError, match="defined with 'def'.*not a lambda"):
+        compile_scalar(lambda x: x + 1, np.float32)
+
+
+def test_decorated_function_is_rejected():
+    with pytest.raises(ScalarCompileError, match="expected a plain Python function"):
+        compile_scalar(numba.njit(poly), np.float32)
