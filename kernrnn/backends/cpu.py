@@ -293,8 +293,13 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
+# Fewest batch rows per thread worth a chunk of their own; below it the time
+# loop runs in the caller and BLAS keeps its threads for the per-step GEMM.
+MIN_ROWS_PER_CHUNK = 1
+
+
 def _n_chunks(batch: int) -> int:
-    return max(1, min(batch, n_threads()))
+    return max(1, min(batch // MIN_ROWS_PER_CHUNK, n_threads()))
 
 
 def _run_chunks(kernel, args, batch: int) -> None:
