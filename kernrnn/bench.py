@@ -92,6 +92,7 @@ def set_threads(n: int, torch=None) -> None:
     """
     global _limiter
     import numba
+    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so it is limited too)
     from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(n)
@@ -100,7 +101,8 @@ def set_threads(n: int, torch=None) -> None:
         torch.set_num_threads(n)
 
 
-def gemm_rate(n: int = GEMM_N, dtype=np.float32, repeats: int = 3, _cache={}) -> float:
+def gemm_rate(n: int = GEMM_N, dtype=np.float32, repeats: int = 3, clock=time.perf_counter,
+              _cache={}) -> float:
     """GFLOP/s of one ``[n, n] @ [n, n]`` product, best of ``repeats``."""
     key = (n, np.dtype(dtype).str)
     if key not in _cache:
@@ -109,9 +111,9 @@ def gemm_rate(n: int = GEMM_N, dtype=np.float32, repeats: int = 3, _cache={}) ->
     a, b, c = _cache[key]
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2.0 * n**3 / best / 1e9
 
 
@@ -163,15 +165,25 @@ def _torch_step(torch, cell, state_dict, x, dy, mode):
     return step
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threads=2,
-              use_torch=True, progress=None) -> list[Case]:
-    """Time every (cell, size, mode); PyTorch too when importable and wanted."""
+              use_torch=True, progress=None, clock="wall") -> list[Case]:
+    """Time every (cell, size, mode); PyTorch too when importable and wanted.
+
+    ``clock="cpu"`` times the process's CPU seconds instead of wall seconds:
+    with ``threads=1`` that is each side's per-core cost, little disturbed by
+    other processes on a shared machine (with several threads it would also
+    count time spent spinning in thread pools).
+    """
+    tick = CLOCKS[clock]
     torch = None
     if use_torch:
         try:
@@ -197,9 +209,9 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
                     for fn in order:
                         if fn is None:
                             continue
-                        dt = _time(fn)
+                        dt = _time(fn, tick)
                         (case.kernrnn if fn is kstep else case.torch).append(dt)
-                    case.gemm.append(gemm_rate(repeats=1))
+                    case.gemm.append(gemm_rate(repeats=1, clock=tick))
                 cases.append(case)
                 if progress:
                     progress(case)
@@ -332,7 +344,8 @@ def format_startup(s: dict) -> str:
             f"process takes {s['python_start_s']:.2f} s)")
 
 
-def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note="") -> str:
+def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note="",
+                    clock="wall") -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     v = versions()
     parts = [
@@ -341,7 +354,8 @@ def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note=
         f"- machine: {machine()}; {threads} threads for every pool",
         f"- command: `{command}`",
         f"- software: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- float32; medians of {repeats} interleaved repetitions; ratio = kernrnn / PyTorch "
+        f"- float32; {clock}-clock medians of {repeats} interleaved repetitions; "
+        "ratio = kernrnn / PyTorch "
         "time (lower is better); % peak = achieved GFLOP/s over a "
         f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions",
     ]

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument("--threads", type=int, default=2, help="threads for every pool")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall seconds (default) or the process's CPU seconds (with --threads 1: "
+                        "per-core cost, robust on a shared machine)")
     p.add_argument("--no-torch", action="store_true", help="time kernrnn only")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     p.add_argument("--startup-only", action="store_true", help="only measure start-up")
@@ -77,7 +80,7 @@ def run(args) -> int:
 
         cases = bench.run_cases(cells, sizes, modes, repeats=args.repeats, warmup=args.warmup,
                                 threads=args.threads, use_torch=not args.no_torch,
-                                progress=progress)
+                                progress=progress, clock=args.clock)
         if not any(c.torch for c in cases) and not args.no_torch:
             print("PyTorch is not installed: kernrnn times only "
                   "(pip install torch for the comparison)")
@@ -90,7 +93,7 @@ def run(args) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(bench.markdown_report(cases, startup, command, args.threads, args.repeats,
-                                          args.note))
+                                          args.note, args.clock))
         print(f"wrote {args.markdown}")
     if args.json:
         with open(args.json, "w") as f:
