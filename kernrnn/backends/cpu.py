@@ -117,8 +117,8 @@ def _backward_source(G: int, S: int, K: int, same: bool) -> str:
         saved=lambda k: f"Saved[{k}, t, b, j]",
         prev=lambda s: f"States[{s}, p, b, j]",
         dstate=lambda s: dstate0 if s == 0 else f"dS[{s}, b, j]",
-        dxw=lambda g: f"dXW[t, b, {g} * H + j]",
-        dhu=lambda g: f"dhu{g}_" if same else f"dHU[t, b, {g} * H + j]",
+        dxw=lambda g: f"dxw{g}[j]",
+        dhu=lambda g: f"dhu{g}_" if same else f"dhu{g}[j]",
         dprev=lambda s: f"dS[{s}, b, j]",
         indent=20,
     )
@@ -129,6 +129,16 @@ def _backward_source(G: int, S: int, K: int, same: bool) -> str:
             "                    db_ih[k] += dXW[t, b, k]")
     if not same:
         sums += "\n                    db_hh[k] += dHU[t, b, k]"
+    # One view per gate: a store to dXW[t, b, g*H + j] carries Numba's
+    # negative-index select (g*H + j is not known to be >= 0), which LLVM
+    # cannot analyse for overlap between the G stores; dxw_g[j] it can.
+    views = "\n".join(
+        f"                dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)
+    )
+    if not same:
+        views += "\n" + "\n".join(
+            f"                dhu{g} = dHU[t, b, {g} * H:{g + 1} * H]" for g in range(G)
+        )
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, dH, db_ih, db_hh,
@@ -148,6 +158,7 @@ def backward_loop(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, dH, d
             p = t
         for b in range(b0, b1):
             if t < lengths[b]:
+{views}
                 for j in range(H):
 {body}
 {sums}
