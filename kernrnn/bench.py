@@ -101,14 +101,17 @@ def set_threads(n: int, torch=None) -> None:
         torch.set_num_threads(n)
 
 
-def gemm_rate(n: int = GEMM_N, dtype=np.float32, repeats: int = 3, clock=time.perf_counter,
-              _cache={}) -> float:
+_GEMM_OPERANDS: dict = {}
+
+
+def gemm_rate(n: int = GEMM_N, dtype=np.float32, repeats: int = 3,
+              clock=time.perf_counter) -> float:
     """GFLOP/s of one ``[n, n] @ [n, n]`` product, best of ``repeats``."""
     key = (n, np.dtype(dtype).str)
-    if key not in _cache:
+    if key not in _GEMM_OPERANDS:
         rng = np.random.default_rng(0)
-        _cache[key] = tuple(rng.standard_normal((n, n)).astype(dtype) for _ in range(3))
-    a, b, c = _cache[key]
+        _GEMM_OPERANDS[key] = tuple(rng.standard_normal((n, n)).astype(dtype) for _ in range(3))
+    a, b, c = _GEMM_OPERANDS[key]
     best = float("inf")
     for _ in range(repeats):
         t0 = clock()
@@ -346,14 +349,14 @@ def format_startup(s: dict) -> str:
 
 def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note="",
                     clock="wall") -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     v = versions()
     parts = [
         "# kernrnn CPU benchmark", "",
         f"- date: {now}",
         f"- machine: {machine()}; {threads} threads for every pool",
         f"- command: `{command}`",
-        f"- software: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "- software: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- float32; {clock}-clock medians of {repeats} interleaved repetitions; "
         "ratio = kernrnn / PyTorch "
         "time (lower is better); % peak = achieved GFLOP/s over a "

@@ -14,7 +14,8 @@ def _sizes(text: str):
             continue
         vals = part.replace("x", ",").split(",")
         if len(vals) != 4 or not all(v.strip().isdigit() and int(v) > 0 for v in vals):
-            raise ValueError(f"--sizes: each size must be B,T,I,H (four positive ints), got {part!r}")
+            raise ValueError(
+                f"--sizes: each size must be B,T,I,H (four positive ints), got {part!r}")
         sizes.append(tuple(int(v) for v in vals))
     if not sizes:
         raise ValueError("--sizes: give at least one size B,T,I,H")

@@ -113,7 +113,7 @@ def _helpers(fn: types.FunctionType) -> list:
     """Plain Python functions ``fn`` refers to by a global or closure name."""
     namespace = dict(fn.__globals__)
     if fn.__closure__:
-        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__, strict=True):
             namespace[name] = cell.cell_contents
     out = []
     for name in fn.__code__.co_names + fn.__code__.co_freevars:

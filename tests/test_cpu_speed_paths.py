@@ -119,7 +119,7 @@ def test_chunked_time_loop_matches_one_chunk(p, name, dtype):
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
-    for a, b in zip(run(1), run(2)):
+    for a, b in zip(run(1), run(2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == np.float32 else 1e-13,
                                    atol=1e-6 if dtype == np.float32 else 1e-13)
 

@@ -276,13 +276,13 @@ def _blas_single_thread():
     """Hold every BLAS to one thread (restored afterwards)."""
     libs = _blas_libs()
     before = [lib.num_threads for lib in libs]
-    changed = [lib for lib, n in zip(libs, before) if n != 1]
+    changed = [lib for lib, n in zip(libs, before, strict=True) if n != 1]
     for lib in changed:
         lib.set_num_threads(1)
     try:
         yield
     finally:
-        for lib, n in zip(libs, before):
+        for lib, n in zip(libs, before, strict=True):
             if n != 1:
                 lib.set_num_threads(n)
 
