@@ -155,17 +155,21 @@ class Cell:
 
     @property
     def n_gates(self) -> int:
+        """G, the number of gate blocks (rows of ``weight_ih`` are ``G*H``)."""
         return self.gates if isinstance(self.gates, int) else len(self.gates)
 
     @property
     def n_state(self) -> int:
+        """S, the number of state components (1 for ``(h,)``, 2 for ``(h, c)``)."""
         return len(self.state)
 
     @property
     def gate_labels(self) -> str:
+        """One character per gate block (``?`` when ``gates`` was given as a number)."""
         return self.gates if isinstance(self.gates, str) else "?" * self.gates
 
     def init_params(self, rng, name: str, shape: tuple, hidden_size: int) -> np.ndarray:
+        """Initial float64 values of parameter ``name`` (``weight_ih``, ...), shape checked."""
         fn = self.init or _default_init
         arr = np.asarray(fn(rng, name, shape, hidden_size), dtype=np.float64)
         if arr.shape != tuple(shape):

@@ -15,11 +15,13 @@ __all__ = ["main", "COMMANDS"]
 # module paths providing add_parser(subparsers); each parser sets func=handler
 COMMANDS = [
     "kernrnn.cli_cells",
+    "kernrnn.cli_train",
     "kernrnn.cli_bench",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kernrnn`` parser with one sub-parser per module in :data:`COMMANDS`."""
     from kernrnn import __version__
 
     parser = argparse.ArgumentParser(
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kernrnn`` with ``argv`` (default: the command line); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -6,6 +6,7 @@ import json
 
 
 def add_parser(sub) -> None:
+    """Add the ``cells`` sub-command to ``sub``."""
     p = sub.add_parser("cells", help="list registered cells (name, source, gates, state)")
     p.add_argument("--check", action="store_true",
                    help="also compile every cell's CPU kernels (float32, float64)")
@@ -14,6 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    """Print the registry as a table or JSON; with ``--check`` compile every cell."""
     from kernrnn.plugins import get_registry
 
     registry = get_registry()

@@ -110,6 +110,7 @@ class RNN:
         self.zero_grad()
 
     def zero_grad(self) -> None:
+        """Reset :attr:`grads` to zeros (backward adds to them)."""
         self.grads = {k: self._backend.xp.zeros_like(v) for k, v in self.params.items()}
 
     def train(self, mode: bool = True) -> "RNN":

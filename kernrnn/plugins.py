@@ -37,11 +37,15 @@ __all__ = [
     "reset_registry",
 ]
 
+#: pluggy project name and entry-point group of cell plugins.
 PROJECT = "kernrnn"
+#: Name of the environment variable that, set to 1, loads only the shipped cells.
 AUTOLOAD_ENV = "KERNRNN_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = ("kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru")
 
+#: Marks a hook specification (used by :class:`CellSpecs`).
 hookspec = pluggy.HookspecMarker(PROJECT)
+#: Marks a plugin's hook implementation, e.g. ``@hookimpl def kernrnn_register_cells(registry)``.
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
@@ -122,10 +126,12 @@ class CellRegistry:
             ) from None
 
     def source(self, name: str) -> CellSource:
+        """Where the cell called ``name`` came from (plugin and distribution)."""
         self.get(name)
         return self._sources[name]
 
     def names(self) -> list[str]:
+        """The registered cell names, sorted."""
         return sorted(self._cells)
 
     def __contains__(self, name: object) -> bool:

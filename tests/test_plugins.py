@@ -165,7 +165,7 @@ def test_math_that_does_not_compile_names_the_cell():
     from kernrnn.cell import Cell, CellError
 
     def fwd(xw, hu, prev):
-        act = getattr(math, "tanh")  # dynamic attribute lookup: fine in Python, not in Numba
+        act = getattr(math, "tanh")  # noqa: B009  (dynamic lookup: fine in Python, not in Numba)
         return (act(xw[0]) + hu[0],), ()
 
     def bwd(saved, prev, ds):

@@ -29,6 +29,8 @@ class ConformanceError(AssertionError):
 
 @dataclass
 class ConformanceReport:
+    """Largest errors :func:`check_cell` saw; ``str()`` gives a one-line summary."""
+
     cell: str
     device: str
     examples: int = 0
@@ -43,6 +45,7 @@ class ConformanceReport:
 
 
 def random_problem(rng: np.random.Generator, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2):
+    """A random :class:`~kernrnn.testing.strategies.Problem` drawn with ``rng`` (no hypothesis)."""
     from kernrnn.testing.strategies import Problem
 
     T, B = int(rng.integers(1, max_T + 1)), int(rng.integers(1, max_B + 1))

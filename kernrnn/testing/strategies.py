@@ -18,6 +18,8 @@ __all__ = ["Problem", "problems", "make_arrays"]
 
 @dataclass(frozen=True)
 class Problem:
+    """Sizes, layout and seed of one test problem (arrays come from :func:`make_arrays`)."""
+
     T: int
     B: int
     I: int

@@ -16,22 +16,29 @@ the test-suite's report).  Gradients sum over T*B rows and carry one more
 GEMM, hence the 4x looser bound.
 
 Finite differences: central differences in float64 with step 1e-6 have
-truncation error ~ h^2 |f'''| ~ 1e-12 and rounding error ~ eps |f| / h ~ 1e-10;
+truncation error ``~ h^2 |f'''| ~ 1e-12`` and rounding error ``~ eps |f| / h ~ 1e-10``;
 directional derivatives are compared with ``rtol = 1e-6``.
 """
 
 import numpy as np
 
+#: float64 kernels vs the reference.
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
+#: float32 forward vs the reference.
 FLOAT32 = {"rtol": 2e-4, "atol": 2e-4}
+#: float32 gradients vs the reference.
 FLOAT32_GRAD = {"rtol": 8e-4, "atol": 8e-4}
+#: Step of the central finite differences.
 FD_STEP = 1e-6
+#: Directional derivatives vs finite differences.
 FD = {"rtol": 1e-6, "atol": 1e-8}
 
 
 def forward_tolerance(dtype) -> dict:
+    """The forward tolerance for ``dtype``."""
     return FLOAT64 if np.dtype(dtype) == np.float64 else FLOAT32
 
 
 def grad_tolerance(dtype) -> dict:
+    """The gradient tolerance for ``dtype``."""
     return FLOAT64 if np.dtype(dtype) == np.float64 else FLOAT32_GRAD

@@ -1,0 +1,56 @@
+"""Minimal gated unit (MGU) with the gate applied after the recurrent product.
+
+Zhou et al. (2016, "Minimal gated unit for recurrent neural networks") keep a
+single gate.  kernrnn computes ``W_hh h_{t-1}`` for all gates in one GEMM
+before the cell's element-wise step, so, as in cuDNN's GRU, the gate scales
+the candidate's recurrent pre-activation instead of ``h_{t-1}``::
+
+    f = sigmoid(xw_f + hu_f)
+    n = tanh(xw_n + f * hu_n)
+    h' = (1 - f) * h + f * n
+"""
+
+import numpy as np
+
+from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
+
+
+def forward(xw, hu, prev):
+    """One (batch, unit) element: new state (h,) and the values backward needs."""
+    f = sigmoid(xw[0] + hu[0])
+    n = tanh(xw[1] + f * hu[1])
+    h = (1 - f) * prev[0] + f * n
+    return (h,), (f, n, hu[1])
+
+
+def backward(saved, prev, dstate):
+    """Gradients of the gate pre-activations and the element-wise part of d(prev)."""
+    f, n, hun = saved
+    dh = dstate[0]
+    dan = dh * f * (1 - n * n)                         # candidate pre-activation
+    daf = (dh * (n - prev[0]) + dan * hun) * f * (1 - f)
+    # hu_n enters the candidate multiplied by f; everything else is a plain sum.
+    return (daf, dan), (daf, dan * f), (dh * (1 - f),)
+
+
+def reference(xw, hu, prev):
+    """Float64 NumPy version of ``forward`` on whole [B, H] arrays (for the tests)."""
+    f = 1 / (1 + np.exp(-(xw[0] + hu[0])))
+    n = np.tanh(xw[1] + f * hu[1])
+    return ((1 - f) * prev[0] + f * n,)
+
+
+MGU = Cell(
+    "mgu",
+    gates="fn",
+    forward=forward,
+    backward=backward,
+    reference=reference,
+    description="minimal gated unit, gate after the recurrent product (f, n)",
+)
+
+
+@hookimpl
+def kernrnn_register_cells(registry):
+    """Register the MGU cell."""
+    registry.add(MGU)

@@ -1,0 +1,319 @@
+"""A sequence model: optional embedding, stacked recurrent layers, linear head.
+
+``SequenceModel`` chains three pieces, each with an explicit forward and
+backward (there is no autograd):
+
+* an embedding ``E [V, E_dim]`` for token input (``vocab_size`` given), or
+  real-valued input ``x [T, B, input_size]``;
+* a :class:`kernrnn.RNN` stack of any registered cell;
+* a linear output layer ``y_t = W_y h_t + b_y``, applied at every step
+  (``head="seq"``, sequence-to-sequence) or at each sequence's last valid step
+  (``head="last"``, sequence-to-one).
+
+Parameters and gradients are dicts of arrays on the model's device, keyed
+``embedding.weight``, ``rnn.<PyTorch layer name>``, ``head.weight``,
+``head.bias``.  Arrays are updated in place (optimizers, ``load_state_dict``),
+so references to them stay valid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernrnn import _checks
+from kernrnn.layer import RNN
+
+__all__ = ["SequenceModel", "to_host"]
+
+HEADS = ("seq", "last")
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy copy/view of a host or device array."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+class SequenceModel:
+    """Embedding (optional) -> recurrent stack -> linear head.
+
+    ``out, hn = model.forward(x, h0=None, lengths=None)``; ``out`` is
+    ``[T, B, output_size]`` for ``head="seq"`` and ``[B, output_size]`` for
+    ``head="last"``.  ``dh0 = model.backward(dout, dhn=None)`` accumulates into
+    :attr:`grads` (``dh0`` has the structure of ``h0``; the input gradient of
+    real-valued input is kept in ``last_dx``).
+    """
+
+    def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
+                 num_layers=1, vocab_size=None, embedding_dim=None, head="seq",
+                 bidirectional=False, nonlinearity=None, dtype=np.float32, device="cpu",
+                 seed=None):
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.head = head
+        self.output_size = _checks.positive_int(output_size, "output_size")
+        if vocab_size is not None:
+            if input_size is not None:
+                raise ValueError(
+                    "give input_size (real-valued input) or vocab_size (token input), not both; "
+                    f"got input_size={input_size!r}, vocab_size={vocab_size!r}"
+                )
+            self.vocab_size = _checks.positive_int(vocab_size, "vocab_size")
+            self.embedding_dim = _checks.positive_int(
+                embedding_dim if embedding_dim is not None else min(64, 2 * vocab_size),
+                "embedding_dim")
+            rnn_in = self.embedding_dim
+        else:
+            if input_size is None:
+                raise TypeError(
+                    "SequenceModel needs input_size (real input) or vocab_size (tokens)")
+            if embedding_dim is not None:
+                raise ValueError("embedding_dim needs vocab_size (token input)")
+            self.vocab_size = None
+            self.embedding_dim = None
+            rnn_in = _checks.positive_int(input_size, "input_size")
+        self.input_size = rnn_in if vocab_size is None else None
+        rng = np.random.default_rng(seed)
+        self.rnn = RNN(cell, input_size=rnn_in, hidden_size=hidden_size, num_layers=num_layers,
+                       bidirectional=bidirectional, dtype=dtype, device=device,
+                       nonlinearity=nonlinearity, seed=int(rng.integers(2**63)))
+        self.dtype = self.rnn.dtype
+        self.device = self.rnn.device
+        xp = self.xp
+        feat = self.rnn.hidden_size * self.rnn.num_directions
+        own = {}
+        if self.vocab_size is not None:
+            # PyTorch's nn.Embedding draws N(0, 1).
+            own["embedding.weight"] = rng.standard_normal((self.vocab_size, self.embedding_dim))
+        bound = 1.0 / np.sqrt(feat)  # PyTorch's nn.Linear init
+        own["head.weight"] = rng.uniform(-bound, bound, (self.output_size, feat))
+        own["head.bias"] = rng.uniform(-bound, bound, (self.output_size,))
+        self._own = {k: xp.asarray(v.astype(self.dtype)) for k, v in own.items()}
+        self._own_grads = {k: xp.zeros_like(v) for k, v in self._own.items()}
+        self._ctx = None
+        self.last_dx = None
+
+    # -- configuration -----------------------------------------------------
+
+    @property
+    def xp(self):
+        """The array module of the model's device (NumPy or CuPy)."""
+        return self.rnn._backend.xp
+
+    @property
+    def cell(self) -> str:
+        return self.rnn.cell.name
+
+    @property
+    def hidden_size(self) -> int:
+        return self.rnn.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.rnn.num_layers
+
+    def config(self) -> dict:
+        """Everything needed to rebuild the model (JSON-serialisable)."""
+        return {
+            "cell": self.cell, "input_size": self.input_size, "hidden_size": self.hidden_size,
+            "output_size": self.output_size, "num_layers": self.num_layers,
+            "vocab_size": self.vocab_size, "embedding_dim": self.embedding_dim,
+            "head": self.head, "bidirectional": self.rnn.bidirectional,
+            "dtype": self.dtype.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, device="cpu", seed=None) -> SequenceModel:
+        cfg = dict(config)
+        known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
+                 "embedding_dim", "head", "bidirectional", "dtype"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown keys {unknown}")
+        return cls(device=device, seed=seed, **cfg)
+
+    def __repr__(self) -> str:
+        return "SequenceModel(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
+
+    # -- parameters --------------------------------------------------------
+
+    @property
+    def params(self) -> dict:
+        """All parameters by name (the live arrays, not copies)."""
+        out = {}
+        if "embedding.weight" in self._own:
+            out["embedding.weight"] = self._own["embedding.weight"]
+        out.update({f"rnn.{k}": v for k, v in self.rnn.params.items()})
+        out["head.weight"] = self._own["head.weight"]
+        out["head.bias"] = self._own["head.bias"]
+        return out
+
+    @property
+    def grads(self) -> dict:
+        """Gradients, same keys as :attr:`params` (the live arrays)."""
+        out = {}
+        if "embedding.weight" in self._own_grads:
+            out["embedding.weight"] = self._own_grads["embedding.weight"]
+        out.update({f"rnn.{k}": v for k, v in self.rnn.grads.items()})
+        out["head.weight"] = self._own_grads["head.weight"]
+        out["head.bias"] = self._own_grads["head.bias"]
+        return out
+
+    def param_shapes(self) -> dict:
+        return {k: tuple(v.shape) for k, v in self.params.items()}
+
+    def num_params(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.param_shapes().values()))
+
+    def zero_grad(self) -> None:
+        """Zero every gradient in place (no reallocation)."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def state_dict(self) -> dict:
+        """Host (NumPy) copies of the parameters."""
+        return {k: np.array(to_host(v), copy=True) for k, v in self.params.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy parameters in place; missing, extra or mis-shaped keys are errors."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        params = self.params
+        missing = sorted(set(params) - set(state))
+        extra = sorted(set(state) - set(params))
+        if missing or extra:
+            raise ValueError(
+                f"parameters do not match {self!r}: missing {missing}, unexpected {extra}"
+            )
+        for k, p in params.items():
+            v = state[k]
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"parameter {k!r} must have shape {list(p.shape)} for {self!r}, "
+                    f"got {list(v.shape)}"
+                )
+            if np.dtype(str(v.dtype)) != self.dtype:
+                raise TypeError(f"parameter {k!r} must have dtype {self.dtype}, got {v.dtype}")
+        for k, p in params.items():
+            host = to_host(state[k])
+            if not np.isfinite(host).all():
+                raise ValueError(f"parameter {k!r} contains NaN or infinity")
+            p[...] = self.xp.asarray(host)
+
+    def train(self, mode: bool = True) -> SequenceModel:
+        self.rnn.train(mode)
+        return self
+
+    def eval(self) -> SequenceModel:
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return self.rnn.training
+
+    # -- forward / backward ------------------------------------------------
+
+    def __call__(self, x, h0=None, lengths=None):
+        return self.forward(x, h0, lengths)
+
+    def _check_tokens(self, x):
+        if not hasattr(x, "shape") or len(x.shape) != 2:
+            raise ValueError(
+                f"x must be token ids of shape [T, B] for a model with vocab_size="
+                f"{self.vocab_size}, got {type(x).__name__} of shape "
+                f"{list(getattr(x, 'shape', []))}"
+            )
+        if not np.issubdtype(np.dtype(str(x.dtype)), np.integer):
+            raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+        if isinstance(x, np.ndarray) and x.size and (x.min() < 0 or x.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}), got min {x.min()} max {x.max()}"
+            )
+
+    def forward(self, x, h0=None, lengths=None):
+        """See the class docstring.  ``lengths`` is a host int array ``[B]``."""
+        xp = self.xp
+        if self.vocab_size is not None:
+            self._check_tokens(x)
+            tokens = xp.asarray(x)
+            inp = self._own["embedding.weight"][tokens]
+        else:
+            tokens = None
+            inp = x
+        y, hn = self.rnn.forward(inp, h0, lengths)
+        T, B = y.shape[0], y.shape[1]
+        lens = _checks.check_lengths(lengths, B, T)
+        W, b = self._own["head.weight"], self._own["head.bias"]
+        if self.head == "seq":
+            feats = y
+        else:
+            feats = self._gather_last(y, lens)
+        out = feats @ W.T + b
+        if self.training:
+            self._ctx = (tokens, feats, lens, T, B)
+        return out, hn
+
+    def _gather_last(self, y, lens):
+        """Forward direction at each sequence's last step, reverse direction at step 0."""
+        xp = self.xp
+        H = self.rnn.hidden_size
+        B = y.shape[1]
+        rows = xp.arange(B)
+        last = xp.asarray(np.maximum(lens - 1, 0))
+        if y.shape[0] == 0:
+            return xp.zeros((B, y.shape[2]), dtype=y.dtype)
+        fwd = y[last, rows, :H]
+        if self.rnn.num_directions == 1:
+            return fwd
+        return xp.concatenate([fwd, y[0, :, H:]], axis=1)
+
+    def backward(self, dout, dhn=None):
+        """Backward for the last training-mode forward; returns ``dh0``."""
+        if self._ctx is None:
+            raise ValueError("backward() needs a forward() call in training mode first")
+        tokens, feats, lens, T, B = self._ctx
+        xp = self.xp
+        want = (T, B, self.output_size) if self.head == "seq" else (B, self.output_size)
+        _checks.check_array(dout, "dout", want, self.dtype)
+        W = self._own["head.weight"]
+        g = self._own_grads
+        F = feats.shape[-1]
+        d2 = dout.reshape(-1, self.output_size)
+        g["head.weight"] += d2.T @ feats.reshape(-1, F)
+        g["head.bias"] += d2.sum(axis=0)
+        dfeats = dout @ W
+        if self.head == "seq":
+            dy = dfeats
+        else:
+            dy = xp.zeros((T, B, F), dtype=self.dtype)
+            H = self.rnn.hidden_size
+            if T > 0:
+                rows = xp.arange(B)
+                last = xp.asarray(np.maximum(lens - 1, 0))
+                valid = xp.asarray((lens > 0).astype(self.dtype))[:, None]
+                dy[last, rows, :H] = dfeats[:, :H] * valid
+                if self.rnn.num_directions == 2:
+                    dy[0, :, H:] = dfeats[:, H:] * valid
+        dx, dh0 = self.rnn.backward(dy, dhn)
+        self._ctx = None
+        if tokens is not None:
+            _scatter_add(xp, g["embedding.weight"], tokens.reshape(-1),
+                         dx.reshape(-1, self.embedding_dim))
+            self.last_dx = None
+        else:
+            self.last_dx = dx
+        return dh0
+
+
+def _scatter_add(xp, target, index, values):
+    """``target[index[i]] += values[i]`` with repeated indices summed (NumPy or CuPy)."""
+    at = getattr(xp.add, "at", None)
+    if at is not None:
+        at(target, index, values)
+    else:  # CuPy releases before ufunc.at
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)

@@ -1,0 +1,243 @@
+"""Persistent recurrence kernels: planning, PTX compile check, simulator run.
+
+* The launch plan and the automatic choice (``supported``) for given device
+  properties, with hypothesis-drawn sizes.
+* ``cuda.compile_ptx`` for sm_90 of every registered cell's persistent
+  kernels (forward train/infer, backward), float32 and float64, with no GPU:
+  float32 PTX must hold no ``.f64`` instruction, the grid barrier must be
+  there; where ``ptxas`` is installed (numba-cuda[cu12] brings it), no
+  register spills and the register count leaves the grid co-resident.
+* ``tests/cudasim_persistent`` run under the CUDA simulator in a subprocess
+  (``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda`` is imported,
+  and this process needs the real target for the PTX check).
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+cuda = pytest.importorskip("numba.cuda", reason="needs numba-cuda (extra 'cudasim')")
+
+from kernrnn.backends import cuda_persistent as cp  # noqa: E402
+from kernrnn.plugins import load_registry  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "plugin_fixtures"))
+import mgu_cells  # noqa: E402
+
+REGISTRY = load_registry(autoload=False, plugins=[mgu_cells])
+H100 = cp.DeviceProps(sm_count=132, smem_per_block_optin=227 * 1024, name="H100 (nominal)")
+F64 = re.compile(r"\.f64\b")
+
+
+# -- plan and automatic choice ----------------------------------------------------------
+
+
+@given(B=st.integers(1, 80), H=st.integers(1, 1500), blocks=st.integers(1, 200),
+       threads=st.sampled_from([32, 64, 128, 256]),
+       cell_name=st.sampled_from(REGISTRY.names()),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_plan_covers_every_unit_once(B, H, blocks, threads, cell_name, dtype):
+    cell = REGISTRY.get(cell_name)
+    p = cp.plan(cell, B, H, dtype, blocks, threads)
+    assert p.blocks <= blocks
+    assert p.NB in cp.NB_CHOICES and (p.NB == 1 or cell.n_gates * p.NB <= 32)  # no spills
+    assert p.blocks * p.U >= H > (p.blocks - 1) * p.U  # every block has >= 1 unit
+    for nslot in (p.nslot_fwd, p.nslot_bwd):
+        assert threads % nslot == 0 and nslot & (nslot - 1) == 0
+    isz, G = np.dtype(dtype).itemsize, cell.n_gates
+    assert p.smem_fwd >= G * p.U * H * isz and p.smem_bwd >= p.U * G * H * isz
+
+
+def test_supported_on_h100_sizes():
+    lstm, gru = REGISTRY.get("lstm"), REGISTRY.get("gru")
+    for H in (256, 512, 1024):
+        for B in (1, 4, 16, 64):
+            assert cp.supported(lstm, B, H, np.float32, H100)
+            assert cp.supported(gru, B, H, np.float32, H100)
+    assert not cp.supported(lstm, 4, 2048, np.float32, H100)  # W_hh slice over the limit
+    assert not cp.supported(lstm, 128, 256, np.float32, H100)  # batch beyond MAX_BATCH
+    assert not cp.supported(lstm, 4, 256, np.float16, H100)
+    small = cp.DeviceProps(sm_count=8, smem_per_block_optin=48 * 1024)
+    assert not cp.supported(lstm, 4, 1024, np.float32, small)
+
+
+def test_bad_overrides_name_the_argument():
+    cell = REGISTRY.get("rnn")
+    with pytest.raises(ValueError, match="threads"):
+        cp.plan(cell, 1, 4, np.float32, blocks=2, threads=24)
+    with pytest.raises(ValueError, match="blocks"):
+        cp.plan(cell, 1, 4, np.float32, blocks=0)
+    with pytest.raises(ValueError, match="nb"):
+        cp.plan(cell, 1, 4, np.float32, blocks=1, nb=3)
+
+
+# -- PTX compile check ------------------------------------------------------------------
+
+
+def _nvvm_available() -> bool:
+    try:
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
+    except Exception:
+        return False
+    return True
+
+
+def _ptxas():
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        cand = Path(base) / "cuda_nvcc" / "bin" / "ptxas"
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+ptx_check = pytest.mark.skipif(
+    cp._simulator() or not _nvvm_available(),
+    reason="compile_ptx needs NVVM (numba-cuda[cu12] or [cu13]) and the real CUDA target")
+
+
+def _ptxas_report(ptx: str):
+    """(registers, spill bytes, stack bytes) from ptxas -v, or None without ptxas."""
+    exe = _ptxas()
+    if exe is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.ptx"
+        path.write_text(ptx)
+        proc = subprocess.run([exe, "-arch=sm_90", "-v", "-c", "-o", os.devnull, str(path)],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill", proc.stderr))
+    stack = int(re.search(r"(\d+) bytes stack frame", proc.stderr).group(1))
+    return regs, spills, stack
+
+
+@ptx_check
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cell_name", REGISTRY.names())
+def test_persistent_kernels_compile_to_ptx(cell_name, dtype):
+    cell = REGISTRY.get(cell_name)
+    k = cp.get_kernels(cell, dtype, 4)
+    fwd, bwd = cp.ptx_signatures(dtype)
+    kernels = [("forward_train", k.forward_train, fwd), ("backward", k.backward, bwd)]
+    if dtype == np.float32:
+        kernels.append(("forward_infer", k.forward_infer, fwd))
+        k8 = cp.get_kernels(cell, dtype, 8)  # the large-batch tile: most registers
+        kernels += [("forward_train nb=8", k8.forward_train, fwd),
+                    ("backward nb=8", k8.backward, bwd)]
+    for label, disp, sig in kernels:
+        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
+        where = f"{cell_name} {label} {np.dtype(dtype)}"
+        assert "cudaCGSynchronize" in ptx, f"{where}: no grid barrier in the PTX"
+        assert ".extern .shared" in ptx, f"{where}: no dynamic shared memory"
+        if dtype == np.float32:
+            n = len(F64.findall(ptx))
+            assert n == 0, f"{where}: {n} float64 instructions in float32 PTX"
+        rep = _ptxas_report(ptx)
+        if rep is not None:
+            regs, spills, stack = rep
+            print(f"{where}: {regs} registers, {spills} bytes spilled, {stack} bytes stack")
+            assert spills == 0, f"{where}: {spills} bytes of register spills"
+            # one block of THREADS per SM must fit the 64K-register file
+            assert regs * cp.THREADS <= 65536, f"{where}: {regs} registers per thread"
+
+
+# -- simulator, in a subprocess -----------------------------------------------------------
+
+
+@pytest.mark.cudasim
+def test_persistent_kernels_under_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "cudasim_persistent"), "-q",
+           "-p", "no:cacheprovider", "--rootdir", str(HERE.parent), "-x"]
+    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    report = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, f"simulator tests failed:\n{report}"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "skipped" not in last, report
+
+
+# -- real GPU ---------------------------------------------------------------------------
+
+
+def _gpu_available() -> bool:
+    if cp._simulator() or importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU and CuPy")
+def test_gpu_selfcheck(capsys):
+    """Several-block persistent launches with the real grid barrier vs the CPU kernels."""
+    ok = cp.gpu_selfcheck()
+    report = capsys.readouterr().out
+    assert ok, report
+
+
+def test_main_rejects_unknown_task(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cp.main(["nope"])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_prepare_opts_in_shared_memory_monotonically(monkeypatch):
+    """The launch preparation, with the driver faked (no GPU here)."""
+    from numba.cuda.cudadrv import driver as drv
+
+    calls = []
+
+    class FakeDriver:
+        def cuKernelSetAttribute(self, attr, value, handle, dev):
+            calls.append(value)
+
+    class FakeFunc:
+        handle, device = object(), type("D", (), {"id": 0})()
+
+    class FakeKernel:
+        _codelibrary = type("L", (), {"get_cufunc": staticmethod(lambda: FakeFunc())})()
+
+        def max_cooperative_grid_blocks(self, threads, smem):
+            return 132 if smem <= 200_000 else 0
+
+    kernel = FakeKernel()
+
+    class FakeDispatcher:
+        def typeof_pyval(self, a):
+            return type(a)
+
+        def compile(self, argtypes):
+            return kernel
+
+    monkeypatch.setattr(drv, "driver", FakeDriver())
+    d = FakeDispatcher()
+    cp._prepare(d, (1,), 256, 40_000, 132)  # under 48 KiB: no opt-in
+    cp._prepare(d, (1,), 256, 150_000, 132)
+    cp._prepare(d, (1,), 256, 100_000, 132)  # smaller: keeps 150 KB
+    cp._prepare(d, (1,), 256, 150_000, 132)
+    assert calls == [150_000]
+    with pytest.raises(ValueError, match="resident"):
+        cp._prepare(d, (1,), 256, 180_000, 133)
+    with pytest.raises(ValueError, match="resident"):
+        cp._prepare(d, (1,), 256, 210_000, 1)
+    assert calls == [150_000, 180_000, 210_000]
