@@ -49,7 +49,7 @@ class CellError(ValueError):
 def sigmoid(x):
     """Logistic function, computed without overflow for large ``|x|``.
 
-    float32 kernels use :func:`_sigmoid_float32` instead (see ``kernrnn_variants``).
+    float32 kernels use ``_sigmoid_float32`` instead (see ``kernrnn_variants``).
     """
     if x >= 0.0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -60,7 +60,7 @@ def sigmoid(x):
 def tanh(x):
     """Hyperbolic tangent.
 
-    float32 kernels use :func:`_tanh_float32` instead (see ``kernrnn_variants``).
+    float32 kernels use ``_tanh_float32`` instead (see ``kernrnn_variants``).
     """
     return math.tanh(x)
 
