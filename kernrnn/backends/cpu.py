@@ -18,6 +18,9 @@ kernels (no Numba threading layer, so no OpenMP pool spinning next to BLAS's
 or PyTorch's), while BLAS is held to one thread; the big GEMMs outside the
 time loops get every BLAS thread.  With one chunk (one thread, or a batch of
 one) the loop runs in the caller with BLAS left as it is.
+The BLAS limit is process-wide: layers called from several Python threads
+at once still compute correctly, but may run BLAS multi-threaded inside the
+loops (oversubscribed) while another call restores the limit.
 
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
