@@ -16,6 +16,7 @@ __all__ = ["main", "COMMANDS"]
 COMMANDS = [
     "kernrnn.cli_cells",
     "kernrnn.cli_train",
+    "kernrnn.cli_bench",
 ]
 
 

@@ -13,6 +13,12 @@ a GPU) and from the CUDA simulator.
 
 Literals left alone: subscripts (``saved[0]``), integer exponents (``x ** 2``
 stays a multiplication) and ``range`` arguments.
+
+Precision variants: a helper may carry ``kernrnn_variants``, a dict from a
+dtype name (``"float32"``) to another plain Python function; compiling for that
+precision uses the variant instead.  :func:`kernrnn.cell.tanh` and
+:func:`kernrnn.cell.sigmoid` use this for branch-free float32 approximations
+that vectorise on CPUs, while float64 keeps libm's accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-__all__ = ["compile_scalar", "retype_source", "ScalarCompileError"]
+__all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint"]
 
 _CAST_NAME = "__kernrnn_cast"
 
@@ -93,10 +99,61 @@ def _is_plain_python_function(obj: object) -> bool:
     return isinstance(obj, types.FunctionType) and not hasattr(obj, "py_func")
 
 
+def _variant(fn: types.FunctionType, dtype: np.dtype) -> types.FunctionType:
+    """The function to compile for ``dtype``: ``fn`` or its declared variant."""
+    variants = getattr(fn, "kernrnn_variants", None)
+    if isinstance(variants, dict):
+        alt = variants.get(dtype.name)
+        if _is_plain_python_function(alt):
+            return alt
+    return fn
+
+
+def _helpers(fn: types.FunctionType) -> list:
+    """Plain Python functions ``fn`` refers to by a global or closure name."""
+    namespace = dict(fn.__globals__)
+    if fn.__closure__:
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__, strict=True):
+            namespace[name] = cell.cell_contents
+    out = []
+    for name in fn.__code__.co_names + fn.__code__.co_freevars:
+        obj = namespace.get(name)
+        if _is_plain_python_function(obj) and obj is not fn:
+            out.append((name, obj))
+    return out
+
+
+def math_fingerprint(fn: types.FunctionType) -> str:
+    """Retyped source of ``fn``, its helpers and their precision variants, recursively.
+
+    Everything that ends up in compiled code, so cache keys built from it
+    change whenever any of it changes.
+    """
+    parts, stack, seen = [], [fn], set()
+    while stack:
+        f = stack.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        try:
+            parts.append(retype_source(f))
+        except ScalarCompileError:
+            parts.append(f.__qualname__)
+        variants = getattr(f, "kernrnn_variants", None)
+        if isinstance(variants, dict):
+            for key in sorted(variants):
+                parts.append(f"variant {key}")
+                if _is_plain_python_function(variants[key]):
+                    stack.append(variants[key])
+        stack.extend(obj for _, obj in _helpers(f))
+    return "\n".join(parts)
+
+
 def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.FunctionType:
     key = (fn, dtype.str)
     if key in seen:
         return seen[key]
+    orig, fn = fn, _variant(fn, dtype)
     src = retype_source(fn)
     namespace = dict(fn.__globals__)
     namespace[_CAST_NAME] = numba.from_dtype(dtype)
@@ -104,15 +161,14 @@ def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.Funct
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
             namespace[name] = cell.cell_contents
     # Helpers the function calls are rewritten the same way, so a helper such
-    # as ``sigmoid`` keeps the kernel's precision too.
-    for name in fn.__code__.co_names + fn.__code__.co_freevars:
-        obj = namespace.get(name)
-        if _is_plain_python_function(obj) and obj is not fn:
-            namespace[name] = _rebuild(obj, dtype, seen)
+    # as ``sigmoid`` keeps the kernel's precision too (or becomes its variant).
+    for name, obj in _helpers(fn):
+        namespace[name] = _rebuild(obj, dtype, seen)
     filename = f"<kernrnn retyped {fn.__module__}.{fn.__qualname__} {dtype}>"
     exec(compile(src, filename, "exec"), namespace)
     compiled = numba.njit(inline="always")(namespace[fn.__name__])
     seen[key] = compiled
+    seen[(orig, dtype.str)] = compiled
     return compiled
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kernrnn.scalar import retype_source
+from kernrnn.scalar import math_fingerprint
 
 __all__ = ["tup", "forward_body", "backward_body", "load_module", "cell_fingerprint"]
 
@@ -74,14 +74,7 @@ def cell_fingerprint(cell) -> str:
     """A hash of everything in a cell that ends up in compiled code."""
     h = hashlib.sha256()
     for fn in (cell.forward, cell.backward):
-        h.update(retype_source(fn).encode())
-        for name in fn.__code__.co_names:
-            obj = fn.__globals__.get(name)
-            if callable(obj) and hasattr(obj, "__code__"):
-                try:
-                    h.update(retype_source(obj).encode())
-                except Exception:
-                    h.update(name.encode())
+        h.update(math_fingerprint(fn).encode())
     h.update(f"{cell.name}|{cell.n_gates}|{cell.n_state}|{cell.n_saved}".encode())
     return h.hexdigest()[:16]
 

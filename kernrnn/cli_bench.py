@@ -1,0 +1,102 @@
+"""``kernrnn bench``: CPU speed against PyTorch, side by side (see :mod:`kernrnn.bench`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def _sizes(text: str):
+    sizes = []
+    for part in text.split(";") if ";" in text else text.split(" "):
+        part = part.strip()
+        if not part:
+            continue
+        vals = part.replace("x", ",").split(",")
+        if len(vals) != 4 or not all(v.strip().isdigit() and int(v) > 0 for v in vals):
+            raise ValueError(
+                f"--sizes: each size must be B,T,I,H (four positive ints), got {part!r}")
+        sizes.append(tuple(int(v) for v in vals))
+    if not sizes:
+        raise ValueError("--sizes: give at least one size B,T,I,H")
+    return sizes
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="CPU speed: kernrnn vs PyTorch (float32), start-up time",
+        description="Time kernrnn's CPU kernels and PyTorch (when installed) in one process, "
+                    "interleaved; print medians, ratios, GFLOP/s and the fraction of a float32 "
+                    "GEMM's rate measured in the same run.")
+    p.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cell names")
+    p.add_argument("--sizes", default=None,
+                   help="sizes B,T,I,H separated by spaces or ';' "
+                        "(default: 32,100,64,128 64,100,256,256 64,100,512,512)")
+    p.add_argument("--modes", default="forward,train", help="forward, train or both")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--threads", type=int, default=2, help="threads for every pool")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall seconds (default) or the process's CPU seconds (with --threads 1: "
+                        "per-core cost, robust on a shared machine)")
+    p.add_argument("--no-torch", action="store_true", help="time kernrnn only")
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    p.add_argument("--startup-only", action="store_true", help="only measure start-up")
+    p.add_argument("--markdown", metavar="FILE", help="also write a markdown report to FILE")
+    p.add_argument("--note", default="", help="a line added to the markdown report")
+    p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kernrnn import bench
+    from kernrnn.plugins import get_registry
+
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    known = get_registry().names()
+    for c in cells:
+        if c not in ("rnn", "lstm", "gru"):
+            raise ValueError(f"--cells: PyTorch comparisons exist for rnn, lstm, gru; got {c!r}"
+                             + ("" if c in known else f" (registered cells: {', '.join(known)})"))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in bench.MODES:
+            raise ValueError(f"--modes: expected forward and/or train, got {m!r}")
+    sizes = _sizes(args.sizes) if args.sizes else list(bench.SIZES)
+    for name in ("repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+
+    command = "kernrnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+        if sys.argv and sys.argv[0].endswith("kernrnn") else "kernrnn bench"
+    print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
+    cases = []
+    if not args.startup_only:
+        def progress(case):
+            tail = "" if case.ratio is None else f", ratio {case.ratio:.2f}"
+            print(f"  {case.cell} {case.B},{case.T},{case.I},{case.H} {case.mode}: kernrnn "
+                  f"{case.kern_s * 1e3:.2f} ms{tail}", file=sys.stderr, flush=True)
+
+        cases = bench.run_cases(cells, sizes, modes, repeats=args.repeats, warmup=args.warmup,
+                                threads=args.threads, use_torch=not args.no_torch,
+                                progress=progress, clock=args.clock)
+        if not any(c.torch for c in cases) and not args.no_torch:
+            print("PyTorch is not installed: kernrnn times only "
+                  "(pip install torch for the comparison)")
+        print(bench.format_table(cases))
+    startup = None
+    if not args.no_startup:
+        startup = bench.measure_startup(cells[0] if len(cells) == 1 else "lstm", sizes[0],
+                                        threads=args.threads)
+        print(bench.format_startup(startup))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench.markdown_report(cases, startup, command, args.threads, args.repeats,
+                                          args.note, args.clock))
+        print(f"wrote {args.markdown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(bench.to_json(cases, startup))
+    return 0
