@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 __all__ = ["SIZES", "CELLS", "Case", "run_cases", "measure_startup", "gemm_rate",
-           "format_table", "markdown_report", "set_threads", "flops"]
+           "format_table", "markdown_report", "set_threads", "flops", "plot_ratios"]
 
 CELLS = ("rnn", "lstm", "gru")
 SIZES = ((32, 100, 64, 128), (64, 100, 256, 256), (64, 100, 512, 512))  # (B, T, I, H)
@@ -372,3 +372,47 @@ def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note=
 
 def to_json(cases, startup=None) -> str:
     return json.dumps({"cases": [asdict(c) for c in cases], "startup": startup}, indent=1)
+
+
+def plot_ratios(cases, path, title="kernrnn / PyTorch time (lower is better)") -> list:
+    """Bar chart of the kernrnn/PyTorch time ratios, one bar per case and mode.
+
+    A dashed line marks parity (1.0).  Needs matplotlib (the ``train`` extra).
+    Returns the bars drawn as ``(label, mode, ratio)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [c for c in cases if c.torch]
+    if not timed:
+        raise ValueError("--plot needs PyTorch timings (install torch, drop --no-torch)")
+
+    def label(c):
+        return f"{c.cell}\n{c.B},{c.T},{c.I},{c.H}"
+
+    labels = list(dict.fromkeys(label(c) for c in timed))  # in run order
+    modes = [m for m in MODES if any(c.mode == m for c in timed)]
+    width = 0.8 / len(modes)
+    drawn = []
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 3.6))
+    for k, mode in enumerate(modes):
+        xs, ys = [], []
+        for i, name in enumerate(labels):
+            for c in timed:
+                if c.mode == mode and label(c) == name:
+                    xs.append(i + (k - (len(modes) - 1) / 2) * width)
+                    ys.append(c.ratio)
+                    drawn.append((name, mode, c.ratio))
+        bars = ax.bar(xs, ys, width, label=mode)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("time ratio kernrnn / PyTorch")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn

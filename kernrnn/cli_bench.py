@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", metavar="FILE", help="also write a markdown report to FILE")
     p.add_argument("--note", default="", help="a line added to the markdown report")
     p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw the time ratios as a bar chart")
     p.set_defaults(func=run)
 
 
@@ -99,4 +100,8 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(bench.to_json(cases, startup))
+    if args.plot:
+        bench.plot_ratios(cases, args.plot, title=f"kernrnn / PyTorch time, float32, "
+                          f"{args.threads} threads, {bench.machine()} (lower is better)")
+        print(f"wrote {args.plot}")
     return 0

@@ -154,3 +154,22 @@ def test_bench_cli_rejects_bad_options(capsys):
     assert "--cells" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward", "--no-startup"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+def test_bench_plot_draws_one_bar_per_case(tmp_path):
+    """The ratio chart has a bar per timed case, at the ratio's height."""
+    pytest.importorskip("matplotlib")
+    from kernrnn import bench
+
+    cases = []
+    for mode, k, t in (("forward", 1.0, 2.0), ("train", 3.0, 2.0)):
+        c = bench.Case("gru", 3, 4, 5, 6, mode, gflop=1.0)
+        c.kernrnn, c.torch, c.gemm = [k], [t], [100.0]
+        cases.append(c)
+    path = tmp_path / "ratios.png"
+    drawn = bench.plot_ratios(cases, path)
+    assert drawn == [("gru\n3,4,5,6", "forward", 0.5), ("gru\n3,4,5,6", "train", 1.5)]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="needs PyTorch timings"):
+        bench.plot_ratios([bench.Case("gru", 3, 4, 5, 6, "train", gflop=1.0, kernrnn=[1.0])],
+                          path)

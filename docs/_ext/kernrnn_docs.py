@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-TEXT_SUFFIXES = {".txt", ".md", ".csv", ".json", ".log", ".out"}
+TEXT_SUFFIXES = {".txt", ".md", ".csv", ".log", ".out"}  # raw JSON timings stay in the repo only
 IMAGE_SUFFIXES = {".png", ".svg", ".jpg", ".jpeg"}
 BENCH_PLACEHOLDER = (
     "No benchmark output is committed yet.  The tables on this page are produced by "
