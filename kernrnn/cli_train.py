@@ -259,7 +259,7 @@ def _build(args, ckpt=None):
     if name == "sgd":
         kwargs["momentum"] = opt("momentum")
     elif args.momentum is not None:
-        raise ValueError("--momentum applies to --optimizer sgd only")
+        raise ValueError(f"--momentum applies to --optimizer sgd only, got --optimizer {name}")
     optimizer = make_optimizer(name, **kwargs)
     clip = opt("clip")
     if clip < 0:

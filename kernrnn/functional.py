@@ -76,7 +76,8 @@ def rnn_backward(ctx, dy, dhn=None):
     with keys ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``.
     """
     if ctx is None:
-        raise ValueError("rnn_backward needs the ctx of a forward call made with training=True")
+        raise ValueError("rnn_backward needs the ctx of a forward call made with training=True, "
+                         "got None (that forward ran with training=False)")
     backend = get_backend(ctx.device)
     T, B, _ = ctx.x.shape
     H = ctx.W_hh.shape[1]

@@ -45,7 +45,8 @@ class RNN:
             cell = "rnn" if nonlinearity == "tanh" else "rnn_relu"
         self.cell = resolve_cell(cell)
         if input_size is None or hidden_size is None:
-            raise TypeError("RNN() needs input_size and hidden_size")
+            raise TypeError(f"RNN() needs input_size and hidden_size (ints >= 1), got "
+                            f"input_size={input_size!r}, hidden_size={hidden_size!r}")
         self.input_size = _checks.positive_int(input_size, "input_size")
         self.hidden_size = _checks.positive_int(hidden_size, "hidden_size")
         self.num_layers = _checks.positive_int(num_layers, "num_layers")
@@ -128,10 +129,12 @@ class RNN:
         if device == self.device:
             return self
         backend = get_backend(device)
-        self.params = {k: backend.from_host(_to_host(v)) if device == "cuda" else _to_host(v)
-                       for k, v in self.params.items()}
-        self.grads = {k: backend.from_host(_to_host(v)) if device == "cuda" else _to_host(v)
-                      for k, v in self.grads.items()}
+
+        def move(a):
+            return backend.from_host(_to_host(a)) if device == "cuda" else _to_host(a)
+
+        self.params = {k: move(v) for k, v in self.params.items()}
+        self.grads = {k: move(v) for k, v in self.grads.items()}
         self.device, self._backend, self._ctx = device, backend, None
         return self
 

@@ -9,6 +9,8 @@ empty-saved-tuple corner of the generated kernels).
 Registered through the public hook, exactly as a third-party plugin would.
 """
 
+import os
+
 import numpy as np
 
 from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
@@ -75,3 +77,23 @@ def registry_with_test_cells():
     from kernrnn.plugins import load_registry
 
     return load_registry(autoload=False, plugins=[TestCellsPlugin()])
+
+
+def nvvm_available() -> bool:
+    """Whether ``cuda.compile_ptx`` works here (NVVM from numba-cuda's cu12/cu13 wheels)."""
+    from numba import cuda
+
+    try:
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
+    except Exception:
+        return False
+    return True
+
+
+def nvvm_missing_locally() -> bool:
+    """Skip condition for the PTX checks: NVVM missing, outside CI.
+
+    CI installs the ``cudasim`` extra, so there a missing NVVM is a broken
+    install: the PTX tests then run and fail instead of skipping silently.
+    """
+    return not os.environ.get("CI") and not nvvm_available()

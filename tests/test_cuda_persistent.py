@@ -34,6 +34,7 @@ from kernrnn.plugins import load_registry  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "plugin_fixtures"))
 import mgu_cells  # noqa: E402
+from cuda_test_cells import nvvm_missing_locally  # noqa: E402
 
 REGISTRY = load_registry(autoload=False, plugins=[mgu_cells])
 H100 = cp.DeviceProps(sm_count=132, smem_per_block_optin=227 * 1024, name="H100 (nominal)")
@@ -85,14 +86,6 @@ def test_bad_overrides_name_the_argument():
 # -- PTX compile check ------------------------------------------------------------------
 
 
-def _nvvm_available() -> bool:
-    try:
-        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
-    except Exception:
-        return False
-    return True
-
-
 def _ptxas():
     found = shutil.which("ptxas")
     if found:
@@ -106,7 +99,7 @@ def _ptxas():
 
 
 ptx_check = pytest.mark.skipif(
-    cp._simulator() or not _nvvm_available(),
+    cp._simulator() or nvvm_missing_locally(),
     reason="compile_ptx needs NVVM (numba-cuda[cu12] or [cu13]) and the real CUDA target")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 cuda = pytest.importorskip("numba.cuda", reason="the PTX check needs numba-cuda (extra 'cudasim')")
 
-from cuda_test_cells import registry_with_test_cells  # noqa: E402
+from cuda_test_cells import nvvm_missing_locally, registry_with_test_cells  # noqa: E402
 
 from kernrnn.backends import cuda as cb  # noqa: E402
 
@@ -25,15 +25,7 @@ REGISTRY = registry_with_test_cells()
 F64 = re.compile(r"\.f64\b")
 
 
-def _nvvm_available() -> bool:
-    try:
-        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _nvvm_available(),
+pytestmark = pytest.mark.skipif(nvvm_missing_locally(),
                                 reason="NVVM not found: install numba-cuda[cu12] or [cu13]")
 
 

@@ -44,6 +44,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
+from kernrnn.backends import input_and_weight_gradients
 from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
 from kernrnn.scalar import compile_scalar
 
@@ -316,18 +317,23 @@ def _n_chunks(batch: int) -> int:
     return max(1, min(batch // MIN_ROWS_PER_CHUNK, n_threads()))
 
 
-def _run_chunks(kernel, args, batch: int) -> None:
-    """``kernel(*args, b0, b1)`` over batch chunks, one per thread, in parallel."""
+def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
+    """``kernel(*args, *per_chunk[c], b0, b1)`` over batch chunks, one per thread.
+
+    ``per_chunk`` (one tuple per chunk, e.g. a private bias-gradient row) keeps
+    threads from writing to the same memory; None gives every chunk nothing.
+    """
     nchunk = _n_chunks(batch)
-    if nchunk == 1:
-        kernel(*args, 0, batch)
-        return
+    extra = per_chunk if per_chunk is not None else [()] * nchunk
     bounds = [(c * batch // nchunk, (c + 1) * batch // nchunk) for c in range(nchunk)]
+    if nchunk == 1:
+        kernel(*args, *extra[0], *bounds[0])
+        return
     with _blas_single_thread():
         pool = _executor(nchunk - 1)
-        futures = [pool.submit(kernel, *args, b0, b1) for b0, b1 in bounds[1:]]
+        futures = [pool.submit(kernel, *args, *extra[c], *bounds[c]) for c in range(1, nchunk)]
         try:
-            kernel(*args, *bounds[0])
+            kernel(*args, *extra[0], *bounds[0])
         finally:
             for f in futures:
                 f.result()
@@ -383,8 +389,8 @@ def backward(ctx: ForwardContext, dy, dhn):
 
     ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
     """
-    x, W_ih, W_hh = ctx.x, ctx.W_ih, ctx.W_hh
-    T, B, I = x.shape
+    x, W_hh = ctx.x, ctx.W_hh
+    T, B, _ = x.shape
     H = W_hh.shape[1]
     GH = W_hh.shape[0]
     k = get_kernels(ctx.cell, x.dtype)
@@ -396,30 +402,16 @@ def backward(ctx: ForwardContext, dy, dhn):
     db_ih = np.zeros((nchunk, GH), dtype=x.dtype)
     db_hh = db_ih if k.same_grads else np.zeros((nchunk, GH), dtype=x.dtype)
     if T > 0:
-        args = (dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths, ctx.reverse, dXW, dHU, dH)
-        if nchunk == 1:
-            k.backward_loop(*args, db_ih[0], db_hh[0], 0, B)
-        else:
-            # one bias-gradient row per chunk: no two threads add to one row
-            bounds = [(c * B // nchunk, (c + 1) * B // nchunk) for c in range(nchunk)]
-            with _blas_single_thread():
-                pool = _executor(nchunk - 1)
-                futures = [pool.submit(k.backward_loop, *args, db_ih[c], db_hh[c], *bounds[c])
-                           for c in range(1, nchunk)]
-                try:
-                    k.backward_loop(*args, db_ih[0], db_hh[0], *bounds[0])
-                finally:
-                    for f in futures:
-                        f.result()
-    Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
-    dXW2 = dXW.reshape(T * B, GH)
-    dHU2 = dHU.reshape(T * B, GH)
+        # one bias-gradient row per chunk: no two threads add to one row
+        _run_chunks(k.backward_loop,
+                    (dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths, ctx.reverse, dXW, dHU, dH),
+                    B, per_chunk=[(db_ih[c], db_hh[c]) for c in range(nchunk)])
+    dx, dW_ih, dW_hh = input_and_weight_gradients(ctx, dXW, dHU)
     bias_ih = db_ih.sum(axis=0)
     grads = {
-        "weight_ih": dXW2.T @ x.reshape(T * B, I),
-        "weight_hh": dHU2.T @ Hprev.reshape(T * B, H),
+        "weight_ih": dW_ih,
+        "weight_hh": dW_hh,
         "bias_ih": bias_ih,
         "bias_hh": bias_ih.copy() if k.same_grads else db_hh.sum(axis=0),
     }
-    dx = (dXW2 @ W_ih).reshape(T, B, I)
     return dx, dS, grads

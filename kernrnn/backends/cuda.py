@@ -54,6 +54,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from kernrnn.backends import input_and_weight_gradients
 from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
 from kernrnn.scalar import compile_scalar
 
@@ -784,9 +785,8 @@ def backward(ctx: ForwardContext, dy, dhn):
 
     ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
     """
-    x, W_ih, W_hh = ctx.x, ctx.W_ih, ctx.W_hh
-    T, B, I = x.shape
-    H = W_hh.shape[1]
+    x, W_hh = ctx.x, ctx.W_hh
+    T, B, _ = x.shape
     GH = W_hh.shape[0]
     dtype = x.dtype
     dS = xp.array(dhn, dtype=dtype, copy=True)
@@ -799,14 +799,11 @@ def backward(ctx: ForwardContext, dy, dhn):
         else:
             _gemm_backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths,
                                 ctx.reverse, dXW, dHU)
-    Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
-    dXW2 = dXW.reshape(T * B, GH)
-    dHU2 = dHU.reshape(T * B, GH)
+    dx, dW_ih, dW_hh = input_and_weight_gradients(ctx, dXW, dHU)
     grads = {
-        "weight_ih": xp.matmul(dXW2.T, x.reshape(T * B, I)),
-        "weight_hh": xp.matmul(dHU2.T, Hprev.reshape(T * B, H)),
-        "bias_ih": dXW2.sum(axis=0),
-        "bias_hh": dHU2.sum(axis=0),
+        "weight_ih": dW_ih,
+        "weight_hh": dW_hh,
+        "bias_ih": dXW.sum(axis=(0, 1)),
+        "bias_hh": dHU.sum(axis=(0, 1)),
     }
-    dx = xp.matmul(dXW2, W_ih).reshape(T, B, I)
     return dx, dS, grads

@@ -119,7 +119,7 @@ class SGD(Optimizer):
         self.weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
 
     def hyperparams(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
