@@ -11,7 +11,7 @@ float32: eps = 1.2e-7.  Each step rounds the GEMMs (sum of I+H products, error
 functions (fast CPU approximations are within ~2e-7).  With weights bounded by
 1/sqrt(H) as in the default init, activations are O(1) and errors add up over
 T steps and L layers.  ``2e-4`` absolute + relative is meant for any problem
-size a plugin author may pass to :func:`check_cell` (T, I, H up to a few
+size a plugin author may pass to :func:`kernrnn.testing.check_cell` (T, I, H up to a few
 hundred): a random-walk estimate eps * sqrt(I+H) * sqrt(T) gives ~3e-5 at
 T = I = H = 300.  On the small problems the test-suite draws (T <= 12, I, H <= 6) the worst errors seen are 4e-7 forward
 and 1.6e-6 for gradients (300 examples per property, ``HYPOTHESIS_PROFILE=
