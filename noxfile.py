@@ -58,4 +58,4 @@ def bench(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
     """GPU checks and benchmark in the current environment (CuPy, numba-cuda, PyTorch)."""
-    session.run("python", "-m", "kernrnn.bench_gpu", *session.posargs)
+    session.run("python", "-m", "kernrnn.bench.gpu", *session.posargs)

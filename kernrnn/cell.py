@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernrnn.plugins import hookimpl
+from kernrnn.hooks import hookimpl
 
 __all__ = ["Cell", "CellError", "hookimpl", "sigmoid", "tanh", "relu"]
 

@@ -19,15 +19,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import pluggy
 
+from kernrnn.hooks import PROJECT, CellSpecs
+
 if TYPE_CHECKING:
     from kernrnn.cell import Cell
 
 __all__ = [
-    "PROJECT",
     "AUTOLOAD_ENV",
-    "hookimpl",
-    "hookspec",
-    "CellSpecs",
     "CellRegistry",
     "CellSource",
     "PluginError",
@@ -37,29 +35,9 @@ __all__ = [
     "reset_registry",
 ]
 
-#: pluggy project name and entry-point group of cell plugins.
-PROJECT = "kernrnn"
 #: Name of the environment variable that, set to 1, loads only the shipped cells.
 AUTOLOAD_ENV = "KERNRNN_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = ("kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru")
-
-#: Marks a hook specification (used by :class:`CellSpecs`).
-hookspec = pluggy.HookspecMarker(PROJECT)
-#: Marks a plugin's hook implementation, e.g. ``@hookimpl def kernrnn_register_cells(registry)``.
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-class CellSpecs:
-    """Hook specifications of kernrnn (the plugin API)."""
-
-    @hookspec
-    def kernrnn_register_cells(self, registry: "CellRegistry") -> None:
-        """Add this plugin's cells with ``registry.add(cell)``.
-
-        Called once per plugin when the registry is built.  ``registry`` is a
-        :class:`kernrnn.plugins.CellRegistry`.
-        """
-
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or registered a bad cell."""

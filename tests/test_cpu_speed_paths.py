@@ -132,7 +132,7 @@ def test_same_grads_detection():
 
 
 def test_bench_runs_small_case_and_reports(tmp_path):
-    from kernrnn import bench
+    from kernrnn.bench import cpu as bench
 
     cases = bench.run_cases(["gru"], [(3, 4, 5, 6)], repeats=2, warmup=1, threads=1,
                             use_torch=False)
@@ -159,7 +159,7 @@ def test_bench_cli_rejects_bad_options(capsys):
 def test_bench_plot_draws_one_bar_per_case(tmp_path):
     """The ratio chart has a bar per timed case, at the ratio's height."""
     pytest.importorskip("matplotlib")
-    from kernrnn import bench
+    from kernrnn.bench import cpu as bench
 
     cases = []
     for mode, k, t in (("forward", 1.0, 2.0), ("train", 3.0, 2.0)):

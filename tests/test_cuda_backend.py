@@ -53,7 +53,7 @@ def test_persistent_path_needs_its_module(monkeypatch):
 
     monkeypatch.setattr(cb, "_persistent_module", lambda: None)
     lstm = get_registry().get("lstm")
-    with pytest.raises(ValueError, match="cuda_persistent"):
+    with pytest.raises(ValueError, match="cuda.persistent"):
         cb._resolve_path("persistent", lstm, np.float32, 4, 8, True)
     assert cb._resolve_path("auto", lstm, np.float32, 4, 8, True) == "gemm"
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 cuda = pytest.importorskip("numba.cuda", reason="needs numba-cuda (extra 'cudasim')")
 
-from kernrnn.backends import cuda_persistent as cp  # noqa: E402
+from kernrnn.backends.cuda import persistent as cp  # noqa: E402
 from kernrnn.plugins import load_registry  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -182,14 +182,18 @@ def _gpu_available() -> bool:
 @pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU and CuPy")
 def test_gpu_selfcheck(capsys):
     """Several-block persistent launches with the real grid barrier vs the CPU kernels."""
-    ok = cp.gpu_selfcheck()
+    from kernrnn.bench import persistent as bench_persistent
+
+    ok = bench_persistent.gpu_selfcheck()
     report = capsys.readouterr().out
     assert ok, report
 
 
 def test_main_rejects_unknown_task(capsys):
+    from kernrnn.bench import persistent as bench_persistent
+
     with pytest.raises(SystemExit) as exc:
-        cp.main(["nope"])
+        bench_persistent.main(["nope"])
     assert exc.value.code == 2
     assert "nope" in capsys.readouterr().err
 

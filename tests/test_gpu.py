@@ -1,6 +1,6 @@
 """Tests on a real GPU (marker ``gpu``); skipped where CuPy, numba-cuda or a GPU is missing.
 
-Run them with ``pytest -m gpu`` (``python -m kernrnn.bench_gpu`` does, too).
+Run them with ``pytest -m gpu`` (``python -m kernrnn.bench.gpu`` does, too).
 """
 
 import numpy as np
@@ -177,7 +177,7 @@ def test_to_cuda_and_back():
 
 def test_paths_agree():
     if cb._persistent_module() is None:
-        pytest.skip("kernrnn.backends.cuda_persistent is not installed")
+        pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     from kernrnn.testing.strategies import Problem
 
     cell = REGISTRY.get("lstm")

@@ -1,7 +1,7 @@
 """Sphinx helpers for kernrnn's documentation.
 
 * ``kernrnn-hookspecs``: the plugin hook reference, generated from the hook
-  specifications in :class:`kernrnn.plugins.CellSpecs`, so a new hook is
+  specifications in :class:`kernrnn.hooks.CellSpecs`, so a new hook is
   documented as soon as it is specified (use it inside an ``eval-rst`` block).
 * ``kernrnn-cells``: a table of the cells shipped with kernrnn, read from the
   registry.
@@ -33,7 +33,7 @@ BENCH_PLACEHOLDER = (
 
 def hookspecs() -> list[tuple[str, object, dict]]:
     """(name, function, pluggy options) of every hook specification, in source order."""
-    from kernrnn.plugins import PROJECT, CellSpecs
+    from kernrnn.hooks import PROJECT, CellSpecs
 
     marker = f"{PROJECT}_spec"
     found = []
@@ -46,12 +46,12 @@ def hookspecs() -> list[tuple[str, object, dict]]:
 
 def hookspec_rst() -> str:
     """reStructuredText documenting every hook specification."""
-    lines = [".. autoclass:: kernrnn.plugins.CellSpecs", ""]
+    lines = [".. autoclass:: kernrnn.hooks.CellSpecs", ""]
     for name, fn, opts in hookspecs():
         params = [p for p in inspect.signature(fn).parameters if p != "self"]
         flags = ", ".join(f"``{k}={v!r}``" for k, v in sorted(opts.items()) if v) or "none"
         lines += [
-            f".. automethod:: kernrnn.plugins.CellSpecs.{name}",
+            f".. automethod:: kernrnn.hooks.CellSpecs.{name}",
             "",
             f"   **Hook options:** {flags}.  A plugin implements it as a plain function",
             "   (or method) of the same name, decorated with :data:`kernrnn.hookimpl`,",

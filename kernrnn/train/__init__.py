@@ -2,7 +2,7 @@
 
 Everything here runs with explicit forward and backward passes on the
 model's device (NumPy arrays on the CPU, CuPy arrays with the CUDA backend).
-``kernrnn train`` (:mod:`kernrnn.cli_train`) is the command-line front end.
+``kernrnn train`` (:mod:`kernrnn.cli.train`) is the command-line front end.
 """
 
 from kernrnn.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

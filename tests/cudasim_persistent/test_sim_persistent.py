@@ -30,7 +30,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kernrnn.backends import cpu  # noqa: E402
-from kernrnn.backends import cuda_persistent as cp  # noqa: E402
+from kernrnn.backends.cuda import persistent as cp  # noqa: E402
 from kernrnn.plugins import load_registry  # noqa: E402
 from kernrnn.testing import tolerances as tol  # noqa: E402
 from kernrnn.testing.reference import reference_direction  # noqa: E402

@@ -14,9 +14,9 @@ __all__ = ["main", "COMMANDS"]
 
 # module paths providing add_parser(subparsers); each parser sets func=handler
 COMMANDS = [
-    "kernrnn.cli_cells",
-    "kernrnn.cli_train",
-    "kernrnn.cli_bench",
+    "kernrnn.cli.cells",
+    "kernrnn.cli.train",
+    "kernrnn.cli.bench",
 ]
 
 

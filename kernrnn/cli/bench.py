@@ -1,4 +1,4 @@
-"""``kernrnn bench``: CPU speed against PyTorch, side by side (see :mod:`kernrnn.bench`)."""
+"""``kernrnn bench``: CPU speed against PyTorch, side by side (see :mod:`kernrnn.bench.cpu`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from kernrnn import bench
+    from kernrnn.bench import cpu as bench
     from kernrnn.plugins import get_registry
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]

@@ -1,4 +1,4 @@
-"""GPU check and benchmark: ``python -m kernrnn.bench_gpu``.
+"""GPU check and benchmark: ``python -m kernrnn.bench.gpu``.
 
 On a machine with an NVIDIA GPU, CuPy, numba-cuda and PyTorch (CUDA), in a
 few minutes and without network:
@@ -18,7 +18,7 @@ few minutes and without network:
 Exit status 0 when every check passed, 1 when one failed, 2 when there is no
 usable GPU.  ``--out FILE`` also writes the report as Markdown (commit it as
 ``docs/benchmarks/cuda-<date>-<gpu>.md``).  From a source checkout without
-installing: ``PYTHONPATH=.:plugins python3 -m kernrnn.bench_gpu --out FILE``.
+installing: ``PYTHONPATH=.:plugins python3 -m kernrnn.bench.gpu --out FILE``.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench_gpu",
+    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench.gpu",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="timed runs per case (default 20)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")

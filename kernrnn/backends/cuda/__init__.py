@@ -25,7 +25,7 @@ the per-step GEMMs call cuBLAS directly.  With ``KERNRNN_CUDA_GRAPHS=1`` (or
 CUDA graph and replayed, removing the per-launch Python cost.
 
 The recurrence can instead run in the persistent fused kernel of
-:mod:`kernrnn.backends.cuda_persistent` (when that module exists); choose with
+:mod:`kernrnn.backends.cuda.persistent` (when that module exists); choose with
 ``KERNRNN_CUDA_PATH=auto|gemm|persistent`` or :func:`set_path`.  Its contract:
 
 * ``supports(cell, dtype, B, H, training) -> bool`` (optional; used by ``auto``)
@@ -538,9 +538,9 @@ def _check_path(path, name):
 
 def _persistent_module():
     try:
-        return importlib.import_module("kernrnn.backends.cuda_persistent")
+        return importlib.import_module("kernrnn.backends.cuda.persistent")
     except ModuleNotFoundError as exc:
-        if exc.name != "kernrnn.backends.cuda_persistent":
+        if exc.name != "kernrnn.backends.cuda.persistent":
             raise
         return None
 
@@ -553,7 +553,7 @@ def _resolve_path(path, cell, dtype, B, H, training) -> str:
     if path == "persistent":
         if mod is None:
             raise ValueError(
-                "path='persistent' needs kernrnn.backends.cuda_persistent, which this "
+                "path='persistent' needs kernrnn.backends.cuda.persistent, which this "
                 "installation lacks; use path='gemm' or 'auto'"
             )
         return "persistent"
