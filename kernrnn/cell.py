@@ -1,23 +1,67 @@
 """The cell contract: what a plugin author writes, once, for a new recurrent cell.
 
-A cell is its per-element math.  ``forward(xw, hu, prev)`` receives, for one
-(batch, unit) element, the G gate pre-activations coming from the input
+A cell is its per-element math.  ``forward(xw, hu, prev, *params)`` receives,
+for one (batch, unit) element, the G gate pre-activations coming from the input
 (``xw``, bias ``b_ih`` included) and from the previous hidden state (``hu``,
-bias ``b_hh`` included) as tuples of scalars, and the previous state as a tuple
-of scalars (``(h,)`` or ``(h, c)``).  It returns ``(new_state, saved)``: the new
+bias ``b_hh`` included) as tuples of scalars, the previous state as a tuple of
+scalars (``(h,)`` or ``(h, c)``), and one tuple of scalars per declared
+per-unit parameter (:class:`Param`).  It returns ``(new_state, saved)``: the new
 state tuple and whatever scalars the backward pass needs.
 
-``backward(saved, prev, dstate)`` receives those saved scalars, the previous
-state and the gradient arriving at this step's new state, and returns
-``(dxw, dhu, dprev)``: gradients of the G input and recurrent pre-activations
-and the element-wise part of the gradient of the previous state (the part that
-does not flow through ``W_hh``; the core adds ``dhu @ W_hh`` itself).
+``backward(saved, prev, dstate, *params)`` receives those saved scalars, the
+previous state, the gradient arriving at this step's new state and the
+parameters, and returns ``(dxw, dhu, dprev, *dparams)``: gradients of the G
+input and recurrent pre-activations, the element-wise part of the gradient of
+the previous state (the part that does not flow through ``W_hh``; the core adds
+``dhu @ W_hh`` itself) and one tuple per parameter with this element's
+contribution to its gradient (the core sums them over time and batch, in a
+fixed order, without atomics).
 
-Both are plain Python using ``math`` and the helpers below.  The core compiles
-them with Numba for every backend and precision (constants take the kernel's
-precision, see :mod:`kernrnn.scalar`) and builds the time loop, the GEMMs and
-backpropagation through time around them.  ``reference`` is an independent
-float64 NumPy version of ``forward`` used by the tests and by
+The recurrent product is declared with ``recurrent``:
+
+* ``"dense"`` (default): ``hu = W_hh h + b_hh`` with ``weight_hh [Gr*H, H]``;
+* ``"heads"``: a block-diagonal ``W_hh`` of ``heads`` blocks of ``dh = H/heads``
+  units, run as one product per head (the sLSTM / FlashRNN layout);
+  ``weight_hh`` is ``[heads, Gr*dh, dh]``: row ``g*dh + i`` of head ``k`` feeds
+  gate ``g`` of unit ``k*dh + i`` from units ``k*dh .. k*dh+dh-1``;
+* ``"none"``: no recurrent matrix and no ``weight_hh``/``bias_hh`` at all; the
+  math then has no ``hu`` argument and ``backward`` returns no ``dhu``:
+  ``forward(xw, prev, *params)``, ``backward(...) -> (dxw, dprev, *dparams)``.
+
+``recurrent_gates`` names the gates that have a recurrent part (default: all);
+``hu`` still has G entries, zero for the others, and ``weight_hh`` has ``Gr*H``
+rows for the ``Gr`` recurrent gates only.
+
+Normalisation inside the kernels (each optional):
+
+* ``input_norm`` / ``recurrent_norm``: layer norm or RMS norm (:class:`Norm`)
+  of ``W_ih x`` / ``W_hh h`` over each gate block (or the whole row), times a
+  learnable gain (``norm_ih_weight`` / ``norm_hh_weight``); ``bias_ih`` /
+  ``bias_hh`` are added after it and act as the norm's bias;
+* ``normalize = ("c",)`` with ``forward2``/``backward2``: a two-stage step for a
+  value normalised over the hidden units in the middle of the step (LayerNorm
+  LSTM's cell state).  Stage 1 ``forward(...) -> (z, mid)`` returns the values
+  to normalise and the values stage 2 needs; the core normalises each ``z[k]``
+  over the H units of the row, applies gain and bias (``norm_c_weight``,
+  ``norm_c_bias``) and calls ``forward2(zn, mid, prev, *params) -> (new_state,
+  saved)``.  Backward runs in reverse: ``backward2(saved, zn, mid, prev, dstate,
+  *params) -> (dzn, dmid, dprev, *dparams)``, the core's normalisation backward,
+  then ``backward(mid, prev, dz, dmid, *params) -> (dxw, dhu, dprev, *dparams)``
+  (both ``dprev`` and ``dparams`` are added up).
+
+``linear=True`` declares a step linear in the state, ``new_s = a_s * prev_s +
+b_s`` with ``a``, ``b`` from the input alone (minGRU, minLSTM; needs
+``recurrent="none"``): the CUDA backend then runs time as a parallel scan.
+
+All math is plain Python using ``math`` and the helpers below.  The core
+compiles it with Numba for every backend and precision (constants take the
+kernel's precision, see :mod:`kernrnn.scalar`) and builds the time loop, the
+GEMMs and backpropagation through time around it.  ``reference`` is an
+independent float64 NumPy version of the whole step,
+``reference(xw, hu, prev, *params)`` on ``[B, H]`` arrays (no ``hu`` for
+``recurrent="none"``; each parameter a tuple of ``[H]`` arrays; a cell with
+``normalize`` also gets ``norm=``, a function ``norm(name, z)`` that applies the
+layer's normalisation to ``z``), used by the tests and by
 :func:`kernrnn.testing.check_cell`.
 """
 
@@ -32,7 +76,8 @@ import numpy as np
 
 from kernrnn.hooks import hookimpl
 
-__all__ = ["Cell", "CellError", "hookimpl", "sigmoid", "tanh", "relu"]
+__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
+           "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -117,6 +162,77 @@ def _default_init(rng: np.random.Generator, name: str, shape: tuple, hidden_size
     return rng.uniform(-bound, bound, size=shape)
 
 
+#: The recurrence forms a cell can declare (see the module docstring).
+RECURRENT_FORMS = ("dense", "heads", "none")
+#: Added to the variance in every normalisation (as PyTorch's and haste's layer norm).
+NORM_EPS = 1e-5
+_NORM_KINDS = ("layer", "rms")
+_NORM_OVER = ("gate", "row")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A learnable per-unit vector of a cell: ``blocks * H`` values.
+
+    The math receives it as a tuple of ``blocks`` scalars per element (value
+    ``k*H + j`` is entry ``k`` at unit ``j``); in ``state_dict()`` it is
+    ``{name}_l{layer}``.  ``init`` is a number (every value) or a function
+    ``init(rng, shape, hidden_size) -> array``; it is required, since no
+    default suits every parameter.
+    """
+
+    name: str
+    init: Callable | float | int | None = None
+    blocks: int = 1
+    description: str = ""
+
+    @property
+    def size_blocks(self) -> int:
+        """Number of scalars per element (``blocks``)."""
+        return self.blocks
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation the core runs inside the kernels.
+
+    ``kind``: ``"layer"`` ((v - mean) / sqrt(var + eps)) or ``"rms"``
+    (v / sqrt(mean(v^2) + eps)); ``over``: ``"gate"`` normalises each gate
+    block of H units separately, ``"row"`` all values of the row together (as
+    haste's LayerNormLSTM does for ``W x`` and ``R h``).
+    """
+
+    kind: str = "layer"
+    over: str = "gate"
+
+
+def reference_norm(z, gain, bias, kind: str = "layer"):
+    """Float64 NumPy normalisation of ``z [..., N]`` over its last axis, then ``* gain + bias``.
+
+    For ``reference`` steps of cells with ``normalize`` (the layer passes it in
+    as ``norm``) and for :mod:`kernrnn.testing`.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if kind == "layer":
+        z = z - z.mean(axis=-1, keepdims=True)
+    zhat = z / np.sqrt((z * z).mean(axis=-1, keepdims=True) + NORM_EPS)
+    return zhat * gain + bias
+
+
+def _as_norm(value, what: str, fail) -> Norm | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = Norm(value)
+    if not isinstance(value, Norm):
+        fail(f"{what} must be None, 'layer', 'rms' or a kernrnn.cell.Norm, got {value!r}")
+    if value.kind not in _NORM_KINDS:
+        fail(f"{what}.kind must be one of {_NORM_KINDS}, got {value.kind!r}")
+    if value.over not in _NORM_OVER:
+        fail(f"{what}.over must be one of {_NORM_OVER}, got {value.over!r}")
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class Cell:
     """One recurrent cell type, defined once for every backend.
@@ -131,16 +247,33 @@ class Cell:
     forward, backward:
         The per-element math, see the module docstring.
     reference:
-        Float64 NumPy step ``reference(xw, hu, prev) -> new_state``, where each
-        argument is a tuple of ``[B, H]`` arrays (G, G and S of them).
+        Float64 NumPy step on ``[B, H]`` arrays returning the new state tuple,
+        see the module docstring.
     state:
         Names of the state components; the first is the output ``h``.
     init:
-        ``init(rng, name, shape, hidden_size) -> array`` for each parameter
-        (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``); PyTorch's
-        uniform default when omitted.
+        ``init(rng, name, shape, hidden_size) -> array`` for the matrices and
+        biases (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``);
+        PyTorch's uniform default when omitted.
     description:
         One line shown by ``kernrnn cells``.
+    params:
+        Per-unit learnable vectors (:class:`Param`), passed to the math in this
+        order after ``prev``.
+    recurrent:
+        ``"dense"``, ``"heads"`` or ``"none"`` (see the module docstring).
+    heads:
+        Number of heads for ``recurrent="heads"`` (must divide the hidden size).
+    recurrent_gates:
+        Labels of the gates with a recurrent part (default: all gates).
+    input_norm, recurrent_norm:
+        None, ``"layer"``, ``"rms"`` or a :class:`Norm`.
+    normalize, normalize_kind:
+        Names of the values a two-stage step normalises over the hidden units,
+        and how (``"layer"`` or ``"rms"``); needs ``forward2`` and ``backward2``.
+    linear:
+        The step is linear in the state (``new = a * prev + b``, element-wise
+        per state component); checked on samples.
     """
 
     name: str
@@ -151,7 +284,21 @@ class Cell:
     state: tuple[str, ...] = ("h",)
     init: Callable | None = None
     description: str = ""
+    params: tuple[Param, ...] = ()
+    recurrent: str = "dense"
+    heads: int | None = None
+    recurrent_gates: str | None = None
+    input_norm: Norm | str | None = None
+    recurrent_norm: Norm | str | None = None
+    normalize: tuple[str, ...] = ()
+    normalize_kind: str = "layer"
+    forward2: Callable | None = None
+    backward2: Callable | None = None
+    linear: bool = False
     n_saved: int = field(init=False, default=-1)
+    n_mid: int = field(init=False, default=0)
+
+    # -- sizes -------------------------------------------------------------------
 
     @property
     def n_gates(self) -> int:
@@ -168,10 +315,102 @@ class Cell:
         """One character per gate block (``?`` when ``gates`` was given as a number)."""
         return self.gates if isinstance(self.gates, str) else "?" * self.gates
 
+    @property
+    def has_recurrent(self) -> bool:
+        """True unless ``recurrent="none"`` (then there is no ``hu`` and no ``W_hh``)."""
+        return self.recurrent != "none"
+
+    @property
+    def recurrent_gate_indices(self) -> tuple[int, ...]:
+        """Indices of the gates with a recurrent part (rows of ``weight_hh``, in order)."""
+        if not self.has_recurrent:
+            return ()
+        if self.recurrent_gates is None:
+            return tuple(range(self.n_gates))
+        return tuple(self.gate_labels.index(c) for c in self.recurrent_gates)
+
+    @property
+    def n_recurrent_gates(self) -> int:
+        """Gr, the number of gate blocks with a recurrent part."""
+        return len(self.recurrent_gate_indices)
+
+    @property
+    def n_param_scalars(self) -> int:
+        """Scalars of per-unit parameters per element (the sum of their ``blocks``)."""
+        return sum(p.blocks for p in self.params)
+
+    @property
+    def n_norm(self) -> int:
+        """Number of values normalised in the middle of the step (``len(normalize)``)."""
+        return len(self.normalize)
+
+    @property
+    def plain(self) -> bool:
+        """A cell of the first contract: dense recurrence over all gates, nothing else.
+
+        The persistent CUDA kernel runs only these.
+        """
+        return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
+                and self.input_norm is None and self.recurrent_norm is None
+                and not self.normalize)
+
+    def n_heads(self, hidden_size: int) -> int:
+        """Heads of the recurrent product for ``hidden_size`` (1 for ``"dense"``)."""
+        return self.heads if self.recurrent == "heads" else 1
+
+    def check_hidden_size(self, hidden_size: int) -> None:
+        """Raise :class:`CellError` if this cell cannot run with ``hidden_size`` units."""
+        if self.recurrent == "heads" and hidden_size % self.heads:
+            raise CellError(
+                f"cell {self.name!r}{_source_note(self)}: heads={self.heads} must divide the "
+                f"hidden size, got hidden_size={hidden_size}"
+            )
+
+    # -- parameters --------------------------------------------------------------
+
+    def param_shapes(self, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
+        """Every learnable array of one layer direction: name (no suffix) -> shape.
+
+        PyTorch's four first (``weight_hh``/``bias_hh`` only with a recurrent
+        product), then the per-unit parameters, then the normalisation gains
+        and biases.
+        """
+        self.check_hidden_size(hidden_size)
+        G, H, Gr = self.n_gates, hidden_size, self.n_recurrent_gates
+        shapes = {"weight_ih": (G * H, input_size)}
+        if self.recurrent == "dense":
+            shapes["weight_hh"] = (Gr * H, H)
+        elif self.recurrent == "heads":
+            dh = H // self.heads
+            shapes["weight_hh"] = (self.heads, Gr * dh, dh)
+        shapes["bias_ih"] = (G * H,)
+        if self.has_recurrent:
+            shapes["bias_hh"] = (Gr * H,)
+        for p in self.params:
+            shapes[p.name] = (p.blocks * H,)
+        if self.input_norm is not None:
+            shapes["norm_ih_weight"] = (G * H,)
+        if self.recurrent_norm is not None:
+            shapes["norm_hh_weight"] = (Gr * H,)
+        for v in self.normalize:
+            shapes[f"norm_{v}_weight"] = (H,)
+            shapes[f"norm_{v}_bias"] = (H,)
+        return shapes
+
     def init_params(self, rng, name: str, shape: tuple, hidden_size: int) -> np.ndarray:
         """Initial float64 values of parameter ``name`` (``weight_ih``, ...), shape checked."""
-        fn = self.init or _default_init
-        arr = np.asarray(fn(rng, name, shape, hidden_size), dtype=np.float64)
+        declared = {p.name: p for p in self.params}
+        if name in declared:
+            init = declared[name].init
+            if callable(init):
+                arr = np.asarray(init(rng, tuple(shape), hidden_size), dtype=np.float64)
+            else:
+                arr = np.full(shape, float(init))
+        elif name.startswith("norm_"):
+            arr = np.zeros(shape) if name.endswith("_bias") else np.ones(shape)
+        else:
+            fn = self.init or _default_init
+            arr = np.asarray(fn(rng, name, shape, hidden_size), dtype=np.float64)
         if arr.shape != tuple(shape):
             raise CellError(
                 f"cell {self.name!r}: init returned shape {arr.shape} for {name}, "
@@ -179,8 +418,42 @@ class Cell:
             )
         return arr
 
+    # -- how the math is called (shared by validation, codegen and the reference) ---
+
+    def forward_args(self, xw, hu, prev, params) -> tuple:
+        """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product)."""
+        head = (xw, hu, prev) if self.has_recurrent else (xw, prev)
+        return head + tuple(params)
+
+    def split_backward(self, out) -> tuple:
+        """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none")."""
+        if self.has_recurrent:
+            return out[0], out[1], out[2], tuple(out[3:])
+        return out[0], None, out[1], tuple(out[2:])
+
+    def math_signatures(self) -> list[tuple[str, list[int], list[int]]]:
+        """Each function of the math: ``(attribute, tuple sizes of its arguments, of its results)``.
+
+        The one description of the calling convention, used to compile and
+        check the math (:mod:`kernrnn.scalar`) and to generate the kernels
+        (:mod:`kernrnn.backends.codegen`).
+        """
+        G, S, K, NZ, NM = self.n_gates, self.n_state, self.n_saved, self.n_norm, self.n_mid
+        P = [p.blocks for p in self.params]
+        rec = [G] if self.has_recurrent else []
+        grads = [G] + rec + [S] + P
+        if not self.normalize:
+            return [("forward", [G] + rec + [S] + P, [S, K]),
+                    ("backward", [K, S, S] + P, grads)]
+        return [("forward", [G] + rec + [S] + P, [NZ, NM]),
+                ("forward2", [NZ, NM, S] + P, [S, K]),
+                ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + P),
+                ("backward", [NM, S, NZ, NM] + P, grads)]
+
     def __post_init__(self):
         self.validate()
+
+    # -- validation --------------------------------------------------------------
 
     def validate(self) -> None:
         """Check the definition by running its math on sample values.
@@ -191,7 +464,7 @@ class Cell:
         first built.
         """
         def fail(msg: str):
-            raise CellError(f"cell {self.name!r}: {msg}")
+            raise CellError(f"cell {self.name!r}{_source_note(self)}: {msg}")
 
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise CellError(
@@ -216,49 +489,245 @@ class Cell:
                 fail(f"{attr} must be a function, got {getattr(self, attr)!r}")
         if self.init is not None and not callable(self.init):
             fail(f"init must be a function or None, got {self.init!r}")
+        self._validate_forms(fail)
+        self._validate_math(fail)
 
-        G, S = self.n_gates, self.n_state
+    def _validate_forms(self, fail) -> None:
+        if self.recurrent not in RECURRENT_FORMS:
+            fail(f"recurrent must be one of {RECURRENT_FORMS}, got {self.recurrent!r}")
+        if self.recurrent == "heads":
+            if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+                fail(f"recurrent='heads' needs heads=<int >= 1>, got heads={self.heads!r}")
+        elif self.heads is not None:
+            fail(f"heads={self.heads!r} is only meaningful with recurrent='heads', "
+                 f"got recurrent={self.recurrent!r}")
+        if self.recurrent_gates is not None:
+            if not self.has_recurrent:
+                fail("recurrent_gates needs a recurrent product, got recurrent='none'")
+            if not isinstance(self.recurrent_gates, str) or not isinstance(self.gates, str):
+                fail(f"recurrent_gates must be a string of gate labels (with gates given as "
+                     f"labels), got recurrent_gates={self.recurrent_gates!r}, "
+                     f"gates={self.gates!r}")
+            bad = [c for c in self.recurrent_gates if c not in self.gates]
+            if bad or not self.recurrent_gates or len(set(self.recurrent_gates)) != len(
+                    self.recurrent_gates):
+                fail(f"recurrent_gates must be distinct labels out of gates={self.gates!r}, "
+                     f"got {self.recurrent_gates!r}")
+            order = [self.gates.index(c) for c in self.recurrent_gates]
+            if order != sorted(order):
+                fail(f"recurrent_gates must keep the order of gates={self.gates!r}, got "
+                     f"{self.recurrent_gates!r}")
+        if not isinstance(self.params, tuple) or not all(isinstance(p, Param)
+                                                           for p in self.params):
+            fail(f"params must be a tuple of kernrnn.cell.Param, got {self.params!r}")
+        reserved = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+        names = [p.name for p in self.params]
+        for p in self.params:
+            if not isinstance(p.name, str) or not _NAME_RE.match(p.name) or p.name in reserved \
+                    or p.name.startswith("norm_"):
+                fail(f"parameter name must be lower case letters, digits and '_' (not "
+                     f"{sorted(reserved)} or 'norm_*'), got {p.name!r}")
+            if isinstance(p.blocks, bool) or not isinstance(p.blocks, int) or p.blocks < 1:
+                fail(f"parameter {p.name!r}: blocks must be an int >= 1 (its size is "
+                     f"blocks*H), got blocks={p.blocks!r}")
+            if p.init is None:
+                fail(f"parameter {p.name!r} has no initialiser: give init=<number> or "
+                     f"init=<function(rng, shape, hidden_size)>")
+            if not (callable(p.init) or isinstance(p.init, (int, float))) or isinstance(
+                    p.init, bool):
+                fail(f"parameter {p.name!r}: init must be a number or a function, got "
+                     f"{p.init!r}")
+            if callable(p.init):
+                try:
+                    v = np.asarray(p.init(np.random.default_rng(0), (p.blocks * 3,), 3))
+                except Exception as exc:
+                    fail(f"parameter {p.name!r}: init failed on shape ({p.blocks * 3},): "
+                         f"{type(exc).__name__}: {exc}")
+                if v.shape != (p.blocks * 3,):
+                    fail(f"parameter {p.name!r} must have blocks*H = {p.blocks * 3} values "
+                         f"for H=3, its init returned shape {v.shape}")
+        if len(set(names)) != len(names):
+            fail(f"parameter names must be distinct, got {names}")
+        object.__setattr__(self, "input_norm", _as_norm(self.input_norm, "input_norm", fail))
+        object.__setattr__(self, "recurrent_norm",
+                           _as_norm(self.recurrent_norm, "recurrent_norm", fail))
+        if self.recurrent_norm is not None and not self.has_recurrent:
+            fail("recurrent_norm needs a recurrent product, got recurrent='none'")
+        if isinstance(self.normalize, str):
+            object.__setattr__(self, "normalize", (self.normalize,))
+        if not isinstance(self.normalize, tuple) or not all(
+                isinstance(v, str) and _NAME_RE.match(v) for v in self.normalize):
+            fail(f"normalize must be a tuple of value names, got {self.normalize!r}")
+        if self.normalize_kind not in _NORM_KINDS:
+            fail(f"normalize_kind must be one of {_NORM_KINDS}, got {self.normalize_kind!r}")
+        if self.normalize and not (callable(self.forward2) and callable(self.backward2)):
+            fail(f"normalize={self.normalize!r} needs forward2 and backward2 (the second stage "
+                 f"of the step), got forward2={self.forward2!r}, backward2={self.backward2!r}")
+        if not self.normalize and (self.forward2 is not None or self.backward2 is not None):
+            fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
+        if self.linear and (self.has_recurrent or self.normalize):
+            fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
+                 f"new = a*prev + b with a, b from the input), got recurrent="
+                 f"{self.recurrent!r}")
+
+    def _validate_math(self, fail) -> None:
+        G, S, NZ = self.n_gates, self.n_state, self.n_norm
         rng = np.random.default_rng(0)
-        xw = tuple(float(v) for v in rng.uniform(-1, 1, G))
-        hu = tuple(float(v) for v in rng.uniform(-1, 1, G))
-        prev = tuple(float(v) for v in rng.uniform(-1, 1, S))
-        try:
-            out = self.forward(xw, hu, prev)
-        except Exception as exc:
-            fail(f"forward failed on sample input ({G} gates, state {self.state}): "
-                 f"{type(exc).__name__}: {exc}")
-        if not (isinstance(out, tuple) and len(out) == 2
-                and isinstance(out[0], tuple) and isinstance(out[1], tuple)):
-            fail("forward must return (new_state, saved), two tuples of scalars; got "
-                 f"{out!r}")
-        new_state, saved = out
-        if len(new_state) != S:
-            fail(f"forward returned a state of {len(new_state)} values, the cell declares "
+
+        def sample(n):
+            return tuple(float(v) for v in rng.uniform(-1, 1, n))
+
+        H = 3  # one row of a few units: enough for the normalisation and the reference
+        xw = [sample(G) for _ in range(H)]
+        hu_full = [sample(G) for _ in range(H)]
+        rec = set(self.recurrent_gate_indices)
+        hu = [tuple(v if g in rec else 0.0 for g, v in enumerate(row)) for row in hu_full]
+        prev = [sample(S) for _ in range(H)]
+        pvals = [tuple(sample(p.blocks) for p in self.params) for _ in range(H)]
+        gains = {v: (np.array(sample(H)) + 1.5, np.array(sample(H))) for v in self.normalize}
+
+        def call(which, fn, *args):
+            try:
+                return fn(*args)
+            except Exception as exc:
+                fail(f"{which} failed on sample input ({G} gates, state {self.state}): "
+                     f"{type(exc).__name__}: {exc}")
+
+        def two_tuples(out, which, what):
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], tuple)
+                    and isinstance(out[1], tuple)):
+                fail(f"{which} must return {what}, two tuples of scalars; got {out!r}")
+            return out
+
+        new_rows, saved_rows, mid_rows, zn_rows = [], [], [], []
+        if self.normalize:
+            firsts = [two_tuples(call("forward", self.forward,
+                                      *self.forward_args(xw[j], hu[j], prev[j], pvals[j])),
+                                 "forward", "(z, mid) for a cell with normalize")
+                      for j in range(H)]
+            for z, _ in firsts:
+                if len(z) != NZ:
+                    fail(f"forward (stage 1) returned {len(z)} values to normalise, the cell "
+                         f"declares normalize={self.normalize!r}: the normalised value "
+                         f"{self.normalize[min(len(z), NZ - 1)]!r} must be produced by the step")
+            Z = np.array([z for z, _ in firsts])  # [H, NZ]
+            ZN = np.stack([reference_norm(Z[:, k], *gains[v], self.normalize_kind)
+                           for k, v in enumerate(self.normalize)], axis=1)
+            object.__setattr__(self, "n_mid", len(firsts[0][1]))
+            for j in range(H):
+                zn = tuple(float(v) for v in ZN[j])
+                mid = firsts[j][1]
+                new, saved = two_tuples(call("forward2", self.forward2, zn, mid, prev[j],
+                                             *pvals[j]), "forward2", "(new_state, saved)")
+                new_rows.append(new)
+                saved_rows.append(saved)
+                mid_rows.append(mid)
+                zn_rows.append(zn)
+        else:
+            for j in range(H):
+                new, saved = two_tuples(call("forward", self.forward,
+                                             *self.forward_args(xw[j], hu[j], prev[j], pvals[j])),
+                                        "forward", "(new_state, saved)")
+                new_rows.append(new)
+                saved_rows.append(saved)
+        if any(len(n) != S for n in new_rows):
+            fail(f"forward returned a state of {len(new_rows[0])} values, the cell declares "
                  f"{S} ({self.state})")
-        object.__setattr__(self, "n_saved", len(saved))
+        object.__setattr__(self, "n_saved", len(saved_rows[0]))
+        self._validate_backward(fail, call, saved_rows, mid_rows, zn_rows, prev, pvals,
+                                new_rows)
+        self._validate_reference(fail, xw, hu, prev, pvals, gains, new_rows)
+        if self.linear:
+            self._validate_linear(fail, xw, pvals)
+
+    def _validate_backward(self, fail, call, saved_rows, mid_rows, zn_rows, prev, pvals,
+                           new_rows) -> None:
+        G, S = self.n_gates, self.n_state
+        nres = 3 if self.has_recurrent else 2
+        want = [("dxw", G)] + ([("dhu", G)] if self.has_recurrent else []) + [("dprev", S)]
+        want += [(f"d{p.name}", p.blocks) for p in self.params]
+
+        def check(out, which, sizes):
+            if not (isinstance(out, tuple) and len(out) == len(sizes)
+                    and all(isinstance(b, tuple) for b in out)):
+                names = ", ".join(n for n, _ in sizes)
+                fail(f"{which} must return ({names}), {len(sizes)} tuples; got {out!r}")
+            for (label, size), got in zip(sizes, out):
+                if len(got) != size:
+                    fail(f"{which} returned {len(got)} values for {label}, expected {size}")
+
+        j = 0
+        if self.normalize:
+            out2 = call("backward2", self.backward2, saved_rows[j], zn_rows[j], mid_rows[j],
+                        prev[j], new_rows[j], *pvals[j])
+            check(out2, "backward2", [("dzn", self.n_norm), ("dmid", self.n_mid),
+                                      ("dprev", S)] + want[nres:])
+            out = call("backward", self.backward, mid_rows[j], prev[j], zn_rows[j], out2[1],
+                       *pvals[j])
+        else:
+            out = call("backward", self.backward, saved_rows[j], prev[j], new_rows[j],
+                       *pvals[j])
+        check(out, "backward", want)
+
+    def _validate_reference(self, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
+        G, S = self.n_gates, self.n_state
+
+        def rows(vals, n):
+            return tuple(np.array([[row[k] for row in vals]]) for k in range(n))
+
+        args = [rows(xw, G)] + ([rows(hu, G)] if self.has_recurrent else []) + [rows(prev, S)]
+        for i, p in enumerate(self.params):
+            args.append(tuple(np.array([row[i][k] for row in pvals]) for k in range(p.blocks)))
+        kwargs = {}
+        if self.normalize:
+            def norm(name, z):
+                if name not in gains:
+                    raise KeyError(f"normalize declares {self.normalize!r}, got {name!r}")
+                return reference_norm(z, *gains[name], self.normalize_kind)
+            kwargs["norm"] = norm
         try:
-            back = self.backward(saved, prev, new_state)
-        except Exception as exc:
-            fail(f"backward failed on sample input: {type(exc).__name__}: {exc}")
-        if not (isinstance(back, tuple) and len(back) == 3
-                and all(isinstance(b, tuple) for b in back)):
-            fail(f"backward must return (dxw, dhu, dprev), three tuples; got {back!r}")
-        for label, got, want in (("dxw", back[0], G), ("dhu", back[1], G),
-                                 ("dprev", back[2], S)):
-            if len(got) != want:
-                fail(f"backward returned {len(got)} values for {label}, expected {want}")
-        try:
-            ref = self.reference(
-                tuple(np.array([[v]]) for v in xw),
-                tuple(np.array([[v]]) for v in hu),
-                tuple(np.array([[v]]) for v in prev),
-            )
+            ref = self.reference(*args, **kwargs)
         except Exception as exc:
             fail(f"reference failed on sample input: {type(exc).__name__}: {exc}")
         if not isinstance(ref, tuple) or len(ref) != S:
             fail(f"reference must return a tuple of {S} arrays, got {ref!r}")
-        for k, (r, f) in enumerate(zip(ref, new_state)):
-            r = float(np.asarray(r).reshape(-1)[0])
-            if not math.isfinite(f) or abs(r - f) > 1e-9 * max(1.0, abs(r)):
+        for k, r in enumerate(ref):
+            r = np.asarray(r, dtype=np.float64).reshape(-1)
+            f = np.array([row[k] for row in new_rows], dtype=np.float64)
+            if r.shape != f.shape or not np.all(np.isfinite(f)) or np.any(
+                    np.abs(r - f) > 1e-9 * np.maximum(1.0, np.abs(r))):
                 fail(f"forward and reference disagree on state {self.state[k]!r}: "
-                     f"{f!r} vs {r!r} on the same sample input")
+                     f"{f.tolist()!r} vs {r.tolist()!r} on the same sample input")
+
+    def _validate_linear(self, fail, xw, pvals) -> None:
+        """new_s = a_s * prev_s + b_s: check on samples that the step is affine per component."""
+        S = self.n_state
+        rng = np.random.default_rng(1)
+        for j in range(len(xw)):
+            def step(prev):
+                return self.forward(*self.forward_args(xw[j], None, tuple(prev), pvals[j]))[0]
+
+            b = step([0.0] * S)
+            a = [step([1.0 if s == k else 0.0 for s in range(S)])[k] - b[k] for k in range(S)]
+            for _ in range(3):
+                prev = [float(v) for v in rng.uniform(-2, 2, S)]
+                got = step(prev)
+                for k in range(S):
+                    want = a[k] * prev[k] + b[k]
+                    if not abs(got[k] - want) <= 1e-9 * max(1.0, abs(want)):
+                        fail(f"linear=True, but state {self.state[k]!r} is not a*prev + b in "
+                             f"the previous state: at prev={prev} the step gives {got[k]!r}, "
+                             f"the affine fit {want!r}")
+
+
+def _source_note(cell) -> str:
+    """`` (plugin 'x' from distribution 'y')`` when the cell is registered, else ''."""
+    from kernrnn import plugins
+
+    reg = plugins._REGISTRY  # never build the registry from here (it validates cells)
+    try:
+        if reg is not None and cell.name in reg and reg.get(cell.name) is cell:
+            return f" ({reg.source(cell.name)})"
+    except Exception:
+        pass
+    return ""

@@ -9,6 +9,8 @@ parameter gradients.  States are tuples of S arrays ``[B, H]`` (``(h,)`` or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from kernrnn import _checks
@@ -30,14 +32,18 @@ def resolve_cell(cell):
     raise TypeError(f"cell must be a registered name or a kernrnn.Cell, got {type(cell).__name__}")
 
 
-def rnn_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0=None, lengths=None,
-                reverse=False, training=True):
+def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
+                lengths=None, reverse=False, training=True):
     """Run ``cell`` over ``x`` ``[T, B, I]``.
 
-    Returns ``(y [T, B, H], hn, ctx)``; ``hn`` is a tuple of S ``[B, H]``
-    arrays, ``ctx`` what :func:`rnn_backward` needs (None if not ``training``).
-    With ``lengths``, outputs past a sequence's length are zero and ``hn`` is
-    taken at its own last step; ``reverse=True`` runs from that last step back.
+    The parameters are either the four PyTorch arrays (``weight_ih``,
+    ``weight_hh``, ``bias_ih``, ``bias_hh``) or, for any cell, one dict by the
+    cell's parameter names (:meth:`kernrnn.cell.Cell.param_shapes`) passed as
+    ``weight_ih``.  Returns ``(y [T, B, H], hn, ctx)``; ``hn`` is a tuple of S
+    ``[B, H]`` arrays, ``ctx`` what :func:`rnn_backward` needs (None if not
+    ``training``).  With ``lengths``, outputs past a sequence's length are zero
+    and ``hn`` is taken at its own last step; ``reverse=True`` runs from that
+    last step back.
     """
     cell = resolve_cell(cell)
     backend = get_backend(device_of(x))
@@ -46,25 +52,35 @@ def rnn_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0=None, length
     check_cell_compiles(cell, dtype)
     _checks.check_array(x, "x", (None, None, None), dtype, finite=True)
     T, B, I = shape
-    GH = weight_ih.shape[0] if hasattr(weight_ih, "shape") and weight_ih.ndim == 2 else None
-    H = weight_hh.shape[1] if hasattr(weight_hh, "shape") and weight_hh.ndim == 2 else None
-    if GH is None or H is None or GH != cell.n_gates * H:
-        raise ValueError(
-            f"cell {cell.name!r} has {cell.n_gates} gates: weight_ih must be [{cell.n_gates}*H, {I}] "
-            f"and weight_hh [{cell.n_gates}*H, H], got {list(getattr(weight_ih, 'shape', []))} and "
-            f"{list(getattr(weight_hh, 'shape', []))}"
-        )
+    if isinstance(weight_ih, Mapping):
+        params = dict(weight_ih)
+    else:
+        params = {"weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih,
+                  "bias_hh": bias_hh}
     G = cell.n_gates
-    _checks.check_array(weight_ih, "weight_ih", (G * H, I), dtype)
-    _checks.check_array(weight_hh, "weight_hh", (G * H, H), dtype)
-    _checks.check_array(bias_ih, "bias_ih", (G * H,), dtype)
-    _checks.check_array(bias_hh, "bias_hh", (G * H,), dtype)
+    b = params.get("bias_ih")
+    if not (hasattr(b, "shape") and len(b.shape) == 1 and b.shape[0] % G == 0 and b.shape[0]):
+        raise ValueError(
+            f"cell {cell.name!r} has {G} gates: bias_ih must be [{G}*H], got "
+            f"{list(getattr(b, 'shape', [])) if b is not None else None}"
+        )
+    H = b.shape[0] // G
+    shapes = cell.param_shapes(I, H)
+    missing = [k for k in shapes if params.get(k) is None]
+    extra = [k for k in params if k not in shapes and params[k] is not None]
+    if missing or extra:
+        raise ValueError(f"cell {cell.name!r} takes the parameters {list(shapes)}; missing "
+                         f"{missing}, unexpected {extra}")
+    for name, want in shapes.items():
+        try:
+            _checks.check_array(params[name], name, want, dtype)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"cell {cell.name!r} with H={H} (from bias_ih): {exc}") from None
     h0 = _state_array(backend, h0, cell, B, H, dtype, "h0")
     lens = _checks.check_lengths(lengths, B, T)
     y, hn, ctx = backend.forward(
-        cell, backend.asarray(x), backend.asarray(weight_ih), backend.asarray(weight_hh),
-        backend.asarray(bias_ih), backend.asarray(bias_hh), h0, backend.lengths(lens),
-        bool(reverse), bool(training),
+        cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
+        backend.lengths(lens), bool(reverse), bool(training),
     )
     return y, tuple(hn[s] for s in range(cell.n_state)), ctx
 
@@ -73,14 +89,14 @@ def rnn_backward(ctx, dy, dhn=None):
     """Backpropagation through time for one :func:`rnn_forward` call.
 
     Returns ``(dx, dh0, grads)``: ``dh0`` a tuple of S arrays, ``grads`` a dict
-    with keys ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``.
+    with the keys of the forward call's parameters (``weight_ih``, ...).
     """
     if ctx is None:
         raise ValueError("rnn_backward needs the ctx of a forward call made with training=True, "
                          "got None (that forward ran with training=False)")
     backend = get_backend(ctx.device)
     T, B, _ = ctx.x.shape
-    H = ctx.W_hh.shape[1]
+    H = ctx.States.shape[3]
     _checks.check_array(dy, "dy", (T, B, H), ctx.x.dtype)
     dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn")
     dx, dh0, grads = backend.backward(ctx, backend.asarray(dy), dhn)

@@ -2,7 +2,8 @@
 
 Parameters use PyTorch's names and layouts (``weight_ih_l{k}``,
 ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, suffix ``_reverse``), so
-a model moves between kernrnn and PyTorch without conversion.  There is no
+a model moves between kernrnn and PyTorch without conversion; a cell's per-unit
+parameters and normalisation gains follow as ``{name}_l{k}``.  There is no
 autograd: :meth:`RNN.backward` runs BPTT for the last forward call.
 """
 
@@ -16,9 +17,6 @@ from kernrnn.functional import resolve_cell
 from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["RNN"]
-
-PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
 
 class RNN:
     """A stack of recurrent layers of one cell type.
@@ -55,6 +53,7 @@ class RNN:
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
         self.dtype = _checks.as_dtype(dtype)
+        self.cell.check_hidden_size(self.hidden_size)
         check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self.device = check_device(device)
         self._backend = get_backend(self.device)
@@ -63,7 +62,7 @@ class RNN:
         rng = np.random.default_rng(seed)
         params = {}
         for name, shape in self.param_shapes().items():
-            kind = name.split("_l")[0]
+            kind = name[:name.rindex("_l")]
             params[name] = self.cell.init_params(rng, kind, shape, self.hidden_size).astype(self.dtype)
         self.params = {k: self._backend.asarray(v) for k, v in params.items()}
         self.grads = {k: self._backend.xp.zeros_like(v) for k, v in self.params.items()}
@@ -71,18 +70,29 @@ class RNN:
     # -- parameters --------------------------------------------------------
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of all parameters, in PyTorch's order."""
-        G, H = self.cell.n_gates, self.hidden_size
+        """Names and shapes of all parameters, in PyTorch's order.
+
+        Per layer and direction, the cell's own list
+        (:meth:`kernrnn.cell.Cell.param_shapes`) with the suffix ``_l{layer}``
+        (and ``_reverse``): PyTorch's four, then per-unit parameters and
+        normalisation gains.
+        """
+        H = self.hidden_size
         shapes = {}
         for layer in range(self.num_layers):
             in_size = self.input_size if layer == 0 else H * self.num_directions
             for d in range(self.num_directions):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                shapes[f"weight_ih{sfx}"] = (G * H, in_size)
-                shapes[f"weight_hh{sfx}"] = (G * H, H)
-                shapes[f"bias_ih{sfx}"] = (G * H,)
-                shapes[f"bias_hh{sfx}"] = (G * H,)
+                sfx = _suffix(layer, d)
+                for kind, shape in self.cell.param_shapes(in_size, H).items():
+                    shapes[f"{kind}{sfx}"] = shape
         return shapes
+
+    def _direction_params(self, layer: int, d: int) -> dict:
+        """The parameters of one layer and direction, by the cell's names (no suffix)."""
+        sfx = _suffix(layer, d)
+        in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+        return {kind: self.params[f"{kind}{sfx}"]
+                for kind in self.cell.param_shapes(in_size, self.hidden_size)}
 
     def state_dict(self) -> dict:
         """The parameters by PyTorch name (the layer's own arrays, not copies)."""
@@ -95,6 +105,15 @@ class RNN:
         shapes = self.param_shapes()
         missing = [k for k in shapes if k not in state_dict]
         extra = [k for k in state_dict if k not in shapes]
+        if not self.cell.has_recurrent and any(k.startswith(("weight_hh", "bias_hh"))
+                                               for k in extra):
+            from kernrnn.cell import CellError, _source_note
+
+            raise CellError(
+                f"cell {self.cell.name!r}{_source_note(self.cell)} has no recurrent matrix "
+                f"(recurrent='none'): its state dict has no weight_hh/bias_hh, got "
+                f"{[k for k in extra if k.startswith(('weight_hh', 'bias_hh'))]}"
+            )
         if missing or extra:
             raise ValueError(
                 f"state_dict does not match this {self!r}: missing keys {missing}, "
@@ -166,11 +185,10 @@ class RNN:
             out = xp.empty((T, B, D * H), dtype=self.dtype)
             for d in range(D):
                 idx = layer * D + d
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                p = [self.params[f"{k}{sfx}"] for k in PARAM_KINDS]
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 _, hn[:, idx], ctx = be.forward(
-                    self.cell, inp, *p, init, dev_lens, bool(d), self.training,
+                    self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
+                    self.training,
                     y=out[:, :, d * H:(d + 1) * H],
                 )
                 ctxs.append(ctx)
@@ -200,12 +218,12 @@ class RNN:
             dx = None
             for d in range(D):
                 idx = layer * D + d
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                sfx = _suffix(layer, d)
                 dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * H:(d + 1) * H], dhn_d)
                 dx = dxd if dx is None else dx + dxd
-                for k in PARAM_KINDS:
-                    self.grads[f"{k}{sfx}"] += g[k]
+                for kind, value in g.items():
+                    self.grads[f"{kind}{sfx}"] += value
             dy = dx
         self._ctx = None
         return dx, self._pack_state(dh0)
@@ -234,6 +252,11 @@ class RNN:
             label = name if S == 1 else f"{name} ({sname})"
             _checks.check_array(part, label, (LD, B, H), self.dtype, finite=True)
         return self._backend.xp.stack([self._backend.asarray(p) for p in parts])
+
+
+def _suffix(layer: int, direction: int) -> str:
+    """``_l{layer}`` plus ``_reverse`` for the backward direction (PyTorch's names)."""
+    return f"_l{layer}" + ("_reverse" if direction else "")
 
 
 def _to_host(a):

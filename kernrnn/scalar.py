@@ -189,28 +189,30 @@ _ = math
 
 @lru_cache(maxsize=None)
 def check_cell_compiles(cell, dtype) -> None:
-    """Compile ``cell``'s forward and backward for ``dtype``, naming the cell on failure.
+    """Compile each function of ``cell``'s math for ``dtype``, naming the cell on failure.
 
     Run once per (cell, precision) before its kernels are first used, so a
     plugin whose math Numba cannot compile is reported as the plugin's fault
     (with its source) instead of as an error deep inside a generated kernel.
+    Each function must return tuples of the sizes the contract gives
+    (:meth:`kernrnn.cell.Cell.math_signatures`), every value in ``dtype``.
     """
-    from kernrnn.cell import CellError
+    from kernrnn.cell import CellError, _source_note
 
     dtype = np.dtype(dtype)
     nbtype = numba.from_dtype(dtype)
-    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    gates = numba.types.UniTuple(nbtype, G)
-    state = numba.types.UniTuple(nbtype, S)
-    saved = numba.types.UniTuple(nbtype, K) if K else numba.types.Tuple(())
-    for which, args in (("forward", (gates, gates, state)), ("backward", (saved, state, state))):
-        fn = getattr(cell, which)
+
+    def tuple_type(n):
+        return numba.types.UniTuple(nbtype, n) if n else numba.types.Tuple(())
+
+    for which, arg_sizes, result_sizes in cell.math_signatures():
+        args = tuple(tuple_type(n) for n in arg_sizes)
         try:
-            scalar = compile_scalar(fn, dtype)
-            driver = numba.njit(_driver(scalar))
+            scalar = compile_scalar(getattr(cell, which), dtype)
+            driver = numba.njit(_driver(scalar, len(args)))
             driver.compile(args)
             rtype = driver.overloads[args].signature.return_type
-            _check_result(which, rtype, nbtype, G, S, K)
+            _check_result(which, rtype, nbtype, result_sizes)
         except CellError as exc:
             raise CellError(f"cell {cell.name!r}{_source_note(cell)}: {exc}") from None
         except Exception as exc:
@@ -220,21 +222,21 @@ def check_cell_compiles(cell, dtype) -> None:
             ) from exc
 
 
-def _driver(scalar):
-    def driver(a, b, c):
-        return scalar(a, b, c)
+def _driver(scalar, n_args: int):
+    """A plain function of ``n_args`` arguments calling ``scalar`` (Numba needs a fixed arity)."""
+    names = ", ".join(f"a{i}" for i in range(n_args))
+    namespace = {"scalar": scalar}
+    exec(f"def driver({names}):\n    return scalar({names})\n", namespace)
+    return namespace["driver"]
 
-    return driver
 
-
-def _check_result(which, rtype, nbtype, G, S, K):
+def _check_result(which, rtype, nbtype, expected):
     from kernrnn.cell import CellError
 
-    expected = [S, K] if which == "forward" else [G, G, S]
     parts = list(getattr(rtype, "types", ()))
     lens = [len(getattr(p, "types", ())) if hasattr(p, "types") else p.count for p in parts]
-    if lens != expected:
-        raise CellError(f"{which} returns {rtype}, expected tuples of sizes {expected}")
+    if lens != list(expected):
+        raise CellError(f"{which} returns {rtype}, expected tuples of sizes {list(expected)}")
     for part in parts:
         members = part.types if hasattr(part, "types") else (part.dtype,) * part.count
         if any(m != nbtype for m in members):
@@ -243,18 +245,6 @@ def _check_result(which, rtype, nbtype, G, S, K):
                 f"another type, e.g. an int or float64 from an unconverted call, would change "
                 f"the kernel's precision)"
             )
-
-
-def _source_note(cell) -> str:
-    from kernrnn.plugins import get_registry
-
-    try:
-        reg = get_registry()
-        if cell.name in reg and reg.get(cell.name) is cell:
-            return f" ({reg.source(cell.name)})"
-    except Exception:
-        pass
-    return ""
 
 
 def _first_lines(exc: Exception, n: int = 6) -> str:

@@ -108,7 +108,8 @@ def test_state_dict_errors(lstm):
 def test_functional_errors():
     x = np.zeros((4, 2, 3))
     w_ih, w_hh, b = np.zeros((16, 3)), np.zeros((16, 4)), np.zeros(16)
-    with pytest.raises(ValueError, match=r"cell 'lstm' has 4 gates: weight_ih must be \[4\*H, 3\]"):
+    with pytest.raises(ValueError, match=r"cell 'lstm' with H=4 \(from bias_ih\): weight_ih must "
+                                         r"have shape \[16, 3\], got \[12, 3\]"):
         kernrnn.rnn_forward("lstm", x, np.zeros((12, 3)), np.zeros((12, 4)), b, b)
     with pytest.raises(ValueError, match=r"bias_hh must have shape \[16\], got \[12\]"):
         kernrnn.rnn_forward("lstm", x, w_ih, w_hh, b, np.zeros(12))

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from kernrnn.scalar import math_fingerprint
 
-__all__ = ["tup", "forward_body", "backward_body", "load_module", "cell_fingerprint"]
+__all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
+           "backward1_call", "param_groups", "hu_gates", "row_norm", "row_norm_backward",
+           "load_module", "cell_fingerprint", "math_namespace"]
 
 
 def tup(items) -> str:
@@ -33,49 +35,223 @@ def tup(items) -> str:
     return "(" + ", ".join(items) + ")"
 
 
-def forward_body(G, S, K, *, xw, hu, prev, new, saved, y, indent) -> str:
-    """Per-element forward step.
+def call(fn: str, args, outs, *, indent: int, accumulate=()) -> str:
+    """Source lines that call the scalar function ``fn`` and store its results.
 
-    ``xw(g)``, ``hu(g)``, ``prev(s)`` return source expressions that load a
-    value; ``new(s)``, ``saved(k)``, ``y`` give assignment targets (``saved``
-    may be None for inference, ``y`` None when there is no output array).
+    ``args`` is a list of argument tuples, each a list of source expressions;
+    ``outs[r][k]`` is the assignment target of value ``k`` of result ``r``
+    (None: not stored).  Results whose index is in ``accumulate`` are added to
+    their targets (``+=``).  Every index is unrolled, as Numba's PTX compiler
+    needs constant tuple indices.
     """
     pad = " " * indent
-    lines = [
-        f"xw_ = {tup(xw(g) for g in range(G))}",
-        f"hu_ = {tup(hu(g) for g in range(G))}",
-        f"prev_ = {tup(prev(s) for s in range(S))}",
-        "st_, sv_ = cell_forward(xw_, hu_, prev_)",
-    ]
-    lines += [f"{new(s)} = st_[{s}]" for s in range(S)]
-    if saved is not None:
-        lines += [f"{saved(k)} = sv_[{k}]" for k in range(K)]
-    if y is not None:
-        lines.append(f"{y} = st_[0]")
+    lines = []
+    names = []
+    for a, arg in enumerate(args):
+        names.append(f"{fn}_a{a}")
+        lines.append(f"{names[-1]} = {tup(arg)}" if arg else f"{names[-1]} = ()")
+    lines.append(f"{fn}_r = {fn}({', '.join(names)})")
+    for r, targets in enumerate(outs):
+        op = "+=" if r in accumulate else "="
+        for k, target in enumerate(targets):
+            if target is not None:
+                lines.append(f"{target} {op} {fn}_r[{r}][{k}]")
     return "\n".join(pad + line for line in lines)
+
+
+def param_groups(cell, p) -> list[list[str]]:
+    """One list per per-unit parameter of ``cell``: ``p(i)`` for its flat scalar indices."""
+    groups, i = [], 0
+    for param in cell.params:
+        groups.append([p(i + k) for k in range(param.blocks)])
+        i += param.blocks
+    return groups
+
+
+def hu_gates(cell, hu_rec, zero: str) -> list[str]:
+    """The G entries of ``hu``: ``hu_rec(r)`` for the r-th recurrent gate, ``zero`` elsewhere."""
+    rec = cell.recurrent_gate_indices
+    return [hu_rec(rec.index(g)) if g in rec else zero for g in range(cell.n_gates)]
+
+
+def forward_call(cell, *, xw, hu, prev, p, z_or_new, saved_or_mid, indent) -> str:
+    """Stage 1 (or the whole step): ``forward(xw, [hu,] prev, *params)``.
+
+    ``xw(g)``, ``hu(g)``, ``prev(s)``, ``p(i)`` give source expressions;
+    ``z_or_new(k)`` / ``saved_or_mid(k)`` the targets of the two results (None
+    entries are dropped).
+    """
+    G, S = cell.n_gates, cell.n_state
+    args = cell.forward_args([xw(g) for g in range(G)], [hu(g) for g in range(G)],
+                             [prev(s) for s in range(S)], param_groups(cell, p))
+    n0 = cell.n_norm if cell.normalize else S
+    n1 = cell.n_mid if cell.normalize else cell.n_saved
+    return call("cell_forward", list(args),
+                [[z_or_new(k) for k in range(n0)], [saved_or_mid(k) for k in range(n1)]],
+                indent=indent)
+
+
+def forward2_call(cell, *, zn, mid, prev, p, new, saved, indent) -> str:
+    """Stage 2 of a two-stage step: ``forward2(zn, mid, prev, *params)``."""
+    args = [[zn(k) for k in range(cell.n_norm)], [mid(m) for m in range(cell.n_mid)],
+            [prev(s) for s in range(cell.n_state)]] + param_groups(cell, p)
+    return call("cell_forward2", args,
+                [[new(s) for s in range(cell.n_state)], [saved(k) for k in range(cell.n_saved)]],
+                indent=indent)
+
+
+def _grad_outs(cell, dxw, dhu, dprev, dp):
+    G, S = cell.n_gates, cell.n_state
+    outs = [[dxw(g) for g in range(G)]]
+    if cell.has_recurrent:
+        rec = cell.recurrent_gate_indices
+        outs.append([dhu(rec.index(g)) if g in rec else None for g in range(G)])
+    outs.append([dprev(s) for s in range(S)])
+    base = len(outs)
+    for group in param_groups(cell, dp):
+        outs.append(group)
+    return outs, base
+
+
+def backward_call(cell, *, saved, prev, dstate, p, dxw, dhu, dprev, dp, indent) -> str:
+    """The whole step's backward (no mid-step normalisation).
+
+    ``dhu(r)`` is the target for the r-th recurrent gate; ``dp(i)`` targets are
+    accumulated; ``dhu`` may return None to drop a value (cells whose dxw and
+    dhu are the same expression).
+    """
+    S = cell.n_state
+    args = [[saved(k) for k in range(cell.n_saved)], [prev(s) for s in range(S)],
+            [dstate(s) for s in range(S)]] + param_groups(cell, p)
+    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
+    return call("cell_backward", args, outs, indent=indent,
+                accumulate=range(base, len(outs)))
+
+
+def backward2_call(cell, *, saved, zn, mid, prev, dstate, p, dzn, dmid, dprev, dp,
+                   indent) -> str:
+    """Backward of stage 2: ``backward2(saved, zn, mid, prev, dstate, *params)``."""
+    S = cell.n_state
+    args = [[saved(k) for k in range(cell.n_saved)], [zn(k) for k in range(cell.n_norm)],
+            [mid(m) for m in range(cell.n_mid)], [prev(s) for s in range(S)],
+            [dstate(s) for s in range(S)]] + param_groups(cell, p)
+    outs = [[dzn(k) for k in range(cell.n_norm)], [dmid(m) for m in range(cell.n_mid)],
+            [dprev(s) for s in range(S)]] + param_groups(cell, dp)
+    return call("cell_backward2", args, outs, indent=indent, accumulate=range(3, len(outs)))
+
+
+def backward1_call(cell, *, mid, prev, dz, dmid, p, dxw, dhu, dprev, dp, indent) -> str:
+    """Backward of stage 1: ``backward(mid, prev, dz, dmid, *params)``; dprev is added."""
+    S = cell.n_state
+    args = [[mid(m) for m in range(cell.n_mid)], [prev(s) for s in range(S)],
+            [dz(k) for k in range(cell.n_norm)], [dmid(m) for m in range(cell.n_mid)]]
+    args += param_groups(cell, p)
+    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
+    return call("cell_backward", args, outs, indent=indent,
+                accumulate=[base - 1] + list(range(base, len(outs))))
+
+
+def forward_body(G, S, K, *, xw, hu, prev, new, saved, y, indent) -> str:
+    """Per-element forward step of a plain cell (dense recurrence over all gates, no
+    per-unit parameters or normalisation), as the persistent CUDA kernel runs it.
+
+    ``saved`` may be None for inference, ``y`` None when there is no output array.
+    """
+    body = call("cell_forward", [[xw(g) for g in range(G)], [hu(g) for g in range(G)],
+                                 [prev(s) for s in range(S)]],
+                [[new(s) for s in range(S)],
+                 [saved(k) for k in range(K)] if saved is not None else []], indent=indent)
+    if y is not None:
+        body += "\n" + " " * indent + f"{y} = {new(0)}"
+    return body
 
 
 def backward_body(G, S, K, *, saved, prev, dstate, dxw, dhu, dprev, indent) -> str:
-    """Per-element backward step (same conventions as :func:`forward_body`)."""
+    """Per-element backward step of a plain cell (see :func:`forward_body`)."""
+    return call("cell_backward", [[saved(k) for k in range(K)], [prev(s) for s in range(S)],
+                                  [dstate(s) for s in range(S)]],
+                [[dxw(g) for g in range(G)], [dhu(g) for g in range(G)],
+                 [dprev(s) for s in range(S)]], indent=indent)
+
+
+def row_norm(kind: str, loops: list[str], value: str, length: str, rstd: str, *,
+             indent: int, prefix: str) -> str:
+    """Normalise, in place, the values ``value`` visited by the nested ``loops``.
+
+    Two passes for the statistics (mean, then the centred second moment; RMS
+    norm skips the mean), then ``value = (value - mean) * rstd``; the reciprocal
+    standard deviation is stored to ``rstd``.  Needs ``ZERO``, ``EPS``, ``DT``
+    (the dtype) and ``math`` in the generated module.
+    """
     pad = " " * indent
-    lines = [
-        f"sv_ = {tup(saved(k) for k in range(K))}" if K else "sv_ = ()",
-        f"prev_ = {tup(prev(s) for s in range(S))}",
-        f"ds_ = {tup(dstate(s) for s in range(S))}",
-        "dxw_, dhu_, dprev_ = cell_backward(sv_, prev_, ds_)",
-    ]
-    lines += [f"{dxw(g)} = dxw_[{g}]" for g in range(G)]
-    lines += [f"{dhu(g)} = dhu_[{g}]" for g in range(G)]
-    lines += [f"{dprev(s)} = dprev_[{s}]" for s in range(S)]
+
+    def nest(body: list[str]) -> list[str]:
+        out = [("    " * d) + loop for d, loop in enumerate(loops)]
+        return out + [("    " * len(loops)) + line for line in body]
+
+    m, q, r = f"{prefix}mean", f"{prefix}sq", f"{prefix}rstd"
+    lines = [f"{m} = ZERO", f"{q} = ZERO"]
+    if kind == "layer":
+        lines += nest([f"{m} += {value}"]) + [f"{m} = {m} / DT({length})"]
+    lines += nest([f"{prefix}d = {value} - {m}", f"{q} += {prefix}d * {prefix}d"])
+    lines += [f"{r} = ONE / math.sqrt({q} / DT({length}) + EPS)"]
+    lines += nest([f"{value} = ({value} - {m}) * {r}"])
+    lines += [f"{rstd} = {r}"]
     return "\n".join(pad + line for line in lines)
+
+
+def row_norm_backward(kind: str, loops: list[str], grad: str, xhat: str, length: str,
+                      rstd: str, *, indent: int, prefix: str) -> str:
+    """In place: ``grad`` (d of the normalised values) becomes d of the raw values.
+
+    Layer norm: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; RMS norm
+    drops the ``mean(g)`` term.
+    """
+    pad = " " * indent
+
+    def nest(body: list[str]) -> list[str]:
+        out = [("    " * d) + loop for d, loop in enumerate(loops)]
+        return out + [("    " * len(loops)) + line for line in body]
+
+    m1, m2 = f"{prefix}m1", f"{prefix}m2"
+    lines = [f"{m1} = ZERO", f"{m2} = ZERO"]
+    lines += nest(([f"{m1} += {grad}"] if kind == "layer" else []) + [f"{m2} += {grad} * {xhat}"])
+    lines += [f"{m1} = {m1} / DT({length})", f"{m2} = {m2} / DT({length})"]
+    lines += nest([f"{grad} = {rstd} * ({grad} - {m1} - {xhat} * {m2})"])
+    return "\n".join(pad + line for line in lines)
+
+
+def math_namespace(cell, dtype) -> dict:
+    """Globals of a generated kernel module: the cell's compiled math and typed constants.
+
+    ``cell_forward``/``cell_backward`` (and ``cell_forward2``/``cell_backward2``
+    for a two-stage step) compiled for ``dtype``; ``ZERO``, ``ONE``, ``EPS`` and
+    ``DT`` keep the generated normalisation code in the kernel's precision.
+    """
+    import math
+
+    import numpy as np
+
+    from kernrnn.cell import NORM_EPS
+    from kernrnn.scalar import compile_scalar
+
+    dtype = np.dtype(dtype)
+    ns = {f"cell_{which}": compile_scalar(getattr(cell, which), dtype)
+          for which, _, _ in cell.math_signatures()}
+    ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
+              math=math)
+    return ns
 
 
 def cell_fingerprint(cell) -> str:
     """A hash of everything in a cell that ends up in compiled code."""
     h = hashlib.sha256()
-    for fn in (cell.forward, cell.backward):
-        h.update(math_fingerprint(fn).encode())
-    h.update(f"{cell.name}|{cell.n_gates}|{cell.n_state}|{cell.n_saved}".encode())
+    for which, args, results in cell.math_signatures():
+        h.update(math_fingerprint(getattr(cell, which)).encode())
+        h.update(f"{which}{args}{results}".encode())
+    h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
+             f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
+             f"{cell.linear}".encode())
     return h.hexdigest()[:16]
 
 

@@ -270,8 +270,9 @@ def gpu_selfcheck(cells=None, cases=None, file=None) -> bool:
                 dy = rng.uniform(-1, 1, (T, B, H)).astype(dt)
                 dhn = rng.uniform(-1, 1, (S, B, H)).astype(dt)
                 lengths = np.array(lens if lens is not None else [T] * B, np.int64)
-                y_c, hn_c, ctx = cpu.forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths,
-                                             rev, True)
+                params = {"weight_ih": W_ih, "weight_hh": W_hh, "bias_ih": b_ih,
+                          "bias_hh": b_hh}
+                y_c, hn_c, ctx = cpu.forward(cell, x, params, h0, lengths, rev, True)
                 dx_c, dh0_c, g_c = cpu.backward(ctx, dy, dhn)
                 XW = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, G * H) + b_ih
                 results = {}

@@ -44,13 +44,19 @@ class ConformanceReport:
                 f"(vs finite differences) {self.max_gradient_error:.2e}")
 
 
-def random_problem(rng: np.random.Generator, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2):
-    """A random :class:`~kernrnn.testing.strategies.Problem` drawn with ``rng`` (no hypothesis)."""
-    from kernrnn.testing.strategies import Problem
+def random_problem(rng: np.random.Generator, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2,
+                   cell=None):
+    """A random :class:`~kernrnn.testing.strategies.Problem` drawn with ``rng`` (no hypothesis).
+
+    With ``cell``, H fits it (a multiple of its number of heads).
+    """
+    from kernrnn.testing.strategies import Problem, hidden_multiple
 
     T, B = int(rng.integers(1, max_T + 1)), int(rng.integers(1, max_B + 1))
     lengths = tuple(int(v) for v in rng.integers(0, T + 1, B)) if rng.random() < 0.5 else None
-    return Problem(T, B, int(rng.integers(1, max_I + 1)), int(rng.integers(1, max_H + 1)),
+    m = hidden_multiple(cell)
+    H = m * int(rng.integers(1, max(1, max_H // m) + 1))
+    return Problem(T, B, int(rng.integers(1, max_I + 1)), H,
                    int(rng.integers(1, max_layers + 1)), bool(rng.random() < 0.5), lengths,
                    bool(rng.random() < 0.5), int(rng.integers(0, 2**32 - 1)))
 
@@ -184,7 +190,7 @@ def check_cell(cell, device="cpu", examples=10, seed=0) -> ConformanceReport:
     rng = np.random.default_rng(seed)
     report = ConformanceReport(cell.name, device)
     for _ in range(examples):
-        p = random_problem(rng)
+        p = random_problem(rng, cell=cell)
         for dtype in (np.float64, np.float32):
             scaled, absolute = forward_errors(cell, p, dtype, device)
             if scaled > 1:

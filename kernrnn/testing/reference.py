@@ -1,38 +1,91 @@
 """Float64 NumPy reference of a recurrent layer, independent of the kernels.
 
 A plain Python loop over time calling the cell's own NumPy ``reference`` step:
-no code shared with :mod:`kernrnn.backends`.  Gradients of the kernels are
-checked against finite differences of these functions.
+no code shared with :mod:`kernrnn.backends`.  The recurrence forms, per-unit
+parameters and normalisations of the cell contract are written out here a
+second time, directly from their definitions (:mod:`kernrnn.cell`).  Gradients
+of the kernels are checked against finite differences of these functions.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["reference_direction", "reference_rnn"]
+from kernrnn.cell import reference_norm
+
+__all__ = ["reference_direction", "reference_rnn", "reference_recurrent_product"]
 
 
-def reference_direction(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths=None, reverse=False):
-    """One layer, one direction.  ``h0`` is a tuple of S ``[B, H]`` arrays.
+def _norm_blocks(v, norm, n_blocks: int):
+    """Normalise ``v [B, n_blocks*H]`` per gate block or per row (gain 1, bias 0)."""
+    if norm.over == "row":
+        return reference_norm(v, 1.0, 0.0, norm.kind)
+    H = v.shape[1] // n_blocks
+    return np.concatenate([reference_norm(v[:, g * H:(g + 1) * H], 1.0, 0.0, norm.kind)
+                           for g in range(n_blocks)], axis=1)
 
-    Returns ``(y [T, B, H], hn tuple)`` in float64.
+
+def reference_recurrent_product(cell, h, W_hh):
+    """``[B, Gr*H]`` recurrent products in gate-major order (gate r, unit j at ``r*H + j``).
+
+    ``"dense"``: ``h @ W_hh.T``; ``"heads"``: head k's units ``k*dh:(k+1)*dh``
+    times its block ``W_hh[k]`` (rows ``r*dh + i``), scattered back to units.
     """
+    if cell.recurrent == "dense":
+        return h @ W_hh.T
+    NH, Grdh, dh = W_hh.shape
+    Gr = Grdh // dh
+    B, H = h.shape
+    out = np.zeros((B, Gr * H))
+    for k in range(NH):
+        hk = h[:, k * dh:(k + 1) * dh] @ W_hh[k].T  # [B, Gr*dh], gate-major within the head
+        for r in range(Gr):
+            out[:, r * H + k * dh:r * H + (k + 1) * dh] = hk[:, r * dh:(r + 1) * dh]
+    return out
+
+
+def reference_direction(cell, x, params, h0, lengths=None, reverse=False):
+    """One layer, one direction.  ``params`` maps the cell's parameter names to arrays.
+
+    ``h0`` is a tuple of S ``[B, H]`` arrays.  Returns ``(y [T, B, H], hn tuple)``
+    in float64.
+    """
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
-    H = W_hh.shape[1]
+    H = np.asarray(h0[0]).shape[1]
     G = cell.n_gates
+    rec = cell.recurrent_gate_indices
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     state = tuple(np.array(s, dtype=np.float64) for s in h0)
+    unit_params = []
+    for prm in cell.params:
+        v = p[prm.name]
+        unit_params.append(tuple(v[k * H:(k + 1) * H] for k in range(prm.blocks)))
+    kwargs = {}
+    if cell.normalize:
+        def norm(name, z):
+            return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],
+                                  cell.normalize_kind)
+        kwargs["norm"] = norm
     y = np.zeros((T, B, H))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
-        xw = x[t] @ np.asarray(W_ih, np.float64).T + b_ih
-        hu = state[0] @ np.asarray(W_hh, np.float64).T + b_hh
-        new = cell.reference(
-            tuple(xw[:, g * H:(g + 1) * H] for g in range(G)),
-            tuple(hu[:, g * H:(g + 1) * H] for g in range(G)),
-            state,
-        )
+        xw = x[t] @ p["weight_ih"].T
+        if cell.input_norm is not None:
+            xw = _norm_blocks(xw, cell.input_norm, G) * p["norm_ih_weight"]
+        xw = xw + p["bias_ih"]
+        args = [tuple(xw[:, g * H:(g + 1) * H] for g in range(G))]
+        if cell.has_recurrent:
+            hr = reference_recurrent_product(cell, state[0], p["weight_hh"])
+            if cell.recurrent_norm is not None:
+                hr = _norm_blocks(hr, cell.recurrent_norm, len(rec)) * p["norm_hh_weight"]
+            hr = hr + p["bias_hh"]
+            zero = np.zeros((B, H))
+            args.append(tuple(hr[:, rec.index(g) * H:(rec.index(g) + 1) * H] if g in rec
+                              else zero for g in range(G)))
+        args.append(state)
+        new = cell.reference(*args, *unit_params, **kwargs)
         active = (t < lengths)[:, None]
         state = tuple(np.where(active, n, s) for n, s in zip(new, state))
         y[t] = np.where(active, state[0], 0.0)
@@ -49,7 +102,7 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
     D = 2 if bidirectional else 1
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
-    H = params["weight_hh_l0"].shape[1]
+    H = np.asarray(params["bias_ih_l0"]).shape[0] // cell.n_gates
     if h0 is None:
         h0 = tuple(np.zeros((num_layers * D, B, H)) for _ in range(cell.n_state))
     hn = [np.zeros((num_layers * D, B, H)) for _ in range(cell.n_state)]
@@ -58,13 +111,11 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            p = {k: np.asarray(params[f"{k}{sfx}"], np.float64)
-                 for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            kinds = cell.param_shapes(inp.shape[2], H)
+            p = {k: params[f"{k}{sfx}"] for k in kinds}
             idx = layer * D + d
-            y, st = reference_direction(
-                cell, inp, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"],
-                tuple(h[idx] for h in h0), lengths, reverse=bool(d),
-            )
+            y, st = reference_direction(cell, inp, p, tuple(h[idx] for h in h0), lengths,
+                                        reverse=bool(d))
             outs.append(y)
             for s in range(cell.n_state):
                 hn[s][idx] = st[s]

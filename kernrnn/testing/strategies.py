@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-__all__ = ["Problem", "problems", "make_arrays"]
+__all__ = ["Problem", "problems", "make_arrays", "hidden_multiple"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,16 @@ class Problem:
 
 @st.composite
 def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirectional=None,
-             variable_lengths=True):
-    """A random problem; ``bidirectional=None`` draws it too."""
+             variable_lengths=True, cell=None):
+    """A random problem; ``bidirectional=None`` draws it too.
+
+    With ``cell``, H fits it (a multiple of its number of heads).
+    """
     T = draw(st.integers(1, max_T))
     B = draw(st.integers(1, max_B))
     I = draw(st.integers(1, max_I))
-    H = draw(st.integers(1, max_H))
+    m = hidden_multiple(cell)
+    H = m * draw(st.integers(1, max(1, max_H // m)))
     L = draw(st.integers(1, max_layers))
     bi = draw(st.booleans()) if bidirectional is None else bidirectional
     lengths = None
@@ -49,26 +53,42 @@ def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirection
     return Problem(T, B, I, H, L, bi, lengths, with_h0, seed)
 
 
+def hidden_multiple(cell) -> int:
+    """The hidden sizes ``cell`` runs with are multiples of this (its heads; else 1)."""
+    if cell is None or getattr(cell, "recurrent", "dense") != "heads":
+        return 1
+    return cell.heads
+
+
 def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
     """Parameters (PyTorch names), input and initial state for problem ``p``.
 
-    Weights are uniform in +-scale/sqrt(H) (PyTorch's init for scale=1),
-    inputs and states uniform in [-1, 1].  Returns ``(params, x, h0)`` with
-    ``h0`` a tuple of S ``[L*D, B, H]`` arrays or None.
+    Weights and biases are uniform in +-scale/sqrt(H) (PyTorch's init for
+    scale=1), per-unit parameters in [-1, 1], normalisation gains in
+    [0.5, 1.5] and their biases in [-0.5, 0.5], inputs and states in [-1, 1].
+    Returns ``(params, x, h0)`` with ``h0`` a tuple of S ``[L*D, B, H]`` arrays
+    or None.
     """
     rng = np.random.default_rng(p.seed)
     D = 2 if p.bidirectional else 1
-    G, H = cell.n_gates, p.H
+    H = p.H
     bound = scale / np.sqrt(H)
+    unit = {prm.name for prm in cell.params}
     params = {}
     for layer in range(p.num_layers):
         in_size = p.I if layer == 0 else D * H
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            params[f"weight_ih{sfx}"] = rng.uniform(-bound, bound, (G * H, in_size)).astype(dtype)
-            params[f"weight_hh{sfx}"] = rng.uniform(-bound, bound, (G * H, H)).astype(dtype)
-            params[f"bias_ih{sfx}"] = rng.uniform(-bound, bound, G * H).astype(dtype)
-            params[f"bias_hh{sfx}"] = rng.uniform(-bound, bound, G * H).astype(dtype)
+            for kind, shape in cell.param_shapes(in_size, H).items():
+                if kind in unit:
+                    v = rng.uniform(-1, 1, shape)
+                elif kind.startswith("norm_") and kind.endswith("_weight"):
+                    v = rng.uniform(0.5, 1.5, shape)
+                elif kind.startswith("norm_"):
+                    v = rng.uniform(-0.5, 0.5, shape)
+                else:
+                    v = rng.uniform(-bound, bound, shape)
+                params[f"{kind}{sfx}"] = v.astype(dtype)
     x = rng.uniform(-1, 1, (p.T, p.B, p.I)).astype(dtype)
     h0 = None
     if p.with_h0:

@@ -120,6 +120,12 @@ def _close(got, want, tolerance, what, c):
     np.testing.assert_allclose(got, want, **tolerance, err_msg=f"{what} on {c}")
 
 
+def _params(a):
+    """The layer-direction parameters by the cell's names, from this module's short keys."""
+    return {"weight_ih": a["W_ih"], "weight_hh": a["W_hh"], "bias_ih": a["b_ih"],
+            "bias_hh": a["b_hh"]}
+
+
 def _check_against_cpu_and_reference(cell, c):
     a = _arrays(cell, c)
     dt, T, rev = c["dtype"], c["T"], c["reverse"]
@@ -127,21 +133,19 @@ def _check_against_cpu_and_reference(cell, c):
 
     # forward vs the float64 reference (independent code)
     f64 = {k: np.asarray(v, np.float64) for k, v in a.items() if k != "lengths"}
-    y_ref, hn_ref = reference_direction(
-        cell, f64["x"], f64["W_ih"], f64["W_hh"], f64["b_ih"], f64["b_hh"], tuple(f64["h0"]),
-        a["lengths"], reverse=rev)
+    y_ref, hn_ref = reference_direction(cell, f64["x"], _params(f64), tuple(f64["h0"]),
+                                        a["lengths"], reverse=rev)
     ftol = tol.forward_tolerance(dt)
     _close(got["y"], y_ref, ftol, f"{cell.name} y vs reference", c)
     _close(got["hn"], np.stack(hn_ref), ftol, f"{cell.name} hn vs reference", c)
 
     # forward and backward vs the CPU kernels (same layouts, same arrays)
-    y_c, hn_c, ctx = cpu.forward(cell, a["x"], a["W_ih"], a["W_hh"], a["b_ih"], a["b_hh"],
-                                 a["h0"], a["lengths"], rev, True)
+    y_c, hn_c, ctx = cpu.forward(cell, a["x"], _params(a), a["h0"], a["lengths"], rev, True)
     _close(got["y"], y_c, ftol, f"{cell.name} y vs cpu", c)
     _close(got["States"], ctx.States, ftol, f"{cell.name} States vs cpu", c)
     active = np.arange(T)[:, None] < a["lengths"][None, :]  # Saved is unspecified elsewhere
     for k in range(cell.n_saved):
-        _close(got["Saved"][k][active], ctx.Saved[k][active], ftol, f"{cell.name} Saved[{k}]", c)
+        _close(got["Saved"][k][active], ctx.buffers.Saved[k][active], ftol, f"{cell.name} Saved[{k}]", c)
     dx_c, dh0_c, g_c = cpu.backward(ctx, a["dy"], a["dhn"])
     gtol = tol.grad_tolerance(dt)
     _close(got["dx"], dx_c, gtol, f"{cell.name} dx vs cpu", c)
@@ -157,8 +161,8 @@ def _check_against_cpu_and_reference(cell, c):
 
         def loss(eps):
             p = {k: f64[k] + eps * V[k] for k in keys}
-            y, hn = reference_direction(cell, p["x"], p["W_ih"], p["W_hh"], p["b_ih"],
-                                        p["b_hh"], tuple(p["h0"]), a["lengths"], reverse=rev)
+            y, hn = reference_direction(cell, p["x"], _params(p), tuple(p["h0"]), a["lengths"],
+                                        reverse=rev)
             return float((y * f64["dy"]).sum() + (np.stack(hn) * f64["dhn"]).sum())
 
         h = tol.FD_STEP

@@ -44,9 +44,20 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from kernrnn.backends import input_and_weight_gradients
-from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
-from kernrnn.scalar import compile_scalar
+from kernrnn.backends import common
+from kernrnn.backends.codegen import (
+    backward1_call,
+    backward2_call,
+    backward_call,
+    cell_fingerprint,
+    forward2_call,
+    forward_call,
+    hu_gates,
+    load_module,
+    math_namespace,
+    row_norm,
+    row_norm_backward,
+)
 
 __all__ = ["CpuKernels", "get_kernels", "ForwardContext", "forward", "backward", "xp"]
 
@@ -63,29 +74,100 @@ def lengths(lens: np.ndarray) -> np.ndarray:
 
 
 # -- generated kernels ----------------------------------------------------------
+#
+# One forward and one backward kernel per cell, written for the cell at hand:
+# its recurrence form (dense, heads, none), per-unit parameters and
+# normalisations decide which sections the source has.  Every kernel has the
+# same arguments; arrays a cell does not use are one-element stand-ins.
+# Element (b, j) of head hd is unit j = hd*dh + i, so the innermost loop over
+# i reads contiguous memory and vectorises.
 
 
-def _forward_source(G: int, S: int, K: int, train: bool) -> str:
-    body = forward_body(
-        G, S, K,
-        xw=lambda g: f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]",
-        hu=lambda g: f"HU[b, {g} * H + j] + b_hh[{g} * H + j]",
-        prev=lambda s: f"States[{s}, p, b, j]",
-        new=lambda s: f"States[{s}, n, b, j]",
-        saved=(lambda k: f"Saved[{k}, t, b, j]") if train else None,
-        y="Y[t, b, j]",
-        indent=20,
-    )
-    carry = "\n".join(
-        f"                    States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S)
-    )
+def _ind(text: str, n: int) -> str:
+    pad = " " * n
+    return "\n".join(pad + line if line else line for line in text.splitlines())
+
+
+def _forward_source(cell, train: bool) -> str:
+    """All T steps of one direction for batch rows b0:b1 (see the module docstring)."""
+    S, Gr = cell.n_state, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    tt = "t" if (train and rnorm is not None) else "0"  # HU keeps every step only when needed
+    tm = "t" if train else "0"  # Mid, Zhat, Rz keep every step only for training
+
+    def hu(r):
+        v = f"HU[hd, {tt}, b, {r} * dh + i]"
+        if rnorm is not None:
+            v += f" * g_hh[{r} * H + j]"
+        return v + f" + b_hh[{r} * H + j]"
+
+    def xw(g):
+        return f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]"
+
+    def prev(s):
+        return f"States[{s}, p, b, j]"
+
+    def new(s):
+        return f"States[{s}, n, b, j]"
+
+    def pp(i):
+        return f"P[{i} * H + j]"
+
+    saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+    gates = hu_gates(cell, hu, "ZERO")
+    elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
+    lines = []
+    if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
+        lines.append(f"np.dot(States[0, p, b0:b1], WT[0], HU[0, {tt}, b0:b1])")
+    elif rec:
+        lines.append("for hd in range(NH):\n"
+                     f"    np.dot(States[0, p, b0:b1, hd * dh:(hd + 1) * dh], WT[hd], "
+                     f"HU[hd, {tt}, b0:b1])")
+    lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
+    body = []
+    if rnorm is not None:
+        loops = ["for hd in range(NH):", "    for i in range(dh):"]
+        value = f"HU[hd, {tt}, b, r * dh + i]"
+        if rnorm.over == "gate":
+            body.append(f"for r in range({Gr}):\n" + _ind(row_norm(
+                rnorm.kind, loops, value, "H", f"Rhh[{tt}, b, r]", indent=0, prefix="n_"), 4))
+        else:
+            body.append(row_norm(rnorm.kind, [f"for r in range({Gr}):"]
+                                 + ["    " + x for x in loops], value, f"{Gr} * H",
+                                 f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    if not cell.normalize:
+        step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                            z_or_new=new, saved_or_mid=saved, indent=0)
+        body.append(elem + "\n" + _ind(step, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
+    else:
+        st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                           z_or_new=lambda k: f"Zhat[{k}, {tm}, b, j]",
+                           saved_or_mid=lambda m: f"Mid[{m}, {tm}, b, j]", indent=0)
+        body.append(elem + "\n" + _ind(st1, 8))
+        for k in range(cell.n_norm):
+            body.append(row_norm(cell.normalize_kind, ["for j in range(H):"],
+                                 f"Zhat[{k}, {tm}, b, j]", "H", f"Rz[{k}, {tm}, b]", indent=0,
+                                 prefix=f"z{k}_"))
+        st2 = forward2_call(cell, zn=lambda k: f"(Zhat[{k}, {tm}, b, j] * Gz[{k} * H + j] + "
+                                               f"Bz[{k} * H + j])",
+                            mid=lambda m: f"Mid[{m}, {tm}, b, j]", prev=prev, p=pp, new=new,
+                            saved=saved, indent=0)
+        body.append(elem + "\n" + _ind(st2, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
+    lines.append(_ind("\n".join(body), 8))
+    carry = "\n".join(f"            States[{s}, n, b, j] = States[{s}, p, b, j]"
+                      for s in range(S))
+    lines.append(f"    else:\n        for j in range(H):\n{carry}\n            Y[t, b, j] = 0")
+    loop = _ind("\n".join(lines), 8)
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def {name}(XW, b_ih, W_hhT, b_hh, States, Saved, Y, lengths, reverse, HU, b0, b1):
-    """All T steps for batch rows b0:b1 (HU: scratch rows b0:b1)."""
+def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU, Rhh, Y,
+           lengths, reverse, b0, b1):
+    """All T steps for batch rows b0:b1."""
     T = XW.shape[0]
     H = States.shape[3]
+    NH = HU.shape[0]
+    dh = H // NH
     for step in range(T):
         if reverse:
             t = T - 1 - step
@@ -95,19 +177,11 @@ def {name}(XW, b_ih, W_hhT, b_hh, States, Saved, Y, lengths, reverse, HU, b0, b1
             t = step
             p = t
             n = t + 1
-        np.dot(States[0, p, b0:b1], W_hhT, HU[b0:b1])
-        for b in range(b0, b1):
-            if t < lengths[b]:
-                for j in range(H):
-{body}
-            else:
-                for j in range(H):
-{carry}
-                    Y[t, b, j] = 0
+{loop}
 '''
 
 
-def _backward_source(G: int, S: int, K: int, same: bool) -> str:
+def _backward_source(cell, same: bool) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
     ``dS`` holds the element-wise part of the state gradients; the recurrent
@@ -115,44 +189,119 @@ def _backward_source(G: int, S: int, K: int, same: bool) -> str:
     (saves a pass).  ``same``: the cell returns the same values for dxw and
     dhu (LSTM, Elman), so only dXW is written and used for both.
     """
-    dstate0 = "dS[0, b, j] + dY[t, b, j] + dH[b, j]"
-    body = backward_body(
-        G, S, K,
-        saved=lambda k: f"Saved[{k}, t, b, j]",
-        prev=lambda s: f"States[{s}, p, b, j]",
-        dstate=lambda s: dstate0 if s == 0 else f"dS[{s}, b, j]",
-        dxw=lambda g: f"dxw{g}[j]",
-        dhu=lambda g: f"dhu{g}_" if same else f"dhu{g}[j]",
-        dprev=lambda s: f"dS[{s}, b, j]",
-        indent=20,
-    )
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    tt = "t" if rnorm is not None else "0"
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (" + dH[hd, b, i]" if rec else "")
+
+    def dstate(s):
+        return ds0 if s == 0 else f"dS[{s}, b, j]"
+
+    def prev(s):
+        return f"States[{s}, p, b, j]"
+
+    def saved(k):
+        return f"Saved[{k}, t, b, j]"
+
+    def pp(i):
+        return f"P[{i} * H + j]"
+
+    def dp(i):
+        return f"dP[{i} * H + j]"
+
+    def dxw(g):
+        return f"dxw{g}[j]"
+
+    def dprev(s):
+        return f"dS[{s}, b, j]"
+
+    dhu = (lambda r: None) if same else (lambda r: f"dhu{r}[i]")
+    # One view per gate: a store to dXW[t, b, g*H + j] carries Numba's
+    # negative-index select, which LLVM cannot analyse for overlap between the
+    # G stores; dxw_g[j] it can.
+    views = "\n".join(f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G))
+    hviews = "" if (same or not rec) else "\n".join(
+        f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
+    elem_head = ("for hd in range(NH):\n" + (hviews + "\n" if hviews else "")
+                 + "    for i in range(dh):\n        j = hd * dh + i")
+    body = [views]
+    if not cell.normalize:
+        step = backward_call(cell, saved=saved, prev=prev, dstate=dstate, p=pp, dxw=dxw,
+                             dhu=dhu, dprev=dprev, dp=dp, indent=0)
+        body.append(elem_head + "\n" + _ind(step, 8))
+    else:
+        def zhat(k):
+            return f"Zhat[{k}, t, b, j]"
+
+        st2 = backward2_call(cell, saved=saved,
+                             zn=lambda k: f"({zhat(k)} * Gz[{k} * H + j] + Bz[{k} * H + j])",
+                             mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev, dstate=dstate, p=pp,
+                             dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             dprev=dprev, dp=dp, indent=0)
+        acc = "\n".join(f"dGz[{k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
+                        f"dBz[{k} * H + j] += DZ[{k}, b, j]\n"
+                        f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
+                        for k in range(cell.n_norm))
+        body.append("for j in range(H):\n" + _ind(st2, 4) + "\n" + _ind(acc, 4))
+        for k in range(cell.n_norm):
+            body.append(row_norm_backward(cell.normalize_kind, ["for j in range(H):"],
+                                          f"DZ[{k}, b, j]", zhat(k), "H", f"Rz[{k}, t, b]",
+                                          indent=0, prefix=f"z{k}_"))
+        st1 = backward1_call(cell, mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev,
+                             dz=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dp, indent=0)
+        body.append(elem_head + "\n" + _ind(st1, 8))
     # Bias gradients: summed per row after the element loop, from the row just
     # written (hot in cache); inside the loop the G strided updates of one
     # array would stop LLVM from vectorising it.
-    sums = ("                for k in range(GH):\n"
-            "                    db_ih[k] += dXW[t, b, k]")
-    if not same:
-        sums += "\n                    db_hh[k] += dHU[t, b, k]"
-    # One view per gate: a store to dXW[t, b, g*H + j] carries Numba's
-    # negative-index select (g*H + j is not known to be >= 0), which LLVM
-    # cannot analyse for overlap between the G stores; dxw_g[j] it can.
-    views = "\n".join(
-        f"                dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)
-    )
-    if not same:
-        views += "\n" + "\n".join(
-            f"                dhu{g} = dHU[t, b, {g} * H:{g + 1} * H]" for g in range(G)
-        )
+    body.append("for k in range(GH):\n    db_ih[k] += dXW[t, b, k]")
+    if rec and not same:
+        u = "r * H + hd * dh + i"
+        v = "dHU[hd, t, b, r * dh + i]"
+        hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
+                  "        for i in range(dh):", f"            db_hh[{u}] += {v}"]
+        if rnorm is not None:
+            hu_sum += [f"            dg_hh[{u}] += {v} * HU[hd, {tt}, b, r * dh + i]",
+                       f"            {v} = {v} * g_hh[{u}]"]
+        body.append("\n".join(hu_sum))
+        if rnorm is not None:
+            loops = ["for hd in range(NH):", "    for i in range(dh):"]
+            xhat = f"HU[hd, {tt}, b, r * dh + i]"
+            if rnorm.over == "gate":
+                body.append(f"for r in range({Gr}):\n" + _ind(row_norm_backward(
+                    rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
+                    prefix="n_"), 4))
+            else:
+                body.append(row_norm_backward(
+                    rnorm.kind, [f"for r in range({Gr}):"] + ["    " + x for x in loops],
+                    v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    active = _ind("\n".join(body), 16)
+    masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
+    if rec:
+        masked += ("\n                for hd in range(NH):\n                    for i in range(dh):\n"
+                   "                        dS[0, b, hd * dh + i] += dH[hd, b, i]")
+    if rec:
+        masked += ("\n                for hd in range(NH):\n"
+                   "                    for k in range(dHU.shape[3]):\n"
+                   "                        dHU[hd, t, b, k] = 0")
+    gemm = ("        for hd in range(NH):\n"
+            "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
+    final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
+             "            for i in range(dh):\n"
+             "                dS[0, b, hd * dh + i] += dH[hd, b, i]") if rec else ""
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def backward_loop(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, dH, db_ih, db_hh,
-                  b0, b1):
+def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
+                  reverse, dXW, dHU, dH, DZ, DM, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
     T = dY.shape[0]
     H = dS.shape[2]
     GH = dXW.shape[2]
-    for b in range(b0, b1):
-        for j in range(H):
-            dH[b, j] = 0
+    NH = dHU.shape[0]
+    dh = H // NH
+    for hd in range(dH.shape[0]):
+        for b in range(b0, b1):
+            for i in range(dH.shape[2]):
+                dH[hd, b, i] = 0
     for step in range(T):
         if reverse:
             t = step
@@ -162,20 +311,11 @@ def backward_loop(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, dH, d
             p = t
         for b in range(b0, b1):
             if t < lengths[b]:
-{views}
-                for j in range(H):
-{body}
-{sums}
+{active}
             else:
-                for j in range(H):
-                    dS[0, b, j] += dH[b, j]
-                for k in range(GH):
-                    dXW[t, b, k] = 0
-                    dHU[t, b, k] = 0
-        np.dot(dHU[t, b0:b1], W_hh, dH[b0:b1])
-    for b in range(b0, b1):
-        for j in range(H):
-            dS[0, b, j] += dH[b, j]
+{masked}
+{gemm}
+{final}
 '''
 
 
@@ -184,8 +324,11 @@ def same_input_and_recurrent_grads(cell) -> bool:
 
     Read from the source (``return d, d, ...``): then the gradients of the input
     and recurrent pre-activations are equal by construction and the kernel
-    stores them once.
+    stores them once.  Only for plain cells, where ``dHU`` can share ``dXW``'s
+    memory.
     """
+    if not cell.plain:
+        return False
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cell.backward)))
     except (OSError, TypeError, SyntaxError):
@@ -236,19 +379,14 @@ def get_kernels(cell, dtype) -> CpuKernels:
     """Build (or load from Numba's cache) the CPU kernels of ``cell``."""
     _allow_alias_checks()
     dtype = np.dtype(dtype)
-    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
     same = same_input_and_recurrent_grads(cell)
-    source = "import numba\nimport numpy as np\n" + "\n".join(
-        [_forward_source(G, S, K, True), _forward_source(G, S, K, False),
-         _backward_source(G, S, K, same)]
+    source = "import math\nimport numba\nimport numpy as np\n" + "\n".join(
+        [_forward_source(cell, True), _forward_source(cell, False),
+         _backward_source(cell, same)]
     )
     source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, "
               f"math {cell_fingerprint(cell)}\n" + source)
-    namespace = {
-        "cell_forward": compile_scalar(cell.forward, dtype),
-        "cell_backward": compile_scalar(cell.backward, dtype),
-    }
-    module = load_module(source, f"cpu_{cell.name}_{dtype.name}", namespace)
+    module = load_module(source, f"cpu_{cell.name}_{dtype.name}", math_namespace(cell, dtype))
     return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same)
 
 
@@ -341,77 +479,91 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
 
 # -- host side --------------------------------------------------------------------
 
-
-@dataclass
-class ForwardContext:
-    """What backward needs from one forward call (one layer, one direction)."""
-
-    cell: object
-    x: np.ndarray
-    W_ih: np.ndarray
-    W_hh: np.ndarray
-    States: np.ndarray
-    Saved: np.ndarray
-    lengths: np.ndarray
-    reverse: bool
-    device: str = "cpu"
+ForwardContext = common.ForwardContext
 
 
-def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     """Run one layer in one direction; arguments are already validated.
 
-    ``h0`` is ``[S, B, H]``, ``lengths`` int64 ``[B]``; ``y`` an optional
-    ``[T, B, H]`` (possibly strided) view to write the output into.
-    Returns ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    ``params`` maps the cell's parameter names (``weight_ih``, ...; see
+    :meth:`kernrnn.cell.Cell.param_shapes`) to arrays; ``h0`` is ``[S, B, H]``,
+    ``lengths`` int64 ``[B]``; ``y`` an optional ``[T, B, H]`` (possibly
+    strided) view to write the output into.  Returns ``(y, hn, ctx)``; ``ctx``
+    is None unless ``training``.
     """
     T, B, _ = x.shape
-    H = W_hh.shape[1]
-    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    k = get_kernels(cell, x.dtype)
-    XW = (x.reshape(T * B, x.shape[2]) @ W_ih.T).reshape(T, B, G * H)
-    States = np.empty((S, T + 1, B, H), dtype=x.dtype)
-    States[:, T if reverse else 0] = h0
-    Saved = np.empty((K if training else 0, T, B, H), dtype=x.dtype)
+    H = h0.shape[2]
+    dtype = x.dtype
+    k = get_kernels(cell, dtype)
+    XW, input_cache = common.input_projection(np, cell, x, params)
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training)
+    buf.States[:, T if reverse else 0] = h0
     if y is None:
-        y = np.empty((T, B, H), dtype=x.dtype)
-    HU = np.empty((B, G * H), dtype=x.dtype)
-    W_hhT = np.ascontiguousarray(W_hh.T)
+        y = np.empty((T, B, H), dtype=dtype)
+    one = np.ones(1, dtype=dtype)
+    W3 = common.recurrent_weights(cell, params, H)
+    WT = np.ascontiguousarray(W3.transpose(0, 2, 1)) if W3 is not None else one.reshape(1, 1, 1)
+    b_hh = params["bias_hh"] if cell.has_recurrent else one
+    P = common.param_vector(np, cell, params, H, dtype)
+    g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     kernel = k.forward_train if training else k.forward_infer
     if T > 0:
-        _run_chunks(kernel, (XW, b_ih, W_hhT, b_hh, States, Saved, y, lengths, reverse, HU), B)
-    hn = States[:, 0 if reverse else T].copy()
-    ctx = ForwardContext(cell, x, W_ih, W_hh, States, Saved, lengths, reverse) if training else None
+        _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
+                             buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU, buf.Rhh, y, lengths,
+                             reverse), B)
+    hn = buf.States[:, 0 if reverse else T].copy()
+    ctx = None
+    if training:
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse)
     return y, hn, ctx
 
 
 def backward(ctx: ForwardContext, dy, dhn):
     """BPTT for one forward call.  Returns ``(dx, dh0, grads)``.
 
-    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
+    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``;
+    ``grads`` has the keys of the forward call's ``params``.
     """
-    x, W_hh = ctx.x, ctx.W_hh
+    cell, x, params, buf = ctx.cell, ctx.x, ctx.params, ctx.buffers
     T, B, _ = x.shape
-    H = W_hh.shape[1]
-    GH = W_hh.shape[0]
-    k = get_kernels(ctx.cell, x.dtype)
-    dS = np.array(dhn, dtype=x.dtype, copy=True)
-    dXW = np.empty((T, B, GH), dtype=x.dtype)
-    dHU = dXW if k.same_grads else np.empty((T, B, GH), dtype=x.dtype)
-    dH = np.empty((B, H), dtype=x.dtype)
+    H = dhn.shape[2]
+    dtype = x.dtype
+    G, NH = cell.n_gates, cell.n_heads(H)
+    GrH = cell.n_recurrent_gates * H
+    k = get_kernels(cell, dtype)
+    dS = np.array(dhn, dtype=dtype, copy=True)
+    dXW = np.empty((T, B, G * H), dtype=dtype)
+    one = np.ones(1, dtype=dtype)
+    if not cell.has_recurrent:
+        dHU = one.reshape(1, 1, 1, 1)
+    elif k.same_grads:
+        dHU = dXW.reshape(1, T, B, G * H)
+    else:
+        dHU = np.empty((NH, T, B, GrH // NH), dtype=dtype)
+    dH = np.empty((NH, B, H // NH), dtype=dtype)
+    DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
+    DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
+    W = common.recurrent_weights(cell, params, H)
+    W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
+    P = common.param_vector(np, cell, params, H, dtype)
+    g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = _n_chunks(B)
-    db_ih = np.zeros((nchunk, GH), dtype=x.dtype)
-    db_hh = db_ih if k.same_grads else np.zeros((nchunk, GH), dtype=x.dtype)
+    # one gradient row per chunk and sum: no two threads add to one row, and the
+    # order of the additions is fixed (deterministic, no atomics)
+    acc = {name: np.zeros((nchunk, max(n, 1)), dtype=dtype) for name, n in (
+        ("bias_ih", G * H), ("bias_hh", GrH), ("norm_hh", GrH),
+        ("params", cell.n_param_scalars * H), ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     if T > 0:
-        # one bias-gradient row per chunk: no two threads add to one row
         _run_chunks(k.backward_loop,
-                    (dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths, ctx.reverse, dXW, dHU, dH),
-                    B, per_chunk=[(db_ih[c], db_hh[c]) for c in range(nchunk)])
-    dx, dW_ih, dW_hh = input_and_weight_gradients(ctx, dXW, dHU)
-    bias_ih = db_ih.sum(axis=0)
-    grads = {
-        "weight_ih": dW_ih,
-        "weight_hh": dW_hh,
-        "bias_ih": bias_ih,
-        "bias_hh": bias_ih.copy() if k.same_grads else db_hh.sum(axis=0),
-    }
+                    (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
+                     buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM),
+                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)])
+    sums = {name: a.sum(axis=0) for name, a in acc.items()}
+    dx, grads = common.weight_gradients(np, cell, ctx, dXW,
+                                        dHU if cell.has_recurrent else None)
+    grads["bias_ih"] = sums["bias_ih"]
+    if cell.has_recurrent:
+        grads["bias_hh"] = sums["bias_ih"].copy() if k.same_grads else sums["bias_hh"]
+    grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
+                                           sums["bz"], H))
     return dx, dS, grads

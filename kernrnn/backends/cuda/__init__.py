@@ -54,8 +54,8 @@ from functools import cache, lru_cache
 
 import numpy as np
 
-from kernrnn.backends import input_and_weight_gradients
 from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
+from kernrnn.backends.common import ForwardContext, TimeBuffers, weight_gradients
 from kernrnn.scalar import compile_scalar
 
 __all__ = [
@@ -566,22 +566,6 @@ def _resolve_path(path, cell, dtype, B, H, training) -> str:
 # -- forward / backward -----------------------------------------------------------------
 
 
-@dataclass
-class ForwardContext:
-    """What backward needs from one forward call (one layer, one direction)."""
-
-    cell: object
-    x: object
-    W_ih: object
-    W_hh: object
-    States: object
-    Saved: object
-    lengths: object
-    reverse: bool
-    path: str = "gemm"
-    device: str = "cuda"
-
-
 # -- the GEMM-per-step loops, optionally replayed as CUDA graphs --------------------------
 
 GRAPHS_ENV = "KERNRNN_CUDA_GRAPHS"
@@ -746,14 +730,21 @@ def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW
     _run_loop(key, issue, make_scratch)
 
 
-def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=None,
-            path=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
     """Run one layer in one direction on the GPU; arguments are already validated.
 
-    ``h0`` is ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an
-    optional ``[T, B, H]`` (possibly strided) view to write the output into.
-    Returns ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    ``params`` maps the cell's parameter names to device arrays; ``h0`` is
+    ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an optional
+    ``[T, B, H]`` (possibly strided) view to write the output into.  Returns
+    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
     """
+    if not cell.plain:
+        raise NotImplementedError(
+            f"cell {cell.name!r}: the CUDA backend does not run per-unit parameters, "
+            f"recurrence forms other than 'dense' or normalisation yet"
+        )
+    W_ih, W_hh, b_ih, b_hh = (params[k] for k in ("weight_ih", "weight_hh", "bias_ih",
+                                                   "bias_hh"))
     T, B, I = x.shape
     H = W_hh.shape[1]
     G, S, K = cell.n_gates, cell.n_state, cell.n_saved
@@ -776,7 +767,9 @@ def forward(cell, x, W_ih, W_hh, b_ih, b_hh, h0, lengths, reverse, training, y=N
     hn = States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
-        ctx = ForwardContext(cell, x, W_ih, W_hh, States, Saved, lengths, reverse, chosen)
+        one = xp.empty((1, 1, 1, 1), dtype=dtype)
+        buffers = TimeBuffers(States, Saved, one, one, one, one, one)
+        ctx = ForwardContext(cell, x, params, None, buffers, lengths, reverse, "cuda", chosen)
     return y, hn, ctx
 
 
@@ -785,25 +778,22 @@ def backward(ctx: ForwardContext, dy, dhn):
 
     ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
     """
-    x, W_hh = ctx.x, ctx.W_hh
+    x, W_hh = ctx.x, ctx.params["weight_hh"]
     T, B, _ = x.shape
     GH = W_hh.shape[0]
     dtype = x.dtype
     dS = xp.array(dhn, dtype=dtype, copy=True)
     dXW = xp.empty((T, B, GH), dtype=dtype)
     dHU = xp.empty((T, B, GH), dtype=dtype)
+    Saved = ctx.buffers.Saved
     if T > 0 and B > 0:
         if ctx.path == "persistent":
-            _persistent_module().backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, ctx.Saved,
+            _persistent_module().backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, Saved,
                                                ctx.lengths, ctx.reverse, dXW, dHU)
         else:
-            _gemm_backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, ctx.Saved, ctx.lengths,
+            _gemm_backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, Saved, ctx.lengths,
                                 ctx.reverse, dXW, dHU)
-    dx, dW_ih, dW_hh = input_and_weight_gradients(ctx, dXW, dHU)
-    grads = {
-        "weight_ih": dW_ih,
-        "weight_hh": dW_hh,
-        "bias_ih": dXW.sum(axis=(0, 1)),
-        "bias_hh": dHU.sum(axis=(0, 1)),
-    }
+    dx, grads = weight_gradients(xp, ctx.cell, ctx, dXW, dHU[None])
+    grads["bias_ih"] = dXW.sum(axis=(0, 1))
+    grads["bias_hh"] = dHU.sum(axis=(0, 1))
     return dx, dS, grads

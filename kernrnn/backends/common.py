@@ -1,0 +1,230 @@
+"""What every backend does the same way around its time loops.
+
+Written once against an array module ``xp`` (NumPy on the CPU and under the
+CUDA simulator, CuPy on a GPU): the input projection with its optional
+normalisation, the layouts the loops read the parameters in, the
+normalisation backward over whole rows and the weight gradients as large
+GEMMs after the loop.  The backends own only the sequential part, the time
+loop.
+
+Layouts (time-major): ``XW [T, B, G*H]`` is ``W_ih x`` (normalised and scaled
+by its gain when the cell has an input norm; ``b_ih`` is added in the loop);
+``W3 [NH, Gr*dh, dh]`` the recurrent weights per head (a dense cell has one
+head of ``dh = H`` units); the recurrent pre-activations of head ``k`` are
+``HU[k, t, b, r*dh + i]`` for recurrent gate ``r`` of unit ``k*dh + i``, and
+``dHU`` has the same layout, so a dense cell's ``dHU[0]`` is ``[T, B, Gr*H]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernrnn.cell import NORM_EPS
+
+__all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
+           "recurrent_weights", "param_vector", "norm_vectors", "weight_gradients",
+           "per_unit_gradients"]
+
+
+@dataclass
+class TimeBuffers:
+    """The arrays one direction's time loop fills, in the layouts of the module docstring.
+
+    ``States [S, T+1, B, H]`` (time boundaries), ``Saved [K, T, B, H]``; for a
+    two-stage step ``Mid [NM, T', B, H]``, ``Zhat [NZ, T', B, H]`` and
+    ``Rz [NZ, T', B]``; ``HU [NH, T'', B, Gr*dh]`` and ``Rhh [T'', B, nseg]``
+    (the normalised recurrent products and their reciprocal deviations).  T'
+    is T when training, else 1 (scratch for the current step); T'' is T only
+    when training a cell with a recurrent norm.  Unused arrays have one element.
+    """
+
+    States: object
+    Saved: object
+    Mid: object
+    Zhat: object
+    Rz: object
+    HU: object
+    Rhh: object
+
+
+def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool) -> TimeBuffers:
+    """Allocate :class:`TimeBuffers` for one direction."""
+    S, K = cell.n_state, cell.n_saved
+    Tm = T if training else 1
+
+    def empty(*shape):
+        return xp.empty(shape, dtype=dtype)
+
+    one = empty(1, 1, 1, 1)
+    if cell.normalize:
+        Mid, Zhat = empty(cell.n_mid, Tm, B, H), empty(cell.n_norm, Tm, B, H)
+        Rz = empty(cell.n_norm, Tm, B)
+    else:
+        Mid, Zhat, Rz = one, one, empty(1, 1, 1)
+    if cell.has_recurrent:
+        NH = cell.n_heads(H)
+        Th = T if (training and cell.recurrent_norm is not None) else 1
+        HU = empty(NH, Th, B, cell.n_recurrent_gates * (H // NH))
+        nseg = n_segments(cell.recurrent_norm, cell.n_recurrent_gates) \
+            if cell.recurrent_norm is not None else 1
+        Rhh = empty(Th, B, nseg)
+    else:
+        HU, Rhh = one, empty(1, 1, 1)
+    return TimeBuffers(empty(S, T + 1, B, H), empty(K if training else 0, T, B, H), Mid, Zhat,
+                       Rz, HU, Rhh)
+
+
+@dataclass
+class ForwardContext:
+    """What backward needs from one forward call (one layer, one direction)."""
+
+    cell: object
+    x: object
+    params: dict
+    input_cache: object  # (xhat, rstd) of the input norm, or None
+    buffers: TimeBuffers
+    lengths: object
+    reverse: bool
+    device: str = "cpu"
+    path: str = "gemm"
+
+    @property
+    def States(self):
+        """``[S, T+1, B, H]``: the states at every time boundary."""
+        return self.buffers.States
+
+
+def n_segments(norm, n_blocks: int) -> int:
+    """Normalisation segments per row: one per gate block (``over="gate"``) or one."""
+    return n_blocks if norm.over == "gate" else 1
+
+
+def normalize_rows(xp, X, nseg: int, kind: str):
+    """``(xhat, rstd)`` of ``X [N, nseg*L]`` normalised over each of its ``nseg`` segments."""
+    N = X.shape[0]
+    Xs = X.reshape(N, nseg, -1)
+    if kind == "layer":
+        Xs = Xs - Xs.mean(axis=2, keepdims=True)
+    rstd = 1 / xp.sqrt((Xs * Xs).mean(axis=2) + X.dtype.type(NORM_EPS))
+    return (Xs * rstd[:, :, None]).reshape(X.shape), rstd
+
+
+def normalize_rows_backward(xp, dxhat, xhat, rstd, kind: str):
+    """Gradient of the raw rows from the gradient of ``xhat`` (see :func:`normalize_rows`)."""
+    N, nseg = rstd.shape
+    g = dxhat.reshape(N, nseg, -1)
+    xh = xhat.reshape(N, nseg, -1)
+    m2 = (g * xh).mean(axis=2, keepdims=True)
+    d = g - xh * m2
+    if kind == "layer":
+        d = d - g.mean(axis=2, keepdims=True)
+    return (d * rstd[:, :, None]).reshape(dxhat.shape)
+
+
+def input_projection(xp, cell, x, params):
+    """``(XW [T, B, G*H], cache)``: ``W_ih x`` for all steps in one GEMM, normalised if asked.
+
+    ``cache`` is ``(xhat, rstd)`` for the normalisation's backward, or None.
+    """
+    T, B, I = x.shape
+    W_ih = params["weight_ih"]
+    XW = xp.matmul(x.reshape(T * B, I), W_ih.T)
+    cache = None
+    if cell.input_norm is not None:
+        xhat, rstd = normalize_rows(xp, XW, n_segments(cell.input_norm, cell.n_gates),
+                                    cell.input_norm.kind)
+        XW = xhat * params["norm_ih_weight"]
+        cache = (xhat, rstd)
+    return XW.reshape(T, B, W_ih.shape[0]), cache
+
+
+def recurrent_weights(cell, params, hidden_size: int):
+    """``W_hh`` as ``[NH, Gr*dh, dh]`` (a view; a dense cell's is ``[1, Gr*H, H]``), or None."""
+    if not cell.has_recurrent:
+        return None
+    W = params["weight_hh"]
+    if cell.recurrent == "dense":
+        return W.reshape(1, W.shape[0], hidden_size)
+    return W
+
+
+def param_vector(xp, cell, params, hidden_size: int, dtype):
+    """The per-unit parameters, concatenated in declaration order (``[P*H]``; P may be 0)."""
+    if not cell.params:
+        return xp.zeros(1, dtype=dtype)
+    return xp.ascontiguousarray(xp.concatenate([params[p.name] for p in cell.params]))
+
+
+def norm_vectors(xp, cell, params, hidden_size: int, dtype):
+    """``(g_hh, Gz, Bz)``: the recurrent-norm gain and the mid-step norms' gains and biases.
+
+    Arrays of one element stand in for the ones the cell does not have.
+    """
+    one = xp.ones(1, dtype=dtype)
+    g_hh = params["norm_hh_weight"] if cell.recurrent_norm is not None else one
+    if cell.normalize:
+        Gz = xp.concatenate([params[f"norm_{v}_weight"] for v in cell.normalize])
+        Bz = xp.concatenate([params[f"norm_{v}_bias"] for v in cell.normalize])
+    else:
+        Gz = Bz = one
+    return g_hh, Gz, Bz
+
+
+def weight_gradients(xp, cell, ctx, dXW, dHU):
+    """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
+
+    ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
+    ``b_ih``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
+    (None without them).  Large GEMMs over all ``T*B`` rows; ``@`` dispatches
+    to NumPy's or CuPy's BLAS.
+    """
+    x = ctx.x
+    T, B, I = x.shape
+    GH = dXW.shape[2]
+    dXW2 = dXW.reshape(T * B, GH)
+    grads = {}
+    if cell.input_norm is not None:
+        xhat, rstd = ctx.input_cache
+        g_ih = ctx.params["norm_ih_weight"]
+        grads["norm_ih_weight"] = (dXW2 * xhat).sum(axis=0)
+        dXW2 = normalize_rows_backward(xp, dXW2 * g_ih, xhat, rstd, cell.input_norm.kind)
+    W_ih = ctx.params["weight_ih"]
+    dx = (dXW2 @ W_ih).reshape(T, B, I)
+    grads["weight_ih"] = dXW2.T @ x.reshape(T * B, I)
+    if dHU is not None:
+        H = ctx.States.shape[3]
+        # the state each step started from: time boundary t (forward) or t+1 (reverse)
+        Hprev = (ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]).reshape(T * B, H)
+        NH = dHU.shape[0]
+        dh = H // NH
+        if NH == 1:
+            dW = dHU[0].reshape(T * B, dHU.shape[3]).T @ Hprev
+            grads["weight_hh"] = dW if cell.recurrent == "dense" else dW[None]
+        else:
+            grads["weight_hh"] = xp.stack([
+                dHU[k].reshape(T * B, dHU.shape[3]).T @ Hprev[:, k * dh:(k + 1) * dh]
+                for k in range(NH)
+            ])
+    return dx, grads
+
+
+def per_unit_gradients(cell, dP, dg_hh, dGz, dBz, H: int) -> dict:
+    """The gradients of the per-unit parameters and mid-step norms, split by name.
+
+    Inputs are the kernels' sums over time and batch (flat, in declaration order).
+    """
+    grads, i = {}, 0
+    for p in cell.params:
+        grads[p.name] = dP[i * H:(i + p.blocks) * H]
+        i += p.blocks
+    if cell.recurrent_norm is not None:
+        grads["norm_hh_weight"] = dg_hh
+    for k, v in enumerate(cell.normalize):
+        grads[f"norm_{v}_weight"] = dGz[k * H:(k + 1) * H]
+        grads[f"norm_{v}_bias"] = dBz[k * H:(k + 1) * H]
+    return grads
+
+
+_ = np
