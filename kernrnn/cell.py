@@ -274,6 +274,11 @@ class Cell:
     linear:
         The step is linear in the state (``new = a * prev + b``, element-wise
         per state component); checked on samples.
+    state_sampler:
+        ``state_sampler(rng, shape) -> tuple of S arrays``: initial states the
+        cell is defined for, drawn by the tests and conformance checks
+        (default: every component uniform in [-1, 1]).  For states with a
+        restricted domain, such as sLSTM's positive normaliser.
     """
 
     name: str
@@ -295,6 +300,7 @@ class Cell:
     forward2: Callable | None = None
     backward2: Callable | None = None
     linear: bool = False
+    state_sampler: Callable | None = None
     n_saved: int = field(init=False, default=-1)
     n_mid: int = field(init=False, default=0)
 
@@ -450,6 +456,17 @@ class Cell:
                 ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + P),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
 
+    def sample_states(self, rng, shape) -> tuple:
+        """Initial states for tests: ``state_sampler`` or uniform in [-1, 1], float64."""
+        if self.state_sampler is None:
+            return tuple(rng.uniform(-1, 1, shape) for _ in range(self.n_state))
+        out = tuple(np.asarray(v, dtype=np.float64) for v in self.state_sampler(rng, shape))
+        if len(out) != self.n_state or any(v.shape != tuple(shape) for v in out):
+            raise CellError(f"cell {self.name!r}{_source_note(self)}: state_sampler must return "
+                            f"{self.n_state} arrays of shape {tuple(shape)}, got "
+                            f"{[getattr(v, 'shape', v) for v in out]}")
+        return out
+
     def __post_init__(self):
         self.validate()
 
@@ -489,6 +506,8 @@ class Cell:
                 fail(f"{attr} must be a function, got {getattr(self, attr)!r}")
         if self.init is not None and not callable(self.init):
             fail(f"init must be a function or None, got {self.init!r}")
+        if self.state_sampler is not None and not callable(self.state_sampler):
+            fail(f"state_sampler must be a function or None, got {self.state_sampler!r}")
         self._validate_forms(fail)
         self._validate_math(fail)
 
@@ -582,7 +601,8 @@ class Cell:
         hu_full = [sample(G) for _ in range(H)]
         rec = set(self.recurrent_gate_indices)
         hu = [tuple(v if g in rec else 0.0 for g, v in enumerate(row)) for row in hu_full]
-        prev = [sample(S) for _ in range(H)]
+        states = self.sample_states(rng, (H,))
+        prev = [tuple(float(v[j]) for v in states) for j in range(H)]
         pvals = [tuple(sample(p.blocks) for p in self.params) for _ in range(H)]
         gains = {v: (np.array(sample(H)) + 1.5, np.array(sample(H))) for v in self.normalize}
 

@@ -37,7 +37,11 @@ __all__ = [
 
 #: Name of the environment variable that, set to 1, loads only the shipped cells.
 AUTOLOAD_ENV = "KERNRNN_DISABLE_PLUGIN_AUTOLOAD"
-BUILTIN_PLUGINS = ("kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru")
+BUILTIN_PLUGINS = (
+    "kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru",
+    "kernrnn_cells.indrnn", "kernrnn_cells.mingru", "kernrnn_cells.lstm_peephole",
+    "kernrnn_cells.lstm_ln", "kernrnn_cells.slstm",
+)
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or registered a bad cell."""

@@ -92,6 +92,5 @@ def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
     x = rng.uniform(-1, 1, (p.T, p.B, p.I)).astype(dtype)
     h0 = None
     if p.with_h0:
-        h0 = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, H)).astype(dtype)
-                   for _ in range(cell.n_state))
+        h0 = tuple(v.astype(dtype) for v in cell.sample_states(rng, (p.num_layers * D, p.B, H)))
     return params, x, h0

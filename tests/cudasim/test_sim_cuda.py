@@ -92,9 +92,9 @@ def test_backend_matches_cpu_backend(cell_name, data):
     W_ih, W_hh = rng.uniform(-0.5, 0.5, (G * H, I)), rng.uniform(-0.5, 0.5, (G * H, H))
     b_ih, b_hh = rng.uniform(-0.5, 0.5, G * H), rng.uniform(-0.5, 0.5, G * H)
     h0 = rng.uniform(-1, 1, (S, B, H))
-    args = (cell, x, W_ih, W_hh, b_ih, b_hh, h0, lens, reverse, training)
-    y_c, hn_c, ctx_c = cpu.forward(*args)
-    y_g, hn_g, ctx_g = cb.forward(*args[:7], cb.lengths(lens), reverse, training)
+    params = {"weight_ih": W_ih, "weight_hh": W_hh, "bias_ih": b_ih, "bias_hh": b_hh}
+    y_c, hn_c, ctx_c = cpu.forward(cell, x, params, h0, lens, reverse, training)
+    y_g, hn_g, ctx_g = cb.forward(cell, x, params, h0, cb.lengths(lens), reverse, training)
     np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(hn_g, hn_c, rtol=1e-12, atol=1e-12)
     if not training:

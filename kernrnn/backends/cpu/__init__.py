@@ -121,19 +121,19 @@ def _forward_source(cell, train: bool) -> str:
         lines.append(f"np.dot(States[0, p, b0:b1], WT[0], HU[0, {tt}, b0:b1])")
     elif rec:
         lines.append("for hd in range(NH):\n"
-                     f"    np.dot(States[0, p, b0:b1, hd * dh:(hd + 1) * dh], WT[hd], "
+                     f"    np.dot(np.ascontiguousarray(States[0, p, b0:b1, hd * dh:(hd + 1) * dh]), WT[hd], "
                      f"HU[hd, {tt}, b0:b1])")
     lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
     body = []
     if rnorm is not None:
-        loops = ["for hd in range(NH):", "    for i in range(dh):"]
+        loops = ["for hd in range(NH):", "for i in range(dh):"]
         value = f"HU[hd, {tt}, b, r * dh + i]"
         if rnorm.over == "gate":
             body.append(f"for r in range({Gr}):\n" + _ind(row_norm(
                 rnorm.kind, loops, value, "H", f"Rhh[{tt}, b, r]", indent=0, prefix="n_"), 4))
         else:
             body.append(row_norm(rnorm.kind, [f"for r in range({Gr}):"]
-                                 + ["    " + x for x in loops], value, f"{Gr} * H",
+                                 + loops, value, f"{Gr} * H",
                                  f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     if not cell.normalize:
         step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
@@ -242,7 +242,8 @@ def _backward_source(cell, same: bool) -> str:
                         f"dBz[{k} * H + j] += DZ[{k}, b, j]\n"
                         f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
                         for k in range(cell.n_norm))
-        body.append("for j in range(H):\n" + _ind(st2, 4) + "\n" + _ind(acc, 4))
+        body.append("for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i\n"
+                    + _ind(st2, 8) + "\n" + _ind(acc, 8))
         for k in range(cell.n_norm):
             body.append(row_norm_backward(cell.normalize_kind, ["for j in range(H):"],
                                           f"DZ[{k}, b, j]", zhat(k), "H", f"Rz[{k}, t, b]",
@@ -265,7 +266,7 @@ def _backward_source(cell, same: bool) -> str:
                        f"            {v} = {v} * g_hh[{u}]"]
         body.append("\n".join(hu_sum))
         if rnorm is not None:
-            loops = ["for hd in range(NH):", "    for i in range(dh):"]
+            loops = ["for hd in range(NH):", "for i in range(dh):"]
             xhat = f"HU[hd, {tt}, b, r * dh + i]"
             if rnorm.over == "gate":
                 body.append(f"for r in range({Gr}):\n" + _ind(row_norm_backward(
@@ -273,7 +274,7 @@ def _backward_source(cell, same: bool) -> str:
                     prefix="n_"), 4))
             else:
                 body.append(row_norm_backward(
-                    rnorm.kind, [f"for r in range({Gr}):"] + ["    " + x for x in loops],
+                    rnorm.kind, [f"for r in range({Gr}):"] + loops,
                     v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     active = _ind("\n".join(body), 16)
     masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
