@@ -11,8 +11,10 @@ Layouts (time-major): ``XW [T, B, G*H]`` is ``W_ih x`` (normalised and scaled
 by its gain when the cell has an input norm; ``b_ih`` is added in the loop);
 ``W3 [NH, Gr*dh, dh]`` the recurrent weights per head (a dense cell has one
 head of ``dh = H`` units); the recurrent pre-activations of head ``k`` are
-``HU[k, t, b, r*dh + i]`` for recurrent gate ``r`` of unit ``k*dh + i``, and
-``dHU`` has the same layout, so a dense cell's ``dHU[0]`` is ``[T, B, Gr*H]``.
+``HU[t, k, b, r*dh + i]`` for recurrent gate ``r`` of unit ``k*dh + i`` (one
+step's products of every head are contiguous), their gradients
+``dHU[k, t, b, r*dh + i]`` (one head's over all steps are contiguous, for the
+weight gradient), so a dense cell's ``dHU[0]`` is ``[T, B, Gr*H]``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class TimeBuffers:
 
     ``States [S, T+1, B, H]`` (time boundaries), ``Saved [K, T, B, H]``; for a
     two-stage step ``Mid [NM, T', B, H]``, ``Zhat [NZ, T', B, H]`` and
-    ``Rz [NZ, T', B]``; ``HU [NH, T'', B, Gr*dh]`` and ``Rhh [T'', B, nseg]``
+    ``Rz [NZ, T', B]``; ``HU [T'', NH, B, Gr*dh]`` and ``Rhh [T'', B, nseg]``
     (the normalised recurrent products and their reciprocal deviations).  T'
     is T when training, else 1 (scratch for the current step); T'' is T only
     when training a cell with a recurrent norm.  Unused arrays have one element.
@@ -66,7 +68,7 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool) -> Tim
     if cell.has_recurrent:
         NH = cell.n_heads(H)
         Th = T if (training and cell.recurrent_norm is not None) else 1
-        HU = empty(NH, Th, B, cell.n_recurrent_gates * (H // NH))
+        HU = empty(Th, NH, B, cell.n_recurrent_gates * (H // NH))
         nseg = n_segments(cell.recurrent_norm, cell.n_recurrent_gates) \
             if cell.recurrent_norm is not None else 1
         Rhh = empty(Th, B, nseg)

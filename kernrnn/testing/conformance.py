@@ -159,7 +159,7 @@ def gradient_errors(cell, p, device="cpu"):
         # loss (a max or relu switching within the step, e.g. sLSTM's
         # stabiliser) spoils only the directions that cross it.  So a second
         # random direction is tried before a disagreement counts.
-        for attempt in range(2):
+        for _direction in range(2):
             v = rng.standard_normal(base.shape)
 
             def shifted(eps):

@@ -96,7 +96,7 @@ def _forward_source(cell, train: bool) -> str:
     tm = "t" if train else "0"  # Mid, Zhat, Rz keep every step only for training
 
     def hu(r):
-        v = f"HU[hd, {tt}, b, {r} * dh + i]"
+        v = f"HU[{tt}, hd, b, {r} * dh + i]"
         if rnorm is not None:
             v += f" * g_hh[{r} * H + j]"
         return v + f" + b_hh[{r} * H + j]"
@@ -118,16 +118,16 @@ def _forward_source(cell, train: bool) -> str:
     elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
     lines = []
     if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
-        lines.append(f"np.dot(States[0, p, b0:b1], WT[0], HU[0, {tt}, b0:b1])")
+        lines.append(f"np.dot(States[0, p, b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
     elif rec:
         lines.append("for hd in range(NH):\n"
                      f"    np.dot(np.ascontiguousarray(States[0, p, b0:b1, hd * dh:(hd + 1) * dh]), WT[hd], "
-                     f"HU[hd, {tt}, b0:b1])")
+                     f"HU[{tt}, hd, b0:b1])")
     lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
     body = []
     if rnorm is not None:
         loops = ["for hd in range(NH):", "for i in range(dh):"]
-        value = f"HU[hd, {tt}, b, r * dh + i]"
+        value = f"HU[{tt}, hd, b, r * dh + i]"
         if rnorm.over == "gate":
             body.append(f"for r in range({Gr}):\n" + _ind(row_norm(
                 rnorm.kind, loops, value, "H", f"Rhh[{tt}, b, r]", indent=0, prefix="n_"), 4))
@@ -166,7 +166,7 @@ def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU
     """All T steps for batch rows b0:b1."""
     T = XW.shape[0]
     H = States.shape[3]
-    NH = HU.shape[0]
+    NH = HU.shape[1]
     dh = H // NH
     for step in range(T):
         if reverse:
@@ -262,12 +262,12 @@ def _backward_source(cell, same: bool) -> str:
         hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
                   "        for i in range(dh):", f"            db_hh[{u}] += {v}"]
         if rnorm is not None:
-            hu_sum += [f"            dg_hh[{u}] += {v} * HU[hd, {tt}, b, r * dh + i]",
+            hu_sum += [f"            dg_hh[{u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
                        f"            {v} = {v} * g_hh[{u}]"]
         body.append("\n".join(hu_sum))
         if rnorm is not None:
             loops = ["for hd in range(NH):", "for i in range(dh):"]
-            xhat = f"HU[hd, {tt}, b, r * dh + i]"
+            xhat = f"HU[{tt}, hd, b, r * dh + i]"
             if rnorm.over == "gate":
                 body.append(f"for r in range({Gr}):\n" + _ind(row_norm_backward(
                     rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
