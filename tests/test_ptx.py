@@ -34,10 +34,11 @@ pytestmark = pytest.mark.skipif(nvvm_missing_locally(),
 def test_kernels_compile_to_ptx(cell_name, dtype):
     cell = REGISTRY.get(cell_name)
     kernels = cb.get_kernels(cell, dtype)
-    sigs = cb.ptx_signatures(dtype)
-    assert set(sigs) >= {"forward_train_py", "forward_infer_py", "backward_step_py"}
+    sigs = cb.ptx_signatures(cell, dtype)
+    assert any(n.endswith("forward_train_py") or n.startswith("step_stage2_train") for n in sigs)
+    assert any("backward" in n for n in sigs)
     for name, sig in sigs.items():
-        ptx, _ = cuda.compile_ptx(getattr(kernels.module, name), sig, cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(getattr(kernels, name), sig, cc=(9, 0))
         assert ".visible .entry" in ptx, f"{cell_name} {name}: no kernel entry in the PTX"
         assert ".target sm_90" in ptx
         if np.dtype(dtype) == np.float32:
@@ -53,6 +54,6 @@ def test_contiguous_output_signature_also_compiles():
     """Y and dY may also arrive C-contiguous (functional API); that variant compiles too."""
     cell = REGISTRY.get("lstm")
     k = cb.get_kernels(cell, np.float32)
-    for name, sig in cb.ptx_signatures(np.float32, y_layout="C").items():
-        ptx, _ = cuda.compile_ptx(getattr(k.module, name), sig, cc=(9, 0))
+    for name, sig in cb.ptx_signatures(cell, np.float32, y_layout="C").items():
+        ptx, _ = cuda.compile_ptx(getattr(k, name), sig, cc=(9, 0))
         assert not F64.search(ptx)

@@ -49,14 +49,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import numpy as np
 
-from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
-from kernrnn.backends.common import ForwardContext, TimeBuffers, weight_gradients
-from kernrnn.scalar import compile_scalar
+from kernrnn.backends import common
+from kernrnn.backends.codegen import cell_fingerprint, load_module, math_namespace
+from kernrnn.backends.common import ForwardContext
+from kernrnn.backends.cuda.kernels import SCAN_CHUNK, kernel_source, signatures
 
 __all__ = [
     "xp", "SIMULATOR", "CudaUnavailableError", "require", "asarray", "from_host", "lengths",
@@ -220,150 +220,32 @@ def lengths(lens: np.ndarray):
 # -- kernels -----------------------------------------------------------------------
 
 
-def _forward_source(G: int, S: int, K: int, train: bool) -> str:
-    body = forward_body(
-        G, S, K,
-        xw=lambda g: f"XW[t, b, {g} * H + j]",
-        hu=lambda g: f"HU[b, {g} * H + j] + b_hh[{g} * H + j]",
-        prev=lambda s: f"States[{s}, p, b, j]",
-        new=lambda s: f"States[{s}, n, b, j]",
-        saved=(lambda k: f"Saved[{k}, t, b, j]") if train else None,
-        y="Y[t, b, j]",
-        indent=8,
-    )
-    carry = "\n".join(f"        States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S))
-    name = "forward_train" if train else "forward_infer"
-    return f'''
-def {name}_py(XW, HU, b_hh, States, Saved, Y, lengths, t, p, n):
-    """One forward step for every (batch, unit) element; thread = element."""
-    idx = cuda.grid(1)
-    B = XW.shape[1]
-    H = States.shape[3]
-    if idx >= B * H:
-        return
-    b = idx // H
-    j = idx - b * H
-    if t < lengths[b]:
-{body}
-    else:
-{carry}
-        Y[t, b, j] = 0
-
-
-{name} = cuda.jit(cache=CACHE)({name}_py)
-'''
-
-
-def _backward_source(G: int, S: int, K: int) -> str:
-    body = backward_body(
-        G, S, K,
-        saved=lambda k: f"Saved[{k}, t, b, j]",
-        prev=lambda s: f"States[{s}, p, b, j]",
-        dstate=lambda s: ("dS[0, b, j] + dHrec[b, j] + dY[t, b, j]" if s == 0
-                          else f"dS[{s}, b, j]"),
-        dxw=lambda g: f"dXW[t, b, {g} * H + j]",
-        dhu=lambda g: f"dHU[t, b, {g} * H + j]",
-        dprev=lambda s: f"dS[{s}, b, j]",
-        indent=8,
-    )
-    zero = "\n".join(f"        dXW[t, b, {g} * H + j] = 0\n        dHU[t, b, {g} * H + j] = 0"
-                     for g in range(G))
-    return f'''
-def backward_step_py(dY, dS, dHrec, Saved, States, lengths, dXW, dHU, t, p):
-    """One BPTT step per element.  dHrec holds dHU_(t+1) @ W_hh, the recurrent part
-    of dh_t not yet added to dS[0]; a masked step passes the state gradient on."""
-    idx = cuda.grid(1)
-    B = dS.shape[1]
-    H = dS.shape[2]
-    if idx >= B * H:
-        return
-    b = idx // H
-    j = idx - b * H
-    if t < lengths[b]:
-{body}
-    else:
-        dS[0, b, j] = dS[0, b, j] + dHrec[b, j]
-{zero}
-
-
-backward_step = cuda.jit(cache=CACHE)(backward_step_py)
-
-
-def add_py(out, a):
-    """out += a, element-wise over [B, H] (the last step's pending recurrent gradient)."""
-    idx = cuda.grid(1)
-    B = out.shape[0]
-    H = out.shape[1]
-    if idx < B * H:
-        b = idx // H
-        j = idx - b * H
-        out[b, j] = out[b, j] + a[b, j]
-
-
-add = cuda.jit(cache=CACHE)(add_py)
-'''
-
-
 def kernel_sources(cell) -> str:
     """The generated CUDA module source of ``cell`` (the same for every dtype)."""
-    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
-    return (
-        f"# kernrnn CUDA kernels: cell {cell.name!r}, math {cell_fingerprint(cell)}\n"
-        "from numba import cuda\n"
-        + _forward_source(G, S, K, True) + _forward_source(G, S, K, False)
-        + _backward_source(G, S, K)
-    )
-
-
-@dataclass(frozen=True)
-class CudaKernels:
-    """The CUDA kernels of one cell in one precision, plus their Python sources."""
-
-    forward_train: object
-    forward_infer: object
-    backward_step: object
-    add: object
-    module: object  # the generated module (``*_py`` functions for compile_ptx)
+    return (f"# kernrnn CUDA kernels: cell {cell.name!r}, math {cell_fingerprint(cell)}\n"
+            + kernel_source(cell))
 
 
 @cache
-def get_kernels(cell, dtype) -> CudaKernels:
-    """Build the CUDA kernels of ``cell`` for ``dtype`` (compiled lazily per argument types)."""
+def get_kernels(cell, dtype):
+    """The CUDA kernels of ``cell`` for ``dtype``: the generated module, one attribute per
+    kernel (compiled lazily per argument types; ``*_py`` are the plain functions)."""
     if cuda is None:
         raise CudaUnavailableError(f"CUDA kernels need numba-cuda: {_import_error}; "
                                    + INSTALL_HINT)
     dtype = np.dtype(dtype)
-    source = kernel_sources(cell)
-    source = f"# dtype {dtype}\n" + source
-    namespace = {
-        "cell_forward": compile_scalar(cell.forward, dtype),
-        "cell_backward": compile_scalar(cell.backward, dtype),
-        "CACHE": not SIMULATOR,
-    }
+    source = f"# dtype {dtype}\n" + kernel_sources(cell)
+    namespace = math_namespace(cell, dtype)
+    namespace["CACHE"] = not SIMULATOR
     tag = f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
-    m = load_module(source, tag, namespace)
-    return CudaKernels(m.forward_train, m.forward_infer, m.backward_step, m.add, m)
+    return load_module(source, tag, namespace)
 
 
-def ptx_signatures(dtype, y_layout: str = "A"):
-    """Numba signatures of the kernels for :func:`numba.cuda.compile_ptx`.
-
-    ``Y``/``dY`` are views into a layer's ``[T, B, D*H]`` output, hence
-    layout ``"A"``; all other arrays are C-contiguous.
-    """
-    from numba import types as nt
-
-    f = nt.float32 if np.dtype(dtype) == np.float32 else nt.float64
-    i = nt.int64
-
-    def arr(ndim, layout="C", dt=f):
-        return nt.Array(dt, ndim, layout)
-
-    fwd = (arr(3), arr(2), arr(1), arr(4), arr(4), arr(3, y_layout), arr(1, dt=i), i, i, i)
-    bwd = (arr(3, y_layout), arr(3), arr(2), arr(4), arr(4), arr(1, dt=i), arr(3), arr(3), i, i)
-    add = (arr(2), arr(2))
-    return {"forward_train_py": fwd, "forward_infer_py": fwd, "backward_step_py": bwd,
-            "add_py": add}
+def ptx_signatures(cell, dtype, y_layout: str = "A"):
+    """Numba signatures of ``cell``'s kernels for :func:`numba.cuda.compile_ptx`, by
+    ``name_py``.  ``Y``/``dY`` are views into a layer's ``[T, B, D*H]`` output, hence
+    layout ``"A"``; all other arrays are C-contiguous."""
+    return signatures(cell, dtype, y_layout)
 
 
 class _Launcher:
@@ -661,73 +543,97 @@ def _capture(issue, scratch):
     return graph
 
 
-def _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training):
-    """Per step: HU = h_{t-1} @ W_hh.T (cuBLAS) then one fused pointwise kernel."""
-    T, B, GH = XW.shape
-    H = W_hh.shape[1]
+def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training):
+    """Per step: the recurrent product (cuBLAS; per head for ``heads``), its
+    normalisation if any, then the cell's fused step (one or three kernels)."""
+    T, B, _ = XW.shape
+    H = buf.States.shape[3]
     dtype = XW.dtype
     k = get_kernels(cell, dtype)
-    kernel = k.forward_train if training else k.forward_infer
+    tag = "train" if training else "infer"
+    NH = cell.n_heads(H)
+    dh = H // NH
+    W3 = common.recurrent_weights(cell, params, H)
+    b_hh = params["bias_hh"]
+    g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
+    keep_hu = buf.HU.shape[0] > 1 or (training and cell.recurrent_norm is not None)
+    nseg = buf.Rhh.shape[2]
 
     def make_scratch():
-        HU = xp.empty((B, GH), dtype=dtype)
-        dummy = xp.empty((1, 1, 1, 1), dtype=dtype)
-        return HU, dummy
+        return (xp.empty((NH, dh, W3.shape[1]), dtype=dtype),)
 
     def issue(scratch):
-        HU, dummy = scratch
-        saved = Saved if Saved.size else dummy  # empty: inference or nothing saved
-        recurrent_gemm = _step_gemm(States[0], W_hh, HU, trans_b=True)  # HU = h_p @ W_hh.T
+        (WT,) = scratch
+        WT[...] = W3.transpose(0, 2, 1)
+        dense = cell.recurrent == "dense" and not keep_hu
+        recurrent_gemm = _step_gemm(buf.States[0], params["weight_hh"], buf.HU[0, 0],
+                                    trans_b=True) if dense else None
         launch = _Launcher()
         w = launch.wrap
-        args = [w(XW), w(HU), w(b_hh), w(States), w(saved), w(Y), w(lengths)]
+        saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
+        elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
+                w(buf.Zhat), w(Y), w(lengths)]
         for step in range(T):
-            if reverse:
-                t = T - 1 - step
-                p, n = t + 1, t
+            t, p, n = _step_indices(step, T, reverse)
+            tt = t if keep_hu else 0
+            tm = t if training else 0
+            if dense:
+                recurrent_gemm(p)
+            else:  # one product per head: [NH, B, dh] @ [NH, dh, Gr*dh]
+                heads = buf.States[0, p].reshape(B, NH, dh).transpose(1, 0, 2)
+                xp.matmul(heads, WT, out=buf.HU[tt])
+            if cell.recurrent_norm is not None:
+                launch(k.norm_hu, B * nseg, w(buf.HU), w(buf.Rhh), w(lengths), t, tt, H, dh, NH,
+                       nseg)
+            scalars = (t, p, n, tt, tm, H, dh)
+            if cell.normalize:
+                launch(k.step_stage1, B * H, *elem, *scalars)
+                launch(k.norm_z, B * cell.n_norm, w(buf.Zhat), w(buf.Rz), w(lengths), t, tm, H,
+                       cell.n_norm)
+                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, w(Gz), w(Bz))
             else:
-                t = step
-                p, n = t, t + 1
-            recurrent_gemm(p)
-            launch(kernel, B * H, *args, t, p, n)
+                launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars)
 
     key = None
     if graphs_enabled():
         key = ("forward", cell, np.dtype(dtype).str, bool(training), bool(reverse),
-               _layout_key(XW, W_hh, b_hh, States, Saved, Y, lengths))
+               _layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values()))
     _run_loop(key, issue, make_scratch)
 
 
-def _gemm_backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU):
-    """Per step: fused pointwise backward, then dHrec = dHU_t @ W_hh (cuBLAS)."""
-    T, B, _ = dXW.shape
-    H = W_hh.shape[1]
-    dtype = dXW.dtype
-    k = get_kernels(cell, dtype)
+def _step_indices(step, T, reverse):
+    """``(t, p, n)``: the step's time, and the time boundaries of its previous and new state."""
+    if reverse:
+        t = T - 1 - step
+        return t, t + 1, t
+    return step, step, step + 1
 
-    def make_scratch():
-        return xp.empty((B, H), dtype=dtype), xp.empty((1, 1, 1, 1), dtype=dtype)
 
-    def issue(scratch):
-        dHrec, dummy = scratch
-        dHrec.fill(0)
-        saved = Saved if Saved.size else dummy  # a cell that saves nothing
-        recurrent_gemm = _step_gemm(dHU, W_hh, dHrec, trans_b=False)  # dHrec = dHU_t @ W_hh
-        launch = _Launcher()
-        w = launch.wrap
-        args = [w(dY), w(dS), w(dHrec), w(saved), w(States), w(lengths), w(dXW), w(dHU)]
-        for step in range(T):
-            t = step if reverse else T - 1 - step
-            p = t + 1 if reverse else t
-            launch(k.backward_step, B * H, *args, t, p)
-            recurrent_gemm(t)
-        launch(k.add, B * H, w(dS[0]), w(dHrec))
-
-    key = None
-    if graphs_enabled():
-        key = ("backward", cell, np.dtype(dtype).str, bool(reverse),
-               _layout_key(dY, dS, W_hh, States, Saved, lengths, dXW, dHU))
-    _run_loop(key, issue, make_scratch)
+def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training):
+    """A cell without a recurrent matrix: one launch runs every step of every element,
+    or, for a linear-in-state cell, the three launches of a parallel scan over time."""
+    T, B, _ = XW.shape
+    H = buf.States.shape[3]
+    k = get_kernels(cell, XW.dtype)
+    tag = "train" if training else "infer"
+    launch = _Launcher()
+    w = launch.wrap
+    saved = buf.Saved if buf.Saved.size else buf.Mid
+    if not cell.linear or T <= SCAN_CHUNK:
+        launch(getattr(k, f"fused_forward_{tag}"), B * H, w(XW), w(P), w(buf.States), w(saved),
+               w(Y), w(lengths), int(reverse), H, H, 0, T)
+        return
+    S = cell.n_state
+    NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
+    CA = xp.empty((S, NC, B, H), dtype=XW.dtype)
+    CB = xp.empty_like(CA)
+    Start = xp.empty_like(CA)
+    Start[:, 0] = buf.States[:, T if reverse else 0]
+    cargs = (w(CA), w(CB), w(lengths), int(reverse), H, T, NC, SCAN_CHUNK)
+    launch(k.scan_reduce, B * H * NC, w(XW), w(P), *cargs)
+    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(lengths), H)
+    launch(getattr(k, f"scan_apply_{tag}"), B * H * NC, w(XW), w(P), w(Start), w(buf.States),
+           w(saved), w(Y), *cargs[2:])
 
 
 def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
@@ -738,62 +644,168 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
     ``[T, B, H]`` (possibly strided) view to write the output into.  Returns
     ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
     """
-    if not cell.plain:
-        raise NotImplementedError(
-            f"cell {cell.name!r}: the CUDA backend does not run per-unit parameters, "
-            f"recurrence forms other than 'dense' or normalisation yet"
-        )
-    W_ih, W_hh, b_ih, b_hh = (params[k] for k in ("weight_ih", "weight_hh", "bias_ih",
-                                                   "bias_hh"))
-    T, B, I = x.shape
-    H = W_hh.shape[1]
-    G, S, K = cell.n_gates, cell.n_state, cell.n_saved
+    T, B, _ = x.shape
+    H = h0.shape[2]
     dtype = x.dtype
-    chosen = _resolve_path(path, cell, dtype, B, H, training)
-    XW = xp.matmul(x.reshape(T * B, I), W_ih.T).reshape(T, B, G * H)
-    XW += b_ih
-    States = xp.empty((S, T + 1, B, H), dtype=dtype)
-    States[:, T if reverse else 0] = h0
-    Saved = xp.empty((K if training else 0, T, B, H), dtype=dtype)
+    chosen = _resolve_path(path, cell, dtype, B, H, training) if cell.plain else "gemm"
+    XW, input_cache = common.input_projection(xp, cell, x, params)
+    XW += params["bias_ih"]
+    buf = common.time_buffers(xp, cell, T, B, H, dtype, training)
+    buf.States[:, T if reverse else 0] = h0
     if y is None:
         y = xp.empty((T, B, H), dtype=dtype)
     if T > 0 and B > 0:
+        P = common.param_vector(xp, cell, params, H, dtype)
         if chosen == "persistent":
-            _persistent_module().forward_loop(cell, XW, W_hh, b_hh, States, Saved, y, lengths,
-                                              reverse, training)
+            _persistent_module().forward_loop(cell, XW, params["weight_hh"], params["bias_hh"],
+                                              buf.States, buf.Saved, y, lengths, reverse,
+                                              training)
+        elif not cell.has_recurrent and not cell.normalize:
+            _fused_forward(cell, XW, P, buf, y, lengths, reverse, training)
         else:
-            _gemm_forward_loop(cell, XW, W_hh, b_hh, States, Saved, y, lengths, reverse,
-                               training)
-    hn = States[:, 0 if reverse else T].copy()
+            _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training)
+    hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
-        one = xp.empty((1, 1, 1, 1), dtype=dtype)
-        buffers = TimeBuffers(States, Saved, one, one, one, one, one)
-        ctx = ForwardContext(cell, x, params, None, buffers, lengths, reverse, "cuda", chosen)
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen)
     return y, hn, ctx
+
+
+def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc):
+    """Per step: the fused backward (one or three kernels), the recurrent norm's
+    backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head)."""
+    params, buf = ctx.params, ctx.buffers
+    T, B, _ = dXW.shape
+    H = dS.shape[2]
+    dtype = dXW.dtype
+    k = get_kernels(cell, dtype)
+    NH = cell.n_heads(H)
+    dh = H // NH
+    rec = cell.has_recurrent
+    W3 = common.recurrent_weights(cell, params, H) if rec else None
+    P = common.param_vector(xp, cell, params, H, dtype)
+    g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
+    one = xp.zeros((1, 1, 1), dtype=dtype)
+    DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
+    DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
+
+    def make_scratch():
+        return (xp.empty((NH, B, dh), dtype=dtype),)
+
+    def issue(scratch):
+        (dHrec,) = scratch
+        dHrec.fill(0)
+        launch = _Launcher()
+        w = launch.wrap
+        dense = cell.recurrent == "dense"
+        recurrent_gemm = _step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False) \
+            if dense else None
+        saved = buf.Saved if buf.Saved.size else buf.Mid
+        args = [w(dy), w(dS), w(dHrec if rec else one), w(saved), w(buf.States), w(buf.Mid),
+                w(buf.Zhat), w(P), w(ctx.lengths), w(dXW), w(dHU), w(acc["params"]), w(DZ),
+                w(DM), w(Gz), w(Bz), w(acc["gz"]), w(acc["bz"])]
+        nseg = buf.Rhh.shape[2]
+        for step in range(T):
+            t = step if ctx.reverse else T - 1 - step
+            p = t + 1 if ctx.reverse else t
+            if cell.normalize:
+                launch(k.step_backward2, B * H, *args, t, p, H, dh)
+                launch(k.norm_z_backward, B * cell.n_norm, w(DZ), w(buf.Zhat), w(buf.Rz),
+                       w(ctx.lengths), t, H, cell.n_norm)
+                launch(k.step_backward1, B * H, *args, t, p, H, dh)
+            else:
+                launch(k.step_backward, B * H, *args, t, p, H, dh)
+            if not rec:
+                continue
+            if cell.recurrent_norm is not None:
+                launch(k.norm_hu_backward, B * nseg, w(dHU), w(buf.HU), w(buf.Rhh), w(g_hh),
+                       w(acc["bias_hh"]), w(acc["norm_hh"]), w(ctx.lengths), t, H, dh, NH, nseg)
+            if dense:
+                recurrent_gemm(t)
+            else:
+                xp.matmul(dHU[:, t], W3, out=dHrec)
+        if rec:
+            launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh)
+
+    key = None
+    if graphs_enabled():
+        key = ("backward", cell, np.dtype(dtype).str, bool(ctx.reverse),
+               _layout_key(dy, dS, dXW, dHU, buf.States, buf.Saved, ctx.lengths,
+                           *params.values()))
+    _run_loop(key, issue, make_scratch)
+
+
+def _fused_backward(cell, ctx, dy, dS, dXW, acc):
+    """Backward of :func:`_fused_forward`: one launch, or the parallel scan's three."""
+    buf = ctx.buffers
+    T, B, _ = dXW.shape
+    H = dS.shape[2]
+    k = get_kernels(cell, dXW.dtype)
+    P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype)
+    launch = _Launcher()
+    w = launch.wrap
+    saved = buf.Saved if buf.Saved.size else buf.Mid
+    if not cell.linear or T <= SCAN_CHUNK:
+        launch(k.fused_backward, B * H, w(dy), w(dS), w(saved), w(buf.States), w(P),
+               w(ctx.lengths), w(dXW), w(acc["params"]), int(ctx.reverse), H, H, 0, T)
+        return
+    S = cell.n_state
+    NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
+    CA = xp.empty((S, NC, B, H), dtype=dXW.dtype)
+    CB, Start = xp.empty_like(CA), xp.empty_like(CA)
+    Start[:, 0] = dS
+    dP = xp.zeros((NC * B, acc["params"].shape[1]), dtype=dXW.dtype)
+    cargs = (w(CA), w(CB), w(ctx.lengths), int(ctx.reverse), H, T, NC, SCAN_CHUNK)
+    launch(k.scan_reduce_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), *cargs)
+    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(ctx.lengths), H)
+    launch(k.scan_apply_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), w(Start),
+           w(dXW), w(dP), w(dS), *cargs[2:])
+    acc["params"] += dP.reshape(NC, B, -1).sum(axis=0)
 
 
 def backward(ctx: ForwardContext, dy, dhn):
     """BPTT for one forward call.  Returns ``(dx, dh0, grads)``.
 
-    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``.
+    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``;
+    ``grads`` has the keys of the forward call's ``params``.
     """
-    x, W_hh = ctx.x, ctx.params["weight_hh"]
-    T, B, _ = x.shape
-    GH = W_hh.shape[0]
-    dtype = x.dtype
+    cell, params, buf = ctx.cell, ctx.params, ctx.buffers
+    T, B, _ = ctx.x.shape
+    H = dhn.shape[2]
+    dtype = ctx.x.dtype
+    G, NH, Gr = cell.n_gates, cell.n_heads(H), cell.n_recurrent_gates
     dS = xp.array(dhn, dtype=dtype, copy=True)
-    dXW = xp.empty((T, B, GH), dtype=dtype)
-    dHU = xp.empty((T, B, GH), dtype=dtype)
-    Saved = ctx.buffers.Saved
+    dXW = xp.empty((T, B, G * H), dtype=dtype)
+    rec = cell.has_recurrent
+    dHU = xp.empty((NH, T, B, Gr * H // NH), dtype=dtype) if rec else \
+        xp.empty((1, 1, 1, 1), dtype=dtype)
+    # per-(b, j) accumulators, each written by the thread owning the element; summed over b
+    acc = {name: xp.zeros((B, max(n, 1)), dtype=dtype) for name, n in (
+        ("bias_hh", Gr * H), ("norm_hh", Gr * H), ("params", cell.n_param_scalars * H),
+        ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     if T > 0 and B > 0:
         if ctx.path == "persistent":
-            _persistent_module().backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, Saved,
-                                               ctx.lengths, ctx.reverse, dXW, dHU)
+            _persistent_module().backward_loop(cell, dy, dS, params["weight_hh"], buf.States,
+                                               buf.Saved, ctx.lengths, ctx.reverse, dXW, dHU[0])
+        elif not rec and not cell.normalize:
+            _fused_backward(cell, ctx, dy, dS, dXW, acc)
         else:
-            _gemm_backward_loop(ctx.cell, dy, dS, W_hh, ctx.States, Saved, ctx.lengths,
-                                ctx.reverse, dXW, dHU)
-    dx, grads = weight_gradients(xp, ctx.cell, ctx, dXW, dHU[None])
-    grads["bias_ih"] = dXW.sum(axis=(0, 1))
-    grads["bias_hh"] = dHU.sum(axis=(0, 1))
+            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc)
+    elif rec:
+        dHU.fill(0)
+    if T == 0 or B == 0:
+        dXW.fill(0)
+    sums = {name: a.sum(axis=0) for name, a in acc.items()}
+    grads = {"bias_ih": dXW.sum(axis=(0, 1))}
+    if rec:
+        if cell.recurrent_norm is not None:
+            grads["bias_hh"] = sums["bias_hh"]
+        else:  # [NH, Gr*dh] per head -> gate-major [Gr*H]
+            dh = H // NH
+            grads["bias_hh"] = dHU.sum(axis=(1, 2)).reshape(NH, Gr, dh).transpose(1, 0, 2) \
+                .reshape(Gr * H)
+    dx, wgrads = common.weight_gradients(xp, cell, ctx, dXW, dHU if rec else None)
+    grads.update(wgrads)
+    grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
+                                           sums["bz"], H))
     return dx, dS, grads

@@ -1,0 +1,434 @@
+"""Numba-CUDA kernels of one cell, generated from its definition (the GEMM-per-step path).
+
+Every kernel is written for the cell at hand (its gates, state, saved values,
+recurrence form, per-unit parameters and normalisations, see
+:mod:`kernrnn.cell`) with the per-element calls of
+:mod:`kernrnn.backends.codegen`, the same as the CPU kernels use.  Each kernel
+is described once by a :class:`KernelSpec` (name, typed arguments, body), from
+which both the Python source and the signatures for
+:func:`numba.cuda.compile_ptx` are made, so the PTX check always compiles
+exactly what runs.
+
+Thread layouts: the element kernels run one thread per (batch row b, unit j)
+with ``hd = j // dh``, ``i = j % dh`` (head and unit within it; a dense cell
+has one head of ``dh = H``); the row kernels (normalisation statistics) one
+thread per row and segment; the fused and scan kernels of cells without a
+recurrent matrix one thread per element (and time chunk) looping over time.
+Per-unit parameter gradients are accumulated per (b, j) by the thread that
+owns the element (no atomics) and summed over b afterwards.  Array layouts are
+those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernrnn.backends.codegen import (
+    backward1_call,
+    backward2_call,
+    backward_call,
+    forward2_call,
+    forward_call,
+    hu_gates,
+    row_norm,
+    row_norm_backward,
+)
+
+__all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK"]
+
+#: Time steps per chunk of the parallel scan of linear-in-state cells.
+SCAN_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One generated kernel: its name, arguments ``(name, kind)`` and body.
+
+    ``kind`` is the number of dimensions of a float array, ``"i"`` an int64
+    scalar, ``"L"`` the int64 lengths ``[B]``, ``"Y"`` a float array of 3
+    dimensions that may be a strided view (a slice of a bidirectional output).
+    """
+
+    name: str
+    args: tuple
+    body: str
+
+
+def _ind(text: str, n: int) -> str:
+    pad = " " * n
+    return "\n".join(pad + line if line else line for line in text.splitlines())
+
+
+_ELEM = """idx = cuda.grid(1)
+B = lengths.shape[0]
+if idx >= B * H:
+    return
+b = idx // H
+j = idx - b * H
+hd = j // dh
+i = j - hd * dh
+"""
+
+_ROW = """idx = cuda.grid(1)
+B = lengths.shape[0]
+if idx >= B * NSEG:
+    return
+b = idx // NSEG
+seg = idx - b * NSEG
+if t >= lengths[b]:
+    return
+"""
+
+
+def _carry(S: int, indent: int) -> str:
+    lines = [f"States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S)]
+    return _ind("\n".join(lines + ["Y[t, b, j] = 0"]), indent)
+
+
+def _hu(cell, rnorm):
+    def hu(r):
+        v = f"HU[tt, hd, b, {r} * dh + i]"
+        if rnorm is not None:
+            v += f" * g_hh[{r} * H + j]"
+        return v + f" + b_hh[{r} * H + j]"
+    return hu_gates(cell, hu, "ZERO")
+
+
+def _common():
+    def xw(g):
+        return f"XW[t, b, {g} * H + j]"
+
+    def prev(s):
+        return f"States[{s}, p, b, j]"
+
+    def new(s):
+        return f"States[{s}, n, b, j]"
+
+    def pp(k):
+        return f"P[{k} * H + j]"
+
+    def dpp(k):
+        return f"dP[b, {k} * H + j]"
+
+    return xw, prev, new, pp, dpp
+
+
+def kernel_specs(cell) -> list[KernelSpec]:
+    """The kernels ``cell`` needs on the GEMM-per-step path (and its fused/scan passes)."""
+    S, Gr = cell.n_state, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    xw, prev, new, pp, dpp = _common()
+    gates = _hu(cell, rnorm)
+    specs = []
+    fwd_args = (("XW", 3), ("HU", 4), ("b_hh", 1), ("g_hh", 1), ("P", 1), ("States", 4),
+                ("Saved", 4), ("Mid", 4), ("Zhat", 4), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
+                ("p", "i"), ("n", "i"), ("tt", "i"), ("tm", "i"), ("H", "i"), ("dh", "i"))
+    for train in (True, False):
+        saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+        tag = "train" if train else "infer"
+        if not cell.normalize:
+            body = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                                z_or_new=new, saved_or_mid=saved, indent=0)
+            body += "\nY[t, b, j] = States[0, n, b, j]"
+            specs.append(KernelSpec(f"step_forward_{tag}", fwd_args, _ELEM + (
+                "if t < lengths[b]:\n" + _ind(body, 4) + "\nelse:\n" + _carry(S, 4))))
+        else:
+            st2 = forward2_call(cell, zn=lambda k: f"(Zhat[{k}, tm, b, j] * Gz[{k} * H + j] + "
+                                                   f"Bz[{k} * H + j])",
+                                mid=lambda m: f"Mid[{m}, tm, b, j]", prev=prev, p=pp, new=new,
+                                saved=saved, indent=0)
+            st2 += "\nY[t, b, j] = States[0, n, b, j]"
+            specs.append(KernelSpec(f"step_stage2_{tag}", fwd_args + (("Gz", 1), ("Bz", 1)),
+                                    _ELEM + "if t < lengths[b]:\n" + _ind(st2, 4)
+                                    + "\nelse:\n" + _carry(S, 4)))
+    if cell.normalize:
+        st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                           z_or_new=lambda k: f"Zhat[{k}, tm, b, j]",
+                           saved_or_mid=lambda m: f"Mid[{m}, tm, b, j]", indent=0)
+        specs.append(KernelSpec("step_stage1", fwd_args,
+                                _ELEM + "if t < lengths[b]:\n" + _ind(st1, 4)))
+        body = "".join(
+            f"if seg == {k}:\n" + _ind(row_norm(cell.normalize_kind, ["for j in range(H):"],
+                                                f"Zhat[{k}, tm, b, j]", "H", f"Rz[{k}, tm, b]",
+                                                indent=0, prefix="z_"), 4) + "\n"
+            for k in range(cell.n_norm))
+        specs.append(KernelSpec("norm_z", (("Zhat", 4), ("Rz", 3), ("lengths", "L"), ("t", "i"),
+                                           ("tm", "i"), ("H", "i"), ("NSEG", "i")), _ROW + body))
+    if rnorm is not None:
+        loops = ["for hd in range(NH):", "for i in range(dh):"]
+        value = "HU[tt, hd, b, r * dh + i]"
+        if rnorm.over == "gate":
+            body = "r = seg\n" + row_norm(rnorm.kind, loops, value, "H", "Rhh[tt, b, r]",
+                                          indent=0, prefix="n_")
+        else:
+            body = row_norm(rnorm.kind, [f"for r in range({Gr}):"] + loops, value, f"{Gr} * H",
+                            "Rhh[tt, b, 0]", indent=0, prefix="n_")
+        specs.append(KernelSpec("norm_hu", (("HU", 4), ("Rhh", 3), ("lengths", "L"), ("t", "i"),
+                                            ("tt", "i"), ("H", "i"), ("dh", "i"), ("NH", "i"),
+                                            ("NSEG", "i")), _ROW + body))
+    specs += _backward_specs(cell)
+    if not rec and not cell.normalize:
+        specs += _fused_specs(cell)
+    return specs
+
+
+def _backward_specs(cell) -> list[KernelSpec]:
+    Gr = cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    xw, prev, new, pp, dpp = _common()
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (" + dHrec[hd, b, i]" if rec else "")
+
+    def dstate(s):
+        return ds0 if s == 0 else f"dS[{s}, b, j]"
+
+    def dxw(g):
+        return f"dXW[t, b, {g} * H + j]"
+
+    def dhu(r):
+        return f"dHU[hd, t, b, {r} * dh + i]"
+
+    def dprev(s):
+        return f"dS[{s}, b, j]"
+
+    args = (("dY", "Y"), ("dS", 3), ("dHrec", 3), ("Saved", 4), ("States", 4), ("Mid", 4),
+            ("Zhat", 4), ("P", 1), ("lengths", "L"), ("dXW", 3), ("dHU", 4), ("dP", 2),
+            ("DZ", 3), ("DM", 3), ("Gz", 1), ("Bz", 1), ("dGz", 2), ("dBz", 2), ("t", "i"),
+            ("p", "i"), ("H", "i"), ("dh", "i"))
+    masked = ("dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]\n" if rec else "")
+    masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_gates))
+    if rec:
+        masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
+    specs = []
+    if not cell.normalize:
+        body = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                             dstate=dstate, p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp,
+                             indent=0)
+        specs.append(KernelSpec("step_backward", args, _ELEM + "if t < lengths[b]:\n"
+                                + _ind(body, 4) + "\nelse:\n" + _ind(masked.rstrip(), 4)))
+    else:
+        def zhat(k):
+            return f"Zhat[{k}, t, b, j]"
+
+        st2 = backward2_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]",
+                             zn=lambda k: f"({zhat(k)} * Gz[{k} * H + j] + Bz[{k} * H + j])",
+                             mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev, dstate=dstate, p=pp,
+                             dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             dprev=dprev, dp=dpp, indent=0)
+        st2 += "\n" + "\n".join(f"dGz[b, {k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
+                                f"dBz[b, {k} * H + j] += DZ[{k}, b, j]\n"
+                                f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
+                                for k in range(cell.n_norm))
+        specs.append(KernelSpec("step_backward2", args, _ELEM + "if t < lengths[b]:\n"
+                                + _ind(st2, 4) + "\nelse:\n" + _ind(masked.rstrip(), 4)))
+        body = "".join(
+            f"if seg == {k}:\n" + _ind(row_norm_backward(
+                cell.normalize_kind, ["for j in range(H):"], f"DZ[{k}, b, j]",
+                f"Zhat[{k}, t, b, j]", "H", f"Rz[{k}, t, b]", indent=0, prefix="z_"), 4) + "\n"
+            for k in range(cell.n_norm))
+        specs.append(KernelSpec("norm_z_backward", (("DZ", 3), ("Zhat", 4), ("Rz", 3),
+                                                    ("lengths", "L"), ("t", "i"), ("H", "i"),
+                                                    ("NSEG", "i")), _ROW + body))
+        st1 = backward1_call(cell, mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev,
+                             dz=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp, indent=0)
+        specs.append(KernelSpec("step_backward1", args,
+                                _ELEM + "if t < lengths[b]:\n" + _ind(st1, 4)))
+    if rnorm is not None:
+        u = "r * H + hd * dh + i"
+        v = "dHU[hd, t, b, r * dh + i]"
+        xhat = "HU[t, hd, b, r * dh + i]"
+        loops = ["for hd in range(NH):", "for i in range(dh):"]
+        if rnorm.over == "row":
+            loops = [f"for r in range({Gr}):"] + loops
+            length, rstd, head = f"{Gr} * H", "Rhh[t, b, 0]", ""
+        else:
+            length, rstd, head = "H", "Rhh[t, b, r]", "r = seg\n"
+        nest = "\n".join("    " * d + loop for d, loop in enumerate(loops))
+        acc = _ind(f"db_hh[b, {u}] += {v}\ndg_hh[b, {u}] += {v} * {xhat}\n"
+                   f"{v} = {v} * g_hh[{u}]", 4 * len(loops))
+        back = row_norm_backward(rnorm.kind, loops, v, xhat, length, rstd, indent=0,
+                                 prefix="n_")
+        specs.append(KernelSpec("norm_hu_backward", (("dHU", 4), ("HU", 4), ("Rhh", 3),
+                                                     ("g_hh", 1), ("db_hh", 2), ("dg_hh", 2),
+                                                     ("lengths", "L"), ("t", "i"), ("H", "i"),
+                                                     ("dh", "i"), ("NH", "i"), ("NSEG", "i")),
+                                _ROW + head + nest + "\n" + acc + "\n" + back))
+    if rec:
+        specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
+                                                  ("H", "i"), ("dh", "i")),
+                                _ELEM + "dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]"))
+    return specs
+
+
+def _fused_specs(cell) -> list[KernelSpec]:
+    """Whole-sequence passes for cells without a recurrent matrix or row statistics.
+
+    Each thread runs every step of its element (the elements are independent);
+    a linear-in-state cell also gets the three kernels of a chunked parallel
+    scan over time (forward and backward).
+    """
+    S = cell.n_state
+    xw, prev, new, pp, dpp = _common()
+    head = "T = XW.shape[0]\n"
+    steps = ("for step in range(s0, s1):\n"
+             "    if reverse:\n        t = T - 1 - step\n        p = t + 1\n        n = t\n"
+             "    else:\n        t = step\n        p = t\n        n = t + 1\n")
+    specs = []
+    fused_args = (("XW", 3), ("P", 1), ("States", 4), ("Saved", 4), ("Y", "Y"),
+                  ("lengths", "L"), ("reverse", "i"), ("H", "i"), ("dh", "i"), ("s0", "i"),
+                  ("s1", "i"))
+    for train in (True, False):
+        saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=prev, p=pp, z_or_new=new,
+                            saved_or_mid=saved, indent=0) + "\nY[t, b, j] = States[0, n, b, j]"
+        specs.append(KernelSpec(f"fused_forward_{'train' if train else 'infer'}", fused_args,
+                                _ELEM + head + steps + "    if t < lengths[b]:\n"
+                                + _ind(body, 8) + "\n    else:\n" + _carry(S, 8)))
+
+    def dstate(s):
+        return "dS[0, b, j] + dY[t, b, j]" if s == 0 else f"dS[{s}, b, j]"
+
+    body = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                         dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
+                         dhu=lambda r: None, dprev=lambda s: f"dS[{s}, b, j]", dp=dpp, indent=0)
+    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_gates))
+    bsteps = ("for step in range(s0, s1):\n"
+              "    if reverse:\n        t = step\n        p = t + 1\n"
+              "    else:\n        t = T - 1 - step\n        p = t\n")
+    specs.append(KernelSpec("fused_backward", (("dY", "Y"), ("dS", 3), ("Saved", 4),
+                                               ("States", 4), ("P", 1), ("lengths", "L"),
+                                               ("dXW", 3), ("dP", 2), ("reverse", "i"),
+                                               ("H", "i"), ("dh", "i"), ("s0", "i"), ("s1", "i")),
+                            _ELEM + "T = dXW.shape[0]\n" + bsteps + "    if t < lengths[b]:\n"
+                            + _ind(body, 8) + "\n    else:\n" + _ind(zero, 8)))
+    if cell.linear:
+        specs += _scan_specs(cell)
+    return specs
+
+
+def _scan_specs(cell) -> list[KernelSpec]:
+    """Chunked parallel scan of ``new_s = a_s * prev_s + b_s`` over time.
+
+    Forward: ``scan_reduce`` composes each chunk's affine maps (one thread per
+    element and chunk; ``a``, ``b`` from the cell's forward at prev = 0 and at
+    the unit vectors), ``scan_carry`` runs the chunk maps in order (one thread
+    per element) to get each chunk's starting state, and ``scan_apply_*``
+    replays every chunk from its start at once, with the cell's own forward.
+    Backward runs the same three phases on the adjoint recurrence
+    ``D' = a * (D + dy)`` (``a`` from the cell's backward at ``dstate = 1``),
+    then ``scan_apply_backward`` the cell's backward per chunk.  Each value has
+    one writer: deterministic.
+    """
+    S = cell.n_state
+    xw, prev, new, pp, dpp = _common()
+    zeros, ones = ["ZERO"] * S, ["ONE"] * S
+    lines = [forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: zeros[q], p=pp,
+                          z_or_new=lambda q: f"bb{q}", saved_or_mid=lambda k: None, indent=0)]
+    for s in range(S):
+        unit = ["ONE" if q == s else "ZERO" for q in range(S)]
+        lines.append(forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: unit[q],
+                                  p=pp, z_or_new=lambda q, s=s: f"aa{s}" if q == s else None,
+                                  saved_or_mid=lambda k: None, indent=0))
+        lines.append(f"aa{s} = aa{s} - bb{s}")
+    coeffs = "\n".join(lines)
+    init = "\n".join(f"CA[{s}, c, b, j] = ONE\nCB[{s}, c, b, j] = ZERO" for s in range(S))
+    compose = "\n".join(f"CA[{s}, c, b, j] = aa{s} * CA[{s}, c, b, j]\n"
+                        f"CB[{s}, c, b, j] = aa{s} * CB[{s}, c, b, j] + bb{s}" for s in range(S))
+    chunk = ("idx = cuda.grid(1)\nB = lengths.shape[0]\n"
+             "if idx >= B * H * NC:\n    return\nc = idx // (B * H)\nrest = idx - c * B * H\n"
+             "b = rest // H\nj = rest - b * H\ns0 = c * CHUNK\ns1 = min(T, s0 + CHUNK)\n")
+    fsteps = ("for step in range(s0, s1):\n"
+              "    if reverse:\n        t = T - 1 - step\n        n = t\n"
+              "    else:\n        t = step\n        n = t + 1\n")
+    bsteps = ("for step in range(s0, s1):\n"
+              "    if reverse:\n        t = step\n        p = t + 1\n"
+              "    else:\n        t = T - 1 - step\n        p = t\n")
+    cargs = (("CA", 4), ("CB", 4), ("lengths", "L"), ("reverse", "i"), ("H", "i"), ("T", "i"),
+             ("NC", "i"), ("CHUNK", "i"))
+    specs = [KernelSpec("scan_reduce", (("XW", 3), ("P", 1)) + cargs,
+                        chunk + init + "\n" + fsteps + "    if t < lengths[b]:\n"
+                        + _ind(coeffs + "\n" + compose, 8))]
+    carry = ("idx = cuda.grid(1)\nB = lengths.shape[0]\nif idx >= B * H:\n    return\n"
+             "b = idx // H\nj = idx - b * H\n"
+             + "\n".join(f"v{s} = Start[{s}, 0, b, j]" for s in range(S)) + "\n"
+             "for c in range(CA.shape[1]):\n"
+             + "\n".join(f"    Start[{s}, c, b, j] = v{s}\n"
+                         f"    v{s} = CA[{s}, c, b, j] * v{s} + CB[{s}, c, b, j]"
+                         for s in range(S)))
+    specs.append(KernelSpec("scan_carry", (("CA", 4), ("CB", 4), ("Start", 4),
+                                           ("lengths", "L"), ("H", "i")), carry))
+    pv = "\n".join(f"pv{s} = Start[{s}, c, b, j]" for s in range(S)) + "\n"
+    for train in (True, False):
+        saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}", p=pp,
+                            z_or_new=new, saved_or_mid=saved, indent=0)
+        body += "\nY[t, b, j] = States[0, n, b, j]\n" + "\n".join(
+            f"pv{s} = States[{s}, n, b, j]" for s in range(S))
+        held = "\n".join([f"States[{s}, n, b, j] = pv{s}" for s in range(S)] + ["Y[t, b, j] = 0"])
+        specs.append(KernelSpec(
+            f"scan_apply_{'train' if train else 'infer'}",
+            (("XW", 3), ("P", 1), ("Start", 4), ("States", 4), ("Saved", 4), ("Y", "Y"))
+            + cargs[2:],
+            chunk + pv + fsteps + "    if t < lengths[b]:\n" + _ind(body, 8) + "\n    else:\n"
+            + _ind(held, 8)))
+    # backward coefficients: a from the cell's backward at dstate = 1 (dprev = a * dstate)
+    bl = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                       dstate=lambda q: ones[q], p=pp, dxw=lambda g: None, dhu=lambda r: None,
+                       dprev=lambda q: f"aa{q}", dp=lambda k: None, indent=0)
+    bcompose = "\n".join(
+        f"CA[{s}, c, b, j] = aa{s} * CA[{s}, c, b, j]\n"
+        f"CB[{s}, c, b, j] = aa{s} * (CB[{s}, c, b, j]"
+        + (" + dY[t, b, j])" if s == 0 else ")") for s in range(S))
+    specs.append(KernelSpec("scan_reduce_backward",
+                            (("dY", "Y"), ("Saved", 4), ("States", 4), ("P", 1)) + cargs,
+                            chunk + init + "\n" + bsteps + "    if t < lengths[b]:\n"
+                            + _ind(bl + "\n" + bcompose, 8)))
+    dv = "\n".join(f"dv{s} = Start[{s}, c, b, j]" for s in range(S)) + "\n"
+
+    def dstate(s):
+        return "dv0 + dY[t, b, j]" if s == 0 else f"dv{s}"
+
+    body = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                         dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
+                         dhu=lambda r: None, dprev=lambda q: f"dv{q}",
+                         dp=lambda k: f"dP[c * B + b, {k} * H + j]", indent=0)
+    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_gates))
+    last = "if c == NC - 1:\n" + _ind("\n".join(f"dS[{s}, b, j] = dv{s}" for s in range(S)), 4)
+    specs.append(KernelSpec("scan_apply_backward",
+                            (("dY", "Y"), ("Saved", 4), ("States", 4), ("P", 1), ("Start", 4),
+                             ("dXW", 3), ("dP", 2), ("dS", 3)) + cargs[2:],
+                            chunk + dv + bsteps + "    if t < lengths[b]:\n" + _ind(body, 8)
+                            + "\n    else:\n" + _ind(zero, 8) + "\n" + last))
+    return specs
+
+
+def kernel_source(cell) -> str:
+    """Python source of every kernel of ``cell`` (``name_py`` functions and jitted ``name``)."""
+    parts = ["from numba import cuda\n"]
+    for spec in kernel_specs(cell):
+        args = ", ".join(a for a, _ in spec.args)
+        parts.append(f"\ndef {spec.name}_py({args}):\n{_ind(spec.body, 4)}\n\n\n"
+                     f"{spec.name} = cuda.jit(cache=CACHE)({spec.name}_py)\n")
+    return "".join(parts)
+
+
+def signatures(cell, dtype, y_layout: str = "A") -> dict:
+    """Numba signatures of every kernel for :func:`numba.cuda.compile_ptx`, by ``name_py``."""
+    import numpy as np
+    from numba import types as nt
+
+    f = nt.float32 if np.dtype(dtype) == np.float32 else nt.float64
+    out = {}
+    for spec in kernel_specs(cell):
+        sig = []
+        for _, kind in spec.args:
+            if kind == "i":
+                sig.append(nt.int64)
+            elif kind == "L":
+                sig.append(nt.Array(nt.int64, 1, "C"))
+            elif kind == "Y":
+                sig.append(nt.Array(f, 3, y_layout))
+            else:
+                sig.append(nt.Array(f, kind, "C"))
+        out[f"{spec.name}_py"] = tuple(sig)
+    return out
