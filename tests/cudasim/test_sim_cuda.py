@@ -28,52 +28,94 @@ REGISTRY = registry_with_test_cells()
 CELLS = REGISTRY.names()  # shipped cells + the test plugin's
 
 # The simulator runs every GPU thread as a Python thread: keep shapes small and
-# the example count modest (the whole file runs in about a minute or two).
+# the example count modest.  The cells of the first contract get more examples;
+# each cell of the zoo (one capability each: per-unit parameters, heads, no
+# recurrent matrix, normalisation, scan) gets a few, which the CPU tests
+# complement with many more.
 SMALL = dict(max_T=5, max_B=3, max_I=4, max_H=4, max_layers=2)
+CLASSIC = {"rnn", "rnn_relu", "lstm", "gru"} | {n for n in CELLS if n.startswith("test_")}
 EXAMPLES = 10
+ZOO_EXAMPLES = 3
 
 
-@pytest.mark.parametrize("cell_name", CELLS)
-@settings(max_examples=EXAMPLES)
-@given(p=problems(**SMALL))
-def test_forward_matches_reference(cell_name, p):
+def _problems(data, cell_name, n_classic=EXAMPLES, n_zoo=ZOO_EXAMPLES):
     cell = REGISTRY.get(cell_name)
-    for dtype in (np.float64, np.float32):
-        scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
-        assert scaled <= 1, (f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} over "
-                             f"tolerance {tol.forward_tolerance(dtype)} on {p}")
+    n = n_classic if cell_name in CLASSIC else n_zoo
+    return cell, [data.draw(problems(**SMALL, cell=cell)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("cell_name", CELLS)
-@settings(max_examples=EXAMPLES)
-@given(p=problems(**SMALL))
-def test_gradients_match_finite_differences(cell_name, p):
-    # raises ConformanceError naming the tensor on disagreement
-    gradient_errors(REGISTRY.get(cell_name), p, device="cuda")
+@settings(max_examples=1)
+@given(data=st.data())
+def test_forward_matches_reference(cell_name, data):
+    cell, ps = _problems(data, cell_name)
+    for p in ps:
+        for dtype in (np.float64, np.float32):
+            scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
+            assert scaled <= 1, (f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} over "
+                                 f"tolerance {tol.forward_tolerance(dtype)} on {p}")
 
 
 @pytest.mark.parametrize("cell_name", CELLS)
-@settings(max_examples=4)
-@given(p=problems(**SMALL))
-def test_float32_gradients_close_to_float64(cell_name, p):
+@settings(max_examples=1)
+@given(data=st.data())
+def test_gradients_match_finite_differences(cell_name, data):
+    cell, ps = _problems(data, cell_name)
+    for p in ps:  # raises ConformanceError naming the tensor on disagreement
+        gradient_errors(cell, p, device="cuda")
+
+
+@pytest.mark.parametrize("cell_name", CELLS)
+@settings(max_examples=1)
+@given(data=st.data())
+def test_float32_gradients_close_to_float64(cell_name, data):
     """float32 kernels (typed constants, float32 GEMMs) stay within the float32 tolerance."""
-    cell = REGISTRY.get(cell_name)
-    params, x, h0 = make_arrays(cell, p, np.float64)
-    rng = np.random.default_rng(p.seed ^ 7)
-    D = 2 if p.bidirectional else 1
-    dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
-    dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
-    ref = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
-    f32 = lambda a: a.astype(np.float32)  # noqa: E731
-    got = run_layer(cell, p, {k: f32(v) for k, v in params.items()}, f32(x),
-                    None if h0 is None else tuple(map(f32, h0)), "cuda", f32(dy),
-                    tuple(map(f32, dhn)))
-    t = tol.grad_tolerance(np.float32)
-    np.testing.assert_allclose(got[2], ref[2], **t)  # dx
-    for a, b in zip(got[3], ref[3], strict=True):  # dh0
-        np.testing.assert_allclose(a, b, **t)
-    for k in ref[4]:
-        np.testing.assert_allclose(got[4][k], ref[4][k], **t, err_msg=k)
+    cell, ps = _problems(data, cell_name, n_classic=4, n_zoo=2)
+    for p in ps:
+        params, x, h0 = make_arrays(cell, p, np.float64)
+        rng = np.random.default_rng(p.seed ^ 7)
+        D = 2 if p.bidirectional else 1
+        dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
+        dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H))
+                    for _ in range(cell.n_state))
+        ref = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
+        f32 = lambda a: a.astype(np.float32)  # noqa: E731
+        got = run_layer(cell, p, {k: f32(v) for k, v in params.items()}, f32(x),
+                        None if h0 is None else tuple(map(f32, h0)), "cuda", f32(dy),
+                        tuple(map(f32, dhn)))
+        t = tol.grad_tolerance(np.float32)
+        np.testing.assert_allclose(got[2], ref[2], **t)  # dx
+        for a, b in zip(got[3], ref[3], strict=True):  # dh0
+            np.testing.assert_allclose(a, b, **t)
+        for k in ref[4]:
+            np.testing.assert_allclose(got[4][k], ref[4][k], **t, err_msg=k)
+
+
+def test_parallel_scan_matches_the_sequential_pass():
+    """A linear-in-state cell over more steps than one scan chunk: the chunked parallel
+    scan (forward and backward) against the CPU's sequential pass, with lengths."""
+    from kernrnn.backends.cuda.kernels import SCAN_CHUNK
+
+    cell = REGISTRY.get("mingru")
+    rng = np.random.default_rng(11)
+    T, B, I, H = 3 * SCAN_CHUNK + 5, 3, 2, 3
+    params = {"weight_ih": rng.uniform(-0.5, 0.5, (2 * H, I)),
+              "bias_ih": rng.uniform(-0.5, 0.5, 2 * H)}
+    x = rng.uniform(-1, 1, (T, B, I))
+    h0 = rng.uniform(-1, 1, (1, B, H))
+    lens = np.array([T, SCAN_CHUNK + 1, 0], np.int64)
+    for reverse in (False, True):
+        y_c, hn_c, ctx_c = cpu.forward(cell, x, params, h0, lens, reverse, True)
+        y_g, hn_g, ctx_g = cb.forward(cell, x, params, h0, cb.lengths(lens), reverse, True)
+        np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(hn_g, hn_c, rtol=1e-12, atol=1e-12)
+        dy, dhn = rng.uniform(-1, 1, y_c.shape), rng.uniform(-1, 1, hn_c.shape)
+        dx_c, dS_c, g_c = cpu.backward(ctx_c, dy, dhn)
+        dx_g, dS_g, g_g = cb.backward(ctx_g, dy, dhn)
+        np.testing.assert_allclose(dx_g, dx_c, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(dS_g, dS_c, rtol=1e-11, atol=1e-12)
+        for k in g_c:
+            np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
 
 
 @pytest.mark.parametrize("cell_name", ["lstm", "gru", "test_mgu"])
