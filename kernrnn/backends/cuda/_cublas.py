@@ -183,10 +183,10 @@ def capture_stream(replay_ptr: int):
     """A side stream to capture graphs that will replay on ``replay_ptr``, with its
     cuBLAS handle made now (before the capture) and sharing the replay stream's
     workspace.  None without cuBLAS."""
-    import cupy
-
     if library() is None:
         return None
+    import cupy
+
     replay = for_stream(replay_ptr)
     key = (cupy.cuda.Device().id, int(replay_ptr))
     side = _capture_streams.get(key)
