@@ -576,6 +576,7 @@ def _wrap(a):
 _smem_optin: dict = {}  # (device id, id(kernel)) -> dynamic shared memory opted in so far
 _coop_limit: dict = {}  # (device id, id(kernel), threads, smem) -> co-resident blocks
 _local_mem_warned: set = set()
+_compiled: dict = {}  # (device id, id(kernel)) -> (compiled kernel, "module.function"), for reports
 
 
 def _set_max_dynamic_smem(cufunc, nbytes: int) -> None:
@@ -618,6 +619,8 @@ def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
     dev = cufunc.device.id
     static = int(cufunc.attrs.shared)
     kid = (dev, id(kernel))
+    py = getattr(dispatcher, "py_func", None)
+    _compiled[kid] = (kernel, f"{getattr(py, '__module__', '?')}.{getattr(py, '__name__', '?')}")
     limit = int(cufunc.device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
     if smem + static > limit:
         raise ValueError(
