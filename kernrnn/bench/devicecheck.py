@@ -154,7 +154,7 @@ def run(names, out: Path, budget: float = BUDGET, scale: float = 1.0) -> int:
         timeout = min(phase.timeout * scale, left)
         if no_gpu and name != "env":
             status, rc, secs = "skipped (no usable GPU)", None, 0.0
-        elif timeout < 5:
+        elif timeout < min(phase.timeout * scale, 5):  # too little left to start it
             status, rc, secs = "skipped (time budget spent)", None, 0.0
         else:
             print(f"[{name}] running (timeout {timeout:.0f} s, log {log})", flush=True)
