@@ -246,18 +246,28 @@ def _driver_version() -> str:
 
 
 def device_properties() -> dict:
+    """What the kernels depend on, from the driver (each one '?' where it cannot be read)."""
     import cupy
+    from numba import cuda
 
-    dev = cupy.cuda.Device()
-    p = cupy.cuda.runtime.getDeviceProperties(dev.id)
-    name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
-    return {"name": name, "compute capability": dev.compute_capability,
-            "SMs": p["multiProcessorCount"], "memory GiB": round(p["totalGlobalMem"] / 2**30, 1),
-            "shared memory per block (opt-in) KiB": p["sharedMemPerBlockOptin"] // 1024,
-            "shared memory per SM KiB": p["sharedMemPerMultiprocessor"] // 1024,
-            "registers per SM": p["regsPerMultiprocessor"],
-            "cooperative launch": bool(p.get("cooperativeLaunch", 0)),
-            "clock MHz": p["clockRate"] // 1000}
+    dev = cuda.get_current_device()
+
+    def attr(name, scale=1):
+        try:
+            return int(getattr(dev, name)) // scale
+        except Exception:  # noqa: BLE001 - an attribute this driver/binding lacks
+            return "?"
+
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    return {"name": name, "compute capability": ".".join(map(str, dev.compute_capability)),
+            "SMs": attr("MULTIPROCESSOR_COUNT"),
+            "memory GiB": round(cupy.cuda.Device().mem_info[1] / 2**30, 1),
+            "shared memory per block (opt-in) KiB": attr("MAX_SHARED_MEMORY_PER_BLOCK_OPTIN",
+                                                         1024),
+            "shared memory per SM KiB": attr("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR", 1024),
+            "registers per SM": attr("MAX_REGISTERS_PER_MULTIPROCESSOR"),
+            "cooperative launch": attr("COOPERATIVE_LAUNCH"),
+            "clock MHz": attr("CLOCK_RATE", 1000)}
 
 
 def phase_env() -> int:
@@ -462,9 +472,10 @@ def phase_persistent(out: Path) -> int:
     T, B, H = 3, 16, 1024
     f = np.float32
     z = lambda *s: cupy.zeros(s, f)  # noqa: E731
+    G, S, K = lstm.n_gates, lstm.n_state, lstm.n_saved
     try:
-        cp.forward_loop(lstm, z(T, B, 4 * H), z(4 * H, H), z(4 * H), z(2, T + 1, B, H),
-                        z(2, T, B, H), z(T, B, H), cupy.full(B, T, np.int64), False, True,
+        cp.forward_loop(lstm, z(T, B, G * H), z(G * H, H), z(G * H), z(S, T + 1, B, H),
+                        z(K, T, B, H), z(T, B, H), cupy.full(B, T, np.int64), False, True,
                         blocks=H)
         cupy.cuda.Device().synchronize()
         print(f"FAIL: a grid of {H} blocks was launched")

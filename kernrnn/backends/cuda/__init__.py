@@ -406,9 +406,10 @@ class _Launcher:
     (type dispatch, compilation or the disk cache); later launches call the
     compiled kernel's ``launch`` directly, skipping the per-call typing of
     every argument.  They pass the stream object the dispatcher itself passed
-    (its launch configuration's ``stream``: a ``cuda.core`` stream built once
-    from the handle on numba-cuda >= 0.2x, the Numba stream before), so
-    cuda.core never converts a foreign stream per launch.  If that internal
+    (its launch configuration's ``stream``: from numba-cuda 0.23 on a
+    ``cuda.core`` stream built from the handle once per loop, before that the
+    Numba stream), so cuda.core never converts a foreign stream, with a
+    DeprecationWarning, at every launch.  If that internal
     entry point is missing or raises (another numba-cuda version), launches
     go through the dispatcher.
     """
