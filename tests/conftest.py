@@ -39,3 +39,28 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("largest errors seen vs the float64 reference")
         for key, value in sorted(MAX_SEEN.items()):
             terminalreporter.write_line(f"{key}: {value:.3e}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``KERNRNN_TEST_SHARD=i/n``: keep the i-th of n shards (the device check runs
+    the GPU tests in parallel processes, for compilation is their cost).  All
+    tests of one cell go to one shard, so each shard compiles its own cells."""
+    shard = os.environ.get("KERNRNN_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"KERNRNN_TEST_SHARD must be i/n with 0 <= i < n, got {shard!r}")
+
+    def key(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        return str(params.get("cell_name", params.get("cell", "")))
+
+    keys = sorted({key(item) for item in items})
+    mine = {k for j, k in enumerate(keys) if j % n == i}
+    keep = [item for item in items if key(item) in mine]
+    config.hook.pytest_deselected(items=[item for item in items if key(item) not in mine])
+    items[:] = keep

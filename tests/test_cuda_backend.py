@@ -72,6 +72,23 @@ def test_auto_path_asks_the_persistent_module(monkeypatch):
     assert cb._resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
 
 
+def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeypatch):
+    """The persistent kernel has not run on a GPU yet: ``auto`` must not pick it, even
+    where it would fit, until ``persistent.AUTO`` is switched on after a device check."""
+    from kernrnn.backends.cuda import persistent as cp
+    from kernrnn.plugins import get_registry
+
+    lstm = get_registry().get("lstm")
+    monkeypatch.setattr(cp, "_simulator", lambda: False)
+    monkeypatch.setattr(cp, "_cudadevrt_found", lambda: True)
+    monkeypatch.setattr(cp, "supported", lambda *a, **k: True)
+    assert cp.AUTO is False
+    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "gemm"
+    assert cb._resolve_path("persistent", lstm, np.float32, 4, 256, True) == "persistent"
+    monkeypatch.setattr(cp, "AUTO", True)
+    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
+
+
 class _FakeGraph:
     def __init__(self, log):
         self.log = log
@@ -82,7 +99,7 @@ class _FakeGraph:
 
 class _FakeStream:
     def __init__(self, log, fail):
-        self.log, self.fail, self.capturing = log, fail, False
+        self.log, self.fail, self.capturing, self.ptr = log, fail, False, 77
 
     def __enter__(self):
         return self
@@ -100,28 +117,26 @@ class _FakeStream:
         return _FakeGraph(self.log)
 
 
-def _fake_cupy(log, fail=False):
-    class Cuda:
-        @staticmethod
-        def Stream(non_blocking=False):  # noqa: N802 - CuPy's name
-            Cuda.last = _FakeStream(log, fail)
-            return Cuda.last
+def _fake_cupy():
+    import types
 
-        @staticmethod
-        def get_current_stream():
-            return None
-
-    class Cupy:
-        cuda = Cuda
-
-    return Cupy
+    current = types.SimpleNamespace(ptr=5)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: current))
 
 
-@pytest.mark.parametrize("fail", [False, True], ids=["capture works", "capture fails"])
-def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, fail):
-    log = []
-    fake = _fake_cupy(log, fail)
-    monkeypatch.setattr(cb, "cupy", fake)
+@pytest.mark.parametrize("mode", ["works", "fails", "no cuBLAS"])
+def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
+    from kernrnn.backends.cuda import _cublas
+
+    log, asked = [], []
+    side = _FakeStream(log, fail=mode == "fails")
+
+    def capture_stream(replay_ptr):
+        asked.append(replay_ptr)
+        return None if mode == "no cuBLAS" else side
+
+    monkeypatch.setattr(cb, "cupy", _fake_cupy())
+    monkeypatch.setattr(_cublas, "capture_stream", capture_stream)
     scratches = []
 
     def make_scratch():
@@ -129,12 +144,11 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, fail):
         return scratches[-1]
 
     def issue(scratch):
-        stream = getattr(fake.cuda, "last", None)
-        log.append(("capture" if stream is not None and stream.capturing else "eager", scratch))
+        log.append(("capture" if side.capturing else "eager", scratch))
 
     cb.set_graphs(True)
     try:
-        if fail:
+        if mode != "works":
             with pytest.warns(RuntimeWarning, match="graph capture failed"):
                 for _ in range(4):
                     cb._run_loop(("k",), issue, make_scratch)
@@ -145,7 +159,8 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, fail):
     finally:
         cb.set_graphs(None)
     kinds = [e if isinstance(e, str) else e[0] for e in log]
-    if fail:  # every run eager; the scratch kept for the key is reused
+    assert asked == [5]  # one capture, on the side stream kept for the replay stream
+    if mode != "works":  # every run eager; the scratch kept for the key is reused
         assert kinds == ["eager"] * 5
         assert log[1][1] is log[2][1] is log[3][1]
     else:
@@ -158,6 +173,9 @@ def test_graphs_off_by_default(monkeypatch):
     assert not cb.graphs_enabled()
     monkeypatch.setenv(cb.GRAPHS_ENV, "1")
     assert cb.graphs_enabled() is (not cb.SIMULATOR)
+    cb.set_graphs(False)
+    assert not cb.graphs_enabled()  # set_graphs wins over the environment
+    cb.set_graphs(None)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         cb.set_graphs("yes")
 
@@ -196,28 +214,110 @@ class _HostArray(np.ndarray):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_raw_cublas_arguments_compute_the_row_major_products(monkeypatch, dtype):
+def test_raw_cublas_arguments_compute_the_row_major_products(dtype):
     """The per-step GEMMs pass row-major operands to column-major cuBLAS; check the
     argument mapping against a host emulation of cuBLAS's gemm."""
     import types
 
-    fake_blas = types.SimpleNamespace(sgemm=_column_major_gemm(np.float32),
-                                      dgemm=_column_major_gemm(np.float64),
-                                      CUBLAS_OP_N=0, CUBLAS_OP_T=1)
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        device=types.SimpleNamespace(get_cublas_handle=lambda: 0)))
-    monkeypatch.setattr(cb, "_cublas_module", lambda: fake_blas)
-    monkeypatch.setattr(cb, "cupy", fake_cupy)
+    def status_ok(gemm):
+        def call(*args):
+            gemm(*args)
+            return 0
+        return call
+
+    blas = types.SimpleNamespace(sgemm=status_ok(_column_major_gemm(np.float32)),
+                                 dgemm=status_ok(_column_major_gemm(np.float64)), handle=0)
     rng = np.random.default_rng(0)
     T, B, H, G = 4, 3, 5, 4
     arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
     States0, W_hh, dHU = arr(T + 1, B, H), arr(G * H, H), arr(T, B, G * H)
     HU, dHrec = arr(B, G * H), arr(B, H)
-    fwd = cb._raw_step_gemm(States0, W_hh, HU, trans_b=True)
-    bwd = cb._raw_step_gemm(dHU, W_hh, dHrec, trans_b=False)
+    fwd = cb._raw_step_gemm(blas, States0, W_hh, HU, trans_b=True)
+    bwd = cb._raw_step_gemm(blas, dHU, W_hh, dHrec, trans_b=False)
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     for i in range(T):
         fwd(i)
         np.testing.assert_allclose(HU, np.asarray(States0[i]) @ np.asarray(W_hh).T, rtol=rtol)
         bwd(i)
         np.testing.assert_allclose(dHrec, np.asarray(dHU[i]) @ np.asarray(W_hh), rtol=rtol)
+
+
+def test_raw_cublas_status_is_checked():
+    import types
+
+    from kernrnn.backends.cuda._cublas import CublasError
+
+    blas = types.SimpleNamespace(sgemm=lambda *a: 13, dgemm=lambda *a: 13, handle=0)
+    a = np.zeros((2, 3, 4), np.float32).view(_HostArray)
+    f = cb._raw_step_gemm(blas, a, np.zeros((5, 4), np.float32).view(_HostArray),
+                          np.zeros((3, 5), np.float32).view(_HostArray), trans_b=True)
+    with pytest.raises(CublasError, match="status 13"):
+        f(1)
+
+
+# -- kernel launches, with Numba's dispatcher faked --------------------------------------
+
+
+class _Configured:
+    def __init__(self, kernel, stream):
+        import warnings
+
+        self.kernel, self.stream = kernel, ("core", stream)
+        # what numba-cuda's launch configuration does for grids under 128 blocks
+        warnings.warn("Grid size 1 will likely result in GPU under-utilization due to low "
+                      "occupancy.", UserWarning, stacklevel=2)
+
+    def __call__(self, *args):
+        self.kernel.log.append(("dispatcher", self.stream))
+
+
+class _Compiled:
+    def __init__(self, log, fail):
+        self.log, self.fail = log, fail
+
+    def launch(self, args, grid, block, stream, smem):
+        if self.fail:
+            raise TypeError("launch() changed")
+        self.log.append(("fast", stream))
+
+
+class _FakeDispatcher:
+    def __init__(self, fail=False):
+        self.log = []
+        self.overloads = {(int,): _Compiled(self.log, fail)}
+
+    def __getitem__(self, cfg):
+        grid, block, stream = cfg
+        return _Configured(self, stream)
+
+    def typeof_pyval(self, a):
+        return int
+
+
+def test_launcher_reuses_the_dispatchers_stream_and_silences_low_occupancy(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(cb, "SIMULATOR", False)
+    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    kernel = _FakeDispatcher()
+    launch = cb._Launcher(stream="numba-stream")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no low-occupancy warning, no deprecation warning
+        for _ in range(3):
+            launch(kernel, 10, 1)
+    # first through the dispatcher, then directly with the stream object it built
+    assert kernel.log == [("dispatcher", ("core", "numba-stream"))] + [
+        ("fast", ("core", "numba-stream"))] * 2
+
+
+def test_launcher_falls_back_to_the_dispatcher_when_the_fast_launch_raises(monkeypatch):
+    monkeypatch.setattr(cb, "SIMULATOR", False)
+    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    kernel = _FakeDispatcher(fail=True)
+    launch = cb._Launcher(stream="s")
+    launch(kernel, 10, 1)
+    with pytest.warns(RuntimeWarning, match="direct kernel launch failed"):
+        launch(kernel, 10, 1)
+    launch(kernel, 10, 1)
+    assert [e[0] for e in kernel.log] == ["dispatcher"] * 3  # every launch still happened
+    assert cb._Launcher.fast_enabled is False

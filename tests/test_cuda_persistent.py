@@ -52,7 +52,7 @@ def test_plan_covers_every_unit_once(B, H, blocks, threads, cell_name, dtype):
     cell = REGISTRY.get(cell_name)
     p = cp.plan(cell, B, H, dtype, blocks, threads)
     assert p.blocks <= blocks
-    assert p.NB in cp.NB_CHOICES and (p.NB == 1 or cell.n_gates * p.NB <= 32)  # no spills
+    assert p.NB in cp.NB_CHOICES and cp._nb_fits(cell.n_gates, p.NB, np.dtype(dtype).itemsize)
     assert p.blocks * p.U >= H > (p.blocks - 1) * p.U  # every block has >= 1 unit
     for nslot in (p.nslot_fwd, p.nslot_bwd):
         assert threads % nslot == 0 and nslot & (nslot - 1) == 0
@@ -71,6 +71,31 @@ def test_supported_on_h100_sizes():
     assert not cp.supported(lstm, 4, 256, np.float16, H100)
     small = cp.DeviceProps(sm_count=8, smem_per_block_optin=48 * 1024)
     assert not cp.supported(lstm, 4, 1024, np.float32, small)
+
+
+def test_register_tile_counts_float64_twice():
+    """ptxas (sm_90): the fp64 LSTM forward with NB = 8 spills 80 bytes; the plan
+    keeps fp64 accumulators within the same 32 registers as fp32."""
+    lstm, rnn = REGISTRY.get("lstm"), REGISTRY.get("rnn")
+    assert cp.plan(lstm, 64, 256, np.float32, 132).NB == 8
+    assert cp.plan(lstm, 64, 256, np.float64, 132).NB == 4
+    assert cp.plan(rnn, 64, 256, np.float64, 132).NB == 8  # one gate: 16 registers
+
+
+def test_auto_is_off_until_measured():
+    """The persistent kernel has never run on a GPU: the automatic choice stays off."""
+    assert cp.AUTO is False
+    assert not cp.supports(REGISTRY.get("lstm"), np.float32, 4, 256, True)
+
+
+@pytest.mark.skipif(cp._simulator(), reason="the simulator has no disk cache")
+def test_persistent_kernels_use_the_disk_cache():
+    """Each process would otherwise recompile and relink every variant (numba-cuda caches
+    cooperative kernels).  Loading from the cache in a second process needs a GPU
+    (tests/test_gpu.py); here: the dispatchers have a real cache, not Numba's NullCache."""
+    k = cp.get_kernels(REGISTRY.get("rnn"), np.float32, 1)
+    for d in (k.forward_train, k.forward_infer, k.backward):
+        assert d._cache.cache_path is not None, d
 
 
 def test_bad_overrides_name_the_argument():
@@ -130,9 +155,11 @@ def test_persistent_kernels_compile_to_ptx(cell_name, dtype):
     kernels = [("forward_train", k.forward_train, fwd), ("backward", k.backward, bwd)]
     if dtype == np.float32:
         kernels.append(("forward_infer", k.forward_infer, fwd))
-        k8 = cp.get_kernels(cell, dtype, 8)  # the large-batch tile: most registers
-        kernels += [("forward_train nb=8", k8.forward_train, fwd),
-                    ("backward nb=8", k8.backward, bwd)]
+    nb = cp._nb_for(cp.MAX_BATCH, cell.n_gates, np.dtype(dtype).itemsize)
+    if nb != 4:  # the largest tile the plan picks for this dtype: most registers
+        kmax = cp.get_kernels(cell, dtype, nb)
+        kernels += [(f"forward_train nb={nb}", kmax.forward_train, fwd),
+                    (f"backward nb={nb}", kmax.backward, bwd)]
     for label, disp, sig in kernels:
         ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
         where = f"{cell_name} {label} {np.dtype(dtype)}"
@@ -198,43 +225,114 @@ def test_main_rejects_unknown_task(capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_prepare_opts_in_shared_memory_monotonically(monkeypatch):
-    """The launch preparation, with the driver faked (no GPU here)."""
-    from numba.cuda.cudadrv import driver as drv
+class _FakeDriver:
+    def __init__(self):
+        self.calls = []
 
-    calls = []
+    def cuKernelSetAttribute(self, attr, value, handle, dev):  # noqa: N802 - the driver's name
+        self.calls.append(("kernel", value, dev))
 
-    class FakeDriver:
-        def cuKernelSetAttribute(self, attr, value, handle, dev):
-            calls.append(value)
+    def cuFuncSetAttribute(self, handle, attr, value):  # noqa: N802
+        self.calls.append(("function", value))
 
-    class FakeFunc:
-        handle, device = object(), type("D", (), {"id": 0})()
 
-    class FakeKernel:
-        _codelibrary = type("L", (), {"get_cufunc": staticmethod(lambda: FakeFunc())})()
+def _fake_kernel(handle, static=0, local=0, device=0, coop=132):
+    attrs = type("A", (), {"shared": static, "local": local})()
+    dev = type("D", (), {"id": device, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 227 * 1024})()
+    func = type("F", (), {"handle": handle, "device": dev, "attrs": attrs, "name": "k"})()
+
+    class Kernel:
+        _codelibrary = type("L", (), {"get_cufunc": staticmethod(lambda: func)})()
 
         def max_cooperative_grid_blocks(self, threads, smem):
-            return 132 if smem <= 200_000 else 0
+            return coop if smem <= 200_000 else 0
 
-    kernel = FakeKernel()
+    kernel = Kernel()
 
-    class FakeDispatcher:
+    class Dispatcher:
         def typeof_pyval(self, a):
             return type(a)
 
         def compile(self, argtypes):
             return kernel
 
-    monkeypatch.setattr(drv, "driver", FakeDriver())
-    d = FakeDispatcher()
+    return Dispatcher()
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    from numba.cuda.cudadrv import driver as drv
+
+    fake = _FakeDriver()
+    monkeypatch.setattr(drv, "driver", fake)
+    monkeypatch.setattr(cp, "_smem_optin", {})
+    monkeypatch.setattr(cp, "_coop_limit", {})
+    monkeypatch.setattr(cp, "_local_mem_warned", set())
+    return fake
+
+
+def _handles():
+    from cuda.bindings import driver as binding
+
+    return {"CUkernel (numba-cuda >= 0.23)": (binding.CUkernel(0), "kernel"),
+            "CUfunction (numba-cuda 0.20-0.22)": (binding.CUfunction(0), "function")}
+
+
+@pytest.mark.parametrize("which", list(_handles()))
+def test_prepare_opts_in_shared_memory_monotonically(fake_driver, which):
+    """The launch preparation, with the driver faked (no GPU here), for both handle types."""
+    handle, kind = _handles()[which]
+    d = _fake_kernel(handle)
     cp._prepare(d, (1,), 256, 40_000, 132)  # under 48 KiB: no opt-in
     cp._prepare(d, (1,), 256, 150_000, 132)
     cp._prepare(d, (1,), 256, 100_000, 132)  # smaller: keeps 150 KB
     cp._prepare(d, (1,), 256, 150_000, 132)
-    assert calls == [150_000]
+    assert [c[:2] for c in fake_driver.calls] == [(kind, 150_000)]
     with pytest.raises(ValueError, match="resident"):
         cp._prepare(d, (1,), 256, 180_000, 133)
     with pytest.raises(ValueError, match="resident"):
         cp._prepare(d, (1,), 256, 210_000, 1)
-    assert calls == [150_000, 180_000, 210_000]
+    assert [c[1] for c in fake_driver.calls] == [150_000, 180_000, 210_000]
+
+
+def test_prepare_counts_static_shared_memory(fake_driver):
+    from cuda.bindings import driver as binding
+
+    handle = binding.CUkernel(0)
+    cp._prepare(_fake_kernel(handle, static=4096), (1,), 256, 40_000, 1)  # 44 KB in all
+    assert fake_driver.calls == []
+    cp._prepare(_fake_kernel(handle, static=16384), (1,), 256, 40_000, 1)  # 56 KB in all
+    assert fake_driver.calls == [("kernel", 40_000, 0)]
+    with pytest.raises(ValueError, match="static shared memory"):
+        cp._prepare(_fake_kernel(handle, static=16384), (1,), 256, 227 * 1024, 1)
+
+
+def test_prepare_keys_its_caches_by_device(fake_driver):
+    from cuda.bindings import driver as binding
+
+    handle = binding.CUkernel(0)
+    cp._prepare(_fake_kernel(handle, device=0), (1,), 256, 100_000, 1)
+    cp._prepare(_fake_kernel(handle, device=1), (1,), 256, 100_000, 1)
+    assert fake_driver.calls == [("kernel", 100_000, 0), ("kernel", 100_000, 1)]
+    # the co-residency limit is the second device's own
+    with pytest.raises(ValueError, match="at most 8"):
+        cp._prepare(_fake_kernel(handle, device=2, coop=8), (1,), 256, 1_000, 9)
+
+
+def test_prepare_refuses_a_handle_it_cannot_configure(fake_driver):
+    with pytest.raises(ValueError, match="numba-cuda >= 0.23"):
+        cp._prepare(_fake_kernel(object()), (1,), 256, 100_000, 1)
+    cp._prepare(_fake_kernel(object()), (1,), 256, 40_000, 1)  # no opt-in needed: fine
+
+
+def test_prepare_warns_once_about_local_memory(fake_driver):
+    from cuda.bindings import driver as binding
+
+    d = _fake_kernel(binding.CUkernel(0), local=80)
+    with pytest.warns(RuntimeWarning, match="80 bytes of local memory"):
+        cp._prepare(d, (1,), 256, 1_000, 1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cp._prepare(d, (1,), 256, 1_000, 1)

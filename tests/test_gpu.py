@@ -1,7 +1,17 @@
 """Tests on a real GPU (marker ``gpu``); skipped where CuPy, numba-cuda or a GPU is missing.
 
-Run them with ``pytest -m gpu`` (``python -m kernrnn.bench.gpu`` does, too).
+Run them with ``pytest -m gpu`` (``python -m kernrnn.bench.devicecheck`` does, too).
+The tests of the layer run once per recurrence path (``gemm``, ``persistent``;
+test ids end in the path); ``KERNRNN_CUDA_PATH=gemm`` (or ``persistent``)
+runs only that path's.
 """
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -25,6 +35,22 @@ def _gpu_reason() -> str:
 
 REASON = _gpu_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(REASON), reason=REASON or "GPU present")]
+
+_ENV_PATH = os.environ.get("KERNRNN_CUDA_PATH", "").strip().lower()
+PATHS = [_ENV_PATH] if _ENV_PATH in ("gemm", "persistent") else ["gemm", "persistent"]
+on_each_path = pytest.mark.parametrize("path", PATHS)
+
+
+@contextlib.contextmanager
+def on_path(path):
+    """Run the CUDA backend on ``path`` (set_path wins over the environment)."""
+    if path == "persistent" and cb._persistent_module() is None:
+        pytest.skip("kernrnn.backends.cuda.persistent is not installed")
+    cb.set_path(path)
+    try:
+        yield
+    finally:
+        cb.set_path(None)
 
 if not REASON:
     import cupy
@@ -51,38 +77,45 @@ else:  # keep the module importable for collection
         return None
 
 
+@on_each_path
 @pytest.mark.parametrize("cell_name", CELLS)
-def test_conformance_on_gpu(cell_name):
-    report = check_cell(REGISTRY.get(cell_name), device="cuda", examples=3, seed=1)
+def test_conformance_on_gpu(cell_name, path):
+    with on_path(path):
+        report = check_cell(REGISTRY.get(cell_name), device="cuda", examples=3, seed=1)
     assert report.examples == 3
 
 
+@on_each_path
 @pytest.mark.parametrize("cell_name", CELLS)
 @settings(max_examples=8, deadline=None)
 @given(p=problems())
-def test_gpu_gradients_match_finite_differences(cell_name, p):
-    gradient_errors(REGISTRY.get(cell_name), p, device="cuda")
+def test_gpu_gradients_match_finite_differences(cell_name, p, path):
+    with on_path(path):
+        gradient_errors(REGISTRY.get(cell_name), p, device="cuda")
 
 
 # Shapes with B*H over one block of 256 threads, so several blocks and a partial
 # last block run.  Gradients are compared with the CPU backend in float64 (itself
 # checked against finite differences): finite differences across a relu kink
 # are unreliable at these sizes.
+@on_each_path
 @pytest.mark.parametrize("cell_name", CELLS)
 @settings(max_examples=8, deadline=None)
 @given(p=problems(max_T=12, max_B=9, max_I=20, max_H=70, max_layers=2))
-def test_gpu_matches_reference_and_cpu(cell_name, p):
+def test_gpu_matches_reference_and_cpu(cell_name, p, path):
     cell = REGISTRY.get(cell_name)
-    for dtype in (np.float64, np.float32):
-        scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
-        assert scaled <= 1, f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} on {p}"
+    with on_path(path):
+        for dtype in (np.float64, np.float32):
+            scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
+            assert scaled <= 1, f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} on {p}"
     params, x, h0 = make_arrays(cell, p, np.float64)
     rng = np.random.default_rng(p.seed ^ 11)
     D = 2 if p.bidirectional else 1
     dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
     dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
     want = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
-    got = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
+    with on_path(path):
+        got = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
     np.testing.assert_allclose(got[2], want[2], rtol=1e-9, atol=1e-11)
     for a, b in zip(got[3], want[3], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
@@ -90,8 +123,9 @@ def test_gpu_matches_reference_and_cpu(cell_name, p):
         np.testing.assert_allclose(got[4][k], want[4][k], rtol=1e-9, atol=1e-11, err_msg=k)
 
 
+@on_each_path
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
-def test_float32_training_step_matches_cpu_float64(cell_name):
+def test_float32_training_step_matches_cpu_float64(cell_name, path):
     from kernrnn.testing.strategies import Problem
 
     cell = REGISTRY.get(cell_name)
@@ -103,8 +137,9 @@ def test_float32_training_step_matches_cpu_float64(cell_name):
     dhn = tuple(rng.uniform(-1, 1, (4, p.B, p.H)) for _ in range(cell.n_state))
     ref = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
     f32 = lambda a: a.astype(np.float32)  # noqa: E731
-    got = run_layer(cell, p, {k: f32(v) for k, v in params.items()}, f32(x), tuple(map(f32, h0)),
-                    "cuda", f32(dy), tuple(map(f32, dhn)))
+    with on_path(path):
+        got = run_layer(cell, p, {k: f32(v) for k, v in params.items()}, f32(x),
+                        tuple(map(f32, h0)), "cuda", f32(dy), tuple(map(f32, dhn)))
     t = tol.grad_tolerance(np.float32)
     np.testing.assert_allclose(got[0], ref[0], **tol.FLOAT32)
     for k in ref[4]:
@@ -142,17 +177,22 @@ def test_torch_cuda_tensors_are_used_without_copy():
     np.testing.assert_allclose(cupy.asnumpy(h), h_t.cpu().numpy(), rtol=1e-10, atol=1e-10)
 
 
-def test_runs_on_cupys_current_stream():
+@on_each_path
+def test_runs_on_cupys_current_stream(path):
     import kernrnn
 
     layer = kernrnn.RNN("gru", 12, 20, num_layers=2, device="cuda", dtype=np.float64, seed=2)
     x = cupy.random.uniform(-1, 1, (9, 4, 12))
-    y0, _ = layer(x)
-    dx0, _ = layer.backward(cupy.ones_like(y0))
+    with on_path(path):
+        y0, _ = layer(x)
+        dx0, _ = layer.backward(cupy.ones_like(y0))
     g0 = {k: v.copy() for k, v in layer.grads.items()}
     layer.zero_grad()
+    # the side stream below does not wait for the default stream: finish x, y0 and the
+    # zeroed gradients first, or the comparison races (and flakes with cuBLAS)
+    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
+    with stream, on_path(path):
         y1, _ = layer(x)
         dx1, _ = layer.backward(cupy.ones_like(y1))
     stream.synchronize()
@@ -201,8 +241,11 @@ def test_paths_agree():
 
 def test_cuda_graph_replays_match_eager_runs():
     """KERNRNN_CUDA_GRAPHS: eager, capture, then replays give the eager results (fresh
-    inputs each call, so a replay must read the current buffers, not stale ones)."""
+    inputs each call, so a replay must read the current buffers, not stale ones).
+    Graphs replay the GEMM path's per-step loop, so the test pins that path."""
     import kernrnn
+
+    cb.set_path("gemm")
 
     layer = kernrnn.RNN("lstm", 12, 24, num_layers=2, bidirectional=True, device="cuda",
                         dtype=np.float64, seed=4)
@@ -218,16 +261,93 @@ def test_cuda_graph_replays_match_eager_runs():
         return [cupy.asnumpy(y), cupy.asnumpy(dx)] + [cupy.asnumpy(layer.grads[k])
                                                       for k in sorted(layer.grads)]
 
-    cb.set_graphs(False)
-    want = [run(x, dy) for x, dy in zip(xs, dys, strict=True)]
-    cb.set_graphs(True)
-    before = dict(cb.graph_stats)
     try:
-        got = [run(x, dy) for x, dy in zip(xs, dys, strict=True)]
+        cb.set_graphs(False)
+        want = [run(x, dy) for x, dy in zip(xs, dys, strict=True)]
+        cb.set_graphs(True)
+        before = dict(cb.graph_stats)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
+            got = [run(x, dy) for x, dy in zip(xs, dys, strict=True)]
     finally:
         cb.set_graphs(None)
+        cb.set_path(None)
     assert cb.graph_stats["capture_failed"] == before["capture_failed"], cb.graph_stats
     assert cb.graph_stats["captured"] > before["captured"], cb.graph_stats
+    assert cb.graph_stats["replayed"] > before["replayed"], cb.graph_stats
     for g_run, w_run in zip(got, want, strict=True):
         for a, b in zip(g_run, w_run, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@on_each_path
+def test_no_deprecation_or_occupancy_warnings(path):
+    """The fast launch hands cuda.core the stream object the dispatcher built, never a
+    foreign stream it would convert (with a DeprecationWarning) at every launch; the
+    small grids are intended, so Numba's low-occupancy warning is silenced."""
+    import kernrnn
+
+    layer = kernrnn.RNN("lstm", 8, 16, device="cuda", seed=0)
+    x = cupy.random.uniform(-1, 1, (6, 3, 8)).astype(cupy.float32)
+    with on_path(path):
+        layer(x)  # compile, first launches
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            y, _ = layer(x)
+            layer.backward(cupy.ones_like(y))
+            cupy.cuda.Device().synchronize()
+    bad = [str(w.message) for w in seen
+           if issubclass(w.category, DeprecationWarning) or "under-utilization" in str(w.message)]
+    assert not bad, bad
+
+
+def test_torch_tensor_written_on_another_stream_is_read_after_it_is_ready():
+    """A tensor still being written on torch's current (non-default) stream: DLPack makes
+    CuPy's stream wait for it; __cuda_array_interface__ (v2, no stream) would not."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    import kernrnn
+
+    layer = kernrnn.RNN("rnn", 16, 8, device="cuda", dtype=np.float32, seed=0)
+    src = torch.rand(5, 256, 16, device="cuda")
+    want, _ = layer(cupy.asarray(src))
+    want = cupy.asnumpy(want)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.zeros_like(src)
+        torch.cuda._sleep(200_000_000)  # keep the side stream busy (~0.1 s)
+        x.copy_(src)  # lands only after the sleep
+        got, _ = layer(x)  # kernrnn on CuPy's current stream, torch's current is `side`
+        got = cupy.asnumpy(got)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_persistent_kernels_load_from_the_disk_cache_in_a_second_process(tmp_path):
+    """cache=True on the cooperative kernels: a second process compiles nothing."""
+    if cb._persistent_module() is None:
+        pytest.skip("kernrnn.backends.cuda.persistent is not installed")
+    script = textwrap.dedent("""
+        import numpy as np, cupy
+        from kernrnn.backends.cuda import persistent as cp
+        from kernrnn.plugins import get_registry
+        cell = get_registry().get("rnn")
+        T, B, H = 3, 1, 40
+        f = np.float32
+        States = cupy.zeros((1, T + 1, B, H), f)
+        cp.forward_loop(cell, cupy.ones((T, B, H), f), cupy.zeros((H, H), f),
+                        cupy.zeros(H, f), States, cupy.zeros((0, T, B, H), f),
+                        cupy.zeros((T, B, H), f), cupy.full(B, T, np.int64), False, False)
+        cupy.cuda.Device().synchronize()
+        d = cp.get_kernels(cell, f, cp.plan(cell, B, H, f, 1).NB).forward_infer
+        print(sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+    """)
+    env = dict(os.environ, KERNRNN_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (tuple(map(int, r.stdout.split()[-2:])) for r in runs)
+    assert first == (0, 1), first  # compiled and saved
+    assert second == (1, 0), second  # loaded

@@ -342,10 +342,11 @@ def main(argv=None) -> int:
     try:
         import torch
 
+        from kernrnn.bench import torch_fp32_precision
+
         # kernrnn computes float32 in float32; so must cuDNN for a like-for-like check
         # and timing (its default lets RNNs use TF32 tensor cores, 10-bit mantissas).
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch_fp32_precision(torch, "ieee")
         if not torch.cuda.is_available():
             print("PyTorch has no CUDA: cuDNN timings are left out", file=sys.stderr)
             torch = None

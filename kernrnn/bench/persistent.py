@@ -46,12 +46,12 @@ def benchmark(cells=("lstm", "gru"), T=100, hidden=(256, 512, 1024), batches=(1,
     import cupy
     import torch
 
+    from kernrnn.bench import torch_fp32_precision
     from kernrnn.functional import rnn_backward, rnn_forward
     from kernrnn.plugins import get_registry
 
     out = file or sys.stdout
-    torch.backends.cudnn.allow_tf32 = bool(tf32)
-    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch_fp32_precision(torch, "tf32" if tf32 else "ieee")
     props = device_props()
     rows = []
     print(f"# persistent-kernel benchmark on {props.name} ({props.sm_count} SMs), float32, "
@@ -225,7 +225,7 @@ SELFCHECK_CASES = (  # T, B, H, I, reverse, lengths: several blocks, odd sizes, 
 )
 
 
-def gpu_selfcheck(cells=None, cases=None, file=None) -> bool:
+def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.float64)) -> bool:
     """Run the persistent kernels on the GPU and compare them with the CPU kernels.
 
     Several-block grids with the real grid barrier (what the simulator cannot
@@ -236,6 +236,7 @@ def gpu_selfcheck(cells=None, cases=None, file=None) -> bool:
     per step: per-block work is deterministic, so the persistent launch must
     match the stepwise one bit for bit; a broken barrier would show as a
     difference.  Prints one line per case and returns whether all passed.
+    ``dtypes`` limits the precisions (each one compiles its own kernels).
     """
     import sys
 
@@ -254,7 +255,7 @@ def gpu_selfcheck(cells=None, cases=None, file=None) -> bool:
         cell = reg.get(name)
         G, S, K = cell.n_gates, cell.n_state, cell.n_saved
         for T, B, H, I, rev, lens in cases:
-            for dt in (np.float32, np.float64):
+            for dt in dtypes:
                 if not supported(cell, B, H, dt):
                     print(f"{name} T={T} B={B} H={H} {np.dtype(dt).name}: not supported, skipped",
                           file=out)

@@ -20,13 +20,18 @@ loop.  Kernels run on CuPy's current stream.  Arrays are wrapped once per call
 with ``cuda.as_cuda_array(..., sync=False)`` (Numba would otherwise
 synchronise the producer stream at every launch, see DESIGN.md); after the
 first launch of a loop, kernels are launched without Numba's type dispatch and
-the per-step GEMMs call cuBLAS directly.  With ``KERNRNN_CUDA_GRAPHS=1`` (or
+the per-step GEMMs call cuBLAS directly (:mod:`kernrnn.backends.cuda._cublas`,
+a handle bound to the stream).  With ``KERNRNN_CUDA_GRAPHS=1`` (or
 :func:`set_graphs`) a loop seen twice with the same buffers is captured into a
-CUDA graph and replayed, removing the per-launch Python cost.
+CUDA graph and replayed, removing the per-launch Python cost; that needs the
+direct cuBLAS calls (CuPy's own cuBLAS wrappers refuse to run while a stream
+captures).
 
 The recurrence can instead run in the persistent fused kernel of
 :mod:`kernrnn.backends.cuda.persistent` (when that module exists); choose with
-``KERNRNN_CUDA_PATH=auto|gemm|persistent`` or :func:`set_path`.  Its contract:
+``KERNRNN_CUDA_PATH=auto|gemm|persistent`` or :func:`set_path`.  ``auto``
+asks the module's ``supports``, which says no until the kernel has been
+measured correct and faster on a GPU (``persistent.AUTO``).  Its contract:
 
 * ``supports(cell, dtype, B, H, training) -> bool`` (optional; used by ``auto``)
 * ``forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
@@ -46,8 +51,10 @@ CuPy and the same kernels run on the CPU, so CI tests this module's logic.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import warnings
 from collections import OrderedDict
 from functools import cache, lru_cache
 
@@ -160,10 +167,12 @@ def _gpu_problem() -> str:
 def asarray(a):
     """The backend's array for ``a``, without a copy and without a dtype change.
 
-    Accepts CuPy arrays and anything with ``__cuda_array_interface__`` or
-    DLPack (e.g. PyTorch CUDA tensors); the result shares its memory.  NumPy
-    arrays are copied to the device once (under the simulator they stay
-    NumPy).  Non-contiguous inputs become contiguous (one device copy).
+    Accepts CuPy arrays and anything with DLPack (e.g. PyTorch CUDA tensors,
+    taken through DLPack so that CuPy's current stream waits for the
+    producer's current stream) or ``__cuda_array_interface__``; the result
+    shares its memory.  NumPy arrays are copied to the device once (under
+    the simulator they stay NumPy).  Non-contiguous inputs become contiguous
+    (one device copy).
     """
     if SIMULATOR or cupy is None:
         if hasattr(a, "__cuda_array_interface__") or _is_cuda_tensor(a):
@@ -177,10 +186,15 @@ def asarray(a):
     if hasattr(a, "detach") and _is_cuda_tensor(a):
         # a PyTorch tensor that requires grad refuses to export itself; we only read it
         a = a.detach()
-    if hasattr(a, "__cuda_array_interface__"):
-        return cupy.ascontiguousarray(cupy.asarray(a))
     if hasattr(a, "__dlpack__") and _is_cuda_tensor(a):
+        # DLPack first: CuPy hands the producer its current stream, and the producer
+        # (PyTorch) makes that stream wait for its own current stream.  PyTorch's
+        # __cuda_array_interface__ (version 2) carries no stream, so kernrnn could
+        # read a tensor that torch is still writing.
         return cupy.ascontiguousarray(cupy.from_dlpack(a))
+    if hasattr(a, "__cuda_array_interface__"):
+        # version 3 names its stream, and CuPy synchronises on it
+        return cupy.ascontiguousarray(cupy.asarray(a))
     if hasattr(a, "detach") and hasattr(a, "numpy"):  # a CPU torch tensor
         a = a.detach().numpy()
     if isinstance(a, np.ndarray):
@@ -248,25 +262,45 @@ def ptx_signatures(cell, dtype, y_layout: str = "A"):
     return signatures(cell, dtype, y_layout)
 
 
+@contextlib.contextmanager
+def _quiet_low_occupancy():
+    """Silence Numba's low-occupancy warning: small grids are intended here (a
+    pointwise step over B*H elements, a persistent grid of at most one block per SM)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU "
+                                r"under-utilization")
+        yield
+
+
+def _numba_stream():
+    """CuPy's current stream (and device) as a Numba stream."""
+    dev = cupy.cuda.Device().id
+    if cuda.get_current_device().id != dev:  # follow CuPy's current GPU
+        cuda.select_device(dev)
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+
+
 class _Launcher:
     """Launches kernels on one stream with arguments wrapped once.
 
     The first launch of a kernel in a loop goes through Numba's dispatcher
     (type dispatch, compilation or the disk cache); later launches call the
     compiled kernel's ``launch`` directly, skipping the per-call typing of
-    every argument.  If that internal entry point is missing (another
-    numba-cuda version), every launch simply goes through the dispatcher.
+    every argument.  They pass the stream object the dispatcher itself passed
+    (its launch configuration's ``stream``: from numba-cuda 0.23 on a
+    ``cuda.core`` stream built from the handle once per loop, before that the
+    Numba stream), so cuda.core never converts a foreign stream, with a
+    DeprecationWarning, at every launch.  If that internal
+    entry point is missing or raises (another numba-cuda version), launches
+    go through the dispatcher.
     """
 
-    def __init__(self):
-        if SIMULATOR:
-            self.stream = None
-        else:
-            dev = cupy.cuda.Device().id
-            if cuda.get_current_device().id != dev:  # follow CuPy's current GPU
-                cuda.select_device(dev)
-            ptr = cupy.cuda.get_current_stream().ptr
-            self.stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    fast_enabled = True  # cleared (with one warning) the first time a fast launch raises
+
+    def __init__(self, stream=None):
+        self.stream = None if SIMULATOR else (stream if stream is not None else _numba_stream())
+        self._launch_stream = self.stream
         self._fast = {}
 
     @staticmethod
@@ -291,10 +325,19 @@ class _Launcher:
             return
         grid = (nthreads + BLOCK - 1) // BLOCK
         fast = self._fast.get(id(kernel))
-        if fast is not None:
-            fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self.stream, 0)
-            return
-        kernel[grid, BLOCK, self.stream](*args)
+        if fast is not None and _Launcher.fast_enabled:
+            try:
+                fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self._launch_stream, 0)
+                return
+            except Exception as exc:  # noqa: BLE001 - the dispatcher below still works
+                _Launcher.fast_enabled = False
+                warnings.warn(f"kernrnn: direct kernel launch failed ({type(exc).__name__}: "
+                              f"{exc}); launching through Numba's dispatcher from now on",
+                              RuntimeWarning, stacklevel=3)
+        with _quiet_low_occupancy():
+            configured = kernel[grid, BLOCK, self.stream]
+        configured(*args)
+        self._launch_stream = getattr(configured, "stream", self.stream)
         try:
             argtypes = tuple(kernel.typeof_pyval(a) for a in args)
             compiled = kernel.overloads[argtypes]
@@ -306,18 +349,19 @@ class _Launcher:
 
 # -- per-step GEMMs ----------------------------------------------------------------------
 
-_raw_gemm_ok: dict = {}
+_raw_gemm_ok: dict = {}  # dtype -> direct cuBLAS call checked against cupy.matmul
 
 
 def _step_gemm(A_stack, Bm, C, trans_b: bool):
     """``f(i)``: ``C = A_stack[i] @ (Bm.T if trans_b else Bm)`` for the time loop.
 
-    On a GPU this calls cuBLAS's ``sgemm``/``dgemm`` directly with pointers
-    computed once (``cupy.matmul`` costs tens of microseconds of Python per
-    call, more than a small step's GEMM itself); the raw path is checked once
-    per process and dtype against ``cupy.matmul`` and falls back to it on any
-    mismatch or error.  Row-major ``C = A @ op(B)`` is column-major
-    ``C^T = op(B)^T @ A^T``, hence the swapped operands.
+    On a GPU this calls cuBLAS's ``sgemm``/``dgemm`` directly
+    (:mod:`kernrnn.backends.cuda._cublas`: a handle bound to the current
+    stream, pointers computed once), which also works while the stream is
+    capturing a CUDA graph; ``cupy.matmul`` costs tens of microseconds of
+    Python per call, more than a small step's GEMM itself, and cannot be
+    captured.  The direct call is checked once per process and dtype against
+    ``cupy.matmul`` and falls back to it on any mismatch or error.
     """
     def fallback(i):
         xp.matmul(A_stack[i], Bm.T if trans_b else Bm, out=C)
@@ -328,62 +372,74 @@ def _step_gemm(A_stack, Bm, C, trans_b: bool):
     dtype = np.dtype(C.dtype)
     if dtype not in _raw_gemm_ok:
         _raw_gemm_ok[dtype] = _check_raw_gemm(dtype)
-    if not _raw_gemm_ok[dtype]:
+    blas = _current_blas() if _raw_gemm_ok[dtype] else None
+    if blas is None:
         return fallback
-    return _raw_step_gemm(A_stack, Bm, C, trans_b)
+    return _raw_step_gemm(blas, A_stack, Bm, C, trans_b)
 
 
-def _cublas_module():
-    try:
-        from cupy_backends.cuda.libs import cublas
-    except ImportError:  # other CuPy layouts
-        from cupy.cuda import cublas
-    return cublas
+def _current_blas():
+    from kernrnn.backends.cuda import _cublas
+
+    return _cublas.for_stream(cupy.cuda.get_current_stream().ptr)
 
 
-def _raw_step_gemm(A_stack, Bm, C, trans_b):
-    cublas = _cublas_module()
+def _raw_step_gemm(blas, A_stack, Bm, C, trans_b):
+    """Row-major ``C = A @ op(B)`` is column-major ``C^T = op(B)^T @ A^T``, hence the
+    swapped operands; ``alpha``/``beta`` are host values (cuBLAS's default pointer
+    mode), which a graph capture records by value."""
+    from kernrnn.backends.cuda._cublas import CublasError
+
     dtype = np.dtype(C.dtype)
-    gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
-    handle = cupy.cuda.device.get_cublas_handle()
+    gemm = blas.sgemm if dtype == np.float32 else blas.dgemm
+    handle = blas.handle
     M, K = A_stack.shape[1], A_stack.shape[2]
     N = C.shape[1]
-    consts = np.array([1, 0], dtype=dtype)  # alpha, beta on the host (default pointer mode)
+    consts = np.array([1, 0], dtype=dtype)  # alpha, beta
     alpha, beta = consts.ctypes.data, consts.ctypes.data + dtype.itemsize
     base, step = A_stack.data.ptr, M * K * dtype.itemsize
     b_ptr, c_ptr = Bm.data.ptr, C.data.ptr
-    op_n, op_t = getattr(cublas, "CUBLAS_OP_N", 0), getattr(cublas, "CUBLAS_OP_T", 1)
+    op_n, op_t = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
     op_b = op_t if trans_b else op_n
     ldb = Bm.shape[1]
-    keep = (A_stack, Bm, C, consts)  # the closure keeps the buffers alive
+    keep = (A_stack, Bm, C, consts, blas)  # the closure keeps buffers and workspace alive
 
     def f(i, _keep=keep):
-        gemm(handle, op_b, op_n, N, M, K, alpha, b_ptr, ldb,
-             base + i * step, K, beta, c_ptr, N)
+        status = gemm(handle, op_b, op_n, N, M, K, alpha, b_ptr, ldb,
+                      base + i * step, K, beta, c_ptr, N)
+        if status:
+            raise CublasError(f"cublas{'S' if dtype == np.float32 else 'D'}gemm_v2 failed "
+                              f"with status {status} (C[{M}, {N}], K={K})")
 
     return f
 
 
 def _check_raw_gemm(dtype) -> bool:
-    """One small comparison of the raw cuBLAS call with cupy.matmul (synchronises once)."""
-    import warnings
+    """One small comparison of the direct cuBLAS call with cupy.matmul (synchronises once)."""
+    from kernrnn.backends.cuda import _cublas
 
     try:
+        blas = _current_blas()
+        if blas is None:
+            warnings.warn(f"kernrnn: direct cuBLAS calls unavailable ({_cublas.unavailable_reason()}); "
+                          f"using cupy.matmul per step (and no CUDA graphs)", RuntimeWarning,
+                          stacklevel=3)
+            return False
         rs = cupy.random.RandomState(0)
         A = rs.uniform(-1, 1, (3, 5, 7)).astype(dtype)
         ok = True
         for trans_b, shape in ((True, (6, 7)), (False, (7, 6))):
             Bm = rs.uniform(-1, 1, shape).astype(dtype)
             C = cupy.empty((5, 6), dtype=dtype)
-            _raw_step_gemm(A, Bm, C, trans_b)(2)
+            _raw_step_gemm(blas, A, Bm, C, trans_b)(2)
             want = A[2] @ (Bm.T if trans_b else Bm)
             ok = ok and bool(cupy.allclose(C, want, rtol=1e-4, atol=1e-5))
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"kernrnn: raw cuBLAS GEMM unavailable ({type(exc).__name__}: {exc}); "
+        warnings.warn(f"kernrnn: direct cuBLAS GEMM failed ({type(exc).__name__}: {exc}); "
                       f"using cupy.matmul per step", RuntimeWarning, stacklevel=3)
         return False
     if not ok:
-        warnings.warn("kernrnn: raw cuBLAS GEMM disagreed with cupy.matmul; using cupy.matmul "
+        warnings.warn("kernrnn: direct cuBLAS GEMM disagreed with cupy.matmul; using cupy.matmul "
                       "per step", RuntimeWarning, stacklevel=3)
     return ok
 
@@ -478,7 +534,10 @@ def graphs_enabled() -> bool:
 
 
 def _layout_key(*arrays):
-    return tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
+    """Every device pointer, shape and stride a loop bakes in, plus the device and the
+    stream it runs on (a graph replays on the stream whose cuBLAS workspace it uses)."""
+    where = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    return where + tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
 
 
 def _run_loop(key, issue, make_scratch):
@@ -486,12 +545,13 @@ def _run_loop(key, issue, make_scratch):
 
     With graphs enabled, a loop is captured into a CUDA graph the second time
     the same key is seen and replayed from then on.  The key holds every
-    device pointer, shape and stride the loop bakes in (plus cell, dtype and
-    direction), so a replay does exactly what issuing the loop again would;
-    per-loop scratch buffers live with the graph.  The first sighting runs
-    eagerly, which also compiles the kernels and checks the raw GEMM, so
-    nothing is compiled or synchronised during a capture.  A failed capture
-    falls back to eager runs for that key.
+    device pointer, shape and stride the loop bakes in (plus cell, dtype,
+    direction, device and stream), so a replay does exactly what issuing the
+    loop again would; per-loop scratch buffers live with the graph.  The
+    first sighting runs eagerly, which also compiles the kernels and checks
+    the direct cuBLAS call, so nothing is compiled, allocated or synchronised
+    during a capture.  A failed capture (say, cuBLAS not found, so the per-step
+    GEMM is ``cupy.matmul``) warns once and falls back to eager runs for that key.
     """
     if key is None or not graphs_enabled():
         graph_stats["eager"] += 1
@@ -523,11 +583,15 @@ def _run_loop(key, issue, make_scratch):
 
 
 def _capture(issue, scratch):
-    import warnings
+    """Capture ``issue(scratch)`` on the side stream kept for the current stream,
+    whose cuBLAS handle exists (bound, with its workspace) before the capture begins."""
+    from kernrnn.backends.cuda import _cublas
 
-    side = cupy.cuda.Stream(non_blocking=True)
     graph = None
     try:
+        side = _cublas.capture_stream(cupy.cuda.get_current_stream().ptr)
+        if side is None:
+            raise RuntimeError(f"no direct cuBLAS calls: {_cublas.unavailable_reason()}")
         with side:
             side.begin_capture()
             try:

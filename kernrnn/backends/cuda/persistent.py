@@ -73,7 +73,7 @@ from kernrnn.scalar import compile_scalar
 __all__ = [
     "Plan", "DeviceProps", "plan", "supported", "supports", "device_props", "get_kernels",
     "kernel_sources", "forward_loop", "backward_loop", "ptx_signatures",
-    "THREADS", "MAX_BATCH",
+    "THREADS", "MAX_BATCH", "AUTO",
 ]
 
 THREADS = 256  # threads per block on a GPU (8 warps)
@@ -95,17 +95,27 @@ def _simulator() -> bool:
 NB_CHOICES = (1, 2, 4, 8)
 
 
-def _nb_for(B: int, G: int) -> int:
+ACC_REGISTERS = 32  # 32-bit registers per thread for the G*NB accumulators
+
+
+def _nb_fits(G: int, nb: int, itemsize: int = 4) -> bool:
+    """Whether G*NB accumulators fit the register budget (a float64 takes two registers)."""
+    return nb == 1 or G * nb * max(1, itemsize // 4) <= ACC_REGISTERS
+
+
+def _nb_for(B: int, G: int, itemsize: int = 4) -> int:
     """Batch rows per thread in the GEMM (register tile): W is read once per NB rows.
 
     NB = 8 from B = 32 on: the threads of a warp then share one batch tile, so
     each ``h`` load is one cache line, and the inner loop issues G + 8 loads
     per 8*G FMAs instead of G + 4 per 4*G (a model, to be checked on a GPU).
-    At most 32 accumulators (G*NB) per thread: an LSTM forward at NB = 8
-    already takes 250 of the 255 registers (ptxas, sm_90), more would spill.
+    At most 32 registers of accumulators per thread (ptxas, sm_90): an fp32
+    LSTM forward at NB = 8 already takes 250 of the 255 registers, and the
+    fp64 LSTM forward at NB = 8 (64 registers of accumulators) spills 80
+    bytes, so fp64 stops at G*NB <= 16.
     """
     nb = 1 if B <= 1 else 2 if B == 2 else 4 if B < 32 else 8
-    return max(c for c in NB_CHOICES if c <= nb and (c == 1 or G * c <= 32))
+    return max(c for c in NB_CHOICES if c <= nb and _nb_fits(G, c, itemsize))
 
 
 def _unroll(lines, indent: int) -> str:
@@ -147,7 +157,7 @@ def _forward_source(G: int, S: int, K: int, NB: int, train: bool) -> str:
     hu_sum = _unroll([f"hu{g} = sm[RED + ({g} * {NB} + m) * NT + es * KP]" for g in range(G)],
                      24)
     return f'''
-@cuda.jit
+@cuda.jit(cache=CACHE)
 def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1):
     T = XW.shape[0]
     B = XW.shape[1]
@@ -246,7 +256,7 @@ def _backward_source(G: int, S: int, K: int, NB: int) -> str:
         [f"sm[RED + {m} * NT + tid] += sm[RED + {m} * NT + tid + half]" for m in range(NB)], 20
     )
     return f'''
-@cuda.jit
+@cuda.jit(cache=CACHE)
 def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0, s1, final):
     T = dY.shape[0]
     B = dY.shape[1]
@@ -377,6 +387,9 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         "cell_backward": compile_scalar(cell.backward, dtype),
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
+        # numba-cuda caches cooperative kernels (it records that they need cudadevrt):
+        # without the disk cache every process recompiles and relinks each variant
+        "CACHE": not sim,
     }
     if intrinsics is not None:
         namespace.update(intrinsics)
@@ -457,7 +470,7 @@ def plan(cell, B: int, H: int, dtype, blocks: int, threads: int = THREADS,
     nblocks = -(-H // U)
     if nb is not None and nb not in NB_CHOICES:
         raise ValueError(f"nb must be one of {NB_CHOICES}, got {nb!r}")
-    NB = _nb_for(B, G) if nb is None else nb
+    NB = _nb_for(B, G, isz) if nb is None else nb
     groups = U * (-(-B // NB))
     return _with_nslot(
         Plan(U=U, blocks=nblocks, threads=threads, NB=NB, nslot_fwd=0, nslot_bwd=0,
@@ -513,14 +526,21 @@ def _cudadevrt_found() -> bool:
     return True
 
 
+#: Whether ``KERNRNN_CUDA_PATH=auto`` may pick this kernel.  False until a
+#: device check (``python -m kernrnn.bench.devicecheck``) has shown it equal
+#: to the CPU and faster than the GEMM path on a real GPU; the path stays
+#: selectable explicitly (``persistent``) meanwhile.
+AUTO = False
+
+
 def supports(cell, dtype, B: int, H: int, training: bool) -> bool:
     """The hook :mod:`kernrnn.backends.cuda` asks for its ``auto`` choice.
 
-    False under the simulator (it runs blocks one at a time), where no device
-    answers, or where ``libcudadevrt`` is missing: ``auto`` then stays on the
-    GEMM path instead of failing.
+    False while :data:`AUTO` is False, under the simulator (it runs blocks
+    one at a time), where no device answers, or where ``libcudadevrt`` is
+    missing: ``auto`` then stays on the GEMM path instead of failing.
     """
-    if _simulator() or not _cudadevrt_found():
+    if not AUTO or _simulator() or not _cudadevrt_found():
         return False
     try:
         return supported(cell, B, H, dtype)
@@ -551,27 +571,66 @@ def _wrap(a):
     return a
 
 
-_smem_optin: dict = {}  # id(compiled kernel) -> dynamic shared memory opted in so far
-_coop_limit: dict = {}  # (id(compiled kernel), threads, smem) -> co-resident blocks
+# Both caches are keyed by (device, compiled kernel): the opt-in is an attribute of
+# the kernel on one device, and co-residency depends on the device.
+_smem_optin: dict = {}  # (device id, id(kernel)) -> dynamic shared memory opted in so far
+_coop_limit: dict = {}  # (device id, id(kernel), threads, smem) -> co-resident blocks
+_local_mem_warned: set = set()
+_compiled: dict = {}  # (device id, id(kernel)) -> (compiled kernel, "module.function"), for reports
+
+
+def _set_max_dynamic_smem(cufunc, nbytes: int) -> None:
+    """Allow ``nbytes`` of dynamic shared memory for this kernel on its device.
+
+    numba-cuda >= 0.23 loads kernels through the library API, so
+    ``cufunc.handle`` is a ``CUkernel`` (attribute set per device); 0.20-0.22
+    load modules, so it is a ``CUfunction``.  The ctypes binding of those
+    older versions (``NUMBA_CUDA_USE_NVIDIA_BINDING=0``) has no way to set it.
+    """
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    handle = cufunc.handle
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    kernel_type = getattr(binding, "CUkernel", None)
+    if kernel_type is not None and isinstance(handle, kernel_type):
+        driver.cuKernelSetAttribute(attr, nbytes, handle, cufunc.device.id)
+    elif isinstance(handle, binding.CUfunction):
+        driver.cuFuncSetAttribute(handle, attr, nbytes)
+    else:
+        raise ValueError(
+            f"persistent kernel: cannot allow {nbytes} bytes of shared memory through a "
+            f"{type(handle).__name__} handle (numba-cuda's ctypes binding); use numba-cuda "
+            f">= 0.23 or NUMBA_CUDA_USE_NVIDIA_BINDING=1, or the GEMM path"
+        )
 
 
 def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
     """Compile for these argument types, opt in to large shared memory, check co-residency.
 
-    The opt-in only ever grows, so a kernel launched with several shared
-    memory sizes (different H) keeps working for all of them.
+    A block may use 48 KiB of shared memory, static and dynamic together,
+    without the opt-in.  The opt-in only ever grows, so a kernel launched
+    with several shared memory sizes (different H) keeps working for all of
+    them.  Local memory (register spills) is allowed but warned about once.
+    Returns the compiled kernel.
     """
     argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
     kernel = dispatcher.compile(argtypes)
-    kid = id(kernel)
-    if smem > _STATIC_SMEM and _smem_optin.get(kid, 0) < smem:
-        from numba.cuda.cudadrv.driver import binding, driver
-
-        cufunc = kernel._codelibrary.get_cufunc()
-        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        driver.cuKernelSetAttribute(attr, smem, cufunc.handle, cufunc.device.id)
+    cufunc = kernel._codelibrary.get_cufunc()
+    dev = cufunc.device.id
+    static = int(cufunc.attrs.shared)
+    kid = (dev, id(kernel))
+    py = getattr(dispatcher, "py_func", None)
+    _compiled[kid] = (kernel, f"{getattr(py, '__module__', '?')}.{getattr(py, '__name__', '?')}")
+    limit = int(cufunc.device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    if smem + static > limit:
+        raise ValueError(
+            f"persistent kernel: {smem} bytes of dynamic and {static} of static shared memory "
+            f"per block exceed the device's {limit}; use the GEMM path"
+        )
+    if smem + static > _STATIC_SMEM and _smem_optin.get(kid, 0) < smem:
+        _set_max_dynamic_smem(cufunc, smem)
         _smem_optin[kid] = smem
-    key = (kid, threads, smem)
+    key = kid + (threads, smem)
     if key not in _coop_limit:
         _coop_limit[key] = kernel.max_cooperative_grid_blocks(threads, smem)
     if blocks > _coop_limit[key]:
@@ -580,6 +639,15 @@ def _prepare(dispatcher, args, threads: int, smem: int, blocks: int):
             f"memory cannot all be resident at once (at most {_coop_limit[key]}); use the GEMM "
             f"path"
         )
+    local = int(cufunc.attrs.local)
+    if local and kid not in _local_mem_warned:
+        import warnings
+
+        _local_mem_warned.add(kid)
+        warnings.warn(f"persistent kernel {cufunc.name}: {local} bytes of local memory per "
+                      f"thread (register spills); correct but slower", RuntimeWarning,
+                      stacklevel=4)
+    return kernel
 
 
 def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot, nb):
@@ -633,11 +701,14 @@ def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
         for i, a in views:
             a[...] = args[i]
         return
+    from kernrnn.backends.cuda import _quiet_low_occupancy
+
     stream = _default_stream() if stream is None else stream
     args = tuple(_wrap(a) for a in args)
     _prepare(kernel, args + steps[0], p.threads, smem, p.blocks)
-    for s in steps:
-        kernel[p.blocks, p.threads, stream, smem](*args, *s)
+    with _quiet_low_occupancy():  # the grid is at most one block per SM on purpose
+        for s in steps:
+            kernel[p.blocks, p.threads, stream, smem](*args, *s)
 
 
 def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, training, *,
