@@ -40,7 +40,9 @@ import mgu_cells  # noqa: E402
 
 # Every shipped cell plus a third-party-style plugin cell (2 gates, 3 saved values).
 REGISTRY = load_registry(autoload=False, plugins=[mgu_cells])
-CELLS = REGISTRY.names()
+# the persistent kernel runs the cells of the first contract (see Cell.plain)
+PLAIN = [n for n in REGISTRY.names() if REGISTRY.get(n).plain]
+CELLS = PLAIN
 EXAMPLES = int(os.environ.get("KERNRNN_SIM_EXAMPLES", "6"))
 
 

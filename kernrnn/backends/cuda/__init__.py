@@ -711,7 +711,11 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    chosen = _resolve_path(path, cell, dtype, B, H, training) if cell.plain else "gemm"
+    chosen = _resolve_path(path, cell, dtype, B, H, training)
+    if chosen == "persistent" and not cell.plain:
+        raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
+                         f"and no per-unit parameters or normalisation; cell {cell.name!r} "
+                         f"needs path='gemm' or 'auto'")
     XW, input_cache = common.input_projection(xp, cell, x, params)
     XW += params["bias_ih"]
     buf = common.time_buffers(xp, cell, T, B, H, dtype, training)

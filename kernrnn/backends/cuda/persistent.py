@@ -374,6 +374,11 @@ class PersistentKernels:
 @cache
 def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
     """Build the persistent kernels of ``cell`` for ``dtype`` and batch tile ``NB``."""
+    if not cell.plain:
+        from kernrnn.cell import CellError
+
+        raise CellError(f"cell {cell.name!r}: the persistent kernel runs cells with a dense "
+                        f"recurrence over all gates and no per-unit parameters or normalisation")
     dtype = np.dtype(dtype)
     sim = _simulator()
     intrinsics = None if sim else _grid_intrinsics()
@@ -495,7 +500,9 @@ def _with_nslot(p: Plan, cell, H: int, isz: int, nslot_fwd: int, nslot_bwd: int)
 def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = None) -> bool:
     """Whether the persistent path should run this problem (the automatic choice).
 
-    Heuristic: one block per SM (so the grid is co-resident whatever the
+    Only cells of the first contract (:attr:`kernrnn.cell.Cell.plain`: a
+    dense recurrence over all gates, no per-unit parameters or
+    normalisation).  Heuristic: one block per SM (so the grid is co-resident whatever the
     register use), each block keeps ``G*ceil(H/SMs)`` rows of ``W_hh`` (and
     the same number of values of ``W_hh^T`` for the backward pass) plus a
     reduction scratch in shared memory; the problem is taken when that fits
@@ -505,6 +512,8 @@ def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = No
     compute-bound and cuBLAS uses the GPU better than this simple
     shared-memory GEMM; the batch limit is a guess to be tuned on a GPU.
     """
+    if not cell.plain:
+        return False
     if B < 1 or H < 1 or B > MAX_BATCH:
         return False
     if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
