@@ -92,6 +92,8 @@ def train_batch(model: SequenceModel, loss: str, optimizer, x, y, lengths, tbptt
         if count == 0:
             continue
         value, dout = loss_fn(out, target, mask, denom=count)
+        if not math.isfinite(float(value)):  # backward would refuse its non-finite gradient
+            raise FloatingPointError(f"loss became {float(value)}")
         model.zero_grad()
         model.backward(dout)
         norm = clip_grad_norm(model.grads, clip)
@@ -212,8 +214,14 @@ class Trainer:
                 b = min(N, a + B)
                 t0 = time.perf_counter()
                 yb = y[:, a:b] if self.model.head == "seq" else y[a:b]
-                res = train_batch(self.model, self.task.loss, self.optimizer, x[:, a:b], yb,
-                                  lengths[a:b], self.tbptt, self.clip)
+                try:
+                    # overflow is detected below, as a non-finite loss: no NumPy warnings
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        res = train_batch(self.model, self.task.loss, self.optimizer,
+                                          x[:, a:b], yb, lengths[a:b], self.tbptt, self.clip)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e} at step {self.global_step + 1}; lower --lr "
+                                             f"or set --clip") from None
                 # The one host synchronisation per step: the scalars for logging.
                 loss, norm = (float(v) for v in to_host(self.model.xp.stack(
                     [self.model.xp.asarray(res.loss), self.model.xp.asarray(res.grad_norm)])))
