@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
                         "for GPUs and, where NVVM is installed, compile its CUDA kernels to PTX; "
                         "exit 1 on any failure")
     p.add_argument("--json", action="store_true", help="machine-readable output (a list of cells)")
+    p.add_argument("names", nargs="*", metavar="CELL", help="only these cells (default: all)")
     p.set_defaults(func=run)
 
 
@@ -36,8 +37,9 @@ def _registry():
 def run(args) -> int:
     """Print the registry as a table or JSON; with ``--check`` compile every cell."""
     registry = _registry()
+    cells = [registry.get(name) for name in args.names] if args.names else list(registry)
     rows = []
-    for cell in registry:
+    for cell in cells:
         src = registry.source(cell.name)
         rows.append({
             "name": cell.name, "gates": cell.gate_labels, "n_gates": cell.n_gates,
@@ -48,7 +50,7 @@ def run(args) -> int:
     if args.check:
         from kernrnn.testing.compiles import CompileCheckError, check_compiles
 
-        for row, cell in zip(rows, registry):
+        for row, cell in zip(rows, cells):
             try:
                 report = check_compiles(cell)
             except CompileCheckError as exc:

@@ -25,6 +25,7 @@ import inspect
 import math
 import os
 import re
+import sys
 import textwrap
 import types
 from dataclasses import dataclass, field
@@ -112,7 +113,13 @@ def _callee_problem(obj, label) -> str | None:
         return None if obj.__name__ in ALLOWED_BUILTINS else (
             f"calls the builtin {label}(), which CUDA kernels cannot compile")
     module = getattr(obj, "__module__", None) or type(obj).__module__ or ""
-    if isinstance(obj, np.ufunc) or module.split(".")[0] == "numpy":
+    special = sys.modules.get("scipy.special")
+    if isinstance(obj, np.ufunc) and getattr(special, obj.__name__, None) is obj:
+        module = "scipy.special"  # SciPy's ufuncs carry no module of their own
+    elif isinstance(obj, np.ufunc) and getattr(np, obj.__name__, None) is not obj:
+        return (f"calls the ufunc {label} (not from math), which CUDA kernels cannot call; "
+                f"use math functions")
+    if module.split(".")[0] == "numpy":
         alt = getattr(math, getattr(obj, "__name__", ""), None)
         hint = f"; use math.{obj.__name__}" if alt is not None else ""
         return f"calls the NumPy function {label}, which CUDA kernels cannot call{hint}"
