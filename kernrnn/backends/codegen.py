@@ -15,7 +15,6 @@ cell never reuses a stale kernel.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from kernrnn.backends import kernel_cache
 from kernrnn.scalar import math_fingerprint
@@ -77,7 +76,7 @@ def cell_fingerprint(cell) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_dir() -> Path:
+def _cache_dir():
     """The kernel cache directory in use (see :mod:`kernrnn.backends.kernel_cache`)."""
     return kernel_cache.cache_dir()
 

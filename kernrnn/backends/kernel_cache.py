@@ -179,8 +179,9 @@ def _configured_dir() -> Path:
         Path.home() / ".cache" / "kernrnn"
 
 
-def cache_dir() -> Path:
-    """The directory generated modules live in: the configured one if it is safe, else a fallback.
+def cache_dir():
+    """The directory (a ``pathlib.Path``) generated modules live in: the configured one if it is
+    safe, else a fallback.
 
     Decided once per configured path and process; a refusal is reported once.
     """

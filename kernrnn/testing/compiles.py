@@ -3,12 +3,12 @@
 :func:`check_compiles` compiles a cell's kernels the way they are used, instead
 of trusting that valid Python will compile:
 
-* its scalar math for each precision (:func:`kernrnn.scalar.check_cell_compiles`);
+* its scalar math for each precision (``kernrnn.scalar.check_cell_compiles``);
 * its **CPU kernels**: a tiny forward (training and inference) and backward
   through :class:`kernrnn.RNN`, so the backend's ``get_kernels`` builds and
   Numba compiles exactly what a real run does;
 * math the **GPU** cannot compile, flagged without a GPU: a static check of
-  every function the cell's math calls (only :mod:`math`, the
+  every function the cell's math calls (only ``math``, the
   :mod:`kernrnn.cell` helpers, plain scalar Python functions and a few
   builtins; no NumPy or SciPy functions, no lists, dicts or sets, which need
   Numba's runtime), and float32 math that computes in float64 (slow on GPUs);
@@ -155,7 +155,7 @@ def gpu_math_problems(cell) -> list[str]:
     """Calls and constructs in a cell's math that CUDA kernels cannot compile, each with its line.
 
     A static check (no GPU, no NVVM): every function the math calls must be a
-    :mod:`math` function, a plain Python helper (checked the same way), a
+    ``math`` function, a plain Python helper (checked the same way), a
     NumPy scalar type or an allowed builtin; lists, dicts and sets need
     Numba's runtime, which GPU kernels lack.
     """
