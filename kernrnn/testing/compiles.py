@@ -65,6 +65,7 @@ class CompileReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing failed."""
         return not self.failures
 
     def __str__(self) -> str:
