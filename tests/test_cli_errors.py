@@ -174,3 +174,49 @@ def test_closed_stdout_pipe_is_not_a_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert err == "", err
+
+
+# -- checkpoints with missing metadata -------------------------------------------------------
+
+
+@pytest.mark.parametrize("section,key", [("train", None), ("task", "seq_len"), ("model", None),
+                                         ("optimizer", "lr"), ("train", "batch_size"),
+                                         ("task", "mean")])
+def test_resume_from_checkpoint_missing_metadata(forecast_ckpt, tmp_path, capsys, section, key):
+    ck = load_checkpoint(forecast_ckpt)
+    meta = {k: v for k, v in ck.meta.items() if k not in ("format", "format_version")}
+    if key is None:
+        del meta[section]
+    else:
+        meta[section] = {k: v for k, v in meta[section].items() if k != key}
+    path = save_checkpoint(tmp_path / "edited.npz", meta, ck.arrays)
+    commands = [["train", "--resume", path, "--no-progress", "--no-plot"]]
+    if section in ("task", "model"):
+        commands.append(["predict", path])
+    for cmd in commands:
+        rc, _, err = _run(capsys, *cmd)
+        _one_error(rc, err, str(path), repr(key or section))
+
+
+def test_resume_without_optimizer_state(forecast_ckpt, tmp_path, capsys):
+    ck = load_checkpoint(forecast_ckpt)
+    meta = {k: v for k, v in ck.meta.items() if k not in ("format", "format_version")}
+    arrays = {k: v for k, v in ck.arrays.items() if not k.startswith("optim/")}
+    path = save_checkpoint(tmp_path / "noopt.npz", meta, arrays)
+    rc, _, err = _run(capsys, "train", "--resume", path, "--no-progress", "--no-plot")
+    _one_error(rc, err, str(path), "optimizer state lacks 'exp_avg'")
+
+
+def test_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from kernrnn.cli import cells
+
+    def noisy(args):
+        warnings.warn("first\nsecond", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cells, "run", noisy)
+    rc = main(["cells"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err == "kernrnn cells: warning: first second\n"

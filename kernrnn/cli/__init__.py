@@ -16,6 +16,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 __all__ = ["main", "COMMANDS", "MissingExtraError", "require_extra"]
 
@@ -62,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"kernrnn {args.command}: warning: {' '.join(str(message).split())}",
+              file=sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning  # not two lines with a source excerpt
+            return int(args.func(args) or 0)
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly; further writes go nowhere.
         _silence_stdout()

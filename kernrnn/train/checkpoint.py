@@ -130,13 +130,7 @@ def _json_problem(value, where="metadata") -> str | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where} is {value} (JSON holds finite numbers only)"
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{where} = {value!r} is not valid Unicode text"
-        return None
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, (str, bool, int, float)):
         return None
     return f"{where} is a {type(value).__name__} ({value!r}), not a JSON value"
 
