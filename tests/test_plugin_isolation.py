@@ -200,3 +200,15 @@ def test_cells_check_exits_nonzero_for_a_gpu_incompatible_plugin(tmp_path, monke
     assert "check npexp: FAILED" in out and "NumPy function np.tanh" in out
     assert "check rnn: ok" in out
     assert "1 of 2 cells failed the compile check: npexp" in err
+
+
+def test_layer_refuses_a_float32_leak_naming_line_and_constant(tmp_path):
+    import kernrnn
+    from kernrnn.cell import CellError
+
+    cell = _cell(tmp_path, "leak2", "a + math.e * 0")
+    with pytest.raises(CellError) as info:
+        kernrnn.RNN(cell, 2, 3)
+    msg = str(info.value)
+    assert "must be a float32 scalar" in msg
+    assert "leak2_math.py line 8: 'return (a + math.e * 0,), ()' gives float64 (from math.e)" in msg
