@@ -25,6 +25,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax 3 shipped inside the package and copied into _static/: the math
+    # renders offline, with no request to a CDN.
+    "sphinx-mathjax-offline",
     "kernrnn_docs",
 ]
 

@@ -6,6 +6,16 @@ Third-party packages advertise a plugin under the entry-point group
 very same hook.  Every failure names the plugin and its distribution.
 
 Set ``KERNRNN_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the shipped cells.
+
+A broken third-party plugin fails alone: one that cannot be imported,
+implements an unknown hook, raises in its hook, registers an invalid cell or
+a name already taken is skipped as a whole (none of its cells is registered)
+with one :class:`PluginWarning` naming it and its distribution; the shipped
+cells are always registered first and every other plugin keeps working.
+:attr:`CellRegistry.skipped` lists the skipped plugins (``kernrnn cells``
+shows them).  ``KERNRNN_STRICT_PLUGINS=1`` turns every skip into a
+:class:`PluginError` (the project's own tests run this way).  A plugin that
+implements no hook at all gets a warning too: usually a forgotten ``@hookimpl``.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -26,9 +37,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTOLOAD_ENV",
+    "STRICT_ENV",
     "CellRegistry",
     "CellSource",
     "PluginError",
+    "PluginWarning",
+    "SkippedPlugin",
     "get_registry",
     "load_registry",
     "register_plugin",
@@ -37,14 +51,32 @@ __all__ = [
 
 #: Name of the environment variable that, set to 1, loads only the shipped cells.
 AUTOLOAD_ENV = "KERNRNN_DISABLE_PLUGIN_AUTOLOAD"
+#: Name of the environment variable that, set to 1, makes a broken plugin an error, not a skip.
+STRICT_ENV = "KERNRNN_STRICT_PLUGINS"
 BUILTIN_PLUGINS = (
     "kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru",
     "kernrnn_cells.indrnn", "kernrnn_cells.mingru", "kernrnn_cells.lstm_peephole",
     "kernrnn_cells.lstm_ln", "kernrnn_cells.slstm",
 )
 
+
 class PluginError(RuntimeError):
     """A plugin could not be loaded or registered a bad cell."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped, or implements no hook."""
+
+
+@dataclass(frozen=True)
+class SkippedPlugin:
+    """A third-party plugin left out of the registry, and why."""
+
+    source: CellSource
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.source}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,8 @@ class CellRegistry:
         self._cells: dict[str, Cell] = {}
         self._sources: dict[str, CellSource] = {}
         self._current = CellSource("<runtime>", "registered at run time")
+        #: Third-party plugins that were skipped while the registry was built.
+        self.skipped: list[SkippedPlugin] = []
 
     @contextlib.contextmanager
     def _adding_from(self, source: CellSource) -> Iterator[None]:
@@ -94,6 +128,11 @@ class CellRegistry:
             )
         self._cells[cell.name] = cell
         self._sources[cell.name] = self._current
+
+    def _remove(self, names) -> None:
+        for name in names:
+            self._cells.pop(name, None)
+            self._sources.pop(name, None)
 
     def get(self, name: str) -> "Cell":
         """The cell called ``name``; an unknown name lists the known ones."""
@@ -130,19 +169,21 @@ def _autoload_default() -> bool:
     return os.environ.get(AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
-def _entry_point_plugins() -> Iterator[tuple[object, CellSource]]:
+def _strict_default() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _entry_point_plugins() -> Iterator[tuple[object, CellSource, str | None]]:
+    """``(plugin or None, source, import error or None)`` for each entry point."""
     for ep in importlib.metadata.entry_points(group=PROJECT):
         dist = ep.dist
         dist_name = f"{dist.name} {dist.version}" if dist is not None else "unknown"
         source = CellSource(ep.name, dist_name)
         try:
-            obj = ep.load()
+            yield ep.load(), source, None
         except Exception as exc:
-            raise PluginError(
-                f"{source} could not be loaded (entry point {ep.value!r}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        yield obj, source
+            yield None, source, (f"could not be loaded (entry point {ep.value!r}): "
+                                 f"{type(exc).__name__}: {_one_line(exc)}")
 
 
 def _builtin_plugins() -> Iterator[tuple[object, CellSource]]:
@@ -158,56 +199,90 @@ def _kernrnn_version() -> str:
         return "unknown"
 
 
-def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _warn_no_hooks(obj, source: CellSource) -> None:
+    hint = ""
+    if callable(getattr(obj, "kernrnn_register_cells", None)):
+        hint = " (its kernrnn_register_cells lacks the @hookimpl decorator)"
+    warnings.warn(f"kernrnn: {source} implements no kernrnn hook{hint}; it adds no cells",
+                  PluginWarning, stacklevel=3)
+
+
+def _add_plugin(pm: pluggy.PluginManager, registry: CellRegistry, obj, source: CellSource):
+    """Register one plugin and call its hook; on any failure leave no trace and raise PluginError."""
+    from kernrnn.cell import CellError
+
+    if pm.is_registered(obj):
+        return  # the same module behind two entry points
+    try:
+        name = pm.register(obj, name=source.plugin)
+    except Exception as exc:  # pluggy's validation errors, name clashes
+        raise PluginError(f"{source} could not be registered: {_one_line(exc)}") from exc
+    try:
+        pm.check_pending()  # a misspelt hook name fails here
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(obj)
+        raise PluginError(f"{source} implements an unknown hook: {_one_line(exc)}") from exc
+    impls = [i for i in pm.hook.kernrnn_register_cells.get_hookimpls() if i.plugin_name == name]
+    if not impls:
+        _warn_no_hooks(obj, source)
+    before = set(registry.names())
+    with registry._adding_from(source):
+        try:
+            for impl in impls:
+                kwargs = {"registry": registry} if "registry" in impl.argnames else {}
+                impl.function(**kwargs)
+        except Exception as exc:
+            registry._remove(set(registry.names()) - before)  # all of the plugin, or nothing
+            pm.unregister(obj)
+            if isinstance(exc, PluginError):
+                raise
+            if isinstance(exc, CellError):
+                raise PluginError(f"{source} registered a bad cell: {_one_line(exc)}") from exc
+            raise PluginError(f"{source} failed in kernrnn_register_cells: "
+                              f"{type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def load_registry(autoload: bool | None = None, plugins=(), strict: bool | None = None
+                  ) -> CellRegistry:
     """Build a fresh registry from the shipped cells, entry points and ``plugins``.
 
     ``autoload`` (default: on unless ``KERNRNN_DISABLE_PLUGIN_AUTOLOAD`` is
     set) controls whether third-party entry points are loaded.  ``plugins``
-    are extra plugin objects (modules or instances) registered too.
+    are extra plugin objects (modules or instances) registered too; their
+    errors, and those of the shipped cells, always raise :class:`PluginError`.
+    A broken entry-point plugin is skipped with a :class:`PluginWarning`
+    (recorded in :attr:`CellRegistry.skipped`), or raises when ``strict``
+    (default: ``KERNRNN_STRICT_PLUGINS`` set to 1).
     """
     if autoload is None:
         autoload = _autoload_default()
+    if strict is None:
+        strict = _strict_default()
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(CellSpecs)
-    sources: dict[str, CellSource] = {}
-    candidates = list(_builtin_plugins())
+    registry = CellRegistry()
+    for obj, source in _builtin_plugins():  # first, so no plugin can take their names
+        _add_plugin(pm, registry, obj, source)
     if autoload:
-        candidates += list(_entry_point_plugins())
+        for obj, source, error in _entry_point_plugins():
+            try:
+                if error is not None:
+                    raise PluginError(f"{source} {error}")
+                _add_plugin(pm, registry, obj, source)
+            except PluginError as exc:
+                if strict:
+                    raise
+                reason = str(exc).removeprefix(f"{source} ")
+                registry.skipped.append(SkippedPlugin(source, reason))
+                warnings.warn(f"kernrnn: {exc}; skipped (set {STRICT_ENV}=1 to make this an "
+                              f"error)", PluginWarning, stacklevel=2)
     for i, obj in enumerate(plugins):
         name = getattr(obj, "__name__", None) or f"{type(obj).__name__}-{i}"
-        candidates.append((obj, CellSource(name, "registered at run time")))
-    for obj, source in candidates:
-        if pm.is_registered(obj):
-            continue
-        try:
-            name = pm.register(obj, name=source.plugin)
-        except Exception as exc:  # pluggy's validation errors, name clashes
-            raise PluginError(f"{source} could not be registered: {exc}") from exc
-        sources[name] = source
-    try:
-        pm.check_pending()  # a misspelt hook name fails here
-    except pluggy.PluginValidationError as exc:
-        src = sources.get(pm.get_name(exc.plugin), exc.plugin)
-        raise PluginError(f"{src} implements an unknown hook: {exc}") from exc
-
-    from kernrnn.cell import CellError
-
-    registry = CellRegistry()
-    # Call each implementation on its own so every cell knows its source.
-    for impl in reversed(pm.hook.kernrnn_register_cells.get_hookimpls()):
-        source = sources[impl.plugin_name]
-        kwargs = {"registry": registry} if "registry" in impl.argnames else {}
-        with registry._adding_from(source):
-            try:
-                impl.function(**kwargs)
-            except PluginError:
-                raise
-            except CellError as exc:
-                raise PluginError(f"{source} registered a bad cell: {exc}") from exc
-            except Exception as exc:
-                raise PluginError(
-                    f"{source} failed in kernrnn_register_cells: {type(exc).__name__}: {exc}"
-                ) from exc
+        _add_plugin(pm, registry, obj, CellSource(name, "registered at run time"))
     return registry
 
 
@@ -231,18 +306,11 @@ def reset_registry() -> None:
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object (module or instance) into the process registry now.
 
-    For notebooks and scripts that define a cell without packaging it.
+    For notebooks and scripts that define a cell without packaging it; any
+    problem raises :class:`PluginError`.
     """
     registry = get_registry()
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(CellSpecs)
     name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-    source = CellSource(name, "registered at run time")
-    try:
-        pm.register(plugin, name=name)
-        pm.check_pending()
-    except Exception as exc:
-        raise PluginError(f"{source} could not be registered: {exc}") from exc
-    with registry._adding_from(source):
-        for impl in pm.hook.kernrnn_register_cells.get_hookimpls():
-            impl.function(registry=registry)
+    _add_plugin(pm, registry, plugin, CellSource(name, "registered at run time"))

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import linecache
 import math
+import os
 import textwrap
 import types
 from functools import lru_cache
@@ -33,7 +35,8 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-__all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint"]
+__all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
+           "find_precision_leaks"]
 
 _CAST_NAME = "__kernrnn_cast"
 
@@ -71,6 +74,11 @@ class _RetypeConstants(ast.NodeTransformer):
 
 def retype_source(fn: types.FunctionType) -> str:
     """The source of ``fn`` with numeric literals wrapped in a precision cast."""
+    return ast.unparse(_retyped_tree(fn))
+
+
+def _retyped_tree(fn: types.FunctionType) -> ast.Module:
+    """The retyped AST of ``fn``; line numbers count from its first source line (1)."""
     if fn.__name__ == "<lambda>":
         raise ScalarCompileError(
             f"cell math must be a function defined with 'def' in a file, not a lambda "
@@ -92,7 +100,7 @@ def retype_source(fn: types.FunctionType) -> str:
         )
     fdef.decorator_list = []
     fdef.body = [_RetypeConstants().visit(stmt) for stmt in fdef.body]
-    return ast.unparse(ast.fix_missing_locations(tree))
+    return ast.fix_missing_locations(tree)
 
 
 def _is_plain_python_function(obj: object) -> bool:
@@ -149,12 +157,7 @@ def math_fingerprint(fn: types.FunctionType) -> str:
     return "\n".join(parts)
 
 
-def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.FunctionType:
-    key = (fn, dtype.str)
-    if key in seen:
-        return seen[key]
-    orig, fn = fn, _variant(fn, dtype)
-    src = retype_source(fn)
+def _retyped_namespace(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> dict:
     namespace = dict(fn.__globals__)
     namespace[_CAST_NAME] = numba.from_dtype(dtype)
     if fn.__closure__:
@@ -164,6 +167,16 @@ def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.Funct
     # as ``sigmoid`` keeps the kernel's precision too (or becomes its variant).
     for name, obj in _helpers(fn):
         namespace[name] = _rebuild(obj, dtype, seen)
+    return namespace
+
+
+def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.FunctionType:
+    key = (fn, dtype.str)
+    if key in seen:
+        return seen[key]
+    orig, fn = fn, _variant(fn, dtype)
+    src = retype_source(fn)
+    namespace = _retyped_namespace(fn, dtype, seen)
     filename = f"<kernrnn retyped {fn.__module__}.{fn.__qualname__} {dtype}>"
     exec(compile(src, filename, "exec"), namespace)
     compiled = numba.njit(inline="always")(namespace[fn.__name__])
@@ -181,6 +194,69 @@ def compile_scalar(fn: types.FunctionType, dtype) -> numba.core.registry.CPUDisp
             f"{fn!r}; pass the undecorated function (the core compiles it)"
         )
     return _rebuild(fn, np.dtype(dtype), {})
+
+
+def find_precision_leaks(fn: types.FunctionType, dtype, arg_types, limit: int = 3) -> list[str]:
+    """Where the retyped ``fn`` computes in another float type than ``dtype``.
+
+    Compiles the retyped function on its own (not inlined), with the line
+    numbers of its real source, and reads Numba's type of every assignment:
+    each entry names the file, line and source text, and the value at fault
+    (``math.pi``, a global, a helper's result).  At most ``limit`` lines.
+    """
+    from numba.core import ir
+
+    dtype = np.dtype(dtype)
+    want = numba.from_dtype(dtype)
+    fn = _variant(fn, dtype)
+    filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
+    tree = _retyped_tree(fn)
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    namespace = _retyped_namespace(fn, dtype, {})
+    exec(compile(tree, filename, "exec"), namespace)
+    probe = numba.njit(namespace[fn.__name__])
+    probe.compile(tuple(arg_types))
+    annotation = probe.overloads[tuple(arg_types)].type_annotation
+
+    def foreign(t) -> bool:
+        if isinstance(t, numba.types.Float):
+            return t != want
+        return any(foreign(m) for m in getattr(t, "types", ()) or
+                   ((t.dtype,) if isinstance(t, numba.types.UniTuple) else ()))
+
+    found, lines = [], set()
+    stmts = [st for block in annotation.blocks.values() for st in block.body]
+    defs = {st.target.name: st.value for st in stmts if isinstance(st, ir.Assign)}
+    for stmt in sorted((st for st in stmts if isinstance(st, ir.Assign)), key=lambda st: st.loc.line):
+        t = annotation.typemap.get(stmt.target.name)
+        if isinstance(stmt.value, ir.Const):
+            continue  # a literal on its way into the precision cast
+        if t is None or not foreign(t) or (stmt.loc.filename, stmt.loc.line) in lines:
+            continue
+        lines.add((stmt.loc.filename, stmt.loc.line))
+        text = linecache.getline(stmt.loc.filename, stmt.loc.line).strip()
+        found.append(f"{os.path.basename(stmt.loc.filename)} line {stmt.loc.line}"
+                     + (f": {text!r}" if text else "") + f" gives {t}{_origin(stmt.value, defs)}")
+        if len(found) >= limit:
+            break
+    return found
+
+
+def _origin(value, defs) -> str:
+    """What an IR value is, when it explains a leak (a global, a constant, an attribute)."""
+    from numba.core import ir
+
+    if isinstance(value, (ir.Global, ir.FreeVar)):
+        return f" (the global {value.name!r})"
+    if isinstance(value, ir.Const):
+        return f" (the constant {value.value!r})"
+    if isinstance(value, ir.Expr) and value.op == "getattr":
+        base = defs.get(value.value.name)
+        owner = base.name if isinstance(base, (ir.Global, ir.FreeVar)) else value.value.name
+        return f" (from {owner}.{value.attr})"
+    if isinstance(value, ir.Expr) and value.op == "call":
+        return " (a call's result)"
+    return ""
 
 
 # Keep ``math`` importable from this module for generated code.
@@ -214,7 +290,8 @@ def check_cell_compiles(cell, dtype) -> None:
             rtype = driver.overloads[args].signature.return_type
             _check_result(which, rtype, nbtype, result_sizes)
         except CellError as exc:
-            raise CellError(f"cell {cell.name!r}{_source_note(cell)}: {exc}") from None
+            raise CellError(f"cell {cell.name!r}{_source_note(cell)}: {exc}"
+                            f"{_leak_note(getattr(cell, which), dtype, args)}") from None
         except Exception as exc:
             raise CellError(
                 f"cell {cell.name!r}{_source_note(cell)}: its {which} math does not compile "
@@ -245,6 +322,15 @@ def _check_result(which, rtype, nbtype, expected):
                 f"another type, e.g. an int or float64 from an unconverted call, would change "
                 f"the kernel's precision)"
             )
+
+
+def _leak_note(fn, dtype, args) -> str:
+    """``; first at file line N: ...`` for a precision leak, or "" when none is found."""
+    try:
+        leaks = find_precision_leaks(fn, dtype, args)
+    except Exception:  # the note is a courtesy; the error itself stands
+        return ""
+    return f"; first at {'; then '.join(leaks)}" if leaks else ""
 
 
 def _first_lines(exc: Exception, n: int = 6) -> str:

@@ -16,6 +16,9 @@ settings.register_profile(
 settings.register_profile(
     "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
 )
+# The project's own tests run with strict plugins: a broken installed plugin fails loudly.
+os.environ.setdefault("KERNRNN_STRICT_PLUGINS", "1")
+
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 

@@ -39,6 +39,7 @@ PUBLIC_MODULES = [
     "kernrnn.testing.conformance",
     "kernrnn.testing.reference",
     "kernrnn.testing.strategies",
+    "kernrnn.testing.compiles",
     "kernrnn.cli",
 ]
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 
 from kernrnn.plugins import PROJECT, load_registry
-from kernrnn.testing import check_cell
+from kernrnn.testing import check_cell, check_compiles
 from kernrnn.testing import tolerances as tol
 from kernrnn.testing.conformance import forward_errors, gradient_errors
 from kernrnn.testing.strategies import problems
@@ -94,6 +94,13 @@ def test_example_cells_pass_the_conformance_check(registry, name):
 
 
 @pytest.mark.parametrize("name", CELLS)
+def test_example_cells_compile_for_every_backend(registry, name):
+    """The tutorial's check_compiles: CPU kernels, the static GPU checks and PTX where NVVM is."""
+    report = check_compiles(registry.get(name))
+    assert report.ok and "CPU kernels" in report.checked
+
+
+@pytest.mark.parametrize("name", CELLS)
 def test_example_cells_forward_and_gradients_match_reference(registry, name):
     cell = registry.get(name)
 
@@ -120,3 +127,4 @@ def test_layer_and_cli_use_the_discovered_cells(installed, fresh_registry, capsy
     assert main(["cells"]) == 0
     out = capsys.readouterr().out
     assert "cifg" in out and "mgu" in out and PYPROJECT["name"] in out
+    assert "LSTM with coupled input and forget gate" in out  # the description column

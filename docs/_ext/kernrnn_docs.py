@@ -213,7 +213,31 @@ def setup(app):
     app.add_directive("kernrnn-cli-help", CliHelp)
     app.add_directive("kernrnn-benchmarks", Benchmarks)
     _setup_aliases(app)
+    app.connect("build-finished", _check_offline)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def remote_scripts(html: str) -> list[str]:
+    """``src``/``href`` of scripts and stylesheets that ``html`` loads from another host."""
+    import re
+
+    tags = re.findall(r"<(?:script|link)\b[^>]*>", html)
+    return [m for tag in tags for m in re.findall(r"(?:src|href)=[\"'](?:https?:)?//[^\"']+", tag)
+            if "<link" not in tag or "stylesheet" in tag]
+
+
+def _check_offline(app, exc) -> None:
+    """Fail the build when a page would fetch a script or stylesheet (MathJax, say) from a CDN."""
+    if exc is not None or app.builder.format != "html":
+        return
+    bad = {}
+    for page in Path(app.outdir).rglob("*.html"):
+        found = remote_scripts(page.read_text(encoding="utf-8", errors="replace"))
+        if found:
+            bad[page.name] = found
+    if bad:
+        raise RuntimeError(f"pages load scripts or styles from the network (the docs must work "
+                           f"offline): {bad}")
 
 
 # -- references to re-exported names ------------------------------------------

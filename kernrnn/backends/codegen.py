@@ -6,20 +6,17 @@ writes each kernel's source for the cell at hand, with every gate, state and
 saved index unrolled, and compiles it.  The per-element body is written here
 once; the CPU and CUDA kernels wrap it in their own loops.
 
-Generated modules are written to a cache directory so Numba's on-disk cache
-applies; the file name hashes the kernel source *and* the cell's retyped math,
-so editing a cell never reuses a stale kernel.
+Generated modules are written to the kernel cache directory
+(:mod:`kernrnn.backends.kernel_cache`) so Numba's on-disk cache applies; the
+file name hashes the kernel source *and* the cell's retyped math, so editing a
+cell never reuses a stale kernel.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
-from pathlib import Path
 
+from kernrnn.backends import kernel_cache
 from kernrnn.scalar import math_fingerprint
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
@@ -255,43 +252,18 @@ def cell_fingerprint(cell) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_dir() -> Path | None:
-    base = os.environ.get("KERNRNN_CACHE_DIR")
-    path = Path(base) if base else Path.home() / ".cache" / "kernrnn"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.touch()
-        probe.unlink()
-        return path
-    except OSError:
-        return None
+def _cache_dir():
+    """The kernel cache directory in use (see :mod:`kernrnn.backends.kernel_cache`)."""
+    return kernel_cache.cache_dir()
 
 
 def load_module(source: str, tag: str, namespace: dict):
-    """Execute generated ``source`` as a module whose file lives on disk.
+    """Execute generated ``source`` as a module whose file lives in the kernel cache.
 
     ``namespace`` (the cell's compiled scalar functions, numpy, ...) is put in
-    the module's globals first.  When no cache directory is writable, the
-    module is made in a temporary directory and Numba's cache is simply cold.
+    the module's globals first.  Loading is thread-safe, never imports byte
+    code, and refuses cache directories other users can write; see
+    :mod:`kernrnn.backends.kernel_cache`.
     """
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    modname = f"kernrnn_gen_{tag}_{digest}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    directory = _cache_dir() or Path(tempfile.mkdtemp(prefix="kernrnn-"))
-    path = directory / f"{modname}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
-    spec = importlib.util.spec_from_file_location(modname, path)
-    module = importlib.util.module_from_spec(spec)
-    module.__dict__.update(namespace)
-    sys.modules[modname] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[modname]
-        raise
-    return module
+    return kernel_cache.load_module(source, f"kernrnn_gen_{tag}_{digest}", namespace)

@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 
+from kernrnn.cli import require_extra
+
 # Options that define a run; on --resume they come from the checkpoint and an
 # explicitly given different value is an error.  None marks "not given".
 TASK_DEFAULTS = {
@@ -139,6 +141,65 @@ def _positive(value, flag, minimum=1):
     return value
 
 
+def _finite(value, flag):
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    return value
+
+
+#: Keys a checkpoint's ``model`` section must hold (SequenceModel.config()).
+MODEL_KEYS = ("cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
+              "embedding_dim", "head", "dtype")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{value:.3g} PiB"
+
+
+def _check_memory(cfg, task, batch_size, origin):
+    """Refuse sizes whose training step cannot fit in this machine's memory, before allocating.
+
+    ``cfg`` has the model's sizes (a model config or the options); the task
+    gives the input/output sizes and the window length.  A synthetic task also
+    generates a whole epoch of inputs at once.
+    """
+    import numpy as np
+
+    from kernrnn.train.model import training_memory_estimate
+
+    try:
+        sizes = {k: int(cfg[k]) for k in ("hidden_size", "num_layers")}
+        batch, seq_len = int(batch_size), int(task.seq_len)
+        embedding = cfg.get("embedding_dim")
+        need = training_memory_estimate(
+            cfg["cell"], sizes["hidden_size"], input_size=task.input_size or 1,
+            output_size=task.output_size, num_layers=sizes["num_layers"],
+            bidirectional=bool(cfg.get("bidirectional")), vocab_size=task.vocab_size,
+            embedding_dim=None if embedding is None else int(embedding), batch_size=batch,
+            seq_len=seq_len, dtype=cfg.get("dtype") or "float32")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{origin}: malformed sizes ({type(e).__name__}: {e})") from None
+    if task.name in ("adding", "copy"):
+        need += seq_len * batch * task.steps_per_epoch(batch) * 3 * np.dtype(np.float64).itemsize
+    limit = _physical_memory()
+    if limit and need > limit:
+        raise ValueError(
+            f"{origin} would need at least {_fmt_bytes(need)} of memory for one training "
+            f"step, more than this machine's {_fmt_bytes(limit)}; use smaller sizes")
+
+
 def _limit_threads(n):
     """Give Numba and BLAS ``n`` threads for the whole run.
 
@@ -195,7 +256,10 @@ def _build(args, ckpt=None):
 
     if ckpt is not None:
         meta = ckpt.meta
-        mcfg, tcfg, tr, ocfg = meta["model"], meta["task"], meta["train"], meta["optimizer"]
+        mcfg = ckpt.section("model", MODEL_KEYS)
+        tcfg = ckpt.section("task", ("task", "seq_len"))
+        tr = ckpt.section("train", ("batch_size", "clip", "tbptt", "seed"))
+        ocfg = ckpt.section("optimizer", ("name", "lr", "step"))
         recorded = {
             "task": tcfg["task"], "data": tcfg.get("source") if tcfg["task"] in
             ("forecast", "charlm") and tcfg.get("source") != "sunspots" else None,
@@ -219,8 +283,12 @@ def _build(args, ckpt=None):
                     f"{flag} {given!r} differs from the checkpoint's {value!r}; a resumed run "
                     f"keeps its settings (start a new run to change them)"
                 )
-        task = task_from_config(tcfg)
+        try:
+            task = task_from_config(tcfg)
+        except (ValueError, TypeError) as e:
+            raise ckpt.error(str(e)) from None
         device = _check_device(args.device or "cpu")
+        _check_memory(mcfg, task, tr["batch_size"], f"the model in checkpoint {ckpt.path!r}")
         model = SequenceModel.from_config(mcfg, device=device)
         opt_kwargs = {k: v for k, v in ocfg.items() if k not in ("name", "step")}
         if "betas" in opt_kwargs:
@@ -237,6 +305,9 @@ def _build(args, ckpt=None):
                  "embedding"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.tbptt, "--tbptt", 0)
+    _positive(args.seed, "--seed", 0)
+    for flag in ("lr", "momentum", "weight_decay", "clip"):
+        _finite(getattr(args, flag), "--" + flag.replace("_", "-"))
     task = make_task(args.task, args.data, args.seq_len, args.column, args.steps_per_epoch,
                      bool(args.vary_lengths))
     d = {**COMMON_DEFAULTS, **TASK_DEFAULTS[task.name]}
@@ -245,6 +316,12 @@ def _build(args, ckpt=None):
     device = _check_device(opt("device"))
     if task.vocab_size is None and args.embedding is not None:
         raise ValueError(f"--embedding applies to token tasks (charlm, copy), not {task.name!r}")
+    sizes = {"cell": cell, "hidden_size": opt("hidden"), "num_layers": opt("layers"),
+             "embedding_dim": opt("embedding") if task.vocab_size else None,
+             "dtype": opt("dtype")}
+    _check_memory(sizes, task, opt("batch_size"),
+                  f"--hidden {opt('hidden')} --layers {opt('layers')} --batch-size "
+                  f"{opt('batch_size')} --seq-len {task.seq_len}")
     model = SequenceModel(
         cell, input_size=task.input_size, hidden_size=opt("hidden"),
         output_size=task.output_size, num_layers=opt("layers"), vocab_size=task.vocab_size,
@@ -275,43 +352,69 @@ def _build(args, ckpt=None):
 
 
 class _Progress:
-    """tqdm bar (lazy import) with loss, gradient norm and throughput."""
+    """Progress of a run: a tqdm bar on a terminal, plain lines elsewhere.
 
-    def __init__(self, enabled, total, initial, unit_name):
+    A bar redraws itself with carriage returns, which garbles a log file or a
+    CI log; when stderr is not a terminal a plain line is printed instead,
+    at most every :data:`PLAIN_EVERY_S` seconds.
+    """
+
+    def __init__(self, enabled, total, initial, unit_name, stream=None):
+        self.stream = stream or sys.stderr
         self.bar = None
+        self.total = total
         self.items = 0
         self.seconds = 0.0
         self.unit_name = unit_name
         self._last = 0.0
-        if enabled:
+        self.plain = enabled and not _isatty(self.stream)
+        self._last_plain = time.perf_counter()
+        if enabled and not self.plain:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, smoothing=0.1)
+                            file=self.stream, smoothing=0.1)
+
+    def _status(self, trainer, loss, norm):
+        rate = self.items / self.seconds if self.seconds > 0 else 0.0
+        return (f"epoch {trainer.epoch + 1} loss {loss:.4g} |g| {norm:.3g} "
+                f"{rate:,.0f} {self.unit_name}/s")
 
     def step(self, trainer, loss, norm, n_items, dt):
         self.items += n_items
         self.seconds += dt
+        now = time.perf_counter()
+        if self.plain and now - self._last_plain >= PLAIN_EVERY_S:
+            print(f"step {trainer.global_step}/{self.total}: {self._status(trainer, loss, norm)}",
+                  file=self.stream, flush=True)
+            self._last_plain = now
         if self.bar is None:
             return
-        now = time.perf_counter()
         if now - self._last > 0.2 or trainer.global_step == self.bar.total:
-            rate = self.items / self.seconds if self.seconds > 0 else 0.0
-            self.bar.set_postfix_str(
-                f"epoch {trainer.epoch + 1} loss {loss:.4g} |g| {norm:.3g} "
-                f"{rate:,.0f} {self.unit_name}/s", refresh=False)
+            self.bar.set_postfix_str(self._status(trainer, loss, norm), refresh=False)
             self._last = now
         self.bar.update(1)
 
     def write(self, text):
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=self.stream)
         else:
-            print(text, file=sys.stderr)
+            print(text, file=self.stream, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+#: Seconds between the plain progress lines written when stderr is not a terminal.
+PLAIN_EVERY_S = 30.0
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _fmt_metrics(m):
@@ -324,7 +427,7 @@ def _fmt_metrics(m):
 
 
 def _plot(path, trainer, title):
-    import matplotlib
+    matplotlib = require_extra("matplotlib", "train", "the loss-curve plot (--no-plot skips it)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -368,6 +471,11 @@ def run_train(args) -> int:
 
     _positive(args.save_every, "--save-every", 0)
     _positive(args.stop_after, "--stop-after", 0)
+    # Missing extras are reported now, not after the run when the plot is drawn.
+    if not args.no_progress and _isatty(sys.stderr):
+        require_extra("tqdm", "train", "the progress bar (--no-progress skips it)")
+    if not args.no_plot:
+        require_extra("matplotlib", "train", "the loss-curve plot (--no-plot skips it)")
     limits = _limit_threads(args.threads)
     try:
         t_start = time.perf_counter()
@@ -417,6 +525,9 @@ def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> 
         progress.write("interrupt: finishing this step, then saving a checkpoint "
                        "(press Ctrl-C again to abort without saving)")
 
+    # the newest checkpoint of this run, for the message when the loss diverges
+    good = {"path": args.resume, "step": trainer.global_step} if resumed else {}
+
     def on_epoch(tr, metrics):
         if tr.epoch % report_every == 0 or tr.epoch == epochs:
             progress.write(f"epoch {tr.epoch}/{epochs}: training loss "
@@ -424,6 +535,7 @@ def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> 
                            f"held-out loss {metrics['loss']:.4g}")
         if args.save_every and tr.epoch % args.save_every == 0 and tr.epoch < epochs:
             tr.save(ckpt_path, {"target_epochs": epochs})
+            good.update(path=ckpt_path, step=tr.global_step)
 
     first_step = {}
 
@@ -437,6 +549,10 @@ def _train_loop(args, task, model, trainer, epochs, out, ckpt_path, t_start) -> 
     try:
         status = trainer.fit(epochs, stop_after=args.stop_after, on_step=on_step,
                              on_epoch=on_epoch, should_stop=lambda: stop["flag"])
+    except FloatingPointError as e:
+        last = (f"the last good checkpoint is {good['path']} (step {good['step']})" if good
+                else "no checkpoint was saved before (see --save-every)")
+        raise ValueError(f"training diverged: {e}; {last}") from None
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -492,13 +608,19 @@ def _load_for_inference(path, device, data=None):
     from kernrnn.train import SequenceModel, load_checkpoint, task_from_config
 
     ckpt = load_checkpoint(path)
-    for key in ("model", "task"):
-        if not isinstance(ckpt.meta.get(key), dict):
-            raise ValueError(f"checkpoint {path!r} has no {key!r} section in its metadata")
-    model = SequenceModel.from_config(ckpt.meta["model"], device=_check_device(device))
-    model.load_state_dict(ckpt.group("param"))
+    mcfg = ckpt.section("model", MODEL_KEYS)
+    tcfg = ckpt.section("task", ("task", "seq_len"))
+    try:
+        task = task_from_config(tcfg, data=data)
+    except (ValueError, TypeError) as e:
+        raise ckpt.error(str(e)) from None
+    _check_memory(mcfg, task, 1, f"the model in checkpoint {path!r}")
+    model = SequenceModel.from_config(mcfg, device=_check_device(device))
+    try:
+        model.load_state_dict(ckpt.group("param"))
+    except (ValueError, TypeError) as e:
+        raise ckpt.error(str(e)) from None
     model.eval()
-    task = task_from_config(ckpt.meta["task"], data=data)
     return ckpt, model, task
 
 
@@ -551,12 +673,18 @@ def _next_labels(labels, n):
     return [f"+{i}" for i in range(1, n + 1)]
 
 
+#: Smallest --temperature: a logit of 1e3 over it stays far below float64's maximum (1.8e308).
+MIN_TEMPERATURE = 1e-300
+
+
 def run_generate(args) -> int:
     import numpy as np
 
     _positive(args.length, "--length")
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    _positive(args.seed, "--seed", 0)
+    if not (args.temperature >= MIN_TEMPERATURE and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g} "
+                         f"(smaller ones overflow the scaled logits), got {args.temperature}")
     ckpt, model, task = _load_for_inference(args.checkpoint, args.device)
     if task.name != "charlm":
         raise ValueError(f"generate needs a character-LM checkpoint (task 'charlm'), "
@@ -573,7 +701,13 @@ def run_generate(args) -> int:
     logits = out[-1, 0]
     generated = []
     for _ in range(args.length):
-        z = np.asarray(_host(logits), dtype=np.float64) / args.temperature
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = np.asarray(_host(logits), dtype=np.float64) / args.temperature
+        if not np.isfinite(z).all():
+            raise ValueError(
+                f"--temperature {args.temperature:g} is too small for these logits (largest "
+                f"|logit| {float(np.max(np.abs(_host(logits)))):.3g}): logits / temperature "
+                f"overflow float64; use a larger --temperature")
         p = np.exp(z - z.max())
         p /= p.sum()
         nxt = int(rng.choice(len(p), p=p))

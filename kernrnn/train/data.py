@@ -29,6 +29,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 
@@ -72,11 +73,18 @@ def _sha256(data: bytes) -> str:
 
 
 def _read_bytes(path) -> bytes:
+    """The bytes of a regular file; a FIFO, device or socket is refused before it is opened.
+
+    (Opening a FIFO blocks until someone writes to it: the run would hang.)
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"data file {path!r} is a directory, expected a file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"data file {path!r} is not a regular file (a FIFO, device or "
+                         f"socket), expected a file")
     with open(path, "rb") as f:
         return f.read()
 
@@ -102,10 +110,14 @@ def read_csv_series(text: str, column=None, name="CSV data"):
     dates), used to label forecasts.  Every problem names the line.
     """
     rows = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or all(not f.strip() for f in row) or row[0].lstrip().startswith("#"):
-            continue
-        rows.append((lineno, [f.strip() for f in row]))
+    reader = csv.reader(io.StringIO(text))
+    try:
+        for row in reader:
+            if not row or all(not f.strip() for f in row) or row[0].lstrip().startswith("#"):
+                continue
+            rows.append((reader.line_num, [f.strip() for f in row]))
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit(), an unclosed quote
+        raise ValueError(f"{name} line {reader.line_num}: not valid CSV ({e})") from None
     if not rows:
         raise ValueError(f"{name} has no data rows (empty file?)")
     header = None
@@ -198,8 +210,13 @@ class ForecastTask:
             )
         train = values[:n_train]
         if std is None:
-            std = float(train.std())
-            mean = float(train.mean())
+            with np.errstate(over="ignore", invalid="ignore"):
+                std = float(train.std())
+                mean = float(train.mean())
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            raise ValueError(
+                f"series from {source}: its mean ({mean}) or standard deviation ({std}) "
+                f"overflows float64 (values up to {np.max(np.abs(train)):.3g}); rescale the data")
         if not std > 0:
             raise ValueError(
                 f"series from {source}: the training part is constant, nothing to learn")
@@ -208,7 +225,11 @@ class ForecastTask:
         self.mean, self.std = float(mean), float(std)
         self.source, self.column, self.sha256 = source, column, sha256
         self.column_arg = column_arg
-        self.z = ((values - self.mean) / self.std).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.z = ((values - self.mean) / self.std).astype(np.float64)
+        if not np.isfinite(self.z).all():
+            raise ValueError(f"series from {source}: standardising with mean {self.mean:.6g} "
+                             f"and std {self.std:.6g} overflows float64; rescale the data")
         self._train = self._windows(range(1, n_train), with_targets=True)
         self._eval = self._windows(range(n_train, n), with_targets=False)
 
@@ -628,6 +649,13 @@ def task_from_config(cfg: dict, data=None):
     The data file's SHA-256 must match the recorded one unless ``data`` is given.
     """
     name = cfg.get("task")
+    try:
+        return _task_from_config(name, cfg, data)
+    except KeyError as e:
+        raise ValueError(f"task config ({name!r}) lacks key {e.args[0]!r}") from None
+
+
+def _task_from_config(name, cfg, data):
     if name == "forecast":
         src = cfg["source"] if data is None else data
         col = cfg.get("column") if src != EMBEDDED else None

@@ -28,6 +28,10 @@ from kernrnn.train.optim import clip_grad_norm
 
 __all__ = ["train_batch", "predict", "Trainer", "StepResult", "LOSSES"]
 
+
+#: Keys of a checkpoint's ``position`` section (where in training it was written).
+POSITION_KEYS = ("epoch", "step_in_epoch", "global_step", "epoch_rng_state", "rng_state")
+
 LOSSES = {"mse": mse_loss, "ce": cross_entropy_loss}
 
 
@@ -88,6 +92,8 @@ def train_batch(model: SequenceModel, loss: str, optimizer, x, y, lengths, tbptt
         if count == 0:
             continue
         value, dout = loss_fn(out, target, mask, denom=count)
+        if not math.isfinite(float(value)):  # backward would refuse its non-finite gradient
+            raise FloatingPointError(f"loss became {float(value)}")
         model.zero_grad()
         model.backward(dout)
         norm = clip_grad_norm(model.grads, clip)
@@ -208,8 +214,14 @@ class Trainer:
                 b = min(N, a + B)
                 t0 = time.perf_counter()
                 yb = y[:, a:b] if self.model.head == "seq" else y[a:b]
-                res = train_batch(self.model, self.task.loss, self.optimizer, x[:, a:b], yb,
-                                  lengths[a:b], self.tbptt, self.clip)
+                try:
+                    # overflow is detected below, as a non-finite loss: no NumPy warnings
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        res = train_batch(self.model, self.task.loss, self.optimizer,
+                                          x[:, a:b], yb, lengths[a:b], self.tbptt, self.clip)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e} at step {self.global_step + 1}; lower --lr "
+                                             f"or set --clip") from None
                 # The one host synchronisation per step: the scalars for logging.
                 loss, norm = (float(v) for v in to_host(self.model.xp.stack(
                     [self.model.xp.asarray(res.loss), self.model.xp.asarray(res.grad_norm)])))
@@ -281,18 +293,21 @@ class Trainer:
         """
         meta = ckpt.meta
         want = self.model.config()
-        got = meta.get("model")
+        got = ckpt.section("model")
+        opt_meta = ckpt.section("optimizer", ("name", "step"))
+        pos = ckpt.section("position", POSITION_KEYS)
         if got != want:
-            diff = sorted(k for k in set(want) | set(got or {})
-                          if (got or {}).get(k) != want.get(k))
+            diff = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
             raise ValueError(
                 "checkpoint is from another model: "
-                + ", ".join(f"{k} {(got or {}).get(k)!r} (checkpoint) vs {want.get(k)!r}"
+                + ", ".join(f"{k} {got.get(k)!r} (checkpoint) vs {want.get(k)!r}"
                             for k in diff)
             )
-        self.model.load_state_dict(ckpt.group("param"))
-        self.optimizer.load_state_dict(meta["optimizer"], ckpt.group("optim"), self.model.params)
-        pos = meta["position"]
+        try:
+            self.model.load_state_dict(ckpt.group("param"))
+            self.optimizer.load_state_dict(opt_meta, ckpt.group("optim"), self.model.params)
+        except (ValueError, TypeError) as e:
+            raise ckpt.error(str(e)) from None
         try:
             self.epoch = int(pos["epoch"])
             self.step_in_epoch = int(pos["step_in_epoch"])
@@ -300,15 +315,22 @@ class Trainer:
             self.epoch_rng_state = pos["epoch_rng_state"]
             self.rng.bit_generator.state = pos["rng_state"]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"checkpoint position is malformed ({type(e).__name__}: {e})") from None
+            raise ckpt.error(
+                f"position is malformed ({type(e).__name__}: {e})") from None
         hist = ckpt.group("history")
+        for name, ndim in (("loss", 1), ("grad_norm", 1), ("eval", 2)):
+            a = hist.get(name)
+            if a is not None and (a.ndim != ndim or a.dtype.kind != "f"
+                                  or (ndim == 2 and a.shape[1] != 2)):
+                raise ckpt.error(f"history/{name} must be a float array of "
+                                 f"{'[n]' if ndim == 1 else '[n, 2]'}, got {a.dtype} "
+                                 f"{list(a.shape)}")
         self.losses = [float(v) for v in hist.get("loss", [])]
         self.grad_norms = [float(v) for v in hist.get("grad_norm", [])]
         self.eval_history = [(int(e), float(v)) for e, v in hist.get("eval", np.zeros((0, 2)))]
         if len(self.losses) != self.global_step:
-            raise ValueError(
-                f"checkpoint is inconsistent: {len(self.losses)} recorded losses for "
+            raise ckpt.error(
+                f"inconsistent: {len(self.losses)} recorded losses for "
                 f"global_step {self.global_step}"
             )
         self.last_eval = meta.get("last_eval")

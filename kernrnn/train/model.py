@@ -23,7 +23,7 @@ import numpy as np
 from kernrnn import _checks
 from kernrnn.layer import RNN
 
-__all__ = ["SequenceModel", "to_host"]
+__all__ = ["SequenceModel", "to_host", "training_memory_estimate"]
 
 HEADS = ("seq", "last")
 
@@ -35,6 +35,35 @@ def to_host(a) -> np.ndarray:
     if hasattr(a, "get"):
         return a.get()
     return np.asarray(a)
+
+
+def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, num_layers=1,
+                             bidirectional=False, vocab_size=None, embedding_dim=None,
+                             batch_size=1, seq_len=1, dtype=np.float32) -> int:
+    """Bytes a training step of such a model needs at the least (no allocation, exact ints).
+
+    Parameters with their gradients and two optimizer moments, plus per layer
+    and direction what BPTT keeps for every step: the states, the cell's saved
+    values, the gate pre-activations and their gradients, and the output.  The
+    real peak is higher; this bound exists to refuse absurd sizes (a typo of
+    ``--hidden 10000000000``, a forged checkpoint) with a clear message before
+    anything is allocated, instead of a ``MemoryError`` or a machine swapping.
+    """
+    from kernrnn.functional import resolve_cell
+
+    c = resolve_cell(cell)
+    G, S, K = c.n_gates, c.n_state, c.n_saved
+    D, H, L = (2 if bidirectional else 1), int(hidden_size), int(num_layers)
+    if vocab_size:
+        embedding_dim = embedding_dim or min(64, 2 * int(vocab_size))
+        first_in, embedding = int(embedding_dim), int(vocab_size) * int(embedding_dim)
+    else:
+        first_in, embedding = int(input_size), 0
+    per_layer = G * H * (H + 2)
+    params = (D * (G * H * first_in + per_layer) + (L - 1) * D * (G * H * D * H + per_layer)
+              + embedding + int(output_size) * (D * H + 1))
+    activations = L * D * int(seq_len) * int(batch_size) * H * (S + K + 2 * G + 1)
+    return np.dtype(dtype).itemsize * (4 * params + activations)
 
 
 class SequenceModel:

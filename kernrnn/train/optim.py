@@ -54,6 +54,10 @@ class Optimizer:
     def hyperparams(self) -> dict:
         raise NotImplementedError
 
+    def required_slots(self) -> tuple[str, ...]:
+        """Slots every parameter has once a step was taken (a resume needs all of them)."""
+        return self.slots
+
     def step(self, params: dict, grads: dict) -> None:
         _check_keys(params, grads)
         self.step_count += 1
@@ -92,6 +96,8 @@ class Optimizer:
                 raise ValueError(f"optimizer state has unknown slot {slot!r} (key {key!r})")
             if pname not in params:
                 raise ValueError(f"optimizer state has a slot for unknown parameter {pname!r}")
+            if arr.dtype.kind != "f":
+                raise ValueError(f"optimizer state {key!r} has dtype {arr.dtype}, expected floats")
             if tuple(arr.shape) != tuple(params[pname].shape):
                 raise ValueError(
                     f"optimizer state {key!r} has shape {list(arr.shape)}, parameter has "
@@ -99,8 +105,16 @@ class Optimizer:
                 )
             state[slot][pname] = xp.asarray(arr.astype(params[pname].dtype))
         step = meta.get("step")
-        if not isinstance(step, int) or step < 0:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"optimizer state step must be an int >= 0, got {step!r}")
+        if step > 0:
+            for slot in self.required_slots():
+                missing = [k for k in params if k not in state[slot]]
+                if missing:
+                    raise ValueError(
+                        f"optimizer state lacks {slot!r} for {len(missing)} of {len(params)} "
+                        f"parameters (e.g. {missing[0]!r}) after {step} steps; resuming would "
+                        f"restart {self.name}'s running averages at zero")
         self.state, self.step_count = state, step
         for k in ("lr",):
             if k in meta:
@@ -124,6 +138,9 @@ class SGD(Optimizer):
     def hyperparams(self):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                 "nesterov": self.nesterov}
+
+    def required_slots(self):
+        return self.slots if self.momentum else ()
 
     def _update(self, key, p, g):
         if self.weight_decay:
