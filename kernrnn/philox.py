@@ -19,8 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["philox", "philox_scalar", "uniform", "keep_scalar", "stream_id", "PURPOSES",
-           "SEQUENCE"]
+__all__ = ["philox", "philox_scalar", "bits24", "threshold", "uniform", "below_scalar",
+           "stream_id", "PURPOSES", "SEQUENCE"]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -37,10 +37,13 @@ def stream_id(layer: int, direction: int, purpose: int) -> int:
     return ((layer & 0xFFFF) << 16) | ((direction & 1) << 15) | (purpose & 0x7FFF)
 
 
-def philox(c0, c1, c2, c3, k0, k1):
-    """Philox-4x32-10 on NumPy arrays of counters (broadcast), returns four ``uint32`` arrays."""
-    c = [np.asarray(v, dtype=np.uint64) & _MASK32 for v in (c0, c1, c2, c3)]
-    c = np.broadcast_arrays(*c)
+def philox(c0, c1, c2, c3, k0, k1, xp=np):
+    """Philox-4x32-10 on arrays of counters (broadcast), returns four ``uint32`` arrays.
+
+    ``xp`` is the array module (NumPy, or CuPy for masks made on the GPU).
+    """
+    c = [xp.asarray(v, dtype=xp.uint64) & np.uint64(_MASK32) for v in (c0, c1, c2, c3)]
+    c = xp.broadcast_arrays(*c)
     c0, c1, c2, c3 = (v.copy() for v in c)
     k0, k1 = np.uint64(k0 & _MASK32), np.uint64(k1 & _MASK32)
     m0, m1, m32 = np.uint64(_M0), np.uint64(_M1), np.uint64(_MASK32)
@@ -52,18 +55,29 @@ def philox(c0, c1, c2, c3, k0, k1):
         p0 = m0 * c0
         p1 = m1 * c2
         c0, c1, c2, c3 = ((p1 >> s32) ^ c1 ^ k0, p1 & m32, (p0 >> s32) ^ c3 ^ k1, p0 & m32)
-    return tuple(v.astype(np.uint32) for v in (c0, c1, c2, c3))
+    return tuple(v.astype(xp.uint32) for v in (c0, c1, c2, c3))
 
 
-def uniform(seed: int, stream: int, t, b, j):
-    """Uniform float64 in [0, 1) with 24 random bits, from the first Philox word.
+def bits24(seed: int, stream: int, t, b, j, xp=np):
+    """The 24 random bits of element (t, b, j) of ``stream`` (the first Philox word >> 8).
 
     ``t``, ``b``, ``j`` broadcast (use :data:`SEQUENCE` for ``t`` of a
-    per-sequence mask).  24 bits, so float32 represents every value exactly
-    and the kernels' comparison with a float32 threshold is the same.
+    per-sequence mask).  A mask with rate p drops the elements whose bits are
+    below :func:`threshold` (p): exact integer arithmetic, the same in every
+    kernel and in the reference.
     """
-    x = philox(t, b, j, stream, seed & _MASK32, (seed >> 32) & _MASK32)[0]
-    return (x >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
+    x = philox(t, b, j, stream, seed & _MASK32, (seed >> 32) & _MASK32, xp=xp)[0]
+    return x >> np.uint32(8)
+
+
+def threshold(rate: float) -> int:
+    """The integer threshold of a rate: ``round(rate * 2**24)`` (rate 1 drops every element)."""
+    return int(round(float(rate) * (1 << 24)))
+
+
+def uniform(seed: int, stream: int, t, b, j, xp=np):
+    """Uniform float64 in [0, 1) with 24 random bits (see :func:`bits24`)."""
+    return bits24(seed, stream, t, b, j, xp=xp).astype(xp.float64) * (1.0 / (1 << 24))
 
 
 @numba.njit(inline="always")
@@ -89,12 +103,12 @@ def philox_scalar(c0, c1, c2, c3, k0, k1):
 
 
 @numba.njit(inline="always")
-def keep_scalar(seed_lo, seed_hi, stream, t, b, j, threshold):
-    """True when the element survives: ``uniform >= threshold`` (``threshold`` = the rate p).
+def below_scalar(seed_lo, seed_hi, stream, t, b, j, thresh):
+    """True when element (t, b, j) of ``stream`` falls below ``thresh`` (see :func:`bits24`).
 
-    ``threshold`` is the rate as a number of 2**-24 steps (an int), so the
-    test is exact integer arithmetic in every kernel and in the reference.
+    For zoneout: the unit keeps its previous value.  All arguments are
+    integers; the comparison is exact.
     """
     x = philox_scalar(np.uint64(t) & np.uint64(0xFFFFFFFF), np.uint64(b), np.uint64(j),
                       np.uint64(stream), np.uint64(seed_lo), np.uint64(seed_hi))
-    return (x >> np.uint64(8)) >= np.uint64(threshold)
+    return (x >> np.uint64(8)) < np.uint64(thresh)

@@ -58,7 +58,8 @@ def test_each_broken_plugin_is_skipped_alone(installed):
         warnings.simplefilter("always")
         reg = load_registry()
     # built-in cells and the good plugin's cell work; nothing of a broken plugin got in
-    assert {"rnn", "rnn_relu", "lstm", "gru", "test_mgu"} == set(reg.names())
+    builtin = {name for name in load_registry(autoload=False).names()}
+    assert builtin | {"test_mgu"} == set(reg.names())
     assert reg.source("lstm").plugin == "kernrnn_cells.lstm"
     skipped = {s.source.plugin: s for s in reg.skipped}
     assert set(skipped) == set(installed)
