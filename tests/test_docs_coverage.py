@@ -40,6 +40,8 @@ PUBLIC_MODULES = [
     "kernrnn.testing.reference",
     "kernrnn.testing.strategies",
     "kernrnn.cli",
+    "kernrnn.torch",
+    "kernrnn.torch.modules",
 ]
 
 _DIRECTIVE = re.compile(

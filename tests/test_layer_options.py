@@ -180,3 +180,14 @@ def test_cli_dropout_and_no_bias(tmp_path, capsys):
     one = [a if a != "2" or i != argv.index("--layers") + 1 else "1" for i, a in enumerate(argv)]
     assert main(one[:-2] + ["--out", str(tmp_path / "c"), "--dropout", "0.2"]) == 2
     assert "--dropout acts between stacked layers" in capsys.readouterr().err
+
+
+def test_the_core_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, kernrnn, kernrnn.train, kernrnn.cli\n"
+            "kernrnn.RNN('gru', 2, 3, num_layers=2, dropout=0.5, batch_first=True)"
+            "(np.zeros((1, 2, 2), np.float32))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

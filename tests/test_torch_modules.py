@@ -4,16 +4,16 @@ import inspect
 import io
 import warnings
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-import kernrnn.torch as kt  # noqa: E402
-from kernrnn.torch import _ops  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+import kernrnn.torch as kt  # noqa: E402
+from kernrnn.torch import _ops  # noqa: E402
 
 F64 = torch.float64
 PAIRS = {

@@ -1,14 +1,14 @@
 """``nn.Module`` front ends: drop-in ``LSTM``/``GRU``/``RNN`` and ``Recurrent`` for any cell.
 
-The drop-ins subclass :class:`torch.nn.RNNBase` (as ``nn.LSTM`` does), so the
+The drop-ins subclass ``torch.nn.RNNBase`` (as ``nn.LSTM`` does), so the
 constructor checks, attributes, parameter names, initialisation (the same draws
 from torch's RNG), ``state_dict``, ``repr`` and pickling are PyTorch's own.
 They are deliberately *not* subclasses of ``nn.LSTM``/``nn.GRU``/``nn.RNN``:
-TorchDynamo refuses to trace those classes.  Only :meth:`forward` differs: it
-calls the kernrnn ops of :mod:`kernrnn.torch._ops`.
+TorchDynamo refuses to trace those classes.  Only ``forward`` differs: it
+calls the kernrnn ops of ``kernrnn.torch._ops``.
 
 :class:`Recurrent` takes its parameter names and shapes from the native layer
-(:meth:`kernrnn.RNN.param_shapes`), so a cell with other parameters than the
+(:meth:`kernrnn.layer.RNN.param_shapes`), so a cell with other parameters than the
 four PyTorch kinds needs no change here.
 """
 
@@ -183,7 +183,7 @@ class _DropIn(_FusedForward, nn.RNNBase):
 
 
 class LSTM(_DropIn):
-    """Drop-in for :class:`torch.nn.LSTM` (same arguments, parameters, inputs, outputs)."""
+    """Drop-in for ``torch.nn.LSTM`` (same arguments, parameters, inputs, outputs)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
@@ -197,7 +197,7 @@ class LSTM(_DropIn):
 
 
 class GRU(_DropIn):
-    """Drop-in for :class:`torch.nn.GRU`."""
+    """Drop-in for ``torch.nn.GRU``."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None):
@@ -206,7 +206,7 @@ class GRU(_DropIn):
 
 
 class RNN(_DropIn):
-    """Drop-in for :class:`torch.nn.RNN` (Elman; ``nonlinearity`` ``"tanh"`` or ``"relu"``)."""
+    """Drop-in for ``torch.nn.RNN`` (Elman; ``nonlinearity`` ``"tanh"`` or ``"relu"``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
@@ -227,7 +227,7 @@ class Recurrent(_FusedForward, nn.Module):
 
     ``Recurrent("gru", 16, 32, num_layers=2)`` behaves as ``nn.GRU(16, 32, 2)``;
     a plugin cell works the same.  Parameters are named and shaped as
-    :meth:`kernrnn.RNN.param_shapes` says and initialised by the cell's own
+    :meth:`kernrnn.layer.RNN.param_shapes` says and initialised by the cell's own
     initialisers, seeded from torch's RNG (``torch.manual_seed`` reproduces them).
     ``hx``/``h_n`` are a Tensor for one-state cells, else a tuple of the states.
     """
