@@ -190,10 +190,17 @@ class LSTM(_DropIn):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, device=device, dtype=dtype)
 
-    # nn.LSTM's own checks for the (h, c) tuple
-    check_forward_args = nn.LSTM.check_forward_args
-    get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    permute_hidden = nn.LSTM.permute_hidden
+    def check_forward_args(self, input, hidden, batch_sizes):
+        """``nn.LSTM``'s checks of ``input`` and ``(h_0, c_0)`` (its messages)."""
+        nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        """The shape ``c_0`` must have (``nn.LSTM``'s)."""
+        return nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+
+    def permute_hidden(self, hx, permutation):
+        """``(h, c)`` reordered along the batch (``nn.LSTM``'s)."""
+        return nn.LSTM.permute_hidden(self, hx, permutation)
 
 
 class GRU(_DropIn):
@@ -282,9 +289,17 @@ class Recurrent(_FusedForward, nn.Module):
     def _n_state(self) -> int:
         return _ops._cell(self.cell).n_state
 
-    check_input = nn.RNNBase.check_input
-    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
-    check_hidden_size = nn.RNNBase.check_hidden_size
+    def check_input(self, input, batch_sizes):
+        """``nn.RNNBase``'s checks of the input's dtype, rank and size (its messages)."""
+        nn.RNNBase.check_input(self, input, batch_sizes)
+
+    def get_expected_hidden_size(self, input, batch_sizes):
+        """The shape every state component must have: ``[L*D, B, H]``."""
+        return nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes)
+
+    def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+        """``nn.RNNBase``'s shape check of one state component."""
+        nn.RNNBase.check_hidden_size(self, hx, expected_hidden_size, msg)
 
     def check_forward_args(self, input, hidden, batch_sizes):
         """PyTorch's checks of ``input`` and of every state component."""
@@ -296,6 +311,7 @@ class Recurrent(_FusedForward, nn.Module):
             self.check_hidden_size(h, want, f"Expected hidden[{sname}] size {{}}, got {{}}")
 
     def extra_repr(self) -> str:
+        """The cell, sizes and the options that differ from their defaults."""
         s = f"{self.cell!r}, {self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
