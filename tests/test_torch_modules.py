@@ -237,6 +237,16 @@ def test_cpu_tensors_reach_the_kernels_without_copies(monkeypatch):
         assert seen[name].ctypes.data == p.data_ptr(), name
 
 
+def test_in_place_change_of_a_saved_input_is_caught():
+    m = kt.GRU(2, 3, dtype=F64)
+    x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
+    inp = x * 1.0
+    y, _ = m(inp)
+    inp.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_gradients_do_not_depend_on_other_pending_calls():
     """Two forwards before two backwards: each backward uses its own context."""
     m = kt.LSTM(2, 3, num_layers=2, dtype=F64)
@@ -324,11 +334,13 @@ def test_torch_compile_fullgraph_forward_and_backward():
         def __init__(self):
             super().__init__()
             self.rnn = kt.LSTM(3, 4, batch_first=True)
-            self.head = nn.Linear(4, 2)
+            self.cell = kt.Recurrent("gru", 4, 3, batch_first=True)
+            self.head = nn.Linear(3, 2)
 
         def forward(self, x):
             y, (h, _) = self.rnn(x)
-            return self.head(y).square().mean() + h.sum()
+            y, h2 = self.cell(y)
+            return self.head(y).square().mean() + h.sum() + h2.sum()
 
     torch.manual_seed(0)
     model = Tiny()

@@ -224,11 +224,13 @@ def _forward_setup(ctx, inputs, output):
     y, hn, handle = output
     ctx.spec, ctx.has_hx = spec, len(hx) > 0
     ctx.y_shape, ctx.hn_shape, ctx.dtype, ctx.device = y.shape, hn[0].shape, y.dtype, y.device
-    ctx.save_for_backward(handle, *params)  # version counters catch in-place edits
+    # the context holds views of x and the parameters: their version counters then catch
+    # an in-place change between forward and backward, as for any saved tensor
+    ctx.save_for_backward(handle, x, *params)
 
 
 def _forward_grad(ctx, dy, dhn, _dhandle):
-    handle, *params = ctx.saved_tensors
+    handle, _x, *params = ctx.saved_tensors
     if handle.numel() == 0:
         raise RuntimeError("kernrnn: backward through a forward that saved no context "
                            "(it ran with save=False)")

@@ -248,6 +248,7 @@ class Recurrent(_FusedForward, nn.Module):
                        bidirectional)
         self._cell_object = None if isinstance(cell, str) else cell
         self.cell = _ops.register_cell(cell)
+        self._state_names = tuple(_ops._cell(self.cell).state)  # plain data for torch.compile
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
         self.dropout = float(dropout)
@@ -287,7 +288,7 @@ class Recurrent(_FusedForward, nn.Module):
 
     @property
     def _n_state(self) -> int:
-        return _ops._cell(self.cell).n_state
+        return len(self._state_names)
 
     def check_input(self, input, batch_sizes):
         """``nn.RNNBase``'s checks of the input's dtype, rank and size (its messages)."""
@@ -306,8 +307,7 @@ class Recurrent(_FusedForward, nn.Module):
         self.check_input(input, batch_sizes)
         want = self.get_expected_hidden_size(input, batch_sizes)
         parts = hidden if isinstance(hidden, tuple) else (hidden,)
-        names = _ops._cell(self.cell).state
-        for sname, h in zip(names, parts):
+        for sname, h in zip(self._state_names, parts):
             self.check_hidden_size(h, want, f"Expected hidden[{sname}] size {{}}, got {{}}")
 
     def extra_repr(self) -> str:
