@@ -14,7 +14,7 @@ nox.options.error_on_missing_interpreters = False
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test-suite, installed as the README's test command does."""
-    session.install("-e", ".[test,cudasim,train]")
+    session.install("-e", ".[test,cudasim,train]", "torch==2.13.0")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Sphinx HTML in docs/_build/html; warnings are errors, every reference must resolve."""
-    session.install("-e", ".[docs,test,train]")
+    session.install("-e", ".[docs,test,train]", "torch==2.13.0")
     session.run(
         "sphinx-build", "-W", "-n", "--keep-going", "-b", "html",
         "docs", "docs/_build/html", *session.posargs,

@@ -29,6 +29,13 @@ class RNN:
     ``dx, dh0 = layer.backward(dy, dhn=None)`` then accumulates the parameter
     gradients into :attr:`grads` (keys as :meth:`state_dict`).
 
+    PyTorch's layer options: ``batch_first=True`` takes and gives ``x``/``y``
+    (and ``dy``/``dx``) as ``[B, T, ...]`` (states stay ``[L*D, B, H]``);
+    ``dropout=p`` zeroes each output of every layer but the last with
+    probability p in training mode (inverted: kept values scaled by 1/(1-p)),
+    with masks drawn from ``seed`` and a call counter and reused by backward;
+    ``bias=False`` drops the ``bias_*`` parameters (they act as zeros).
+
     ``cell`` is a registered name (``"rnn"``, ``"lstm"``, ``"gru"``, plugins)
     or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
     relu Elman RNN (``"rnn_relu"``).
@@ -52,7 +59,7 @@ class RNN:
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
                  bidirectional=False, dtype=np.float32, device="cpu", nonlinearity=None,
-                 seed=None):
+                 seed=None, bias=True, batch_first=False, dropout=0.0):
         if nonlinearity is not None:
             if cell != "rnn":
                 raise ValueError(f"nonlinearity applies to cell 'rnn' only, got cell {cell!r}")
@@ -70,6 +77,15 @@ class RNN:
             raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
+        self.bias = _check_bool(bias, "bias")
+        self.batch_first = _check_bool(batch_first, "batch_first")
+        self.dropout = _check_dropout(dropout)
+        # dropout masks: generator seeded by (dropout_seed, dropout_calls); the counter is
+        # public so a checkpoint can store it and a resumed run draws the same masks
+        self.dropout_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+        self.dropout_calls = 0
+        self._dropout_key = None  # set by forward_with for one call
+        self._lock = threading.Lock()
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
@@ -103,14 +119,14 @@ class RNN:
                 sfx = _suffix(layer, d)
                 for kind, shape in self.cell.param_shapes(in_size, H).items():
                     shapes[f"{kind}{sfx}"] = shape
-        return shapes
+        return shapes if self.bias else _without_biases(shapes)
 
     def _direction_params(self, layer: int, d: int) -> dict:
         """The parameters of one layer and direction, by the cell's names (no suffix)."""
         sfx = _suffix(layer, d)
         in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
-        return {kind: self.params[f"{kind}{sfx}"]
-                for kind in self.cell.param_shapes(in_size, self.hidden_size)}
+        return {kind: self._param(f"{kind}{sfx}", shape)
+                for kind, shape in self.cell.param_shapes(in_size, self.hidden_size).items()}
 
     def state_dict(self) -> dict:
         """The parameters by PyTorch name (the layer's own arrays, not copies)."""
@@ -179,7 +195,7 @@ class RNN:
         return (f"RNN({self.cell.name!r}, input_size={self.input_size}, "
                 f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional}, dtype={self.dtype.name}, "
-                f"device={self.device!r})")
+                f"device={self.device!r}" + _options_repr(self) + ")")
 
     # -- forward / backward ------------------------------------------------
 
@@ -190,6 +206,7 @@ class RNN:
         """Run all layers; see the class docstring for shapes."""
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
+        x = self._time_major(x)
         _checks.check_array(x, "x", (None, None, self.input_size), self.dtype, finite=True)
         x = be.asarray(x)
         if self.training:
@@ -200,6 +217,7 @@ class RNN:
         dev_lens = be.lengths(lens)
         hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
         ctxs = []
+        masks = self._dropout_masks((T, B, D * H))
         inp = x
         for layer in range(L):
             out = xp.empty((T, B, D * H), dtype=self.dtype)
@@ -212,9 +230,9 @@ class RNN:
                     y=out[:, :, d * H:(d + 1) * H],
                 )
                 ctxs.append(ctx)
-            inp = out
-        self._ctx = (ctxs, T, B, threading.get_ident()) if self.training else None
-        return inp, self._pack_state(hn)
+            inp = out if layer == L - 1 or masks is None else out * masks[layer]
+        self._ctx = (ctxs, T, B, masks, threading.get_ident()) if self.training else None
+        return self._time_major(inp), self._pack_state(hn)
 
     def backward(self, dy, dhn=None):
         """BPTT for the last forward call; returns ``(dx, dh0)``.
@@ -227,7 +245,7 @@ class RNN:
                 "backward() needs a forward() call in training mode first "
                 "(none since the last backward, or the layer is in eval mode)"
             )
-        ctxs, T, B, owner = self._ctx
+        ctxs, T, B, masks, owner = self._ctx
         if owner != threading.get_ident():
             raise RuntimeError(
                 f"backward() in thread {threading.current_thread().name!r} for a forward() run "
@@ -237,7 +255,9 @@ class RNN:
             )
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
-        _checks.check_array(dy, "dy", (T, B, D * H), self.dtype, finite=True)
+        want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        _checks.check_array(dy, "dy", want, self.dtype, finite=True)
+        dy = self._time_major(dy)
         dy = be.asarray(dy)
         dhn = self._check_state(dhn, B, "dhn")
         dh0 = xp.zeros((S, L * D, B, H), dtype=self.dtype)
@@ -250,10 +270,82 @@ class RNN:
                 dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * H:(d + 1) * H], dhn_d)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
-                    self.grads[f"{kind}{sfx}"] += value
-            dy = dx
+                    if f"{kind}{sfx}" in self.grads:  # bias=False: no bias gradients
+                        self.grads[f"{kind}{sfx}"] += value
+            dy = dx if layer == 0 or masks is None else dx * masks[layer - 1]
         self._ctx = None
-        return dx, self._pack_state(dh0)
+        return self._time_major(dx), self._pack_state(dh0)
+
+    # -- explicit-parameter calls (for autograd adapters such as kernrnn.torch) --
+
+    def forward_with(self, params, x, h0=None, lengths=None, *, training=True,
+                     dropout_seed=None):
+        """:meth:`forward` with ``params`` (a dict like :attr:`params`, e.g. views
+        of another framework's tensors) in place of the layer's own.
+
+        Returns ``(y, hn, ctx)``; ``ctx`` (opaque, None unless ``training``) is
+        what :meth:`backward_with` needs.  The layer's parameters, gradients and
+        last-call state are left as they were, so any number of calls may be
+        pending.  ``dropout_seed`` (an int) chooses the dropout masks of this
+        call instead of the layer's counter.
+        """
+        with self._lock:
+            saved = self.params, self.training, self._ctx
+            self.params, self.training = params, bool(training)
+            self._dropout_key = None if dropout_seed is None else (int(dropout_seed),)
+            try:
+                y, hn = self.forward(x, h0, lengths)
+                return y, hn, self._ctx
+            finally:
+                self.params, self.training, self._ctx = saved
+                self._dropout_key = None
+
+    def backward_with(self, ctx, dy, dhn=None):
+        """BPTT for a :meth:`forward_with` call; returns ``(dx, dh0, grads)``
+        with fresh ``grads`` (keys as :meth:`state_dict`), :attr:`grads` untouched."""
+        if ctx is None:
+            raise ValueError("backward_with() needs the ctx of a forward_with() call made "
+                             "with training=True, got None")
+        with self._lock:
+            saved = self.grads, self._ctx
+            self.grads = {k: self._backend.xp.zeros(s, dtype=self.dtype)
+                          for k, s in self.param_shapes().items()}
+            self._ctx = ctx
+            try:
+                dx, dh0 = self.backward(dy, dhn)
+                return dx, dh0, self.grads
+            finally:
+                self.grads, self._ctx = saved
+
+    # -- layer options (bias, batch_first, dropout) ------------------------
+
+    def _param(self, name, shape):
+        """A parameter by name; with ``bias=False`` the biases are zeros of ``shape``."""
+        if name in self.params or self.bias or not name.startswith("bias_"):
+            return self.params[name]
+        return self._backend.xp.zeros(shape, dtype=self.dtype)
+
+    def _time_major(self, a):
+        """Swap batch and time of a ``batch_first`` array (a view; identity otherwise)."""
+        return a.swapaxes(0, 1) if self.batch_first and getattr(a, "ndim", 0) >= 2 else a
+
+    def _dropout_masks(self, shape):
+        """The L-1 inverted-dropout masks of one training call (None: no dropout)."""
+        if not self.training or self.dropout == 0.0 or self.num_layers == 1:
+            return None
+        key = self._dropout_key
+        if key is None:
+            key = (self.dropout_seed, self.dropout_calls)
+            self.dropout_calls += 1
+        rng = np.random.default_rng(key)
+        keep = 1.0 - self.dropout
+        masks = []
+        for _ in range(self.num_layers - 1):
+            m = (rng.random(shape) < keep).astype(self.dtype)
+            if keep > 0:
+                m /= self.dtype.type(keep)
+            masks.append(self._backend.asarray(m))
+        return masks
 
     # -- state helpers -----------------------------------------------------
 
@@ -284,6 +376,33 @@ class RNN:
 def _suffix(layer: int, direction: int) -> str:
     """``_l{layer}`` plus ``_reverse`` for the backward direction (PyTorch's names)."""
     return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def _options_repr(layer) -> str:
+    """The PyTorch layer options that differ from their defaults."""
+    opts = [("bias", layer.bias, True), ("batch_first", layer.batch_first, False),
+            ("dropout", layer.dropout, 0.0)]
+    return "".join(f", {k}={v!r}" for k, v, default in opts if v != default)
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_dropout(p) -> float:
+    """PyTorch's rule: a probability in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1] (the probability of zeroing an "
+                         f"element), got {p!r}")
+    return float(p)
+
+
+def _without_biases(shapes: dict) -> dict:
+    """``bias=False`` as in PyTorch: every ``bias_*`` parameter is left out."""
+    return {k: v for k, v in shapes.items() if not k.startswith("bias_")}
 
 
 def _to_host(a):

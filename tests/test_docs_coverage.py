@@ -41,6 +41,8 @@ PUBLIC_MODULES = [
     "kernrnn.testing.strategies",
     "kernrnn.testing.compiles",
     "kernrnn.cli",
+    "kernrnn.torch",
+    "kernrnn.torch.modules",
 ]
 
 _DIRECTIVE = re.compile(

@@ -29,7 +29,7 @@ TASK_DEFAULTS = {
 COMMON_DEFAULTS = {
     "cell": "lstm", "layers": 1, "device": "cpu", "dtype": "float32", "optimizer": "adam",
     "momentum": 0.9, "clip": 1.0, "tbptt": 0, "seed": 0,
-    "embedding": None,
+    "embedding": None, "dropout": 0.0,
 }
 
 
@@ -60,6 +60,10 @@ def add_parser(sub) -> None:
                    help="hidden units per layer (forecast 32, charlm 128, adding/copy 64)")
     g.add_argument("--layers", type=int, default=None, help="stacked recurrent layers (1)")
     g.add_argument("--embedding", type=int, default=None, help="embedding size (token tasks)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout between stacked layers, as PyTorch's (0; needs --layers >= 2)")
+    g.add_argument("--no-bias", action="store_true", default=None,
+                   help="recurrent layers without bias parameters (PyTorch's bias=False)")
     g.add_argument("--device", default=None, help="cpu (default) or cuda")
     g.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="parameter and activation precision (float32)")
@@ -268,6 +272,7 @@ def _build(args, ckpt=None):
             "vary_lengths": tcfg.get("vary_lengths") or None, "cell": mcfg["cell"],
             "hidden": mcfg["hidden_size"],
             "layers": mcfg["num_layers"], "embedding": mcfg.get("embedding_dim"),
+            "dropout": mcfg.get("dropout", 0.0), "no_bias": not mcfg.get("bias", True) or None,
             "dtype": mcfg["dtype"], "batch_size": tr["batch_size"], "optimizer": ocfg["name"],
             "lr": ocfg["lr"], "momentum": ocfg.get("momentum"),
             "weight_decay": ocfg.get("weight_decay"), "clip": tr["clip"] or 0.0,
@@ -314,6 +319,12 @@ def _build(args, ckpt=None):
     opt = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
     cell = _check_cell(opt("cell"))
     device = _check_device(opt("device"))
+    dropout = opt("dropout")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"--dropout must lie in [0, 1], got {dropout}")
+    if dropout > 0 and opt("layers") == 1:
+        raise ValueError(f"--dropout acts between stacked layers; give --layers >= 2 "
+                         f"(got --dropout {dropout} with --layers 1)")
     if task.vocab_size is None and args.embedding is not None:
         raise ValueError(f"--embedding applies to token tasks (charlm, copy), not {task.name!r}")
     sizes = {"cell": cell, "hidden_size": opt("hidden"), "num_layers": opt("layers"),
@@ -327,6 +338,7 @@ def _build(args, ckpt=None):
         output_size=task.output_size, num_layers=opt("layers"), vocab_size=task.vocab_size,
         embedding_dim=opt("embedding") if task.vocab_size else None, head=task.head,
         dtype=np.dtype(opt("dtype")), device=device, seed=opt("seed"),
+        dropout=dropout, bias=not args.no_bias,
     )
     name = opt("optimizer")
     wd = args.weight_decay

@@ -78,8 +78,10 @@ def train_batch(model: SequenceModel, loss: str, optimizer, x, y, lengths, tbptt
         lens = np.clip(lengths - s, 0, e - s)
         if lens.max(initial=0) == 0:
             break  # every sequence has ended
-        out, hn = model.forward(x[s:e], state, lens)
+        # the data is time-major; a batch_first model gets (and gives) [B, T, ...] views
+        out, hn = model.forward(model._time_major(x[s:e]), state, lens)
         if model.head == "seq":
+            out = model._time_major(out)
             target = y[s:e]
             count = int(lens.sum())
             mask = length_mask(lens, e - s, xp, model.dtype)
@@ -95,7 +97,7 @@ def train_batch(model: SequenceModel, loss: str, optimizer, x, y, lengths, tbptt
         if not math.isfinite(float(value)):  # backward would refuse its non-finite gradient
             raise FloatingPointError(f"loss became {float(value)}")
         model.zero_grad()
-        model.backward(dout)
+        model.backward(model._time_major(dout) if model.head == "seq" else dout)
         norm = clip_grad_norm(model.grads, clip)
         optimizer.step(model.params, model.grads)
         total = value * count if total is None else total + value * count
@@ -118,8 +120,8 @@ def predict(model: SequenceModel, x, lengths=None, batch_size=256):
         outs = []
         for a in range(0, N, batch_size):
             b = min(N, a + batch_size)
-            out, _ = model.forward(xp.asarray(x[:, a:b]), None, lengths[a:b])
-            outs.append(to_host(out))
+            out, _ = model.forward(model._time_major(xp.asarray(x[:, a:b])), None, lengths[a:b])
+            outs.append(to_host(model._time_major(out) if model.head == "seq" else out))
         axis = 1 if model.head == "seq" else 0
         return np.concatenate(outs, axis=axis)
     finally:
@@ -268,6 +270,9 @@ class Trainer:
                 "global_step": self.global_step,
                 "epoch_rng_state": self.epoch_rng_state,
                 "rng_state": self.rng.bit_generator.state,
+                # where the dropout masks continue (kernrnn.RNN draws them from these)
+                "dropout_seed": self.model.rnn.dropout_seed,
+                "dropout_calls": self.model.rnn.dropout_calls,
             },
             "elapsed_s": self.elapsed,
             "last_eval": self.last_eval,
@@ -314,6 +319,9 @@ class Trainer:
             self.global_step = int(pos["global_step"])
             self.epoch_rng_state = pos["epoch_rng_state"]
             self.rng.bit_generator.state = pos["rng_state"]
+            if "dropout_seed" in pos:  # checkpoints before dropout have neither
+                self.model.rnn.dropout_seed = int(pos["dropout_seed"])
+                self.model.rnn.dropout_calls = int(pos["dropout_calls"])
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.error(
                 f"position is malformed ({type(e).__name__}: {e})") from None

@@ -74,12 +74,16 @@ class SequenceModel:
     ``head="last"``.  ``dh0 = model.backward(dout, dhn=None)`` accumulates into
     :attr:`grads` (``dh0`` has the structure of ``h0``; the input gradient of
     real-valued input is kept in ``last_dx``).
+
+    ``batch_first=True`` takes ``x`` as ``[B, T, ...]`` and gives ``out``
+    (``head="seq"``) as ``[B, T, output_size]``, as PyTorch's option;
+    ``dropout`` and ``bias`` go to the recurrent stack (:class:`kernrnn.RNN`).
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
                  num_layers=1, vocab_size=None, embedding_dim=None, head="seq",
                  bidirectional=False, nonlinearity=None, dtype=np.float32, device="cpu",
-                 seed=None):
+                 seed=None, dropout=0.0, bias=True, batch_first=False):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head = head
@@ -108,7 +112,11 @@ class SequenceModel:
         rng = np.random.default_rng(seed)
         self.rnn = RNN(cell, input_size=rnn_in, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dtype=dtype, device=device,
-                       nonlinearity=nonlinearity, seed=int(rng.integers(2**63)))
+                       nonlinearity=nonlinearity, seed=int(rng.integers(2**63)),
+                       dropout=dropout, bias=bias)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
+        self.batch_first = batch_first
         self.dtype = self.rnn.dtype
         self.device = self.rnn.device
         xp = self.xp
@@ -152,13 +160,23 @@ class SequenceModel:
             "vocab_size": self.vocab_size, "embedding_dim": self.embedding_dim,
             "head": self.head, "bidirectional": self.rnn.bidirectional,
             "dtype": self.dtype.name,
+            **self._layer_options(),
         }
+
+    def _layer_options(self) -> dict:
+        """PyTorch layer options that differ from their defaults (left out otherwise, so
+        the configs of models without them, e.g. in older checkpoints, stay the same)."""
+        opts = {"dropout": self.rnn.dropout, "bias": self.rnn.bias,
+                "batch_first": self.batch_first}
+        defaults = {"dropout": 0.0, "bias": True, "batch_first": False}
+        return {k: v for k, v in opts.items() if v != defaults[k]}
 
     @classmethod
     def from_config(cls, config: dict, device="cpu", seed=None) -> SequenceModel:
         cfg = dict(config)
         known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
-                 "embedding_dim", "head", "bidirectional", "dtype"}
+                 "embedding_dim", "head", "bidirectional", "dtype", "dropout", "bias",
+                 "batch_first"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"model config has unknown keys {unknown}")
@@ -265,6 +283,7 @@ class SequenceModel:
     def forward(self, x, h0=None, lengths=None):
         """See the class docstring.  ``lengths`` is a host int array ``[B]``."""
         xp = self.xp
+        x = self._time_major(x)
         if self.vocab_size is not None:
             self._check_tokens(x)
             tokens = xp.asarray(x)
@@ -283,7 +302,11 @@ class SequenceModel:
         out = feats @ W.T + b
         if self.training:
             self._ctx = (tokens, feats, lens, T, B)
-        return out, hn
+        return (self._time_major(out) if self.head == "seq" else out), hn
+
+    def _time_major(self, a):
+        """[B, T, ...] <-> [T, B, ...] for ``batch_first`` (a view); identity otherwise."""
+        return a.swapaxes(0, 1) if self.batch_first and getattr(a, "ndim", 0) >= 2 else a
 
     def _gather_last(self, y, lens):
         """Forward direction at each sequence's last step, reverse direction at step 0."""
@@ -305,8 +328,13 @@ class SequenceModel:
             raise ValueError("backward() needs a forward() call in training mode first")
         tokens, feats, lens, T, B = self._ctx
         xp = self.xp
-        want = (T, B, self.output_size) if self.head == "seq" else (B, self.output_size)
+        if self.head == "seq":
+            want = (B, T, self.output_size) if self.batch_first else (T, B, self.output_size)
+        else:
+            want = (B, self.output_size)
         _checks.check_array(dout, "dout", want, self.dtype)
+        if self.head == "seq":
+            dout = self._time_major(dout)
         W = self._own["head.weight"]
         g = self._own_grads
         F = feats.shape[-1]
@@ -333,7 +361,7 @@ class SequenceModel:
                          dx.reshape(-1, self.embedding_dim))
             self.last_dx = None
         else:
-            self.last_dx = dx
+            self.last_dx = self._time_major(dx)
         return dh0
 
 

@@ -1,0 +1,255 @@
+"""The bridge between PyTorch and the native layer: two ``torch.library`` custom ops.
+
+``kernrnn::rnn_forward`` runs a whole stack (every layer, direction, the dropout
+between layers) through :meth:`kernrnn.RNN.forward_with`;
+``kernrnn::rnn_backward`` runs its BPTT through :meth:`kernrnn.RNN.backward_with`.
+The autograd formula of the first is the second, and the second refuses to be
+differentiated again, so double backward fails with a clear error.  Both have
+fake implementations, so ``torch.compile(fullgraph=True)`` traces through them.
+
+Nothing here knows the parameter kinds of a cell: the layer's
+``param_shapes()`` names every parameter, and the op passes the tensors in that
+order and returns one gradient per tensor.
+
+The forward context (the native layer's saved states, opaque to PyTorch) rides
+on a one-element int64 *handle* tensor whose memory owns it: the context lives
+exactly as long as autograd keeps the handle, and is never copied or pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kernrnn.functional import resolve_cell
+
+__all__ = ["make_spec", "parse_spec", "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
+
+# -- which layer --------------------------------------------------------------
+
+#: Cells given to a module as :class:`~kernrnn.cell.Cell` objects without being
+#: registered; the ops find them by name.
+_LOCAL_CELLS: dict = {}
+
+
+def register_cell(cell) -> str:
+    """The name under which the ops find ``cell`` (a registered name or a Cell)."""
+    from kernrnn.cell import Cell
+    from kernrnn.plugins import get_registry
+
+    if isinstance(cell, str):
+        get_registry().get(cell)  # unknown names fail here, listing the known ones
+        return cell
+    if not isinstance(cell, Cell):
+        raise TypeError(f"cell must be a registered name or a kernrnn.Cell, "
+                        f"got {type(cell).__name__} {cell!r}")
+    reg = get_registry()
+    known = reg.get(cell.name) if cell.name in reg.names() else _LOCAL_CELLS.get(cell.name)
+    if known is not None and known is not cell:
+        raise ValueError(f"another cell is already known as {cell.name!r}; give this cell "
+                         f"another name")
+    if known is None:
+        _LOCAL_CELLS[cell.name] = cell
+    return cell.name
+
+
+def _cell(name: str):
+    return _LOCAL_CELLS[name] if name in _LOCAL_CELLS else resolve_cell(name)
+
+
+def make_spec(cell: str, input_size, hidden_size, num_layers, bidirectional, bias,
+              dropout) -> str:
+    """The layer configuration as one string, a constant for torch.compile
+    (plain formatting, which TorchDynamo traces; cell names have no ``;``)."""
+    return (f"{cell};{int(input_size)};{int(hidden_size)};{int(num_layers)};"
+            f"{int(bidirectional)};{int(bias)};{float(dropout)}")
+
+
+def parse_spec(spec: str):
+    """``(cell, I, H, L, bidirectional, bias, dropout)`` from :func:`make_spec`."""
+    cell, I, H, L, bidir, bias, dropout = spec.split(";")
+    return cell, int(I), int(H), int(L), bidir == "1", bias == "1", float(dropout)
+
+
+def spec_cell(spec: str):
+    return _cell(parse_spec(spec)[0])
+
+
+@lru_cache(maxsize=64)
+def _engine(spec: str, dtype: str, device: str):
+    """The native layer that computes for ``spec`` (its own parameters are unused)."""
+    from kernrnn.layer import RNN
+
+    cell, I, H, L, bidir, bias, dropout = parse_spec(spec)
+    return RNN(_cell(cell), input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir,
+               dtype=np.dtype(dtype), device=device, bias=bias, dropout=dropout, seed=0)
+
+
+def engine_for(spec: str, t: torch.Tensor):
+    return _engine(spec, str(t.dtype).removeprefix("torch."), t.device.type)
+
+
+# -- tensors <-> backend arrays, without copies ---------------------------------
+
+
+def _array(t: torch.Tensor, engine):
+    """The backend's view of a tensor: NumPy on the CPU, CuPy (DLPack/CAI) on a GPU."""
+    t = t.detach()
+    return t.numpy() if t.device.type == "cpu" else engine._backend.asarray(t)
+
+
+def _tensor(a) -> torch.Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
+
+
+@contextlib.contextmanager
+def _on_torch_stream(device: torch.device):
+    """Run the CUDA backend (which launches on CuPy's current stream) on torch's current
+    stream and device, so the kernels are ordered with the surrounding torch work."""
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(stream.device_index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        yield
+
+
+def _states(parts, engine):
+    if not parts:
+        return None
+    arrays = tuple(_array(p, engine) for p in parts)
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _parts(state) -> list:
+    """State components as separate tensors (the layer's are views of one array; outputs
+    of a custom op must not alias each other, and they are small)."""
+    return [_tensor(s).clone() for s in (state if isinstance(state, tuple) else (state,))]
+
+
+# -- the forward context, owned by a handle tensor --------------------------------
+
+
+class _Holder(np.ndarray):
+    """A one-element int64 array that carries a forward context as an attribute."""
+
+
+_contexts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_keys = itertools.count(1)
+
+
+def _stash(ctx) -> torch.Tensor:
+    key = next(_keys)
+    holder = np.array([key], dtype=np.int64).view(_Holder)
+    holder.ctx = ctx
+    _contexts[key] = holder
+    return torch.from_numpy(holder)  # the tensor's memory keeps the holder (and ctx) alive
+
+
+def _unstash(handle: torch.Tensor):
+    holder = _contexts.get(int(handle[0])) if handle.numel() == 1 else None
+    if holder is None:
+        raise RuntimeError(
+            "kernrnn: the forward context of this backward call is gone (the handle "
+            "tensor was copied or the forward ran without gradients)")
+    return holder.ctx
+
+
+# -- the ops ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("kernrnn::rnn_forward", mutates_args=())
+def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: torch.Tensor | None,
+                params: list[torch.Tensor], seed: torch.Tensor, save: bool
+                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """``(y [T,B,D*H], hn (S tensors [L*D,B,H]), handle)`` for time-major ``x``.
+
+    ``hx`` empty means zeros; ``lengths`` int64 ``[B]`` on the CPU; ``seed`` an
+    int64 scalar choosing the dropout masks; ``save`` keeps the context for
+    backward (else ``handle`` is empty).
+    """
+    engine = engine_for(spec, x)
+    arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
+    lens = None if lengths is None else lengths.detach().cpu().numpy()
+    training = save or engine.dropout > 0
+    with _on_torch_stream(x.device):
+        y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
+                                         training=training, dropout_seed=int(seed))
+        y, hn = _tensor(y), _parts(hn)
+    handle = _stash(ctx) if save else torch.empty(0, dtype=torch.int64)
+    return y, hn, handle
+
+
+@rnn_forward.register_fake
+def _(spec, x, hx, lengths, params, seed, save):
+    _, _, H, L, bidir, _, _ = parse_spec(spec)
+    D = 2 if bidir else 1
+    T, B = x.shape[0], x.shape[1]
+    S = spec_cell(spec).n_state
+    return (x.new_empty((T, B, D * H)), [x.new_empty((L * D, B, H)) for _ in range(S)],
+            torch.empty(1 if save else 0, dtype=torch.int64))
+
+
+@torch.library.custom_op("kernrnn::rnn_backward", mutates_args=())
+def rnn_backward(spec: str, handle: torch.Tensor, dy: torch.Tensor, dhn: list[torch.Tensor],
+                 params: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(dx, dh0 (S tensors), one gradient per parameter)`` for one forward call."""
+    engine = engine_for(spec, dy)
+    ctx = _unstash(handle)
+    with _on_torch_stream(dy.device):
+        dx, dh0, grads = engine.backward_with(ctx, _array(dy, engine), _states(dhn, engine))
+        return _tensor(dx), _parts(dh0), [_tensor(grads[k]) for k in engine.param_shapes()]
+
+
+@rnn_backward.register_fake
+def _(spec, handle, dy, dhn, params):
+    I = parse_spec(spec)[1]
+    S = spec_cell(spec).n_state
+    T, B = dy.shape[0], dy.shape[1]
+    LD, H = dhn[0].shape[0], dhn[0].shape[2]
+    return (dy.new_empty((T, B, I)), [dy.new_empty((LD, B, H)) for _ in range(S)],
+            [p.new_empty(p.shape) for p in params])
+
+
+def _forward_setup(ctx, inputs, output):
+    spec, x, hx, lengths, params, seed, save = inputs
+    y, hn, handle = output
+    ctx.spec, ctx.has_hx = spec, len(hx) > 0
+    ctx.y_shape, ctx.hn_shape, ctx.dtype, ctx.device = y.shape, hn[0].shape, y.dtype, y.device
+    # the context holds views of x and the parameters: their version counters then catch
+    # an in-place change between forward and backward, as for any saved tensor
+    ctx.save_for_backward(handle, x, *params)
+
+
+def _forward_grad(ctx, dy, dhn, _dhandle):
+    handle, _x, *params = ctx.saved_tensors
+    if handle.numel() == 0:
+        raise RuntimeError("kernrnn: backward through a forward that saved no context "
+                           "(it ran with save=False)")
+    def zeros(shape):  # the gradient of an output that was not used
+        return torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)
+
+    dy = zeros(ctx.y_shape) if dy is None else dy.contiguous()
+    dhn = [zeros(ctx.hn_shape) if d is None else d.contiguous() for d in dhn]
+    dx, dh0, dparams = rnn_backward(ctx.spec, handle, dy, dhn, list(params))
+    return None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "kernrnn: double backward (create_graph=True, then differentiating the gradients) "
+        "is not supported: the BPTT kernels are differentiable once")
+
+
+torch.library.register_autograd("kernrnn::rnn_forward", _forward_grad,
+                                setup_context=_forward_setup)
+torch.library.register_autograd("kernrnn::rnn_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,350 @@
+"""``nn.Module`` front ends: drop-in ``LSTM``/``GRU``/``RNN`` and ``Recurrent`` for any cell.
+
+The drop-ins subclass ``torch.nn.RNNBase`` (as ``nn.LSTM`` does), so the
+constructor checks, attributes, parameter names, initialisation (the same draws
+from torch's RNG), ``state_dict``, ``repr`` and pickling are PyTorch's own.
+They are deliberately *not* subclasses of ``nn.LSTM``/``nn.GRU``/``nn.RNN``:
+TorchDynamo refuses to trace those classes.  Only ``forward`` differs: it
+calls the kernrnn ops of ``kernrnn.torch._ops``.
+
+:class:`Recurrent` takes its parameter names and shapes from the native layer
+(:meth:`kernrnn.layer.RNN.param_shapes`), so a cell with other parameters than the
+four PyTorch kinds needs no change here.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from kernrnn.torch import _ops
+
+__all__ = ["LSTM", "GRU", "RNN", "Recurrent"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class _FusedForward:
+    """PyTorch's recurrent-layer ``forward`` contract, computed by the kernrnn ops.
+
+    A subclass provides ``_kernrnn_cell`` (the cell's name), ``_n_state``,
+    ``_flat_weights_names`` (parameter names in the native layer's order),
+    ``check_input`` and ``check_forward_args`` (as ``nn.RNNBase``'s).
+    """
+
+    def flatten_parameters(self) -> None:
+        """A no-op (kept for code written for cuDNN's ``nn.LSTM``)."""
+
+    def forward(self, input, hx=None):
+        """``output, h_n`` (``h_n`` a tuple for cells with several states, as ``nn.LSTM``)."""
+        S = self._n_state
+        name = type(self).__name__
+        sorted_indices = unsorted_indices = None
+        lengths = None
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched, check_input = True, data
+            # padded in the packed (sorted) order; hx follows that order too
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got "
+                                f"{type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got "
+                                 f"{input.dim()}D instead")
+            batch_sizes = None
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            check_input = input
+            x = input.transpose(0, 1) if self.batch_first else input
+        parts = _state_parts(name, hx, S, is_batched)
+        if parts is None:
+            self.check_input(check_input, batch_sizes)
+        else:
+            self.check_forward_args(check_input, parts[0] if S == 1 else parts, batch_sizes)
+            if sorted_indices is not None:
+                parts = tuple(p.index_select(1, sorted_indices) for p in parts)
+        params = [getattr(self, n) for n in self._flat_weights_names]
+        _check_tensors(name, x, parts or (), params, self._flat_weights_names)
+        y, hn = self._run(x, parts, lengths, params)
+        if isinstance(input, PackedSequence):
+            out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
+                                 sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                hn = [h.index_select(1, unsorted_indices) for h in hn]
+        else:
+            out = y.transpose(0, 1) if self.batch_first else y
+            if not is_batched:
+                out = out.squeeze(batch_dim)
+                hn = [h.squeeze(1) for h in hn]
+        return out, (hn[0] if S == 1 else tuple(hn))
+
+    def _run(self, x, parts, lengths, params):
+        """The op call: ``x`` time-major, ``parts`` None or S tensors."""
+        active = self.training and self.dropout > 0 and self.num_layers > 1
+        spec = _ops.make_spec(self._kernrnn_cell, self.input_size, self.hidden_size,
+                              self.num_layers, self.bidirectional, self.bias,
+                              self.dropout if active else 0.0)
+        if active:  # masks drawn from torch's RNG: torch.manual_seed reproduces them
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
+        hx = list(parts) if parts is not None else []
+        save = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params)
+            or any(h.requires_grad for h in hx))
+        y, hn, _ = _ops.rnn_forward(spec, x, hx, lengths, params, seed, save)
+        return y, list(hn)
+
+
+def _state_parts(name, hx, S, is_batched):
+    """``hx`` as a tuple of S batched tensors (None stays None), PyTorch's checks."""
+    if hx is None:
+        return None
+    if S == 1:
+        if not isinstance(hx, torch.Tensor):
+            raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+        parts = (hx,)
+    else:
+        if not isinstance(hx, (tuple, list)) or len(hx) != S or not all(
+                isinstance(h, torch.Tensor) for h in hx):
+            raise TypeError(f"{name}: hx must be a tuple of {S} Tensors (one per state), got "
+                            f"{type(hx).__name__}"
+                            + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+        parts = tuple(hx)
+    want = 3 if is_batched else 2
+    if any(h.dim() != want for h in parts):
+        kind = "batched 3-D" if is_batched else "unbatched 2-D"
+        dims = ", ".join(f"{h.dim()}-D" for h in parts)
+        raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got ({dims}) "
+                           f"tensor{'s' if S > 1 else ''}")
+    return parts if is_batched else tuple(h.unsqueeze(1) for h in parts)
+
+
+def _check_tensors(name, x, hx, params, names):
+    """Dtypes and devices, in PyTorch's words (no silent casts or copies)."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: kernrnn computes in torch.float32 or torch.float64, got "
+                        f"input of type {x.dtype}")
+    for pname, p in zip(names, params):
+        if p.dtype != x.dtype:
+            raise ValueError(f"{name}: RNN input dtype ({x.dtype}) does not match the dtype "
+                             f"of parameter {pname} ({p.dtype})")
+        if p.device != x.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found "
+                               f"input tensor at {x.device} and parameter tensor {pname} at "
+                               f"{p.device}")
+    for h in hx:
+        if h.dtype != x.dtype:
+            raise ValueError(f"{name}: hx dtype ({h.dtype}) does not match input dtype "
+                             f"({x.dtype})")
+        if h.device != x.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found "
+                               f"input tensor at {x.device} and hidden tensor at {h.device}")
+
+
+# -- drop-ins ---------------------------------------------------------------------
+
+_CELL_OF_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn", "RNN_RELU": "rnn_relu"}
+
+
+class _DropIn(_FusedForward, nn.RNNBase):
+    """``nn.RNNBase`` with kernrnn's forward."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+                 device=None, dtype=None):
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device=device, dtype=dtype)
+        if proj_size > 0:
+            raise ValueError(f"kernrnn.torch.LSTM: proj_size > 0 (LSTM with projections) is "
+                             f"not supported yet, got proj_size={proj_size}; use "
+                             f"torch.nn.LSTM for it")
+        dt = self._flat_weights[0].dtype
+        if dt not in _DTYPES:
+            raise TypeError(f"kernrnn.torch.{type(self).__name__}: dtype must be torch.float32 "
+                            f"or torch.float64, got {dt}")
+
+    @property
+    def _kernrnn_cell(self) -> str:
+        return _CELL_OF_MODE[self.mode]
+
+    @property
+    def _n_state(self) -> int:
+        return 2 if self.mode == "LSTM" else 1
+
+
+class LSTM(_DropIn):
+    """Drop-in for ``torch.nn.LSTM`` (same arguments, parameters, inputs, outputs)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, device=device, dtype=dtype)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        """``nn.LSTM``'s checks of ``input`` and ``(h_0, c_0)`` (its messages)."""
+        nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        """The shape ``c_0`` must have (``nn.LSTM``'s)."""
+        return nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+
+    def permute_hidden(self, hx, permutation):
+        """``(h, c)`` reordered along the batch (``nn.LSTM``'s)."""
+        return nn.LSTM.permute_hidden(self, hx, permutation)
+
+
+class GRU(_DropIn):
+    """Drop-in for ``torch.nn.GRU``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device=device, dtype=dtype)
+
+
+class RNN(_DropIn):
+    """Drop-in for ``torch.nn.RNN`` (Elman; ``nonlinearity`` ``"tanh"`` or ``"relu"``)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             f"'relu'.")
+        super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+
+# -- any cell ------------------------------------------------------------------------
+
+
+class Recurrent(_FusedForward, nn.Module):
+    """A stack of layers of any registered kernrnn cell, with ``nn.LSTM``'s interface.
+
+    ``Recurrent("gru", 16, 32, num_layers=2)`` behaves as ``nn.GRU(16, 32, 2)``;
+    a plugin cell works the same.  Parameters are named and shaped as
+    :meth:`kernrnn.layer.RNN.param_shapes` says and initialised by the cell's own
+    initialisers, seeded from torch's RNG (``torch.manual_seed`` reproduces them).
+    ``hx``/``h_n`` are a Tensor for one-state cells, else a tuple of the states.
+    """
+
+    proj_size = 0  # for nn.RNNBase's shape checks
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__()
+        _check_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                       bidirectional)
+        self._cell_object = None if isinstance(cell, str) else cell
+        self.cell = _ops.register_cell(cell)
+        self._state_names = tuple(_ops._cell(self.cell).state)  # plain data for torch.compile
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.dropout = float(dropout)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"kernrnn.torch.Recurrent: dtype must be torch.float32 or "
+                            f"torch.float64, got {dtype}")
+        layer = self._native_layer(dtype)
+        self._flat_weights_names = list(layer.param_shapes())
+        for n, a in layer.params.items():
+            self.register_parameter(n, nn.Parameter(torch.from_numpy(a).to(device)))
+
+    def _native_layer(self, dtype):
+        """A native layer of this configuration, initialised from torch's RNG."""
+        from kernrnn.layer import RNN as NativeRNN
+
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return NativeRNN(_ops._cell(self.cell), self.input_size, self.hidden_size,
+                         num_layers=self.num_layers, bidirectional=self.bidirectional,
+                         dtype=np.dtype(str(dtype).removeprefix("torch.")), bias=self.bias,
+                         seed=seed)
+
+    def reset_parameters(self) -> None:
+        """Draw new values with the cell's initialisers (seeded from torch's RNG)."""
+        layer = self._native_layer(self._flat_weights[0].dtype)
+        with torch.no_grad():
+            for n, a in layer.params.items():
+                getattr(self, n).copy_(torch.from_numpy(a))
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def _kernrnn_cell(self) -> str:
+        return self.cell
+
+    @property
+    def _n_state(self) -> int:
+        return len(self._state_names)
+
+    def check_input(self, input, batch_sizes):
+        """``nn.RNNBase``'s checks of the input's dtype, rank and size (its messages)."""
+        nn.RNNBase.check_input(self, input, batch_sizes)
+
+    def get_expected_hidden_size(self, input, batch_sizes):
+        """The shape every state component must have: ``[L*D, B, H]``."""
+        return nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes)
+
+    def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
+        """``nn.RNNBase``'s shape check of one state component."""
+        nn.RNNBase.check_hidden_size(self, hx, expected_hidden_size, msg)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        """PyTorch's checks of ``input`` and of every state component."""
+        self.check_input(input, batch_sizes)
+        want = self.get_expected_hidden_size(input, batch_sizes)
+        parts = hidden if isinstance(hidden, tuple) else (hidden,)
+        for sname, h in zip(self._state_names, parts):
+            self.check_hidden_size(h, want, f"Expected hidden[{sname}] size {{}}, got {{}}")
+
+    def extra_repr(self) -> str:
+        """The cell, sizes and the options that differ from their defaults."""
+        s = f"{self.cell!r}, {self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
+                           ("bidirectional", False)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)!r}"
+        return s
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._cell_object is not None:  # an unregistered Cell: make it known again
+            _ops.register_cell(self._cell_object)
+
+
+def _check_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                   bidirectional):
+    """nn.RNNBase's argument checks, in its words."""
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) \
+            or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the "
+                         f"probability of an element being zeroed, got {dropout!r}")
+    for value, arg in ((bias, "bias"), (batch_first, "batch_first"),
+                       (bidirectional, "bidirectional")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{arg} should be of type bool, got: {type(value).__name__}")
+    for value, arg in ((input_size, "input_size"), (hidden_size, "hidden_size"),
+                       (num_layers, "num_layers")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{arg} must be greater than zero, got {value}")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                      "non-zero dropout expects num_layers greater than 1, but got "
+                      f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
