@@ -16,6 +16,7 @@ import numpy as np
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
 from kernrnn.functional import resolve_cell
+from kernrnn.regularization import Regularization, RegularizationCall, call_seed
 from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["RNN"]
@@ -59,7 +60,8 @@ class RNN:
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
                  bidirectional=False, dtype=np.float32, device="cpu", nonlinearity=None,
-                 seed=None, bias=True, batch_first=False, dropout=0.0):
+                 seed=None, bias=True, batch_first=False, dropout=0.0, recurrent_dropout=0.0,
+                 input_dropout=0.0, zoneout=0.0):
         if nonlinearity is not None:
             if cell != "rnn":
                 raise ValueError(f"nonlinearity applies to cell 'rnn' only, got cell {cell!r}")
@@ -80,6 +82,9 @@ class RNN:
         self.bias = _check_bool(bias, "bias")
         self.batch_first = _check_bool(batch_first, "batch_first")
         self.dropout = _check_dropout(dropout)
+        #: Recurrent regularisation inside the kernels (see :mod:`kernrnn.regularization`).
+        self.regularization = Regularization.build(self.cell, recurrent_dropout, input_dropout,
+                                                   zoneout)
         # dropout masks: generator seeded by (dropout_seed, dropout_calls); the counter is
         # public so a checkpoint can store it and a resumed run draws the same masks
         self.dropout_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -217,7 +222,8 @@ class RNN:
         dev_lens = be.lengths(lens)
         hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
         ctxs = []
-        masks = self._dropout_masks((T, B, D * H))
+        key = self._call_key()
+        masks = self._dropout_masks((T, B, D * H), key)
         inp = x
         for layer in range(L):
             out = xp.empty((T, B, D * H), dtype=self.dtype)
@@ -227,7 +233,7 @@ class RNN:
                 _, hn[:, idx], ctx = be.forward(
                     self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
                     self.training,
-                    y=out[:, :, d * H:(d + 1) * H],
+                    y=out[:, :, d * H:(d + 1) * H], **self._regularization_call(key, layer, d),
                 )
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
@@ -329,14 +335,45 @@ class RNN:
         """Swap batch and time of a ``batch_first`` array (a view; identity otherwise)."""
         return a.swapaxes(0, 1) if self.batch_first and getattr(a, "ndim", 0) >= 2 else a
 
-    def _dropout_masks(self, shape):
-        """The L-1 inverted-dropout masks of one training call (None: no dropout)."""
-        if not self.training or self.dropout == 0.0 or self.num_layers == 1:
+    def _call_key(self):
+        """The random key of one training call, or None when the call draws no mask.
+
+        ``(dropout_seed, dropout_calls)``, the counter advanced once per call
+        (or the seed given to :meth:`forward_with`): between-layer dropout and
+        the kernels' regularisation masks of the call both derive from it.
+        """
+        reg = self.regularization
+        stochastic = (self.dropout > 0.0 and self.num_layers > 1) or reg.recurrent_dropout \
+            or reg.input_dropout or reg.zoneout
+        if not self.training or not stochastic:
             return None
         key = self._dropout_key
         if key is None:
             key = (self.dropout_seed, self.dropout_calls)
             self.dropout_calls += 1
+        return key
+
+    def mask_seed(self, call: int | None = None) -> int:
+        """The 64-bit seed of the regularisation masks of training call number ``call``.
+
+        Default: the next call.  With it, :func:`kernrnn.testing.reference_rnn`
+        regenerates exactly the masks the kernels use.
+        """
+        call = self.dropout_calls if call is None else int(call)
+        return call_seed(self.dropout_seed, call)
+
+    def _regularization_call(self, key, layer: int, direction: int) -> dict:
+        """``{"reg": RegularizationCall}`` for the backend, or ``{}`` without regularisation."""
+        reg = self.regularization
+        if not reg.active or (not self.training and not reg.zoneout):
+            return {}
+        seed = call_seed(key[0], key[-1] if len(key) > 1 else 0) if key is not None else 0
+        return {"reg": RegularizationCall(reg, seed, layer, direction, self.training)}
+
+    def _dropout_masks(self, shape, key):
+        """The L-1 inverted-dropout masks of one training call (None: no dropout)."""
+        if key is None or self.dropout == 0.0 or self.num_layers == 1:
+            return None
         rng = np.random.default_rng(key)
         keep = 1.0 - self.dropout
         masks = []
@@ -380,8 +417,10 @@ def _suffix(layer: int, direction: int) -> str:
 
 def _options_repr(layer) -> str:
     """The PyTorch layer options that differ from their defaults."""
+    reg = layer.regularization
     opts = [("bias", layer.bias, True), ("batch_first", layer.batch_first, False),
-            ("dropout", layer.dropout, 0.0)]
+            ("dropout", layer.dropout, 0.0), ("recurrent_dropout", reg.recurrent_dropout, 0.0),
+            ("input_dropout", reg.input_dropout, 0.0), ("zoneout", reg.zoneout, ())]
     return "".join(f", {k}={v!r}" for k, v, default in opts if v != default)
 
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from kernrnn import philox
 
-__all__ = ["Regularization", "recurrent_mask", "input_mask", "zoneout_keep", "call_seed",
-           "seed_words"]
+__all__ = ["Regularization", "RegularizationCall", "KernelArrays", "kernel_arrays",
+           "recurrent_mask", "input_mask", "zoneout_keep", "call_seed", "seed_words"]
 
 
 def _rate(value, name: str) -> float:
@@ -125,3 +125,76 @@ def zoneout_keep(seed: int, layer: int, direction: int, state: int, t: int, B: i
     stream = philox.stream_id(layer, direction, philox.PURPOSES["zoneout"] + state)
     bits = philox.bits24(seed, stream, t, np.arange(B)[:, None], np.arange(H)[None, :])
     return bits < np.uint32(philox.threshold(rate))
+
+
+@dataclass(frozen=True)
+class RegularizationCall:
+    """The regularisation of one forward call of one layer and direction.
+
+    ``seed`` is the call's 64-bit seed (:func:`call_seed`); ``training``
+    chooses masks (True) or the evaluation rule (zoneout's expectation, no
+    dropout).
+    """
+
+    settings: Regularization
+    seed: int
+    layer: int
+    direction: int
+    training: bool
+
+    @property
+    def recurrent_dropout(self) -> bool:
+        """Whether this call drops units of ``h_{t-1}``."""
+        return self.training and self.settings.recurrent_dropout > 0
+
+    @property
+    def input_dropout(self) -> bool:
+        """Whether this call drops input features."""
+        return self.training and self.settings.input_dropout > 0
+
+    @property
+    def zoneout(self) -> bool:
+        """Whether this call zones out (masks in training, expectation in evaluation)."""
+        return bool(self.settings.zoneout)
+
+    def flags(self) -> tuple[bool, bool]:
+        """``(recurrent dropout, zoneout)``: the kernel variant this call runs."""
+        return self.recurrent_dropout, self.zoneout
+
+
+@dataclass
+class KernelArrays:
+    """What the kernels of a regularised call take: masks, thresholds, seed words.
+
+    One-element stand-ins where a feature is off.
+    """
+
+    Mr: object  # [B, H] recurrent-dropout mask (0 or 1/(1-p))
+    Hd: object  # [B, H] scratch: the masked h_{t-1} the recurrent product reads
+    Zthr: object  # [S] int64 zoneout thresholds (training)
+    Zp: object  # [S] zoneout rates (evaluation: the expectation)
+    seed_lo: int
+    seed_hi: int
+    zstream: int  # stream word of zoneout state 0 (state s adds s)
+    ztrain: int
+
+
+def kernel_arrays(xp, call, cell, B: int, H: int, dtype) -> KernelArrays:
+    """The :class:`KernelArrays` of ``call`` (None: no regularisation) on array module ``xp``."""
+    dtype = np.dtype(dtype)
+    one = xp.ones((1, 1), dtype=dtype)
+    S = cell.n_state
+    if call is None:
+        return KernelArrays(one, one, xp.zeros(S, dtype=np.int64), xp.zeros(S, dtype=dtype),
+                            0, 0, 0, 0)
+    lo, hi = seed_words(call.seed)
+    Mr = Hd = one
+    if call.recurrent_dropout:
+        Mr = recurrent_mask(xp, call.seed, call.layer, call.direction, B, H,
+                            call.settings.recurrent_dropout, dtype)
+        Hd = xp.empty((B, H), dtype=dtype)
+    zo = call.settings.zoneout or (0.0,) * S
+    Zthr = xp.asarray(np.array([philox.threshold(z) for z in zo], dtype=np.int64))
+    Zp = xp.asarray(np.array(zo, dtype=dtype))
+    zstream = philox.stream_id(call.layer, call.direction, philox.PURPOSES["zoneout"])
+    return KernelArrays(Mr, Hd, Zthr, Zp, lo, hi, zstream, int(call.training))

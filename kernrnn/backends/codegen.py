@@ -21,7 +21,8 @@ from kernrnn.scalar import math_fingerprint
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
            "backward1_call", "param_groups", "hu_gates", "row_norm", "row_norm_backward",
-           "load_module", "cell_fingerprint", "math_namespace"]
+           "load_module", "cell_fingerprint", "math_namespace", "zoneout_stores",
+           "zoneout_backward"]
 
 
 def tup(items) -> str:
@@ -171,6 +172,37 @@ def backward_body(G, S, K, *, saved, prev, dstate, dxw, dhu, dprev, indent) -> s
                  [dprev(s) for s in range(S)]], indent=indent)
 
 
+def zoneout_stores(S: int, cand, prev, new) -> str:
+    """Store the new state with zoneout: the previous value where the unit keeps it
+    (training: a fresh Philox mask per step) or the expectation (evaluation)."""
+    lines = []
+    for s in range(S):
+        lines += ["if ztrain:",
+                  f"    if below_scalar(seed_lo, seed_hi, zstream + {s}, t, b, j, Zthr[{s}]):",
+                  f"        {new(s)} = {prev(s)}",
+                  "    else:",
+                  f"        {new(s)} = {cand(s)}",
+                  "else:",
+                  f"    {new(s)} = Zp[{s}] * {prev(s)} + (ONE - Zp[{s}]) * {cand(s)}"]
+    return "\n".join(lines)
+
+
+def zoneout_backward(S: int, arriving, dprev, zone: bool):
+    """``(dstate, wrap)`` for a backward call under zoneout.
+
+    The gradient ``g_s`` arriving at a unit that kept its previous value goes
+    straight to that value (``dprev += k * g``); the cell's backward sees
+    ``(1 - k) * g``.  ``k`` is regenerated from the same Philox stream as in
+    forward.  Without zoneout, ``dstate`` is ``arriving`` and ``wrap`` the identity.
+    """
+    if not zone:
+        return arriving, (lambda src: src)
+    pre = "\n".join(f"g{s} = {arriving(s)}\nk{s} = ONE if below_scalar(seed_lo, seed_hi, "
+                    f"zstream + {s}, t, b, j, Zthr[{s}]) else ZERO" for s in range(S))
+    post = "\n".join(f"{dprev(s)} += k{s} * g{s}" for s in range(S))
+    return (lambda s: f"g{s} * (ONE - k{s})"), (lambda src: pre + "\n" + src + "\n" + post)
+
+
 def row_norm(kind: str, loops: list[str], value: str, length: str, rstd: str, *,
              indent: int, prefix: str) -> str:
     """Normalise, in place, the values ``value`` visited by the nested ``loops``.
@@ -235,8 +267,10 @@ def math_namespace(cell, dtype) -> dict:
     dtype = np.dtype(dtype)
     ns = {f"cell_{which}": compile_scalar(getattr(cell, which), dtype)
           for which, _, _ in cell.math_signatures()}
+    from kernrnn.philox import below_scalar
+
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
-              math=math)
+              math=math, below_scalar=below_scalar)
     return ns
 
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernrnn import regularization
 from kernrnn.cell import NORM_EPS
 
-__all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
+__all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
            "recurrent_weights", "param_vector", "norm_vectors", "weight_gradients",
            "per_unit_gradients"]
 
@@ -91,11 +92,24 @@ class ForwardContext:
     reverse: bool
     device: str = "cpu"
     path: str = "gemm"
+    reg: object = None  # the call's RegularizationCall, or None
+    input_mask: object = None  # [B, I] input-dropout mask applied to x, or None
 
     @property
     def States(self):
         """``[S, T+1, B, H]``: the states at every time boundary."""
         return self.buffers.States
+
+
+def input_dropout(xp, call, x):
+    """``(x, mask)``: the layer input with variational input dropout applied (one mask per
+    sequence, ``[B, I]``), or ``x`` unchanged and None."""
+    if call is None or not call.input_dropout:
+        return x, None
+    T, B, I = x.shape
+    M = regularization.input_mask(xp, call.seed, call.layer, call.direction, B, I,
+                                  call.settings.input_dropout, x.dtype)
+    return x * M[None], M
 
 
 def n_segments(norm, n_blocks: int) -> int:
@@ -194,11 +208,19 @@ def weight_gradients(xp, cell, ctx, dXW, dHU):
         dXW2 = normalize_rows_backward(xp, dXW2 * g_ih, xhat, rstd, cell.input_norm.kind)
     W_ih = ctx.params["weight_ih"]
     dx = (dXW2 @ W_ih).reshape(T, B, I)
+    if ctx.input_mask is not None:  # x is the masked input: d(x * M) / dx = M
+        dx *= ctx.input_mask[None]
     grads["weight_ih"] = dXW2.T @ x.reshape(T * B, I)
     if dHU is not None:
         H = ctx.States.shape[3]
         # the state each step started from: time boundary t (forward) or t+1 (reverse)
-        Hprev = (ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]).reshape(T * B, H)
+        Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
+        call = ctx.reg
+        if call is not None and call.recurrent_dropout:  # the product read the masked h
+            Hprev = Hprev * regularization.recurrent_mask(
+                xp, call.seed, call.layer, call.direction, B, H,
+                call.settings.recurrent_dropout, Hprev.dtype)[None]
+        Hprev = Hprev.reshape(T * B, H)
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:

@@ -69,16 +69,23 @@ def _state_tuple(cell, s):
     return (s,) if cell.n_state == 1 else tuple(s)
 
 
-def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None):
+#: The layer seed of :func:`run_layer`: its first call's masks are
+#: ``RNN(..., seed=LAYER_SEED).mask_seed(0)``.
+LAYER_SEED = 0
+
+
+def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None, regularization=None):
     """Forward (and backward when ``dy`` is given) through :class:`kernrnn.RNN`.
 
-    Returns host arrays ``(y, hn, dx, dh0, grads)`` (the last three None
-    without ``dy``); states as tuples.
+    ``regularization``: keyword arguments of the layer (``recurrent_dropout``,
+    ``input_dropout``, ``zoneout``); the call's masks come from seed
+    :data:`LAYER_SEED`.  Returns host arrays ``(y, hn, dx, dh0, grads)`` (the
+    last three None without ``dy``); states as tuples.
     """
     from kernrnn.layer import RNN
 
     layer = RNN(cell, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
-                dtype=x.dtype, device=device)
+                dtype=x.dtype, device=device, seed=LAYER_SEED, **(regularization or {}))
     be = layer._backend
     layer.load_state_dict({k: be.from_host(v) if device == "cuda" else v
                            for k, v in params.items()})
@@ -108,15 +115,33 @@ def _scaled_error(got, want, tolerance):
     return float(np.max(np.abs(got - want) / (tolerance["atol"] + tolerance["rtol"] * np.abs(want))))
 
 
-def forward_errors(cell, p, dtype, device="cpu"):
-    """(scaled error, absolute error) of output and final state vs the reference."""
+def _reference(cell, p, regularization):
+    """The reference of problem ``p`` with the masks of :func:`run_layer`'s first call."""
+    from kernrnn.layer import RNN
+    from kernrnn.regularization import Regularization
+
+    if not regularization:
+        return lambda params, x, h0: reference_rnn(cell, params, x, h0, p.lengths, p.num_layers,
+                                                   p.bidirectional)
+    settings = Regularization.build(cell, **regularization)
+    seed = RNN(cell, p.I, p.H, dtype=np.float64, seed=LAYER_SEED).mask_seed(0)
+    return lambda params, x, h0: reference_rnn(cell, params, x, h0, p.lengths, p.num_layers,
+                                               p.bidirectional, settings, seed, True)
+
+
+def forward_errors(cell, p, dtype, device="cpu", regularization=None):
+    """(scaled error, absolute error) of output and final state vs the reference.
+
+    ``regularization``: the layer's regularisation keywords (masks of the first call).
+    """
     from kernrnn.testing.strategies import make_arrays
 
     params, x, h0 = make_arrays(cell, p, np.float64)
-    ref_y, ref_hn = reference_rnn(cell, params, x, h0, p.lengths, p.num_layers, p.bidirectional)
+    ref_y, ref_hn = _reference(cell, p, regularization)(params, x, h0)
     cast = {k: v.astype(dtype) for k, v in params.items()}
     y, hn, *_ = run_layer(cell, p, cast, x.astype(dtype),
-                          None if h0 is None else tuple(h.astype(dtype) for h in h0), device)
+                          None if h0 is None else tuple(h.astype(dtype) for h in h0), device,
+                          regularization=regularization)
     t = tol.forward_tolerance(dtype)
     scaled = max([_scaled_error(y, ref_y, t)] + [_scaled_error(a, b, t) for a, b in zip(hn, ref_hn)])
     absolute = max([float(np.max(np.abs(y - ref_y), initial=0))]
@@ -124,12 +149,13 @@ def forward_errors(cell, p, dtype, device="cpu"):
     return scaled, absolute
 
 
-def gradient_errors(cell, p, device="cpu"):
+def gradient_errors(cell, p, device="cpu", regularization=None):
     """Largest relative error of directional derivatives vs finite differences.
 
     One random direction per tensor: each parameter, ``x`` and each component
     of ``h0`` (when the problem has one).  The loss is ``sum(y*dy) + sum(hn*dhn)``
-    with random ``dy``, ``dhn``.
+    with random ``dy``, ``dhn``; with ``regularization`` the masks are those of
+    the layer's first call, fixed.
     """
     from kernrnn.testing.strategies import make_arrays
 
@@ -138,10 +164,12 @@ def gradient_errors(cell, p, device="cpu"):
     D = 2 if p.bidirectional else 1
     dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
     dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
-    _, _, dx, dh0, grads = run_layer(cell, p, params, x, h0, device, dy, dhn)
+    _, _, dx, dh0, grads = run_layer(cell, p, params, x, h0, device, dy, dhn,
+                                     regularization=regularization)
+    reference = _reference(cell, p, regularization)
 
     def loss(params_, x_, h0_):
-        y, hn = reference_rnn(cell, params_, x_, h0_, p.lengths, p.num_layers, p.bidirectional)
+        y, hn = reference(params_, x_, h0_)
         return float(np.sum(y * dy) + sum(np.sum(a * b) for a, b in zip(hn, dhn)))
 
     worst = 0.0

@@ -44,15 +44,27 @@ def reference_recurrent_product(cell, h, W_hh):
     return out
 
 
-def reference_direction(cell, x, params, h0, lengths=None, reverse=False):
+def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=None):
     """One layer, one direction.  ``params`` maps the cell's parameter names to arrays.
 
-    ``h0`` is a tuple of S ``[B, H]`` arrays.  Returns ``(y [T, B, H], hn tuple)``
+    ``h0`` is a tuple of S ``[B, H]`` arrays; ``reg`` a
+    :class:`~kernrnn.regularization.RegularizationCall` (its masks regenerated
+    here from the same generator) or None.  Returns ``(y [T, B, H], hn tuple)``
     in float64.
     """
+    from kernrnn import regularization as R
+
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     x = np.asarray(x, dtype=np.float64)
-    T, B, _ = x.shape
+    T, B, I = x.shape
+    H0 = np.asarray(h0[0]).shape[1]
+    Mr = None
+    if reg is not None and reg.input_dropout:
+        x = x * R.input_mask(np, reg.seed, reg.layer, reg.direction, B, I,
+                             reg.settings.input_dropout, np.float64)[None]
+    if reg is not None and reg.recurrent_dropout:
+        Mr = R.recurrent_mask(np, reg.seed, reg.layer, reg.direction, B, H0,
+                              reg.settings.recurrent_dropout, np.float64)
     H = np.asarray(h0[0]).shape[1]
     G = cell.n_gates
     rec = cell.recurrent_gate_indices
@@ -77,7 +89,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False):
         xw = xw + p["bias_ih"]
         args = [tuple(xw[:, g * H:(g + 1) * H] for g in range(G))]
         if cell.has_recurrent:
-            hr = reference_recurrent_product(cell, state[0], p["weight_hh"])
+            h_in = state[0] if Mr is None else state[0] * Mr
+            hr = reference_recurrent_product(cell, h_in, p["weight_hh"])
             if cell.recurrent_norm is not None:
                 hr = _norm_blocks(hr, cell.recurrent_norm, len(rec)) * p["norm_hh_weight"]
             hr = hr + p["bias_hh"]
@@ -86,19 +99,31 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False):
                               else zero for g in range(G)))
         args.append(state)
         new = cell.reference(*args, *unit_params, **kwargs)
+        if reg is not None and reg.zoneout:
+            zo = reg.settings.zoneout
+            if reg.training:  # a unit keeps its previous value with probability z_s
+                new = tuple(np.where(R.zoneout_keep(reg.seed, reg.layer, reg.direction, s, t, B,
+                                                    H, zo[s]), state[s], n)
+                            for s, n in enumerate(new))
+            else:  # the expectation
+                new = tuple(zo[s] * state[s] + (1 - zo[s]) * n for s, n in enumerate(new))
         active = (t < lengths)[:, None]
         state = tuple(np.where(active, n, s) for n, s in zip(new, state))
         y[t] = np.where(active, state[0], 0.0)
     return y, state
 
 
-def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirectional=False):
+def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirectional=False,
+                  regularization=None, seed=0, training=True):
     """A whole (multi-layer, bidirectional) layer with PyTorch's parameter names.
 
     ``params`` maps ``weight_ih_l{k}[_reverse]`` etc. to arrays; ``h0`` is a
-    tuple of S ``[num_layers*D, B, H]`` arrays or None.  Returns
-    ``(y [T, B, D*H], hn tuple of [num_layers*D, B, H])``.
+    tuple of S ``[num_layers*D, B, H]`` arrays or None; ``regularization`` a
+    :class:`~kernrnn.regularization.Regularization` applied with the call seed
+    ``seed``.  Returns ``(y [T, B, D*H], hn tuple of [num_layers*D, B, H])``.
     """
+    from kernrnn.regularization import RegularizationCall
+
     D = 2 if bidirectional else 1
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
@@ -114,8 +139,11 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
             kinds = cell.param_shapes(inp.shape[2], H)
             p = {k: params[f"{k}{sfx}"] for k in kinds}
             idx = layer * D + d
+            reg = None
+            if regularization is not None and regularization.active:
+                reg = RegularizationCall(regularization, seed, layer, d, training)
             y, st = reference_direction(cell, inp, p, tuple(h[idx] for h in h0), lengths,
-                                        reverse=bool(d))
+                                        reverse=bool(d), reg=reg)
             outs.append(y)
             for s in range(cell.n_state):
                 hn[s][idx] = st[s]

@@ -44,6 +44,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
+from kernrnn import regularization
 from kernrnn.backends import common
 from kernrnn.backends.codegen import (
     backward1_call,
@@ -57,6 +58,8 @@ from kernrnn.backends.codegen import (
     math_namespace,
     row_norm,
     row_norm_backward,
+    zoneout_backward,
+    zoneout_stores,
 )
 
 __all__ = ["CpuKernels", "get_kernels", "ForwardContext", "forward", "backward", "xp"]
@@ -88,8 +91,12 @@ def _ind(text: str, n: int) -> str:
     return "\n".join(pad + line if line else line for line in text.splitlines())
 
 
-def _forward_source(cell, train: bool) -> str:
-    """All T steps of one direction for batch rows b0:b1 (see the module docstring)."""
+def _forward_source(cell, train: bool, reg=(False, False)) -> str:
+    """All T steps of one direction for batch rows b0:b1 (see the module docstring).
+
+    ``reg``: (recurrent dropout, zoneout) sections to generate.
+    """
+    rdrop, zone = reg
     S, Gr = cell.n_state, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     tt = "t" if (train and rnorm is not None) else "0"  # HU keeps every step only when needed
@@ -116,13 +123,16 @@ def _forward_source(cell, train: bool) -> str:
     saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
     gates = hu_gates(cell, hu, "ZERO")
     elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
+    target = (lambda s: f"cand{s}") if zone else new  # zoneout decides after the step
+    after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
+    h_in = "Hd" if rdrop else "States[0, p]"  # the recurrent product's input (masked h)
     lines = []
     if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
-        lines.append(f"np.dot(States[0, p, b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
+        lines.append(f"np.dot({h_in}[b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
     elif rec:
         lines.append("for hd in range(NH):\n"
-                     f"    np.dot(np.ascontiguousarray(States[0, p, b0:b1, hd * dh:(hd + 1) * dh]), WT[hd], "
-                     f"HU[{tt}, hd, b0:b1])")
+                     f"    np.dot(np.ascontiguousarray({h_in}[b0:b1, hd * dh:(hd + 1) * dh]), "
+                     f"WT[hd], HU[{tt}, hd, b0:b1])")
     lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
     body = []
     if rnorm is not None:
@@ -137,7 +147,7 @@ def _forward_source(cell, train: bool) -> str:
                                  f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     if not cell.normalize:
         step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
-                            z_or_new=new, saved_or_mid=saved, indent=0)
+                            z_or_new=target, saved_or_mid=saved, indent=0) + after
         body.append(elem + "\n" + _ind(step, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
     else:
         st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
@@ -150,25 +160,29 @@ def _forward_source(cell, train: bool) -> str:
                                  prefix=f"z{k}_"))
         st2 = forward2_call(cell, zn=lambda k: f"(Zhat[{k}, {tm}, b, j] * Gz[{k} * H + j] + "
                                                f"Bz[{k} * H + j])",
-                            mid=lambda m: f"Mid[{m}, {tm}, b, j]", prev=prev, p=pp, new=new,
-                            saved=saved, indent=0)
+                            mid=lambda m: f"Mid[{m}, {tm}, b, j]", prev=prev, p=pp, new=target,
+                            saved=saved, indent=0) + after
         body.append(elem + "\n" + _ind(st2, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
     lines.append(_ind("\n".join(body), 8))
     carry = "\n".join(f"            States[{s}, n, b, j] = States[{s}, p, b, j]"
                       for s in range(S))
     lines.append(f"    else:\n        for j in range(H):\n{carry}\n            Y[t, b, j] = 0")
+    if rdrop:  # the next step's recurrent input: this step's h, masked
+        lines.append("    for j in range(H):\n        Hd[b, j] = States[0, n, b, j] * Mr[b, j]")
     loop = _ind("\n".join(lines), 8)
+    first = ("    p0 = T if reverse else 0\n    for b in range(b0, b1):\n        for j in range(H):\n"
+             "            Hd[b, j] = States[0, p0, b, j] * Mr[b, j]\n") if rdrop else ""
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU, Rhh, Y,
-           lengths, reverse, b0, b1):
+           lengths, reverse, Mr, Hd, Zthr, Zp, seed_lo, seed_hi, zstream, ztrain, b0, b1):
     """All T steps for batch rows b0:b1."""
     T = XW.shape[0]
     H = States.shape[3]
     NH = HU.shape[1]
     dh = H // NH
-    for step in range(T):
+{first}    for step in range(T):
         if reverse:
             t = T - 1 - step
             p = t + 1
@@ -181,21 +195,26 @@ def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU
 '''
 
 
-def _backward_source(cell, same: bool) -> str:
+def _backward_source(cell, same: bool, reg=(False, False)) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
     ``dS`` holds the element-wise part of the state gradients; the recurrent
     part ``dH = dHU_t @ W_hh`` of the previous step is added when it is read
     (saves a pass).  ``same``: the cell returns the same values for dxw and
-    dhu (LSTM, Elman), so only dXW is written and used for both.
+    dhu (LSTM, Elman), so only dXW is written and used for both.  ``reg``:
+    (recurrent dropout, zoneout) sections to generate.
     """
-    G, Gr = cell.n_gates, cell.n_recurrent_gates
+    rdrop, zone = reg
+    G, Gr, S = cell.n_gates, cell.n_recurrent_gates, cell.n_state
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     tt = "t" if rnorm is not None else "0"
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (" + dH[hd, b, i]" if rec else "")
+    mr = " * Mr[b, j]" if rdrop else ""  # dH is the gradient of the masked h
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dH[hd, b, i]{mr}" if rec else "")
 
-    def dstate(s):
+    def arriving(s):
         return ds0 if s == 0 else f"dS[{s}, b, j]"
+
+    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
 
     def prev(s):
         return f"States[{s}, p, b, j]"
@@ -226,8 +245,8 @@ def _backward_source(cell, same: bool) -> str:
                  + "    for i in range(dh):\n        j = hd * dh + i")
     body = [views]
     if not cell.normalize:
-        step = backward_call(cell, saved=saved, prev=prev, dstate=dstate, p=pp, dxw=dxw,
-                             dhu=dhu, dprev=dprev, dp=dp, indent=0)
+        step = zwrap(backward_call(cell, saved=saved, prev=prev, dstate=dstate, p=pp, dxw=dxw,
+                                   dhu=dhu, dprev=dprev, dp=dp, indent=0))
         body.append(elem_head + "\n" + _ind(step, 8))
     else:
         def zhat(k):
@@ -238,6 +257,7 @@ def _backward_source(cell, same: bool) -> str:
                              mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev, dstate=dstate, p=pp,
                              dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
                              dprev=dprev, dp=dp, indent=0)
+        st2 = zwrap(st2)
         acc = "\n".join(f"dGz[{k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
                         f"dBz[{k} * H + j] += DZ[{k}, b, j]\n"
                         f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
@@ -279,21 +299,24 @@ def _backward_source(cell, same: bool) -> str:
     active = _ind("\n".join(body), 16)
     masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
     if rec:
+        mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
         masked += ("\n                for hd in range(NH):\n                    for i in range(dh):\n"
-                   "                        dS[0, b, hd * dh + i] += dH[hd, b, i]")
+                   f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
     if rec:
         masked += ("\n                for hd in range(NH):\n"
                    "                    for k in range(dHU.shape[3]):\n"
                    "                        dHU[hd, t, b, k] = 0")
     gemm = ("        for hd in range(NH):\n"
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
+    mrf = " * Mr[b, hd * dh + i]" if rdrop else ""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
-             "                dS[0, b, hd * dh + i] += dH[hd, b, i]") if rec else ""
+             f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrf}") if rec else ""
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
-                  reverse, dXW, dHU, dH, DZ, DM, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
+                  reverse, dXW, dHU, dH, DZ, DM, Mr, Zthr, seed_lo, seed_hi, zstream,
+                  db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
     T = dY.shape[0]
     H = dS.shape[2]
     GH = dXW.shape[2]
@@ -376,18 +399,24 @@ def _allow_alias_checks() -> None:
 
 
 @lru_cache(maxsize=None)
-def get_kernels(cell, dtype) -> CpuKernels:
-    """Build (or load from Numba's cache) the CPU kernels of ``cell``."""
+def get_kernels(cell, dtype, reg=(False, False)) -> CpuKernels:
+    """Build (or load from Numba's cache) the CPU kernels of ``cell``.
+
+    ``reg`` = (recurrent dropout, zoneout): a variant with those sections (see
+    :mod:`kernrnn.regularization`); the plain kernels carry none of their cost.
+    """
     _allow_alias_checks()
     dtype = np.dtype(dtype)
+    reg = (bool(reg[0]), bool(reg[1]))
     same = same_input_and_recurrent_grads(cell)
     source = "import math\nimport numba\nimport numpy as np\n" + "\n".join(
-        [_forward_source(cell, True), _forward_source(cell, False),
-         _backward_source(cell, same)]
+        [_forward_source(cell, True, reg), _forward_source(cell, False, reg),
+         _backward_source(cell, same, reg)]
     )
-    source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, "
+    source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, regularisation {reg}, "
               f"math {cell_fingerprint(cell)}\n" + source)
-    module = load_module(source, f"cpu_{cell.name}_{dtype.name}", math_namespace(cell, dtype))
+    tag = f"cpu_{cell.name}_{dtype.name}" + ("_reg" if any(reg) else "")
+    module = load_module(source, tag, math_namespace(cell, dtype))
     return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same)
 
 
@@ -483,19 +512,23 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
 ForwardContext = common.ForwardContext
 
 
-def forward(cell, x, params, h0, lengths, reverse, training, y=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     """Run one layer in one direction; arguments are already validated.
 
     ``params`` maps the cell's parameter names (``weight_ih``, ...; see
     :meth:`kernrnn.cell.Cell.param_shapes`) to arrays; ``h0`` is ``[S, B, H]``,
     ``lengths`` int64 ``[B]``; ``y`` an optional ``[T, B, H]`` (possibly
-    strided) view to write the output into.  Returns ``(y, hn, ctx)``; ``ctx``
-    is None unless ``training``.
+    strided) view to write the output into; ``reg`` a
+    :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
+    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
     """
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    k = get_kernels(cell, dtype)
+    flags = reg.flags() if reg is not None else (False, False)
+    k = get_kernels(cell, dtype, flags)
+    x, input_mask = common.input_dropout(np, reg, x)
+    ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(np, cell, x, params)
     buf = common.time_buffers(np, cell, T, B, H, dtype, training)
     buf.States[:, T if reverse else 0] = h0
@@ -511,11 +544,13 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     if T > 0:
         _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
                              buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU, buf.Rhh, y, lengths,
-                             reverse), B)
+                             reverse, ka.Mr, ka.Hd, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi,
+                             ka.zstream, ka.ztrain), B)
     hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
-        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse)
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, reg=reg,
+                             input_mask=input_mask)
     return y, hn, ctx
 
 
@@ -531,7 +566,9 @@ def backward(ctx: ForwardContext, dy, dhn):
     dtype = x.dtype
     G, NH = cell.n_gates, cell.n_heads(H)
     GrH = cell.n_recurrent_gates * H
-    k = get_kernels(cell, dtype)
+    reg = ctx.reg
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
+    ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
     dS = np.array(dhn, dtype=dtype, copy=True)
     dXW = np.empty((T, B, G * H), dtype=dtype)
     one = np.ones(1, dtype=dtype)
@@ -557,7 +594,8 @@ def backward(ctx: ForwardContext, dy, dhn):
     if T > 0:
         _run_chunks(k.backward_loop,
                     (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
-                     buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM),
+                     buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM,
+                     ka.Mr, ka.Zthr, ka.seed_lo, ka.seed_hi, ka.zstream),
                     B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)])
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(np, cell, ctx, dXW,
