@@ -60,6 +60,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from kernrnn import regularization
 from kernrnn.backends import common
 from kernrnn.backends.codegen import cell_fingerprint, load_module, math_namespace
 from kernrnn.backends.common import ForwardContext
@@ -234,32 +235,35 @@ def lengths(lens: np.ndarray):
 # -- kernels -----------------------------------------------------------------------
 
 
-def kernel_sources(cell) -> str:
-    """The generated CUDA module source of ``cell`` (the same for every dtype)."""
-    return (f"# kernrnn CUDA kernels: cell {cell.name!r}, math {cell_fingerprint(cell)}\n"
-            + kernel_source(cell))
+def kernel_sources(cell, reg=(False, False)) -> str:
+    """The generated CUDA module source of ``cell`` (the same for every dtype); ``reg`` =
+    (recurrent dropout, zoneout) selects a regularised variant."""
+    return (f"# kernrnn CUDA kernels: cell {cell.name!r}, regularisation {tuple(reg)}, "
+            f"math {cell_fingerprint(cell)}\n" + kernel_source(cell, reg))
 
 
 @cache
-def get_kernels(cell, dtype):
+def get_kernels(cell, dtype, reg=(False, False)):
     """The CUDA kernels of ``cell`` for ``dtype``: the generated module, one attribute per
     kernel (compiled lazily per argument types; ``*_py`` are the plain functions)."""
     if cuda is None:
         raise CudaUnavailableError(f"CUDA kernels need numba-cuda: {_import_error}; "
                                    + INSTALL_HINT)
     dtype = np.dtype(dtype)
-    source = f"# dtype {dtype}\n" + kernel_sources(cell)
+    reg = (bool(reg[0]), bool(reg[1]))
+    source = f"# dtype {dtype}\n" + kernel_sources(cell, reg)
     namespace = math_namespace(cell, dtype)
     namespace["CACHE"] = not SIMULATOR
-    tag = f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
+    tag = (f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
+           + ("_reg" if any(reg) else ""))
     return load_module(source, tag, namespace)
 
 
-def ptx_signatures(cell, dtype, y_layout: str = "A"):
+def ptx_signatures(cell, dtype, y_layout: str = "A", reg=(False, False)):
     """Numba signatures of ``cell``'s kernels for :func:`numba.cuda.compile_ptx`, by
     ``name_py``.  ``Y``/``dY`` are views into a layer's ``[T, B, D*H]`` output, hence
     layout ``"A"``; all other arrays are C-contiguous."""
-    return signatures(cell, dtype, y_layout)
+    return signatures(cell, dtype, y_layout, reg)
 
 
 @contextlib.contextmanager
@@ -607,13 +611,22 @@ def _capture(issue, scratch):
     return graph
 
 
-def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training):
+def _reg_args(w, ka):
+    """The regularisation arguments of the step kernels (kernels.REG_ARGS), wrapped."""
+    return (w(ka.Mr), w(ka.Hd), w(ka.Zthr), w(ka.Zp), ka.seed_lo, ka.seed_hi, ka.zstream,
+            ka.ztrain)
+
+
+def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, reg, ka):
     """Per step: the recurrent product (cuBLAS; per head for ``heads``), its
-    normalisation if any, then the cell's fused step (one or three kernels)."""
+    normalisation if any, then the cell's fused step (one or three kernels).
+    With recurrent dropout the product reads ``ka.Hd``, the masked state the
+    step kernels write."""
     T, B, _ = XW.shape
     H = buf.States.shape[3]
     dtype = XW.dtype
-    k = get_kernels(cell, dtype)
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
+    rdrop = reg is not None and reg.recurrent_dropout
     tag = "train" if training else "infer"
     NH = cell.n_heads(H)
     dh = H // NH
@@ -630,21 +643,25 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training):
         (WT,) = scratch
         WT[...] = W3.transpose(0, 2, 1)
         dense = cell.recurrent == "dense" and not keep_hu
-        recurrent_gemm = _step_gemm(buf.States[0], params["weight_hh"], buf.HU[0, 0],
+        h_in = ka.Hd[None] if rdrop else buf.States[0]  # the product's input, by step
+        if rdrop:
+            ka.Hd[...] = buf.States[0, T if reverse else 0] * ka.Mr
+        recurrent_gemm = _step_gemm(h_in, params["weight_hh"], buf.HU[0, 0],
                                     trans_b=True) if dense else None
         launch = _Launcher()
         w = launch.wrap
         saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
         elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
                 w(buf.Zhat), w(Y), w(lengths)]
+        regs = _reg_args(w, ka)
         for step in range(T):
             t, p, n = _step_indices(step, T, reverse)
             tt = t if keep_hu else 0
             tm = t if training else 0
             if dense:
-                recurrent_gemm(p)
+                recurrent_gemm(0 if rdrop else p)
             else:  # one product per head: [NH, B, dh] @ [NH, dh, Gr*dh]
-                heads = buf.States[0, p].reshape(B, NH, dh).transpose(1, 0, 2)
+                heads = h_in[0 if rdrop else p].reshape(B, NH, dh).transpose(1, 0, 2)
                 xp.matmul(heads, WT, out=buf.HU[tt])
             if cell.recurrent_norm is not None:
                 launch(k.norm_hu, B * nseg, w(buf.HU), w(buf.Rhh), w(lengths), t, tt, H, dh, NH,
@@ -654,9 +671,10 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training):
                 launch(k.step_stage1, B * H, *elem, *scalars)
                 launch(k.norm_z, B * cell.n_norm, w(buf.Zhat), w(buf.Rz), w(lengths), t, tm, H,
                        cell.n_norm)
-                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, w(Gz), w(Bz))
+                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, w(Gz), w(Bz),
+                       *regs)
             else:
-                launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars)
+                launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
 
     key = None
     if graphs_enabled():
@@ -673,19 +691,21 @@ def _step_indices(step, T, reverse):
     return step, step, step + 1
 
 
-def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training):
+def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training, reg, ka):
     """A cell without a recurrent matrix: one launch runs every step of every element,
-    or, for a linear-in-state cell, the three launches of a parallel scan over time."""
+    or, for a linear-in-state cell, the three launches of a parallel scan over time
+    (not with zoneout, whose masks make the step's coefficients)."""
     T, B, _ = XW.shape
     H = buf.States.shape[3]
-    k = get_kernels(cell, XW.dtype)
+    flags = reg.flags() if reg is not None else (False, False)
+    k = get_kernels(cell, XW.dtype, flags)
     tag = "train" if training else "infer"
     launch = _Launcher()
     w = launch.wrap
     saved = buf.Saved if buf.Saved.size else buf.Mid
-    if not cell.linear or T <= SCAN_CHUNK:
+    if not cell.linear or T <= SCAN_CHUNK or flags[1]:
         launch(getattr(k, f"fused_forward_{tag}"), B * H, w(XW), w(P), w(buf.States), w(saved),
-               w(Y), w(lengths), int(reverse), H, H, 0, T)
+               w(Y), w(lengths), int(reverse), H, H, 0, T, *_reg_args(w, ka))
         return
     S = cell.n_state
     NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
@@ -700,22 +720,27 @@ def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training):
            w(saved), w(Y), *cargs[2:])
 
 
-def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, reg=None):
     """Run one layer in one direction on the GPU; arguments are already validated.
 
     ``params`` maps the cell's parameter names to device arrays; ``h0`` is
     ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an optional
-    ``[T, B, H]`` (possibly strided) view to write the output into.  Returns
+    ``[T, B, H]`` (possibly strided) view to write the output into; ``reg`` a
+    :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
     ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
     """
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
     chosen = _resolve_path(path, cell, dtype, B, H, training)
+    if reg is not None and chosen == "persistent":  # the persistent kernel has no masks
+        chosen = "gemm"
     if chosen == "persistent" and not cell.plain:
         raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
                          f"and no per-unit parameters or normalisation; cell {cell.name!r} "
                          f"needs path='gemm' or 'auto'")
+    x, input_mask = common.input_dropout(xp, reg, x)
+    ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)
     XW += params["bias_ih"]
     buf = common.time_buffers(xp, cell, T, B, H, dtype, training)
@@ -729,24 +754,25 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None):
                                               buf.States, buf.Saved, y, lengths, reverse,
                                               training)
         elif not cell.has_recurrent and not cell.normalize:
-            _fused_forward(cell, XW, P, buf, y, lengths, reverse, training)
+            _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
         else:
-            _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training)
+            _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
     hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
-        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen)
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
+                             reg=reg, input_mask=input_mask)
     return y, hn, ctx
 
 
-def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc):
+def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka):
     """Per step: the fused backward (one or three kernels), the recurrent norm's
     backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head)."""
     params, buf = ctx.params, ctx.buffers
     T, B, _ = dXW.shape
     H = dS.shape[2]
     dtype = dXW.dtype
-    k = get_kernels(cell, dtype)
+    k = get_kernels(cell, dtype, ctx.reg.flags() if ctx.reg is not None else (False, False))
     NH = cell.n_heads(H)
     dh = H // NH
     rec = cell.has_recurrent
@@ -773,16 +799,17 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc):
                 w(buf.Zhat), w(P), w(ctx.lengths), w(dXW), w(dHU), w(acc["params"]), w(DZ),
                 w(DM), w(Gz), w(Bz), w(acc["gz"]), w(acc["bz"])]
         nseg = buf.Rhh.shape[2]
+        regs = _reg_args(w, ka)
         for step in range(T):
             t = step if ctx.reverse else T - 1 - step
             p = t + 1 if ctx.reverse else t
             if cell.normalize:
-                launch(k.step_backward2, B * H, *args, t, p, H, dh)
+                launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
                 launch(k.norm_z_backward, B * cell.n_norm, w(DZ), w(buf.Zhat), w(buf.Rz),
                        w(ctx.lengths), t, H, cell.n_norm)
-                launch(k.step_backward1, B * H, *args, t, p, H, dh)
+                launch(k.step_backward1, B * H, *args, t, p, H, dh, *regs)
             else:
-                launch(k.step_backward, B * H, *args, t, p, H, dh)
+                launch(k.step_backward, B * H, *args, t, p, H, dh, *regs)
             if not rec:
                 continue
             if cell.recurrent_norm is not None:
@@ -793,7 +820,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc):
             else:
                 xp.matmul(dHU[:, t], W3, out=dHrec)
         if rec:
-            launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh)
+            launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh, w(ka.Mr))
 
     key = None
     if graphs_enabled():
@@ -803,19 +830,21 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc):
     _run_loop(key, issue, make_scratch)
 
 
-def _fused_backward(cell, ctx, dy, dS, dXW, acc):
+def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
     """Backward of :func:`_fused_forward`: one launch, or the parallel scan's three."""
     buf = ctx.buffers
     T, B, _ = dXW.shape
     H = dS.shape[2]
-    k = get_kernels(cell, dXW.dtype)
+    flags = ctx.reg.flags() if ctx.reg is not None else (False, False)
+    k = get_kernels(cell, dXW.dtype, flags)
     P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype)
     launch = _Launcher()
     w = launch.wrap
     saved = buf.Saved if buf.Saved.size else buf.Mid
-    if not cell.linear or T <= SCAN_CHUNK:
+    if not cell.linear or T <= SCAN_CHUNK or flags[1]:
         launch(k.fused_backward, B * H, w(dy), w(dS), w(saved), w(buf.States), w(P),
-               w(ctx.lengths), w(dXW), w(acc["params"]), int(ctx.reverse), H, H, 0, T)
+               w(ctx.lengths), w(dXW), w(acc["params"]), int(ctx.reverse), H, H, 0, T,
+               *_reg_args(w, ka))
         return
     S = cell.n_state
     NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
@@ -851,14 +880,15 @@ def backward(ctx: ForwardContext, dy, dhn):
     acc = {name: xp.zeros((B, max(n, 1)), dtype=dtype) for name, n in (
         ("bias_hh", Gr * H), ("norm_hh", Gr * H), ("params", cell.n_param_scalars * H),
         ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
+    ka = regularization.kernel_arrays(xp, ctx.reg, cell, B, H, dtype)  # masks regenerated
     if T > 0 and B > 0:
         if ctx.path == "persistent":
             _persistent_module().backward_loop(cell, dy, dS, params["weight_hh"], buf.States,
                                                buf.Saved, ctx.lengths, ctx.reverse, dXW, dHU[0])
         elif not rec and not cell.normalize:
-            _fused_backward(cell, ctx, dy, dS, dXW, acc)
+            _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
         else:
-            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc)
+            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka)
     elif rec:
         dHU.fill(0)
     if T == 0 or B == 0:

@@ -32,12 +32,17 @@ from kernrnn.backends.codegen import (
     hu_gates,
     row_norm,
     row_norm_backward,
+    zoneout_backward,
+    zoneout_stores,
 )
 
 __all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK"]
 
 #: Time steps per chunk of the parallel scan of linear-in-state cells.
 SCAN_CHUNK = 16
+#: Regularisation arguments of every step kernel (one-element stand-ins when off).
+REG_ARGS = (("Mr", 2), ("Hd", 2), ("Zthr", "L"), ("Zp", 1), ("seed_lo", "i"), ("seed_hi", "i"),
+            ("zstream", "i"), ("ztrain", "i"))
 
 
 @dataclass(frozen=True)
@@ -113,12 +118,21 @@ def _common():
     return xw, prev, new, pp, dpp
 
 
-def kernel_specs(cell) -> list[KernelSpec]:
-    """The kernels ``cell`` needs on the GEMM-per-step path (and its fused/scan passes)."""
+def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
+    """The kernels ``cell`` needs on the GEMM-per-step path (and its fused/scan passes).
+
+    ``reg`` = (recurrent dropout, zoneout): the sections of
+    :mod:`kernrnn.regularization` to generate.
+    """
+    rdrop, zone = reg
     S, Gr = cell.n_state, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     xw, prev, new, pp, dpp = _common()
     gates = _hu(cell, rnorm)
+    target = (lambda s: f"cand{s}") if zone else new  # zoneout decides after the step
+    after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
+    # the next step's recurrent input, h masked by the per-sequence dropout mask
+    masked_h = "\nHd[b, j] = States[0, n, b, j] * Mr[b, j]" if rdrop else ""
     specs = []
     fwd_args = (("XW", 3), ("HU", 4), ("b_hh", 1), ("g_hh", 1), ("P", 1), ("States", 4),
                 ("Saved", 4), ("Mid", 4), ("Zhat", 4), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
@@ -128,19 +142,21 @@ def kernel_specs(cell) -> list[KernelSpec]:
         tag = "train" if train else "infer"
         if not cell.normalize:
             body = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
-                                z_or_new=new, saved_or_mid=saved, indent=0)
+                                z_or_new=target, saved_or_mid=saved, indent=0) + after
             body += "\nY[t, b, j] = States[0, n, b, j]"
-            specs.append(KernelSpec(f"step_forward_{tag}", fwd_args, _ELEM + (
-                "if t < lengths[b]:\n" + _ind(body, 4) + "\nelse:\n" + _carry(S, 4))))
+            specs.append(KernelSpec(f"step_forward_{tag}", fwd_args + REG_ARGS, _ELEM + (
+                "if t < lengths[b]:\n" + _ind(body, 4) + "\nelse:\n" + _carry(S, 4))
+                + masked_h))
         else:
             st2 = forward2_call(cell, zn=lambda k: f"(Zhat[{k}, tm, b, j] * Gz[{k} * H + j] + "
                                                    f"Bz[{k} * H + j])",
-                                mid=lambda m: f"Mid[{m}, tm, b, j]", prev=prev, p=pp, new=new,
-                                saved=saved, indent=0)
+                                mid=lambda m: f"Mid[{m}, tm, b, j]", prev=prev, p=pp,
+                                new=target, saved=saved, indent=0) + after
             st2 += "\nY[t, b, j] = States[0, n, b, j]"
-            specs.append(KernelSpec(f"step_stage2_{tag}", fwd_args + (("Gz", 1), ("Bz", 1)),
+            specs.append(KernelSpec(f"step_stage2_{tag}",
+                                    fwd_args + (("Gz", 1), ("Bz", 1)) + REG_ARGS,
                                     _ELEM + "if t < lengths[b]:\n" + _ind(st2, 4)
-                                    + "\nelse:\n" + _carry(S, 4)))
+                                    + "\nelse:\n" + _carry(S, 4) + masked_h))
     if cell.normalize:
         st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                            z_or_new=lambda k: f"Zhat[{k}, tm, b, j]",
@@ -166,20 +182,24 @@ def kernel_specs(cell) -> list[KernelSpec]:
         specs.append(KernelSpec("norm_hu", (("HU", 4), ("Rhh", 3), ("lengths", "L"), ("t", "i"),
                                             ("tt", "i"), ("H", "i"), ("dh", "i"), ("NH", "i"),
                                             ("NSEG", "i")), _ROW + body))
-    specs += _backward_specs(cell)
+    specs += _backward_specs(cell, reg)
     if not rec and not cell.normalize:
-        specs += _fused_specs(cell)
+        specs += _fused_specs(cell, reg)
     return specs
 
 
-def _backward_specs(cell) -> list[KernelSpec]:
-    Gr = cell.n_recurrent_gates
+def _backward_specs(cell, reg) -> list[KernelSpec]:
+    rdrop, zone = reg
+    Gr, S = cell.n_recurrent_gates, cell.n_state
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     xw, prev, new, pp, dpp = _common()
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (" + dHrec[hd, b, i]" if rec else "")
+    mr = " * Mr[b, j]" if rdrop else ""  # dHrec is the gradient of the masked h
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dHrec[hd, b, i]{mr}" if rec else "")
 
-    def dstate(s):
+    def arriving(s):
         return ds0 if s == 0 else f"dS[{s}, b, j]"
+
+    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
 
     def dxw(g):
         return f"dXW[t, b, {g} * H + j]"
@@ -193,16 +213,16 @@ def _backward_specs(cell) -> list[KernelSpec]:
     args = (("dY", "Y"), ("dS", 3), ("dHrec", 3), ("Saved", 4), ("States", 4), ("Mid", 4),
             ("Zhat", 4), ("P", 1), ("lengths", "L"), ("dXW", 3), ("dHU", 4), ("dP", 2),
             ("DZ", 3), ("DM", 3), ("Gz", 1), ("Bz", 1), ("dGz", 2), ("dBz", 2), ("t", "i"),
-            ("p", "i"), ("H", "i"), ("dh", "i"))
-    masked = ("dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]\n" if rec else "")
+            ("p", "i"), ("H", "i"), ("dh", "i")) + REG_ARGS
+    masked = (f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n" if rec else "")
     masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_gates))
     if rec:
         masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
     specs = []
     if not cell.normalize:
-        body = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
-                             dstate=dstate, p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp,
-                             indent=0)
+        body = zwrap(backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                                   dstate=dstate, p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp,
+                                   indent=0))
         specs.append(KernelSpec("step_backward", args, _ELEM + "if t < lengths[b]:\n"
                                 + _ind(body, 4) + "\nelse:\n" + _ind(masked.rstrip(), 4)))
     else:
@@ -214,7 +234,7 @@ def _backward_specs(cell) -> list[KernelSpec]:
                              mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev, dstate=dstate, p=pp,
                              dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
                              dprev=dprev, dp=dpp, indent=0)
-        st2 += "\n" + "\n".join(f"dGz[b, {k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
+        st2 = zwrap(st2) + "\n" + "\n".join(f"dGz[b, {k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
                                 f"dBz[b, {k} * H + j] += DZ[{k}, b, j]\n"
                                 f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
                                 for k in range(cell.n_norm))
@@ -255,20 +275,23 @@ def _backward_specs(cell) -> list[KernelSpec]:
                                 _ROW + head + nest + "\n" + acc + "\n" + back))
     if rec:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
-                                                  ("H", "i"), ("dh", "i")),
-                                _ELEM + "dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]"))
+                                                  ("H", "i"), ("dh", "i"), ("Mr", 2)),
+                                _ELEM + f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}"))
     return specs
 
 
-def _fused_specs(cell) -> list[KernelSpec]:
+def _fused_specs(cell, reg) -> list[KernelSpec]:
     """Whole-sequence passes for cells without a recurrent matrix or row statistics.
 
     Each thread runs every step of its element (the elements are independent);
     a linear-in-state cell also gets the three kernels of a chunked parallel
     scan over time (forward and backward).
     """
+    zone = reg[1]
     S = cell.n_state
     xw, prev, new, pp, dpp = _common()
+    target = (lambda s: f"cand{s}") if zone else new
+    after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
     head = "T = XW.shape[0]\n"
     steps = ("for step in range(s0, s1):\n"
              "    if reverse:\n        t = T - 1 - step\n        p = t + 1\n        n = t\n"
@@ -276,21 +299,24 @@ def _fused_specs(cell) -> list[KernelSpec]:
     specs = []
     fused_args = (("XW", 3), ("P", 1), ("States", 4), ("Saved", 4), ("Y", "Y"),
                   ("lengths", "L"), ("reverse", "i"), ("H", "i"), ("dh", "i"), ("s0", "i"),
-                  ("s1", "i"))
+                  ("s1", "i")) + REG_ARGS
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
-        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=prev, p=pp, z_or_new=new,
-                            saved_or_mid=saved, indent=0) + "\nY[t, b, j] = States[0, n, b, j]"
+        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=prev, p=pp, z_or_new=target,
+                            saved_or_mid=saved, indent=0) + after
+        body += "\nY[t, b, j] = States[0, n, b, j]"
         specs.append(KernelSpec(f"fused_forward_{'train' if train else 'infer'}", fused_args,
                                 _ELEM + head + steps + "    if t < lengths[b]:\n"
                                 + _ind(body, 8) + "\n    else:\n" + _carry(S, 8)))
 
-    def dstate(s):
+    def arriving(s):
         return "dS[0, b, j] + dY[t, b, j]" if s == 0 else f"dS[{s}, b, j]"
 
-    body = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
-                         dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
-                         dhu=lambda r: None, dprev=lambda s: f"dS[{s}, b, j]", dp=dpp, indent=0)
+    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
+    body = zwrap(backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
+                               dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
+                               dhu=lambda r: None, dprev=lambda s: f"dS[{s}, b, j]", dp=dpp,
+                               indent=0))
     zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_gates))
     bsteps = ("for step in range(s0, s1):\n"
               "    if reverse:\n        t = step\n        p = t + 1\n"
@@ -298,10 +324,11 @@ def _fused_specs(cell) -> list[KernelSpec]:
     specs.append(KernelSpec("fused_backward", (("dY", "Y"), ("dS", 3), ("Saved", 4),
                                                ("States", 4), ("P", 1), ("lengths", "L"),
                                                ("dXW", 3), ("dP", 2), ("reverse", "i"),
-                                               ("H", "i"), ("dh", "i"), ("s0", "i"), ("s1", "i")),
+                                               ("H", "i"), ("dh", "i"), ("s0", "i"), ("s1", "i"))
+                            + REG_ARGS,
                             _ELEM + "T = dXW.shape[0]\n" + bsteps + "    if t < lengths[b]:\n"
                             + _ind(body, 8) + "\n    else:\n" + _ind(zero, 8)))
-    if cell.linear:
+    if cell.linear and not zone:  # zoneout makes a: the scan would need its masks too
         specs += _scan_specs(cell)
     return specs
 
@@ -402,24 +429,24 @@ def _scan_specs(cell) -> list[KernelSpec]:
     return specs
 
 
-def kernel_source(cell) -> str:
+def kernel_source(cell, reg=(False, False)) -> str:
     """Python source of every kernel of ``cell`` (``name_py`` functions and jitted ``name``)."""
     parts = ["from numba import cuda\n"]
-    for spec in kernel_specs(cell):
+    for spec in kernel_specs(cell, reg):
         args = ", ".join(a for a, _ in spec.args)
         parts.append(f"\ndef {spec.name}_py({args}):\n{_ind(spec.body, 4)}\n\n\n"
                      f"{spec.name} = cuda.jit(cache=CACHE)({spec.name}_py)\n")
     return "".join(parts)
 
 
-def signatures(cell, dtype, y_layout: str = "A") -> dict:
+def signatures(cell, dtype, y_layout: str = "A", reg=(False, False)) -> dict:
     """Numba signatures of every kernel for :func:`numba.cuda.compile_ptx`, by ``name_py``."""
     import numpy as np
     from numba import types as nt
 
     f = nt.float32 if np.dtype(dtype) == np.float32 else nt.float64
     out = {}
-    for spec in kernel_specs(cell):
+    for spec in kernel_specs(cell, reg):
         sig = []
         for _, kind in spec.args:
             if kind == "i":
