@@ -90,6 +90,7 @@ class RNN:
         self.dropout_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
         self.dropout_calls = 0
         self._dropout_key = None  # set by forward_with for one call
+        self._masks_override = None  # set by forward_with for one call
         self._lock = threading.Lock()
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
@@ -285,7 +286,7 @@ class RNN:
     # -- explicit-parameter calls (for autograd adapters such as kernrnn.torch) --
 
     def forward_with(self, params, x, h0=None, lengths=None, *, training=True,
-                     dropout_seed=None):
+                     dropout_seed=None, masks=None):
         """:meth:`forward` with ``params`` (a dict like :attr:`params`, e.g. views
         of another framework's tensors) in place of the layer's own.
 
@@ -293,18 +294,22 @@ class RNN:
         what :meth:`backward_with` needs.  The layer's parameters, gradients and
         last-call state are left as they were, so any number of calls may be
         pending.  ``dropout_seed`` (an int) chooses the dropout masks of this
-        call instead of the layer's counter.
+        call instead of the layer's counter.  ``masks`` (default: ``training``)
+        chooses the regularisation's mode apart from saving for backward: an
+        autograd adapter in evaluation mode still needs the context.
         """
         with self._lock:
             saved = self.params, self.training, self._ctx
             self.params, self.training = params, bool(training)
             self._dropout_key = None if dropout_seed is None else (int(dropout_seed),)
+            self._masks_override = None if masks is None else bool(masks)
             try:
                 y, hn = self.forward(x, h0, lengths)
                 return y, hn, self._ctx
             finally:
                 self.params, self.training, self._ctx = saved
                 self._dropout_key = None
+                self._masks_override = None
 
     def backward_with(self, ctx, dy, dhn=None):
         """BPTT for a :meth:`forward_with` call; returns ``(dx, dh0, grads)``
@@ -345,7 +350,7 @@ class RNN:
         reg = self.regularization
         stochastic = (self.dropout > 0.0 and self.num_layers > 1) or reg.recurrent_dropout \
             or reg.input_dropout or reg.zoneout
-        if not self.training or not stochastic:
+        if not self._masks_mode() or not stochastic:
             return None
         key = self._dropout_key
         if key is None:
@@ -362,13 +367,18 @@ class RNN:
         call = self.dropout_calls if call is None else int(call)
         return call_seed(self.dropout_seed, call)
 
+    def _masks_mode(self) -> bool:
+        """Whether this call draws masks (training) or applies the evaluation rule."""
+        return self.training if self._masks_override is None else self._masks_override
+
     def _regularization_call(self, key, layer: int, direction: int) -> dict:
         """``{"reg": RegularizationCall}`` for the backend, or ``{}`` without regularisation."""
         reg = self.regularization
-        if not reg.active or (not self.training and not reg.zoneout):
+        mode = self._masks_mode()
+        if not reg.active or (not mode and not reg.zoneout):
             return {}
         seed = call_seed(key[0], key[-1] if len(key) > 1 else 0) if key is not None else 0
-        return {"reg": RegularizationCall(reg, seed, layer, direction, self.training)}
+        return {"reg": RegularizationCall(reg, seed, layer, direction, mode)}
 
     def _dropout_masks(self, shape, key):
         """The L-1 inverted-dropout masks of one training call (None: no dropout)."""

@@ -75,8 +75,8 @@ def test_dropout_masks_are_reused_in_backward_and_off_in_eval():
 def test_dropout_is_inverted_and_seeded():
     a = kernrnn.RNN("rnn", 2, 50, num_layers=2, dropout=0.5, dtype=np.float64, seed=3)
     b = kernrnn.RNN("rnn", 2, 50, num_layers=2, dropout=0.5, dtype=np.float64, seed=3)
-    masks = a._dropout_masks((20, 8, 50))
-    np.testing.assert_array_equal(masks[0], b._dropout_masks((20, 8, 50))[0])
+    masks = a._dropout_masks((20, 8, 50), a._call_key())
+    np.testing.assert_array_equal(masks[0], b._dropout_masks((20, 8, 50), b._call_key())[0])
     assert set(np.unique(masks[0])) == {0.0, 2.0}  # kept values scaled by 1 / (1 - p)
     assert abs(masks[0].mean() - 1.0) < 0.05
 

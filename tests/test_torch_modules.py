@@ -220,7 +220,7 @@ def test_no_grad_and_eval_save_nothing(monkeypatch):
 
 def test_cpu_tensors_reach_the_kernels_without_copies(monkeypatch):
     m = kt.LSTM(2, 3, dtype=F64)
-    engine = _ops.engine_for(_ops.make_spec("lstm", 2, 3, 1, False, True, 0.0),
+    engine = _ops.engine_for(_ops.make_spec("lstm", 2, 3, 1, False, True, 0.0, masks=True),
                              m.weight_ih_l0)
     seen = {}
     real = engine.forward_with

@@ -63,17 +63,30 @@ def _cell(name: str):
 
 
 def make_spec(cell: str, input_size, hidden_size, num_layers, bidirectional, bias,
-              dropout) -> str:
+              dropout, recurrent_dropout=0.0, input_dropout=0.0, zoneout=(), masks=False) -> str:
     """The layer configuration as one string, a constant for torch.compile
-    (plain formatting, which TorchDynamo traces; cell names have no ``;``)."""
+    (plain formatting, which TorchDynamo traces; cell names have no ``;``).
+
+    ``recurrent_dropout``, ``input_dropout``, ``zoneout`` (a tuple, one rate per
+    state) configure the kernels' regularisation; ``masks`` is the module's
+    training mode (masks drawn) rather than evaluation (zoneout's expectation).
+    """
+    zo = ",".join(str(float(z)) for z in zoneout)
     return (f"{cell};{int(input_size)};{int(hidden_size)};{int(num_layers)};"
-            f"{int(bidirectional)};{int(bias)};{float(dropout)}")
+            f"{int(bidirectional)};{int(bias)};{float(dropout)};{float(recurrent_dropout)};"
+            f"{float(input_dropout)};{zo};{int(bool(masks))}")
 
 
 def parse_spec(spec: str):
     """``(cell, I, H, L, bidirectional, bias, dropout)`` from :func:`make_spec`."""
-    cell, I, H, L, bidir, bias, dropout = spec.split(";")
+    cell, I, H, L, bidir, bias, dropout = spec.split(";")[:7]
     return cell, int(I), int(H), int(L), bidir == "1", bias == "1", float(dropout)
+
+
+def parse_regularization(spec: str):
+    """``(recurrent_dropout, input_dropout, zoneout tuple, masks)`` from :func:`make_spec`."""
+    rd, xd, zo, masks = spec.split(";")[7:]
+    return float(rd), float(xd), tuple(float(z) for z in zo.split(",") if z), masks == "1"
 
 
 def spec_cell(spec: str):
@@ -86,8 +99,10 @@ def _engine(spec: str, dtype: str, device: str):
     from kernrnn.layer import RNN
 
     cell, I, H, L, bidir, bias, dropout = parse_spec(spec)
+    rd, xd, zo, _ = parse_regularization(spec)
     return RNN(_cell(cell), input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir,
-               dtype=np.dtype(dtype), device=device, bias=bias, dropout=dropout, seed=0)
+               dtype=np.dtype(dtype), device=device, bias=bias, dropout=dropout, seed=0,
+               recurrent_dropout=rd, input_dropout=xd, zoneout=zo or 0.0)
 
 
 def engine_for(spec: str, t: torch.Tensor):
@@ -178,10 +193,12 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
     engine = engine_for(spec, x)
     arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
     lens = None if lengths is None else lengths.detach().cpu().numpy()
-    training = save or engine.dropout > 0
+    masks = parse_regularization(spec)[3]
+    training = save or engine.dropout > 0 or masks
     with _on_torch_stream(x.device):
         y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
-                                         training=training, dropout_seed=int(seed))
+                                         training=training, dropout_seed=int(seed),
+                                         masks=masks)
         y, hn = _tensor(y), _parts(hn)
     handle = _stash(ctx) if save else torch.empty(0, dtype=torch.int64)
     return y, hn, handle

@@ -90,10 +90,19 @@ class _FusedForward:
     def _run(self, x, parts, lengths, params):
         """The op call: ``x`` time-major, ``parts`` None or S tensors."""
         active = self.training and self.dropout > 0 and self.num_layers > 1
+        rd = getattr(self, "recurrent_dropout", 0.0)
+        xd = getattr(self, "input_dropout", 0.0)
+        zo = tuple(getattr(self, "zoneout", ()) or ())
+        if isinstance(getattr(self, "zoneout", ()), (int, float)):
+            zo = (float(self.zoneout),) * self._n_state if self.zoneout else ()
+        regularised = bool(rd or xd or zo)
         spec = _ops.make_spec(self._kernrnn_cell, self.input_size, self.hidden_size,
                               self.num_layers, self.bidirectional, self.bias,
-                              self.dropout if active else 0.0)
-        if active:  # masks drawn from torch's RNG: torch.manual_seed reproduces them
+                              self.dropout if active else 0.0,
+                              rd if self.training else 0.0, xd if self.training else 0.0, zo,
+                              self.training)
+        if active or (self.training and regularised):
+            # masks drawn from torch's RNG: torch.manual_seed reproduces them
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
             seed = torch.zeros((), dtype=torch.int64)
@@ -242,10 +251,19 @@ class Recurrent(_FusedForward, nn.Module):
     proj_size = 0  # for nn.RNNBase's shape checks
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
+                 recurrent_dropout=0.0, input_dropout=0.0, zoneout=0.0):
         super().__init__()
         _check_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                        bidirectional)
+        from kernrnn.regularization import Regularization
+
+        reg = Regularization.build(_ops._cell(_ops.register_cell(cell)), recurrent_dropout,
+                                   input_dropout, zoneout)
+        #: Variational dropout and zoneout inside the kernels (kernrnn.regularization);
+        #: on the drop-ins these attributes can be set after construction.
+        self.recurrent_dropout, self.input_dropout = reg.recurrent_dropout, reg.input_dropout
+        self.zoneout = reg.zoneout
         self._cell_object = None if isinstance(cell, str) else cell
         self.cell = _ops.register_cell(cell)
         self._state_names = tuple(_ops._cell(self.cell).state)  # plain data for torch.compile

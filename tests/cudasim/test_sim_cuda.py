@@ -198,3 +198,37 @@ def test_functional_api_on_the_cuda_backend(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
     for k in g_c:
         np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "slstm", "lstm_ln", "mingru"])
+def test_regularised_kernels_match_the_cpu_mask_for_mask(cell_name):
+    """Recurrent dropout, input dropout and zoneout with one seed: the CUDA kernels
+    (simulated) draw the same Philox masks as the CPU kernels, forward and backward,
+    in training and (zoneout's expectation) in evaluation."""
+    from kernrnn.regularization import Regularization, RegularizationCall
+
+    cell = REGISTRY.get(cell_name)
+    rng = np.random.default_rng(21)
+    T, B, I, H = 7, 3, 3, 4
+    params = {k: rng.uniform(-0.5, 0.5, s) for k, s in cell.param_shapes(I, H).items()}
+    x = rng.uniform(-1, 1, (T, B, I))
+    h0 = np.stack(cell.sample_states(rng, (B, H)))
+    lens = np.array([T, 3, 0], np.int64)
+    settings = Regularization.build(cell, 0.3 if cell.has_recurrent else 0.0, 0.25,
+                                    tuple(0.2 + 0.1 * s for s in range(cell.n_state)))
+    for reverse, training in ((False, True), (True, True), (False, False)):
+        reg = RegularizationCall(settings, 987654321987, 1, int(reverse), training)
+        y_c, hn_c, ctx_c = cpu.forward(cell, x, params, h0, lens, reverse, training, reg=reg)
+        y_g, hn_g, ctx_g = cb.forward(cell, x, params, h0, cb.lengths(lens), reverse, training,
+                                      reg=reg)
+        np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(hn_g, hn_c, rtol=1e-12, atol=1e-13)
+        if not training:
+            continue
+        dy, dhn = rng.uniform(-1, 1, y_c.shape), rng.uniform(-1, 1, hn_c.shape)
+        dx_c, dS_c, g_c = cpu.backward(ctx_c, dy, dhn)
+        dx_g, dS_g, g_g = cb.backward(ctx_g, dy, dhn)
+        np.testing.assert_allclose(dx_g, dx_c, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(dS_g, dS_c, rtol=1e-11, atol=1e-12)
+        for k in g_c:
+            np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
