@@ -29,7 +29,8 @@ TASK_DEFAULTS = {
 COMMON_DEFAULTS = {
     "cell": "lstm", "layers": 1, "device": "cpu", "dtype": "float32", "optimizer": "adam",
     "momentum": 0.9, "clip": 1.0, "tbptt": 0, "seed": 0,
-    "embedding": None, "dropout": 0.0,
+    "embedding": None, "dropout": 0.0, "recurrent_dropout": 0.0, "input_dropout": 0.0,
+    "zoneout": None,
 }
 
 
@@ -62,6 +63,14 @@ def add_parser(sub) -> None:
     g.add_argument("--embedding", type=int, default=None, help="embedding size (token tasks)")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout between stacked layers, as PyTorch's (0; needs --layers >= 2)")
+    g.add_argument("--recurrent-dropout", type=float, default=None,
+                   help="variational dropout on h_{t-1}, one mask per sequence, inside the "
+                        "kernels (0)")
+    g.add_argument("--input-dropout", type=float, default=None,
+                   help="variational dropout on each layer's input (0)")
+    g.add_argument("--zoneout", type=float, nargs="+", default=None, metavar="Z",
+                   help="zoneout rate, one for every state or one per state, e.g. 0.1 0.05 "
+                        "for the LSTM's (h, c) (0)")
     g.add_argument("--no-bias", action="store_true", default=None,
                    help="recurrent layers without bias parameters (PyTorch's bias=False)")
     g.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -232,6 +241,23 @@ def _limit_threads(n):
     return _Restore()
 
 
+def _regularization(opt) -> dict:
+    """The kernels' regularisation from the options, each rate checked by name."""
+    out = {}
+    for flag in ("recurrent_dropout", "input_dropout"):
+        v = opt(flag)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must lie in [0, 1], got {v}")
+        out[flag] = v
+    zo = opt("zoneout")
+    if zo:
+        for v in zo:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"--zoneout rates must lie in [0, 1], got {v}")
+        out["zoneout"] = zo[0] if len(zo) == 1 else tuple(zo)
+    return out
+
+
 def _check_cell(name):
     from kernrnn.plugins import get_registry
 
@@ -273,6 +299,9 @@ def _build(args, ckpt=None):
             "hidden": mcfg["hidden_size"],
             "layers": mcfg["num_layers"], "embedding": mcfg.get("embedding_dim"),
             "dropout": mcfg.get("dropout", 0.0), "no_bias": not mcfg.get("bias", True) or None,
+            "recurrent_dropout": mcfg.get("recurrent_dropout", 0.0),
+            "input_dropout": mcfg.get("input_dropout", 0.0),
+            "zoneout": mcfg.get("zoneout") or None,
             "dtype": mcfg["dtype"], "batch_size": tr["batch_size"], "optimizer": ocfg["name"],
             "lr": ocfg["lr"], "momentum": ocfg.get("momentum"),
             "weight_decay": ocfg.get("weight_decay"), "clip": tr["clip"] or 0.0,
@@ -338,7 +367,7 @@ def _build(args, ckpt=None):
         output_size=task.output_size, num_layers=opt("layers"), vocab_size=task.vocab_size,
         embedding_dim=opt("embedding") if task.vocab_size else None, head=task.head,
         dtype=np.dtype(opt("dtype")), device=device, seed=opt("seed"),
-        dropout=dropout, bias=not args.no_bias,
+        dropout=dropout, bias=not args.no_bias, **_regularization(opt),
     )
     name = opt("optimizer")
     wd = args.weight_decay

@@ -77,13 +77,16 @@ class SequenceModel:
 
     ``batch_first=True`` takes ``x`` as ``[B, T, ...]`` and gives ``out``
     (``head="seq"``) as ``[B, T, output_size]``, as PyTorch's option;
-    ``dropout`` and ``bias`` go to the recurrent stack (:class:`kernrnn.RNN`).
+    ``dropout``, ``bias`` and the kernels' regularisation (``recurrent_dropout``,
+    ``input_dropout``, ``zoneout``, see :mod:`kernrnn.regularization`) go to the
+    recurrent stack (:class:`kernrnn.RNN`).
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
                  num_layers=1, vocab_size=None, embedding_dim=None, head="seq",
                  bidirectional=False, nonlinearity=None, dtype=np.float32, device="cpu",
-                 seed=None, dropout=0.0, bias=True, batch_first=False):
+                 seed=None, dropout=0.0, bias=True, batch_first=False, recurrent_dropout=0.0,
+                 input_dropout=0.0, zoneout=0.0):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head = head
@@ -113,7 +116,8 @@ class SequenceModel:
         self.rnn = RNN(cell, input_size=rnn_in, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dtype=dtype, device=device,
                        nonlinearity=nonlinearity, seed=int(rng.integers(2**63)),
-                       dropout=dropout, bias=bias)
+                       dropout=dropout, bias=bias, recurrent_dropout=recurrent_dropout,
+                       input_dropout=input_dropout, zoneout=zoneout)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.batch_first = batch_first
@@ -166,9 +170,12 @@ class SequenceModel:
     def _layer_options(self) -> dict:
         """PyTorch layer options that differ from their defaults (left out otherwise, so
         the configs of models without them, e.g. in older checkpoints, stay the same)."""
+        reg = self.rnn.regularization
         opts = {"dropout": self.rnn.dropout, "bias": self.rnn.bias,
-                "batch_first": self.batch_first}
-        defaults = {"dropout": 0.0, "bias": True, "batch_first": False}
+                "batch_first": self.batch_first, "recurrent_dropout": reg.recurrent_dropout,
+                "input_dropout": reg.input_dropout, "zoneout": list(reg.zoneout)}
+        defaults = {"dropout": 0.0, "bias": True, "batch_first": False,
+                    "recurrent_dropout": 0.0, "input_dropout": 0.0, "zoneout": []}
         return {k: v for k, v in opts.items() if v != defaults[k]}
 
     @classmethod
@@ -176,10 +183,12 @@ class SequenceModel:
         cfg = dict(config)
         known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
                  "embedding_dim", "head", "bidirectional", "dtype", "dropout", "bias",
-                 "batch_first"}
+                 "batch_first", "recurrent_dropout", "input_dropout", "zoneout"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"model config has unknown keys {unknown}")
+        if "zoneout" in cfg:
+            cfg["zoneout"] = tuple(cfg["zoneout"])
         return cls(device=device, seed=seed, **cfg)
 
     def __repr__(self) -> str:
