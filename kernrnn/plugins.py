@@ -41,6 +41,8 @@ BUILTIN_PLUGINS = (
     "kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru",
     "kernrnn_cells.indrnn", "kernrnn_cells.mingru", "kernrnn_cells.lstm_peephole",
     "kernrnn_cells.lstm_ln", "kernrnn_cells.slstm",
+    "kernrnn_cells.cifg", "kernrnn_cells.janet", "kernrnn_cells.minlstm",
+    "kernrnn_cells.gru_ln", "kernrnn_cells.ugrnn", "kernrnn_cells.mgu",
 )
 
 class PluginError(RuntimeError):
