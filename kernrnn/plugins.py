@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import pluggy
 
+from kernrnn.cell import CellError
 from kernrnn.hooks import PROJECT, CellSpecs
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTOLOAD_ENV",
+    "BadCellError",
     "CellRegistry",
     "CellSource",
     "PluginError",
@@ -47,6 +49,14 @@ BUILTIN_PLUGINS = (
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or registered a bad cell."""
+
+
+class BadCellError(PluginError, CellError):
+    """A plugin's cell definition is wrong (a :class:`PluginError` and a ``CellError``).
+
+    The message names the plugin, its distribution and the cell, and says what
+    the cell contract expected and what the cell gave.
+    """
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ class CellRegistry:
         try:
             cell.validate()
         except CellError as exc:
-            raise PluginError(f"{self._current} registered a bad cell: {exc}") from exc
+            raise BadCellError(f"{self._current} registered a bad cell: {exc}") from exc
         if cell.name in self._cells:
             raise PluginError(
                 f"cell name {cell.name!r} is registered twice: by "
@@ -139,6 +149,9 @@ def _entry_point_plugins() -> Iterator[tuple[object, CellSource]]:
         source = CellSource(ep.name, dist_name)
         try:
             obj = ep.load()
+        except CellError as exc:  # a cell built when the module is imported
+            raise BadCellError(f"{source} defines a bad cell (entry point {ep.value!r}): "
+                               f"{exc}") from exc
         except Exception as exc:
             raise PluginError(
                 f"{source} could not be loaded (entry point {ep.value!r}): "
@@ -150,7 +163,12 @@ def _entry_point_plugins() -> Iterator[tuple[object, CellSource]]:
 def _builtin_plugins() -> Iterator[tuple[object, CellSource]]:
     version = _kernrnn_version()
     for modname in BUILTIN_PLUGINS:
-        yield importlib.import_module(modname), CellSource(modname, f"kernrnn {version} (built in)")
+        source = CellSource(modname, f"kernrnn {version} (built in)")
+        try:
+            module = importlib.import_module(modname)
+        except CellError as exc:
+            raise BadCellError(f"{source} defines a bad cell: {exc}") from exc
+        yield module, source
 
 
 def _kernrnn_version() -> str:
@@ -192,8 +210,6 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
         src = sources.get(pm.get_name(exc.plugin), exc.plugin)
         raise PluginError(f"{src} implements an unknown hook: {exc}") from exc
 
-    from kernrnn.cell import CellError
-
     registry = CellRegistry()
     # Call each implementation on its own so every cell knows its source.
     for impl in reversed(pm.hook.kernrnn_register_cells.get_hookimpls()):
@@ -205,7 +221,7 @@ def load_registry(autoload: bool | None = None, plugins=()) -> CellRegistry:
             except PluginError:
                 raise
             except CellError as exc:
-                raise PluginError(f"{source} registered a bad cell: {exc}") from exc
+                raise BadCellError(f"{source} registered a bad cell: {exc}") from exc
             except Exception as exc:
                 raise PluginError(
                     f"{source} failed in kernrnn_register_cells: {type(exc).__name__}: {exc}"
