@@ -352,7 +352,7 @@ class Cell:
 
     @property
     def plain(self) -> bool:
-        """A cell of the first contract: dense recurrence over all gates, nothing else.
+        """True for a cell of the first contract (dense recurrence over all gates, nothing else).
 
         The persistent CUDA kernel runs only these.
         """
