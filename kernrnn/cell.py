@@ -352,7 +352,7 @@ class Cell:
 
     @property
     def plain(self) -> bool:
-        """A cell of the first contract: dense recurrence over all gates, nothing else.
+        """True for a cell of the first contract (dense recurrence over all gates, nothing else).
 
         The persistent CUDA kernel runs only these.
         """
@@ -419,8 +419,8 @@ class Cell:
             arr = np.asarray(fn(rng, name, shape, hidden_size), dtype=np.float64)
         if arr.shape != tuple(shape):
             raise CellError(
-                f"cell {self.name!r}: init returned shape {arr.shape} for {name}, "
-                f"expected {tuple(shape)}"
+                f"cell {self.name!r}{_source_note(self)}: init returned shape {arr.shape} for "
+                f"{name}, expected {tuple(shape)} (hidden_size={hidden_size})"
             )
         return arr
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import pluggy
 
+from kernrnn.cell import CellError
 from kernrnn.hooks import PROJECT, CellSpecs
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTOLOAD_ENV",
     "STRICT_ENV",
+    "BadCellError",
     "CellRegistry",
     "CellSource",
     "PluginError",
@@ -57,6 +59,8 @@ BUILTIN_PLUGINS = (
     "kernrnn_cells.rnn", "kernrnn_cells.lstm", "kernrnn_cells.gru",
     "kernrnn_cells.indrnn", "kernrnn_cells.mingru", "kernrnn_cells.lstm_peephole",
     "kernrnn_cells.lstm_ln", "kernrnn_cells.slstm",
+    "kernrnn_cells.cifg", "kernrnn_cells.janet", "kernrnn_cells.minlstm",
+    "kernrnn_cells.gru_ln", "kernrnn_cells.ugrnn", "kernrnn_cells.mgu",
 )
 
 
@@ -77,6 +81,14 @@ class SkippedPlugin:
 
     def __str__(self) -> str:
         return f"skipped {self.source}: {self.reason}"
+
+
+class BadCellError(PluginError, CellError):
+    """A plugin's cell definition is wrong (a :class:`PluginError` and a ``CellError``).
+
+    The message names the plugin, its distribution and the cell, and says what
+    the cell contract expected and what the cell gave.
+    """
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,7 @@ class CellRegistry:
         try:
             cell.validate()
         except CellError as exc:
-            raise PluginError(f"{self._current} registered a bad cell: {exc}") from exc
+            raise BadCellError(f"{self._current} registered a bad cell: {exc}") from exc
         if cell.name in self._cells:
             raise PluginError(
                 f"cell name {cell.name!r} is registered twice: by "
@@ -173,23 +185,35 @@ def _strict_default() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def _entry_point_plugins() -> Iterator[tuple[object, CellSource, str | None]]:
-    """``(plugin or None, source, import error or None)`` for each entry point."""
+def _entry_point_plugins() -> Iterator[tuple[object, CellSource, PluginError | None]]:
+    """``(plugin or None, source, the load's error or None)`` for each entry point."""
     for ep in importlib.metadata.entry_points(group=PROJECT):
         dist = ep.dist
         dist_name = f"{dist.name} {dist.version}" if dist is not None else "unknown"
         source = CellSource(ep.name, dist_name)
         try:
-            yield ep.load(), source, None
+            obj = ep.load()
+        except CellError as exc:  # a cell built when the module is imported
+            yield None, source, BadCellError(
+                f"{source} defines a bad cell (entry point {ep.value!r}): {_one_line(exc)}")
+            continue
         except Exception as exc:
-            yield None, source, (f"could not be loaded (entry point {ep.value!r}): "
-                                 f"{type(exc).__name__}: {_one_line(exc)}")
+            yield None, source, PluginError(
+                f"{source} could not be loaded (entry point {ep.value!r}): "
+                f"{type(exc).__name__}: {_one_line(exc)}")
+            continue
+        yield obj, source, None
 
 
 def _builtin_plugins() -> Iterator[tuple[object, CellSource]]:
     version = _kernrnn_version()
     for modname in BUILTIN_PLUGINS:
-        yield importlib.import_module(modname), CellSource(modname, f"kernrnn {version} (built in)")
+        source = CellSource(modname, f"kernrnn {version} (built in)")
+        try:
+            module = importlib.import_module(modname)
+        except CellError as exc:
+            raise BadCellError(f"{source} defines a bad cell: {exc}") from exc
+        yield module, source
 
 
 def _kernrnn_version() -> str:
@@ -241,7 +265,7 @@ def _add_plugin(pm: pluggy.PluginManager, registry: CellRegistry, obj, source: C
             if isinstance(exc, PluginError):
                 raise
             if isinstance(exc, CellError):
-                raise PluginError(f"{source} registered a bad cell: {_one_line(exc)}") from exc
+                raise BadCellError(f"{source} registered a bad cell: {_one_line(exc)}") from exc
             raise PluginError(f"{source} failed in kernrnn_register_cells: "
                               f"{type(exc).__name__}: {_one_line(exc)}") from exc
 
@@ -271,7 +295,7 @@ def load_registry(autoload: bool | None = None, plugins=(), strict: bool | None 
         for obj, source, error in _entry_point_plugins():
             try:
                 if error is not None:
-                    raise PluginError(f"{source} {error}")
+                    raise error
                 _add_plugin(pm, registry, obj, source)
             except PluginError as exc:
                 if strict:

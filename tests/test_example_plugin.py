@@ -27,7 +27,7 @@ from kernrnn.testing.strategies import problems
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "kernrnn-example-cells"
 PYPROJECT = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
-CELLS = ("cifg", "mgu")
+CELLS = ("example_cifg", "example_mgu")
 
 
 def _write_dist_info(root: Path) -> None:
@@ -68,7 +68,7 @@ def test_entry_points_are_visible(installed):
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=PROJECT)
            if ep.dist is not None and ep.dist.name == PYPROJECT["name"]}
     assert sorted(eps) == sorted(CELLS)
-    assert eps["cifg"].value == "kernrnn_example_cells.cifg"
+    assert eps["example_cifg"].value == "kernrnn_example_cells.cifg"
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -76,7 +76,7 @@ def test_cells_discovered_with_their_source(registry, name):
     source = registry.source(name)
     assert source.plugin == name
     assert source.distribution == f"{PYPROJECT['name']} {PYPROJECT['version']}"
-    assert registry.get(name).n_gates == {"cifg": 3, "mgu": 2}[name]
+    assert registry.get(name).n_gates == {"example_cifg": 3, "example_mgu": 2}[name]
 
 
 def test_autoload_off_hides_the_example(installed):
@@ -118,13 +118,27 @@ def test_layer_and_cli_use_the_discovered_cells(installed, fresh_registry, capsy
     import kernrnn
     from kernrnn.cli import main
 
-    assert {"cifg", "mgu"} <= set(kernrnn.cells())
-    layer = kernrnn.RNN("cifg", input_size=3, hidden_size=5, dtype=np.float64, seed=0)
+    assert {"example_cifg", "example_mgu", "cifg", "mgu"} <= set(kernrnn.cells())
+    layer = kernrnn.RNN("example_cifg", input_size=3, hidden_size=5, dtype=np.float64, seed=0)
     assert layer.state_dict()["weight_ih_l0"].shape == (15, 3)
     x = np.random.default_rng(0).uniform(-1, 1, (4, 2, 3))
     y, (h, c) = layer(x)
     assert y.shape == (4, 2, 5) and h.shape == c.shape == (1, 2, 5)
     assert main(["cells"]) == 0
     out = capsys.readouterr().out
-    assert "cifg" in out and "mgu" in out and PYPROJECT["name"] in out
+    assert "example_cifg" in out and "example_mgu" in out and PYPROJECT["name"] in out
     assert "LSTM with coupled input and forget gate" in out  # the description column
+
+
+@pytest.mark.parametrize("example, shipped", [("example_cifg", "cifg"), ("example_mgu", "mgu")])
+def test_example_cells_and_the_shipped_zoo_cells_coexist_and_agree(registry, example, shipped):
+    """Same math, different names: both registered, same numbers on the same weights."""
+    import kernrnn
+
+    assert registry.source(shipped).distribution.endswith("(built in)")
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (5, 2, 3))
+    a = kernrnn.RNN(registry.get(example), 3, 4, dtype=np.float64, seed=1)
+    b = kernrnn.RNN(registry.get(shipped), 3, 4, dtype=np.float64, seed=2)
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_allclose(b(x)[0], a(x)[0], rtol=1e-13, atol=1e-14)

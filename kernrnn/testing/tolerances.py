@@ -49,7 +49,7 @@ def directional_derivative(loss_at, h: float = RICHARDSON_STEP) -> float:
     """d/de loss_at(e) at 0 by Richardson's extrapolation of central differences.
 
     ``(4 D(h/2) - D(h)) / 3`` with ``D(s) = (f(s) - f(-s)) / 2s``: truncation
-    error O(h^4), rounding error ~ 3 eps |f| / h.
+    error O(h^4), rounding error ``~ 3 eps |f| / h``.
     """
     def central(s):
         return (loss_at(s) - loss_at(-s)) / (2 * s)

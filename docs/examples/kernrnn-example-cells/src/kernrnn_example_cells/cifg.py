@@ -55,7 +55,7 @@ def reference(xw, hu, prev):
 
 
 CIFG = Cell(
-    "cifg",
+    "example_cifg",
     gates="fgo",
     state=("h", "c"),
     forward=forward,

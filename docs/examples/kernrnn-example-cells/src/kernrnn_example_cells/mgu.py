@@ -41,7 +41,7 @@ def reference(xw, hu, prev):
 
 
 MGU = Cell(
-    "mgu",
+    "example_mgu",
     gates="fn",
     forward=forward,
     backward=backward,
