@@ -34,6 +34,7 @@ PUBLIC_MODULES = [
     "kernrnn.hooks",
     "kernrnn.plugins",
     "kernrnn.layer",
+    "kernrnn.regularization",
     "kernrnn.functional",
     "kernrnn.testing",
     "kernrnn.testing.conformance",
