@@ -9,7 +9,7 @@ CUDA kernels and the float64 reference agree bit for bit.
 
 Two implementations of the same function: :func:`philox_scalar`, plain
 integer arithmetic on explicit ``uint64`` values that Numba compiles into the
-CPU and CUDA kernels (:func:`keep_scalar`), and :func:`philox`, a vectorised
+CPU and CUDA kernels (:func:`below_scalar`), and :func:`philox`, a vectorised
 NumPy version for the reference and the tests.  ``stream`` separates the
 uses: (layer, direction, purpose) packed by :func:`stream_id`.
 """
@@ -25,10 +25,10 @@ __all__ = ["philox", "philox_scalar", "bits24", "threshold", "uniform", "below_s
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
-#: The time counter of per-sequence masks (variational dropout): the same at every step.
+#: The time counter of the per-sequence masks of variational dropout, the same at every step.
 SEQUENCE = _MASK32
-#: Mask purposes: recurrent dropout on h_{t-1}, input dropout on x_t, zoneout of state s
-#: is ``PURPOSES["zoneout"] + s``.
+#: The purpose word of each kind of mask (recurrent dropout on h_{t-1}, input dropout on
+#: x_t); zoneout of state s uses ``PURPOSES["zoneout"] + s``.
 PURPOSES = {"recurrent_dropout": 0, "input_dropout": 1, "zoneout": 2}
 
 

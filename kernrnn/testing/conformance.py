@@ -19,7 +19,7 @@ import numpy as np
 from kernrnn.testing import tolerances as tol
 from kernrnn.testing.reference import reference_rnn
 
-__all__ = ["check_cell", "ConformanceReport", "ConformanceError", "random_problem",
+__all__ = ["check_cell", "ConformanceReport", "ConformanceError", "random_problem", "LAYER_SEED",
            "run_layer", "forward_errors", "gradient_errors"]
 
 
