@@ -19,7 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["philox", "philox_scalar", "bits24", "threshold", "uniform", "below_scalar",
+__all__ = ["philox", "philox_scalar", "philox_words", "zoneout_words", "bits24", "threshold",
+           "uniform", "below_scalar",
            "stream_id", "PURPOSES", "SEQUENCE"]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -81,10 +82,10 @@ def uniform(seed: int, stream: int, t, b, j, xp=np):
 
 
 @numba.njit(inline="always")
-def philox_scalar(c0, c1, c2, c3, k0, k1):
+def philox_words(c0, c1, c2, c3, k0, k1):
     """Philox-4x32-10 on one counter; every value a ``uint64`` holding 32 bits.
 
-    Returns the first output word (the masks use one word per element).
+    Returns the four output words (zoneout uses word ``s % 4`` for state ``s``).
     """
     m32 = np.uint64(0xFFFFFFFF)
     s32 = np.uint64(32)
@@ -99,7 +100,23 @@ def philox_scalar(c0, c1, c2, c3, k0, k1):
         n2 = (p0 >> s32) ^ c3 ^ k1
         n3 = p0 & m32
         c0, c1, c2, c3 = n0, n1, n2, n3
-    return c0
+    return c0, c1, c2, c3
+
+
+@numba.njit(inline="always")
+def philox_scalar(c0, c1, c2, c3, k0, k1):
+    """The first output word of :func:`philox_words` (the dropout masks use one per element)."""
+    return philox_words(c0, c1, c2, c3, k0, k1)[0]
+
+
+@numba.njit(inline="always")
+def zoneout_words(seed_lo, seed_hi, stream, t, b, j):
+    """The four 24-bit draws of element (t, b, j): zoneout of states ``4g .. 4g+3`` where
+    ``stream`` is the zoneout stream of group g (one Philox call for up to four states)."""
+    w = philox_words(np.uint64(t) & np.uint64(0xFFFFFFFF), np.uint64(b), np.uint64(j),
+                     np.uint64(stream), np.uint64(seed_lo), np.uint64(seed_hi))
+    s8 = np.uint64(8)
+    return w[0] >> s8, w[1] >> s8, w[2] >> s8, w[3] >> s8
 
 
 @numba.njit(inline="always")

@@ -120,11 +120,13 @@ def zoneout_keep(seed: int, layer: int, direction: int, state: int, t: int, B: i
     """``[B, H]`` bool: the units of state component ``state`` that keep their value at step t.
 
     NumPy, for the reference and the tests (the kernels compute the same bits
-    with :func:`kernrnn.philox.below_scalar`).
+    with :func:`kernrnn.philox.zoneout_words`): one Philox call per element and
+    step serves four states, word ``state % 4`` of the stream of group ``state // 4``.
     """
-    stream = philox.stream_id(layer, direction, philox.PURPOSES["zoneout"] + state)
-    bits = philox.bits24(seed, stream, t, np.arange(B)[:, None], np.arange(H)[None, :])
-    return bits < np.uint32(philox.threshold(rate))
+    stream = philox.stream_id(layer, direction, philox.PURPOSES["zoneout"] + state // 4)
+    words = philox.philox(t, np.arange(B)[:, None], np.arange(H)[None, :], stream,
+                          seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    return (words[state % 4] >> np.uint32(8)) < np.uint32(philox.threshold(rate))
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class KernelArrays:
 
     Mr: object  # [B, H] recurrent-dropout mask (0 or 1/(1-p))
     Hd: object  # [B, H] scratch: the masked h_{t-1} the recurrent product reads
-    Zthr: object  # [S] int64 zoneout thresholds (training)
+    Zthr: object  # [S] uint64 zoneout thresholds (training; compared with 24 Philox bits)
     Zp: object  # [S] zoneout rates (evaluation: the expectation)
     seed_lo: int
     seed_hi: int
@@ -185,7 +187,7 @@ def kernel_arrays(xp, call, cell, B: int, H: int, dtype) -> KernelArrays:
     one = xp.ones((1, 1), dtype=dtype)
     S = cell.n_state
     if call is None:
-        return KernelArrays(one, one, xp.zeros(S, dtype=np.int64), xp.zeros(S, dtype=dtype),
+        return KernelArrays(one, one, xp.zeros(S, dtype=np.uint64), xp.zeros(S, dtype=dtype),
                             0, 0, 0, 0)
     lo, hi = seed_words(call.seed)
     Mr = Hd = one
@@ -194,7 +196,7 @@ def kernel_arrays(xp, call, cell, B: int, H: int, dtype) -> KernelArrays:
                             call.settings.recurrent_dropout, dtype)
         Hd = xp.empty((B, H), dtype=dtype)
     zo = call.settings.zoneout or (0.0,) * S
-    Zthr = xp.asarray(np.array([philox.threshold(z) for z in zo], dtype=np.int64))
+    Zthr = xp.asarray(np.array([philox.threshold(z) for z in zo], dtype=np.uint64))
     Zp = xp.asarray(np.array(zo, dtype=dtype))
     zstream = philox.stream_id(call.layer, call.direction, philox.PURPOSES["zoneout"])
     return KernelArrays(Mr, Hd, Zthr, Zp, lo, hi, zstream, int(call.training))

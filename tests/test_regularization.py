@@ -49,6 +49,9 @@ def test_kernel_and_vector_masks_agree(seed, t, b, j, rate):
     bits = philox.bits24(seed, 7, t, b, j)
     lo, hi = seed & 0xFFFFFFFF, seed >> 32
     assert bool(philox.below_scalar(lo, hi, 7, t, b, j, thr)) == bool(bits < thr)
+    words = philox.zoneout_words(lo, hi, 7, t, b, j)
+    assert [int(w) for w in words] == [int(w >> np.uint32(8)) for w in philox.philox(
+        t, b, j, 7, lo, hi)]
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])

@@ -172,18 +172,25 @@ def backward_body(G, S, K, *, saved, prev, dstate, dxw, dhu, dprev, indent) -> s
                  [dprev(s) for s in range(S)]], indent=indent)
 
 
-def zoneout_stores(S: int, cand, prev, new) -> str:
-    """Store the new state with zoneout: the previous value where the unit keeps it
-    (training: a fresh Philox mask per step) or the expectation (evaluation)."""
+def _zoneout_draws(S: int) -> list[str]:
+    """Source of the zoneout weights ``zk{s}`` of element (t, b, j): in training 1 where the
+    unit keeps its previous value (one Philox call per four states), else the rate (the
+    evaluation rule's weight).  Branch-free per element, so the loop still vectorises."""
     lines = []
+    for g in range(0, S, 4):
+        lines.append(f"zw{g // 4} = zoneout_words(seed_lo, seed_hi, zstream + {g // 4}, t, b, j)")
     for s in range(S):
-        lines += ["if ztrain:",
-                  f"    if below_scalar(seed_lo, seed_hi, zstream + {s}, t, b, j, Zthr[{s}]):",
-                  f"        {new(s)} = {prev(s)}",
-                  "    else:",
-                  f"        {new(s)} = {cand(s)}",
-                  "else:",
-                  f"    {new(s)} = Zp[{s}] * {prev(s)} + (ONE - Zp[{s}]) * {cand(s)}"]
+        lines.append(f"zk{s} = (ONE if zw{s // 4}[{s % 4}] < Zthr[{s}] else ZERO) if ztrain "
+                     f"else Zp[{s}]")
+    return lines
+
+
+def zoneout_stores(S: int, cand, prev, new) -> str:
+    """Store the new state with zoneout: ``new = zk * prev + (1 - zk) * cand`` with ``zk`` 1
+    where the unit keeps its previous value (training, a fresh mask per step; exactly
+    ``prev`` then) or the rate (evaluation: the expectation)."""
+    lines = _zoneout_draws(S)
+    lines += [f"{new(s)} = zk{s} * {prev(s)} + (ONE - zk{s}) * {cand(s)}" for s in range(S)]
     return "\n".join(lines)
 
 
@@ -191,16 +198,16 @@ def zoneout_backward(S: int, arriving, dprev, zone: bool):
     """``(dstate, wrap)`` for a backward call under zoneout.
 
     The gradient ``g_s`` arriving at a unit that kept its previous value goes
-    straight to that value (``dprev += k * g``); the cell's backward sees
-    ``(1 - k) * g``.  ``k`` is regenerated from the same Philox stream as in
-    forward.  Without zoneout, ``dstate`` is ``arriving`` and ``wrap`` the identity.
+    straight to that value (``dprev += zk * g``); the cell's backward sees
+    ``(1 - zk) * g``.  The masks are regenerated from the same Philox stream as
+    in forward (backward runs in training only).  Without zoneout, ``dstate``
+    is ``arriving`` and ``wrap`` the identity.
     """
     if not zone:
         return arriving, (lambda src: src)
-    pre = "\n".join(f"g{s} = {arriving(s)}\nk{s} = ONE if below_scalar(seed_lo, seed_hi, "
-                    f"zstream + {s}, t, b, j, Zthr[{s}]) else ZERO" for s in range(S))
-    post = "\n".join(f"{dprev(s)} += k{s} * g{s}" for s in range(S))
-    return (lambda s: f"g{s} * (ONE - k{s})"), (lambda src: pre + "\n" + src + "\n" + post)
+    pre = "\n".join([f"g{s} = {arriving(s)}" for s in range(S)] + _zoneout_draws(S))
+    post = "\n".join(f"{dprev(s)} += zk{s} * g{s}" for s in range(S))
+    return (lambda s: f"g{s} * (ONE - zk{s})"), (lambda src: pre + "\n" + src + "\n" + post)
 
 
 def row_norm(kind: str, loops: list[str], value: str, length: str, rstd: str, *,
@@ -267,10 +274,10 @@ def math_namespace(cell, dtype) -> dict:
     dtype = np.dtype(dtype)
     ns = {f"cell_{which}": compile_scalar(getattr(cell, which), dtype)
           for which, _, _ in cell.math_signatures()}
-    from kernrnn.philox import below_scalar
+    from kernrnn.philox import zoneout_words
 
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
-              math=math, below_scalar=below_scalar)
+              math=math, zoneout_words=zoneout_words)
     return ns
 
 

@@ -315,8 +315,8 @@ def _backward_source(cell, same: bool, reg=(False, False)) -> str:
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
-                  reverse, dXW, dHU, dH, DZ, DM, Mr, Zthr, seed_lo, seed_hi, zstream,
-                  db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
+                  reverse, dXW, dHU, dH, DZ, DM, Mr, Zthr, Zp, seed_lo, seed_hi, zstream,
+                  ztrain, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
     T = dY.shape[0]
     H = dS.shape[2]
     GH = dXW.shape[2]
@@ -595,7 +595,7 @@ def backward(ctx: ForwardContext, dy, dhn):
         _run_chunks(k.backward_loop,
                     (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
                      buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM,
-                     ka.Mr, ka.Zthr, ka.seed_lo, ka.seed_hi, ka.zstream),
+                     ka.Mr, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain),
                     B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)])
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(np, cell, ctx, dXW,

@@ -41,7 +41,7 @@ __all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CH
 #: Time steps per chunk of the parallel scan of linear-in-state cells.
 SCAN_CHUNK = 16
 #: Regularisation arguments of every step kernel (one-element stand-ins when off).
-REG_ARGS = (("Mr", 2), ("Hd", 2), ("Zthr", "L"), ("Zp", 1), ("seed_lo", "i"), ("seed_hi", "i"),
+REG_ARGS = (("Mr", 2), ("Hd", 2), ("Zthr", "U"), ("Zp", 1), ("seed_lo", "i"), ("seed_hi", "i"),
             ("zstream", "i"), ("ztrain", "i"))
 
 
@@ -50,7 +50,7 @@ class KernelSpec:
     """One generated kernel: its name, arguments ``(name, kind)`` and body.
 
     ``kind`` is the number of dimensions of a float array, ``"i"`` an int64
-    scalar, ``"L"`` the int64 lengths ``[B]``, ``"Y"`` a float array of 3
+    scalar, ``"L"`` the int64 lengths ``[B]``, ``"U"`` a uint64 vector, ``"Y"`` a float array of 3
     dimensions that may be a strided view (a slice of a bidirectional output).
     """
 
@@ -453,6 +453,8 @@ def signatures(cell, dtype, y_layout: str = "A", reg=(False, False)) -> dict:
                 sig.append(nt.int64)
             elif kind == "L":
                 sig.append(nt.Array(nt.int64, 1, "C"))
+            elif kind == "U":
+                sig.append(nt.Array(nt.uint64, 1, "C"))
             elif kind == "Y":
                 sig.append(nt.Array(f, 3, y_layout))
             else:
