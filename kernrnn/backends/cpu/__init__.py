@@ -45,6 +45,7 @@ import numba
 import numpy as np
 
 from kernrnn.backends import common
+from kernrnn.backends.cpu import microkernel as mk
 from kernrnn.backends.codegen import (
     backward1_call,
     backward2_call,
@@ -181,13 +182,100 @@ def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU
 '''
 
 
-def _backward_source(cell, same: bool) -> str:
+def fused_path(cell) -> bool:
+    """True when the cell runs on packed-``W_hh`` tiles with the step in the epilogue.
+
+    Dense recurrence without a recurrent or mid-step normalisation (those need
+    whole rows of the product before the step), and few enough recurrent gates
+    that a tile of one unit block fits the registers.
+    """
+    return (cell.recurrent == "dense" and cell.recurrent_norm is None and not cell.normalize
+            and 1 <= cell.n_recurrent_gates <= 6)
+
+
+def _fused_forward_source(cell, train: bool, mr: int, nu: int) -> str:
+    """All T steps for rows b0:b1 and unit blocks jb0:jb1, on packed ``W_hh`` panels.
+
+    Per step, rows go in groups of about 16 (``RG``): for each of the
+    thread's unit blocks (``nu`` units, every recurrent gate) the
+    :mod:`~kernrnn.backends.cpu.microkernel` tiles write ``h_{t-1} @ W_hh.T``
+    of the group into a small row buffer ``HUr [RG, Gr*Hp]`` (L1/L2, never
+    the T-long ``HU``), and the cell's step then runs over the group's rows,
+    one long vectorised loop over the units per row (a loop per 16-unit tile
+    would pay LLVM's runtime alias checks for one vector iteration).  The
+    panel of a unit block is reused by every tile of the group.  Threads
+    split either the rows (``nthr == 1``: no synchronisation) or the unit
+    blocks (``nthr`` threads meet at one barrier per step: the next step
+    reads every unit of h).
+    """
+    S, Gr = cell.n_state, cell.n_recurrent_gates
+    nr = Gr * nu
+    rg = mr * -(-16 // mr)
+
+    def hu(r):
+        return f"HUr[rr, {r} * Hp + j] + b_hh[{r} * H + j]"
+
+    gates = hu_gates(cell, hu, "ZERO")
+    saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+    step = forward_call(cell, xw=lambda g: f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]",
+                        hu=lambda g: gates[g], prev=lambda s: f"States[{s}, p, b, j]",
+                        p=lambda i: f"P[{i} * H + j]", z_or_new=lambda s: f"States[{s}, n, b, j]",
+                        saved_or_mid=saved, indent=0)
+    carry = "\n".join(f"States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S))
+    name = "forward_train" if train else "forward_infer"
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nthr, tid,
+           b0, b1, jb0, jb1):
+    """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mr}x{nr} tiles, {nu} units a block)."""
+    T = XW.shape[0]
+    H = States.shape[3]
+    Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
+    HUr = np.empty(({rg}, {Gr} * Hp), XW.dtype)
+    j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
+    j_hi = min(jb1 * {nu}, H)
+    for step in range(T):
+        if reverse:
+            t = T - 1 - step
+            p = t + 1
+            n = t
+        else:
+            t = step
+            p = t
+            n = t + 1
+        A = States[0, p]
+        for g0 in range(b0, b1, {rg}):
+            g1 = min(g0 + {rg}, b1)
+            for jb in range(jb0, jb1):
+                for i0 in range(g0, g1, {mr}):
+                    {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
+            for rr in range(g1 - g0):
+                b = g0 + rr
+                if t < lengths[b]:
+                    for u in range(j_hi - j_lo):  # from 0: LLVM sees j >= 0
+                        j = j_lo + u
+{_ind(step, 24)}
+                        Y[t, b, j] = States[0, n, b, j]
+                else:
+                    for u in range(j_hi - j_lo):
+                        j = j_lo + u
+{_ind(carry, 24)}
+                        Y[t, b, j] = 0
+        if nthr > 1:
+            step_barrier(flags, tid, nthr, step + 1)
+'''
+
+
+def _backward_source(cell, same: bool, packed=None) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
     ``dS`` holds the element-wise part of the state gradients; the recurrent
     part ``dH = dHU_t @ W_hh`` of the previous step is added when it is read
     (saves a pass).  ``same``: the cell returns the same values for dxw and
-    dhu (LSTM, Elman), so only dXW is written and used for both.
+    dhu (LSTM, Elman), so only dXW is written and used for both.  ``packed``
+    ``(mr, nu)``: a dense cell's ``dH = dHU_t @ W_hh`` runs on ``W_hh`` packed
+    in panels of ``nu`` units (``W`` is then ``[NB, Gr*H, nu]``) with
+    ``mr``-row register tiles, instead of BLAS.
     """
     G, Gr = cell.n_gates, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
@@ -287,6 +375,12 @@ def _backward_source(cell, same: bool) -> str:
                    "                        dHU[hd, t, b, k] = 0")
     gemm = ("        for hd in range(NH):\n"
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
+    if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
+        mr, nu = packed
+        gemm = f"""        A = dHU[0, t]
+        for jb in range(W.shape[0]):
+            for i0 in range(b0, b1, {mr}):
+                {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
              "                dS[0, b, hd * dh + i] += dH[hd, b, i]") if rec else ""
@@ -350,6 +444,24 @@ class CpuKernels:
     forward_infer: object
     backward_loop: object
     same_grads: bool
+    fused: FusedKernels | None = None
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """A dense cell's kernels on packed ``W_hh`` (see :func:`fused_path`).
+
+    ``mr x (Gr*nu)`` forward tiles over panels of ``nu`` units; the backward's
+    ``dHU @ W_hh`` uses ``mrb x nu`` tiles.  Compiled with the SLP vectoriser
+    (:func:`~kernrnn.backends.cpu.microkernel.compile_with_slp`).
+    """
+
+    forward_train: object
+    forward_infer: object
+    backward_loop: object
+    mr: int
+    nu: int
+    mrb: int
 
 
 _VECTORIZER_CHECKS = 1000
@@ -388,7 +500,52 @@ def get_kernels(cell, dtype) -> CpuKernels:
     source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, "
               f"math {cell_fingerprint(cell)}\n" + source)
     module = load_module(source, f"cpu_{cell.name}_{dtype.name}", math_namespace(cell, dtype))
-    return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same)
+    fused = _fused_kernels(cell, dtype, same) if (FUSED and fused_path(cell)) else None
+    return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same,
+                      fused)
+
+
+# Whether dense cells run on packed-W_hh tiles (True) or through BLAS per step;
+# a switch for side-by-side measurements (``kernrnn bench`` compares both).
+FUSED = True
+
+
+def _fused_kernels(cell, dtype, same: bool) -> FusedKernels:
+    Gr = cell.n_recurrent_gates
+    mr, nu = mk.block_shape(Gr, dtype.itemsize)
+    mrb, _ = mk.block_shape(1, dtype.itemsize)
+    tiles = {(mr, Gr * nu), (mrb, nu)}
+    source = "\n".join(
+        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
+        + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
+        + [_fused_forward_source(cell, True, mr, nu), _fused_forward_source(cell, False, mr, nu),
+           _backward_source(cell, same, packed=(mrb, nu))])
+    source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
+              f"math {cell_fingerprint(cell)}\n" + source)
+    ns = math_namespace(cell, dtype)
+    ns.update(atomic_load=mk.atomic_load, atomic_store=mk.atomic_store,
+              spin_pause=mk.spin_pause, FLAG_STRIDE=mk.FLAG_STRIDE)
+    module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}", ns)
+    return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
+                        mr, nu, mrb)
+
+
+_compiled_sigs: set = set()
+
+
+def _compile_with_slp(kernel, args) -> None:
+    """Compile (or load from cache) ``kernel`` for ``args`` with the SLP vectoriser on.
+
+    The tiles vectorise only with it; compiling before the threads start also
+    keeps two threads from compiling the same kernel at once.
+    """
+    sig = tuple(numba.typeof(a) for a in args)
+    key = (id(kernel), sig)
+    if key in _compiled_sigs:
+        return
+    with mk.compile_with_slp():
+        kernel.compile(sig)
+    _compiled_sigs.add(key)
 
 
 # -- thread ownership -----------------------------------------------------------
@@ -456,15 +613,18 @@ def _n_chunks(batch: int) -> int:
     return max(1, min(batch // MIN_ROWS_PER_CHUNK, n_threads()))
 
 
-def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
+def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
     """``kernel(*args, *per_chunk[c], b0, b1)`` over batch chunks, one per thread.
 
     ``per_chunk`` (one tuple per chunk, e.g. a private bias-gradient row) keeps
     threads from writing to the same memory; None gives every chunk nothing.
+    ``slp``: compile the kernel with the SLP vectoriser (kernels with tiles).
     """
     nchunk = _n_chunks(batch)
     extra = per_chunk if per_chunk is not None else [()] * nchunk
     bounds = [(c * batch // nchunk, (c + 1) * batch // nchunk) for c in range(nchunk)]
+    if slp:
+        _compile_with_slp(kernel, (*args, *extra[0], *bounds[0]))
     if nchunk == 1:
         kernel(*args, *extra[0], *bounds[0])
         return
@@ -476,6 +636,38 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
         finally:
             for f in futures:
                 f.result()
+
+
+# Largest batch whose fused forward splits the hidden units between the
+# threads (one barrier per step, every thread runs all B rows) instead of the
+# rows (no barrier, B / threads rows each): small batches leave too few rows
+# per thread for full tiles, and every row-split thread would stream all of
+# W_hh from L2/L3 at every step where a unit-split one reads its own part.
+UNIT_SPLIT_MAX_BATCH = 16
+
+
+def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
+    """A fused forward kernel over the threads, split by rows or by unit blocks."""
+    nthr = min(n_threads(), n_blocks) if batch <= UNIT_SPLIT_MAX_BATCH else 1
+    flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
+    if nthr > 1:
+        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
+                 for c in range(nthr)]
+    else:
+        nchunk = _n_chunks(batch)
+        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
+                 for c in range(nchunk)]
+    _compile_with_slp(kernel, (*args, *tails[0]))
+    if len(tails) == 1:
+        kernel(*args, *tails[0])
+        return
+    pool = _executor(len(tails) - 1)
+    futures = [pool.submit(kernel, *args, *tail) for tail in tails[1:]]
+    try:
+        kernel(*args, *tails[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 # -- host side --------------------------------------------------------------------
@@ -507,6 +699,17 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     b_hh = params["bias_hh"] if cell.has_recurrent else one
     P = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
+    if k.fused is not None:
+        f = k.fused
+        Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
+        if T > 0:
+            _run_fused(f.forward_train if training else f.forward_infer,
+                       (XW, params["bias_ih"], Wp, b_hh, P, buf.States, buf.Saved, y, lengths,
+                        reverse), B, Wp.shape[0])
+        hn = buf.States[:, 0 if reverse else T].copy()
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse) \
+            if training else None
+        return y, hn, ctx
     kernel = k.forward_train if training else k.forward_infer
     if T > 0:
         _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
@@ -541,11 +744,17 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHU = dXW.reshape(1, T, B, G * H)
     else:
         dHU = np.empty((NH, T, B, GrH // NH), dtype=dtype)
-    dH = np.empty((NH, B, H // NH), dtype=dtype)
+    dH = np.empty((NH, B, H // NH), dtype=dtype) if k.fused is None else \
+        np.empty((1, B, -(-H // k.fused.nu) * k.fused.nu), dtype=dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
-    W = common.recurrent_weights(cell, params, H)
-    W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
+    loop = k.backward_loop
+    if k.fused is not None:
+        loop = k.fused.backward_loop
+        W = mk.pack_backward(params["weight_hh"], H, k.fused.nu)
+    else:
+        W = common.recurrent_weights(cell, params, H)
+        W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
     P = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = _n_chunks(B)
@@ -555,10 +764,11 @@ def backward(ctx: ForwardContext, dy, dhn):
         ("bias_ih", G * H), ("bias_hh", GrH), ("norm_hh", GrH),
         ("params", cell.n_param_scalars * H), ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     if T > 0:
-        _run_chunks(k.backward_loop,
+        _run_chunks(loop,
                     (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
                      buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM),
-                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)])
+                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)],
+                    slp=k.fused is not None)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(np, cell, ctx, dXW,
                                         dHU if cell.has_recurrent else None)
