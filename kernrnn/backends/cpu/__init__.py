@@ -45,7 +45,6 @@ import numba
 import numpy as np
 
 from kernrnn.backends import common
-from kernrnn.backends.cpu import microkernel as mk
 from kernrnn.backends.codegen import (
     backward1_call,
     backward2_call,
@@ -59,6 +58,7 @@ from kernrnn.backends.codegen import (
     row_norm,
     row_norm_backward,
 )
+from kernrnn.backends.cpu import microkernel as mk
 
 __all__ = ["CpuKernels", "get_kernels", "ForwardContext", "forward", "backward", "xp"]
 
@@ -248,7 +248,12 @@ def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nth
             g1 = min(g0 + {rg}, b1)
             for jb in range(jb0, jb1):
                 for i0 in range(g0, g1, {mr}):
-                    {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
+                    if g1 - i0 >= {mr}:
+                        {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
+                    else:  # the group's last rows: one-row tiles, no wasted products
+                        for i in range(i0, g1):
+                            {mk.tile_name(1, nr)}(A, i, i + 1, Wp, jb, HUr, i - g0, jb * {nu},
+                                       Hp)
             for rr in range(g1 - g0):
                 b = g0 + rr
                 if t < lengths[b]:
@@ -380,7 +385,11 @@ def _backward_source(cell, same: bool, packed=None) -> str:
         gemm = f"""        A = dHU[0, t]
         for jb in range(W.shape[0]):
             for i0 in range(b0, b1, {mr}):
-                {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)"""
+                if b1 - i0 >= {mr}:
+                    {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)
+                else:
+                    for i in range(i0, b1):
+                        {mk.tile_name(1, nu)}(A, i, i + 1, W, jb, dH[0], i, jb * {nu}, 0)"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
              "                dS[0, b, hd * dh + i] += dH[hd, b, i]") if rec else ""
@@ -514,7 +523,7 @@ def _fused_kernels(cell, dtype, same: bool) -> FusedKernels:
     Gr = cell.n_recurrent_gates
     mr, nu = mk.block_shape(Gr, dtype.itemsize)
     mrb, _ = mk.block_shape(1, dtype.itemsize)
-    tiles = {(mr, Gr * nu), (mrb, nu)}
+    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrb, nu), (1, nu)}
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
@@ -643,7 +652,7 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
 # rows (no barrier, B / threads rows each): small batches leave too few rows
 # per thread for full tiles, and every row-split thread would stream all of
 # W_hh from L2/L3 at every step where a unit-split one reads its own part.
-UNIT_SPLIT_MAX_BATCH = 16
+UNIT_SPLIT_MAX_BATCH = 0
 
 
 def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
