@@ -212,16 +212,32 @@ def _fused_forward_source(cell, train: bool, mr: int, nu: int) -> str:
     nr = Gr * nu
     rg = mr * -(-16 // mr)
 
+    G, K = cell.n_gates, cell.n_saved
+
     def hu(r):
-        return f"HUr[rr, {r} * Hp + j] + b_hh[{r} * H + j]"
+        return f"hur{r}[j] + bh{r}[j]"
 
     gates = hu_gates(cell, hu, "ZERO")
-    saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
-    step = forward_call(cell, xw=lambda g: f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]",
-                        hu=lambda g: gates[g], prev=lambda s: f"States[{s}, p, b, j]",
-                        p=lambda i: f"P[{i} * H + j]", z_or_new=lambda s: f"States[{s}, n, b, j]",
+    saved = (lambda k: f"sv{k}[j]") if train else (lambda k: None)
+    step = forward_call(cell, xw=lambda g: f"xw{g}[j] + bi{g}[j]",
+                        hu=lambda g: gates[g], prev=lambda s: f"hp{s}[j]",
+                        p=lambda i: f"pv{i}[j]", z_or_new=lambda s: f"hn{s}[j]",
                         saved_or_mid=saved, indent=0)
-    carry = "\n".join(f"States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S))
+    # One 1-d view per operand row and gate block: indices are then plain
+    # j >= 0, so LLVM can bound every access for its run-time overlap checks
+    # (``X[..., g * H + j]`` carries Numba's negative-index select) and keeps
+    # the vector loop.  Per-call views of the parameters, per-row ones of the
+    # time-varying arrays.
+    pviews = "\n".join(
+        [f"bi{g} = b_ih[{g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"bh{r} = b_hh[{r} * H:{r + 1} * H]" for r in range(Gr)]
+        + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
+    views = "\n".join(
+        [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
+        + [f"xw{g} = XW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
+        + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else []))
+    carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -234,6 +250,7 @@ def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nth
     HUr = np.empty(({rg}, {Gr} * Hp), XW.dtype)
     j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
     j_hi = min(jb1 * {nu}, H)
+{_ind(pviews, 4)}
     for step in range(T):
         if reverse:
             t = T - 1 - step
@@ -256,16 +273,18 @@ def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nth
                                        Hp)
             for rr in range(g1 - g0):
                 b = g0 + rr
+{_ind(views, 16)}
+                yrow = Y[t, b]
                 if t < lengths[b]:
                     for u in range(j_hi - j_lo):  # from 0: LLVM sees j >= 0
                         j = j_lo + u
 {_ind(step, 24)}
-                        Y[t, b, j] = States[0, n, b, j]
+                        yrow[j] = hn0[j]
                 else:
                     for u in range(j_hi - j_lo):
                         j = j_lo + u
 {_ind(carry, 24)}
-                        Y[t, b, j] = 0
+                        yrow[j] = 0
         if nthr > 1:
             step_barrier(flags, tid, nthr, step + 1)
 '''
@@ -285,34 +304,42 @@ def _backward_source(cell, same: bool, packed=None) -> str:
     G, Gr = cell.n_gates, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     tt = "t" if rnorm is not None else "0"
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (" + dH[hd, b, i]" if rec else "")
+    S, K, NP = cell.n_state, cell.n_saved, cell.n_param_scalars
+    ds0 = "ds0[j] + dyr[j]" + (" + dH[hd, b, i]" if rec else "")
 
     def dstate(s):
-        return ds0 if s == 0 else f"dS[{s}, b, j]"
+        return ds0 if s == 0 else f"ds{s}[j]"
 
     def prev(s):
-        return f"States[{s}, p, b, j]"
+        return f"hp{s}[j]"
 
     def saved(k):
-        return f"Saved[{k}, t, b, j]"
+        return f"sv{k}[j]"
 
     def pp(i):
-        return f"P[{i} * H + j]"
+        return f"pv{i}[j]"
 
     def dp(i):
-        return f"dP[{i} * H + j]"
+        return f"dpv{i}[j]"
 
     def dxw(g):
         return f"dxw{g}[j]"
 
     def dprev(s):
-        return f"dS[{s}, b, j]"
+        return f"ds{s}[j]"
 
     dhu = (lambda r: None) if same else (lambda r: f"dhu{r}[i]")
-    # One view per gate: a store to dXW[t, b, g*H + j] carries Numba's
-    # negative-index select, which LLVM cannot analyse for overlap between the
-    # G stores; dxw_g[j] it can.
-    views = "\n".join(f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G))
+    # One 1-d view per row and gate block: a store to dXW[t, b, g*H + j]
+    # carries Numba's negative-index select, which LLVM cannot analyse for
+    # overlap between the G stores; dxw_g[j] it can.  Likewise for the
+    # states: on dS[s, b, j] LLVM's run-time overlap check spans every s and
+    # finds the read and written spans interleaved (scalar fallback).
+    views = "\n".join(
+        [f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"ds{s} = dS[{s}, b]\nhp{s} = States[{s}, p, b]" for s in range(S)]
+        + [f"sv{k} = Saved[{k}, t, b]" for k in range(K)] + ["dyr = dY[t, b]"]
+        + [f"pv{i} = P[{i} * H:{i + 1} * H]\ndpv{i} = dP[{i} * H:{i + 1} * H]"
+           for i in range(NP)])
     hviews = "" if (same or not rec) else "\n".join(
         f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
     elem_head = ("for hd in range(NH):\n" + (hviews + "\n" if hviews else "")
