@@ -22,6 +22,15 @@ The BLAS limit is process-wide: layers called from several Python threads
 at once still compute correctly, but may run BLAS multi-threaded inside the
 loops (oversubscribed) while another call restores the limit.
 
+Dense cells (:func:`fused_path`: a full ``W_hh``, no recurrent or mid-step
+normalisation) take a faster road: ``W_hh`` is packed once per call into
+panels of 16 units (every gate of them), and each step runs register-blocked
+tiles (:mod:`kernrnn.backends.cpu.microkernel`) on them with the cell's step
+right behind, on a small row buffer instead of the T-long ``HU``; BPTT's
+``dHU_t @ W_hh`` uses the same kind of tiles on ``W_hh`` packed (not
+transposed) in panels of output units.  ``FUSED = False`` sends dense cells
+through the BLAS-per-step kernels again, for side-by-side measurements.
+
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
 ``States[:, T]`` for the reverse one); ``Saved[k, t, b, j]`` the values the
@@ -676,9 +685,12 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
 
 # Largest batch whose fused forward splits the hidden units between the
 # threads (one barrier per step, every thread runs all B rows) instead of the
-# rows (no barrier, B / threads rows each): small batches leave too few rows
-# per thread for full tiles, and every row-split thread would stream all of
-# W_hh from L2/L3 at every step where a unit-split one reads its own part.
+# rows (no barrier, B / threads rows each).  The unit split keeps each
+# thread's part of W_hh in its own L2 and all rows in every tile, but waits
+# at a barrier every step: on the shared 2-core development machine (load
+# 3-4) a descheduled partner made it 1.5-5x slower than the row split at
+# B = 1..16 (docs/benchmarks/cpu.md), so it is off (0) by default.  Tested
+# with both settings; raise it on a quiet machine with dedicated cores.
 UNIT_SPLIT_MAX_BATCH = 0
 
 

@@ -38,8 +38,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 __all__ = ["block_shape", "tile_source", "tile_name", "pack_forward", "pack_backward",
-           "compile_with_slp", "atomic_load", "atomic_store", "spin_pause", "barrier_source",
-           "FLAG_STRIDE", "VECTOR_BYTES"]
+           "compile_with_slp", "barrier_source"]
 
 VECTOR_BYTES = 64  # one AVX-512 register; on AVX2 LLVM uses two ymm per block column
 ACCUMULATOR_VECTORS = 12  # registers for the tile, of 32 (AVX-512): room for loads
