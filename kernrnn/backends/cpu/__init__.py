@@ -194,22 +194,25 @@ def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU
 def fused_path(cell) -> bool:
     """True when the cell runs on packed-``W_hh`` tiles with the step in the epilogue.
 
-    Dense recurrence without a recurrent or mid-step normalisation (those need
-    whole rows of the product before the step), and few enough recurrent gates
-    that a tile of one unit block fits the registers.
+    Dense recurrence without normalisations (those need whole rows of the
+    products before the step), and few enough gates that a tile of one unit
+    block fits the registers.
     """
-    return (cell.recurrent == "dense" and cell.recurrent_norm is None and not cell.normalize
-            and 1 <= cell.n_recurrent_gates <= 6)
+    return (cell.recurrent == "dense" and cell.input_norm is None and cell.recurrent_norm is None
+            and not cell.normalize and 1 <= cell.n_recurrent_gates <= 6 and cell.n_gates <= 6)
 
 
-def _fused_forward_source(cell, train: bool, mr: int, nu: int) -> str:
-    """All T steps for rows b0:b1 and unit blocks jb0:jb1, on packed ``W_hh`` panels.
+def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int) -> str:
+    """All T steps for rows b0:b1 and unit blocks jb0:jb1, on packed ``W_ih``/``W_hh`` panels.
 
     Per step, rows go in groups of about 16 (``RG``): for each of the
-    thread's unit blocks (``nu`` units, every recurrent gate) the
-    :mod:`~kernrnn.backends.cpu.microkernel` tiles write ``h_{t-1} @ W_hh.T``
-    of the group into a small row buffer ``HUr [RG, Gr*Hp]`` (L1/L2, never
-    the T-long ``HU``), and the cell's step then runs over the group's rows,
+    thread's unit blocks (``nu`` units, every gate) the
+    :mod:`~kernrnn.backends.cpu.microkernel` tiles write ``x_t @ W_ih.T``
+    (``mrx`` rows a tile) and ``h_{t-1} @ W_hh.T`` (``mr`` rows) of the group
+    into small row buffers ``XWr [RG, G*Hp]`` and ``HUr [RG, Gr*Hp]`` (L1/L2,
+    never a T-long ``XW`` or ``HU``; the input projection runs on the same
+    threads, so no BLAS pool spins beside them), and the cell's step then runs
+    over the group's rows,
     one long vectorised loop over the units per row (a loop per 16-unit tile
     would pay LLVM's runtime alias checks for one vector iteration).  The
     panel of a unit block is reused by every tile of the group.  Threads
@@ -218,8 +221,8 @@ def _fused_forward_source(cell, train: bool, mr: int, nu: int) -> str:
     reads every unit of h).
     """
     S, Gr = cell.n_state, cell.n_recurrent_gates
-    nr = Gr * nu
-    rg = mr * -(-16 // mr)
+    nr, nrx = Gr * nu, cell.n_gates * nu
+    rg = max(mr, mrx) * -(-16 // max(mr, mrx))
 
     G, K = cell.n_gates, cell.n_saved
 
@@ -243,20 +246,22 @@ def _fused_forward_source(cell, train: bool, mr: int, nu: int) -> str:
         + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
     views = "\n".join(
         [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
-        + [f"xw{g} = XW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"xw{g} = XWr[rr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
         + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
         + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else []))
     carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nthr, tid,
+def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nthr, tid,
            b0, b1, jb0, jb1):
-    """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mr}x{nr} tiles, {nu} units a block)."""
-    T = XW.shape[0]
+    """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mrx}x{nrx} and {mr}x{nr} tiles,
+    {nu} units a block)."""
+    T = X.shape[0]
     H = States.shape[3]
     Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
-    HUr = np.empty(({rg}, {Gr} * Hp), XW.dtype)
+    XWr = np.empty(({rg}, {cell.n_gates} * Hp), X.dtype)
+    HUr = np.empty(({rg}, {Gr} * Hp), X.dtype)
     j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
     j_hi = min(jb1 * {nu}, H)
 {_ind(pviews, 4)}
@@ -270,9 +275,17 @@ def {name}(XW, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, flags, nth
             p = t
             n = t + 1
         A = States[0, p]
+        Xt = X[t]
         for g0 in range(b0, b1, {rg}):
             g1 = min(g0 + {rg}, b1)
             for jb in range(jb0, jb1):
+                for i0 in range(g0, g1, {mrx}):
+                    if g1 - i0 >= {mrx}:
+                        {mk.tile_name(mrx, nrx)}(Xt, i0, g1, Wxp, jb, XWr, i0 - g0, jb * {nu}, Hp)
+                    else:
+                        for i in range(i0, g1):
+                            {mk.tile_name(1, nrx)}(Xt, i, i + 1, Wxp, jb, XWr, i - g0,
+                                       jb * {nu}, Hp)
                 for i0 in range(g0, g1, {mr}):
                     if g1 - i0 >= {mr}:
                         {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
@@ -556,14 +569,16 @@ FUSED = True
 
 
 def _fused_kernels(cell, dtype, same: bool) -> FusedKernels:
-    Gr = cell.n_recurrent_gates
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
     mr, nu = mk.block_shape(Gr, dtype.itemsize)
+    mrx, _ = mk.block_shape(G, dtype.itemsize)
     mrb, _ = mk.block_shape(1, dtype.itemsize)
-    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrb, nu), (1, nu)}
+    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrx, G * nu), (1, G * nu), (mrb, nu), (1, nu)}
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
-        + [_fused_forward_source(cell, True, mr, nu), _fused_forward_source(cell, False, mr, nu),
+        + [_fused_forward_source(cell, True, mr, mrx, nu),
+           _fused_forward_source(cell, False, mr, mrx, nu),
            _backward_source(cell, same, packed=(mrb, nu))])
     source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
               f"math {cell_fingerprint(cell)}\n" + source)
@@ -709,13 +724,16 @@ def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
     if len(tails) == 1:
         kernel(*args, *tails[0])
         return
-    pool = _executor(len(tails) - 1)
-    futures = [pool.submit(kernel, *args, *tail) for tail in tails[1:]]
-    try:
-        kernel(*args, *tails[0])
-    finally:
-        for f in futures:
-            f.result()
+    # No BLAS runs inside, but holding it to one thread parks its workers,
+    # which otherwise spin on the cores the kernel threads need.
+    with _blas_single_thread():
+        pool = _executor(len(tails) - 1)
+        futures = [pool.submit(kernel, *args, *tail) for tail in tails[1:]]
+        try:
+            kernel(*args, *tails[0])
+        finally:
+            for f in futures:
+                f.result()
 
 
 # -- host side --------------------------------------------------------------------
@@ -736,6 +754,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     H = h0.shape[2]
     dtype = x.dtype
     k = get_kernels(cell, dtype)
+    if k.fused is not None:
+        return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y)
     XW, input_cache = common.input_projection(np, cell, x, params)
     buf = common.time_buffers(np, cell, T, B, H, dtype, training)
     buf.States[:, T if reverse else 0] = h0
@@ -747,17 +767,6 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     b_hh = params["bias_hh"] if cell.has_recurrent else one
     P = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
-    if k.fused is not None:
-        f = k.fused
-        Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
-        if T > 0:
-            _run_fused(f.forward_train if training else f.forward_infer,
-                       (XW, params["bias_ih"], Wp, b_hh, P, buf.States, buf.Saved, y, lengths,
-                        reverse), B, Wp.shape[0])
-        hn = buf.States[:, 0 if reverse else T].copy()
-        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse) \
-            if training else None
-        return y, hn, ctx
     kernel = k.forward_train if training else k.forward_infer
     if T > 0:
         _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
@@ -767,6 +776,27 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse)
+    return y, hn, ctx
+
+
+def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, training, y):
+    """:func:`forward` of a dense cell on packed weights (see :func:`fused_path`)."""
+    T, B, _ = x.shape
+    H = h0.shape[2]
+    dtype = x.dtype
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training)
+    buf.States[:, T if reverse else 0] = h0
+    if y is None:
+        y = np.empty((T, B, H), dtype=dtype)
+    Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
+    Wxp = mk.pack_forward(params["weight_ih"], cell.n_gates, H, f.nu)
+    P = common.param_vector(np, cell, params, H, dtype)
+    if T > 0:
+        _run_fused(f.forward_train if training else f.forward_infer,
+                   (np.ascontiguousarray(x), Wxp, params["bias_ih"], Wp, params["bias_hh"], P,
+                    buf.States, buf.Saved, y, lengths, reverse), B, Wp.shape[0])
+    hn = buf.States[:, 0 if reverse else T].copy()
+    ctx = ForwardContext(cell, x, params, None, buf, lengths, reverse) if training else None
     return y, hn, ctx
 
 

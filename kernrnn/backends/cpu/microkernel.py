@@ -108,17 +108,18 @@ def tile_source(mr: int, nr: int, nu: int) -> str:
 
 
 def pack_forward(W, n_gates: int, H: int, nu: int):
-    """``W_hh [G*H, H]`` as panels ``[NB, H, G*nu]`` for ``h @ W_hh.T``.
+    """``W [G*H, K]`` (``W_hh``, or ``W_ih`` with K = I) as panels ``[NB, K, G*nu]`` for ``a @ W.T``.
 
-    ``Wp[jb, k, g*nu + u] = W_hh[g*H + jb*nu + u, k]``: panel ``jb`` holds the
+    ``Wp[jb, k, g*nu + u] = W[g*H + jb*nu + u, k]``: panel ``jb`` holds the
     ``G`` gate columns of units ``jb*nu .. jb*nu + nu - 1`` (zero past ``H``),
     so one tile of a panel gives every gate of those units for the epilogue.
     """
     nb = -(-H // nu)
-    W3 = np.zeros((n_gates, nb * nu, H), dtype=W.dtype)
-    W3[:, :H] = W.reshape(n_gates, H, H)
+    K = W.shape[1]
+    W3 = np.zeros((n_gates, nb * nu, K), dtype=W.dtype)
+    W3[:, :H] = W.reshape(n_gates, H, K)
     return np.ascontiguousarray(
-        W3.reshape(n_gates, nb, nu, H).transpose(1, 3, 0, 2).reshape(nb, H, n_gates * nu))
+        W3.reshape(n_gates, nb, nu, K).transpose(1, 3, 0, 2).reshape(nb, K, n_gates * nu))
 
 
 def pack_backward(W, H: int, nu: int):
