@@ -22,11 +22,12 @@ The BLAS limit is process-wide: layers called from several Python threads
 at once still compute correctly, but may run BLAS multi-threaded inside the
 loops (oversubscribed) while another call restores the limit.
 
-Dense cells (:func:`fused_path`: a full ``W_hh``, no recurrent or mid-step
-normalisation) take a faster road: ``W_hh`` is packed once per call into
-panels of 16 units (every gate of them), and each step runs register-blocked
-tiles (:mod:`kernrnn.backends.cpu.microkernel`) on them with the cell's step
-right behind, on a small row buffer instead of the T-long ``HU``; BPTT's
+Dense cells (:func:`fused_path`: a full ``W_hh``, no normalisation) take a
+faster road: ``W_ih`` and ``W_hh`` are packed once per call into panels of 16
+units (every gate of them), and each step runs register-blocked tiles
+(:mod:`kernrnn.backends.cpu.microkernel`) for ``x_t @ W_ih.T`` and
+``h_{t-1} @ W_hh.T`` with the cell's step right behind, on small row buffers
+instead of the T-long ``XW`` and ``HU``, all on the kernel threads; BPTT's
 ``dHU_t @ W_hh`` uses the same kind of tiles on ``W_hh`` packed (not
 transposed) in panels of output units.  ``FUSED = False`` sends dense cells
 through the BLAS-per-step kernels again, for side-by-side measurements.
@@ -69,7 +70,8 @@ from kernrnn.backends.codegen import (
 )
 from kernrnn.backends.cpu import microkernel as mk
 
-__all__ = ["CpuKernels", "get_kernels", "ForwardContext", "forward", "backward", "xp"]
+__all__ = ["CpuKernels", "FusedKernels", "fused_path", "get_kernels", "ForwardContext", "forward",
+           "backward", "xp"]
 
 xp = np  # the array module of this backend
 

@@ -50,7 +50,7 @@ def block_shape(n_panel_vectors: int, itemsize: int) -> tuple[int, int]:
 
     A panel holds ``NU`` units (one vector register of the dtype) of each of
     the ``n_panel_vectors`` recurrent gates, so a tile is ``MR x (NU * n)``;
-    ``MR`` fills about :data:`ACCUMULATOR_VECTORS` registers, at most 8 rows.
+    ``MR`` fills about ``ACCUMULATOR_VECTORS`` registers, at most 8 rows.
     """
     nu = VECTOR_BYTES // itemsize
     mr = max(1, min(8, ACCUMULATOR_VECTORS // max(1, n_panel_vectors)))
