@@ -3,6 +3,7 @@
 No timings are asserted here; speed is measured by ``kernrnn bench``.
 """
 
+import inspect
 import math
 
 import numba
@@ -150,8 +151,10 @@ def test_bench_cli_rejects_bad_options(capsys):
 
     assert main(["bench", "--sizes", "1,2,3", "--no-startup"]) == 2
     assert "--sizes" in capsys.readouterr().err
-    assert main(["bench", "--cells", "cifg", "--no-startup"]) == 2
+    assert main(["bench", "--cells", "nosuchcell", "--no-startup"]) == 2
     assert "--cells" in capsys.readouterr().err
+    assert main(["bench", "--loop-cells", "lstm", "--no-startup"]) == 2
+    assert "--loop-cells" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward", "--no-startup"]) == 2
     assert "--modes" in capsys.readouterr().err
 
@@ -173,3 +176,112 @@ def test_bench_plot_draws_one_bar_per_case(tmp_path):
     with pytest.raises(ValueError, match="needs PyTorch timings"):
         bench.plot_ratios([bench.Case("gru", 3, 4, 5, 6, "train", gflop=1.0, kernrnn=[1.0])],
                           path)
+
+
+# -- the packed-W_hh tiles (kernrnn.backends.cpu.microkernel) ------------------------
+
+from kernrnn.backends.cpu import microkernel as mk  # noqa: E402
+
+
+def _tiles(dtype=np.float32):
+    """The LSTM's compiled tile functions (mr x 4*nu, 1 x 4*nu, mrb x nu, 1 x nu)."""
+    import sys
+
+    k = cpu.get_kernels(kernrnn.get_registry().get("lstm"), dtype)
+    mod = sys.modules[k.fused.forward_train.py_func.__module__]
+    f = k.fused
+    with mk.compile_with_slp():
+        return f, {(m, n): getattr(mod, mk.tile_name(m, n))
+                   for m, n in ((f.mr, 4 * f.nu), (1, 4 * f.nu), (f.mrb, f.nu), (1, f.nu))}
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 11), K=st.integers(1, 37), H=st.integers(1, 40), data=st.data())
+def test_tiles_on_packed_weights_match_numpy(rows, K, H, data):
+    """Every tile, on odd shapes (rows and units not multiples of the block), is A @ W,
+    written where its offsets say and nowhere else."""
+    f, tiles = _tiles()
+    rng = np.random.default_rng(rows * 10_000 + K * 100 + H)
+    (mr, nr), tile = data.draw(st.sampled_from(sorted(tiles.items())), label="tile")
+    G = nr // f.nu
+    if G > 1:  # a forward tile: h [rows, H] @ W_hh.T, W_hh [G*H, H]
+        W = rng.uniform(-1, 1, (G * H, H)).astype(np.float32)
+        Wp, K, want = mk.pack_forward(W, G, H, f.nu), H, None
+    else:  # a backward tile: dHU [rows, K] @ W_hh, W_hh [K, H]
+        W = rng.uniform(-1, 1, (K, H)).astype(np.float32)
+        Wp = mk.pack_backward(W, H, f.nu)
+    A = rng.uniform(-1, 1, (rows, K)).astype(np.float32)
+    want = A @ W.T if G > 1 else A @ W
+    i0 = data.draw(st.integers(0, rows - 1), label="i0")
+    i1 = min(rows, i0 + mr)
+    Hp = Wp.shape[0] * f.nu
+    C = np.full((mr + 2, G * Hp + 5), np.nan, np.float32)
+    for jb in range(Wp.shape[0]):
+        tile(A, i0, i1, Wp, jb, C, 1, jb * f.nu, Hp)
+    cols = np.concatenate([g * Hp + np.arange(H) for g in range(G)])
+    np.testing.assert_allclose(C[1:1 + i1 - i0][:, cols], want[i0:i1], rtol=3e-5, atol=3e-5)
+    assert np.isnan(C[0]).all() and np.isnan(C[1 + i1 - i0:]).all()  # no stray rows
+    assert np.isnan(C[:, G * Hp:]).all()  # nothing past the padded panels
+
+
+def test_packing_layouts():
+    rng = np.random.default_rng(0)
+    G, H, nu = 3, 21, 8
+    W = rng.standard_normal((G * H, H))
+    Wp = mk.pack_forward(W, G, H, nu)
+    assert Wp.shape == (3, H, G * nu)
+    for jb in range(3):
+        for g in range(G):
+            for u in range(nu):
+                j = jb * nu + u
+                want = W[g * H + j] if j < H else 0
+                np.testing.assert_array_equal(Wp[jb, :, g * nu + u], want)
+    Wb = mk.pack_backward(W, H, nu)
+    assert Wb.shape == (3, G * H, nu)
+    np.testing.assert_array_equal(Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, :H], W)
+    assert not Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, H:].any()
+
+
+def test_fused_path_selection():
+    reg = kernrnn.get_registry()
+    assert cpu.fused_path(reg.get("lstm")) and cpu.fused_path(reg.get("gru"))
+    assert cpu.fused_path(reg.get("lstm_peephole"))  # per-unit parameters ride along
+    for name in ("lstm_ln", "slstm", "indrnn", "mingru"):  # norms, heads, no W_hh
+        assert not cpu.fused_path(reg.get(name))
+    assert "tile_" in inspect.getsource(cpu._fused_forward_source)
+
+
+@settings(max_examples=12, deadline=None)
+@given(problems(max_T=5, max_B=9, max_I=5, max_H=35, max_layers=2),
+       st.sampled_from(["lstm", "gru", "rnn", "lstm_peephole"]),
+       st.sampled_from([np.float32, np.float64]), st.sampled_from(["rows", "units"]))
+def test_fused_path_matches_blas_path(p, name, dtype, split):
+    """Packed tiles with the step in the epilogue, split by rows or by units (with the
+    step barrier), give the BLAS-per-step results: forward, dx and every gradient."""
+    cell = kernrnn.get_registry().get(name)
+    params, x, h0 = make_arrays(cell, p, dtype)
+    D = 2 if p.bidirectional else 1
+    dy = np.random.default_rng(p.seed).uniform(-1, 1, (p.T, p.B, D * p.H)).astype(dtype)
+
+    def run(fused):
+        mp.setattr(cpu, "FUSED", fused)
+        cpu.get_kernels.cache_clear()
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        try:
+            layer = kernrnn.RNN(name, p.I, p.H, num_layers=p.num_layers,
+                                bidirectional=p.bidirectional, dtype=dtype)
+            layer.load_state_dict(params)
+            hinit = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
+            y, hn = layer(x, hinit, p.lengths)
+            dx, dh0 = layer.backward(dy)
+            return [y, dx] + [layer.grads[k] for k in sorted(layer.grads)]
+        finally:
+            numba.set_num_threads(old)
+            cpu.get_kernels.cache_clear()
+
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "UNIT_SPLIT_MAX_BATCH", 1000 if split == "units" else 0)
+        for a, b in zip(run(False), run(True), strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)

@@ -28,11 +28,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["SIZES", "CELLS", "Case", "run_cases", "measure_startup", "gemm_rate",
-           "format_table", "markdown_report", "set_threads", "flops", "plot_ratios"]
+__all__ = ["SIZES", "SMALL_BATCH_SIZES", "CELLS", "TORCH_CELLS", "LOOP_CELLS", "Case",
+           "run_cases", "run_loop_cases", "measure_startup", "gemm_rate", "format_table",
+           "markdown_report", "set_threads", "flops", "plot_ratios"]
 
 CELLS = ("rnn", "lstm", "gru")
+TORCH_CELLS = ("rnn", "lstm", "gru")  # cells with a PyTorch nn.* anchor
 SIZES = ((32, 100, 64, 128), (64, 100, 256, 256), (64, 100, 512, 512))  # (B, T, I, H)
+SMALL_BATCH_SIZES = tuple((B, 100, 256, 256) for B in (1, 8, 16, 32))
 MODES = ("forward", "train")
 GEMM_N = 1024  # square GEMM used as the machine's float32 peak
 
@@ -51,6 +54,7 @@ class Case:
     kernrnn: list = field(default_factory=list)
     torch: list = field(default_factory=list)
     gemm: list = field(default_factory=list)  # GFLOP/s of the reference GEMM, same reps
+    anchor: str = "nn"  # what the torch times are: PyTorch's nn.* module or a loop
 
     @property
     def kern_s(self) -> float:
@@ -76,8 +80,10 @@ def flops(cell: str, B: int, T: int, I: int, H: int, mode: str) -> float:
     """GEMM FLOPs of one forward (``mode="forward"``) or training step."""
     from kernrnn.functional import resolve_cell
 
-    G = resolve_cell(cell).n_gates
-    fwd = 2.0 * T * B * G * H * (I + H)
+    c = resolve_cell(cell)
+    G, Gr = c.n_gates, c.n_recurrent_gates
+    dh = H // c.n_heads(H) if c.has_recurrent else 0
+    fwd = 2.0 * T * B * H * (G * I + Gr * dh)  # input GEMM + recurrent (per-head) products
     return fwd if mode == "forward" else 3.0 * fwd
 
 
@@ -168,6 +174,92 @@ def _torch_step(torch, cell, state_dict, x, dy, mode):
     return step
 
 
+def _torch_cifg_step(torch, W_hh, b_hh, xw_t, h, c):
+    """One CIFG step (``kernrnn_example_cells.cifg``'s math) in PyTorch ops."""
+    f, g, o = (xw_t + h @ W_hh.T + b_hh).chunk(3, 1)
+    f = torch.sigmoid(f)
+    c = f * c + (1 - f) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+# Cells timed against the same math written as a PyTorch loop with autograd
+# (what a researcher writes without kernrnn): name -> step(torch, W_hh, b_hh, xw_t, *state).
+LOOP_CELLS = {"cifg": _torch_cifg_step}
+
+
+def _torch_loop_step(torch, cell, state_dict, x, dy, compiled):
+    """A training step of ``cell`` as a Python loop over PyTorch ops (optionally compiled).
+
+    The input projection is one GEMM for all steps (as kernrnn does); each
+    step is ``LOOP_CELLS[cell]``, through ``torch.compile`` when ``compiled``.
+    """
+    T, B, _ = x.shape
+    H = dy.shape[2]
+    p = {k.rsplit("_l0", 1)[0]: torch.from_numpy(np.array(v)).requires_grad_(True)
+         for k, v in state_dict.items()}
+    xt, dyt = torch.from_numpy(x.copy()), torch.from_numpy(dy.copy())
+    n_state = 2 if cell in ("cifg",) else 1
+    step_fn = LOOP_CELLS[cell]
+    if compiled:
+        step_fn = torch.compile(step_fn, dynamic=False)
+
+    def step():
+        for v in p.values():
+            v.grad = None
+        xw = (xt.reshape(T * B, -1) @ p["weight_ih"].T + p["bias_ih"]).reshape(T, B, -1)
+        state = [torch.zeros(B, H) for _ in range(n_state)]
+        ys = []
+        for t in range(T):
+            state = step_fn(torch, p["weight_hh"], p["bias_hh"], xw[t], *state)
+            ys.append(state[0])
+        torch.stack(ys).backward(dyt)
+    return step
+
+
+def run_loop_cases(cells=("cifg",), sizes=SIZES, repeats=10, warmup=2, threads=2,
+                   progress=None, clock="wall") -> list[Case]:
+    """Training steps of kernrnn plugins against the same cells as PyTorch loops.
+
+    Two cases per cell and size, sharing kernrnn's timings: against the eager
+    loop (``anchor="torch loop"``) and against the ``torch.compile``'d step
+    (``anchor="torch.compile loop"``).  Needs PyTorch (and the cell's plugin).
+    """
+    import torch
+
+    tick = CLOCKS[clock]
+    set_threads(threads, torch)
+    cases = []
+    for cell in cells:
+        if cell not in LOOP_CELLS:
+            raise ValueError(f"no PyTorch loop for cell {cell!r}; known: {', '.join(LOOP_CELLS)}")
+        for (B, T, I, H) in sizes:
+            gf = flops(cell, B, T, I, H, "train") / 1e9
+            eager = Case(cell, B, T, I, H, "train", gf, anchor="torch loop")
+            comp = Case(cell, B, T, I, H, "train", gf, anchor="torch.compile loop")
+            kstep, sd, x, dy = _kernrnn_step(cell, B, T, I, H, "train")
+            steps = [(kstep, None), (_torch_loop_step(torch, cell, sd, x, dy, False), eager),
+                     (_torch_loop_step(torch, cell, sd, x, dy, True), comp)]
+            for _ in range(warmup):
+                for fn, _c in steps:
+                    fn()
+            for rep in range(repeats):
+                for fn, c in (steps if rep % 2 == 0 else steps[::-1]):
+                    dt = _time(fn, tick)
+                    if c is None:
+                        eager.kernrnn.append(dt)
+                        comp.kernrnn.append(dt)
+                    else:
+                        c.torch.append(dt)
+                rate = gemm_rate(repeats=1, clock=tick)
+                eager.gemm.append(rate)
+                comp.gemm.append(rate)
+            for c in (eager, comp):
+                cases.append(c)
+                if progress:
+                    progress(c)
+    return cases
+
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -188,7 +280,7 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
     """
     tick = CLOCKS[clock]
     torch = None
-    if use_torch:
+    if use_torch and any(c in TORCH_CELLS for c in cells):
         try:
             import torch  # noqa: F811
         except ImportError:
@@ -200,7 +292,8 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
             for mode in modes:
                 case = Case(cell, B, T, I, H, mode, flops(cell, B, T, I, H, mode) / 1e9)
                 kstep, sd, x, dy = _kernrnn_step(cell, B, T, I, H, mode)
-                tstep = _torch_step(torch, cell, sd, x, dy, mode) if torch is not None else None
+                tstep = _torch_step(torch, cell, sd, x, dy, mode) \
+                    if (torch is not None and cell in TORCH_CELLS) else None
                 for _ in range(warmup):
                     kstep()
                     if tstep:
@@ -313,6 +406,7 @@ def _rows(cases):
         t = c.torch_s
         rows.append({
             "cell": c.cell, "B,T,I,H": f"{c.B},{c.T},{c.I},{c.H}", "mode": c.mode,
+            "torch is": c.anchor if t is not None else "-",
             "kernrnn ms": f"{k * 1e3:.2f}",
             "torch ms": "-" if t is None else f"{t * 1e3:.2f}",
             "ratio": "-" if t is None else f"{k / t:.2f}",

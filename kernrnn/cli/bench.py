@@ -31,7 +31,13 @@ def add_parser(sub) -> None:
     p.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cell names")
     p.add_argument("--sizes", default=None,
                    help="sizes B,T,I,H separated by spaces or ';' "
-                        "(default: 32,100,64,128 64,100,256,256 64,100,512,512)")
+                        "(default: 32,100,64,128 64,100,256,256 64,100,512,512 and the "
+                        "small-batch grid B=1,8,16,32 at T=100, I=H=256)")
+    p.add_argument("--no-small-batch", action="store_true",
+                   help="leave the small-batch grid out of the default sizes")
+    p.add_argument("--loop-cells", default="",
+                   help="comma-separated cells also trained against the same cell written as "
+                        "a PyTorch loop, eager and torch.compile'd (e.g. cifg; needs its plugin)")
     p.add_argument("--modes", default="forward,train", help="forward, train or both")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
@@ -56,14 +62,20 @@ def run(args) -> int:
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     known = get_registry().names()
     for c in cells:
-        if c not in ("rnn", "lstm", "gru"):
-            raise ValueError(f"--cells: PyTorch comparisons exist for rnn, lstm, gru; got {c!r}"
-                             + ("" if c in known else f" (registered cells: {', '.join(known)})"))
+        if c not in known:
+            raise ValueError(f"--cells: expected registered cells ({', '.join(known)}), "
+                             f"got {c!r}")
+    loop_cells = [c.strip() for c in args.loop_cells.split(",") if c.strip()]
+    for c in loop_cells:
+        if c not in bench.LOOP_CELLS or c not in known:
+            raise ValueError(f"--loop-cells: expected registered cells with a PyTorch loop "
+                             f"({', '.join(sorted(bench.LOOP_CELLS))}), got {c!r}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in bench.MODES:
             raise ValueError(f"--modes: expected forward and/or train, got {m!r}")
-    sizes = _sizes(args.sizes) if args.sizes else list(bench.SIZES)
+    sizes = _sizes(args.sizes) if args.sizes else \
+        list(bench.SIZES) + ([] if args.no_small_batch else list(bench.SMALL_BATCH_SIZES))
     for name in ("repeats", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -76,13 +88,17 @@ def run(args) -> int:
     cases = []
     if not args.startup_only:
         def progress(case):
-            tail = "" if case.ratio is None else f", ratio {case.ratio:.2f}"
+            tail = "" if case.ratio is None else f", ratio {case.ratio:.2f} ({case.anchor})"
             print(f"  {case.cell} {case.B},{case.T},{case.I},{case.H} {case.mode}: kernrnn "
                   f"{case.kern_s * 1e3:.2f} ms{tail}", file=sys.stderr, flush=True)
 
         cases = bench.run_cases(cells, sizes, modes, repeats=args.repeats, warmup=args.warmup,
                                 threads=args.threads, use_torch=not args.no_torch,
                                 progress=progress, clock=args.clock)
+        if loop_cells and not args.no_torch:
+            cases += bench.run_loop_cases(loop_cells, sizes, repeats=args.repeats,
+                                          warmup=args.warmup, threads=args.threads,
+                                          progress=progress, clock=args.clock)
         if not any(c.torch for c in cases) and not args.no_torch:
             print("PyTorch is not installed: kernrnn times only "
                   "(pip install torch for the comparison)")

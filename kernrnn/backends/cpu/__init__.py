@@ -22,6 +22,16 @@ The BLAS limit is process-wide: layers called from several Python threads
 at once still compute correctly, but may run BLAS multi-threaded inside the
 loops (oversubscribed) while another call restores the limit.
 
+Dense cells (:func:`fused_path`: a full ``W_hh``, no normalisation) take a
+faster road: ``W_ih`` and ``W_hh`` are packed once per call into panels of 16
+units (every gate of them), and each step runs register-blocked tiles
+(:mod:`kernrnn.backends.cpu.microkernel`) for ``x_t @ W_ih.T`` and
+``h_{t-1} @ W_hh.T`` with the cell's step right behind, on small row buffers
+instead of the T-long ``XW`` and ``HU``, all on the kernel threads; BPTT's
+``dHU_t @ W_hh`` uses the same kind of tiles on ``W_hh`` packed (not
+transposed) in panels of output units.  ``FUSED = False`` sends dense cells
+through the BLAS-per-step kernels again, for side-by-side measurements.
+
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
 ``States[:, T]`` for the reverse one); ``Saved[k, t, b, j]`` the values the
@@ -61,8 +71,10 @@ from kernrnn.backends.codegen import (
     zoneout_backward,
     zoneout_stores,
 )
+from kernrnn.backends.cpu import microkernel as mk
 
-__all__ = ["CpuKernels", "get_kernels", "ForwardContext", "forward", "backward", "xp"]
+__all__ = ["CpuKernels", "FusedKernels", "fused_path", "get_kernels", "ForwardContext", "forward",
+           "backward", "xp"]
 
 xp = np  # the array module of this backend
 
@@ -170,19 +182,18 @@ def _forward_source(cell, train: bool, reg=(False, False)) -> str:
     if rdrop:  # the next step's recurrent input: this step's h, masked
         lines.append("    for j in range(H):\n        Hd[b, j] = States[0, n, b, j] * Mr[b, j]")
     loop = _ind("\n".join(lines), 8)
-    first = ("    p0 = T if reverse else 0\n    for b in range(b0, b1):\n        for j in range(H):\n"
-             "            Hd[b, j] = States[0, p0, b, j] * Mr[b, j]\n") if rdrop else ""
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU, Rhh, Y,
            lengths, reverse, Mr, Hd, Zthr, Zp, seed_lo, seed_hi, zstream, ztrain, b0, b1):
-    """All T steps for batch rows b0:b1."""
+    """All T steps for batch rows b0:b1 (with recurrent dropout ``Hd`` holds the masked
+    previous h, filled for the first step by the caller)."""
     T = XW.shape[0]
     H = States.shape[3]
     NH = HU.shape[1]
     dh = H // NH
-{first}    for step in range(T):
+    for step in range(T):
         if reverse:
             t = T - 1 - step
             p = t + 1
@@ -195,50 +206,202 @@ def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU
 '''
 
 
-def _backward_source(cell, same: bool, reg=(False, False)) -> str:
+def fused_path(cell) -> bool:
+    """True when the cell runs on packed-``W_hh`` tiles with the step in the epilogue.
+
+    Dense recurrence without normalisations (those need whole rows of the
+    products before the step), and few enough gates that a tile of one unit
+    block fits the registers.
+    """
+    return (cell.recurrent == "dense" and cell.input_norm is None and cell.recurrent_norm is None
+            and not cell.normalize and 1 <= cell.n_recurrent_gates <= 6 and cell.n_gates <= 6)
+
+
+def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
+                          reg=(False, False)) -> str:
+    """All T steps for rows b0:b1 and unit blocks jb0:jb1, on packed ``W_ih``/``W_hh`` panels.
+
+    Per step, rows go in groups of about 16 (``RG``): for each of the
+    thread's unit blocks (``nu`` units, every gate) the
+    :mod:`~kernrnn.backends.cpu.microkernel` tiles write ``x_t @ W_ih.T``
+    (``mrx`` rows a tile) and ``h_{t-1} @ W_hh.T`` (``mr`` rows) of the group
+    into small row buffers ``XWr [RG, G*Hp]`` and ``HUr [RG, Gr*Hp]`` (L1/L2,
+    never a T-long ``XW`` or ``HU``; the input projection runs on the same
+    threads, so no BLAS pool spins beside them), and the cell's step then runs
+    over the group's rows,
+    one long vectorised loop over the units per row (a loop per 16-unit tile
+    would pay LLVM's runtime alias checks for one vector iteration).  The
+    panel of a unit block is reused by every tile of the group.  Threads
+    split either the rows (``nthr == 1``: no synchronisation) or the unit
+    blocks (``nthr`` threads meet at one barrier per step: the next step
+    reads every unit of h).  ``reg`` (recurrent dropout, zoneout): the tiles
+    read the masked state ``Hd`` (filled for the first step by the caller),
+    and zoneout blends each new state with the previous one.
+    """
+    rdrop, zone = reg
+    S, Gr = cell.n_state, cell.n_recurrent_gates
+    nr, nrx = Gr * nu, cell.n_gates * nu
+    rg = max(mr, mrx) * -(-16 // max(mr, mrx))
+
+    G, K = cell.n_gates, cell.n_saved
+
+    def hu(r):
+        return f"hur{r}[j] + bh{r}[j]"
+
+    gates = hu_gates(cell, hu, "ZERO")
+    saved = (lambda k: f"sv{k}[j]") if train else (lambda k: None)
+
+    def new(s):
+        return f"hn{s}[j]"
+
+    def prev(s):
+        return f"hp{s}[j]"
+
+    target = (lambda s: f"cand{s}") if zone else new
+    step = forward_call(cell, xw=lambda g: f"xw{g}[j] + bi{g}[j]",
+                        hu=lambda g: gates[g], prev=prev,
+                        p=lambda i: f"pv{i}[j]", z_or_new=target,
+                        saved_or_mid=saved, indent=0)
+    if zone:
+        step += "\n" + zoneout_stores(S, target, prev, new)
+    if rdrop:  # the next step's recurrent input: this step's h, masked
+        step += "\nhdr[j] = hn0[j] * mrr[j]"
+    # One 1-d view per operand row and gate block: indices are then plain
+    # j >= 0, so LLVM can bound every access for its run-time overlap checks
+    # (``X[..., g * H + j]`` carries Numba's negative-index select) and keeps
+    # the vector loop.  Per-call views of the parameters, per-row ones of the
+    # time-varying arrays.
+    pviews = "\n".join(
+        [f"bi{g} = b_ih[{g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"bh{r} = b_hh[{r} * H:{r + 1} * H]" for r in range(Gr)]
+        + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
+    views = "\n".join(
+        [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
+        + [f"xw{g} = XWr[rr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
+        + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
+        + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else [])
+        + (["hdr = Hd[b]", "mrr = Mr[b]"] if rdrop else []))
+    carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
+    if rdrop:
+        carry += "\nhdr[j] = hn0[j] * mrr[j]"
+    name = "forward_train" if train else "forward_infer"
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd, Zthr, Zp,
+           seed_lo, seed_hi, zstream, ztrain, flags, nthr, tid, b0, b1, jb0, jb1):
+    """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mrx}x{nrx} and {mr}x{nr} tiles,
+    {nu} units a block)."""
+    T = X.shape[0]
+    H = States.shape[3]
+    Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
+    XWr = np.empty(({rg}, {cell.n_gates} * Hp), X.dtype)
+    HUr = np.empty(({rg}, {Gr} * Hp), X.dtype)
+    j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
+    j_hi = min(jb1 * {nu}, H)
+{_ind(pviews, 4)}
+    for step in range(T):
+        if reverse:
+            t = T - 1 - step
+            p = t + 1
+            n = t
+        else:
+            t = step
+            p = t
+            n = t + 1
+        A = {"Hd" if rdrop else "States[0, p]"}
+        Xt = X[t]
+        for g0 in range(b0, b1, {rg}):
+            g1 = min(g0 + {rg}, b1)
+            for jb in range(jb0, jb1):
+                for i0 in range(g0, g1, {mrx}):
+                    if g1 - i0 >= {mrx}:
+                        {mk.tile_name(mrx, nrx)}(Xt, i0, g1, Wxp, jb, XWr, i0 - g0, jb * {nu}, Hp)
+                    else:
+                        for i in range(i0, g1):
+                            {mk.tile_name(1, nrx)}(Xt, i, i + 1, Wxp, jb, XWr, i - g0,
+                                       jb * {nu}, Hp)
+                for i0 in range(g0, g1, {mr}):
+                    if g1 - i0 >= {mr}:
+                        {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
+                    else:  # the group's last rows: one-row tiles, no wasted products
+                        for i in range(i0, g1):
+                            {mk.tile_name(1, nr)}(A, i, i + 1, Wp, jb, HUr, i - g0, jb * {nu},
+                                       Hp)
+            for rr in range(g1 - g0):
+                b = g0 + rr
+{_ind(views, 16)}
+                yrow = Y[t, b]
+                if t < lengths[b]:
+                    for u in range(j_hi - j_lo):  # from 0: LLVM sees j >= 0
+                        j = j_lo + u
+{_ind(step, 24)}
+                        yrow[j] = hn0[j]
+                else:
+                    for u in range(j_hi - j_lo):
+                        j = j_lo + u
+{_ind(carry, 24)}
+                        yrow[j] = 0
+        if nthr > 1:
+            step_barrier(flags, tid, nthr, step + 1)
+'''
+
+
+def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
     ``dS`` holds the element-wise part of the state gradients; the recurrent
     part ``dH = dHU_t @ W_hh`` of the previous step is added when it is read
     (saves a pass).  ``same``: the cell returns the same values for dxw and
-    dhu (LSTM, Elman), so only dXW is written and used for both.  ``reg``:
-    (recurrent dropout, zoneout) sections to generate.
+    dhu (LSTM, Elman), so only dXW is written and used for both.  ``packed``
+    ``(mr, nu)``: a dense cell's ``dH = dHU_t @ W_hh`` runs on ``W_hh`` packed
+    in panels of ``nu`` units (``W`` is then ``[NB, Gr*H, nu]``) with
+    ``mr``-row register tiles, instead of BLAS.  ``reg``: (recurrent dropout,
+    zoneout) sections to generate.
     """
     rdrop, zone = reg
-    G, Gr, S = cell.n_gates, cell.n_recurrent_gates, cell.n_state
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     tt = "t" if rnorm is not None else "0"
-    mr = " * Mr[b, j]" if rdrop else ""  # dH is the gradient of the masked h
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dH[hd, b, i]{mr}" if rec else "")
+    S, K, NP = cell.n_state, cell.n_saved, cell.n_param_scalars
+    mr_ = " * mrr[j]" if rdrop else ""  # dH is the gradient of the masked h
+    ds0 = "ds0[j] + dyr[j]" + (f" + dH[hd, b, i]{mr_}" if rec else "")
 
     def arriving(s):
-        return ds0 if s == 0 else f"dS[{s}, b, j]"
+        return ds0 if s == 0 else f"ds{s}[j]"
 
-    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
+    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"ds{s}[j]", zone)
 
     def prev(s):
-        return f"States[{s}, p, b, j]"
+        return f"hp{s}[j]"
 
     def saved(k):
-        return f"Saved[{k}, t, b, j]"
+        return f"sv{k}[j]"
 
     def pp(i):
-        return f"P[{i} * H + j]"
+        return f"pv{i}[j]"
 
     def dp(i):
-        return f"dP[{i} * H + j]"
+        return f"dpv{i}[j]"
 
     def dxw(g):
         return f"dxw{g}[j]"
 
     def dprev(s):
-        return f"dS[{s}, b, j]"
+        return f"ds{s}[j]"
 
     dhu = (lambda r: None) if same else (lambda r: f"dhu{r}[i]")
-    # One view per gate: a store to dXW[t, b, g*H + j] carries Numba's
-    # negative-index select, which LLVM cannot analyse for overlap between the
-    # G stores; dxw_g[j] it can.
-    views = "\n".join(f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G))
+    # One 1-d view per row and gate block: a store to dXW[t, b, g*H + j]
+    # carries Numba's negative-index select, which LLVM cannot analyse for
+    # overlap between the G stores; dxw_g[j] it can.  Likewise for the
+    # states: on dS[s, b, j] LLVM's run-time overlap check spans every s and
+    # finds the read and written spans interleaved (scalar fallback).
+    views = "\n".join(
+        [f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
+        + [f"ds{s} = dS[{s}, b]\nhp{s} = States[{s}, p, b]" for s in range(S)]
+        + [f"sv{k} = Saved[{k}, t, b]" for k in range(K)] + ["dyr = dY[t, b]"]
+        + [f"pv{i} = P[{i} * H:{i + 1} * H]\ndpv{i} = dP[{i} * H:{i + 1} * H]"
+           for i in range(NP)]
+        + (["mrr = Mr[b]"] if rdrop else []))
     hviews = "" if (same or not rec) else "\n".join(
         f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
     elem_head = ("for hd in range(NH):\n" + (hviews + "\n" if hviews else "")
@@ -298,8 +461,8 @@ def _backward_source(cell, same: bool, reg=(False, False)) -> str:
                     v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     active = _ind("\n".join(body), 16)
     masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
+    mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
     if rec:
-        mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
         masked += ("\n                for hd in range(NH):\n                    for i in range(dh):\n"
                    f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
     if rec:
@@ -308,10 +471,19 @@ def _backward_source(cell, same: bool, reg=(False, False)) -> str:
                    "                        dHU[hd, t, b, k] = 0")
     gemm = ("        for hd in range(NH):\n"
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
-    mrf = " * Mr[b, hd * dh + i]" if rdrop else ""
+    if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
+        mr, nu = packed
+        gemm = f"""        A = dHU[0, t]
+        for jb in range(W.shape[0]):
+            for i0 in range(b0, b1, {mr}):
+                if b1 - i0 >= {mr}:
+                    {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)
+                else:
+                    for i in range(i0, b1):
+                        {mk.tile_name(1, nu)}(A, i, i + 1, W, jb, dH[0], i, jb * {nu}, 0)"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
-             f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrf}") if rec else ""
+             f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
@@ -373,6 +545,24 @@ class CpuKernels:
     forward_infer: object
     backward_loop: object
     same_grads: bool
+    fused: FusedKernels | None = None
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """A dense cell's kernels on packed ``W_hh`` (see :func:`fused_path`).
+
+    ``mr x (Gr*nu)`` forward tiles over panels of ``nu`` units; the backward's
+    ``dHU @ W_hh`` uses ``mrb x nu`` tiles.  Compiled with the SLP vectoriser
+    (:func:`~kernrnn.backends.cpu.microkernel.compile_with_slp`).
+    """
+
+    forward_train: object
+    forward_infer: object
+    backward_loop: object
+    mr: int
+    nu: int
+    mrb: int
 
 
 _VECTORIZER_CHECKS = 1000
@@ -411,13 +601,61 @@ def get_kernels(cell, dtype, reg=(False, False)) -> CpuKernels:
     same = same_input_and_recurrent_grads(cell)
     source = "import math\nimport numba\nimport numpy as np\n" + "\n".join(
         [_forward_source(cell, True, reg), _forward_source(cell, False, reg),
-         _backward_source(cell, same, reg)]
+         _backward_source(cell, same, reg=reg)]
     )
     source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, regularisation {reg}, "
               f"math {cell_fingerprint(cell)}\n" + source)
     tag = f"cpu_{cell.name}_{dtype.name}" + ("_reg" if any(reg) else "")
     module = load_module(source, tag, math_namespace(cell, dtype))
-    return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same)
+    fused = _fused_kernels(cell, dtype, same, reg) if (FUSED and fused_path(cell)) else None
+    return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same,
+                      fused)
+
+
+# Whether dense cells run on packed-W_hh tiles (True) or through BLAS per step;
+# a switch for side-by-side measurements (``kernrnn bench`` compares both).
+FUSED = True
+
+
+def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
+    mr, nu = mk.block_shape(Gr, dtype.itemsize)
+    mrx, _ = mk.block_shape(G, dtype.itemsize)
+    mrb, _ = mk.block_shape(1, dtype.itemsize)
+    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrx, G * nu), (1, G * nu), (mrb, nu), (1, nu)}
+    source = "\n".join(
+        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
+        + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
+        + [_fused_forward_source(cell, True, mr, mrx, nu, reg),
+           _fused_forward_source(cell, False, mr, mrx, nu, reg),
+           _backward_source(cell, same, packed=(mrb, nu), reg=reg)])
+    source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
+              f"regularisation {reg}, math {cell_fingerprint(cell)}\n" + source)
+    ns = math_namespace(cell, dtype)
+    ns.update(atomic_load=mk.atomic_load, atomic_store=mk.atomic_store,
+              spin_pause=mk.spin_pause, FLAG_STRIDE=mk.FLAG_STRIDE)
+    module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
+                         + ("_reg" if any(reg) else ""), ns)
+    return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
+                        mr, nu, mrb)
+
+
+_compiled_sigs: set = set()
+
+
+def _compile_with_slp(kernel, args) -> None:
+    """Compile (or load from cache) ``kernel`` for ``args`` with the SLP vectoriser on.
+
+    The tiles vectorise only with it; compiling before the threads start also
+    keeps two threads from compiling the same kernel at once.
+    """
+    sig = tuple(numba.typeof(a) for a in args)
+    key = (id(kernel), sig)
+    if key in _compiled_sigs:
+        return
+    with mk.compile_with_slp():
+        kernel.compile(sig)
+    _compiled_sigs.add(key)
 
 
 # -- thread ownership -----------------------------------------------------------
@@ -485,15 +723,18 @@ def _n_chunks(batch: int) -> int:
     return max(1, min(batch // MIN_ROWS_PER_CHUNK, n_threads()))
 
 
-def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
+def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
     """``kernel(*args, *per_chunk[c], b0, b1)`` over batch chunks, one per thread.
 
     ``per_chunk`` (one tuple per chunk, e.g. a private bias-gradient row) keeps
     threads from writing to the same memory; None gives every chunk nothing.
+    ``slp``: compile the kernel with the SLP vectoriser (kernels with tiles).
     """
     nchunk = _n_chunks(batch)
     extra = per_chunk if per_chunk is not None else [()] * nchunk
     bounds = [(c * batch // nchunk, (c + 1) * batch // nchunk) for c in range(nchunk)]
+    if slp:
+        _compile_with_slp(kernel, (*args, *extra[0], *bounds[0]))
     if nchunk == 1:
         kernel(*args, *extra[0], *bounds[0])
         return
@@ -502,6 +743,44 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None) -> None:
         futures = [pool.submit(kernel, *args, *extra[c], *bounds[c]) for c in range(1, nchunk)]
         try:
             kernel(*args, *extra[0], *bounds[0])
+        finally:
+            for f in futures:
+                f.result()
+
+
+# Largest batch whose fused forward splits the hidden units between the
+# threads (one barrier per step, every thread runs all B rows) instead of the
+# rows (no barrier, B / threads rows each).  The unit split keeps each
+# thread's part of W_hh in its own L2 and all rows in every tile, but waits
+# at a barrier every step: on the shared 2-core development machine (load
+# 3-4) a descheduled partner made it 1.5-5x slower than the row split at
+# B = 1..16 (docs/benchmarks/cpu.md), so it is off (0) by default.  Tested
+# with both settings; raise it on a quiet machine with dedicated cores.
+UNIT_SPLIT_MAX_BATCH = 0
+
+
+def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
+    """A fused forward kernel over the threads, split by rows or by unit blocks."""
+    nthr = min(n_threads(), n_blocks) if batch <= UNIT_SPLIT_MAX_BATCH else 1
+    flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
+    if nthr > 1:
+        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
+                 for c in range(nthr)]
+    else:
+        nchunk = _n_chunks(batch)
+        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
+                 for c in range(nchunk)]
+    _compile_with_slp(kernel, (*args, *tails[0]))
+    if len(tails) == 1:
+        kernel(*args, *tails[0])
+        return
+    # No BLAS runs inside, but holding it to one thread parks its workers,
+    # which otherwise spin on the cores the kernel threads need.
+    with _blas_single_thread():
+        pool = _executor(len(tails) - 1)
+        futures = [pool.submit(kernel, *args, *tail) for tail in tails[1:]]
+        try:
+            kernel(*args, *tails[0])
         finally:
             for f in futures:
                 f.result()
@@ -525,10 +804,14 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    flags = reg.flags() if reg is not None else (False, False)
-    k = get_kernels(cell, dtype, flags)
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
+    if ka.Hd.shape == (B, H):  # the first step's recurrent input: h0, masked
+        ka.Hd[...] = h0[0] * ka.Mr
+    if k.fused is not None:
+        return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
+                              reg, ka, input_mask)
     XW, input_cache = common.input_projection(np, cell, x, params)
     buf = common.time_buffers(np, cell, T, B, H, dtype, training)
     buf.States[:, T if reverse else 0] = h0
@@ -544,12 +827,42 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     if T > 0:
         _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
                              buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU, buf.Rhh, y, lengths,
-                             reverse, ka.Mr, ka.Hd, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi,
-                             ka.zstream, ka.ztrain), B)
+                             reverse, *_reg_args(ka)), B)
     hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, reg=reg,
+                             input_mask=input_mask)
+    return y, hn, ctx
+
+
+def _reg_args(ka) -> tuple:
+    """The regularisation arguments of the forward kernels (masks, thresholds, seed)."""
+    return (ka.Mr, ka.Hd, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain)
+
+
+def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, training, y, reg,
+                   ka, input_mask):
+    """:func:`forward` of a dense cell on packed weights (see :func:`fused_path`)."""
+    T, B, _ = x.shape
+    H = h0.shape[2]
+    dtype = x.dtype
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training)
+    buf.States[:, T if reverse else 0] = h0
+    if y is None:
+        y = np.empty((T, B, H), dtype=dtype)
+    Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
+    Wxp = mk.pack_forward(params["weight_ih"], cell.n_gates, H, f.nu)
+    P = common.param_vector(np, cell, params, H, dtype)
+    if T > 0:
+        _run_fused(f.forward_train if training else f.forward_infer,
+                   (np.ascontiguousarray(x), Wxp, params["bias_ih"], Wp, params["bias_hh"], P,
+                    buf.States, buf.Saved, y, lengths, reverse, *_reg_args(ka)), B,
+                   Wp.shape[0])
+    hn = buf.States[:, 0 if reverse else T].copy()
+    ctx = None
+    if training:
+        ctx = ForwardContext(cell, x, params, None, buf, lengths, reverse, reg=reg,
                              input_mask=input_mask)
     return y, hn, ctx
 
@@ -568,7 +881,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     GrH = cell.n_recurrent_gates * H
     reg = ctx.reg
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
-    ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
+    ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)  # masks regenerated
     dS = np.array(dhn, dtype=dtype, copy=True)
     dXW = np.empty((T, B, G * H), dtype=dtype)
     one = np.ones(1, dtype=dtype)
@@ -578,11 +891,17 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHU = dXW.reshape(1, T, B, G * H)
     else:
         dHU = np.empty((NH, T, B, GrH // NH), dtype=dtype)
-    dH = np.empty((NH, B, H // NH), dtype=dtype)
+    dH = np.empty((NH, B, H // NH), dtype=dtype) if k.fused is None else \
+        np.empty((1, B, -(-H // k.fused.nu) * k.fused.nu), dtype=dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
-    W = common.recurrent_weights(cell, params, H)
-    W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
+    loop = k.backward_loop
+    if k.fused is not None:
+        loop = k.fused.backward_loop
+        W = mk.pack_backward(params["weight_hh"], H, k.fused.nu)
+    else:
+        W = common.recurrent_weights(cell, params, H)
+        W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
     P = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = _n_chunks(B)
@@ -592,11 +911,12 @@ def backward(ctx: ForwardContext, dy, dhn):
         ("bias_ih", G * H), ("bias_hh", GrH), ("norm_hh", GrH),
         ("params", cell.n_param_scalars * H), ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     if T > 0:
-        _run_chunks(k.backward_loop,
+        _run_chunks(loop,
                     (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
                      buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM,
                      ka.Mr, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain),
-                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)])
+                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)],
+                    slp=k.fused is not None)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(np, cell, ctx, dXW,
                                         dHU if cell.has_recurrent else None)

@@ -1,0 +1,220 @@
+"""Register-blocked GEMM tiles for the recurrent products, and the step barrier.
+
+The per-step recurrent product ``h_{t-1} @ W_hh.T`` is small (B rows) and
+runs T times on the same ``W_hh``.  BLAS repacks ``W_hh`` at every call and
+is tuned for large operands; here ``W_hh`` is packed *once per call* into
+column panels (:func:`pack_forward`, :func:`pack_backward`) and every step
+runs a generated tile function (:func:`tile_source`) that keeps an
+``MR x NR`` block of the product in registers.  The forward kernels put the
+cell's pointwise step right behind each tile (the "epilogue"), so the
+recurrent pre-activations only ever live in a small tile in L1.
+
+How the tile vectorises: its source spells out one scalar accumulator per
+element of the block and, per ``k``, ``MR`` loads of ``A`` and ``NR``
+contiguous loads of the packed panel; LLVM's SLP vectoriser turns each run of
+16 (float32) accumulators into one zmm register and the products into FMAs
+(``fastmath={"contract"}``; no reassociation, so each element still sums
+over ``k`` in order).  Numba leaves the SLP vectoriser off by default, so the
+modules that hold tiles are compiled with it on (:func:`compile_with_slp`).
+Check with ``dispatcher.inspect_asm()``: ``vfmadd...ps`` on ``zmm`` (or
+``ymm``) registers.
+
+The step barrier (:func:`barrier_source`) lets threads that split one step's
+hidden units between them meet once per step without the GIL: each thread
+publishes the number of steps it finished with a release store and waits for
+the others with acquire loads (``pause`` between polls on x86).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+__all__ = ["block_shape", "tile_source", "tile_name", "pack_forward", "pack_backward",
+           "compile_with_slp", "barrier_source"]
+
+VECTOR_BYTES = 64  # one AVX-512 register; on AVX2 LLVM uses two ymm per block column
+ACCUMULATOR_VECTORS = 12  # registers for the tile, of 32 (AVX-512): room for loads
+FLAG_STRIDE = 8  # int64 slots between two threads' flags: one cache line each
+
+
+def block_shape(n_panel_vectors: int, itemsize: int) -> tuple[int, int]:
+    """``(MR, NU)``: tile rows and units per panel for ``n_panel_vectors`` gate blocks.
+
+    A panel holds ``NU`` units (one vector register of the dtype) of each of
+    the ``n_panel_vectors`` recurrent gates, so a tile is ``MR x (NU * n)``;
+    ``MR`` fills about ``ACCUMULATOR_VECTORS`` registers, at most 8 rows.
+    """
+    nu = VECTOR_BYTES // itemsize
+    mr = max(1, min(8, ACCUMULATOR_VECTORS // max(1, n_panel_vectors)))
+    return mr, nu
+
+
+def tile_name(mr: int, nr: int) -> str:
+    return f"tile_{mr}x{nr}"
+
+
+def tile_source(mr: int, nr: int, nu: int) -> str:
+    """Source of ``tile_{mr}x{nr}(A, i0, i1, Wp, jb, C, c_row, c_col, c_gate)``.
+
+    ``C[c_row + r, c_col + g*c_gate + u] = sum_k A[i0 + r, k] * Wp[jb, k, g*nu + u]``
+    for rows ``r < min(mr, i1 - i0)`` and panel column ``g*nu + u < nr``: the
+    panel's gate blocks land ``c_gate`` columns apart, so the tile writes
+    straight into a row layout ``[rows, G*Hp]`` (``Hp`` = H padded to whole
+    panels).  Needs ``ZERO`` in the module's globals.  Rows past ``i1`` load
+    row ``i1 - 1`` (no branches in the k loop) and are not stored.
+    """
+    name = tile_name(mr, nr)
+    lines = [
+        '@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})',
+        f"def {name}(A, i0, i1, Wp, jb, C, c_row, c_col, c_gate):",
+        f'    """{mr} rows x {nr} columns of A[i0:i1] @ Wp[jb], into C (see tile_source).',
+        "",
+        f"    Blocking: the {mr} x {nr} accumulators stay in registers for the",
+        f"    whole k loop; per k it broadcasts one value of each of the {mr} rows of",
+        f"    A and loads {nr} contiguous values of the panel Wp[jb, k] (one vector",
+        "    per 16 float32), then does the products as FMAs.  Only the panel",
+        "    streams from cache; the block is stored once at the end.",
+        '    """',
+        "    K = A.shape[1]",
+        "    last = i1 - 1",
+        "    nrow = i1 - i0",
+    ]
+    lines += [f"    r{r} = min(i0 + {r}, last)" for r in range(mr)]
+    lines += [f"    c{r}_{n} = ZERO" for r in range(mr) for n in range(nr)]
+    lines.append("    for k in range(K):")
+    lines += [f"        a{r} = A[r{r}, k]" for r in range(mr)]
+    lines += [f"        w{n} = Wp[jb, k, {n}]" for n in range(nr)]
+    lines += [f"        c{r}_{n} += a{r} * w{n}" for r in range(mr) for n in range(nr)]
+    # Offsets that are provably >= 0 let LLVM drop Numba's negative-index
+    # select, so each gate's nu stores are contiguous and the accumulators
+    # stay vectors (else the SLP vectoriser splits them up at every k).
+    lines.append("    row0 = max(c_row, 0)")
+    lines += [f"    o{g} = max(c_col + {g} * c_gate, 0)" for g in range(-(-nr // nu))]
+    for r in range(mr):
+        pad = "    "
+        if r > 0:
+            lines.append(f"    if nrow > {r}:")
+            pad = "        "
+        lines += [f"{pad}C[row0 + {r}, o{n // nu} + {n % nu}] = c{r}_{n}" for n in range(nr)]
+    return "\n".join(lines) + "\n"
+
+
+def pack_forward(W, n_gates: int, H: int, nu: int):
+    """``W [G*H, K]`` (``W_hh``, or ``W_ih`` with K = I) as panels ``[NB, K, G*nu]`` for ``a @ W.T``.
+
+    ``Wp[jb, k, g*nu + u] = W[g*H + jb*nu + u, k]``: panel ``jb`` holds the
+    ``G`` gate columns of units ``jb*nu .. jb*nu + nu - 1`` (zero past ``H``),
+    so one tile of a panel gives every gate of those units for the epilogue.
+    """
+    nb = -(-H // nu)
+    K = W.shape[1]
+    W3 = np.zeros((n_gates, nb * nu, K), dtype=W.dtype)
+    W3[:, :H] = W.reshape(n_gates, H, K)
+    return np.ascontiguousarray(
+        W3.reshape(n_gates, nb, nu, K).transpose(1, 3, 0, 2).reshape(nb, K, n_gates * nu))
+
+
+def pack_backward(W, H: int, nu: int):
+    """``W_hh [G*H, H]`` as panels ``[NB, G*H, nu]`` for ``dHU @ W_hh`` (not transposed).
+
+    ``Wp[jb, k, u] = W_hh[k, jb*nu + u]`` (zero past ``H``).
+    """
+    nb = -(-H // nu)
+    GH = W.shape[0]
+    Wz = np.zeros((GH, nb * nu), dtype=W.dtype)
+    Wz[:, :H] = W
+    return np.ascontiguousarray(Wz.reshape(GH, nb, nu).transpose(1, 0, 2))
+
+
+_slp_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def compile_with_slp():
+    """Numba's SLP vectoriser on while the block runs (kernels compiled inside get it).
+
+    Numba reads ``config.SLP_VECTORIZE`` when it builds the optimisation
+    passes of each compilation, so this scopes the setting to the kernels
+    compiled here; other Numba code in the process keeps Numba's default.
+    """
+    with _slp_lock:
+        before = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            numba.config.SLP_VECTORIZE = before
+
+
+# -- the step barrier ------------------------------------------------------------
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """``arr[idx]`` of an int64 array as an acquire load (never hoisted out of a loop)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """``arr[idx] = val`` of an int64 array as a release store."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(v, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, val), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The CPU's spin-wait hint (``pause`` on x86, nothing elsewhere)."""
+
+    def codegen(context, builder, sig, args):
+        if _X86:  # LLVM's intrinsic (Numba's JIT has no inline-assembly parser)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+def barrier_source() -> str:
+    """Source of ``step_barrier(flags, tid, nthr, done)``: wait until every thread finished ``done`` steps."""
+    return '''
+@numba.njit(cache=True, nogil=True)
+def step_barrier(flags, tid, nthr, done):
+    """Publish that this thread finished ``done`` steps, then wait for the others."""
+    atomic_store(flags, tid * FLAG_STRIDE, done)
+    for o in range(nthr):
+        if o != tid:
+            while atomic_load(flags, o * FLAG_STRIDE) < done:
+                spin_pause()
+'''
