@@ -35,7 +35,7 @@ CELLS = REGISTRY.names()  # shipped cells + the test plugin's
 SMALL = dict(max_T=5, max_B=3, max_I=4, max_H=4, max_layers=2)
 CLASSIC = {"rnn", "rnn_relu", "lstm", "gru"} | {n for n in CELLS if n.startswith("test_")}
 EXAMPLES = 10
-ZOO_EXAMPLES = 3
+ZOO_EXAMPLES = 2
 
 
 def _problems(data, cell_name, n_classic=EXAMPLES, n_zoo=ZOO_EXAMPLES):
@@ -65,11 +65,12 @@ def test_gradients_match_finite_differences(cell_name, data):
         gradient_errors(cell, p, device="cuda")
 
 
-@pytest.mark.parametrize("cell_name", CELLS)
+@pytest.mark.parametrize("cell_name", sorted(CLASSIC) + ["slstm", "lstm_ln", "mingru"])
 @settings(max_examples=1)
 @given(data=st.data())
 def test_float32_gradients_close_to_float64(cell_name, data):
-    """float32 kernels (typed constants, float32 GEMMs) stay within the float32 tolerance."""
+    """float32 kernels (typed constants, float32 GEMMs) stay within the float32 tolerance
+    (the cells of the first contract, and one zoo cell per new capability)."""
     cell, ps = _problems(data, cell_name, n_classic=4, n_zoo=2)
     for p in ps:
         params, x, h0 = make_arrays(cell, p, np.float64)
