@@ -188,13 +188,14 @@ def norm_vectors(xp, cell, params, hidden_size: int, dtype):
     return g_hh, Gz, Bz
 
 
-def weight_gradients(xp, cell, ctx, dXW, dHU):
+def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
     """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
 
     ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
     ``b_ih``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
-    (None without them).  Large GEMMs over all ``T*B`` rows; ``@`` dispatches
-    to NumPy's or CuPy's BLAS.
+    (None without them); ``recurrent_mask [B, H]`` the recurrent-dropout mask
+    the products read ``h`` through (None without).  Large GEMMs over all
+    ``T*B`` rows; ``@`` dispatches to NumPy's or CuPy's BLAS.
     """
     x = ctx.x
     T, B, I = x.shape
@@ -215,11 +216,8 @@ def weight_gradients(xp, cell, ctx, dXW, dHU):
         H = ctx.States.shape[3]
         # the state each step started from: time boundary t (forward) or t+1 (reverse)
         Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
-        call = ctx.reg
-        if call is not None and call.recurrent_dropout:  # the product read the masked h
-            Hprev = Hprev * regularization.recurrent_mask(
-                xp, call.seed, call.layer, call.direction, B, H,
-                call.settings.recurrent_dropout, Hprev.dtype)[None]
+        if recurrent_mask is not None:  # the product read the masked h
+            Hprev = Hprev * recurrent_mask[None]
         Hprev = Hprev.reshape(T * B, H)
         NH = dHU.shape[0]
         dh = H // NH

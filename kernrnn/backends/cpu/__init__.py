@@ -918,8 +918,9 @@ def backward(ctx: ForwardContext, dy, dhn):
                     B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)],
                     slp=k.fused is not None)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
-    dx, grads = common.weight_gradients(np, cell, ctx, dXW,
-                                        dHU if cell.has_recurrent else None)
+    dx, grads = common.weight_gradients(
+        np, cell, ctx, dXW, dHU if cell.has_recurrent else None,
+        ka.Mr if reg is not None and reg.recurrent_dropout else None)
     grads["bias_ih"] = sums["bias_ih"]
     if cell.has_recurrent:
         grads["bias_hh"] = sums["bias_ih"].copy() if k.same_grads else sums["bias_hh"]

@@ -903,7 +903,9 @@ def backward(ctx: ForwardContext, dy, dhn):
             dh = H // NH
             grads["bias_hh"] = dHU.sum(axis=(1, 2)).reshape(NH, Gr, dh).transpose(1, 0, 2) \
                 .reshape(Gr * H)
-    dx, wgrads = common.weight_gradients(xp, cell, ctx, dXW, dHU if rec else None)
+    dx, wgrads = common.weight_gradients(
+        xp, cell, ctx, dXW, dHU if rec else None,
+        ka.Mr if ctx.reg is not None and ctx.reg.recurrent_dropout else None)
     grads.update(wgrads)
     grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
                                            sums["bz"], H))
