@@ -33,14 +33,14 @@ def test_ddp_two_processes_give_the_single_process_gradients(tmp_path):
     port = _free_port()
     ref = _run([0, 1, 0, tmp_path / "single.npz"], tmp_path)
     ranks = [_run([r, 2, port, tmp_path / f"rank{r}.npz"], tmp_path) for r in range(2)]
-    for p in [ref, *ranks]:
+    for name, p in zip(["single process", "rank 0", "rank 1"], [ref, *ranks]):
         try:
             out, _ = p.communicate(timeout=300)
         except subprocess.TimeoutExpired:
             for q in [ref, *ranks]:
                 q.kill()
-            pytest.fail("a DDP worker did not finish within 300 s")
-        assert p.returncode == 0, out.decode()[-3000:]
+            pytest.fail(f"the DDP worker ({name}) did not finish within 300 s")
+        assert p.returncode == 0, f"{name} exited {p.returncode}:\n" + out.decode()[-3000:]
     want = np.load(tmp_path / "single.npz")
     for r in range(2):
         got = np.load(tmp_path / f"rank{r}.npz")
