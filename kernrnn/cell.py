@@ -372,6 +372,40 @@ class Cell:
                 f"hidden size, got hidden_size={hidden_size}"
             )
 
+    def check_projection(self) -> None:
+        """Raise :class:`CellError` unless the layer may project this cell's output (LSTMP).
+
+        ``proj_size`` replaces the state ``h`` the recurrence and the output
+        read by ``W_hr h``.  That is only the same cell if its step reads
+        ``h_{t-1}`` through ``W_hh`` alone (the LSTM: yes; the GRU mixes
+        ``h_{t-1}`` in element-wise: no).  Checked on sample values with the
+        cell's reference step; the recurrence must be ``"dense"`` and the
+        state have a second component to carry the step.
+        """
+        def fail(why):
+            raise CellError(f"cell {self.name!r}{_source_note(self)}: proj_size needs {why}")
+
+        if self.recurrent != "dense":
+            fail(f"a dense recurrence (the projected h feeds W_hh), got recurrent="
+                 f"{self.recurrent!r}")
+        if self.n_state < 2:
+            fail(f"a state besides h (like the LSTM's c), got state={self.state}")
+        rng = np.random.default_rng(0)
+        B, H, G = 2, 3, self.n_gates
+        xw = tuple(rng.uniform(-1, 1, (B, H)) for _ in range(G))
+        hu = tuple(rng.uniform(-1, 1, (B, H)) for _ in range(G))
+        prev = self.sample_states(rng, (B, H))
+        params = [tuple(rng.uniform(-1, 1, H) for _ in range(p.blocks)) for p in self.params]
+        kwargs = {}
+        if self.normalize:
+            kwargs["norm"] = lambda name, z: reference_norm(z, 1.0, 0.0, self.normalize_kind)
+        other = (self.sample_states(rng, (B, H))[0],) + tuple(prev[1:])
+        a = self.reference(xw, hu, prev, *params, **kwargs)
+        b = self.reference(xw, hu, other, *params, **kwargs)
+        if not all(np.allclose(u, v, rtol=1e-12, atol=1e-12) for u, v in zip(a, b)):
+            fail(f"a step that reads h_(t-1) only through W_hh; this cell's step changes "
+                 f"with h_(t-1) itself (its state {self.state})")
+
     # -- parameters --------------------------------------------------------------
 
     def param_shapes(self, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:

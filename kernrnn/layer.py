@@ -35,7 +35,13 @@ class RNN:
     ``dropout=p`` zeroes each output of every layer but the last with
     probability p in training mode (inverted: kept values scaled by 1/(1-p)),
     with masks drawn from ``seed`` and a call counter and reused by backward;
-    ``bias=False`` drops the ``bias_*`` parameters (they act as zeros).
+    ``bias=False`` drops the ``bias_*`` parameters (they act as zeros);
+    ``proj_size=P`` (``0 < P < hidden_size``, the LSTM and cells like it, see
+    :meth:`~kernrnn.cell.Cell.check_projection`) makes an LSTMP as PyTorch's:
+    each step's ``h`` is ``W_hr (o * tanh c)`` with ``weight_hr_l{k}`` ``[P, H]``,
+    computed inside the time loop, so ``y`` is ``[T, B, D*P]``, ``h`` states
+    ``[L*D, B, P]`` (``c`` stays ``[L*D, B, H]``) and ``weight_hh_l{k}`` is
+    ``[G*H, P]``.
 
     ``cell`` is a registered name (``"rnn"``, ``"lstm"``, ``"gru"``, plugins)
     or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
@@ -61,7 +67,7 @@ class RNN:
     def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
                  bidirectional=False, dtype=np.float32, device="cpu", nonlinearity=None,
                  seed=None, bias=True, batch_first=False, dropout=0.0, recurrent_dropout=0.0,
-                 input_dropout=0.0, zoneout=0.0):
+                 input_dropout=0.0, zoneout=0.0, proj_size=0):
         if nonlinearity is not None:
             if cell != "rnn":
                 raise ValueError(f"nonlinearity applies to cell 'rnn' only, got cell {cell!r}")
@@ -94,6 +100,7 @@ class RNN:
         self._lock = threading.Lock()
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
+        self.proj_size = self._check_proj_size(proj_size)
         check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self.device = check_device(device)
         self._backend = get_backend(self.device)
@@ -117,22 +124,34 @@ class RNN:
         (and ``_reverse``): PyTorch's four, then per-unit parameters and
         normalisation gains.
         """
-        H = self.hidden_size
         shapes = {}
         for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else H * self.num_directions
             for d in range(self.num_directions):
                 sfx = _suffix(layer, d)
-                for kind, shape in self.cell.param_shapes(in_size, H).items():
+                for kind, shape in self._kind_shapes(layer).items():
                     shapes[f"{kind}{sfx}"] = shape
         return shapes if self.bias else _without_biases(shapes)
+
+    @property
+    def output_size(self) -> int:
+        """Units of ``h`` per direction: ``proj_size`` if set, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
+    def _kind_shapes(self, layer: int) -> dict:
+        """One direction's parameter shapes by the cell's names (plus ``weight_hr``)."""
+        H, P = self.hidden_size, self.proj_size
+        in_size = self.input_size if layer == 0 else self.output_size * self.num_directions
+        shapes = self.cell.param_shapes(in_size, H)
+        if P:  # PyTorch's LSTMP: W_hh reads the projected h; weight_hr comes last
+            shapes["weight_hh"] = (shapes["weight_hh"][0], P)
+            shapes["weight_hr"] = (P, H)
+        return shapes
 
     def _direction_params(self, layer: int, d: int) -> dict:
         """The parameters of one layer and direction, by the cell's names (no suffix)."""
         sfx = _suffix(layer, d)
-        in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
         return {kind: self._param(f"{kind}{sfx}", shape)
-                for kind, shape in self.cell.param_shapes(in_size, self.hidden_size).items()}
+                for kind, shape in self._kind_shapes(layer).items()}
 
     def state_dict(self) -> dict:
         """The parameters by PyTorch name (the layer's own arrays, not copies)."""
@@ -212,6 +231,7 @@ class RNN:
         """Run all layers; see the class docstring for shapes."""
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
+        O = self.output_size
         x = self._time_major(x)
         _checks.check_array(x, "x", (None, None, self.input_size), self.dtype, finite=True)
         x = be.asarray(x)
@@ -224,17 +244,17 @@ class RNN:
         hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
         ctxs = []
         key = self._call_key()
-        masks = self._dropout_masks((T, B, D * H), key)
+        masks = self._dropout_masks((T, B, D * O), key)
         inp = x
         for layer in range(L):
-            out = xp.empty((T, B, D * H), dtype=self.dtype)
+            out = xp.empty((T, B, D * O), dtype=self.dtype)
             for d in range(D):
                 idx = layer * D + d
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 _, hn[:, idx], ctx = be.forward(
                     self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
                     self.training,
-                    y=out[:, :, d * H:(d + 1) * H], **self._regularization_call(key, layer, d),
+                    y=out[:, :, d * O:(d + 1) * O], **self._regularization_call(key, layer, d),
                 )
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
@@ -262,7 +282,8 @@ class RNN:
             )
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
-        want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        O = self.output_size
+        want = (B, T, D * O) if self.batch_first else (T, B, D * O)
         _checks.check_array(dy, "dy", want, self.dtype, finite=True)
         dy = self._time_major(dy)
         dy = be.asarray(dy)
@@ -274,7 +295,7 @@ class RNN:
                 idx = layer * D + d
                 sfx = _suffix(layer, d)
                 dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
-                dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * H:(d + 1) * H], dhn_d)
+                dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * O:(d + 1) * O], dhn_d)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
                     if f"{kind}{sfx}" in self.grads:  # bias=False: no bias gradients
@@ -397,10 +418,19 @@ class RNN:
     # -- state helpers -----------------------------------------------------
 
     def _pack_state(self, st):
-        return st[0] if self.cell.n_state == 1 else tuple(st[s] for s in range(self.cell.n_state))
+        """PyTorch-style ``h`` or ``(h, c)`` from ``[S, L*D, B, H]`` (a projected h is the
+        first P columns of ``st[0]``)."""
+        parts = [st[s] for s in range(self.cell.n_state)]
+        if self.proj_size:
+            parts[0] = parts[0][..., :self.proj_size]
+        return parts[0] if self.cell.n_state == 1 else tuple(parts)
 
     def _check_state(self, state, B, name):
-        """[S, L*D, B, H] from PyTorch-style ``h`` or ``(h, c)``; None stays None."""
+        """[S, L*D, B, H] from PyTorch-style ``h`` or ``(h, c)``; None stays None.
+
+        With ``proj_size`` the ``h`` given is ``[L*D, B, P]``: it fills the first
+        P columns of the stacked ``h`` (the rest zeros).
+        """
         if state is None:
             return None
         S, H = self.cell.n_state, self.hidden_size
@@ -414,10 +444,34 @@ class RNN:
                     f"for cell {self.cell.name!r}, got {type(state).__name__}"
                 )
             parts = tuple(state)
-        for sname, part in zip(self.cell.state, parts):
+        for s, (sname, part) in enumerate(zip(self.cell.state, parts)):
             label = name if S == 1 else f"{name} ({sname})"
-            _checks.check_array(part, label, (LD, B, H), self.dtype, finite=True)
-        return self._backend.xp.stack([self._backend.asarray(p) for p in parts])
+            width = self.output_size if s == 0 else H
+            _checks.check_array(part, label, (LD, B, width), self.dtype, finite=True)
+        xp = self._backend.xp
+        out = xp.zeros((S, LD, B, H), dtype=self.dtype)
+        for s, part in enumerate(parts):
+            out[s, :, :, :part.shape[2]] = self._backend.asarray(part)
+        return out
+
+    def _check_proj_size(self, proj_size) -> int:
+        """PyTorch's rules for ``proj_size``, and a cell whose step allows it."""
+        if isinstance(proj_size, bool) or not isinstance(proj_size, (int, np.integer)) \
+                or proj_size < 0:
+            raise ValueError(f"proj_size should be a non-negative integer, got {proj_size!r}")
+        proj_size = int(proj_size)
+        if proj_size == 0:
+            return 0
+        if proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size has to be smaller than hidden_size, got "
+                             f"proj_size={proj_size}, hidden_size={self.hidden_size}")
+        self.cell.check_projection()
+        reg = self.regularization
+        if reg.recurrent_dropout or reg.zoneout:
+            raise ValueError(f"proj_size does not combine with recurrent_dropout or zoneout "
+                             f"(they act on the unprojected state), got "
+                             f"recurrent_dropout={reg.recurrent_dropout}, zoneout={reg.zoneout}")
+        return proj_size
 
 
 def _suffix(layer: int, direction: int) -> str:
@@ -430,7 +484,8 @@ def _options_repr(layer) -> str:
     reg = layer.regularization
     opts = [("bias", layer.bias, True), ("batch_first", layer.batch_first, False),
             ("dropout", layer.dropout, 0.0), ("recurrent_dropout", reg.recurrent_dropout, 0.0),
-            ("input_dropout", reg.input_dropout, 0.0), ("zoneout", reg.zoneout, ())]
+            ("input_dropout", reg.input_dropout, 0.0), ("zoneout", reg.zoneout, ()),
+            ("proj_size", layer.proj_size, 0)]
     return "".join(f", {k}={v!r}" for k, v, default in opts if v != default)
 
 

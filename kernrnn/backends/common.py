@@ -27,7 +27,7 @@ from kernrnn import regularization
 from kernrnn.cell import NORM_EPS
 
 __all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
-           "recurrent_weights", "param_vector", "norm_vectors", "weight_gradients",
+           "recurrent_weights", "projection_size", "projection_state", "param_vector", "norm_vectors", "weight_gradients",
            "per_unit_gradients"]
 
 
@@ -41,6 +41,9 @@ class TimeBuffers:
     (the normalised recurrent products and their reciprocal deviations).  T'
     is T when training, else 1 (scratch for the current step); T'' is T only
     when training a cell with a recurrent norm.  Unused arrays have one element.
+    With a projection (LSTMP, ``weight_hr [P, H]``), ``States[0]`` holds the
+    unprojected ``h`` and ``Hp [T+1, B, P]`` the projected one, which the
+    recurrent product and the output read.
     """
 
     States: object
@@ -50,10 +53,12 @@ class TimeBuffers:
     Rz: object
     HU: object
     Rhh: object
+    Hp: object = None
 
 
-def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool) -> TimeBuffers:
-    """Allocate :class:`TimeBuffers` for one direction."""
+def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
+                 proj: int = 0) -> TimeBuffers:
+    """Allocate :class:`TimeBuffers` for one direction (``proj``: the projection size P)."""
     S, K = cell.n_state, cell.n_saved
     Tm = T if training else 1
 
@@ -76,7 +81,7 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool) -> Tim
     else:
         HU, Rhh = one, empty(1, 1, 1)
     return TimeBuffers(empty(S, T + 1, B, H), empty(K if training else 0, T, B, H), Mid, Zhat,
-                       Rz, HU, Rhh)
+                       Rz, HU, Rhh, empty(T + 1, B, proj) if proj else None)
 
 
 @dataclass
@@ -157,13 +162,30 @@ def input_projection(xp, cell, x, params):
 
 
 def recurrent_weights(cell, params, hidden_size: int):
-    """``W_hh`` as ``[NH, Gr*dh, dh]`` (a view; a dense cell's is ``[1, Gr*H, H]``), or None."""
+    """``W_hh`` as ``[NH, Gr*dh, dh]`` (a view; a dense cell's is ``[1, Gr*H, H]``, or
+    ``[1, Gr*H, P]`` with a projection), or None."""
     if not cell.has_recurrent:
         return None
     W = params["weight_hh"]
     if cell.recurrent == "dense":
-        return W.reshape(1, W.shape[0], hidden_size)
+        return W[None]
     return W
+
+
+def projection_size(params) -> int:
+    """P of an LSTMP layer direction (``weight_hr [P, H]`` in ``params``), else 0."""
+    W = params.get("weight_hr")
+    return 0 if W is None else int(W.shape[0])
+
+
+def projection_state(xp, h0, proj: int, B: int, H: int, dtype):
+    """``(h0 for the kernels, Hp0)``: with a projection, the caller's ``h0[0]`` carries the
+    projected h in its first P columns; the kernels' unprojected ``h_0`` is zero (the step
+    does not read it, see :meth:`kernrnn.cell.Cell.check_projection`)."""
+    hp0 = xp.ascontiguousarray(h0[0, :, :proj])
+    h0 = h0.copy()
+    h0[0] = 0
+    return h0, hp0
 
 
 def param_vector(xp, cell, params, hidden_size: int, dtype):
@@ -188,14 +210,16 @@ def norm_vectors(xp, cell, params, hidden_size: int, dtype):
     return g_hh, Gz, Bz
 
 
-def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
+def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
     """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
 
     ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
     ``b_ih``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
     (None without them); ``recurrent_mask [B, H]`` the recurrent-dropout mask
-    the products read ``h`` through (None without).  Large GEMMs over all
-    ``T*B`` rows; ``@`` dispatches to NumPy's or CuPy's BLAS.
+    the products read ``h`` through (None without); ``dHp [T, B, P]`` the
+    gradient of the projected h of each step (LSTMP; None without), which
+    gives ``weight_hr``'s.  Large GEMMs over all ``T*B`` rows; ``@``
+    dispatches to NumPy's or CuPy's BLAS.
     """
     x = ctx.x
     T, B, I = x.shape
@@ -215,10 +239,11 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
     if dHU is not None:
         H = ctx.States.shape[3]
         # the state each step started from: time boundary t (forward) or t+1 (reverse)
-        Hprev = ctx.States[0, 1:] if ctx.reverse else ctx.States[0, :T]
+        hs = ctx.States[0] if ctx.buffers.Hp is None else ctx.buffers.Hp
+        Hprev = hs[1:] if ctx.reverse else hs[:T]
         if recurrent_mask is not None:  # the product read the masked h
             Hprev = Hprev * recurrent_mask[None]
-        Hprev = Hprev.reshape(T * B, H)
+        Hprev = Hprev.reshape(T * B, hs.shape[2])
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:
@@ -229,6 +254,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
                 dHU[k].reshape(T * B, dHU.shape[3]).T @ Hprev[:, k * dh:(k + 1) * dh]
                 for k in range(NH)
             ])
+    if dHp is not None:  # h_t = W_hr r_t with r_t the unprojected h, at boundary t+1 or t
+        R = ctx.States[0, :T] if ctx.reverse else ctx.States[0, 1:]
+        P = dHp.shape[2]
+        grads["weight_hr"] = dHp.reshape(T * B, P).T @ R.reshape(T * B, R.shape[2])
     return dx, grads
 
 

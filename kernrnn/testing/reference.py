@@ -50,7 +50,9 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     ``h0`` is a tuple of S ``[B, H]`` arrays; ``reg`` a
     :class:`~kernrnn.regularization.RegularizationCall` (its masks regenerated
     here from the same generator) or None.  Returns ``(y [T, B, H], hn tuple)``
-    in float64.
+    in float64.  With ``params["weight_hr"]`` ``[P, H]`` (LSTMP) the state the
+    recurrence and the output read is ``h = W_hr h_cell``: ``h0[0]``, ``y`` and
+    ``hn[0]`` are ``[.., P]``.
     """
     from kernrnn import regularization as R
 
@@ -65,11 +67,15 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     if reg is not None and reg.recurrent_dropout:
         Mr = R.recurrent_mask(np, reg.seed, reg.layer, reg.direction, B, H0,
                               reg.settings.recurrent_dropout, np.float64)
-    H = np.asarray(h0[0]).shape[1]
     G = cell.n_gates
+    H = p["weight_ih"].shape[0] // G
+    W_hr = p.get("weight_hr")
     rec = cell.recurrent_gate_indices
     lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
     state = tuple(np.array(s, dtype=np.float64) for s in h0)
+    hp = None
+    if W_hr is not None:  # the projected h; the cell's own h starts at zero (it is not read)
+        hp, state = state[0], (np.zeros((B, H)),) + state[1:]
     unit_params = []
     for prm in cell.params:
         v = p[prm.name]
@@ -80,7 +86,7 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
             return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],
                                   cell.normalize_kind)
         kwargs["norm"] = norm
-    y = np.zeros((T, B, H))
+    y = np.zeros((T, B, H if W_hr is None else W_hr.shape[0]))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
         xw = x[t] @ p["weight_ih"].T
@@ -89,7 +95,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
         xw = xw + p["bias_ih"]
         args = [tuple(xw[:, g * H:(g + 1) * H] for g in range(G))]
         if cell.has_recurrent:
-            h_in = state[0] if Mr is None else state[0] * Mr
+            h_in = state[0] if hp is None else hp
+            h_in = h_in if Mr is None else h_in * Mr
             hr = reference_recurrent_product(cell, h_in, p["weight_hh"])
             if cell.recurrent_norm is not None:
                 hr = _norm_blocks(hr, cell.recurrent_norm, len(rec)) * p["norm_hh_weight"]
@@ -108,16 +115,19 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
             else:  # the expectation
                 new = tuple(zo[s] * state[s] + (1 - zo[s]) * n for s, n in enumerate(new))
         active = (t < lengths)[:, None]
+        if hp is not None:
+            hp = np.where(active, new[0] @ W_hr.T, hp)
         state = tuple(np.where(active, n, s) for n, s in zip(new, state))
-        y[t] = np.where(active, state[0], 0.0)
-    return y, state
+        y[t] = np.where(active, state[0] if hp is None else hp, 0.0)
+    return y, state if hp is None else (hp,) + state[1:]
 
 
 def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirectional=False,
                   regularization=None, seed=0, training=True):
     """A whole (multi-layer, bidirectional) layer with PyTorch's parameter names.
 
-    ``params`` maps ``weight_ih_l{k}[_reverse]`` etc. to arrays; ``h0`` is a
+    ``params`` maps ``weight_ih_l{k}[_reverse]`` etc. to arrays (with
+    ``weight_hr_l{k}``: an LSTMP, whose ``h`` is ``[.., P]``); ``h0`` is a
     tuple of S ``[num_layers*D, B, H]`` arrays or None; ``regularization`` a
     :class:`~kernrnn.regularization.Regularization` applied with the call seed
     ``seed``.  Returns ``(y [T, B, D*H], hn tuple of [num_layers*D, B, H])``.
@@ -128,15 +138,20 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
     H = np.asarray(params["bias_ih_l0"]).shape[0] // cell.n_gates
+    widths = [H] * cell.n_state
+    if "weight_hr_l0" in params:
+        widths[0] = np.asarray(params["weight_hr_l0"]).shape[0]
     if h0 is None:
-        h0 = tuple(np.zeros((num_layers * D, B, H)) for _ in range(cell.n_state))
-    hn = [np.zeros((num_layers * D, B, H)) for _ in range(cell.n_state)]
+        h0 = tuple(np.zeros((num_layers * D, B, w)) for w in widths)
+    hn = [np.zeros((num_layers * D, B, w)) for w in widths]
     inp = x
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            kinds = cell.param_shapes(inp.shape[2], H)
+            kinds = list(cell.param_shapes(inp.shape[2], H))
+            if f"weight_hr{sfx}" in params:
+                kinds.append("weight_hr")
             p = {k: params[f"{k}{sfx}"] for k in kinds}
             idx = layer * D + d
             reg = None

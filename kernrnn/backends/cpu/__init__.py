@@ -103,10 +103,12 @@ def _ind(text: str, n: int) -> str:
     return "\n".join(pad + line if line else line for line in text.splitlines())
 
 
-def _forward_source(cell, train: bool, reg=(False, False)) -> str:
+def _forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
     """All T steps of one direction for batch rows b0:b1 (see the module docstring).
 
-    ``reg``: (recurrent dropout, zoneout) sections to generate.
+    ``reg``: (recurrent dropout, zoneout) sections to generate.  ``proj``: an
+    LSTMP projection inside the loop: after each step ``Hp[n] = States[0, n]
+    @ W_hr.T`` (``WrT [H, P]``), which the next step's product and ``Y`` read.
     """
     rdrop, zone = reg
     S, Gr = cell.n_state, cell.n_recurrent_gates
@@ -137,7 +139,9 @@ def _forward_source(cell, train: bool, reg=(False, False)) -> str:
     elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
     target = (lambda s: f"cand{s}") if zone else new  # zoneout decides after the step
     after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
-    h_in = "Hd" if rdrop else "States[0, p]"  # the recurrent product's input (masked h)
+    # the recurrent product's input: the masked h, the projected h or h
+    h_in = "Hd" if rdrop else ("Hp[p]" if proj else "States[0, p]")
+    y_store = "" if proj else "\n        Y[t, b, j] = States[0, n, b, j]"
     lines = []
     if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
         lines.append(f"np.dot({h_in}[b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
@@ -160,7 +164,7 @@ def _forward_source(cell, train: bool, reg=(False, False)) -> str:
     if not cell.normalize:
         step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                             z_or_new=target, saved_or_mid=saved, indent=0) + after
-        body.append(elem + "\n" + _ind(step, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
+        body.append(elem + "\n" + _ind(step, 8) + y_store)
     else:
         st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                            z_or_new=lambda k: f"Zhat[{k}, {tm}, b, j]",
@@ -174,11 +178,17 @@ def _forward_source(cell, train: bool, reg=(False, False)) -> str:
                                                f"Bz[{k} * H + j])",
                             mid=lambda m: f"Mid[{m}, {tm}, b, j]", prev=prev, p=pp, new=target,
                             saved=saved, indent=0) + after
-        body.append(elem + "\n" + _ind(st2, 8) + "\n        Y[t, b, j] = States[0, n, b, j]")
+        body.append(elem + "\n" + _ind(st2, 8) + y_store)
     lines.append(_ind("\n".join(body), 8))
     carry = "\n".join(f"            States[{s}, n, b, j] = States[{s}, p, b, j]"
-                      for s in range(S))
-    lines.append(f"    else:\n        for j in range(H):\n{carry}\n            Y[t, b, j] = 0")
+                      for s in range(S)) + ("" if proj else "\n            Y[t, b, j] = 0")
+    lines.append(f"    else:\n        for j in range(H):\n{carry}")
+    if proj:  # project the new h; a finished row keeps its projected h
+        lines.append("np.dot(States[0, n, b0:b1], WrT, Hp[n, b0:b1])\n"
+                     "for b in range(b0, b1):\n    if t < lengths[b]:\n"
+                     "        for k in range(Hp.shape[2]):\n            Y[t, b, k] = Hp[n, b, k]\n"
+                     "    else:\n        for k in range(Hp.shape[2]):\n"
+                     "            Hp[n, b, k] = Hp[p, b, k]\n            Y[t, b, k] = 0")
     if rdrop:  # the next step's recurrent input: this step's h, masked
         lines.append("    for j in range(H):\n        Hd[b, j] = States[0, n, b, j] * Mr[b, j]")
     loop = _ind("\n".join(lines), 8)
@@ -186,7 +196,8 @@ def _forward_source(cell, train: bool, reg=(False, False)) -> str:
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(XW, b_ih, WT, b_hh, g_hh, P, Gz, Bz, States, Saved, Mid, Zhat, Rz, HU, Rhh, Y,
-           lengths, reverse, Mr, Hd, Zthr, Zp, seed_lo, seed_hi, zstream, ztrain, b0, b1):
+           lengths, reverse, Mr, Hd, Zthr, Zp, seed_lo, seed_hi, zstream, ztrain, WrT, Hp,
+           b0, b1):
     """All T steps for batch rows b0:b1 (with recurrent dropout ``Hd`` holds the masked
     previous h, filled for the first step by the caller)."""
     T = XW.shape[0]
@@ -346,7 +357,7 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
 '''
 
 
-def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
+def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=False) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
     ``dS`` holds the element-wise part of the state gradients; the recurrent
@@ -356,7 +367,11 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     ``(mr, nu)``: a dense cell's ``dH = dHU_t @ W_hh`` runs on ``W_hh`` packed
     in panels of ``nu`` units (``W`` is then ``[NB, Gr*H, nu]``) with
     ``mr``-row register tiles, instead of BLAS.  ``reg``: (recurrent dropout,
-    zoneout) sections to generate.
+    zoneout) sections to generate.  ``proj``: the LSTMP projection: per step,
+    before the rows, the projected h's gradient ``dHp[t] = dY_t + dH + dSp``
+    (``dSp``: what arrives at the projected h from later; finished rows pass
+    it on) and the unprojected h's ``dR = dHp[t] @ W_hr``; ``dH`` is then
+    ``[1, B, P]``.
     """
     rdrop, zone = reg
     G, Gr = cell.n_gates, cell.n_recurrent_gates
@@ -364,7 +379,8 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     tt = "t" if rnorm is not None else "0"
     S, K, NP = cell.n_state, cell.n_saved, cell.n_param_scalars
     mr_ = " * mrr[j]" if rdrop else ""  # dH is the gradient of the masked h
-    ds0 = "ds0[j] + dyr[j]" + (f" + dH[hd, b, i]{mr_}" if rec else "")
+    ds0 = "ds0[j] + dRr[j]" if proj else \
+        "ds0[j] + dyr[j]" + (f" + dH[hd, b, i]{mr_}" if rec else "")
 
     def arriving(s):
         return ds0 if s == 0 else f"ds{s}[j]"
@@ -398,7 +414,8 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     views = "\n".join(
         [f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
         + [f"ds{s} = dS[{s}, b]\nhp{s} = States[{s}, p, b]" for s in range(S)]
-        + [f"sv{k} = Saved[{k}, t, b]" for k in range(K)] + ["dyr = dY[t, b]"]
+        + [f"sv{k} = Saved[{k}, t, b]" for k in range(K)]
+        + ["dRr = dR[b]" if proj else "dyr = dY[t, b]"]
         + [f"pv{i} = P[{i} * H:{i + 1} * H]\ndpv{i} = dP[{i} * H:{i + 1} * H]"
            for i in range(NP)]
         + (["mrr = Mr[b]"] if rdrop else []))
@@ -462,7 +479,7 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     active = _ind("\n".join(body), 16)
     masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
     mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
-    if rec:
+    if rec and not proj:
         masked += ("\n                for hd in range(NH):\n                    for i in range(dh):\n"
                    f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
     if rec:
@@ -484,11 +501,26 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
+    pre = ""
+    if proj:
+        final = ("    for b in range(b0, b1):\n        for k in range(dSp.shape[1]):\n"
+                 "            dSp[b, k] += dH[0, b, k]")
+        pre = """        for b in range(b0, b1):
+            if t < lengths[b]:
+                for k in range(dSp.shape[1]):
+                    dHp[t, b, k] = dY[t, b, k] + dH[0, b, k] + dSp[b, k]
+                    dSp[b, k] = 0
+            else:
+                for k in range(dSp.shape[1]):
+                    dSp[b, k] += dH[0, b, k]
+                    dHp[t, b, k] = 0
+        np.dot(dHp[t, b0:b1], Wr, dR[b0:b1])
+"""
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
                   reverse, dXW, dHU, dH, DZ, DM, Mr, Zthr, Zp, seed_lo, seed_hi, zstream,
-                  ztrain, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
+                  ztrain, Wr, dHp, dSp, dR, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
     T = dY.shape[0]
     H = dS.shape[2]
     GH = dXW.shape[2]
@@ -505,7 +537,7 @@ def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz,
         else:
             t = T - 1 - step
             p = t
-        for b in range(b0, b1):
+{pre}        for b in range(b0, b1):
             if t < lengths[b]:
 {active}
             else:
@@ -589,25 +621,28 @@ def _allow_alias_checks() -> None:
 
 
 @lru_cache(maxsize=None)
-def get_kernels(cell, dtype, reg=(False, False)) -> CpuKernels:
+def get_kernels(cell, dtype, reg=(False, False), proj=False) -> CpuKernels:
     """Build (or load from Numba's cache) the CPU kernels of ``cell``.
 
     ``reg`` = (recurrent dropout, zoneout): a variant with those sections (see
     :mod:`kernrnn.regularization`); the plain kernels carry none of their cost.
+    ``proj``: the variant with an LSTMP projection in the loop (BLAS per step,
+    no packed tiles).
     """
     _allow_alias_checks()
     dtype = np.dtype(dtype)
     reg = (bool(reg[0]), bool(reg[1]))
     same = same_input_and_recurrent_grads(cell)
     source = "import math\nimport numba\nimport numpy as np\n" + "\n".join(
-        [_forward_source(cell, True, reg), _forward_source(cell, False, reg),
-         _backward_source(cell, same, reg=reg)]
+        [_forward_source(cell, True, reg, proj), _forward_source(cell, False, reg, proj),
+         _backward_source(cell, same, reg=reg, proj=proj)]
     )
     source = (f"# kernrnn CPU kernels: cell {cell.name!r}, {dtype}, regularisation {reg}, "
-              f"math {cell_fingerprint(cell)}\n" + source)
-    tag = f"cpu_{cell.name}_{dtype.name}" + ("_reg" if any(reg) else "")
+              f"projection {bool(proj)}, math {cell_fingerprint(cell)}\n" + source)
+    tag = f"cpu_{cell.name}_{dtype.name}" + ("_reg" if any(reg) else "") + ("_proj" if proj else "")
     module = load_module(source, tag, math_namespace(cell, dtype))
-    fused = _fused_kernels(cell, dtype, same, reg) if (FUSED and fused_path(cell)) else None
+    fused = _fused_kernels(cell, dtype, same, reg) \
+        if (FUSED and fused_path(cell) and not proj) else None
     return CpuKernels(module.forward_train, module.forward_infer, module.backward_loop, same,
                       fused)
 
@@ -799,12 +834,15 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     ``lengths`` int64 ``[B]``; ``y`` an optional ``[T, B, H]`` (possibly
     strided) view to write the output into; ``reg`` a
     :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
-    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.  With a projection
+    (``params["weight_hr"]`` ``[P, H]``, LSTMP) ``y`` is ``[T, B, P]`` and the
+    projected h travels in the first P columns of ``h0[0]``/``hn[0]``.
     """
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
+    proj = common.projection_size(params)
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
     if ka.Hd.shape == (B, H):  # the first step's recurrent input: h0, masked
@@ -813,11 +851,15 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
         return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
                               reg, ka, input_mask)
     XW, input_cache = common.input_projection(np, cell, x, params)
-    buf = common.time_buffers(np, cell, T, B, H, dtype, training)
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training, proj)
+    one = np.ones(1, dtype=dtype)
+    WrT, Hp = one.reshape(1, 1), one.reshape(1, 1, 1)
+    if proj:
+        h0, buf.Hp[T if reverse else 0] = common.projection_state(np, h0, proj, B, H, dtype)
+        WrT, Hp = np.ascontiguousarray(params["weight_hr"].T), buf.Hp
     buf.States[:, T if reverse else 0] = h0
     if y is None:
-        y = np.empty((T, B, H), dtype=dtype)
-    one = np.ones(1, dtype=dtype)
+        y = np.empty((T, B, proj or H), dtype=dtype)
     W3 = common.recurrent_weights(cell, params, H)
     WT = np.ascontiguousarray(W3.transpose(0, 2, 1)) if W3 is not None else one.reshape(1, 1, 1)
     b_hh = params["bias_hh"] if cell.has_recurrent else one
@@ -827,8 +869,11 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     if T > 0:
         _run_chunks(kernel, (XW, params["bias_ih"], WT, b_hh, g_hh, P, Gz, Bz, buf.States,
                              buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU, buf.Rhh, y, lengths,
-                             reverse, *_reg_args(ka)), B)
+                             reverse, *_reg_args(ka), WrT, Hp), B)
     hn = buf.States[:, 0 if reverse else T].copy()
+    if proj:
+        hn[0] = 0
+        hn[0, :, :proj] = buf.Hp[0 if reverse else T]
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, reg=reg,
@@ -880,9 +925,18 @@ def backward(ctx: ForwardContext, dy, dhn):
     G, NH = cell.n_gates, cell.n_heads(H)
     GrH = cell.n_recurrent_gates * H
     reg = ctx.reg
-    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
+    proj = common.projection_size(params)
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)  # masks regenerated
     dS = np.array(dhn, dtype=dtype, copy=True)
+    stand_in = np.ones((1, 1), dtype=dtype)
+    Wr, dHp, dSp, dR = stand_in, stand_in.reshape(1, 1, 1), stand_in, stand_in
+    if proj:  # dS[0] is the unprojected h's (the step adds none); dSp the projected h's
+        Wr = np.ascontiguousarray(params["weight_hr"])
+        dHp = np.empty((T, B, proj), dtype=dtype)
+        dSp = np.ascontiguousarray(dS[0, :, :proj])
+        dR = np.empty((B, H), dtype=dtype)
+        dS[0] = 0
     dXW = np.empty((T, B, G * H), dtype=dtype)
     one = np.ones(1, dtype=dtype)
     if not cell.has_recurrent:
@@ -891,7 +945,7 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHU = dXW.reshape(1, T, B, G * H)
     else:
         dHU = np.empty((NH, T, B, GrH // NH), dtype=dtype)
-    dH = np.empty((NH, B, H // NH), dtype=dtype) if k.fused is None else \
+    dH = np.empty((NH, B, proj or H // NH), dtype=dtype) if k.fused is None else \
         np.empty((1, B, -(-H // k.fused.nu) * k.fused.nu), dtype=dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
@@ -914,13 +968,18 @@ def backward(ctx: ForwardContext, dy, dhn):
         _run_chunks(loop,
                     (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
                      buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM,
-                     ka.Mr, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain),
+                     ka.Mr, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain,
+                     Wr, dHp, dSp, dR),
                     B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)],
                     slp=k.fused is not None)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(
         np, cell, ctx, dXW, dHU if cell.has_recurrent else None,
-        ka.Mr if reg is not None and reg.recurrent_dropout else None)
+        ka.Mr if reg is not None and reg.recurrent_dropout else None,
+        dHp if proj else None)
+    if proj:
+        dS[0] = 0
+        dS[0, :, :proj] = dSp
     grads["bias_ih"] = sums["bias_ih"]
     if cell.has_recurrent:
         grads["bias_hh"] = sums["bias_ih"].copy() if k.same_grads else sums["bias_hh"]
