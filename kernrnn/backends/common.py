@@ -182,7 +182,7 @@ def projection_state(xp, h0, proj: int, B: int, H: int, dtype):
     """``(h0 for the kernels, Hp0)``: with a projection, the caller's ``h0[0]`` carries the
     projected h in its first P columns; the kernels' unprojected ``h_0`` is zero (the step
     does not read it, see :meth:`kernrnn.cell.Cell.check_projection`)."""
-    hp0 = xp.ascontiguousarray(h0[0, :, :proj])
+    hp0 = h0[0, :, :proj].copy()
     h0 = h0.copy()
     h0[0] = 0
     return h0, hp0

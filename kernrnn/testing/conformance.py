@@ -85,7 +85,8 @@ def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None, regulariz
     from kernrnn.layer import RNN
 
     layer = RNN(cell, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
-                dtype=x.dtype, device=device, seed=LAYER_SEED, **(regularization or {}))
+                dtype=x.dtype, device=device, seed=LAYER_SEED, proj_size=p.proj_size,
+                **(regularization or {}))
     be = layer._backend
     layer.load_state_dict({k: be.from_host(v) if device == "cuda" else v
                            for k, v in params.items()})
@@ -162,8 +163,9 @@ def gradient_errors(cell, p, device="cpu", regularization=None):
     params, x, h0 = make_arrays(cell, p, np.float64)
     rng = np.random.default_rng(p.seed ^ 0x5EED)
     D = 2 if p.bidirectional else 1
-    dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
-    dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
+    dy = rng.uniform(-1, 1, (p.T, p.B, D * p.out_size))
+    dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.out_size if s == 0 else p.H))
+                for s in range(cell.n_state))
     _, _, dx, dh0, grads = run_layer(cell, p, params, x, h0, device, dy, dhn,
                                      regularization=regularization)
     reference = _reference(cell, p, regularization)

@@ -29,14 +29,21 @@ class Problem:
     lengths: tuple[int, ...] | None
     with_h0: bool
     seed: int
+    proj_size: int = 0  # LSTMP: the projected h's size (0: none)
+
+    @property
+    def out_size(self) -> int:
+        """Units of ``h`` (and of the output) per direction."""
+        return self.proj_size or self.H
 
 
 @st.composite
 def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirectional=None,
-             variable_lengths=True, cell=None):
+             variable_lengths=True, cell=None, projection=False):
     """A random problem; ``bidirectional=None`` draws it too.
 
-    With ``cell``, H fits it (a multiple of its number of heads).
+    With ``cell``, H fits it (a multiple of its number of heads).  With
+    ``projection``, an LSTMP problem: H >= 2 and ``proj_size`` in [1, H-1].
     """
     T = draw(st.integers(1, max_T))
     B = draw(st.integers(1, max_B))
@@ -50,7 +57,11 @@ def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirection
         lengths = tuple(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
     with_h0 = draw(st.booleans())
     seed = draw(st.integers(0, 2**32 - 1))
-    return Problem(T, B, I, H, L, bi, lengths, with_h0, seed)
+    P = 0
+    if projection:
+        H = max(H, 2)
+        P = draw(st.integers(1, H - 1))
+    return Problem(T, B, I, H, L, bi, lengths, with_h0, seed, P)
 
 
 def hidden_multiple(cell) -> int:
@@ -67,7 +78,7 @@ def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
     scale=1), per-unit parameters in [-1, 1], normalisation gains in
     [0.5, 1.5] and their biases in [-0.5, 0.5], inputs and states in [-1, 1].
     Returns ``(params, x, h0)`` with ``h0`` a tuple of S ``[L*D, B, H]`` arrays
-    or None.
+    or None (with ``p.proj_size``: ``weight_hr`` and a ``[L*D, B, P]`` h).
     """
     rng = np.random.default_rng(p.seed)
     D = 2 if p.bidirectional else 1
@@ -76,10 +87,14 @@ def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
     unit = {prm.name for prm in cell.params}
     params = {}
     for layer in range(p.num_layers):
-        in_size = p.I if layer == 0 else D * H
+        in_size = p.I if layer == 0 else D * p.out_size
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            for kind, shape in cell.param_shapes(in_size, H).items():
+            shapes = cell.param_shapes(in_size, H)
+            if p.proj_size:
+                shapes["weight_hh"] = (shapes["weight_hh"][0], p.proj_size)
+                shapes["weight_hr"] = (p.proj_size, H)
+            for kind, shape in shapes.items():
                 if kind in unit:
                     v = rng.uniform(-1, 1, shape)
                 elif kind.startswith("norm_") and kind.endswith("_weight"):
@@ -93,4 +108,6 @@ def make_arrays(cell, p: Problem, dtype=np.float64, scale=1.0):
     h0 = None
     if p.with_h0:
         h0 = tuple(v.astype(dtype) for v in cell.sample_states(rng, (p.num_layers * D, p.B, H)))
+        if p.proj_size:
+            h0 = (h0[0][..., :p.proj_size].copy(),) + h0[1:]
     return params, x, h0

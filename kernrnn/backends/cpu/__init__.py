@@ -934,7 +934,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     if proj:  # dS[0] is the unprojected h's (the step adds none); dSp the projected h's
         Wr = np.ascontiguousarray(params["weight_hr"])
         dHp = np.empty((T, B, proj), dtype=dtype)
-        dSp = np.ascontiguousarray(dS[0, :, :proj])
+        dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
         dR = np.empty((B, H), dtype=dtype)
         dS[0] = 0
     dXW = np.empty((T, B, G * H), dtype=dtype)

@@ -357,8 +357,9 @@ class _Launcher:
 _raw_gemm_ok: dict = {}  # dtype -> direct cuBLAS call checked against cupy.matmul
 
 
-def _step_gemm(A_stack, Bm, C, trans_b: bool):
-    """``f(i)``: ``C = A_stack[i] @ (Bm.T if trans_b else Bm)`` for the time loop.
+def _step_gemm(A_stack, Bm, C, trans_b: bool, c_stack: bool = False):
+    """``f(i)``: ``C = A_stack[i] @ (Bm.T if trans_b else Bm)`` for the time loop
+    (``C[i] = ...`` with ``c_stack``, ``C`` then a stack like ``A_stack``).
 
     On a GPU this calls cuBLAS's ``sgemm``/``dgemm`` directly
     (:mod:`kernrnn.backends.cuda._cublas`: a handle bound to the current
@@ -369,7 +370,7 @@ def _step_gemm(A_stack, Bm, C, trans_b: bool):
     ``cupy.matmul`` and falls back to it on any mismatch or error.
     """
     def fallback(i):
-        xp.matmul(A_stack[i], Bm.T if trans_b else Bm, out=C)
+        xp.matmul(A_stack[i], Bm.T if trans_b else Bm, out=C[i] if c_stack else C)
 
     if SIMULATOR or not (A_stack.flags.c_contiguous and Bm.flags.c_contiguous
                          and C.flags.c_contiguous):
@@ -380,7 +381,7 @@ def _step_gemm(A_stack, Bm, C, trans_b: bool):
     blas = _current_blas() if _raw_gemm_ok[dtype] else None
     if blas is None:
         return fallback
-    return _raw_step_gemm(blas, A_stack, Bm, C, trans_b)
+    return _raw_step_gemm(blas, A_stack, Bm, C, trans_b, c_stack)
 
 
 def _current_blas():
@@ -389,7 +390,7 @@ def _current_blas():
     return _cublas.for_stream(cupy.cuda.get_current_stream().ptr)
 
 
-def _raw_step_gemm(blas, A_stack, Bm, C, trans_b):
+def _raw_step_gemm(blas, A_stack, Bm, C, trans_b, c_stack=False):
     """Row-major ``C = A @ op(B)`` is column-major ``C^T = op(B)^T @ A^T``, hence the
     swapped operands; ``alpha``/``beta`` are host values (cuBLAS's default pointer
     mode), which a graph capture records by value."""
@@ -399,11 +400,12 @@ def _raw_step_gemm(blas, A_stack, Bm, C, trans_b):
     gemm = blas.sgemm if dtype == np.float32 else blas.dgemm
     handle = blas.handle
     M, K = A_stack.shape[1], A_stack.shape[2]
-    N = C.shape[1]
+    N = C.shape[-1]
     consts = np.array([1, 0], dtype=dtype)  # alpha, beta
     alpha, beta = consts.ctypes.data, consts.ctypes.data + dtype.itemsize
     base, step = A_stack.data.ptr, M * K * dtype.itemsize
     b_ptr, c_ptr = Bm.data.ptr, C.data.ptr
+    c_step = M * N * dtype.itemsize if c_stack else 0
     op_n, op_t = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
     op_b = op_t if trans_b else op_n
     ldb = Bm.shape[1]
@@ -411,7 +413,7 @@ def _raw_step_gemm(blas, A_stack, Bm, C, trans_b):
 
     def f(i, _keep=keep):
         status = gemm(handle, op_b, op_n, N, M, K, alpha, b_ptr, ldb,
-                      base + i * step, K, beta, c_ptr, N)
+                      base + i * step, K, beta, c_ptr + i * c_step, N)
         if status:
             raise CublasError(f"cublas{'S' if dtype == np.float32 else 'D'}gemm_v2 failed "
                               f"with status {status} (C[{M}, {N}], K={K})")
@@ -636,24 +638,29 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
     keep_hu = buf.HU.shape[0] > 1 or (training and cell.recurrent_norm is not None)
     nseg = buf.Rhh.shape[2]
+    proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
 
     def make_scratch():
-        return (xp.empty((NH, dh, W3.shape[1]), dtype=dtype),)
+        return (xp.empty((NH, W3.shape[2], W3.shape[1]), dtype=dtype),
+                xp.empty((T, B, H), dtype=dtype) if proj else Y)
 
     def issue(scratch):
-        (WT,) = scratch
+        WT, Yk = scratch  # Yk: where the step kernels write the (unprojected) h
         WT[...] = W3.transpose(0, 2, 1)
         dense = cell.recurrent == "dense" and not keep_hu
-        h_in = ka.Hd[None] if rdrop else buf.States[0]  # the product's input, by step
+        # the product's input, by step: the masked h, the projected h or h
+        h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
         if rdrop:
             ka.Hd[...] = buf.States[0, T if reverse else 0] * ka.Mr
         recurrent_gemm = _step_gemm(h_in, params["weight_hh"], buf.HU[0, 0],
                                     trans_b=True) if dense else None
+        proj_gemm = _step_gemm(buf.States[0], params["weight_hr"], buf.Hp, trans_b=True,
+                               c_stack=True) if proj else None
         launch = _Launcher()
         w = launch.wrap
         saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
         elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
-                w(buf.Zhat), w(Y), w(lengths)]
+                w(buf.Zhat), w(Yk), w(lengths)]
         regs = _reg_args(w, ka)
         for step in range(T):
             t, p, n = _step_indices(step, T, reverse)
@@ -662,7 +669,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
             if dense:
                 recurrent_gemm(0 if rdrop else p)
             else:  # one product per head: [NH, B, dh] @ [NH, dh, Gr*dh]
-                heads = h_in[0 if rdrop else p].reshape(B, NH, dh).transpose(1, 0, 2)
+                heads = h_in[0 if rdrop else p].reshape(B, NH, -1).transpose(1, 0, 2)
                 xp.matmul(heads, WT, out=buf.HU[tt])
             if cell.recurrent_norm is not None:
                 launch(k.norm_hu, B * nseg, w(buf.HU), w(buf.Rhh), w(lengths), t, tt, H, dh, NH,
@@ -676,11 +683,16 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
                        *regs)
             else:
                 launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
+            if proj:
+                proj_gemm(n)
+                launch(k.proj_forward, B * buf.Hp.shape[2], w(buf.Hp), w(Y), w(lengths), t, p,
+                       n, buf.Hp.shape[2])
 
     key = None
     if graphs_enabled():
         key = ("forward", cell, np.dtype(dtype).str, bool(training), bool(reverse),
-               _layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values()))
+               _layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values(),
+                           *((buf.Hp,) if proj else ())))
     _run_loop(key, issue, make_scratch)
 
 
@@ -734,7 +746,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     H = h0.shape[2]
     dtype = x.dtype
     chosen = _resolve_path(path, cell, dtype, B, H, training)
-    if reg is not None and chosen == "persistent":  # the persistent kernel has no masks
+    proj = common.projection_size(params)
+    if (reg is not None or proj) and chosen == "persistent":  # it has no masks, no W_hr
         chosen = "gemm"
     if chosen == "persistent" and not cell.plain:
         raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
@@ -744,10 +757,12 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)
     XW += params["bias_ih"]
-    buf = common.time_buffers(xp, cell, T, B, H, dtype, training)
+    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj)
+    if proj:
+        h0, buf.Hp[T if reverse else 0] = common.projection_state(xp, h0, proj, B, H, dtype)
     buf.States[:, T if reverse else 0] = h0
     if y is None:
-        y = xp.empty((T, B, H), dtype=dtype)
+        y = xp.empty((T, B, proj or H), dtype=dtype)
     if T > 0 and B > 0:
         P = common.param_vector(xp, cell, params, H, dtype)
         if chosen == "persistent":
@@ -759,6 +774,9 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
         else:
             _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
     hn = buf.States[:, 0 if reverse else T].copy()
+    if proj:
+        hn[0] = 0
+        hn[0, :, :proj] = buf.Hp[0 if reverse else T]
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
@@ -766,9 +784,14 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     return y, hn, ctx
 
 
-def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka):
+def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None):
     """Per step: the fused backward (one or three kernels), the recurrent norm's
-    backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head)."""
+    backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head).
+
+    LSTMP (``dHp [T, B, P]``, ``dSp [B, P]`` given): first the projected h's
+    gradient (``proj_backward``) and ``dR[t] = dHp[t] @ W_hr``, which the step
+    reads as its output gradient; ``dHrec`` is then ``[1, B, P]`` and the step
+    gets zeros for it."""
     params, buf = ctx.params, ctx.buffers
     T, B, _ = dXW.shape
     H = dS.shape[2]
@@ -784,19 +807,28 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka):
     DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
 
+    proj = dHp is not None
+    NP = dHp.shape[2] if proj else 0
+
     def make_scratch():
-        return (xp.empty((NH, B, dh), dtype=dtype),)
+        if not proj:
+            return (xp.empty((NH, B, dh), dtype=dtype), None, None)
+        return (xp.empty((1, B, NP), dtype=dtype), xp.zeros((1, B, H), dtype=dtype),
+                xp.empty((T, B, H), dtype=dtype))
 
     def issue(scratch):
-        (dHrec,) = scratch
+        dHrec, zeros, dR = scratch
         dHrec.fill(0)
         launch = _Launcher()
         w = launch.wrap
         dense = cell.recurrent == "dense"
         recurrent_gemm = _step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False) \
             if dense else None
+        proj_gemm = _step_gemm(dHp, params["weight_hr"], dR, trans_b=False, c_stack=True) \
+            if proj else None
         saved = buf.Saved if buf.Saved.size else buf.Mid
-        args = [w(dy), w(dS), w(dHrec if rec else one), w(saved), w(buf.States), w(buf.Mid),
+        step_dy, step_dhrec = (dR, zeros) if proj else (dy, dHrec if rec else one)
+        args = [w(step_dy), w(dS), w(step_dhrec), w(saved), w(buf.States), w(buf.Mid),
                 w(buf.Zhat), w(P), w(ctx.lengths), w(dXW), w(dHU), w(acc["params"]), w(DZ),
                 w(DM), w(Gz), w(Bz), w(acc["gz"]), w(acc["bz"])]
         nseg = buf.Rhh.shape[2]
@@ -804,6 +836,10 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka):
         for step in range(T):
             t = step if ctx.reverse else T - 1 - step
             p = t + 1 if ctx.reverse else t
+            if proj:
+                launch(k.proj_backward, B * NP, w(dy), w(dHrec), w(dSp), w(dHp),
+                       w(ctx.lengths), t, NP)
+                proj_gemm(t)
             if cell.normalize:
                 launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
                 launch(k.norm_z_backward, B * cell.n_norm, w(DZ), w(buf.Zhat), w(buf.Rz),
@@ -820,14 +856,16 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka):
                 recurrent_gemm(t)
             else:
                 xp.matmul(dHU[:, t], W3, out=dHrec)
-        if rec:
+        if proj:
+            launch(k.proj_carry, B * NP, w(dHrec), w(dSp), w(ctx.lengths), NP)
+        elif rec:
             launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh, w(ka.Mr))
 
     key = None
     if graphs_enabled():
         key = ("backward", cell, np.dtype(dtype).str, bool(ctx.reverse),
                _layout_key(dy, dS, dXW, dHU, buf.States, buf.Saved, ctx.lengths,
-                           *params.values()))
+                           *params.values(), *((dHp, dSp) if proj else ())))
     _run_loop(key, issue, make_scratch)
 
 
@@ -873,6 +911,12 @@ def backward(ctx: ForwardContext, dy, dhn):
     dtype = ctx.x.dtype
     G, NH, Gr = cell.n_gates, cell.n_heads(H), cell.n_recurrent_gates
     dS = xp.array(dhn, dtype=dtype, copy=True)
+    proj = common.projection_size(params)
+    dHp = dSp = None
+    if proj:  # dS[0] is the unprojected h's (the step adds none); dSp the projected h's
+        dHp = xp.empty((T, B, proj), dtype=dtype)
+        dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
+        dS[0] = 0
     dXW = xp.empty((T, B, G * H), dtype=dtype)
     rec = cell.has_recurrent
     dHU = xp.empty((NH, T, B, Gr * H // NH), dtype=dtype) if rec else \
@@ -889,9 +933,11 @@ def backward(ctx: ForwardContext, dy, dhn):
         elif not rec and not cell.normalize:
             _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
         else:
-            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka)
+            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp, dSp)
     elif rec:
         dHU.fill(0)
+    if proj and (T == 0 or B == 0):
+        dHp.fill(0)
     if T == 0 or B == 0:
         dXW.fill(0)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
@@ -905,8 +951,11 @@ def backward(ctx: ForwardContext, dy, dhn):
                 .reshape(Gr * H)
     dx, wgrads = common.weight_gradients(
         xp, cell, ctx, dXW, dHU if rec else None,
-        ka.Mr if ctx.reg is not None and ctx.reg.recurrent_dropout else None)
+        ka.Mr if ctx.reg is not None and ctx.reg.recurrent_dropout else None, dHp)
     grads.update(wgrads)
+    if proj:
+        dS[0] = 0
+        dS[0, :, :proj] = dSp
     grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
                                            sums["bz"], H))
     return dx, dS, grads

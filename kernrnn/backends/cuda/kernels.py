@@ -185,7 +185,54 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
     specs += _backward_specs(cell, reg)
     if not rec and not cell.normalize:
         specs += _fused_specs(cell, reg)
+    if not any(reg) and _projectable(cell):
+        specs += _projection_specs()
     return specs
+
+
+def _projectable(cell) -> bool:
+    from kernrnn.cell import CellError
+
+    try:
+        cell.check_projection()
+    except CellError:
+        return False
+    return True
+
+
+_PROJ = """idx = cuda.grid(1)
+B = lengths.shape[0]
+if idx >= B * NP:
+    return
+b = idx // NP
+k = idx - b * NP
+"""
+
+
+def _projection_specs() -> list[KernelSpec]:
+    """LSTMP around the cell's step, one thread per (b, k) of the projected h (``[.., NP]``).
+
+    ``proj_forward`` runs after ``Hp[n] = States[0, n] @ W_hr.T``: it gives a
+    finished row its previous projected h back and writes the output.
+    ``proj_backward`` runs before the step's backward: the projected h's
+    gradient ``dHp[t]`` (output, recurrent and carried parts; ``dSp`` carries
+    it past finished rows), whose product with ``W_hr`` the step then reads;
+    ``proj_carry`` adds the first step's recurrent part to ``h_0``'s gradient.
+    """
+    return [
+        KernelSpec("proj_forward", (("Hp", 3), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
+                                    ("p", "i"), ("n", "i"), ("NP", "i")),
+                   _PROJ + "if t < lengths[b]:\n    Y[t, b, k] = Hp[n, b, k]\nelse:\n"
+                   "    Hp[n, b, k] = Hp[p, b, k]\n    Y[t, b, k] = 0"),
+        KernelSpec("proj_backward", (("dY", "Y"), ("dHrec", 3), ("dSp", 2), ("dHp", 3),
+                                     ("lengths", "L"), ("t", "i"), ("NP", "i")),
+                   _PROJ + "if t < lengths[b]:\n"
+                   "    dHp[t, b, k] = dY[t, b, k] + dHrec[0, b, k] + dSp[b, k]\n"
+                   "    dSp[b, k] = 0\nelse:\n    dSp[b, k] = dSp[b, k] + dHrec[0, b, k]\n"
+                   "    dHp[t, b, k] = 0"),
+        KernelSpec("proj_carry", (("dHrec", 3), ("dSp", 2), ("lengths", "L"), ("NP", "i")),
+                   _PROJ + "dSp[b, k] = dSp[b, k] + dHrec[0, b, k]"),
+    ]
 
 
 def _backward_specs(cell, reg) -> list[KernelSpec]:
