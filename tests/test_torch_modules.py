@@ -18,6 +18,7 @@ from kernrnn.torch import _ops  # noqa: E402
 F64 = torch.float64
 PAIRS = {
     "lstm": (kt.LSTM, nn.LSTM, {}),
+    "lstmp": (kt.LSTM, nn.LSTM, {"proj_size": 1}),  # LSTM with projections (H >= 2 below)
     "gru": (kt.GRU, nn.GRU, {}),
     "rnn_tanh": (kt.RNN, nn.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (kt.RNN, nn.RNN, {"nonlinearity": "relu"}),
@@ -38,18 +39,19 @@ def setups(draw):
                 lengths=lengths, with_hx=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
 
-def _inputs(s, S):
-    """(input factory, hx leaves or None); the factory builds the input from a leaf x."""
+def _inputs(s, S, proj=0):
+    """(input, hx leaves or None); ``proj``: the size of an LSTMP's h."""
     g = torch.Generator().manual_seed(s["seed"])
     T, B, I, H = s["T"], s["B"], s["I"], s["H"]
     D = 2 if s["bidirectional"] else 1
+    widths = [proj or H] + [H] * (S - 1)
     if s["kind"] == "unbatched":
         x = torch.rand(T, I, generator=g, dtype=F64) * 2 - 1
-        hx = [torch.rand(s["L"] * D, H, generator=g, dtype=F64) for _ in range(S)]
+        hx = [torch.rand(s["L"] * D, w, generator=g, dtype=F64) for w in widths]
     else:
         shape = (B, T, I) if s["batch_first"] else (T, B, I)
         x = torch.rand(*shape, generator=g, dtype=F64) * 2 - 1
-        hx = [torch.rand(s["L"] * D, B, H, generator=g, dtype=F64) for _ in range(S)]
+        hx = [torch.rand(s["L"] * D, B, w, generator=g, dtype=F64) for w in widths]
     return x, (hx if s["with_hx"] else None)
 
 
@@ -71,14 +73,16 @@ def _flat(out):
 @given(s=setups())
 def test_same_outputs_and_gradients_as_pytorch(kind, s):
     ours_cls, ref_cls, extra = PAIRS[kind]
-    S = 2 if kind == "lstm" else 1
+    if "proj_size" in extra:
+        s = {**s, "H": max(s["H"], 2)}  # proj_size < hidden_size
+    S = 2 if kind.startswith("lstm") else 1
     args = (s["I"], s["H"], s["L"])
     opts = dict(bias=s["bias"], batch_first=s["batch_first"],
                 bidirectional=s["bidirectional"], dtype=F64, **extra)
     ref = ref_cls(*args, **opts)
     ours = ours_cls(*args, **opts)
     ours.load_state_dict(ref.state_dict())
-    x0, hx0 = _inputs(s, S)
+    x0, hx0 = _inputs(s, S, extra.get("proj_size", 0))
     results = []
     for m in (ref, ours):
         x = x0.clone().requires_grad_()
@@ -261,12 +265,19 @@ def test_gradients_do_not_depend_on_other_pending_calls():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11), n
 
 
-def test_custom_ops_pass_opcheck():
-    spec = _ops.make_spec("gru", 2, 3, 2, True, True, 0.0)
-    m = kt.GRU(2, 3, 2, bidirectional=True, dtype=F64)
+@pytest.mark.parametrize("proj", [0, 2])
+def test_custom_ops_pass_opcheck(proj):
+    if proj:  # LSTMP: h [L*D, B, P], c [L*D, B, H]
+        spec = _ops.make_spec("lstm", 2, 3, 2, True, True, 0.0, proj_size=proj)
+        m = kt.LSTM(2, 3, 2, bidirectional=True, proj_size=proj, dtype=F64)
+        hx = [torch.randn(4, 2, proj, dtype=F64, requires_grad=True),
+              torch.randn(4, 2, 3, dtype=F64, requires_grad=True)]
+    else:
+        spec = _ops.make_spec("gru", 2, 3, 2, True, True, 0.0)
+        m = kt.GRU(2, 3, 2, bidirectional=True, dtype=F64)
+        hx = [torch.randn(4, 2, 3, dtype=F64, requires_grad=True)]
     x = torch.randn(4, 2, 2, dtype=F64, requires_grad=True)
-    h = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
-    args = (spec, x, [h], None, list(m.parameters()), torch.zeros((), dtype=torch.int64), True)
+    args = (spec, x, hx, None, list(m.parameters()), torch.zeros((), dtype=torch.int64), True)
     torch.library.opcheck(torch.ops.kernrnn.rnn_forward.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
@@ -372,8 +383,6 @@ def test_bad_arguments_like_pytorch():
         kt.Recurrent(3, 2, 3)
     with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
         kt.LSTM(2, 3, proj_size=3)
-    with pytest.raises(ValueError, match="proj_size > 0.*not supported yet.*proj_size=2"):
-        kt.LSTM(2, 3, proj_size=2)
     with pytest.raises(ValueError, match="nonlinearity"):
         kt.RNN(2, 3, nonlinearity="sigmoid")
     with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):

@@ -72,6 +72,23 @@ def test_resume_from_cli_matches_uninterrupted_run(tmp_path, capsys):
     assert load_checkpoint(ckpt).meta["position"]["global_step"] == 12
 
 
+def test_lstm_with_projections_trains_and_resumes(tmp_path, capsys):
+    common = ["--task", "adding", "--seq-len", "6", "--steps-per-epoch", "2", "--epochs", "2",
+              "--proj", "2", *TINY, "--no-plot"]
+    rc, _, err = _run(capsys, "train", *common, "--out", str(tmp_path), "--stop-after", "2")
+    assert rc == 0, err
+    ckpt = str(tmp_path / "checkpoint.npz")
+    ck = load_checkpoint(ckpt)
+    assert ck.meta["model"]["proj_size"] == 2
+    assert ck.group("param")["rnn.weight_hr_l0"].shape == (2, 4)
+    assert ck.group("param")["head.weight"].shape == (1, 2)  # the head reads the projected h
+    rc, _, err = _run(capsys, "train", "--resume", ckpt, "--proj", "3", "--no-progress")
+    assert rc == 2 and "--proj 3 differs from the checkpoint's 2" in err
+    rc, _, err = _run(capsys, "train", "--resume", ckpt, "--no-progress", "--no-plot")
+    assert rc == 0, err
+    assert load_checkpoint(ckpt).meta["position"]["global_step"] == 4
+
+
 def test_same_seed_same_losses_from_cli(tmp_path, capsys):
     losses = []
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
@@ -131,6 +148,9 @@ def test_csv_data(tmp_path, capsys):
     (["--embedding", "4"], "--embedding applies to token tasks"),
     (["--momentum", "0.5"], "--momentum applies to --optimizer sgd"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--proj", "32"], "--proj must be smaller than --hidden"),
+    (["--proj", "-1"], "--proj must be >= 0"),
+    (["--cell", "gru", "--proj", "4"], "proj_size needs a state besides h"),
     (["--task", "charlm"], "needs a text file"),
     (["--data", "/nonexistent/x.csv"], "does not exist"),
 ])

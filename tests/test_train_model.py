@@ -13,8 +13,8 @@ from kernrnn.train.model import SequenceModel
 
 @st.composite
 def model_problems(draw):
-    return dict(
-        cell=draw(st.sampled_from(["rnn", "lstm", "gru"])),
+    p = dict(
+        cell=draw(st.sampled_from(["rnn", "lstm", "gru", "lstmp"])),
         head=draw(st.sampled_from(["seq", "last"])),
         tokens=draw(st.booleans()),
         T=draw(st.integers(1, 5)),
@@ -26,7 +26,12 @@ def model_problems(draw):
         bidirectional=draw(st.booleans()),
         var_len=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
+        proj=0,
     )
+    if p["cell"] == "lstmp":  # LSTM with projections: 1 <= proj_size < hidden_size
+        p.update(cell="lstm", H=max(p["H"], 2))
+        p["proj"] = draw(st.integers(1, p["H"] - 1))
+    return p
 
 
 def _build(p, dtype=np.float64):
@@ -34,7 +39,8 @@ def _build(p, dtype=np.float64):
     kw = dict(vocab_size=4, embedding_dim=p["I"]) if p["tokens"] else dict(input_size=p["I"])
     model = SequenceModel(p["cell"], hidden_size=p["H"], output_size=p["O"],
                           num_layers=p["layers"], head=p["head"],
-                          bidirectional=p["bidirectional"], dtype=dtype, seed=p["seed"], **kw)
+                          bidirectional=p["bidirectional"], dtype=dtype, seed=p["seed"],
+                          proj_size=p.get("proj", 0), **kw)
     if p["tokens"]:
         x = rng.integers(0, 4, size=(p["T"], p["B"])).astype(np.int32)
     else:
@@ -54,7 +60,7 @@ def _reference_forward(model, x, lengths):
     if model.head == "last":
         T, B = y.shape[:2]
         lens = np.full(B, T) if lengths is None else np.asarray(lengths)
-        H = model.hidden_size
+        H = model.rnn.output_size
         feats = y[np.maximum(lens - 1, 0), np.arange(B), :H]
         if model.rnn.bidirectional:
             feats = np.concatenate([feats, y[0, :, H:]], axis=1)

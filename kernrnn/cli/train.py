@@ -30,7 +30,7 @@ COMMON_DEFAULTS = {
     "cell": "lstm", "layers": 1, "device": "cpu", "dtype": "float32", "optimizer": "adam",
     "momentum": 0.9, "clip": 1.0, "tbptt": 0, "seed": 0,
     "embedding": None, "dropout": 0.0, "recurrent_dropout": 0.0, "input_dropout": 0.0,
-    "zoneout": None,
+    "zoneout": None, "proj": 0,
 }
 
 
@@ -71,6 +71,9 @@ def add_parser(sub) -> None:
     g.add_argument("--zoneout", type=float, nargs="+", default=None, metavar="Z",
                    help="zoneout rate, one for every state or one per state, e.g. 0.1 0.05 "
                         "for the LSTM's (h, c) (0)")
+    g.add_argument("--proj", type=int, default=None, metavar="P",
+                   help="LSTM with projections: h = W_hr (o * tanh c) of P < --hidden units, "
+                        "as PyTorch's proj_size (0: none)")
     g.add_argument("--no-bias", action="store_true", default=None,
                    help="recurrent layers without bias parameters (PyTorch's bias=False)")
     g.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -201,7 +204,8 @@ def _check_memory(cfg, task, batch_size, origin):
             output_size=task.output_size, num_layers=sizes["num_layers"],
             bidirectional=bool(cfg.get("bidirectional")), vocab_size=task.vocab_size,
             embedding_dim=None if embedding is None else int(embedding), batch_size=batch,
-            seq_len=seq_len, dtype=cfg.get("dtype") or "float32")
+            seq_len=seq_len, dtype=cfg.get("dtype") or "float32",
+            proj_size=int(cfg.get("proj_size") or 0))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{origin}: malformed sizes ({type(e).__name__}: {e})") from None
     if task.name in ("adding", "copy"):
@@ -301,7 +305,7 @@ def _build(args, ckpt=None):
             "dropout": mcfg.get("dropout", 0.0), "no_bias": not mcfg.get("bias", True) or None,
             "recurrent_dropout": mcfg.get("recurrent_dropout", 0.0),
             "input_dropout": mcfg.get("input_dropout", 0.0),
-            "zoneout": mcfg.get("zoneout") or None,
+            "zoneout": mcfg.get("zoneout") or None, "proj": mcfg.get("proj_size", 0),
             "dtype": mcfg["dtype"], "batch_size": tr["batch_size"], "optimizer": ocfg["name"],
             "lr": ocfg["lr"], "momentum": ocfg.get("momentum"),
             "weight_decay": ocfg.get("weight_decay"), "clip": tr["clip"] or 0.0,
@@ -339,6 +343,7 @@ def _build(args, ckpt=None):
                  "embedding"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.tbptt, "--tbptt", 0)
+    _positive(args.proj, "--proj", 0)
     _positive(args.seed, "--seed", 0)
     for flag in ("lr", "momentum", "weight_decay", "clip"):
         _finite(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -354,11 +359,14 @@ def _build(args, ckpt=None):
     if dropout > 0 and opt("layers") == 1:
         raise ValueError(f"--dropout acts between stacked layers; give --layers >= 2 "
                          f"(got --dropout {dropout} with --layers 1)")
+    if opt("proj") and opt("proj") >= opt("hidden"):
+        raise ValueError(f"--proj must be smaller than --hidden, got --proj {opt('proj')} with "
+                         f"--hidden {opt('hidden')}")
     if task.vocab_size is None and args.embedding is not None:
         raise ValueError(f"--embedding applies to token tasks (charlm, copy), not {task.name!r}")
     sizes = {"cell": cell, "hidden_size": opt("hidden"), "num_layers": opt("layers"),
              "embedding_dim": opt("embedding") if task.vocab_size else None,
-             "dtype": opt("dtype")}
+             "dtype": opt("dtype"), "proj_size": opt("proj")}
     _check_memory(sizes, task, opt("batch_size"),
                   f"--hidden {opt('hidden')} --layers {opt('layers')} --batch-size "
                   f"{opt('batch_size')} --seq-len {task.seq_len}")
@@ -367,7 +375,7 @@ def _build(args, ckpt=None):
         output_size=task.output_size, num_layers=opt("layers"), vocab_size=task.vocab_size,
         embedding_dim=opt("embedding") if task.vocab_size else None, head=task.head,
         dtype=np.dtype(opt("dtype")), device=device, seed=opt("seed"),
-        dropout=dropout, bias=not args.no_bias, **_regularization(opt),
+        dropout=dropout, bias=not args.no_bias, proj_size=opt("proj"), **_regularization(opt),
     )
     name = opt("optimizer")
     wd = args.weight_decay

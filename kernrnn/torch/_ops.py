@@ -28,7 +28,7 @@ import torch
 
 from kernrnn.functional import resolve_cell
 
-__all__ = ["make_spec", "parse_spec", "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
+__all__ = ["make_spec", "parse_spec", "parse_proj_size", "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
 
 # -- which layer --------------------------------------------------------------
 
@@ -63,18 +63,20 @@ def _cell(name: str):
 
 
 def make_spec(cell: str, input_size, hidden_size, num_layers, bidirectional, bias,
-              dropout, recurrent_dropout=0.0, input_dropout=0.0, zoneout=(), masks=False) -> str:
+              dropout, recurrent_dropout=0.0, input_dropout=0.0, zoneout=(), masks=False,
+              proj_size=0) -> str:
     """The layer configuration as one string, a constant for torch.compile
     (plain formatting, which TorchDynamo traces; cell names have no ``;``).
 
     ``recurrent_dropout``, ``input_dropout``, ``zoneout`` (a tuple, one rate per
     state) configure the kernels' regularisation; ``masks`` is the module's
-    training mode (masks drawn) rather than evaluation (zoneout's expectation).
+    training mode (masks drawn) rather than evaluation (zoneout's expectation);
+    ``proj_size`` an LSTMP's projection (0: none).
     """
     zo = ",".join(str(float(z)) for z in zoneout)
     return (f"{cell};{int(input_size)};{int(hidden_size)};{int(num_layers)};"
             f"{int(bidirectional)};{int(bias)};{float(dropout)};{float(recurrent_dropout)};"
-            f"{float(input_dropout)};{zo};{int(bool(masks))}")
+            f"{float(input_dropout)};{zo};{int(bool(masks))};{int(proj_size)}")
 
 
 def parse_spec(spec: str):
@@ -85,8 +87,13 @@ def parse_spec(spec: str):
 
 def parse_regularization(spec: str):
     """``(recurrent_dropout, input_dropout, zoneout tuple, masks)`` from :func:`make_spec`."""
-    rd, xd, zo, masks = spec.split(";")[7:]
+    rd, xd, zo, masks = spec.split(";")[7:11]
     return float(rd), float(xd), tuple(float(z) for z in zo.split(",") if z), masks == "1"
+
+
+def parse_proj_size(spec: str) -> int:
+    """``proj_size`` from :func:`make_spec` (0: no projection)."""
+    return int(spec.split(";")[11])
 
 
 def spec_cell(spec: str):
@@ -102,7 +109,8 @@ def _engine(spec: str, dtype: str, device: str):
     rd, xd, zo, _ = parse_regularization(spec)
     return RNN(_cell(cell), input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir,
                dtype=np.dtype(dtype), device=device, bias=bias, dropout=dropout, seed=0,
-               recurrent_dropout=rd, input_dropout=xd, zoneout=zo or 0.0)
+               recurrent_dropout=rd, input_dropout=xd, zoneout=zo or 0.0,
+               proj_size=parse_proj_size(spec))
 
 
 def engine_for(spec: str, t: torch.Tensor):
@@ -184,7 +192,8 @@ def _unstash(handle: torch.Tensor):
 def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: torch.Tensor | None,
                 params: list[torch.Tensor], seed: torch.Tensor, save: bool
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """``(y [T,B,D*H], hn (S tensors [L*D,B,H]), handle)`` for time-major ``x``.
+    """``(y [T,B,D*H], hn (S tensors [L*D,B,H]), handle)`` for time-major ``x``
+    (``P`` in place of ``H`` for an LSTMP's output and ``h``).
 
     ``hx`` empty means zeros; ``lengths`` int64 ``[B]`` on the CPU; ``seed`` an
     int64 scalar choosing the dropout masks; ``save`` keeps the context for
@@ -207,10 +216,12 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
 @rnn_forward.register_fake
 def _(spec, x, hx, lengths, params, seed, save):
     _, _, H, L, bidir, _, _ = parse_spec(spec)
+    O = parse_proj_size(spec) or H
     D = 2 if bidir else 1
     T, B = x.shape[0], x.shape[1]
     S = spec_cell(spec).n_state
-    return (x.new_empty((T, B, D * H)), [x.new_empty((L * D, B, H)) for _ in range(S)],
+    return (x.new_empty((T, B, D * O)),
+            [x.new_empty((L * D, B, O if s == 0 else H)) for s in range(S)],
             torch.empty(1 if save else 0, dtype=torch.int64))
 
 
@@ -231,8 +242,7 @@ def _(spec, handle, dy, dhn, params):
     I = parse_spec(spec)[1]
     S = spec_cell(spec).n_state
     T, B = dy.shape[0], dy.shape[1]
-    LD, H = dhn[0].shape[0], dhn[0].shape[2]
-    return (dy.new_empty((T, B, I)), [dy.new_empty((LD, B, H)) for _ in range(S)],
+    return (dy.new_empty((T, B, I)), [dy.new_empty(d.shape) for d in dhn[:S]],
             [p.new_empty(p.shape) for p in params])
 
 
@@ -240,7 +250,8 @@ def _forward_setup(ctx, inputs, output):
     spec, x, hx, lengths, params, seed, save = inputs
     y, hn, handle = output
     ctx.spec, ctx.has_hx = spec, len(hx) > 0
-    ctx.y_shape, ctx.hn_shape, ctx.dtype, ctx.device = y.shape, hn[0].shape, y.dtype, y.device
+    ctx.y_shape, ctx.dtype, ctx.device = y.shape, y.dtype, y.device
+    ctx.hn_shapes = [h.shape for h in hn]
     # the context holds views of x and the parameters: their version counters then catch
     # an in-place change between forward and backward, as for any saved tensor
     ctx.save_for_backward(handle, x, *params)
@@ -255,7 +266,7 @@ def _forward_grad(ctx, dy, dhn, _dhandle):
         return torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)
 
     dy = zeros(ctx.y_shape) if dy is None else dy.contiguous()
-    dhn = [zeros(ctx.hn_shape) if d is None else d.contiguous() for d in dhn]
+    dhn = [zeros(shape) if d is None else d.contiguous() for shape, d in zip(ctx.hn_shapes, dhn)]
     dx, dh0, dparams = rnn_backward(ctx.spec, handle, dy, dhn, list(params))
     return None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None
 

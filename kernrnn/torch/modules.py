@@ -100,7 +100,7 @@ class _FusedForward:
                               self.num_layers, self.bidirectional, self.bias,
                               self.dropout if active else 0.0,
                               rd if self.training else 0.0, xd if self.training else 0.0, zo,
-                              self.training)
+                              self.training, getattr(self, "proj_size", 0))
         if active or (self.training and regularised):
             # masks drawn from torch's RNG: torch.manual_seed reproduces them
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -173,10 +173,6 @@ class _DropIn(_FusedForward, nn.RNNBase):
                  device=None, dtype=None):
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device=device, dtype=dtype)
-        if proj_size > 0:
-            raise ValueError(f"kernrnn.torch.LSTM: proj_size > 0 (LSTM with projections) is "
-                             f"not supported yet, got proj_size={proj_size}; use "
-                             f"torch.nn.LSTM for it")
         dt = self._flat_weights[0].dtype
         if dt not in _DTYPES:
             raise TypeError(f"kernrnn.torch.{type(self).__name__}: dtype must be torch.float32 "

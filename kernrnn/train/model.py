@@ -39,7 +39,7 @@ def to_host(a) -> np.ndarray:
 
 def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, num_layers=1,
                              bidirectional=False, vocab_size=None, embedding_dim=None,
-                             batch_size=1, seq_len=1, dtype=np.float32) -> int:
+                             batch_size=1, seq_len=1, dtype=np.float32, proj_size=0) -> int:
     """Bytes a training step of such a model needs at the least (no allocation, exact ints).
 
     Parameters with their gradients and two optimizer moments, plus per layer
@@ -59,9 +59,10 @@ def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, 
         first_in, embedding = int(embedding_dim), int(vocab_size) * int(embedding_dim)
     else:
         first_in, embedding = int(input_size), 0
-    per_layer = G * H * (H + 2)
-    params = (D * (G * H * first_in + per_layer) + (L - 1) * D * (G * H * D * H + per_layer)
-              + embedding + int(output_size) * (D * H + 1))
+    O = int(proj_size) or H  # units of h: an LSTMP's projection reads H, gives O
+    per_layer = G * H * (O + 2) + (O * H if proj_size else 0)
+    params = (D * (G * H * first_in + per_layer) + (L - 1) * D * (G * H * D * O + per_layer)
+              + embedding + int(output_size) * (D * O + 1))
     activations = L * D * int(seq_len) * int(batch_size) * H * (S + K + 2 * G + 1)
     return np.dtype(dtype).itemsize * (4 * params + activations)
 
@@ -77,16 +78,16 @@ class SequenceModel:
 
     ``batch_first=True`` takes ``x`` as ``[B, T, ...]`` and gives ``out``
     (``head="seq"``) as ``[B, T, output_size]``, as PyTorch's option;
-    ``dropout``, ``bias`` and the kernels' regularisation (``recurrent_dropout``,
-    ``input_dropout``, ``zoneout``, see :mod:`kernrnn.regularization`) go to the
-    recurrent stack (:class:`kernrnn.RNN`).
+    ``dropout``, ``bias``, ``proj_size`` (LSTMP) and the kernels' regularisation
+    (``recurrent_dropout``, ``input_dropout``, ``zoneout``, see
+    :mod:`kernrnn.regularization`) go to the recurrent stack (:class:`kernrnn.RNN`).
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
                  num_layers=1, vocab_size=None, embedding_dim=None, head="seq",
                  bidirectional=False, nonlinearity=None, dtype=np.float32, device="cpu",
                  seed=None, dropout=0.0, bias=True, batch_first=False, recurrent_dropout=0.0,
-                 input_dropout=0.0, zoneout=0.0):
+                 input_dropout=0.0, zoneout=0.0, proj_size=0):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head = head
@@ -117,14 +118,14 @@ class SequenceModel:
                        bidirectional=bidirectional, dtype=dtype, device=device,
                        nonlinearity=nonlinearity, seed=int(rng.integers(2**63)),
                        dropout=dropout, bias=bias, recurrent_dropout=recurrent_dropout,
-                       input_dropout=input_dropout, zoneout=zoneout)
+                       input_dropout=input_dropout, zoneout=zoneout, proj_size=proj_size)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.batch_first = batch_first
         self.dtype = self.rnn.dtype
         self.device = self.rnn.device
         xp = self.xp
-        feat = self.rnn.hidden_size * self.rnn.num_directions
+        feat = self.rnn.output_size * self.rnn.num_directions
         own = {}
         if self.vocab_size is not None:
             # PyTorch's nn.Embedding draws N(0, 1).
@@ -173,9 +174,11 @@ class SequenceModel:
         reg = self.rnn.regularization
         opts = {"dropout": self.rnn.dropout, "bias": self.rnn.bias,
                 "batch_first": self.batch_first, "recurrent_dropout": reg.recurrent_dropout,
-                "input_dropout": reg.input_dropout, "zoneout": list(reg.zoneout)}
+                "input_dropout": reg.input_dropout, "zoneout": list(reg.zoneout),
+                "proj_size": self.rnn.proj_size}
         defaults = {"dropout": 0.0, "bias": True, "batch_first": False,
-                    "recurrent_dropout": 0.0, "input_dropout": 0.0, "zoneout": []}
+                    "recurrent_dropout": 0.0, "input_dropout": 0.0, "zoneout": [],
+                    "proj_size": 0}
         return {k: v for k, v in opts.items() if v != defaults[k]}
 
     @classmethod
@@ -183,7 +186,7 @@ class SequenceModel:
         cfg = dict(config)
         known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
                  "embedding_dim", "head", "bidirectional", "dtype", "dropout", "bias",
-                 "batch_first", "recurrent_dropout", "input_dropout", "zoneout"}
+                 "batch_first", "recurrent_dropout", "input_dropout", "zoneout", "proj_size"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"model config has unknown keys {unknown}")
@@ -320,7 +323,7 @@ class SequenceModel:
     def _gather_last(self, y, lens):
         """Forward direction at each sequence's last step, reverse direction at step 0."""
         xp = self.xp
-        H = self.rnn.hidden_size
+        H = self.rnn.output_size
         B = y.shape[1]
         rows = xp.arange(B)
         last = xp.asarray(np.maximum(lens - 1, 0))
@@ -355,7 +358,7 @@ class SequenceModel:
             dy = dfeats
         else:
             dy = xp.zeros((T, B, F), dtype=self.dtype)
-            H = self.rnn.hidden_size
+            H = self.rnn.output_size
             if T > 0:
                 rows = xp.arange(B)
                 last = xp.asarray(np.maximum(lens - 1, 0))

@@ -233,3 +233,18 @@ def test_regularised_kernels_match_the_cpu_mask_for_mask(cell_name):
         np.testing.assert_allclose(dS_g, dS_c, rtol=1e-11, atol=1e-12)
         for k in g_c:
             np.testing.assert_allclose(g_g[k], g_c[k], rtol=1e-11, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "lstm_peephole"])
+@settings(max_examples=1)
+@given(data=st.data())
+def test_projection_matches_reference(cell_name, data):
+    """LSTMP: the projection GEMM and the proj_* kernels in the GEMM-per-step loops."""
+    cell = REGISTRY.get(cell_name)
+    n = EXAMPLES // 2 if cell_name in CLASSIC else ZOO_EXAMPLES
+    for _ in range(n):
+        p = data.draw(problems(**SMALL, cell=cell, projection=True))
+        for dtype in (np.float64, np.float32):
+            scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
+            assert scaled <= 1, f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} on {p}"
+        gradient_errors(cell, p, device="cuda")
