@@ -144,9 +144,11 @@ def _native_train_step(layer, x, dy):
     return step
 
 
-def step_table(sizes=SIZES, repeats=10, warmup=2, compiled=True, cifg=True,
+def step_table(sizes=SIZES, repeats=10, warmup=2, compiled=True, cifg=True, proj=True,
                progress=None) -> list[dict]:
-    """Training-step medians (ms) per size for every implementation."""
+    """Training-step medians (ms) per size for every implementation.
+
+    ``proj``: also the LSTM with projections (``proj_size = H // 2``)."""
     import torch
 
     import kernrnn
@@ -170,6 +172,17 @@ def step_table(sizes=SIZES, repeats=10, warmup=2, compiled=True, cifg=True,
         native.load_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()})
         xn, dyn = x.detach().numpy().copy(), dy.numpy().copy()
         fns["native lstm"] = _native_train_step(native, xn, dyn)
+        if proj:
+            P = H // 2
+            dyp = torch.randn(T, B, P, generator=g)
+            torch.manual_seed(0)
+            ref_p = torch.nn.LSTM(I, H, proj_size=P)
+            ours_p = kt.LSTM(I, H, proj_size=P)
+            ours_p.load_state_dict(ref_p.state_dict())
+            fns["nn.LSTM proj"] = _torch_train_step(torch, lambda x: ref_p(x)[0], x, dyp,
+                                                    list(ref_p.parameters()))
+            fns["kt.LSTM proj"] = _torch_train_step(torch, lambda x: ours_p(x)[0], x, dyp,
+                                                    list(ours_p.parameters()))
         compile_s = None
         if cifg:
             torch.manual_seed(1)
@@ -237,8 +250,9 @@ def markdown(lm, rows, threads, argv) -> str:
         out += ["", "Ratios (time / time):", "",
                 "| B,T,I,H | kt.LSTM / nn.LSTM | kt.Recurrent cifg / cifg loop eager | "
                 "kt.Recurrent cifg / cifg loop compiled | adapter: kt.LSTM / native lstm | "
-                "adapter: kt.Recurrent cifg / native cifg | torch.compile time s |",
-                "|---|---|---|---|---|---|---|"]
+                "adapter: kt.Recurrent cifg / native cifg | "
+                "LSTMP (proj_size H/2): kt.LSTM / nn.LSTM | torch.compile time s |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ms = r["ms"]
             cs = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
@@ -246,7 +260,8 @@ def markdown(lm, rows, threads, argv) -> str:
                        f"{_ratio(ms, 'kt.Recurrent cifg', 'cifg loop eager')} | "
                        f"{_ratio(ms, 'kt.Recurrent cifg', 'cifg loop compiled')} | "
                        f"{_ratio(ms, 'kt.LSTM', 'native lstm')} | "
-                       f"{_ratio(ms, 'kt.Recurrent cifg', 'native cifg')} | {cs} |")
+                       f"{_ratio(ms, 'kt.Recurrent cifg', 'native cifg')} | "
+                       f"{_ratio(ms, 'kt.LSTM proj', 'nn.LSTM proj')} | {cs} |")
         out.append("")
     return "\n".join(out)
 
@@ -261,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="all", help="'all' or indices into SIZES, e.g. 0,1")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd loop")
     p.add_argument("--no-cifg", action="store_true", help="skip the CIFG rows")
+    p.add_argument("--no-proj", action="store_true", help="skip the LSTM-with-projections rows")
     p.add_argument("--markdown", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     import torch
@@ -271,7 +287,7 @@ def main(argv=None) -> int:
     if lm:
         print(f"LM: largest loss difference {lm['max_abs_diff']:.2e}", file=sys.stderr)
     rows = step_table(sizes, repeats=args.repeats, compiled=not args.no_compile,
-                      cifg=not args.no_cifg,
+                      cifg=not args.no_cifg, proj=not args.no_proj,
                       progress=lambda r: print(r, file=sys.stderr, flush=True))
     report = markdown(lm, rows, args.threads, argv)
     print(report)
