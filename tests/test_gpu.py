@@ -123,6 +123,17 @@ def test_gpu_matches_reference_and_cpu(cell_name, p, path):
         np.testing.assert_allclose(got[4][k], want[4][k], rtol=1e-9, atol=1e-11, err_msg=k)
 
 
+@settings(max_examples=8, deadline=None)
+@given(p=problems(max_T=12, max_B=9, max_I=20, max_H=70, max_layers=2, projection=True))
+def test_gpu_lstm_with_projections(p):
+    """LSTMP on the GEMM path (a projection forces it): the reference, finite differences."""
+    cell = REGISTRY.get("lstm")
+    for dtype in (np.float64, np.float32):
+        scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
+        assert scaled <= 1, f"LSTMP {np.dtype(dtype)}: error {absolute:.3e} on {p}"
+    gradient_errors(cell, p, device="cuda")
+
+
 @on_each_path
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
 def test_float32_training_step_matches_cpu_float64(cell_name, path):
