@@ -43,7 +43,9 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     ``[B, H]`` arrays, ``ctx`` what :func:`rnn_backward` needs (None if not
     ``training``).  With ``lengths``, outputs past a sequence's length are zero
     and ``hn`` is taken at its own last step; ``reverse=True`` runs from that
-    last step back.
+    last step back.  A dict with ``weight_hr`` ``[P, H]`` makes an LSTMP step
+    (see :class:`kernrnn.RNN`'s ``proj_size``): ``weight_hh`` is then
+    ``[G*H, P]``, and ``y``, ``h0[0]`` and ``hn[0]`` have P units.
     """
     cell = resolve_cell(cell)
     backend = get_backend(device_of(x))
@@ -66,6 +68,10 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
         )
     H = b.shape[0] // G
     shapes = cell.param_shapes(I, H)
+    P = _projection(cell, params.get("weight_hr"), H)
+    if P:
+        shapes["weight_hh"] = (shapes["weight_hh"][0], P)
+        shapes["weight_hr"] = (P, H)
     missing = [k for k in shapes if params.get(k) is None]
     extra = [k for k in params if k not in shapes and params[k] is not None]
     if missing or extra:
@@ -76,13 +82,13 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
             _checks.check_array(params[name], name, want, dtype)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"cell {cell.name!r} with H={H} (from bias_ih): {exc}") from None
-    h0 = _state_array(backend, h0, cell, B, H, dtype, "h0")
+    h0 = _state_array(backend, h0, cell, B, H, dtype, "h0", P)
     lens = _checks.check_lengths(lengths, B, T)
     y, hn, ctx = backend.forward(
         cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
         backend.lengths(lens), bool(reverse), bool(training),
     )
-    return y, tuple(hn[s] for s in range(cell.n_state)), ctx
+    return y, _state_tuple(hn, cell, P), ctx
 
 
 def rnn_backward(ctx, dy, dhn=None):
@@ -97,14 +103,38 @@ def rnn_backward(ctx, dy, dhn=None):
     backend = get_backend(ctx.device)
     T, B, _ = ctx.x.shape
     H = ctx.States.shape[3]
-    _checks.check_array(dy, "dy", (T, B, H), ctx.x.dtype)
-    dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn")
+    P = ctx.buffers.Hp.shape[2] if ctx.buffers.Hp is not None else 0
+    _checks.check_array(dy, "dy", (T, B, P or H), ctx.x.dtype)
+    dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn", P)
     dx, dh0, grads = backend.backward(ctx, backend.asarray(dy), dhn)
-    return dx, tuple(dh0[s] for s in range(ctx.cell.n_state)), grads
+    return dx, _state_tuple(dh0, ctx.cell, P), grads
 
 
-def _state_array(backend, state, cell, B, H, dtype, name):
-    """Stack a tuple of S ``[B, H]`` arrays into ``[S, B, H]`` (zeros if None)."""
+def _projection(cell, weight_hr, H: int) -> int:
+    """P of a ``weight_hr [P, H]`` given to :func:`rnn_forward` (0 without one)."""
+    if weight_hr is None:
+        return 0
+    shape = tuple(getattr(weight_hr, "shape", ()))
+    if len(shape) != 2 or not 0 < shape[0] < H or shape[1] != H:
+        raise ValueError(f"weight_hr must be [P, {H}] with 0 < P < {H} (H={H} from bias_ih), "
+                         f"got {list(shape)}")
+    cell.check_projection()
+    return shape[0]
+
+
+def _state_tuple(st, cell, P: int) -> tuple:
+    """The S states of ``[S, B, H]``; an LSTMP's h is the first P columns of ``st[0]``."""
+    parts = [st[s] for s in range(cell.n_state)]
+    if P:
+        parts[0] = parts[0][:, :P]
+    return tuple(parts)
+
+
+def _state_array(backend, state, cell, B, H, dtype, name, P=0):
+    """Stack a tuple of S ``[B, H]`` arrays into ``[S, B, H]`` (zeros if None).
+
+    With an LSTMP's ``P``, ``state[0]`` is ``[B, P]`` and fills the first P columns.
+    """
     S = cell.n_state
     if state is None:
         return backend.xp.zeros((S, B, H), dtype=dtype)
@@ -114,9 +144,13 @@ def _state_array(backend, state, cell, B, H, dtype, name):
             f"{cell.name!r}, got {type(state).__name__}"
             + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
         )
-    for s, part in zip(cell.state, state):
-        _checks.check_array(part, f"{name}[{s}]", (B, H), dtype, finite=True)
-    return backend.xp.stack([backend.asarray(p) for p in state])
+    for k, (s, part) in enumerate(zip(cell.state, state)):
+        _checks.check_array(part, f"{name}[{s}]", (B, P or H) if k == 0 else (B, H), dtype,
+                            finite=True)
+    out = backend.xp.zeros((S, B, H), dtype=dtype)
+    for k, part in enumerate(state):
+        out[k, :, :part.shape[1]] = backend.asarray(part)
+    return out
 
 
 _ = np

@@ -131,3 +131,27 @@ def test_bad_proj_size_and_states_are_named():
     z = np.zeros((1, 1, 4), dtype=np.float32)
     with pytest.raises(ValueError, match=r"h0 \(h\).*\[1, 1, 2\]"):
         layer(x, (z, z))  # h must have proj_size units
+
+
+@settings(max_examples=10)
+@given(p=problems(max_T=5, max_B=3, max_I=3, max_H=5, max_layers=1, bidirectional=False,
+                  projection=True), reverse=st.booleans())
+def test_functional_api_projects_like_the_reference(p, reverse):
+    from kernrnn.functional import rnn_backward, rnn_forward
+    from kernrnn.testing.reference import reference_direction
+
+    cell = REGISTRY.get("lstm")
+    params, x, h0 = make_arrays(cell, p, np.float64)
+    d = {k[:-3]: v for k, v in params.items()}  # one layer, one direction: strip "_l0"
+    h0 = None if h0 is None else tuple(h[0] for h in h0)
+    y, hn, ctx = rnn_forward(cell, x, d, h0=h0, lengths=p.lengths, reverse=reverse)
+    start = h0 if h0 is not None else (np.zeros((p.B, p.proj_size)), np.zeros((p.B, p.H)))
+    y_ref, hn_ref = reference_direction(cell, x, d, start, p.lengths, reverse)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(hn, hn_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert hn[0].shape == (p.B, p.proj_size) and hn[1].shape == (p.B, p.H)
+    dx, dh0, grads = rnn_backward(ctx, np.ones_like(y), (np.ones_like(hn[0]), hn[1] * 0))
+    assert dh0[0].shape == (p.B, p.proj_size) and grads["weight_hr"].shape == (p.proj_size, p.H)
+    with pytest.raises(ValueError, match=r"weight_hr must be \[P, "):
+        rnn_forward(cell, x, {**d, "weight_hr": d["weight_hr"].T})
