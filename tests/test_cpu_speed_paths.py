@@ -3,7 +3,6 @@
 No timings are asserted here; speed is measured by ``kernrnn bench``.
 """
 
-import inspect
 import math
 
 import numba
@@ -184,15 +183,16 @@ from kernrnn.backends.cpu import microkernel as mk  # noqa: E402
 
 
 def _tiles(dtype=np.float32):
-    """The LSTM's compiled tile functions (mr x 4*nu, 1 x 4*nu, mrb x nu, 1 x nu)."""
+    """The LSTM's compiled tile functions (mr x 4*nu and its tails, mrb x nu and its tails)."""
     import sys
 
     k = cpu.get_kernels(kernrnn.get_registry().get("lstm"), dtype)
     mod = sys.modules[k.fused.forward_train.py_func.__module__]
     f = k.fused
     with mk.compile_with_slp():
-        return f, {(m, n): getattr(mod, mk.tile_name(m, n))
-                   for m, n in ((f.mr, 4 * f.nu), (1, 4 * f.nu), (f.mrb, f.nu), (1, f.nu))}
+        shapes = [(m, 4 * f.nu) for m in (f.mr, *mk.tail_heights(f.mr, exact=True))]
+        shapes += [(m, f.nu) for m in (f.mrb, *mk.tail_heights(f.mrb, exact=False))]
+        return f, {(m, n): getattr(mod, mk.tile_name(m, n)) for m, n in shapes}
 
 
 @settings(max_examples=25, deadline=None)
@@ -248,7 +248,8 @@ def test_fused_path_selection():
     assert cpu.fused_path(reg.get("lstm_peephole"))  # per-unit parameters ride along
     for name in ("lstm_ln", "slstm", "indrnn", "mingru"):  # norms, heads, no W_hh
         assert not cpu.fused_path(reg.get(name))
-    assert "tile_" in inspect.getsource(cpu._fused_forward_source)
+    src = cpu._fused_forward_source(reg.get("lstm"), False, 4, 4, 16)
+    assert "tile_4x64(" in src and "tile_3x64(" in src  # full tiles, and one for a remainder
 
 
 @settings(max_examples=12, deadline=None)

@@ -284,6 +284,13 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
     if rdrop:
         carry += "\nhdr[j] = hn0[j] * mrr[j]"
+    # The group's rows in mr-row tiles; its last rows in one tile of their height.
+    xtiles = mk.row_tiles_source(
+        mrx, nrx, mk.tail_heights(mrx, exact=True), "g0", "g1",
+        lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hp)")
+    htiles = mk.row_tiles_source(
+        mr, nr, mk.tail_heights(mr, exact=True), "g0", "g1",
+        lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -313,20 +320,8 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
         for g0 in range(b0, b1, {rg}):
             g1 = min(g0 + {rg}, b1)
             for jb in range(jb0, jb1):
-                for i0 in range(g0, g1, {mrx}):
-                    if g1 - i0 >= {mrx}:
-                        {mk.tile_name(mrx, nrx)}(Xt, i0, g1, Wxp, jb, XWr, i0 - g0, jb * {nu}, Hp)
-                    else:
-                        for i in range(i0, g1):
-                            {mk.tile_name(1, nrx)}(Xt, i, i + 1, Wxp, jb, XWr, i - g0,
-                                       jb * {nu}, Hp)
-                for i0 in range(g0, g1, {mr}):
-                    if g1 - i0 >= {mr}:
-                        {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
-                    else:  # the group's last rows: one-row tiles, no wasted products
-                        for i in range(i0, g1):
-                            {mk.tile_name(1, nr)}(A, i, i + 1, Wp, jb, HUr, i - g0, jb * {nu},
-                                       Hp)
+{_ind(xtiles, 16)}
+{_ind(htiles, 16)}
             for rr in range(g1 - g0):
                 b = g0 + rr
 {_ind(views, 16)}
@@ -473,14 +468,12 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False)) -> str:
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
     if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
         mr, nu = packed
+        tiles = mk.row_tiles_source(
+            mr, nu, mk.tail_heights(mr, exact=False), "b0", "b1",
+            lambda tile, i0: f"{tile}(A, {i0}, b1, W, jb, dH[0], {i0}, jb * {nu}, 0)")
         gemm = f"""        A = dHU[0, t]
         for jb in range(W.shape[0]):
-            for i0 in range(b0, b1, {mr}):
-                if b1 - i0 >= {mr}:
-                    {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)
-                else:
-                    for i in range(i0, b1):
-                        {mk.tile_name(1, nu)}(A, i, i + 1, W, jb, dH[0], i, jb * {nu}, 0)"""
+{_ind(tiles, 12)}"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
@@ -622,7 +615,9 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     mr, nu = mk.block_shape(Gr, dtype.itemsize)
     mrx, _ = mk.block_shape(G, dtype.itemsize)
     mrb, _ = mk.block_shape(1, dtype.itemsize)
-    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrx, G * nu), (1, G * nu), (mrb, nu), (1, nu)}
+    tiles = {(h, Gr * nu) for h in (mr, *mk.tail_heights(mr, exact=True))}
+    tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=True))}
+    tiles |= {(h, nu) for h in (mrb, *mk.tail_heights(mrb, exact=False))}
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]

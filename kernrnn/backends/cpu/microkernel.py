@@ -37,11 +37,11 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["block_shape", "tile_source", "tile_name", "pack_forward", "pack_backward",
-           "compile_with_slp", "barrier_source"]
+__all__ = ["block_shape", "tail_heights", "row_tiles_source", "tile_source", "tile_name",
+           "pack_forward", "pack_backward", "compile_with_slp", "barrier_source"]
 
 VECTOR_BYTES = 64  # one AVX-512 register; on AVX2 LLVM uses two ymm per block column
-ACCUMULATOR_VECTORS = 12  # registers for the tile, of 32 (AVX-512): room for loads
+ACCUMULATOR_VECTORS = 16  # registers for the tile, of 32 (AVX-512): room for loads
 FLAG_STRIDE = 8  # int64 slots between two threads' flags: one cache line each
 
 
@@ -55,6 +55,34 @@ def block_shape(n_panel_vectors: int, itemsize: int) -> tuple[int, int]:
     nu = VECTOR_BYTES // itemsize
     mr = max(1, min(8, ACCUMULATOR_VECTORS // max(1, n_panel_vectors)))
     return mr, nu
+
+
+def tail_heights(mr: int, exact: bool) -> tuple[int, ...]:
+    """Heights of the tiles that cover the last ``< mr`` rows of a row range.
+
+    Every row of a tile streams the same panel, so a short remainder is best
+    covered by few tiles: ``exact`` gives one tile of each height ``mr-1 .. 1``
+    (one pass for any remainder), otherwise the powers of two below ``mr``
+    (at most ``log2(mr)`` passes, fewer tiles to compile).
+    """
+    if exact:
+        return tuple(range(mr - 1, 0, -1))
+    return tuple(h for h in (32, 16, 8, 4, 2, 1) if h < mr)
+
+
+def row_tiles_source(mr: int, nr: int, tails, lo: str, hi: str, call) -> str:
+    """Source that covers rows ``lo:hi`` with ``mr``-row tiles, the rest with ``tails``.
+
+    ``call(name, i0)`` gives the source of one tile call for rows from ``i0``
+    with ``i1 = hi`` (a tile of height ``h`` then stores ``min(h, hi - i0)``
+    rows).  The remainder is taken greedily by the tail heights (descending,
+    ending in 1), so no tile computes rows it does not store.
+    """
+    lines = [f"i0 = {lo}", f"while {hi} - i0 >= {mr}:",
+             "    " + call(tile_name(mr, nr), "i0"), f"    i0 += {mr}"]
+    for h in tails:
+        lines += [f"if {hi} - i0 >= {h}:", "    " + call(tile_name(h, nr), "i0"), f"    i0 += {h}"]
+    return "\n".join(lines)
 
 
 def tile_name(mr: int, nr: int) -> str:
