@@ -240,6 +240,10 @@ def test_packing_layouts():
     assert Wb.shape == (3, G * H, nu)
     np.testing.assert_array_equal(Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, :H], W)
     assert not Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, H:].any()
+    f, _ = _tiles()  # the compiled packing the kernels use: the same layout
+    for G, H, K in ((4, 21, 5), (3, 16, 7), (1, 33, 2)):
+        W = rng.standard_normal((G * H, K)).astype(np.float32)
+        np.testing.assert_array_equal(f.pack_forward(W, G, H), mk.pack_forward(W, G, H, f.nu))
 
 
 def test_fused_path_selection():
@@ -283,6 +287,37 @@ def test_fused_path_matches_blas_path(p, name, dtype, split):
 
     tol = 2e-5 if dtype == np.float32 else 1e-12
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "UNIT_SPLIT_MAX_BATCH", 1000 if split == "units" else 0)
+        mp.setattr(cpu, "SPLIT", split)
         for a, b in zip(run(False), run(True), strict=True):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@settings(max_examples=6, deadline=None)
+@given(problems(max_T=4, max_B=5, max_I=5, max_H=35, max_layers=1),
+       st.sampled_from(["lstm", "gru"]))
+def test_fused_forward_is_bitwise_the_same_for_every_split(p, name):
+    """Rows or units between the threads, the input projection per step or for all
+    steps first: the same values bit for bit (what lets ``SPLIT = "auto"`` choose by
+    time), forward and the saved values that BPTT reads."""
+    cell = kernrnn.get_registry().get(name)
+    params, x, h0 = make_arrays(cell, p, np.float32)
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        for split, pre in (("rows", 0), ("rows", 1000), ("units", 0), ("units", 1000)):
+            mp.setattr(cpu, "SPLIT", split)
+            mp.setattr(cpu, "PRE_PROJECTION_MAX_ROWS", pre)
+            old = numba.get_num_threads()
+            numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+            try:
+                layer = kernrnn.RNN(name, p.I, p.H, bidirectional=p.bidirectional,
+                                    dtype=np.float32)
+                layer.load_state_dict(params)
+                hinit = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
+                y, hn = layer(x, hinit, p.lengths)
+                dx, _ = layer.backward(np.ones_like(y))
+            finally:
+                numba.set_num_threads(old)
+            out.append([y, dx] + [layer.grads[k] for k in sorted(layer.grads)])
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

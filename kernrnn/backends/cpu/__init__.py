@@ -47,6 +47,7 @@ import contextlib
 import inspect
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -277,7 +278,7 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
         + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
     views = "\n".join(
         [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
-        + [f"xw{g} = XWr[rr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
+        + [f"xw{g} = XWs[xr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
         + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
         + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else [])
         + (["hdr = Hd[b]", "mrr = Mr[b]"] if rdrop else []))
@@ -288,6 +289,12 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     xtiles = mk.row_tiles_source(
         mrx, nrx, mk.tail_heights(mrx, exact=True), "g0", "g1",
         lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hp)")
+    # ``pre``: the thread's whole input projection first, over its T * rows
+    # rows at once (each panel of W_ih streams once per row group, not once
+    # per step), into XWc [T * rows, G*Hp]; row t * rows + (b - b0).
+    ptiles = mk.row_tiles_source(
+        mrx, nrx, mk.tail_heights(mrx, exact=True), "g0", "g1",
+        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hp)")
     htiles = mk.row_tiles_source(
         mr, nr, mk.tail_heights(mr, exact=True), "g0", "g1",
         lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
@@ -295,9 +302,9 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd, Zthr, Zp,
-           seed_lo, seed_hi, zstream, ztrain, flags, nthr, tid, b0, b1, jb0, jb1):
+           seed_lo, seed_hi, zstream, ztrain, flags, nthr, tid, b0, b1, jb0, jb1, pre):
     """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mrx}x{nrx} and {mr}x{nr} tiles,
-    {nu} units a block)."""
+    {nu} units a block); ``pre``: the input projection for all steps first."""
     T = X.shape[0]
     H = States.shape[3]
     Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
@@ -305,6 +312,19 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
     HUr = np.empty(({rg}, {Gr} * Hp), X.dtype)
     j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
     j_hi = min(jb1 * {nu}, H)
+    rows = b1 - b0
+    XWs = XWr
+    if pre:
+        Xc = np.empty((T * rows, X.shape[2]), X.dtype)
+        for t in range(T):
+            for r in range(rows):
+                Xc[t * rows + r] = X[t, b0 + r]
+        XWc = np.empty((T * rows, {cell.n_gates} * Hp), X.dtype)
+        for g0 in range(0, T * rows, {rg}):
+            g1 = min(g0 + {rg}, T * rows)
+            for jb in range(jb0, jb1):
+{_ind(ptiles, 16)}
+        XWs = XWc
 {_ind(pviews, 4)}
     for step in range(T):
         if reverse:
@@ -320,10 +340,12 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
         for g0 in range(b0, b1, {rg}):
             g1 = min(g0 + {rg}, b1)
             for jb in range(jb0, jb1):
-{_ind(xtiles, 16)}
+                if not pre:
+{_ind(xtiles, 20)}
 {_ind(htiles, 16)}
             for rr in range(g1 - g0):
                 b = g0 + rr
+                xr = t * rows + (b - b0) if pre else rr
 {_ind(views, 16)}
                 yrow = Y[t, b]
                 if t < lengths[b]:
@@ -556,6 +578,14 @@ class FusedKernels:
     mr: int
     nu: int
     mrb: int
+    pack_panels: object  # pack_panels(W, G, H, nu, out): mk.pack_forward's layout, compiled
+
+    def pack_forward(self, W, n_gates: int, H: int):
+        """``W [G*H, K]`` as panels ``[NB, K, G*nu]`` (:func:`~kernrnn.backends.cpu.microkernel.pack_forward`)."""
+        nb = -(-H // self.nu)
+        out = np.empty((nb, W.shape[1], n_gates * self.nu), dtype=W.dtype)
+        self.pack_panels(np.ascontiguousarray(W), n_gates, H, self.nu, out)
+        return out
 
 
 _VECTORIZER_CHECKS = 1000
@@ -619,7 +649,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=True))}
     tiles |= {(h, nu) for h in (mrb, *mk.tail_heights(mrb, exact=False))}
     source = "\n".join(
-        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
+        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source(), mk.pack_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
         + [_fused_forward_source(cell, True, mr, mrx, nu, reg),
            _fused_forward_source(cell, False, mr, mrx, nu, reg),
@@ -632,7 +662,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
-                        mr, nu, mrb)
+                        mr, nu, mrb, module.pack_panels)
 
 
 _compiled_sigs: set = set()
@@ -743,29 +773,99 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
                 f.result()
 
 
-# Largest batch whose fused forward splits the hidden units between the
-# threads (one barrier per step, every thread runs all B rows) instead of the
-# rows (no barrier, B / threads rows each).  The unit split keeps each
-# thread's part of W_hh in its own L2 and all rows in every tile, but waits
-# at a barrier every step: on the shared 2-core development machine (load
-# 3-4) a descheduled partner made it 1.5-5x slower than the row split at
-# B = 1..16 (docs/benchmarks/cpu.md), so it is off (0) by default.  Tested
-# with both settings; raise it on a quiet machine with dedicated cores.
-UNIT_SPLIT_MAX_BATCH = 0
+# How a fused forward splits its work between the threads: "rows" (batch
+# chunks, no synchronisation), "units" (hidden-unit blocks, one barrier per
+# step, every thread runs all B rows: each keeps its part of W_hh in its own
+# L2) or "auto": for batches up to UNIT_SPLIT_MAX_BATCH, the faster of the two
+# as measured on the calls themselves (:class:`SplitChooser`); larger batches
+# split the rows.  Both splits compute every value with the same code in the
+# same order, so the choice never changes a result.  A fixed choice cannot
+# win on a shared machine: with dedicated cores the unit split is 1.5-2x
+# faster at B = 1, but a descheduled partner stalls it at every step (1.5-5x
+# slower under load 3-4; docs/benchmarks/cpu.md).
+SPLIT = "auto"
+UNIT_SPLIT_MAX_BATCH = 4
+
+
+class SplitChooser:
+    """The faster thread split per problem shape, from the calls' own wall times.
+
+    Each shape first runs once with each split; then the split with the
+    lower recent time (an exponential average per split) runs, and every
+    ``probe_every``-th call tries the other one again, so a change of load
+    (another process taking a core, which stalls the unit split's barrier)
+    is noticed within a few calls.
+    """
+
+    def __init__(self, probe_every: int = 16, weight: float = 0.5):
+        self.probe_every = probe_every
+        self.weight = weight
+        self._stats: dict = {}  # key -> [calls, {split: average seconds}]
+
+    def choose(self, key) -> str:
+        entry = self._stats.setdefault(key, [0, {}])
+        entry[0] += 1
+        times = entry[1]
+        for split in ("rows", "units"):
+            if split not in times:
+                return split
+        best = min(times, key=times.get)
+        if entry[0] % self.probe_every == 0:
+            return "units" if best == "rows" else "rows"
+        return best
+
+    def record(self, key, split: str, seconds: float) -> None:
+        times = self._stats.setdefault(key, [0, {}])[1]
+        old = times.get(split)
+        times[split] = seconds if old is None else old + self.weight * (seconds - old)
+
+
+_split_chooser = SplitChooser()
+
+# Most batch rows per thread for which a fused forward computes the input
+# projection of all steps first (``pre``): with one row, streaming every panel
+# of W_ih at every step costs more than writing and reading back the
+# projection (LSTM B=1, H=256: 2.8 -> 2.2 ms on one thread); from 4 rows on
+# the step tiles are compute-bound and ``pre`` only adds traffic (B=8 rows
+# split: 4.6 -> 4.9 ms).
+PRE_PROJECTION_MAX_ROWS = 1
 
 
 def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
     """A fused forward kernel over the threads, split by rows or by unit blocks."""
-    nthr = min(n_threads(), n_blocks) if batch <= UNIT_SPLIT_MAX_BATCH else 1
+    nthr = min(n_threads(), n_blocks)
+    split = SPLIT
+    key = None
+    if split == "auto":
+        split = "rows"
+        if nthr > 1 and batch <= UNIT_SPLIT_MAX_BATCH:
+            key = (id(kernel), args[0].shape, n_blocks, nthr)
+            split = _split_chooser.choose(key)
+    if split != "units":
+        nthr = 1
     flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
     if nthr > 1:
-        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
-                 for c in range(nthr)]
+        pre = batch <= PRE_PROJECTION_MAX_ROWS
+        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr,
+                  pre) for c in range(nthr)]
     else:
         nchunk = _n_chunks(batch)
-        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
+        pre = -(-batch // nchunk) <= PRE_PROJECTION_MAX_ROWS
+        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks, pre)
                  for c in range(nchunk)]
     _compile_with_slp(kernel, (*args, *tails[0]))
+    if key is not None:
+        t0 = time.perf_counter()
+        try:
+            _launch_fused(kernel, args, tails)
+        finally:
+            _split_chooser.record(key, split, time.perf_counter() - t0)
+        return
+    _launch_fused(kernel, args, tails)
+
+
+def _launch_fused(kernel, args, tails) -> None:
+    """``kernel(*args, *tail)`` for every tail, the first in the caller, the others on the pool."""
     if len(tails) == 1:
         kernel(*args, *tails[0])
         return
@@ -846,8 +946,8 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     buf.States[:, T if reverse else 0] = h0
     if y is None:
         y = np.empty((T, B, H), dtype=dtype)
-    Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
-    Wxp = mk.pack_forward(params["weight_ih"], cell.n_gates, H, f.nu)
+    Wp = f.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H)
+    Wxp = f.pack_forward(params["weight_ih"], cell.n_gates, H)
     P = common.param_vector(np, cell, params, H, dtype)
     if T > 0:
         _run_fused(f.forward_train if training else f.forward_infer,
