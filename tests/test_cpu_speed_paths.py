@@ -321,3 +321,31 @@ def test_fused_forward_is_bitwise_the_same_for_every_split(p, name):
     for other in out[1:]:
         for a, b in zip(out[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_packed_weights_are_reused_only_while_unchanged():
+    """Inference reuses the packed panels of unchanged weights; a weight changed in
+    place (by a value, or by one bit) is packed afresh."""
+    rng = np.random.default_rng(3)
+    layer = kernrnn.RNN("lstm", 5, 20, dtype=np.float32, seed=1)
+    layer.eval()
+    x = rng.uniform(-1, 1, (3, 2, 5)).astype(np.float32)
+    cpu._packed_weights.clear()
+    y0, _ = layer(x)
+    y1, _ = layer(x)
+    assert len(cpu._packed_weights._entries) == 2  # W_ih and W_hh, packed once
+    np.testing.assert_array_equal(y0, y1)
+
+    def bump(w):
+        w[0, 0] += 1
+
+    def flip_bit(w):
+        w.view(np.uint32)[3, 1] ^= 1 << 12
+
+    for change in (bump, flip_bit):
+        for name in ("weight_hh_l0", "weight_ih_l0"):
+            change(layer.params[name])
+            want = kernrnn.RNN("lstm", 5, 20, dtype=np.float32)
+            want.load_state_dict({k: v.copy() for k, v in layer.params.items()})
+            want.train()  # training forwards never use the cache
+            np.testing.assert_array_equal(layer(x)[0], want(x)[0])

@@ -658,7 +658,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
               f"regularisation {reg}, math {cell_fingerprint(cell)}\n" + source)
     ns = math_namespace(cell, dtype)
     ns.update(atomic_load=mk.atomic_load, atomic_store=mk.atomic_store,
-              spin_pause=mk.spin_pause, FLAG_STRIDE=mk.FLAG_STRIDE)
+              spin_pause=mk.spin_pause, yield_core=mk.yield_core, FLAG_STRIDE=mk.FLAG_STRIDE)
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
@@ -791,44 +791,55 @@ class SplitChooser:
     """The faster thread split per problem shape, from the calls' own wall times.
 
     Each shape first runs once with each split; then the split with the
-    lower recent time (an exponential average per split) runs, and every
-    ``probe_every``-th call tries the other one again, so a change of load
-    (another process taking a core, which stalls the unit split's barrier)
-    is noticed within a few calls.
+    lower recent time (an exponential average per split) runs, and after
+    ``probe_every`` calls the other one is tried again, so a change of load
+    (another process taking a core stalls the unit split's barrier) is
+    noticed.  A probe that comes out more than twice as slow doubles the
+    wait before the next one (up to ``max_probe_every``), so a split that
+    keeps losing costs less and less.
     """
 
-    def __init__(self, probe_every: int = 16, weight: float = 0.5):
+    def __init__(self, probe_every: int = 8, max_probe_every: int = 1024,
+                 weight: float = 0.5):
         self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
         self.weight = weight
-        self._stats: dict = {}  # key -> [calls, {split: average seconds}]
+        self._stats: dict = {}  # key -> [calls until the next probe, interval, {split: s}]
 
     def choose(self, key) -> str:
-        entry = self._stats.setdefault(key, [0, {}])
-        entry[0] += 1
-        times = entry[1]
+        entry = self._stats.setdefault(key, [self.probe_every, self.probe_every, {}])
+        times = entry[2]
         for split in ("rows", "units"):
             if split not in times:
                 return split
         best = min(times, key=times.get)
-        if entry[0] % self.probe_every == 0:
+        entry[0] -= 1
+        if entry[0] <= 0:
             return "units" if best == "rows" else "rows"
         return best
 
     def record(self, key, split: str, seconds: float) -> None:
-        times = self._stats.setdefault(key, [0, {}])[1]
+        entry = self._stats.setdefault(key, [self.probe_every, self.probe_every, {}])
+        times = entry[2]
         old = times.get(split)
+        if entry[0] <= 0:  # a probe: its time replaces the stale one; back off if it lost
+            slow = seconds > 2 * min(times.values())
+            entry[1] = min(2 * entry[1], self.max_probe_every) if slow else self.probe_every
+            entry[0] = entry[1]
+            old = None
         times[split] = seconds if old is None else old + self.weight * (seconds - old)
 
 
 _split_chooser = SplitChooser()
 
 # Most batch rows per thread for which a fused forward computes the input
-# projection of all steps first (``pre``): with one row, streaming every panel
-# of W_ih at every step costs more than writing and reading back the
-# projection (LSTM B=1, H=256: 2.8 -> 2.2 ms on one thread); from 4 rows on
-# the step tiles are compute-bound and ``pre`` only adds traffic (B=8 rows
-# split: 4.6 -> 4.9 ms).
-PRE_PROJECTION_MAX_ROWS = 1
+# projection of all steps first (``pre``): with one or two rows, streaming
+# every panel of W_ih at every step costs more than writing and reading back
+# the projection (LSTM, H=256, 2 threads: B=1 unit split 1.76 -> 1.24 ms,
+# B=2 2.11 -> 1.80); from 4 rows on the step tiles are compute-bound and
+# ``pre`` only adds traffic (B=4 unit split 2.57 -> 2.85, B=8 rows split
+# 4.84 -> 5.18).
+PRE_PROJECTION_MAX_ROWS = 2
 
 
 def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
@@ -936,6 +947,60 @@ def _reg_args(ka) -> tuple:
     return (ka.Mr, ka.Hd, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain)
 
 
+class PackedWeights:
+    """Packed panels of recently used weight matrices, reused while the weights are unchanged.
+
+    Packing ``W_ih`` and ``W_hh`` is a visible part of a small forward (LSTM,
+    H = 256: about 0.35 ms against a 1.3 ms forward at B = 1; nearly all of a
+    T = 1 call, as in autoregressive sampling).  An entry keeps a copy of the
+    matrix it was packed from, and is used only when the matrix passed now
+    is bit for bit equal to that copy (compared as integers, so NaN and -0.0
+    count too): arrays changed in place, or a new array at a recycled
+    address, are packed afresh.  The comparison reads both matrices once
+    (about a sixth of packing them).  Only inference forwards use it (an
+    optimiser changes the weights between training steps).  At most
+    ``max_entries`` matrices and ``max_bytes`` of copies and panels are kept,
+    the least recently used going first.
+    """
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 256 << 20):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: dict = {}  # key -> (copy of W, panels); insertion order = recency
+        self._lock = threading.Lock()
+
+    def get(self, f: FusedKernels, W, n_gates: int, H: int):
+        W = np.ascontiguousarray(W)
+        key = (id(W), W.shape, W.dtype.str, n_gates, H, f.nu)
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None and _same_bits(entry[0], W):
+            with self._lock:
+                self._entries[key] = entry
+            return entry[1]
+        packed = f.pack_forward(W, n_gates, H)
+        with self._lock:
+            self._entries[key] = (W.copy(), packed)
+            while self._entries and (len(self._entries) > self.max_entries or sum(
+                    a.nbytes + b.nbytes for a, b in self._entries.values()) > self.max_bytes):
+                self._entries.pop(next(iter(self._entries)))
+        return packed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(a.view(ints), b.view(ints)))
+
+
+_packed_weights = PackedWeights()
+
+
 def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, training, y, reg,
                    ka, input_mask):
     """:func:`forward` of a dense cell on packed weights (see :func:`fused_path`)."""
@@ -946,8 +1011,12 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     buf.States[:, T if reverse else 0] = h0
     if y is None:
         y = np.empty((T, B, H), dtype=dtype)
-    Wp = f.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H)
-    Wxp = f.pack_forward(params["weight_ih"], cell.n_gates, H)
+    if training:
+        Wp = f.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H)
+        Wxp = f.pack_forward(params["weight_ih"], cell.n_gates, H)
+    else:  # inference: the panels of unchanged weights are reused
+        Wp = _packed_weights.get(f, params["weight_hh"], cell.n_recurrent_gates, H)
+        Wxp = _packed_weights.get(f, params["weight_ih"], cell.n_gates, H)
     P = common.param_vector(np, cell, params, H, dtype)
     if T > 0:
         _run_fused(f.forward_train if training else f.forward_infer,

@@ -262,15 +262,51 @@ def spin_pause(typingctx):
     return types.none(), codegen
 
 
+_POSIX = platform.system() in ("Linux", "Darwin") or platform.system().endswith("BSD")
+
+
+@intrinsic
+def yield_core(typingctx):
+    """Give the core to another runnable thread (``sched_yield``; nothing where absent).
+
+    Called as an external symbol of the C library (resolved when the JIT
+    links the kernel), so kernels that use it stay cacheable.
+    """
+
+    def codegen(context, builder, sig, args):
+        if _POSIX:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+SPINS_BEFORE_YIELD = 4000  # about 0.1 ms of ``pause`` (Zen 4: ~65 cycles each)
+
+
 def barrier_source() -> str:
-    """Source of ``step_barrier(flags, tid, nthr, done)``: wait until every thread finished ``done`` steps."""
-    return '''
+    """Source of ``step_barrier(flags, tid, nthr, done)``: wait until every thread finished ``done`` steps.
+
+    Spins (``pause``) for about 0.1 ms, then yields the core at every poll:
+    on a loaded machine the partner may be waiting for this very core, and a
+    thread that keeps spinning there stalls both for a whole scheduler time
+    slice per step (measured: LSTM B=1 forward at load 3.4, 400 ms instead of
+    2 ms).
+    """
+    return f'''
 @numba.njit(cache=True, nogil=True)
 def step_barrier(flags, tid, nthr, done):
     """Publish that this thread finished ``done`` steps, then wait for the others."""
     atomic_store(flags, tid * FLAG_STRIDE, done)
     for o in range(nthr):
         if o != tid:
+            spins = 0
             while atomic_load(flags, o * FLAG_STRIDE) < done:
-                spin_pause()
+                if spins < {SPINS_BEFORE_YIELD}:
+                    spins += 1
+                    spin_pause()
+                else:
+                    yield_core()
 '''
