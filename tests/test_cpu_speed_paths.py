@@ -349,3 +349,41 @@ def test_packed_weights_are_reused_only_while_unchanged():
             want.load_state_dict({k: v.copy() for k, v in layer.params.items()})
             want.train()  # training forwards never use the cache
             np.testing.assert_array_equal(layer(x)[0], want(x)[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 40), n=st.integers(1, 30),
+       transposed=st.booleans())
+def test_threaded_matmul_is_a_matmul(m, k, n, transposed):
+    """The weight-gradient GEMM on the kernel threads: a @ b for any row count, also
+    for the transposed views the weight gradients pass."""
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a = rng.standard_normal((k, m)).astype(np.float32).T if transposed else \
+        rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        got = cpu._threaded_matmul(a, b)
+    finally:
+        numba.set_num_threads(old)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_training_step_with_threaded_weight_gradients(monkeypatch):
+    """Above THREADED_GEMM_MIN_ROWS the weight gradients run on the kernel threads: the
+    same gradients as with BLAS's own threads (threshold lowered so a small problem
+    takes that road)."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (6, 5, 4)).astype(np.float32)
+    dy = rng.uniform(-1, 1, (6, 5, 7)).astype(np.float32)
+    out = {}
+    for rows in (10**9, 1):
+        monkeypatch.setattr(cpu, "THREADED_GEMM_MIN_ROWS", rows)
+        layer = kernrnn.RNN("gru", 4, 7, dtype=np.float32, seed=2)
+        layer(x)
+        dx, _ = layer.backward(dy)
+        out[rows] = [dx] + [layer.grads[k] for k in sorted(layer.grads)]
+    for a, b in zip(out[10**9], out[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -188,15 +188,21 @@ def norm_vectors(xp, cell, params, hidden_size: int, dtype):
     return g_hh, Gz, Bz
 
 
-def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
+def _matmul(a, b):
+    return a @ b
+
+
+def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, matmul=None):
     """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
 
     ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
     ``b_ih``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
     (None without them); ``recurrent_mask [B, H]`` the recurrent-dropout mask
     the products read ``h`` through (None without).  Large GEMMs over all
-    ``T*B`` rows; ``@`` dispatches to NumPy's or CuPy's BLAS.
+    ``T*B`` rows; ``@`` dispatches to NumPy's or CuPy's BLAS, or ``matmul(a, b)``
+    when given (the CPU backend's, which runs them on its own threads).
     """
+    mm = matmul if matmul is not None else _matmul
     x = ctx.x
     T, B, I = x.shape
     GH = dXW.shape[2]
@@ -208,10 +214,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
         grads["norm_ih_weight"] = (dXW2 * xhat).sum(axis=0)
         dXW2 = normalize_rows_backward(xp, dXW2 * g_ih, xhat, rstd, cell.input_norm.kind)
     W_ih = ctx.params["weight_ih"]
-    dx = (dXW2 @ W_ih).reshape(T, B, I)
+    dx = mm(dXW2, W_ih).reshape(T, B, I)
     if ctx.input_mask is not None:  # x is the masked input: d(x * M) / dx = M
         dx *= ctx.input_mask[None]
-    grads["weight_ih"] = dXW2.T @ x.reshape(T * B, I)
+    grads["weight_ih"] = mm(dXW2.T, x.reshape(T * B, I))
     if dHU is not None:
         H = ctx.States.shape[3]
         # the state each step started from: time boundary t (forward) or t+1 (reverse)
@@ -222,7 +228,7 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None):
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:
-            dW = dHU[0].reshape(T * B, dHU.shape[3]).T @ Hprev
+            dW = mm(dHU[0].reshape(T * B, dHU.shape[3]).T, Hprev)
             grads["weight_hh"] = dW if cell.recurrent == "dense" else dW[None]
         else:
             grads["weight_hh"] = xp.stack([

@@ -892,6 +892,43 @@ def _launch_fused(kernel, args, tails) -> None:
                 f.result()
 
 
+# Fewest T*B rows for which the weight-gradient GEMMs run on the kernel threads
+# (BLAS held to one thread, output rows split) instead of multi-threaded BLAS.
+# OpenBLAS's workers spin for about 0.1 s after each multi-threaded call, on
+# the cores the next forward's kernel threads need: a CIFG training forward
+# (B=32, H=256) took 31 ms within 0.05 s of a backward and 21 ms after 0.1 s.
+# Measured per training step (fwd + bwd, H=256): CIFG B=32 71 -> 56 ms, B=64
+# 127 -> 97; LSTM B=32 90 -> 68, B=64 165 -> 127; B=16 equal (37 ms); B=8
+# slower (CIFG 21 -> 27), hence the threshold.
+THREADED_GEMM_MIN_ROWS = 2048
+
+
+def _threaded_matmul(a, b):
+    """``a @ b`` with the output's rows split over the kernel threads, each on one-thread BLAS.
+
+    No BLAS worker is woken, so none is left spinning after the call.
+    """
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    nchunk = min(n_threads(), max(1, a.shape[0] // 64))
+    bounds = [(c * a.shape[0] // nchunk, (c + 1) * a.shape[0] // nchunk) for c in range(nchunk)]
+
+    def part(r0, r1):
+        np.matmul(a[r0:r1], b, out=out[r0:r1])
+
+    with _blas_single_thread():
+        if nchunk == 1:
+            part(*bounds[0])
+            return out
+        pool = _executor(nchunk - 1)
+        futures = [pool.submit(part, *bd) for bd in bounds[1:]]
+        try:
+            part(*bounds[0])
+        finally:
+            for f in futures:
+                f.result()
+    return out
+
+
 # -- host side --------------------------------------------------------------------
 
 ForwardContext = common.ForwardContext
@@ -1084,7 +1121,8 @@ def backward(ctx: ForwardContext, dy, dhn):
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(
         np, cell, ctx, dXW, dHU if cell.has_recurrent else None,
-        ka.Mr if reg is not None and reg.recurrent_dropout else None)
+        ka.Mr if reg is not None and reg.recurrent_dropout else None,
+        matmul=_threaded_matmul if T * B >= THREADED_GEMM_MIN_ROWS else None)
     grads["bias_ih"] = sums["bias_ih"]
     if cell.has_recurrent:
         grads["bias_hh"] = sums["bias_ih"].copy() if k.same_grads else sums["bias_hh"]

@@ -50,10 +50,15 @@ def block_shape(n_panel_vectors: int, itemsize: int) -> tuple[int, int]:
 
     A panel holds ``NU`` units (one vector register of the dtype) of each of
     the ``n_panel_vectors`` recurrent gates, so a tile is ``MR x (NU * n)``;
-    ``MR`` fills about ``ACCUMULATOR_VECTORS`` registers, at most 8 rows.
+    ``MR`` is the largest power of two (at most 8) whose tile fits in
+    ``ACCUMULATOR_VECTORS`` registers: a power of two divides the 16-row
+    groups of the forward kernels, so no group ends in a short tile (3-gate
+    cells: 4 rows rather than 5, measured 13.2 against 13.7 ms for a GRU or
+    CIFG forward at B=32, H=256).
     """
     nu = VECTOR_BYTES // itemsize
-    mr = max(1, min(8, ACCUMULATOR_VECTORS // max(1, n_panel_vectors)))
+    fit = max(1, ACCUMULATOR_VECTORS // max(1, n_panel_vectors))
+    mr = min(8, 1 << (fit.bit_length() - 1))
     return mr, nu
 
 
