@@ -38,6 +38,13 @@ SIZES = ((32, 100, 64, 128), (64, 100, 256, 256), (64, 100, 512, 512))  # (B, T,
 SMALL_BATCH_SIZES = tuple((B, 100, 256, 256) for B in (1, 8, 16, 32))
 MODES = ("forward", "train")
 GEMM_N = 1024  # square GEMM used as the machine's float32 peak
+# Seconds to wait after each reference GEMM: NumPy's OpenBLAS leaves its
+# workers spinning for about 0.1 s after a multi-threaded call, on the cores
+# the next timed call (kernrnn's or PyTorch's) needs.  Measured: a CIFG
+# training forward (B=32, H=256) took 33 ms right after the GEMM and 21 ms
+# 0.1 s later.  The wait keeps the benchmark's own instrument out of both
+# sides' timings.
+GEMM_SETTLE_S = 0.15
 
 
 @dataclass
@@ -251,6 +258,7 @@ def run_loop_cases(cells=("cifg",), sizes=SIZES, repeats=10, warmup=2, threads=2
                     else:
                         c.torch.append(dt)
                 rate = gemm_rate(repeats=1, clock=tick)
+                time.sleep(GEMM_SETTLE_S)
                 eager.gemm.append(rate)
                 comp.gemm.append(rate)
             for c in (eager, comp):
@@ -308,6 +316,7 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
                         dt = _time(fn, tick)
                         (case.kernrnn if fn is kstep else case.torch).append(dt)
                     case.gemm.append(gemm_rate(repeats=1, clock=tick))
+                    time.sleep(GEMM_SETTLE_S)
                 cases.append(case)
                 if progress:
                     progress(case)
@@ -454,7 +463,8 @@ def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note=
         f"- float32; {clock}-clock medians of {repeats} interleaved repetitions; "
         "ratio = kernrnn / PyTorch "
         "time (lower is better); % peak = achieved GFLOP/s over a "
-        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions",
+        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions (followed by "
+        f"a {GEMM_SETTLE_S:g} s pause, so its BLAS workers stop spinning first)",
     ]
     if note:
         parts += [f"- note: {note}"]
