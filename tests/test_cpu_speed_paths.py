@@ -156,6 +156,8 @@ def test_bench_cli_rejects_bad_options(capsys):
     assert "--loop-cells" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward", "--no-startup"]) == 2
     assert "--modes" in capsys.readouterr().err
+    assert main(["bench", "--settle", "-1", "--no-startup"]) == 2
+    assert "--settle" in capsys.readouterr().err
 
 
 def test_bench_plot_draws_one_bar_per_case(tmp_path):

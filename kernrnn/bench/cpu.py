@@ -38,13 +38,15 @@ SIZES = ((32, 100, 64, 128), (64, 100, 256, 256), (64, 100, 512, 512))  # (B, T,
 SMALL_BATCH_SIZES = tuple((B, 100, 256, 256) for B in (1, 8, 16, 32))
 MODES = ("forward", "train")
 GEMM_N = 1024  # square GEMM used as the machine's float32 peak
-# Seconds to wait after each reference GEMM: NumPy's OpenBLAS leaves its
-# workers spinning for about 0.1 s after a multi-threaded call, on the cores
-# the next timed call (kernrnn's or PyTorch's) needs.  Measured: a CIFG
-# training forward (B=32, H=256) took 33 ms right after the GEMM and 21 ms
-# 0.1 s later.  The wait keeps the benchmark's own instrument out of both
-# sides' timings.
-GEMM_SETTLE_S = 0.15
+# Seconds to wait after every timed call and reference GEMM.  Thread pools
+# keep spinning after a call, on the cores the next timed call needs:
+# NumPy's OpenBLAS for about 0.1 s (a CIFG training forward, B=32, H=256:
+# 33 ms right after the GEMM, 21 ms 0.1 s later), PyTorch's OpenMP workers
+# for some milliseconds (LSTM forward 32,100,64,128: kernrnn 8.1 ms right
+# after a PyTorch call, 4.4 ms with no PyTorch call before it); kernrnn's
+# pool threads block instead.  The wait times each side without the other's
+# (or the instrument's) leftover threads; 0 gives rounds 1 and 2's method.
+SETTLE_S = 0.15
 
 
 @dataclass
@@ -258,7 +260,7 @@ def run_loop_cases(cells=("cifg",), sizes=SIZES, repeats=10, warmup=2, threads=2
                     else:
                         c.torch.append(dt)
                 rate = gemm_rate(repeats=1, clock=tick)
-                time.sleep(GEMM_SETTLE_S)
+                time.sleep(SETTLE_S)
                 eager.gemm.append(rate)
                 comp.gemm.append(rate)
             for c in (eager, comp):
@@ -272,9 +274,12 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _time(fn, clock=time.perf_counter) -> float:
+    """Seconds of one call of ``fn``, then :data:`SETTLE_S` of pause."""
     t0 = clock()
     fn()
-    return clock() - t0
+    dt = clock() - t0
+    time.sleep(SETTLE_S)
+    return dt
 
 
 def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threads=2,
@@ -316,7 +321,7 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
                         dt = _time(fn, tick)
                         (case.kernrnn if fn is kstep else case.torch).append(dt)
                     case.gemm.append(gemm_rate(repeats=1, clock=tick))
-                    time.sleep(GEMM_SETTLE_S)
+                    time.sleep(SETTLE_S)
                 cases.append(case)
                 if progress:
                     progress(case)
@@ -463,8 +468,8 @@ def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note=
         f"- float32; {clock}-clock medians of {repeats} interleaved repetitions; "
         "ratio = kernrnn / PyTorch "
         "time (lower is better); % peak = achieved GFLOP/s over a "
-        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions (followed by "
-        f"a {GEMM_SETTLE_S:g} s pause, so its BLAS workers stop spinning first)",
+        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions; a {SETTLE_S:g} s "
+        "pause after every timed call and GEMM (no thread pool still spinning)",
     ]
     if note:
         parts += [f"- note: {note}"]
