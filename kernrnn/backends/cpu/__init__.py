@@ -31,6 +31,12 @@ instead of the T-long ``XW`` and ``HU``, all on the kernel threads; BPTT's
 ``dHU_t @ W_hh`` uses the same kind of tiles on ``W_hh`` packed (not
 transposed) in panels of output units.  ``FUSED = False`` sends dense cells
 through the BLAS-per-step kernels again, for side-by-side measurements.
+Small batches are weight-bound rather than FMA-bound: with one or two rows
+per thread the input projection of all steps runs first, and for B <= 4 the
+threads split either the rows or the hidden units, whichever the recent
+calls measured faster (``SplitChooser``).  The weight-gradient GEMMs of
+long batches run on the kernel threads too (one-thread BLAS each), so no
+BLAS worker is left spinning on the cores the next forward needs.
 
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
