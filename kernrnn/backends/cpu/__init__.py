@@ -291,26 +291,20 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
     if rdrop:
         carry += "\nhdr[j] = hn0[j] * mrr[j]"
-    # The group's rows in mr-row tiles; its last rows in one tile of their height.
+    # The group's rows in mr-row tiles; its last rows in power-of-two tiles.
     xtiles = mk.row_tiles_source(
-        mrx, nrx, mk.tail_heights(mrx, exact=True), "g0", "g1",
+        mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
         lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hp)")
-    # ``pre``: the thread's whole input projection first, over its T * rows
-    # rows at once (each panel of W_ih streams once per row group, not once
-    # per step), into XWc [T * rows, G*Hp]; row t * rows + (b - b0).
-    ptiles = mk.row_tiles_source(
-        mrx, nrx, mk.tail_heights(mrx, exact=True), "g0", "g1",
-        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hp)")
     htiles = mk.row_tiles_source(
-        mr, nr, mk.tail_heights(mr, exact=True), "g0", "g1",
+        mr, nr, mk.tail_heights(mr, exact=False), "g0", "g1",
         lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd, Zthr, Zp,
-           seed_lo, seed_hi, zstream, ztrain, flags, nthr, tid, b0, b1, jb0, jb1, pre):
+           seed_lo, seed_hi, zstream, ztrain, XWc, flags, nthr, tid, b0, b1, jb0, jb1, pre):
     """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mrx}x{nrx} and {mr}x{nr} tiles,
-    {nu} units a block); ``pre``: the input projection for all steps first."""
+    {nu} units a block); ``pre``: read the input projection from XWc (input_projection)."""
     T = X.shape[0]
     H = States.shape[3]
     Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
@@ -321,15 +315,6 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
     rows = b1 - b0
     XWs = XWr
     if pre:
-        Xc = np.empty((T * rows, X.shape[2]), X.dtype)
-        for t in range(T):
-            for r in range(rows):
-                Xc[t * rows + r] = X[t, b0 + r]
-        XWc = np.empty((T * rows, {cell.n_gates} * Hp), X.dtype)
-        for g0 in range(0, T * rows, {rg}):
-            g1 = min(g0 + {rg}, T * rows)
-            for jb in range(jb0, jb1):
-{_ind(ptiles, 16)}
         XWs = XWc
 {_ind(pviews, 4)}
     for step in range(T):
@@ -366,6 +351,40 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
                         yrow[j] = 0
         if nthr > 1:
             step_barrier(flags, tid, nthr, step + 1)
+'''
+
+
+def _input_projection_source(cell, mrx: int, nu: int) -> str:
+    """``input_projection(X, Wxp, XWc, b0, b1, jb0, jb1)``: ``x_t @ W_ih.T`` of all steps first.
+
+    For one or two rows per thread (``pre`` in :func:`_run_fused`): rows
+    ``b0:b1`` of every step, copied to ``T * rows`` consecutive rows, go
+    through the tiles in groups of 16, so each panel of ``W_ih`` streams once
+    per group rather than once per step; row ``t * rows + (b - b0)`` of
+    ``XWc [T * rows, G*Hp]`` (unit blocks ``jb0:jb1``) is what the forward
+    kernel then reads.  A kernel of its own, so the forward kernels carry one
+    tile sequence less (compile time).
+    """
+    nrx = cell.n_gates * nu
+    rg = 16
+    ptiles = mk.row_tiles_source(
+        mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
+        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hp)")
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def input_projection(X, Wxp, XWc, b0, b1, jb0, jb1):
+    """x_t @ W_ih.T for rows b0:b1 of all T steps into XWc ({mrx}x{nrx} tiles)."""
+    T = X.shape[0]
+    Hp = max(Wxp.shape[0], 0) * {nu}
+    rows = b1 - b0
+    Xc = np.empty((T * rows, X.shape[2]), X.dtype)
+    for t in range(T):
+        for r in range(rows):
+            Xc[t * rows + r] = X[t, b0 + r]
+    for g0 in range(0, T * rows, {rg}):
+        g1 = min(g0 + {rg}, T * rows)
+        for jb in range(jb0, jb1):
+{_ind(ptiles, 12)}
 '''
 
 
@@ -585,6 +604,7 @@ class FusedKernels:
     nu: int
     mrb: int
     pack_panels: object  # pack_panels(W, G, H, nu, out): mk.pack_forward's layout, compiled
+    input_projection: object  # x_t @ W_ih.T of all steps first (``pre``)
 
     def pack_forward(self, W, n_gates: int, H: int):
         """``W [G*H, K]`` as panels ``[NB, K, G*nu]`` (:func:`~kernrnn.backends.cpu.microkernel.pack_forward`)."""
@@ -651,13 +671,14 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     mr, nu = mk.block_shape(Gr, dtype.itemsize)
     mrx, _ = mk.block_shape(G, dtype.itemsize)
     mrb, _ = mk.block_shape(1, dtype.itemsize)
-    tiles = {(h, Gr * nu) for h in (mr, *mk.tail_heights(mr, exact=True))}
-    tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=True))}
+    tiles = {(h, Gr * nu) for h in (mr, *mk.tail_heights(mr, exact=False))}
+    tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=False))}
     tiles |= {(h, nu) for h in (mrb, *mk.tail_heights(mrb, exact=False))}
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source(), mk.pack_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
-        + [_fused_forward_source(cell, True, mr, mrx, nu, reg),
+        + [_input_projection_source(cell, mrx, nu),
+           _fused_forward_source(cell, True, mr, mrx, nu, reg),
            _fused_forward_source(cell, False, mr, mrx, nu, reg),
            _backward_source(cell, same, packed=(mrb, nu), reg=reg)])
     source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
@@ -668,7 +689,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
-                        mr, nu, mrb, module.pack_panels)
+                        mr, nu, mrb, module.pack_panels, module.input_projection)
 
 
 _compiled_sigs: set = set()
@@ -848,8 +869,12 @@ _split_chooser = SplitChooser()
 PRE_PROJECTION_MAX_ROWS = 2
 
 
-def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
-    """A fused forward kernel over the threads, split by rows or by unit blocks."""
+def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
+    """A fused forward kernel over the threads, split by rows or by unit blocks.
+
+    ``args[0]``, ``args[1]`` are ``x`` and the packed ``W_ih``; ``project`` is
+    the module's ``input_projection``, run first (same split) when ``pre``.
+    """
     nthr = min(n_threads(), n_blocks)
     split = SPLIT
     key = None
@@ -863,22 +888,35 @@ def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
     flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
     if nthr > 1:
         pre = batch <= PRE_PROJECTION_MAX_ROWS
-        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr,
-                  pre) for c in range(nthr)]
+        parts = [(nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
+                 for c in range(nthr)]
     else:
         nchunk = _n_chunks(batch)
         pre = -(-batch // nchunk) <= PRE_PROJECTION_MAX_ROWS
-        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks, pre)
+        parts = [(1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
                  for c in range(nchunk)]
+    X, Wxp = args[0], args[1]
+    dummy = np.empty((1, 1), dtype=X.dtype)
+    xw = {}  # one projection buffer per row range: unit-split threads share theirs
+    if pre:
+        for part in parts:
+            b0, b1 = part[2], part[3]
+            if (b0, b1) not in xw:
+                xw[b0, b1] = np.empty((X.shape[0] * (b1 - b0), Wxp.shape[0] * Wxp.shape[2]),
+                                      dtype=X.dtype)
+    tails = [(xw.get((part[2], part[3]), dummy), flags, *part, pre) for part in parts]
     _compile_with_slp(kernel, (*args, *tails[0]))
-    if key is not None:
-        t0 = time.perf_counter()
-        try:
-            _launch_fused(kernel, args, tails)
-        finally:
+    ptails = [(xw[part[2], part[3]], *part[2:6]) for part in parts] if pre else []
+    if ptails:
+        _compile_with_slp(project, (X, Wxp, *ptails[0]))
+    t0 = time.perf_counter()
+    try:
+        if ptails:
+            _launch_fused(project, (X, Wxp), ptails)
+        _launch_fused(kernel, args, tails)
+    finally:
+        if key is not None:
             _split_chooser.record(key, split, time.perf_counter() - t0)
-        return
-    _launch_fused(kernel, args, tails)
 
 
 def _launch_fused(kernel, args, tails) -> None:
@@ -1065,7 +1103,7 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
         _run_fused(f.forward_train if training else f.forward_infer,
                    (np.ascontiguousarray(x), Wxp, params["bias_ih"], Wp, params["bias_hh"], P,
                     buf.States, buf.Saved, y, lengths, reverse, *_reg_args(ka)), B,
-                   Wp.shape[0])
+                   Wp.shape[0], f.input_projection)
     hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
