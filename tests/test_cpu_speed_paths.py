@@ -3,7 +3,6 @@
 No timings are asserted here; speed is measured by ``kernrnn bench``.
 """
 
-import inspect
 import math
 
 import numba
@@ -157,6 +156,8 @@ def test_bench_cli_rejects_bad_options(capsys):
     assert "--loop-cells" in capsys.readouterr().err
     assert main(["bench", "--modes", "backward", "--no-startup"]) == 2
     assert "--modes" in capsys.readouterr().err
+    assert main(["bench", "--settle", "-1", "--no-startup"]) == 2
+    assert "--settle" in capsys.readouterr().err
 
 
 def test_bench_plot_draws_one_bar_per_case(tmp_path):
@@ -184,15 +185,16 @@ from kernrnn.backends.cpu import microkernel as mk  # noqa: E402
 
 
 def _tiles(dtype=np.float32):
-    """The LSTM's compiled tile functions (mr x 4*nu, 1 x 4*nu, mrb x nu, 1 x nu)."""
+    """The LSTM's compiled tile functions (mr x 4*nu and its tails, mrb x nu and its tails)."""
     import sys
 
     k = cpu.get_kernels(kernrnn.get_registry().get("lstm"), dtype)
     mod = sys.modules[k.fused.forward_train.py_func.__module__]
     f = k.fused
     with mk.compile_with_slp():
-        return f, {(m, n): getattr(mod, mk.tile_name(m, n))
-                   for m, n in ((f.mr, 4 * f.nu), (1, 4 * f.nu), (f.mrb, f.nu), (1, f.nu))}
+        shapes = [(m, 4 * f.nu) for m in (f.mr, *mk.tail_heights(f.mr, exact=False))]
+        shapes += [(m, f.nu) for m in (f.mrb, *mk.tail_heights(f.mrb, exact=False))]
+        return f, {(m, n): getattr(mod, mk.tile_name(m, n)) for m, n in shapes}
 
 
 @settings(max_examples=25, deadline=None)
@@ -240,6 +242,10 @@ def test_packing_layouts():
     assert Wb.shape == (3, G * H, nu)
     np.testing.assert_array_equal(Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, :H], W)
     assert not Wb.transpose(1, 0, 2).reshape(G * H, -1)[:, H:].any()
+    f, _ = _tiles()  # the compiled packing the kernels use: the same layout
+    for G, H, K in ((4, 21, 5), (3, 16, 7), (1, 33, 2)):
+        W = rng.standard_normal((G * H, K)).astype(np.float32)
+        np.testing.assert_array_equal(f.pack_forward(W, G, H), mk.pack_forward(W, G, H, f.nu))
 
 
 def test_fused_path_selection():
@@ -248,7 +254,8 @@ def test_fused_path_selection():
     assert cpu.fused_path(reg.get("lstm_peephole"))  # per-unit parameters ride along
     for name in ("lstm_ln", "slstm", "indrnn", "mingru"):  # norms, heads, no W_hh
         assert not cpu.fused_path(reg.get(name))
-    assert "tile_" in inspect.getsource(cpu._fused_forward_source)
+    src = cpu._fused_forward_source(reg.get("lstm"), False, 4, 4, 16)
+    assert "tile_4x64(" in src and "tile_2x64(" in src  # full tiles, and tails for a remainder
 
 
 @settings(max_examples=12, deadline=None)
@@ -282,6 +289,103 @@ def test_fused_path_matches_blas_path(p, name, dtype, split):
 
     tol = 2e-5 if dtype == np.float32 else 1e-12
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "UNIT_SPLIT_MAX_BATCH", 1000 if split == "units" else 0)
+        mp.setattr(cpu, "SPLIT", split)
         for a, b in zip(run(False), run(True), strict=True):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@settings(max_examples=6, deadline=None)
+@given(problems(max_T=4, max_B=5, max_I=5, max_H=35, max_layers=1),
+       st.sampled_from(["lstm", "gru"]))
+def test_fused_forward_is_bitwise_the_same_for_every_split(p, name):
+    """Rows or units between the threads, the input projection per step or for all
+    steps first: the same values bit for bit (what lets ``SPLIT = "auto"`` choose by
+    time), forward and the saved values that BPTT reads."""
+    cell = kernrnn.get_registry().get(name)
+    params, x, h0 = make_arrays(cell, p, np.float32)
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        for split, pre in (("rows", 0), ("rows", 1000), ("units", 0), ("units", 1000)):
+            mp.setattr(cpu, "SPLIT", split)
+            mp.setattr(cpu, "PRE_PROJECTION_MAX_ROWS", pre)
+            old = numba.get_num_threads()
+            numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+            try:
+                layer = kernrnn.RNN(name, p.I, p.H, bidirectional=p.bidirectional,
+                                    dtype=np.float32)
+                layer.load_state_dict(params)
+                hinit = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
+                y, hn = layer(x, hinit, p.lengths)
+                dx, _ = layer.backward(np.ones_like(y))
+            finally:
+                numba.set_num_threads(old)
+            out.append([y, dx] + [layer.grads[k] for k in sorted(layer.grads)])
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_packed_weights_are_reused_only_while_unchanged():
+    """Inference reuses the packed panels of unchanged weights; a weight changed in
+    place (by a value, or by one bit) is packed afresh."""
+    rng = np.random.default_rng(3)
+    layer = kernrnn.RNN("lstm", 5, 20, dtype=np.float32, seed=1)
+    layer.eval()
+    x = rng.uniform(-1, 1, (3, 2, 5)).astype(np.float32)
+    cpu._packed_weights.clear()
+    y0, _ = layer(x)
+    y1, _ = layer(x)
+    assert len(cpu._packed_weights._entries) == 2  # W_ih and W_hh, packed once
+    np.testing.assert_array_equal(y0, y1)
+
+    def bump(w):
+        w[0, 0] += 1
+
+    def flip_bit(w):
+        w.view(np.uint32)[3, 1] ^= 1 << 12
+
+    for change in (bump, flip_bit):
+        for name in ("weight_hh_l0", "weight_ih_l0"):
+            change(layer.params[name])
+            want = kernrnn.RNN("lstm", 5, 20, dtype=np.float32)
+            want.load_state_dict({k: v.copy() for k, v in layer.params.items()})
+            want.train()  # training forwards never use the cache
+            np.testing.assert_array_equal(layer(x)[0], want(x)[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 300), k=st.integers(1, 40), n=st.integers(1, 30),
+       transposed=st.booleans())
+def test_threaded_matmul_is_a_matmul(m, k, n, transposed):
+    """The weight-gradient GEMM on the kernel threads: a @ b for any row count, also
+    for the transposed views the weight gradients pass."""
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a = rng.standard_normal((k, m)).astype(np.float32).T if transposed else \
+        rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        got = cpu._threaded_matmul(a, b)
+    finally:
+        numba.set_num_threads(old)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_training_step_with_threaded_weight_gradients(monkeypatch):
+    """Above THREADED_GEMM_MIN_ROWS the weight gradients run on the kernel threads: the
+    same gradients as with BLAS's own threads (threshold lowered so a small problem
+    takes that road)."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (6, 5, 4)).astype(np.float32)
+    dy = rng.uniform(-1, 1, (6, 5, 7)).astype(np.float32)
+    out = {}
+    for rows in (10**9, 1):
+        monkeypatch.setattr(cpu, "THREADED_GEMM_MIN_ROWS", rows)
+        layer = kernrnn.RNN("gru", 4, 7, dtype=np.float32, seed=2)
+        layer(x)
+        dx, _ = layer.backward(dy)
+        out[rows] = [dx] + [layer.grads[k] for k in sorted(layer.grads)]
+    for a, b in zip(out[10**9], out[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -210,7 +210,11 @@ def norm_vectors(xp, cell, params, hidden_size: int, dtype):
     return g_hh, Gz, Bz
 
 
-def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
+def _matmul(a, b):
+    return a @ b
+
+
+def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, matmul=None):
     """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
 
     ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
@@ -219,8 +223,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
     the products read ``h`` through (None without); ``dHp [T, B, P]`` the
     gradient of the projected h of each step (LSTMP; None without), which
     gives ``weight_hr``'s.  Large GEMMs over all ``T*B`` rows; ``@``
-    dispatches to NumPy's or CuPy's BLAS.
+    dispatches to NumPy's or CuPy's BLAS, or ``matmul(a, b)`` when given (the
+    CPU backend's, which runs them on its own threads).
     """
+    mm = matmul if matmul is not None else _matmul
     x = ctx.x
     T, B, I = x.shape
     GH = dXW.shape[2]
@@ -232,10 +238,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
         grads["norm_ih_weight"] = (dXW2 * xhat).sum(axis=0)
         dXW2 = normalize_rows_backward(xp, dXW2 * g_ih, xhat, rstd, cell.input_norm.kind)
     W_ih = ctx.params["weight_ih"]
-    dx = (dXW2 @ W_ih).reshape(T, B, I)
+    dx = mm(dXW2, W_ih).reshape(T, B, I)
     if ctx.input_mask is not None:  # x is the masked input: d(x * M) / dx = M
         dx *= ctx.input_mask[None]
-    grads["weight_ih"] = dXW2.T @ x.reshape(T * B, I)
+    grads["weight_ih"] = mm(dXW2.T, x.reshape(T * B, I))
     if dHU is not None:
         H = ctx.States.shape[3]
         # the state each step started from: time boundary t (forward) or t+1 (reverse)
@@ -247,7 +253,7 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:
-            dW = dHU[0].reshape(T * B, dHU.shape[3]).T @ Hprev
+            dW = mm(dHU[0].reshape(T * B, dHU.shape[3]).T, Hprev)
             grads["weight_hh"] = dW if cell.recurrent == "dense" else dW[None]
         else:
             grads["weight_hh"] = xp.stack([
@@ -257,7 +263,7 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None):
     if dHp is not None:  # h_t = W_hr r_t with r_t the unprojected h, at boundary t+1 or t
         R = ctx.States[0, :T] if ctx.reverse else ctx.States[0, 1:]
         P = dHp.shape[2]
-        grads["weight_hr"] = dHp.reshape(T * B, P).T @ R.reshape(T * B, R.shape[2])
+        grads["weight_hr"] = mm(dHp.reshape(T * B, P).T, R.reshape(T * B, R.shape[2]))
     return dx, grads
 
 

@@ -38,6 +38,15 @@ SIZES = ((32, 100, 64, 128), (64, 100, 256, 256), (64, 100, 512, 512))  # (B, T,
 SMALL_BATCH_SIZES = tuple((B, 100, 256, 256) for B in (1, 8, 16, 32))
 MODES = ("forward", "train")
 GEMM_N = 1024  # square GEMM used as the machine's float32 peak
+# Seconds to wait after every timed call and reference GEMM.  Thread pools
+# keep spinning after a call, on the cores the next timed call needs:
+# NumPy's OpenBLAS for about 0.1 s (a CIFG training forward, B=32, H=256:
+# 33 ms right after the GEMM, 21 ms 0.1 s later), PyTorch's OpenMP workers
+# for some milliseconds (LSTM forward 32,100,64,128: kernrnn 8.1 ms right
+# after a PyTorch call, 4.4 ms with no PyTorch call before it); kernrnn's
+# pool threads block instead.  The wait times each side without the other's
+# (or the instrument's) leftover threads; 0 gives rounds 1 and 2's method.
+SETTLE_S = 0.15
 
 
 @dataclass
@@ -251,6 +260,7 @@ def run_loop_cases(cells=("cifg",), sizes=SIZES, repeats=10, warmup=2, threads=2
                     else:
                         c.torch.append(dt)
                 rate = gemm_rate(repeats=1, clock=tick)
+                _settle()
                 eager.gemm.append(rate)
                 comp.gemm.append(rate)
             for c in (eager, comp):
@@ -264,9 +274,21 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _time(fn, clock=time.perf_counter) -> float:
+    """Seconds of one call of ``fn``, then :data:`SETTLE_S` of pause."""
     t0 = clock()
     fn()
-    return clock() - t0
+    dt = clock() - t0
+    _settle()
+    return dt
+
+
+def _settle() -> None:
+    """Wait :data:`SETTLE_S` seconds, busy: a sleeping process lets the (virtual) CPU go
+    idle, and the next call then starts slow (kernrnn LSTM B=8 forward, H=256: 9.7 ms
+    after a 0.15 s sleep, 5.7 ms after 0.15 s of busy waiting)."""
+    end = time.perf_counter() + SETTLE_S
+    while time.perf_counter() < end:
+        pass
 
 
 def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threads=2,
@@ -308,6 +330,7 @@ def run_cases(cells=CELLS, sizes=SIZES, modes=MODES, repeats=10, warmup=2, threa
                         dt = _time(fn, tick)
                         (case.kernrnn if fn is kstep else case.torch).append(dt)
                     case.gemm.append(gemm_rate(repeats=1, clock=tick))
+                    _settle()
                 cases.append(case)
                 if progress:
                     progress(case)
@@ -454,7 +477,8 @@ def markdown_report(cases, startup=None, command="", threads=2, repeats=0, note=
         f"- float32; {clock}-clock medians of {repeats} interleaved repetitions; "
         "ratio = kernrnn / PyTorch "
         "time (lower is better); % peak = achieved GFLOP/s over a "
-        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions",
+        f"{GEMM_N}x{GEMM_N} float32 GEMM timed in the same repetitions; a {SETTLE_S:g} s "
+        "pause after every timed call and GEMM (no thread pool still spinning)",
     ]
     if note:
         parts += [f"- note: {note}"]

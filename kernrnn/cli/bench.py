@@ -45,6 +45,10 @@ def add_parser(sub) -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall seconds (default) or the process's CPU seconds (with --threads 1: "
                         "per-core cost, robust on a shared machine)")
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                   help="pause after every timed call and reference GEMM, so no thread "
+                        "pool is still spinning when the next one starts (default 0.15; "
+                        "0: rounds 1 and 2's method)")
     p.add_argument("--no-torch", action="store_true", help="time kernrnn only")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     p.add_argument("--startup-only", action="store_true", help="only measure start-up")
@@ -81,6 +85,10 @@ def run(args) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.settle is not None:
+        if not 0 <= args.settle <= 10:
+            raise ValueError(f"--settle must be between 0 and 10 seconds, got {args.settle}")
+        bench.SETTLE_S = args.settle
 
     command = "kernrnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("kernrnn") else "kernrnn bench"

@@ -31,6 +31,12 @@ instead of the T-long ``XW`` and ``HU``, all on the kernel threads; BPTT's
 ``dHU_t @ W_hh`` uses the same kind of tiles on ``W_hh`` packed (not
 transposed) in panels of output units.  ``FUSED = False`` sends dense cells
 through the BLAS-per-step kernels again, for side-by-side measurements.
+Small batches are weight-bound rather than FMA-bound: with one or two rows
+per thread the input projection of all steps runs first, and for B <= 4 the
+threads split either the rows or the hidden units, whichever the recent
+calls measured faster (``SplitChooser``).  The weight-gradient GEMMs of
+long batches run on the kernel threads too (one-thread BLAS each), so no
+BLAS worker is left spinning on the cores the next forward needs.
 
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
@@ -47,6 +53,7 @@ import contextlib
 import inspect
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -288,20 +295,27 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
         + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
     views = "\n".join(
         [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
-        + [f"xw{g} = XWr[rr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
+        + [f"xw{g} = XWs[xr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
         + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
         + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else [])
         + (["hdr = Hd[b]", "mrr = Mr[b]"] if rdrop else []))
     carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
     if rdrop:
         carry += "\nhdr[j] = hn0[j] * mrr[j]"
+    # The group's rows in mr-row tiles; its last rows in power-of-two tiles.
+    xtiles = mk.row_tiles_source(
+        mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
+        lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hp)")
+    htiles = mk.row_tiles_source(
+        mr, nr, mk.tail_heights(mr, exact=False), "g0", "g1",
+        lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
     name = "forward_train" if train else "forward_infer"
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd, Zthr, Zp,
-           seed_lo, seed_hi, zstream, ztrain, flags, nthr, tid, b0, b1, jb0, jb1):
+           seed_lo, seed_hi, zstream, ztrain, XWc, flags, nthr, tid, b0, b1, jb0, jb1, pre):
     """All T steps for rows b0:b1, unit blocks jb0:jb1 ({mrx}x{nrx} and {mr}x{nr} tiles,
-    {nu} units a block)."""
+    {nu} units a block); ``pre``: read the input projection from XWc (input_projection)."""
     T = X.shape[0]
     H = States.shape[3]
     Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
@@ -309,6 +323,10 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
     HUr = np.empty(({rg}, {Gr} * Hp), X.dtype)
     j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
     j_hi = min(jb1 * {nu}, H)
+    rows = b1 - b0
+    XWs = XWr
+    if pre:
+        XWs = XWc
 {_ind(pviews, 4)}
     for step in range(T):
         if reverse:
@@ -324,22 +342,12 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
         for g0 in range(b0, b1, {rg}):
             g1 = min(g0 + {rg}, b1)
             for jb in range(jb0, jb1):
-                for i0 in range(g0, g1, {mrx}):
-                    if g1 - i0 >= {mrx}:
-                        {mk.tile_name(mrx, nrx)}(Xt, i0, g1, Wxp, jb, XWr, i0 - g0, jb * {nu}, Hp)
-                    else:
-                        for i in range(i0, g1):
-                            {mk.tile_name(1, nrx)}(Xt, i, i + 1, Wxp, jb, XWr, i - g0,
-                                       jb * {nu}, Hp)
-                for i0 in range(g0, g1, {mr}):
-                    if g1 - i0 >= {mr}:
-                        {mk.tile_name(mr, nr)}(A, i0, g1, Wp, jb, HUr, i0 - g0, jb * {nu}, Hp)
-                    else:  # the group's last rows: one-row tiles, no wasted products
-                        for i in range(i0, g1):
-                            {mk.tile_name(1, nr)}(A, i, i + 1, Wp, jb, HUr, i - g0, jb * {nu},
-                                       Hp)
+                if not pre:
+{_ind(xtiles, 20)}
+{_ind(htiles, 16)}
             for rr in range(g1 - g0):
                 b = g0 + rr
+                xr = t * rows + (b - b0) if pre else rr
 {_ind(views, 16)}
                 yrow = Y[t, b]
                 if t < lengths[b]:
@@ -354,6 +362,40 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
                         yrow[j] = 0
         if nthr > 1:
             step_barrier(flags, tid, nthr, step + 1)
+'''
+
+
+def _input_projection_source(cell, mrx: int, nu: int) -> str:
+    """``input_projection(X, Wxp, XWc, b0, b1, jb0, jb1)``: ``x_t @ W_ih.T`` of all steps first.
+
+    For one or two rows per thread (``pre`` in :func:`_run_fused`): rows
+    ``b0:b1`` of every step, copied to ``T * rows`` consecutive rows, go
+    through the tiles in groups of 16, so each panel of ``W_ih`` streams once
+    per group rather than once per step; row ``t * rows + (b - b0)`` of
+    ``XWc [T * rows, G*Hp]`` (unit blocks ``jb0:jb1``) is what the forward
+    kernel then reads.  A kernel of its own, so the forward kernels carry one
+    tile sequence less (compile time).
+    """
+    nrx = cell.n_gates * nu
+    rg = 16
+    ptiles = mk.row_tiles_source(
+        mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
+        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hp)")
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def input_projection(X, Wxp, XWc, b0, b1, jb0, jb1):
+    """x_t @ W_ih.T for rows b0:b1 of all T steps into XWc ({mrx}x{nrx} tiles)."""
+    T = X.shape[0]
+    Hp = max(Wxp.shape[0], 0) * {nu}
+    rows = b1 - b0
+    Xc = np.empty((T * rows, X.shape[2]), X.dtype)
+    for t in range(T):
+        for r in range(rows):
+            Xc[t * rows + r] = X[t, b0 + r]
+    for g0 in range(0, T * rows, {rg}):
+        g1 = min(g0 + {rg}, T * rows)
+        for jb in range(jb0, jb1):
+{_ind(ptiles, 12)}
 '''
 
 
@@ -490,14 +532,12 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
     if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
         mr, nu = packed
+        tiles = mk.row_tiles_source(
+            mr, nu, mk.tail_heights(mr, exact=False), "b0", "b1",
+            lambda tile, i0: f"{tile}(A, {i0}, b1, W, jb, dH[0], {i0}, jb * {nu}, 0)")
         gemm = f"""        A = dHU[0, t]
         for jb in range(W.shape[0]):
-            for i0 in range(b0, b1, {mr}):
-                if b1 - i0 >= {mr}:
-                    {mk.tile_name(mr, nu)}(A, i0, b1, W, jb, dH[0], i0, jb * {nu}, 0)
-                else:
-                    for i in range(i0, b1):
-                        {mk.tile_name(1, nu)}(A, i, i + 1, W, jb, dH[0], i, jb * {nu}, 0)"""
+{_ind(tiles, 12)}"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              "            for i in range(dh):\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
@@ -595,6 +635,15 @@ class FusedKernels:
     mr: int
     nu: int
     mrb: int
+    pack_panels: object  # pack_panels(W, G, H, nu, out): mk.pack_forward's layout, compiled
+    input_projection: object  # x_t @ W_ih.T of all steps first (``pre``)
+
+    def pack_forward(self, W, n_gates: int, H: int):
+        """``W [G*H, K]`` as panels ``[NB, K, G*nu]`` (:func:`~kernrnn.backends.cpu.microkernel.pack_forward`)."""
+        nb = -(-H // self.nu)
+        out = np.empty((nb, W.shape[1], n_gates * self.nu), dtype=W.dtype)
+        self.pack_panels(np.ascontiguousarray(W), n_gates, H, self.nu, out)
+        return out
 
 
 _VECTORIZER_CHECKS = 1000
@@ -657,22 +706,25 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     mr, nu = mk.block_shape(Gr, dtype.itemsize)
     mrx, _ = mk.block_shape(G, dtype.itemsize)
     mrb, _ = mk.block_shape(1, dtype.itemsize)
-    tiles = {(mr, Gr * nu), (1, Gr * nu), (mrx, G * nu), (1, G * nu), (mrb, nu), (1, nu)}
+    tiles = {(h, Gr * nu) for h in (mr, *mk.tail_heights(mr, exact=False))}
+    tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=False))}
+    tiles |= {(h, nu) for h in (mrb, *mk.tail_heights(mrb, exact=False))}
     source = "\n".join(
-        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source()]
+        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source(), mk.pack_source()]
         + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
-        + [_fused_forward_source(cell, True, mr, mrx, nu, reg),
+        + [_input_projection_source(cell, mrx, nu),
+           _fused_forward_source(cell, True, mr, mrx, nu, reg),
            _fused_forward_source(cell, False, mr, mrx, nu, reg),
            _backward_source(cell, same, packed=(mrb, nu), reg=reg)])
     source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
               f"regularisation {reg}, math {cell_fingerprint(cell)}\n" + source)
     ns = math_namespace(cell, dtype)
     ns.update(atomic_load=mk.atomic_load, atomic_store=mk.atomic_store,
-              spin_pause=mk.spin_pause, FLAG_STRIDE=mk.FLAG_STRIDE)
+              spin_pause=mk.spin_pause, yield_core=mk.yield_core, FLAG_STRIDE=mk.FLAG_STRIDE)
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
-                        mr, nu, mrb)
+                        mr, nu, mrb, module.pack_panels, module.input_projection)
 
 
 _compiled_sigs: set = set()
@@ -783,29 +835,127 @@ def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
                 f.result()
 
 
-# Largest batch whose fused forward splits the hidden units between the
-# threads (one barrier per step, every thread runs all B rows) instead of the
-# rows (no barrier, B / threads rows each).  The unit split keeps each
-# thread's part of W_hh in its own L2 and all rows in every tile, but waits
-# at a barrier every step: on the shared 2-core development machine (load
-# 3-4) a descheduled partner made it 1.5-5x slower than the row split at
-# B = 1..16 (docs/benchmarks/cpu.md), so it is off (0) by default.  Tested
-# with both settings; raise it on a quiet machine with dedicated cores.
-UNIT_SPLIT_MAX_BATCH = 0
+# How a fused forward splits its work between the threads: "rows" (batch
+# chunks, no synchronisation), "units" (hidden-unit blocks, one barrier per
+# step, every thread runs all B rows: each keeps its part of W_hh in its own
+# L2) or "auto": for batches up to UNIT_SPLIT_MAX_BATCH, the faster of the two
+# as measured on the calls themselves (:class:`SplitChooser`); larger batches
+# split the rows.  Both splits compute every value with the same code in the
+# same order, so the choice never changes a result.  A fixed choice cannot
+# win on a shared machine: with dedicated cores the unit split is 1.5-2x
+# faster at B = 1, but a descheduled partner stalls it at every step (1.5-5x
+# slower under load 3-4; docs/benchmarks/cpu.md).
+SPLIT = "auto"
+UNIT_SPLIT_MAX_BATCH = 4
 
 
-def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
-    """A fused forward kernel over the threads, split by rows or by unit blocks."""
-    nthr = min(n_threads(), n_blocks) if batch <= UNIT_SPLIT_MAX_BATCH else 1
+class SplitChooser:
+    """The faster thread split per problem shape, from the calls' own wall times.
+
+    Each shape first runs once with each split; then the split with the
+    lower recent time (an exponential average per split) runs, and after
+    ``probe_every`` calls the other one is tried again, so a change of load
+    (another process taking a core stalls the unit split's barrier) is
+    noticed.  A probe that comes out more than twice as slow doubles the
+    wait before the next one (up to ``max_probe_every``), so a split that
+    keeps losing costs less and less.
+    """
+
+    def __init__(self, probe_every: int = 8, max_probe_every: int = 1024,
+                 weight: float = 0.5):
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.weight = weight
+        self._stats: dict = {}  # key -> [calls until the next probe, interval, {split: s}]
+
+    def choose(self, key) -> str:
+        entry = self._stats.setdefault(key, [self.probe_every, self.probe_every, {}])
+        times = entry[2]
+        for split in ("rows", "units"):
+            if split not in times:
+                return split
+        best = min(times, key=times.get)
+        entry[0] -= 1
+        if entry[0] <= 0:
+            return "units" if best == "rows" else "rows"
+        return best
+
+    def record(self, key, split: str, seconds: float) -> None:
+        entry = self._stats.setdefault(key, [self.probe_every, self.probe_every, {}])
+        times = entry[2]
+        old = times.get(split)
+        if entry[0] <= 0:  # a probe: its time replaces the stale one; back off if it lost
+            slow = seconds > 2 * min(times.values())
+            entry[1] = min(2 * entry[1], self.max_probe_every) if slow else self.probe_every
+            entry[0] = entry[1]
+            old = None
+        times[split] = seconds if old is None else old + self.weight * (seconds - old)
+
+
+_split_chooser = SplitChooser()
+
+# Most batch rows per thread for which a fused forward computes the input
+# projection of all steps first (``pre``): with one or two rows, streaming
+# every panel of W_ih at every step costs more than writing and reading back
+# the projection (LSTM, H=256, 2 threads: B=1 unit split 1.76 -> 1.24 ms,
+# B=2 2.11 -> 1.80); from 4 rows on the step tiles are compute-bound and
+# ``pre`` only adds traffic (B=4 unit split 2.57 -> 2.85, B=8 rows split
+# 4.84 -> 5.18).
+PRE_PROJECTION_MAX_ROWS = 2
+
+
+def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
+    """A fused forward kernel over the threads, split by rows or by unit blocks.
+
+    ``args[0]``, ``args[1]`` are ``x`` and the packed ``W_ih``; ``project`` is
+    the module's ``input_projection``, run first (same split) when ``pre``.
+    """
+    nthr = min(n_threads(), n_blocks)
+    split = SPLIT
+    key = None
+    if split == "auto":
+        split = "rows"
+        if nthr > 1 and batch <= UNIT_SPLIT_MAX_BATCH:
+            key = (id(kernel), args[0].shape, n_blocks, nthr)
+            split = _split_chooser.choose(key)
+    if split != "units":
+        nthr = 1
     flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
     if nthr > 1:
-        tails = [(flags, nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
+        pre = batch <= PRE_PROJECTION_MAX_ROWS
+        parts = [(nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
                  for c in range(nthr)]
     else:
         nchunk = _n_chunks(batch)
-        tails = [(flags, 1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
+        pre = -(-batch // nchunk) <= PRE_PROJECTION_MAX_ROWS
+        parts = [(1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
                  for c in range(nchunk)]
+    X, Wxp = args[0], args[1]
+    dummy = np.empty((1, 1), dtype=X.dtype)
+    xw = {}  # one projection buffer per row range: unit-split threads share theirs
+    if pre:
+        for part in parts:
+            b0, b1 = part[2], part[3]
+            if (b0, b1) not in xw:
+                xw[b0, b1] = np.empty((X.shape[0] * (b1 - b0), Wxp.shape[0] * Wxp.shape[2]),
+                                      dtype=X.dtype)
+    tails = [(xw.get((part[2], part[3]), dummy), flags, *part, pre) for part in parts]
     _compile_with_slp(kernel, (*args, *tails[0]))
+    ptails = [(xw[part[2], part[3]], *part[2:6]) for part in parts] if pre else []
+    if ptails:
+        _compile_with_slp(project, (X, Wxp, *ptails[0]))
+    t0 = time.perf_counter()
+    try:
+        if ptails:
+            _launch_fused(project, (X, Wxp), ptails)
+        _launch_fused(kernel, args, tails)
+    finally:
+        if key is not None:
+            _split_chooser.record(key, split, time.perf_counter() - t0)
+
+
+def _launch_fused(kernel, args, tails) -> None:
+    """``kernel(*args, *tail)`` for every tail, the first in the caller, the others on the pool."""
     if len(tails) == 1:
         kernel(*args, *tails[0])
         return
@@ -819,6 +969,43 @@ def _run_fused(kernel, args, batch: int, n_blocks: int) -> None:
         finally:
             for f in futures:
                 f.result()
+
+
+# Fewest T*B rows for which the weight-gradient GEMMs run on the kernel threads
+# (BLAS held to one thread, output rows split) instead of multi-threaded BLAS.
+# OpenBLAS's workers spin for about 0.1 s after each multi-threaded call, on
+# the cores the next forward's kernel threads need: a CIFG training forward
+# (B=32, H=256) took 31 ms within 0.05 s of a backward and 21 ms after 0.1 s.
+# Measured per training step (fwd + bwd, H=256): CIFG B=32 71 -> 56 ms, B=64
+# 127 -> 97; LSTM B=32 90 -> 68, B=64 165 -> 127; B=16 equal (37 ms); B=8
+# slower (CIFG 21 -> 27), hence the threshold.
+THREADED_GEMM_MIN_ROWS = 2048
+
+
+def _threaded_matmul(a, b):
+    """``a @ b`` with the output's rows split over the kernel threads, each on one-thread BLAS.
+
+    No BLAS worker is woken, so none is left spinning after the call.
+    """
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    nchunk = min(n_threads(), max(1, a.shape[0] // 64))
+    bounds = [(c * a.shape[0] // nchunk, (c + 1) * a.shape[0] // nchunk) for c in range(nchunk)]
+
+    def part(r0, r1):
+        np.matmul(a[r0:r1], b, out=out[r0:r1])
+
+    with _blas_single_thread():
+        if nchunk == 1:
+            part(*bounds[0])
+            return out
+        pool = _executor(nchunk - 1)
+        futures = [pool.submit(part, *bd) for bd in bounds[1:]]
+        try:
+            part(*bounds[0])
+        finally:
+            for f in futures:
+                f.result()
+    return out
 
 
 # -- host side --------------------------------------------------------------------
@@ -886,6 +1073,60 @@ def _reg_args(ka) -> tuple:
     return (ka.Mr, ka.Hd, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain)
 
 
+class PackedWeights:
+    """Packed panels of recently used weight matrices, reused while the weights are unchanged.
+
+    Packing ``W_ih`` and ``W_hh`` is a visible part of a small forward (LSTM,
+    H = 256: about 0.35 ms against a 1.3 ms forward at B = 1; nearly all of a
+    T = 1 call, as in autoregressive sampling).  An entry keeps a copy of the
+    matrix it was packed from, and is used only when the matrix passed now
+    is bit for bit equal to that copy (compared as integers, so NaN and -0.0
+    count too): arrays changed in place, or a new array at a recycled
+    address, are packed afresh.  The comparison reads both matrices once
+    (about a sixth of packing them).  Only inference forwards use it (an
+    optimiser changes the weights between training steps).  At most
+    ``max_entries`` matrices and ``max_bytes`` of copies and panels are kept,
+    the least recently used going first.
+    """
+
+    def __init__(self, max_entries: int = 16, max_bytes: int = 256 << 20):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: dict = {}  # key -> (copy of W, panels); insertion order = recency
+        self._lock = threading.Lock()
+
+    def get(self, f: FusedKernels, W, n_gates: int, H: int):
+        W = np.ascontiguousarray(W)
+        key = (id(W), W.shape, W.dtype.str, n_gates, H, f.nu)
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None and _same_bits(entry[0], W):
+            with self._lock:
+                self._entries[key] = entry
+            return entry[1]
+        packed = f.pack_forward(W, n_gates, H)
+        with self._lock:
+            self._entries[key] = (W.copy(), packed)
+            while self._entries and (len(self._entries) > self.max_entries or sum(
+                    a.nbytes + b.nbytes for a, b in self._entries.values()) > self.max_bytes):
+                self._entries.pop(next(iter(self._entries)))
+        return packed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(a.view(ints), b.view(ints)))
+
+
+_packed_weights = PackedWeights()
+
+
 def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, training, y, reg,
                    ka, input_mask):
     """:func:`forward` of a dense cell on packed weights (see :func:`fused_path`)."""
@@ -896,14 +1137,18 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     buf.States[:, T if reverse else 0] = h0
     if y is None:
         y = np.empty((T, B, H), dtype=dtype)
-    Wp = mk.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H, f.nu)
-    Wxp = mk.pack_forward(params["weight_ih"], cell.n_gates, H, f.nu)
+    if training:
+        Wp = f.pack_forward(params["weight_hh"], cell.n_recurrent_gates, H)
+        Wxp = f.pack_forward(params["weight_ih"], cell.n_gates, H)
+    else:  # inference: the panels of unchanged weights are reused
+        Wp = _packed_weights.get(f, params["weight_hh"], cell.n_recurrent_gates, H)
+        Wxp = _packed_weights.get(f, params["weight_ih"], cell.n_gates, H)
     P = common.param_vector(np, cell, params, H, dtype)
     if T > 0:
         _run_fused(f.forward_train if training else f.forward_infer,
                    (np.ascontiguousarray(x), Wxp, params["bias_ih"], Wp, params["bias_hh"], P,
                     buf.States, buf.Saved, y, lengths, reverse, *_reg_args(ka)), B,
-                   Wp.shape[0])
+                   Wp.shape[0], f.input_projection)
     hn = buf.States[:, 0 if reverse else T].copy()
     ctx = None
     if training:
@@ -976,7 +1221,8 @@ def backward(ctx: ForwardContext, dy, dhn):
     dx, grads = common.weight_gradients(
         np, cell, ctx, dXW, dHU if cell.has_recurrent else None,
         ka.Mr if reg is not None and reg.recurrent_dropout else None,
-        dHp if proj else None)
+        dHp if proj else None,
+        matmul=_threaded_matmul if T * B >= THREADED_GEMM_MIN_ROWS else None)
     if proj:
         dS[0] = 0
         dS[0, :, :proj] = dSp
