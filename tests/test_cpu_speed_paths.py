@@ -246,6 +246,8 @@ def test_packing_layouts():
     for G, H, K in ((4, 21, 5), (3, 16, 7), (1, 33, 2)):
         W = rng.standard_normal((G * H, K)).astype(np.float32)
         np.testing.assert_array_equal(f.pack_forward(W, G, H), mk.pack_forward(W, G, H, f.nu))
+        Wh = rng.standard_normal((G * H, H)).astype(np.float32)
+        np.testing.assert_array_equal(f.pack_backward(Wh, H), mk.pack_backward(Wh, H, f.nu))
 
 
 def test_fused_path_selection():
@@ -389,3 +391,21 @@ def test_training_step_with_threaded_weight_gradients(monkeypatch):
         out[rows] = [dx] + [layer.grads[k] for k in sorted(layer.grads)]
     for a, b in zip(out[10**9], out[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_split_chooser_keeps_the_faster_split_and_probes_less_while_it_keeps_winning():
+    """Both splits are tried, the faster one kept; the slower one is probed again with
+    the wait doubling (up to 8 calls) while it loses, and a split slowed by load is left
+    at once, without waiting for a probe."""
+    chooser = cpu.SplitChooser(probe_every=2, max_probe_every=8, weight=1.0)
+    cost = {"rows": 2.0, "units": 1.0}
+    picks = []
+    for _ in range(26):
+        split = chooser.choose("k")
+        picks.append(split)
+        chooser.record("k", split, cost[split])
+    assert picks[1] == "units"
+    assert [i for i, s in enumerate(picks) if s == "rows"] == [0, 3, 7, 15, 23]
+    cost["units"] = 5.0  # the unit split's partner core got busy
+    chooser.record("k", chooser.choose("k"), cost["units"])
+    assert chooser.choose("k") == "rows"

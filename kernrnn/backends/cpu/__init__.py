@@ -414,6 +414,13 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
     (``dSp``: what arrives at the projected h from later; finished rows pass
     it on) and the unprojected h's ``dR = dHp[t] @ W_hr``; ``dH`` is then
     ``[1, B, P]``.
+
+    Threads split the rows (``b0:b1``) or, with ``packed``, the unit blocks
+    (``jb0:jb1`` of all rows, ``nthr`` threads meeting at one barrier per
+    step, before ``dH`` needs every unit's ``dHU``).  The bias and
+    per-unit gradients of row ``b`` go to row ``chunk[b]`` of the
+    accumulators, its chunk under the row split, so both splits add the same
+    values in the same order (bit for bit the same gradients).
     """
     rdrop, zone = reg
     G, Gr = cell.n_gates, cell.n_recurrent_gates
@@ -448,6 +455,8 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
         return f"ds{s}[j]"
 
     dhu = (lambda r: None) if same else (lambda r: f"dhu{r}[i]")
+    # the thread's units: all of a head (generic), or its unit blocks (packed, NH = 1)
+    irange = "range(dh)" if packed is None else "range(j_lo, j_hi)"
     # One 1-d view per row and gate block: a store to dXW[t, b, g*H + j]
     # carries Numba's negative-index select, which LLVM cannot analyse for
     # overlap between the G stores; dxw_g[j] it can.  Likewise for the
@@ -458,13 +467,13 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
         + [f"ds{s} = dS[{s}, b]\nhp{s} = States[{s}, p, b]" for s in range(S)]
         + [f"sv{k} = Saved[{k}, t, b]" for k in range(K)]
         + ["dRr = dR[b]" if proj else "dyr = dY[t, b]"]
-        + [f"pv{i} = P[{i} * H:{i + 1} * H]\ndpv{i} = dP[{i} * H:{i + 1} * H]"
+        + [f"pv{i} = P[{i} * H:{i + 1} * H]\ndpv{i} = dP[c, {i} * H:{i + 1} * H]"
            for i in range(NP)]
         + (["mrr = Mr[b]"] if rdrop else []))
     hviews = "" if (same or not rec) else "\n".join(
         f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
     elem_head = ("for hd in range(NH):\n" + (hviews + "\n" if hviews else "")
-                 + "    for i in range(dh):\n        j = hd * dh + i")
+                 + f"    for i in {irange}:\n        j = hd * dh + i")
     body = [views]
     if not cell.normalize:
         step = zwrap(backward_call(cell, saved=saved, prev=prev, dstate=dstate, p=pp, dxw=dxw,
@@ -480,8 +489,8 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
                              dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
                              dprev=dprev, dp=dp, indent=0)
         st2 = zwrap(st2)
-        acc = "\n".join(f"dGz[{k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
-                        f"dBz[{k} * H + j] += DZ[{k}, b, j]\n"
+        acc = "\n".join(f"dGz[c, {k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
+                        f"dBz[c, {k} * H + j] += DZ[{k}, b, j]\n"
                         f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
                         for k in range(cell.n_norm))
         body.append("for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i\n"
@@ -497,14 +506,15 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
     # Bias gradients: summed per row after the element loop, from the row just
     # written (hot in cache); inside the loop the G strided updates of one
     # array would stop LLVM from vectorising it.
-    body.append("for k in range(GH):\n    db_ih[k] += dXW[t, b, k]")
+    body.append("for g in range(G):\n    for u in range(j_hi - j_lo):\n"
+                "        k = g * H + j_lo + u\n        db_ih[c, k] += dXW[t, b, k]")
     if rec and not same:
         u = "r * H + hd * dh + i"
         v = "dHU[hd, t, b, r * dh + i]"
         hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
-                  "        for i in range(dh):", f"            db_hh[{u}] += {v}"]
+                  f"        for i in {irange}:", f"            db_hh[c, {u}] += {v}"]
         if rnorm is not None:
-            hu_sum += [f"            dg_hh[{u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
+            hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
                        f"            {v} = {v} * g_hh[{u}]"]
         body.append("\n".join(hu_sum))
         if rnorm is not None:
@@ -519,15 +529,19 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
                     rnorm.kind, [f"for r in range({Gr}):"] + loops,
                     v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     active = _ind("\n".join(body), 16)
-    masked = "                for k in range(GH):\n                    dXW[t, b, k] = 0"
+    masked = ("                for g in range(G):\n"
+              "                    for u in range(j_hi - j_lo):\n"
+              "                        dXW[t, b, g * H + j_lo + u] = 0")
     mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
     if rec and not proj:
-        masked += ("\n                for hd in range(NH):\n                    for i in range(dh):\n"
+        masked += ("\n                for hd in range(NH):\n"
+                   f"                    for i in {irange}:\n"
                    f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
     if rec:
         masked += ("\n                for hd in range(NH):\n"
-                   "                    for k in range(dHU.shape[3]):\n"
-                   "                        dHU[hd, t, b, k] = 0")
+                   f"                    for r in range({Gr}):\n"
+                   f"                        for i in {irange}:\n"
+                   "                            dHU[hd, t, b, r * dh + i] = 0")
     gemm = ("        for hd in range(NH):\n"
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
     if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
@@ -535,11 +549,13 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
         tiles = mk.row_tiles_source(
             mr, nu, mk.tail_heights(mr, exact=False), "b0", "b1",
             lambda tile, i0: f"{tile}(A, {i0}, b1, W, jb, dH[0], {i0}, jb * {nu}, 0)")
-        gemm = f"""        A = dHU[0, t]
-        for jb in range(W.shape[0]):
+        gemm = f"""        if nthr > 1:  # dH needs every unit's dHU of this step
+            step_barrier(flags, tid, nthr, step + 1)
+        A = dHU[0, t]
+        for jb in range(jb0, jb1):
 {_ind(tiles, 12)}"""
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
-             "            for i in range(dh):\n"
+             f"            for i in {irange}:\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
     pre = ""
     if proj:
@@ -560,15 +576,20 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz, Bz, lengths,
                   reverse, dXW, dHU, dH, DZ, DM, Mr, Zthr, Zp, seed_lo, seed_hi, zstream,
-                  ztrain, Wr, dHp, dSp, dR, db_ih, db_hh, dg_hh, dP, dGz, dBz, b0, b1):
+                  ztrain, Wr, dHp, dSp, dR, db_ih, db_hh, dg_hh, dP, dGz, dBz, chunk, flags,
+                  nthr, tid, b0, b1, jb0, jb1):
+    """BPTT for rows b0:b1{", unit blocks jb0:jb1" if packed is not None else ""}."""
     T = dY.shape[0]
     H = dS.shape[2]
-    GH = dXW.shape[2]
+    G = dXW.shape[2] // H
     NH = dHU.shape[0]
     dh = H // NH
+    j_lo = {"0" if packed is None else f"max(jb0 * {packed[1]}, 0)"}
+    j_hi = {"H" if packed is None else f"min(jb1 * {packed[1]}, H)"}
     for hd in range(dH.shape[0]):
         for b in range(b0, b1):
-            for i in range(dH.shape[2]):
+            for i in range({"dH.shape[2]" if packed is None else
+                            f"j_lo, min(jb1 * {packed[1]}, dH.shape[2])"}):
                 dH[hd, b, i] = 0
     for step in range(T):
         if reverse:
@@ -578,6 +599,7 @@ def backward_loop(dY, dS, W, States, Saved, Mid, Zhat, Rz, HU, Rhh, g_hh, P, Gz,
             t = T - 1 - step
             p = t
 {pre}        for b in range(b0, b1):
+            c = chunk[b]
             if t < lengths[b]:
 {active}
             else:
@@ -636,6 +658,7 @@ class FusedKernels:
     nu: int
     mrb: int
     pack_panels: object  # pack_panels(W, G, H, nu, out): mk.pack_forward's layout, compiled
+    pack_panels_backward: object  # (W, H, nu, out): mk.pack_backward's layout, compiled
     input_projection: object  # x_t @ W_ih.T of all steps first (``pre``)
 
     def pack_forward(self, W, n_gates: int, H: int):
@@ -643,6 +666,12 @@ class FusedKernels:
         nb = -(-H // self.nu)
         out = np.empty((nb, W.shape[1], n_gates * self.nu), dtype=W.dtype)
         self.pack_panels(np.ascontiguousarray(W), n_gates, H, self.nu, out)
+        return out
+
+    def pack_backward(self, W, H: int):
+        """``W_hh [G*H, H]`` as panels ``[NB, G*H, nu]`` (:func:`~kernrnn.backends.cpu.microkernel.pack_backward`)."""
+        out = np.empty((-(-H // self.nu), W.shape[0], self.nu), dtype=W.dtype)
+        self.pack_panels_backward(np.ascontiguousarray(W), H, self.nu, out)
         return out
 
 
@@ -724,10 +753,20 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
-                        mr, nu, mrb, module.pack_panels, module.input_projection)
+                        mr, nu, mrb, module.pack_panels, module.pack_panels_backward,
+                        module.input_projection)
 
 
 _compiled_sigs: set = set()
+
+
+def _arg_key(a):
+    """What decides Numba's type of a kernel argument, cheaply (``numba.typeof`` costs
+    about 7 us an array, 0.15 ms for a fused forward's 30 arguments at every call)."""
+    if isinstance(a, np.ndarray):
+        f = a.flags
+        return (a.dtype.str, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned)
+    return type(a)
 
 
 def _compile_with_slp(kernel, args) -> None:
@@ -736,12 +775,11 @@ def _compile_with_slp(kernel, args) -> None:
     The tiles vectorise only with it; compiling before the threads start also
     keeps two threads from compiling the same kernel at once.
     """
-    sig = tuple(numba.typeof(a) for a in args)
-    key = (id(kernel), sig)
+    key = (id(kernel), tuple(_arg_key(a) for a in args))
     if key in _compiled_sigs:
         return
     with mk.compile_with_slp():
-        kernel.compile(sig)
+        kernel.compile(tuple(numba.typeof(a) for a in args))
     _compiled_sigs.add(key)
 
 
@@ -810,32 +848,14 @@ def _n_chunks(batch: int) -> int:
     return max(1, min(batch // MIN_ROWS_PER_CHUNK, n_threads()))
 
 
-def _run_chunks(kernel, args, batch: int, per_chunk=None, slp=False) -> None:
-    """``kernel(*args, *per_chunk[c], b0, b1)`` over batch chunks, one per thread.
-
-    ``per_chunk`` (one tuple per chunk, e.g. a private bias-gradient row) keeps
-    threads from writing to the same memory; None gives every chunk nothing.
-    ``slp``: compile the kernel with the SLP vectoriser (kernels with tiles).
-    """
+def _run_chunks(kernel, args, batch: int) -> None:
+    """``kernel(*args, b0, b1)`` over batch chunks, one per thread."""
     nchunk = _n_chunks(batch)
-    extra = per_chunk if per_chunk is not None else [()] * nchunk
-    bounds = [(c * batch // nchunk, (c + 1) * batch // nchunk) for c in range(nchunk)]
-    if slp:
-        _compile_with_slp(kernel, (*args, *extra[0], *bounds[0]))
-    if nchunk == 1:
-        kernel(*args, *extra[0], *bounds[0])
-        return
-    with _blas_single_thread():
-        pool = _executor(nchunk - 1)
-        futures = [pool.submit(kernel, *args, *extra[c], *bounds[c]) for c in range(1, nchunk)]
-        try:
-            kernel(*args, *extra[0], *bounds[0])
-        finally:
-            for f in futures:
-                f.result()
+    _launch_fused([[(kernel, (*args, c * batch // nchunk, (c + 1) * batch // nchunk))]
+                   for c in range(nchunk)])
 
 
-# How a fused forward splits its work between the threads: "rows" (batch
+# How the fused forward and BPTT kernels split their work between the threads: "rows" (batch
 # chunks, no synchronisation), "units" (hidden-unit blocks, one barrier per
 # step, every thread runs all B rows: each keeps its part of W_hh in its own
 # L2) or "auto": for batches up to UNIT_SPLIT_MAX_BATCH, the faster of the two
@@ -856,9 +876,10 @@ class SplitChooser:
     lower recent time (an exponential average per split) runs, and after
     ``probe_every`` calls the other one is tried again, so a change of load
     (another process taking a core stalls the unit split's barrier) is
-    noticed.  A probe that comes out more than twice as slow doubles the
-    wait before the next one (up to ``max_probe_every``), so a split that
-    keeps losing costs less and less.
+    noticed.  A probe that loses doubles the wait before the next one (up
+    to ``max_probe_every``), so a split that keeps losing costs less and
+    less; when the load slows the split in use, its own average rises past
+    the other's time and the choice changes without a probe.
     """
 
     def __init__(self, probe_every: int = 8, max_probe_every: int = 1024,
@@ -885,8 +906,8 @@ class SplitChooser:
         times = entry[2]
         old = times.get(split)
         if entry[0] <= 0:  # a probe: its time replaces the stale one; back off if it lost
-            slow = seconds > 2 * min(times.values())
-            entry[1] = min(2 * entry[1], self.max_probe_every) if slow else self.probe_every
+            lost = seconds > min(v for k, v in times.items() if k != split)
+            entry[1] = min(2 * entry[1], self.max_probe_every) if lost else self.probe_every
             entry[0] = entry[1]
             old = None
         times[split] = seconds if old is None else old + self.weight * (seconds - old)
@@ -904,11 +925,13 @@ _split_chooser = SplitChooser()
 PRE_PROJECTION_MAX_ROWS = 2
 
 
-def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
-    """A fused forward kernel over the threads, split by rows or by unit blocks.
+def _thread_parts(kernel, shape, batch: int, n_blocks: int):
+    """How a kernel on packed weights splits its work: ``(key, parts)``.
 
-    ``args[0]``, ``args[1]`` are ``x`` and the packed ``W_ih``; ``project`` is
-    the module's ``input_projection``, run first (same split) when ``pre``.
+    ``parts``: one ``(nthr, tid, b0, b1, jb0, jb1)`` per thread, either batch
+    chunks of all unit blocks (``nthr == 1``) or unit blocks of all rows (see
+    :data:`SPLIT`).  ``key`` is the :data:`_split_chooser`'s key for this
+    problem when it chose (record the call's time under it), else None.
     """
     nthr = min(n_threads(), n_blocks)
     split = SPLIT
@@ -916,20 +939,30 @@ def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
     if split == "auto":
         split = "rows"
         if nthr > 1 and batch <= UNIT_SPLIT_MAX_BATCH:
-            key = (id(kernel), args[0].shape, n_blocks, nthr)
+            key = (id(kernel), shape, n_blocks, nthr)
             split = _split_chooser.choose(key)
-    if split != "units":
-        nthr = 1
-    flags = np.zeros(max(nthr, 1) * mk.FLAG_STRIDE, dtype=np.int64)
-    if nthr > 1:
-        pre = batch <= PRE_PROJECTION_MAX_ROWS
-        parts = [(nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
-                 for c in range(nthr)]
-    else:
-        nchunk = _n_chunks(batch)
-        pre = -(-batch // nchunk) <= PRE_PROJECTION_MAX_ROWS
-        parts = [(1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
+    if split == "units" and nthr > 1:
+        return key, [(nthr, c, 0, batch, c * n_blocks // nthr, (c + 1) * n_blocks // nthr)
+                     for c in range(nthr)]
+    nchunk = _n_chunks(batch)
+    return key, [(1, 0, c * batch // nchunk, (c + 1) * batch // nchunk, 0, n_blocks)
                  for c in range(nchunk)]
+
+
+def _split_name(parts) -> str:
+    return "units" if parts[0][0] > 1 else "rows"
+
+
+def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
+    """A fused forward kernel over the threads, split by rows or by unit blocks.
+
+    ``args[0]``, ``args[1]`` are ``x`` and the packed ``W_ih``; ``project`` is
+    the module's ``input_projection``, run first (same split) when ``pre``.
+    """
+    key, parts = _thread_parts(kernel, args[0].shape, batch, n_blocks)
+    nthr = parts[0][0]
+    flags = np.zeros(nthr * mk.FLAG_STRIDE, dtype=np.int64)
+    pre = max(b1 - b0 for _, _, b0, b1, _, _ in parts) <= PRE_PROJECTION_MAX_ROWS
     X, Wxp = args[0], args[1]
     dummy = np.empty((1, 1), dtype=X.dtype)
     xw = {}  # one projection buffer per row range: unit-split threads share theirs
@@ -944,28 +977,42 @@ def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
     ptails = [(xw[part[2], part[3]], *part[2:6]) for part in parts] if pre else []
     if ptails:
         _compile_with_slp(project, (X, Wxp, *ptails[0]))
+    # One task per thread: its part of the projection (its own unit blocks or
+    # rows, so no thread waits for another's), then its part of the forward.
+    work = [[(kernel, (*args, *tail))] for tail in tails]
+    for calls, ptail in zip(work, ptails):
+        calls.insert(0, (project, (X, Wxp, *ptail)))
+    _launch_timed(work, key, parts)
+
+
+def _launch_timed(work, key, parts) -> None:
+    """:func:`_launch_fused`, the time recorded for the split chooser when it chose."""
     t0 = time.perf_counter()
     try:
-        if ptails:
-            _launch_fused(project, (X, Wxp), ptails)
-        _launch_fused(kernel, args, tails)
+        _launch_fused(work)
     finally:
         if key is not None:
-            _split_chooser.record(key, split, time.perf_counter() - t0)
+            _split_chooser.record(key, _split_name(parts), time.perf_counter() - t0)
 
 
-def _launch_fused(kernel, args, tails) -> None:
-    """``kernel(*args, *tail)`` for every tail, the first in the caller, the others on the pool."""
-    if len(tails) == 1:
-        kernel(*args, *tails[0])
+def _run_calls(calls) -> None:
+    for fn, fn_args in calls:
+        fn(*fn_args)
+
+
+def _launch_fused(work) -> None:
+    """Each thread's ``[(kernel, args), ...]`` in order: the first list in the caller, the
+    others on the pool (one wake-up per thread and call: 0.1-0.3 ms each at B = 1)."""
+    if len(work) == 1:
+        _run_calls(work[0])
         return
     # No BLAS runs inside, but holding it to one thread parks its workers,
     # which otherwise spin on the cores the kernel threads need.
     with _blas_single_thread():
-        pool = _executor(len(tails) - 1)
-        futures = [pool.submit(kernel, *args, *tail) for tail in tails[1:]]
+        pool = _executor(len(work) - 1)
+        futures = [pool.submit(_run_calls, calls) for calls in work[1:]]
         try:
-            kernel(*args, *tails[0])
+            _run_calls(work[0])
         finally:
             for f in futures:
                 f.result()
@@ -1197,26 +1244,37 @@ def backward(ctx: ForwardContext, dy, dhn):
     loop = k.backward_loop
     if k.fused is not None:
         loop = k.fused.backward_loop
-        W = mk.pack_backward(params["weight_hh"], H, k.fused.nu)
+        W = k.fused.pack_backward(params["weight_hh"], H)
     else:
         W = common.recurrent_weights(cell, params, H)
         W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
     P = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = _n_chunks(B)
-    # one gradient row per chunk and sum: no two threads add to one row, and the
-    # order of the additions is fixed (deterministic, no atomics)
+    # one gradient row per batch chunk, summed after: no two threads add to one
+    # element, and the order of the additions is fixed (deterministic, no
+    # atomics), the same under either thread split (``chunk[b]``: b's row)
     acc = {name: np.zeros((nchunk, max(n, 1)), dtype=dtype) for name, n in (
         ("bias_ih", G * H), ("bias_hh", GrH), ("norm_hh", GrH),
         ("params", cell.n_param_scalars * H), ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
+    rows = [(c * B // nchunk, (c + 1) * B // nchunk) for c in range(nchunk)]
+    chunk = np.empty(B, dtype=np.int64)
+    for c, (b0, b1) in enumerate(rows):
+        chunk[b0:b1] = c
     if T > 0:
-        _run_chunks(loop,
-                    (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU,
-                     buf.Rhh, g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM,
-                     ka.Mr, ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain,
-                     Wr, dHp, dSp, dR),
-                    B, per_chunk=[tuple(a[c] for a in acc.values()) for c in range(nchunk)],
-                    slp=k.fused is not None)
+        args = (dy, dS, W, buf.States, buf.Saved, buf.Mid, buf.Zhat, buf.Rz, buf.HU, buf.Rhh,
+                g_hh, P, Gz, Bz, ctx.lengths, ctx.reverse, dXW, dHU, dH, DZ, DM, ka.Mr,
+                ka.Zthr, ka.Zp, ka.seed_lo, ka.seed_hi, ka.zstream, ka.ztrain, Wr, dHp, dSp, dR,
+                *acc.values(), chunk)
+        if k.fused is not None:
+            key, parts = _thread_parts(loop, dy.shape, B, W.shape[0])
+        else:
+            key, parts = None, [(1, 0, b0, b1, 0, 0) for b0, b1 in rows]
+        flags = np.zeros(parts[0][0] * mk.FLAG_STRIDE, dtype=np.int64)
+        work = [[(loop, (*args, flags, *part))] for part in parts]
+        if k.fused is not None:
+            _compile_with_slp(loop, work[0][0][1])
+        _launch_timed(work, key, parts)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
     dx, grads = common.weight_gradients(
         np, cell, ctx, dXW, dHU if cell.has_recurrent else None,

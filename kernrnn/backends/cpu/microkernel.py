@@ -159,7 +159,8 @@ def pack_forward(W, n_gates: int, H: int, nu: int):
 
 
 def pack_source() -> str:
-    """Source of ``pack_panels(W, G, H, nu, out)``: :func:`pack_forward`'s layout, compiled.
+    """Source of ``pack_panels(W, G, H, nu, out)``: :func:`pack_forward`'s layout, compiled
+    (and ``pack_panels_backward(W, H, nu, out)``: :func:`pack_backward`'s).
 
     The NumPy version pads, transposes and copies (three passes over ``W``);
     this one reads each row of ``W`` once and writes its column of the panel
@@ -183,6 +184,17 @@ def pack_panels(W, G, H, nu, out):
                 else:
                     for k in range(K):
                         out[jb, k, c] = 0
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def pack_panels_backward(W, H, nu, out):
+    """out[jb, k, u] = W[k, jb*nu + u] (zero past H): see pack_backward."""
+    for k in range(W.shape[0]):
+        row = W[k]
+        for jb in range(out.shape[0]):
+            for u in range(nu):
+                j = jb * nu + u
+                out[jb, k, u] = row[j] if j < H else 0
 '''
 
 
