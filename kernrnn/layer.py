@@ -267,6 +267,11 @@ class RNN:
         Parameter gradients are added to :attr:`grads` (call :meth:`zero_grad`
         to reset).  ``dhn`` has the structure of ``hn`` (None: zeros).
         """
+        return self._backward(dy, dhn, release=True)
+
+    def _backward(self, dy, dhn, release: bool):
+        """:meth:`backward`; ``release``: the forward's buffers go back to the backend
+        afterwards (not for :meth:`backward_with`, whose context may be used again)."""
         if self._ctx is None:
             raise ValueError(
                 "backward() needs a forward() call in training mode first "
@@ -302,6 +307,9 @@ class RNN:
                         self.grads[f"{kind}{sfx}"] += value
             dy = dx if layer == 0 or masks is None else dx * masks[layer - 1]
         self._ctx = None
+        if release:
+            for ctx in ctxs:
+                be.release(ctx)
         return self._time_major(dx), self._pack_state(dh0)
 
     # -- explicit-parameter calls (for autograd adapters such as kernrnn.torch) --
@@ -344,7 +352,7 @@ class RNN:
                           for k, s in self.param_shapes().items()}
             self._ctx = ctx
             try:
-                dx, dh0 = self.backward(dy, dhn)
+                dx, dh0 = self._backward(dy, dhn, release=False)
                 return dx, dh0, self.grads
             finally:
                 self.grads, self._ctx = saved

@@ -409,3 +409,57 @@ def test_split_chooser_keeps_the_faster_split_and_probes_less_while_it_keeps_win
     cost["units"] = 5.0  # the unit split's partner core got busy
     chooser.record("k", chooser.choose("k"), cost["units"])
     assert chooser.choose("k") == "rows"
+
+
+def test_workspace_hands_out_only_whole_free_arrays():
+    from kernrnn.backends.cpu.workspace import Workspace
+
+    ws = Workspace(max_bytes=3 * 8192)
+    a = np.empty((16, 128), np.float32)  # 8 KB
+    ws.give(a, a, a[:8], np.empty(4, np.float32))  # twice, a view, a tiny one
+    assert ws.nbytes == a.nbytes
+    assert ws.take((16, 128), np.float64) is not a  # another dtype
+    assert ws.take((16, 128), np.float32) is a
+    assert ws.take((16, 128), np.float32) is not a  # handed out once
+    more = [np.empty((16, 128), np.float32) for _ in range(4)]
+    ws.give(*more)
+    assert ws.nbytes == 3 * 8192  # the oldest dropped past max_bytes
+    assert ws.take((16, 128), np.float32) is more[1]
+
+
+@settings(max_examples=4, deadline=None)
+@given(problems(max_T=4, max_B=5, max_I=5, max_H=20, max_layers=2),
+       st.sampled_from(["lstm", "gru", "lstm_ln"]))
+def test_reused_buffers_never_leak_old_values(p, name):
+    """A training step and an inference call on buffers from the workspace poisoned
+    with NaN give bit for bit what they gave on fresh ones."""
+    from kernrnn.backends.cpu.workspace import workspace
+
+    cell = kernrnn.get_registry().get(name)
+    params, x, h0 = make_arrays(cell, p, np.float32)
+    D = 2 if p.bidirectional else 1
+    dy = np.random.default_rng(p.seed).uniform(-1, 1, (p.T, p.B, D * p.H)).astype(np.float32)
+    layer = kernrnn.RNN(name, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
+                        dtype=np.float32)
+    layer.load_state_dict(params)
+    hinit = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
+
+    def run():
+        layer.zero_grad()
+        layer.train()
+        y, hn = layer(x, hinit, p.lengths)
+        dx, dh0 = layer.backward(dy)
+        layer.eval()
+        y2, _ = layer(x, hinit, p.lengths)
+        return [y, dx, y2] + [layer.grads[k] for k in sorted(layer.grads)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(workspace, "min_bytes", 0)  # the small arrays of small shapes too
+        workspace.clear()
+        fresh = run()
+        assert workspace.nbytes > 0  # buffers went back
+        for a in list(workspace._free.values()):
+            a.fill(np.nan)
+        again = run()
+    for a, b in zip(fresh, again, strict=True):
+        np.testing.assert_array_equal(a, b)

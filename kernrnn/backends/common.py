@@ -55,15 +55,25 @@ class TimeBuffers:
     Rhh: object
     Hp: object = None
 
+    def arrays(self) -> list:
+        """Every array of the set (for handing them back to a workspace)."""
+        return [a for a in (self.States, self.Saved, self.Mid, self.Zhat, self.Rz, self.HU,
+                            self.Rhh, self.Hp) if a is not None]
+
 
 def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
-                 proj: int = 0) -> TimeBuffers:
-    """Allocate :class:`TimeBuffers` for one direction (``proj``: the projection size P)."""
+                 proj: int = 0, take=None) -> TimeBuffers:
+    """Allocate :class:`TimeBuffers` for one direction (``proj``: the projection size P).
+
+    ``take(shape, dtype)``: where the arrays come from (default ``xp.empty``;
+    the CPU backend reuses its own, see :mod:`kernrnn.backends.cpu.workspace`).
+    """
     S, K = cell.n_state, cell.n_saved
     Tm = T if training else 1
+    take = take if take is not None else (lambda shape, dt: xp.empty(shape, dtype=dt))
 
     def empty(*shape):
-        return xp.empty(shape, dtype=dtype)
+        return take(shape, dtype)
 
     one = empty(1, 1, 1, 1)
     if cell.normalize:
@@ -144,14 +154,21 @@ def normalize_rows_backward(xp, dxhat, xhat, rstd, kind: str):
     return (d * rstd[:, :, None]).reshape(dxhat.shape)
 
 
-def input_projection(xp, cell, x, params):
+def input_projection(xp, cell, x, params, take=None):
     """``(XW [T, B, G*H], cache)``: ``W_ih x`` for all steps in one GEMM, normalised if asked.
 
     ``cache`` is ``(xhat, rstd)`` for the normalisation's backward, or None.
+    ``take(shape, dtype)`` gives the product's array (see :func:`time_buffers`).
     """
     T, B, I = x.shape
     W_ih = params["weight_ih"]
-    XW = xp.matmul(x.reshape(T * B, I), W_ih.T)
+    if take is None:
+        XW = xp.matmul(x.reshape(T * B, I), W_ih.T)
+    else:
+        out = take((T, B, W_ih.shape[0]), x.dtype)
+        XW = xp.matmul(x.reshape(T * B, I), W_ih.T, out=out.reshape(T * B, W_ih.shape[0]))
+        if cell.input_norm is None:
+            return out, None
     cache = None
     if cell.input_norm is not None:
         xhat, rstd = normalize_rows(xp, XW, n_segments(cell.input_norm, cell.n_gates),

@@ -34,9 +34,13 @@ through the BLAS-per-step kernels again, for side-by-side measurements.
 Small batches are weight-bound rather than FMA-bound: with one or two rows
 per thread the input projection of all steps runs first, and for B <= 4 the
 threads split either the rows or the hidden units, whichever the recent
-calls measured faster (``SplitChooser``).  The weight-gradient GEMMs of
-long batches run on the kernel threads too (one-thread BLAS each), so no
-BLAS worker is left spinning on the cores the next forward needs.
+calls measured faster (``SplitChooser``), in the forward and in BPTT.  The
+weight-gradient GEMMs of long batches run on the kernel threads too
+(one-thread BLAS each), so no BLAS worker is left spinning on the cores the
+next forward needs.  The large scratch buffers come from a
+:mod:`~kernrnn.backends.cpu.workspace` and go back to it when no longer
+used (:func:`release` for a training forward's, once its backward ran), so
+a training loop does not fault in and zero fresh pages at every step.
 
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction,
@@ -79,9 +83,10 @@ from kernrnn.backends.codegen import (
     zoneout_stores,
 )
 from kernrnn.backends.cpu import microkernel as mk
+from kernrnn.backends.cpu.workspace import workspace
 
 __all__ = ["CpuKernels", "FusedKernels", "fused_path", "get_kernels", "ForwardContext", "forward",
-           "backward", "xp"]
+           "backward", "release", "xp"]
 
 xp = np  # the array module of this backend
 
@@ -970,8 +975,8 @@ def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
         for part in parts:
             b0, b1 = part[2], part[3]
             if (b0, b1) not in xw:
-                xw[b0, b1] = np.empty((X.shape[0] * (b1 - b0), Wxp.shape[0] * Wxp.shape[2]),
-                                      dtype=X.dtype)
+                xw[b0, b1] = workspace.take(
+                    (X.shape[0] * (b1 - b0), Wxp.shape[0] * Wxp.shape[2]), X.dtype)
     tails = [(xw.get((part[2], part[3]), dummy), flags, *part, pre) for part in parts]
     _compile_with_slp(kernel, (*args, *tails[0]))
     ptails = [(xw[part[2], part[3]], *part[2:6]) for part in parts] if pre else []
@@ -983,6 +988,7 @@ def _run_fused(kernel, args, batch: int, n_blocks: int, project) -> None:
     for calls, ptail in zip(work, ptails):
         calls.insert(0, (project, (X, Wxp, *ptail)))
     _launch_timed(work, key, parts)
+    workspace.give(*xw.values())
 
 
 def _launch_timed(work, key, parts) -> None:
@@ -1084,8 +1090,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     if k.fused is not None:
         return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
                               reg, ka, input_mask)
-    XW, input_cache = common.input_projection(np, cell, x, params)
-    buf = common.time_buffers(np, cell, T, B, H, dtype, training, proj)
+    XW, input_cache = common.input_projection(np, cell, x, params, take=workspace.take)
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training, proj, take=workspace.take)
     one = np.ones(1, dtype=dtype)
     WrT, Hp = one.reshape(1, 1), one.reshape(1, 1, 1)
     if proj:
@@ -1112,6 +1118,9 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, reg=reg,
                              input_mask=input_mask)
+    else:
+        workspace.give(*buf.arrays())
+    workspace.give(XW)  # the input projection (or its normalised copy): backward needs neither
     return y, hn, ctx
 
 
@@ -1180,7 +1189,7 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    buf = common.time_buffers(np, cell, T, B, H, dtype, training)
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training, take=workspace.take)
     buf.States[:, T if reverse else 0] = h0
     if y is None:
         y = np.empty((T, B, H), dtype=dtype)
@@ -1201,7 +1210,16 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     if training:
         ctx = ForwardContext(cell, x, params, None, buf, lengths, reverse, reg=reg,
                              input_mask=input_mask)
+    else:
+        workspace.give(*buf.arrays())
     return y, hn, ctx
+
+
+def release(ctx: ForwardContext) -> None:
+    """``ctx`` will not be used again (its layer's backward consumed it): its buffers
+    go back to the workspace for the next call."""
+    workspace.give(*ctx.buffers.arrays())
+    ctx.buffers = None
 
 
 def backward(ctx: ForwardContext, dy, dhn):
@@ -1225,20 +1243,20 @@ def backward(ctx: ForwardContext, dy, dhn):
     Wr, dHp, dSp, dR = stand_in, stand_in.reshape(1, 1, 1), stand_in, stand_in
     if proj:  # dS[0] is the unprojected h's (the step adds none); dSp the projected h's
         Wr = np.ascontiguousarray(params["weight_hr"])
-        dHp = np.empty((T, B, proj), dtype=dtype)
+        dHp = workspace.take((T, B, proj), dtype)
         dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
         dR = np.empty((B, H), dtype=dtype)
         dS[0] = 0
-    dXW = np.empty((T, B, G * H), dtype=dtype)
+    dXW = workspace.take((T, B, G * H), dtype)
     one = np.ones(1, dtype=dtype)
     if not cell.has_recurrent:
         dHU = one.reshape(1, 1, 1, 1)
     elif k.same_grads:
         dHU = dXW.reshape(1, T, B, G * H)
     else:
-        dHU = np.empty((NH, T, B, GrH // NH), dtype=dtype)
-    dH = np.empty((NH, B, proj or H // NH), dtype=dtype) if k.fused is None else \
-        np.empty((1, B, -(-H // k.fused.nu) * k.fused.nu), dtype=dtype)
+        dHU = workspace.take((NH, T, B, GrH // NH), dtype)
+    dH = workspace.take((NH, B, proj or H // NH) if k.fused is None else
+                        (1, B, -(-H // k.fused.nu) * k.fused.nu), dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
     loop = k.backward_loop
@@ -1289,4 +1307,5 @@ def backward(ctx: ForwardContext, dy, dhn):
         grads["bias_hh"] = sums["bias_ih"].copy() if k.same_grads else sums["bias_hh"]
     grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
                                            sums["bz"], H))
+    workspace.give(dXW, dHU, dH, dHp)  # views (dHU of an LSTM is dXW's) and stand-ins stay out
     return dx, dS, grads

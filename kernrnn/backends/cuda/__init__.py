@@ -69,7 +69,7 @@ from kernrnn.backends.cuda.kernels import SCAN_CHUNK, kernel_source, signatures
 
 __all__ = [
     "xp", "SIMULATOR", "CudaUnavailableError", "require", "asarray", "from_host", "lengths",
-    "forward", "backward", "ForwardContext", "get_kernels", "kernel_sources", "set_path",
+    "forward", "backward", "release", "ForwardContext", "get_kernels", "kernel_sources", "set_path",
     "get_path", "PATHS", "BLOCK", "set_graphs", "graphs_enabled", "graph_stats",
 ]
 
@@ -897,6 +897,11 @@ def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
     launch(k.scan_apply_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), w(Start),
            w(dXW), w(dP), w(dS), *cargs[2:])
     acc["params"] += dP.reshape(NC, B, -1).sum(axis=0)
+
+
+def release(ctx: ForwardContext) -> None:
+    """``ctx`` will not be used again; nothing to do: CuPy's memory pool already
+    reuses the device memory of freed arrays."""
 
 
 def backward(ctx: ForwardContext, dy, dhn):
