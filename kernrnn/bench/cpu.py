@@ -107,9 +107,14 @@ def set_threads(n: int, torch=None) -> None:
     """
     global _limiter
     import numba
+    import numba.np.ufunc.parallel as numba_parallel
     import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so it is limited too)
     from threadpoolctl import threadpool_limits
 
+    if not getattr(numba_parallel, "_is_initialized", True):
+        # kernrnn runs no parallel Numba code; the OpenMP layer, started before
+        # PyTorch is imported, would slow PyTorch's ops 10-30x (see cpu.n_threads)
+        numba.config.THREADING_LAYER = "workqueue"
     numba.set_num_threads(n)
     _limiter = threadpool_limits(limits=n)
     if torch is not None:
