@@ -247,6 +247,9 @@ def run_loop_cases(cells=("cifg",), sizes=SIZES, repeats=10, warmup=2, threads=2
         if cell not in LOOP_CELLS:
             raise ValueError(f"no PyTorch loop for cell {cell!r}; known: {', '.join(LOOP_CELLS)}")
         for (B, T, I, H) in sizes:
+            # compile afresh per size: TorchDynamo stops compiling a function after 8
+            # recompilations (two per size here) and runs it eagerly from then on
+            torch._dynamo.reset()
             gf = flops(cell, B, T, I, H, "train") / 1e9
             eager = Case(cell, B, T, I, H, "train", gf, anchor="torch loop")
             comp = Case(cell, B, T, I, H, "train", gf, anchor="torch.compile loop")
