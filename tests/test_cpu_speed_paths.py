@@ -426,6 +426,9 @@ def test_workspace_hands_out_only_whole_free_arrays():
     ws.give(*more)
     assert ws.nbytes == 3 * 8192  # the oldest dropped past max_bytes
     assert ws.take((16, 128), np.float32) is more[1]
+    few = Workspace(max_arrays=2)
+    few.give(*more)
+    assert len(few._free) == 2 and few.take((16, 128), np.float32) is more[2]
 
 
 @settings(max_examples=4, deadline=None)

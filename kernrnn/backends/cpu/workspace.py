@@ -27,8 +27,10 @@ __all__ = ["Workspace", "workspace"]
 
 
 class Workspace:
-    """Free arrays by ``(shape, dtype)``, at most ``max_bytes`` of them (oldest dropped first),
-    none under ``min_bytes``.
+    """Free arrays by ``(shape, dtype)``: at most ``max_arrays`` of them and ``max_bytes``
+    in all (the oldest dropped first), none under ``min_bytes``.  Shapes must match
+    exactly, so calls whose shapes keep changing (a new T every batch) gain nothing
+    and the oldest buffers just make room.
 
     :meth:`take` returns an array with undefined contents, like ``np.empty``;
     :meth:`give` puts arrays back that no one reads or writes any more.
@@ -36,8 +38,10 @@ class Workspace:
     caller at a time.
     """
 
-    def __init__(self, max_bytes: int = 512 << 20, min_bytes: int = 4096):
+    def __init__(self, max_bytes: int = 512 << 20, min_bytes: int = 4096,
+                 max_arrays: int = 64):
         self.max_bytes = max_bytes
+        self.max_arrays = max_arrays  # also bounds take()'s scan
         self.min_bytes = min_bytes  # smaller arrays: malloc reuses them anyway
         self._free: OrderedDict = OrderedDict()  # id -> array, oldest first
         self._lock = threading.Lock()
@@ -63,7 +67,8 @@ class Workspace:
                     continue
                 self._free[id(a)] = a
                 self._bytes += a.nbytes
-            while self._bytes > self.max_bytes and self._free:
+            while self._free and (self._bytes > self.max_bytes
+                                  or len(self._free) > self.max_arrays):
                 _, old = self._free.popitem(last=False)
                 self._bytes -= old.nbytes
 
