@@ -48,6 +48,7 @@ class Workspace:
         self._bytes = 0
 
     def take(self, shape, dtype) -> np.ndarray:
+        """A free array of exactly ``shape`` and ``dtype``, else a new ``np.empty`` one."""
         shape = tuple(int(n) for n in shape)
         dtype = np.dtype(dtype)
         with self._lock:
@@ -59,6 +60,8 @@ class Workspace:
         return np.empty(shape, dtype=dtype)
 
     def give(self, *arrays) -> None:
+        """Put back arrays nobody uses any more; views, small and read-only arrays are
+        left alone."""
         with self._lock:
             for a in arrays:
                 # only whole, owned arrays (a view would pin another array's memory)
@@ -73,6 +76,7 @@ class Workspace:
                 self._bytes -= old.nbytes
 
     def clear(self) -> None:
+        """Drop every free array (their memory goes back to the allocator)."""
         with self._lock:
             self._free.clear()
             self._bytes = 0
