@@ -438,7 +438,7 @@ def _backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fal
     # (views start there).  A loop index from 0 is one LLVM proves
     # non-negative, so it drops Numba's wraparound select and vectorises the
     # loop; on ``j`` from ``range(j_lo, j_hi)`` the LSTM's BPTT step stayed
-    # scalar (LSTM, B=32, H=128: BPTT 5.4 -> ... ms).
+    # scalar (LSTM BPTT, 2 threads: B=32, H=128 5.4 -> 3.6 ms; B=8, H=256 4.1 -> 3.1).
     x = "j" if packed is None else "e"
     mr_ = f" * mrr[{x}]" if rdrop else ""  # dH is the gradient of the masked h
     dh_in = "dH[hd, b, i]" if packed is None else "dhv[e]"
