@@ -250,6 +250,26 @@ def test_packing_layouts():
         np.testing.assert_array_equal(f.pack_backward(Wh, H), mk.pack_backward(Wh, H, f.nu))
 
 
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 9), H=st.integers(1, 40), split=st.sampled_from(["rows", "units"]),
+       cell=st.sampled_from(["lstm", "gru"]))
+def test_training_forward_packs_the_backward_panels(B, H, split, cell):
+    """The kernel threads' shares of a training forward's packing (either split) make up
+    W_hh in the backward's layout, which the context carries to the backward."""
+    rng = np.random.default_rng(B * 100 + H)
+    layer = kernrnn.RNN(cell, 5, H, dtype=np.float32, seed=B)
+    layer.train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "SPLIT", split)
+        layer(rng.uniform(-1, 1, (3, B, 5)).astype(np.float32))
+    ctx = layer._ctx[0][0]
+    f = cpu.get_kernels(layer.cell, np.float32).fused
+    want = mk.pack_backward(layer.params["weight_hh_l0"], H, f.nu)
+    np.testing.assert_array_equal(ctx.panels, want)
+    layer.backward(np.zeros((3, B, H), np.float32))
+    assert ctx.panels is None  # back in the workspace
+
+
 def test_fused_path_selection():
     reg = kernrnn.get_registry()
     assert cpu.fused_path(reg.get("lstm")) and cpu.fused_path(reg.get("gru"))

@@ -109,6 +109,7 @@ class ForwardContext:
     path: str = "gemm"
     reg: object = None  # the call's RegularizationCall, or None
     input_mask: object = None  # [B, I] input-dropout mask applied to x, or None
+    panels: object = None  # CPU fused path: W_hh packed for the backward by the forward
 
     @property
     def States(self):

@@ -159,20 +159,22 @@ def pack_forward(W, n_gates: int, H: int, nu: int):
 
 
 def pack_source() -> str:
-    """Source of ``pack_panels(W, G, H, nu, out)``: :func:`pack_forward`'s layout, compiled
-    (and ``pack_panels_backward(W, H, nu, out)``: :func:`pack_backward`'s).
+    """Source of ``pack_panels(W, G, H, nu, out, jb0, jb1)``: panels ``jb0:jb1`` of
+    :func:`pack_forward`'s layout, compiled (and ``pack_panels_backward(W, H, nu, out, jb0,
+    jb1)``: :func:`pack_backward`'s).
 
     The NumPy version pads, transposes and copies (three passes over ``W``);
     this one reads each row of ``W`` once and writes its column of the panel
     (1.7-3x faster at H = 256-512; packing runs at every call, so it is a
-    visible part of a small-batch forward).
+    visible part of a small-batch forward).  A panel range, so the kernel
+    threads can share the packing.
     """
     return '''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def pack_panels(W, G, H, nu, out):
-    """out[jb, k, g*nu + u] = W[g*H + jb*nu + u, k] (zero past H): see pack_forward."""
+def pack_panels(W, G, H, nu, out, jb0, jb1):
+    """out[jb, k, g*nu + u] = W[g*H + jb*nu + u, k] (zero past H) for jb0 <= jb < jb1."""
     K = W.shape[1]
-    for jb in range(out.shape[0]):
+    for jb in range(jb0, jb1):
         for g in range(G):
             for u in range(nu):
                 j = jb * nu + u
@@ -187,11 +189,11 @@ def pack_panels(W, G, H, nu, out):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def pack_panels_backward(W, H, nu, out):
-    """out[jb, k, u] = W[k, jb*nu + u] (zero past H): see pack_backward."""
+def pack_panels_backward(W, H, nu, out, jb0, jb1):
+    """out[jb, k, u] = W[k, jb*nu + u] (zero past H) for jb0 <= jb < jb1."""
     for k in range(W.shape[0]):
         row = W[k]
-        for jb in range(out.shape[0]):
+        for jb in range(jb0, jb1):
             for u in range(nu):
                 j = jb * nu + u
                 out[jb, k, u] = row[j] if j < H else 0
