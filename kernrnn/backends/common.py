@@ -62,11 +62,13 @@ class TimeBuffers:
 
 
 def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
-                 proj: int = 0, take=None) -> TimeBuffers:
+                 proj: int = 0, take=None, state_slots=None) -> TimeBuffers:
     """Allocate :class:`TimeBuffers` for one direction (``proj``: the projection size P).
 
     ``take(shape, dtype)``: where the arrays come from (default ``xp.empty``;
     the CPU backend reuses its own, see :mod:`kernrnn.backends.cpu.workspace`).
+    ``state_slots``: time slots of ``States`` when not ``T + 1`` (a kernel that
+    keeps only the current state: the CPU's fused inference, two).
     """
     S, K = cell.n_state, cell.n_saved
     Tm = T if training else 1
@@ -90,8 +92,8 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
         Rhh = empty(Th, B, nseg)
     else:
         HU, Rhh = one, empty(1, 1, 1)
-    return TimeBuffers(empty(S, T + 1, B, H), empty(K if training else 0, T, B, H), Mid, Zhat,
-                       Rz, HU, Rhh, empty(T + 1, B, proj) if proj else None)
+    return TimeBuffers(empty(S, state_slots or T + 1, B, H), empty(K if training else 0, T, B, H),
+                       Mid, Zhat, Rz, HU, Rhh, empty(T + 1, B, proj) if proj else None)
 
 
 @dataclass

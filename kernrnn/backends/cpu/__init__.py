@@ -316,6 +316,13 @@ def _fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
         mr, nr, mk.tail_heights(mr, exact=False), "g0", "g1",
         lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
     name = "forward_train" if train else "forward_infer"
+    # Training keeps every step's state (States [S, T+1, B, H], for BPTT); inference
+    # only the current one, in two slots that take turns (States [S, 2, B, H],
+    # allocated by _forward_fused): far less state written to memory.
+    slots = ("if reverse:\n    t = T - 1 - step\n    p = t + 1\n    n = t\n"
+             "else:\n    t = step\n    p = t\n    n = t + 1") if train else (
+        "t = T - 1 - step if reverse else step\np = step & 1  # the step's input slot\n"
+        "n = 1 - p")
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd, Zthr, Zp,
@@ -335,14 +342,7 @@ def {name}(X, Wxp, b_ih, Wp, b_hh, P, States, Saved, Y, lengths, reverse, Mr, Hd
         XWs = XWc
 {_ind(pviews, 4)}
     for step in range(T):
-        if reverse:
-            t = T - 1 - step
-            p = t + 1
-            n = t
-        else:
-            t = step
-            p = t
-            n = t + 1
+{_ind(slots, 8)}
         A = {"Hd" if rdrop else "States[0, p]"}
         Xt = X[t]
         for g0 in range(b0, b1, {rg}):
@@ -1266,8 +1266,10 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    buf = common.time_buffers(np, cell, T, B, H, dtype, training, take=workspace.take)
-    buf.States[:, T if reverse else 0] = h0
+    buf = common.time_buffers(np, cell, T, B, H, dtype, training, take=workspace.take,
+                              state_slots=None if training else 2)
+    first, last = (T if reverse else 0, 0 if reverse else T) if training else (0, T & 1)
+    buf.States[:, first] = h0
     if y is None:
         y = np.empty((T, B, H), dtype=dtype)
     prepare, Wb = None, None
@@ -1282,7 +1284,7 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
                    (np.ascontiguousarray(x), Wxp, params["bias_ih"], Wp, params["bias_hh"], P,
                     buf.States, buf.Saved, y, lengths, reverse, *_reg_args(ka)), B,
                    Wp.shape[0], f.input_projection, prepare)
-    hn = buf.States[:, 0 if reverse else T].copy()
+    hn = buf.States[:, last].copy()
     ctx = None
     if training:
         workspace.give(Wp, Wxp)
