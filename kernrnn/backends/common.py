@@ -35,7 +35,8 @@ __all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_
 class TimeBuffers:
     """The arrays one direction's time loop fills, in the layouts of the module docstring.
 
-    ``States [S, T+1, B, H]`` (time boundaries), ``Saved [K, T, B, H]``; for a
+    ``States [S, T+1, B, H]`` (time boundaries; ``[S, 2, B, H]``, two slots
+    taking turns, in the CPU's fused inference), ``Saved [K, T, B, H]``; for a
     two-stage step ``Mid [NM, T', B, H]``, ``Zhat [NZ, T', B, H]`` and
     ``Rz [NZ, T', B]``; ``HU [T'', NH, B, Gr*dh]`` and ``Rhh [T'', B, nseg]``
     (the normalised recurrent products and their reciprocal deviations).  T'
