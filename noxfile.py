@@ -15,7 +15,7 @@ nox.options.error_on_missing_interpreters = False
 def tests(session: nox.Session) -> None:
     """The whole test-suite, installed as the README's test command does."""
     session.install("-e", ".[test,cudasim,train]", "torch==2.13.0")
-    session.run("python", "-m", "pytest", *session.posargs)
+    session.run("python", "-m", "pytest", "-n", "auto", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session

@@ -32,15 +32,37 @@ def fresh_registry(monkeypatch):
     plugins.reset_registry()
 
 
-def pytest_terminal_summary(terminalreporter):
-    """Print the largest errors seen against the reference (for the issue notes)."""
+def _max_seen() -> dict:
     try:
         from test_layer_properties import MAX_SEEN
     except ImportError:
-        return
-    if MAX_SEEN:
+        return {}
+    return MAX_SEEN
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its largest errors to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["kernrnn_max_seen"] = dict(_max_seen())
+
+
+_WORKERS_MAX_SEEN: dict = {}  # the controller's merge of its workers' MAX_SEEN
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller merges each worker's largest errors (pytest-xdist's hook)."""
+    for key, value in getattr(node, "workeroutput", {}).get("kernrnn_max_seen", {}).items():
+        _WORKERS_MAX_SEEN[key] = max(_WORKERS_MAX_SEEN.get(key, 0.0), value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the largest errors seen against the reference (for the issue notes)."""
+    seen = {**_max_seen(), **_WORKERS_MAX_SEEN}
+    if seen:
         terminalreporter.section("largest errors seen vs the float64 reference")
-        for key, value in sorted(MAX_SEEN.items()):
+        for key, value in sorted(seen.items()):
             terminalreporter.write_line(f"{key}: {value:.3e}")
 
 
