@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import kernrnn
 from kernrnn.backends import cpu
 from kernrnn.cell import _sigmoid_float32, _tanh_float32, sigmoid, tanh
+from kernrnn.plugins import get_registry
 from kernrnn.scalar import compile_scalar, math_fingerprint
 from kernrnn.testing.strategies import make_arrays, problems
 
@@ -373,6 +374,23 @@ def test_packed_weights_are_reused_only_while_unchanged():
             want.load_state_dict({k: v.copy() for k, v in layer.params.items()})
             want.train()  # training forwards never use the cache
             np.testing.assert_array_equal(layer(x)[0], want(x)[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3 * 4096 + 7), dtype=st.sampled_from([np.float32, np.float64]),
+       data=st.data())
+def test_same_bits_finds_any_changed_bit(n, dtype, data):
+    """The inference cache's check: a copy is the same, one flipped bit anywhere (any
+    4096-element block, any bit) is not, and neither is another shape."""
+    f = cpu.get_kernels(get_registry().get("lstm"), dtype).fused
+    a = np.random.default_rng(n).standard_normal((n, 1)).astype(dtype)
+    assert cpu._same_bits(f, a, a.copy())
+    changed = a.copy()
+    pos = data.draw(st.integers(0, n - 1), label="element")
+    bit = data.draw(st.integers(0, 8 * a.itemsize - 1), label="bit")
+    changed.view(f"u{a.itemsize}")[pos, 0] ^= np.array(1, f"u{a.itemsize}") << bit
+    assert not cpu._same_bits(f, a, changed)
+    assert not cpu._same_bits(f, a, a.reshape(n).copy())
 
 
 @settings(max_examples=15, deadline=None)
