@@ -146,6 +146,47 @@ def test_bench_runs_small_case_and_reports(tmp_path):
     assert md.startswith("# kernrnn CPU benchmark") and "| gru | 3,4,5,6 | forward |" in md
 
 
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_timeline_records_the_parts_of_a_call_and_unwraps(monkeypatch, mode):
+    from kernrnn.backends import common
+    from kernrnn.bench import cpu as bench
+    from kernrnn.bench.timeline import format_timeline, step_timeline
+
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    originals = (cpu.forward, cpu.backward, cpu._run_calls, common.weight_gradients,
+                 kernrnn.RNN.backward)
+    events = step_timeline("lstm", 3, 4, 5, 6, mode, steps=3, warmup=1, threads=1)
+    assert (cpu.forward, cpu.backward, cpu._run_calls, common.weight_gradients,
+            kernrnn.RNN.backward) == originals
+    labels = [label for label, _ in events]
+    times = [t for _, t in events]
+    assert labels[-1] == "done" and times == sorted(times) and times[0] >= 0
+    want = ["backend forward start", "backend forward end"]
+    if mode == "train":
+        want += ["layer backward start", "backend backward start", "weight gradients start",
+                 "weight gradients end", "backend backward end", "layer backward end"]
+    assert [label for label in labels if label in want] == want
+    kernels = [label for label in labels if label.startswith("caller ")]
+    assert kernels and len(kernels) % 2 == 0  # each kernel call's start and end
+    text = format_timeline(events)
+    assert "backend forward start" in text and text.count("\n") == len(events)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        step_timeline("lstm", 3, 4, 5, 6, "backward")
+
+
+def test_bench_cli_timeline(capsys, monkeypatch):
+    from kernrnn.bench import cpu as bench
+    from kernrnn.cli import main
+
+    monkeypatch.setattr(bench, "SETTLE_S", bench.SETTLE_S)  # --settle sets it: restore after
+    assert main(["bench", "--timeline", "--cells", "lstm", "--sizes", "2,3,4,5", "--modes",
+                 "train", "--repeats", "2", "--warmup", "0", "--settle", "0",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lstm 2,3,4,5 train (median of 2 calls):" in out
+    assert "backend backward end" in out and out.rstrip().endswith("done")
+
+
 def test_bench_cli_rejects_bad_options(capsys):
     from kernrnn.cli import main
 

@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--note", default="", help="a line added to the markdown report")
     p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the time ratios as a bar chart")
+    p.add_argument("--timeline", action="store_true",
+                   help="instead of comparing, show where one kernrnn call's time goes: "
+                        "timestamps of its parts (kernels per thread, GEMMs, set-up) for the "
+                        "median of --repeats calls, per cell, size and mode")
     p.set_defaults(func=run)
 
 
@@ -90,6 +94,18 @@ def run(args) -> int:
             raise ValueError(f"--settle must be between 0 and 10 seconds, got {args.settle}")
         bench.SETTLE_S = args.settle
 
+    if args.timeline:
+        from kernrnn.bench.timeline import format_timeline, step_timeline
+
+        print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
+        for cell in cells:
+            for B, T, I, H in sizes:
+                for mode in modes:
+                    events = step_timeline(cell, B, T, I, H, mode, steps=args.repeats,
+                                           warmup=args.warmup, threads=args.threads)
+                    print(f"\n{cell} {B},{T},{I},{H} {mode} (median of {args.repeats} calls):")
+                    print(format_timeline(events))
+        return 0
     command = "kernrnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("kernrnn") else "kernrnn bench"
     print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
