@@ -39,8 +39,10 @@ def _recording(events: list):
                 mark(label + " end")
         return wrapper
 
+    caller = threading.get_ident()
+
     def run_calls(calls):  # one kernel thread's calls (cpu._launch_fused)
-        who = "caller" if threading.current_thread() is threading.main_thread() else "pool"
+        who = "caller" if threading.get_ident() == caller else "pool"
         for fn, fn_args in calls:
             name = getattr(fn, "__name__", "kernel")
             mark(f"{who} {name} start")
