@@ -153,11 +153,14 @@ def test_timeline_records_the_parts_of_a_call_and_unwraps(monkeypatch, mode):
     from kernrnn.bench.timeline import format_timeline, step_timeline
 
     monkeypatch.setattr(bench, "SETTLE_S", 0.0)
-    originals = (cpu.forward, cpu.backward, cpu._run_calls, common.weight_gradients,
-                 kernrnn.RNN.backward)
+    def patched():
+        return (cpu.forward, cpu.backward, cpu._run_calls, cpu._blas_single_thread,
+                cpu._threaded_matmul, common._matmul, common.weight_gradients,
+                kernrnn.RNN.backward)
+
+    originals = patched()
     events = step_timeline("lstm", 3, 4, 5, 6, mode, steps=3, warmup=1, threads=1)
-    assert (cpu.forward, cpu.backward, cpu._run_calls, common.weight_gradients,
-            kernrnn.RNN.backward) == originals
+    assert patched() == originals
     labels = [label for label, _ in events]
     times = [t for _, t in events]
     assert labels[-1] == "done" and times == sorted(times) and times[0] >= 0

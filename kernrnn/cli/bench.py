@@ -94,10 +94,10 @@ def run(args) -> int:
             raise ValueError(f"--settle must be between 0 and 10 seconds, got {args.settle}")
         bench.SETTLE_S = args.settle
 
+    print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
     if args.timeline:
         from kernrnn.bench.timeline import format_timeline, step_timeline
 
-        print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
         for cell in cells:
             for B, T, I, H in sizes:
                 for mode in modes:
@@ -108,7 +108,6 @@ def run(args) -> int:
         return 0
     command = "kernrnn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("kernrnn") else "kernrnn bench"
-    print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
     cases = []
     if not args.startup_only:
         def progress(case):
