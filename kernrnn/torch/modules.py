@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import rnn as _torch_rnn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from kernrnn.torch import _ops
@@ -27,6 +28,13 @@ from kernrnn.torch import _ops
 __all__ = ["LSTM", "GRU", "RNN", "Recurrent"]
 
 _DTYPES = (torch.float32, torch.float64)
+
+# PyTorch's own classes, looked up where they are defined and never through
+# ``torch.nn``: once a script sets ``torch.nn.LSTM = kernrnn.torch.LSTM`` (or calls
+# ``patch()``), ``nn.LSTM.check_forward_args`` would be this module's method
+# calling itself.
+_TorchLSTM = _torch_rnn.LSTM
+_TorchRNNBase = _torch_rnn.RNNBase
 
 
 class _FusedForward:
@@ -165,7 +173,7 @@ def _check_tensors(name, x, hx, params, names):
 _CELL_OF_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn", "RNN_RELU": "rnn_relu"}
 
 
-class _DropIn(_FusedForward, nn.RNNBase):
+class _DropIn(_FusedForward, _TorchRNNBase):
     """``nn.RNNBase`` with kernrnn's forward."""
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
@@ -197,15 +205,15 @@ class LSTM(_DropIn):
 
     def check_forward_args(self, input, hidden, batch_sizes):
         """``nn.LSTM``'s checks of ``input`` and ``(h_0, c_0)`` (its messages)."""
-        nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+        _TorchLSTM.check_forward_args(self, input, hidden, batch_sizes)
 
     def get_expected_cell_size(self, input, batch_sizes):
         """The shape ``c_0`` must have (``nn.LSTM``'s)."""
-        return nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+        return _TorchLSTM.get_expected_cell_size(self, input, batch_sizes)
 
     def permute_hidden(self, hx, permutation):
         """``(h, c)`` reordered along the batch (``nn.LSTM``'s)."""
-        return nn.LSTM.permute_hidden(self, hx, permutation)
+        return _TorchLSTM.permute_hidden(self, hx, permutation)
 
 
 class GRU(_DropIn):
@@ -306,15 +314,15 @@ class Recurrent(_FusedForward, nn.Module):
 
     def check_input(self, input, batch_sizes):
         """``nn.RNNBase``'s checks of the input's dtype, rank and size (its messages)."""
-        nn.RNNBase.check_input(self, input, batch_sizes)
+        _TorchRNNBase.check_input(self, input, batch_sizes)
 
     def get_expected_hidden_size(self, input, batch_sizes):
         """The shape every state component must have: ``[L*D, B, H]``."""
-        return nn.RNNBase.get_expected_hidden_size(self, input, batch_sizes)
+        return _TorchRNNBase.get_expected_hidden_size(self, input, batch_sizes)
 
     def check_hidden_size(self, hx, expected_hidden_size, msg="Expected hidden size {}, got {}"):
         """``nn.RNNBase``'s shape check of one state component."""
-        nn.RNNBase.check_hidden_size(self, hx, expected_hidden_size, msg)
+        _TorchRNNBase.check_hidden_size(self, hx, expected_hidden_size, msg)
 
     def check_forward_args(self, input, hidden, batch_sizes):
         """PyTorch's checks of ``input`` and of every state component."""
