@@ -57,5 +57,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU checks and benchmark in the current environment (CuPy, numba-cuda, PyTorch)."""
-    session.run("python", "-m", "kernrnn.bench.gpu", *session.posargs)
+    """GPU checks and benchmark in the current environment (CuPy, numba-cuda, PyTorch).
+
+    ``benchmarks/gpu.py`` is a script of the checkout, not of the installed
+    package; nox runs it from the repository root, where ``benchmarks`` imports.
+    """
+    session.run("python", "-m", "benchmarks.gpu", *session.posargs)

@@ -1,4 +1,4 @@
-"""The prepared check of kernrnn on a real GPU: ``python -m kernrnn.bench.devicecheck``.
+"""The prepared check of kernrnn on a real GPU: ``python -m benchmarks.devicecheck``.
 
 One command (``scripts/gpu-check.sh`` runs it from a checkout) of at most
 about seven minutes.  Each phase runs in its own process with its own
@@ -7,7 +7,7 @@ phases still run; any phase can be rerun alone (``... devicecheck persistent``).
 Logs go to ``$OUT/devicecheck/`` when ``OUT`` is set (else
 ``./devicecheck-logs``, or ``--out``): one log per phase, ``summary.md`` and
 ``summary.json``, and the benchmark table ``gpu-<gpu>.md`` ready to commit
-as ``docs/benchmarks/``.
+under ``docs/benchmarks/`` (and to list on the Benchmarks page, ``docs/benchmarks.md``).
 
 Phases (default order; ``--list`` shows the timeouts):
 
@@ -71,7 +71,7 @@ PHASES = {p.name: p for p in (
 BUDGET = 420  # seconds for the default phases together (the sum of their timeouts)
 
 HERE = Path(__file__).resolve()
-REPO = HERE.parents[2]  # a source checkout: kernrnn/, plugins/, tests/
+REPO = HERE.parents[1]  # the source checkout: benchmarks/, kernrnn/, plugins/, tests/
 
 
 def _in_checkout() -> bool:
@@ -91,11 +91,11 @@ def child_env(out: Path) -> tuple[dict, list[str]]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("HYPOTHESIS_PROFILE", "ci")
     notes = []
-    if _in_checkout():  # importable without installing (the device may lack the deps)
-        paths = [str(REPO), str(REPO / "plugins")]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in
-                                                     env.get("PYTHONPATH", "").split(os.pathsep)
-                                                     if p])
+    # The children run ``-m benchmarks.devicecheck``, so the checkout is always on the
+    # path; kernrnn and its cells come from it too, uninstalled (the device may lack the deps).
+    paths = [str(REPO)] + ([str(REPO / "plugins")] if (REPO / "plugins").is_dir() else [])
+    env["PYTHONPATH"] = os.pathsep.join(
+        paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if "KERNRNN_CACHE_DIR" not in env:  # shared by the phases, kept between reruns
         base = REPO if _in_checkout() else out
         env["KERNRNN_CACHE_DIR"] = str(base / ".kcache")
@@ -108,7 +108,7 @@ def child_env(out: Path) -> tuple[dict, list[str]]:
 
 
 def _child_command(name: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "kernrnn.bench.devicecheck", "--child", name, "--out", str(out)]
+    return [sys.executable, "-m", "benchmarks.devicecheck", "--child", name, "--out", str(out)]
 
 
 def _run_child(cmd, env, log_path: Path, timeout: float) -> tuple[str, int | None, float]:
@@ -175,7 +175,7 @@ def _write_summary(out: Path, results, notes) -> None:
     (out / "summary.json").write_text(json.dumps(dict(results=results, notes=notes), indent=1))
     lines = ["# kernrnn device check", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"`{' '.join(['python -m kernrnn.bench.devicecheck'] + sys.argv[1:])}`", ""]
+             f"`{' '.join(['python -m benchmarks.devicecheck'] + sys.argv[1:])}`", ""]
     lines += [f"note: {n}" for n in notes]
     lines += ["| phase | status | seconds | log |", "|---|---|---|---|"]
     lines += [f"| {r['phase']} | {r['status']} | {r['seconds']} | {r['log'] or '-'} |"
@@ -442,7 +442,7 @@ def phase_persistent(out: Path) -> int:
     import cupy
 
     from kernrnn.backends.cuda import persistent as cp
-    from kernrnn.bench.persistent import gpu_selfcheck
+    from benchmarks.persistent import gpu_selfcheck
     from kernrnn.plugins import get_registry
 
     warm_persistent(_persistent_tasks())
@@ -738,7 +738,7 @@ def phase_bench(out: Path, reps: int = 7, warmup: int = 2) -> int:
     import torch
 
     from kernrnn.backends.cuda import persistent as cp
-    from kernrnn.bench import torch_fp32_precision
+    from benchmarks import torch_fp32_precision
     from kernrnn.functional import rnn_backward, rnn_forward
     from kernrnn.plugins import get_registry
 
@@ -751,7 +751,7 @@ def phase_bench(out: Path, reps: int = 7, warmup: int = 2) -> int:
             v.get("cupy-cuda13x") != "-" else v.get("cupy-cuda12x"),
             "numba-cuda": v.get("numba-cuda"), "PyTorch": f"{torch.__version__} (cuDNN "
             f"{v.get('cudnn')})", "fp32 precision": f"{precision}; check: {ieee_note}",
-            "command": "python -m kernrnn.bench.devicecheck bench",
+            "command": "python -m benchmarks.devicecheck bench",
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "repeats": f"median of {reps} after {warmup} warm-up runs"}
     slug = "".join(c if c.isalnum() else "-" for c in props["name"].lower()).strip("-")
@@ -844,7 +844,7 @@ _CHILDREN = {"env": lambda out: phase_env(), "gemm": phase_gemm, "persistent": p
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench.devicecheck",
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.devicecheck",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("phases", nargs="*", help=f"phases to run (default: "
                     f"{' '.join(n for n, p in PHASES.items() if p.default)})")

@@ -1,6 +1,6 @@
 """Reproducible experiments behind the numbers in ``docs/benchmarks``.
 
-``python -m kernrnn.train.experiments adding`` trains each cell on the adding
+``python -m benchmarks.experiments adding`` trains each cell on the adding
 problem with the same budget (steps, batch, hidden size, optimizer) and
 writes a Markdown table of held-out MSE against the trivial predictor's
 (always 1, MSE 1/6): the long-memory test of Hochreiter & Schmidhuber (1997)
@@ -118,7 +118,7 @@ def adding_markdown(rows, args, command) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernrnn.train.experiments")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments")
     sub = p.add_subparsers(dest="experiment", required=True)
     a = sub.add_parser("adding", help="adding problem: LSTM and GRU vs the tanh RNN")
     a.add_argument("--T", type=int, default=100)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     rows = run_adding(args.cells, args.T, args.steps, args.batch, args.hidden, args.lr,
                       args.seeds, args.every, args.threads,
                       log=lambda s: print(s, file=sys.stderr, flush=True))
-    command = "python -m kernrnn.train.experiments " + " ".join(
+    command = "python -m benchmarks.experiments " + " ".join(
         argv if argv is not None else sys.argv[1:])
     md = adding_markdown(rows, args, command)
     if args.out:

@@ -1,10 +1,9 @@
-"""GPU check and benchmark: ``python -m kernrnn.bench.gpu``.
+"""GPU check and benchmark: ``python -m benchmarks.gpu``.
 
 On a machine with an NVIDIA GPU, CuPy, numba-cuda and PyTorch (CUDA), in a
 few minutes and without network:
 
-1. runs the gpu-marked tests (``pytest -m gpu``) when the repository's tests
-   are next to the package;
+1. runs the gpu-marked tests (``pytest -m gpu``) of the checkout's ``tests/``;
 2. checks the CUDA backend against the CPU float64 reference on random
    inputs: outputs and gradients (float64 and float32) of every shipped cell,
    and a float32 training step at a realistic size against the float64 CPU
@@ -18,7 +17,7 @@ few minutes and without network:
 Exit status 0 when every check passed, 1 when one failed, 2 when there is no
 usable GPU.  ``--out FILE`` also writes the report as Markdown (commit it as
 ``docs/benchmarks/cuda-<date>-<gpu>.md``).  From a source checkout without
-installing: ``PYTHONPATH=.:plugins python3 -m kernrnn.bench.gpu --out FILE``.
+installing: ``PYTHONPATH=.:plugins python3 -m benchmarks.gpu --out FILE``.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def _gpu_name() -> str:
 def run_gpu_tests(report: Report, timeout: float) -> None:
     tests = Path(__file__).resolve().parent.parent / "tests"
     if not (tests / "test_gpu.py").exists():
-        report("gpu tests: skipped (no tests/ directory next to the package)")
+        report("gpu tests: skipped (no tests/ directory in this checkout)")
         return
     import importlib.util
 
@@ -323,7 +322,7 @@ def time_against_cudnn(report: Report, torch, reps: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench.gpu",
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="timed runs per case (default 20)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from kernrnn.bench import torch_fp32_precision
+        from benchmarks import torch_fp32_precision
 
         # kernrnn computes float32 in float32; so must cuDNN for a like-for-like check
         # and timing (its default lets RNNs use TF32 tensor cores, 10-bit mantissas).

@@ -1,6 +1,6 @@
 """GPU measurements of the persistent kernel: self-check and benchmark against cuDNN.
 
-``python -m kernrnn.bench.persistent [check|bench|loops]`` on a GPU machine.
+``python -m benchmarks.persistent [check|bench|loops]`` on a GPU machine.
 Kept out of :mod:`kernrnn.backends.cuda.persistent` so that the backend never
 imports the public API (:mod:`kernrnn.functional`) it serves.
 """
@@ -46,7 +46,7 @@ def benchmark(cells=("lstm", "gru"), T=100, hidden=(256, 512, 1024), batches=(1,
     import cupy
     import torch
 
-    from kernrnn.bench import torch_fp32_precision
+    from benchmarks import torch_fp32_precision
     from kernrnn.functional import rnn_backward, rnn_forward
     from kernrnn.plugins import get_registry
 
@@ -323,10 +323,10 @@ def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.floa
 
 
 def main(argv=None) -> int:
-    """``python -m kernrnn.bench.persistent [check|bench|loops]`` on a GPU machine."""
+    """``python -m benchmarks.persistent [check|bench|loops]`` on a GPU machine."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.persistent", description=main.__doc__)
     ap.add_argument("what", nargs="*", help="check, bench, loops (default: check bench)")
     ap.add_argument("--cells", default="lstm,gru")
     ap.add_argument("--hidden", default="256,512,1024")

@@ -1,11 +1,11 @@
 """What the kernels' regularisation costs and what it buys.
 
-``python -m kernrnn.bench.regularization cost``: one training step (forward and
+``python -m benchmarks.regularization cost``: one training step (forward and
 backward) of an LSTM layer at B=64, T=100, I=H=256, float32, with recurrent
 dropout, input dropout and zoneout on against off, in one process, interleaved
 repetitions, medians.
 
-``python -m kernrnn.bench.regularization charlm``: a character-level language
+``python -m benchmarks.regularization charlm``: a character-level language
 model (``kernrnn train``'s charlm task) on the Python documentation that
 ships with every CPython (``pydoc_data.topics``, English prose), for the LSTM
 without regularisation, with variational dropout and with zoneout, several
@@ -109,7 +109,7 @@ def _heldout_bpc(result: dict) -> float:
 
 def main(argv=None) -> int:
     """Command line: ``cost`` and/or ``charlm`` (default both)."""
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench.regularization",
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.regularization",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="*", help="cost, charlm (default both)")
     ap.add_argument("--repeats", type=int, default=15)

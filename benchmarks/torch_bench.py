@@ -1,4 +1,4 @@
-"""PyTorch-integration benchmark: ``python -m kernrnn.bench.torch``.
+"""PyTorch-integration benchmark: ``python -m benchmarks.torch_bench``.
 
 Three measurements, float32, one process, interleaved repetitions, medians
 (the method of :mod:`kernrnn.bench.cpu`, whose ``SIZES`` it uses):
@@ -218,7 +218,7 @@ def _ratio(ms, a, b):
 
 
 def markdown(lm, rows, threads, argv) -> str:
-    out = [f"Command: `python -m kernrnn.bench.torch {' '.join(argv)}`  ",
+    out = [f"Command: `python -m benchmarks.torch_bench {' '.join(argv)}`  ",
            f"Machine: {machine()}; {threads} threads (Numba, BLAS, torch), one process.  ",
            f"Versions: {versions()}", ""]
     if lm:
@@ -268,7 +268,7 @@ def markdown(lm, rows, threads, argv) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m kernrnn.bench.torch", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.torch_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)

@@ -1,6 +1,6 @@
 """Evidence for the cell zoo: one row per shipped zoo cell, and minGRU's ``none`` form.
 
-``python -m kernrnn.bench.zoo`` prints a Markdown report (``docs/benchmarks/
+``python -m benchmarks.zoo`` prints a Markdown report (``docs/benchmarks/
 zoo.md`` is one) with, per cell: the lines of its file; the largest errors
 :func:`kernrnn.testing.check_cell` saw against the float64 reference; a
 training step (forward and BPTT of one layer, float32, B=64, T=100, I=256,
@@ -408,7 +408,7 @@ def markdown(lines, errors, times, trained, forms, command, loads) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernrnn.bench.zoo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__)
     ap.add_argument("--cells", default=",".join(ZOO))
     ap.add_argument("--examples", type=int, default=10, help="check_cell problems per cell")
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (medians)")
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     trained = {} if "train" in skip else train_cells(names)
     forms = [] if "forms" in skip else mingru_forms(threads=args.threads)
     loads.append(_load())
-    command = "python -m kernrnn.bench.zoo " + " ".join(argv if argv is not None
+    command = "python -m benchmarks.zoo " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     print(markdown(lines, errors, times, trained, forms, command.strip(), loads))
     if args.json:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (kernrnn.bench.devicecheck), from a source checkout, with
+# The prepared GPU check (benchmarks/devicecheck.py), from a source checkout, with
 # kernrnn installed or not (the device machine has its dependencies, not kernrnn):
 #   bash scripts/gpu-check.sh              # the default phases, at most ~7 minutes
 #   bash scripts/gpu-check.sh persistent   # one phase again
@@ -8,4 +8,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/plugins${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m kernrnn.bench.devicecheck "$@"
+exec "${PYTHON:-python3}" -m benchmarks.devicecheck "$@"

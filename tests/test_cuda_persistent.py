@@ -211,7 +211,7 @@ def _gpu_available() -> bool:
 @pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU and CuPy")
 def test_gpu_selfcheck(capsys):
     """Several-block persistent launches with the real grid barrier vs the CPU kernels."""
-    from kernrnn.bench import persistent as bench_persistent
+    from benchmarks import persistent as bench_persistent
 
     ok = bench_persistent.gpu_selfcheck()
     report = capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_gpu_selfcheck(capsys):
 
 
 def test_main_rejects_unknown_task(capsys):
-    from kernrnn.bench import persistent as bench_persistent
+    from benchmarks import persistent as bench_persistent
 
     with pytest.raises(SystemExit) as exc:
         bench_persistent.main(["nope"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kernrnn.bench import devicecheck as dc
+from benchmarks import devicecheck as dc
 
 
 def test_default_phases_fit_the_budget_and_list(capsys):
@@ -155,7 +155,7 @@ def _fake_rows():
 
 
 def test_table_has_ratios_and_versions():
-    meta = {"gpu": "Some GPU", "driver": "1.2", "command": "python -m kernrnn.bench.devicecheck"}
+    meta = {"gpu": "Some GPU", "driver": "1.2", "command": "python -m benchmarks.devicecheck"}
     text = dc.format_table(meta, _fake_rows())
     assert text.startswith("# kernrnn vs cuDNN on Some GPU")
     assert "- driver: 1.2" in text and "devicecheck" in text

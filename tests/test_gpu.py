@@ -1,6 +1,6 @@
 """Tests on a real GPU (marker ``gpu``); skipped where CuPy, numba-cuda or a GPU is missing.
 
-Run them with ``pytest -m gpu`` (``python -m kernrnn.bench.devicecheck`` does, too).
+Run them with ``pytest -m gpu`` (``python -m benchmarks.devicecheck`` does, too).
 The tests of the layer run once per recurrence path (``gemm``, ``persistent``;
 test ids end in the path); ``KERNRNN_CUDA_PATH=gemm`` (or ``persistent``)
 runs only that path's.

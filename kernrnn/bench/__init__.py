@@ -1,31 +1,9 @@
-"""Benchmarks, side by side with the anchors in one process.
+"""What ``kernrnn bench`` runs: the CPU comparison with PyTorch in one process.
 
-:mod:`kernrnn.bench.cpu` (``kernrnn bench``) against PyTorch on the CPU;
-:mod:`kernrnn.bench.gpu` and :mod:`kernrnn.bench.persistent` against cuDNN on a GPU.
+:mod:`kernrnn.bench.cpu` times kernrnn and PyTorch side by side;
+:mod:`kernrnn.bench.timeline` shows where one call's time goes
+(``kernrnn bench --timeline``).  The other benchmarks (GPU, persistent kernel,
+cell zoo, regularisation, PyTorch integration, training experiments) and the
+GPU device check are scripts in the source checkout's ``benchmarks/`` folder,
+not part of the installed package.
 """
-
-__all__ = ["torch_fp32_precision"]
-
-
-def torch_fp32_precision(torch, precision: str = "ieee") -> str:
-    """Make PyTorch's cuDNN RNNs and cuBLAS matmuls compute float32 as ``"ieee"``
-    float32 (or ``"tf32"``); returns what PyTorch reports afterwards.
-
-    kernrnn computes float32 in float32, so a like-for-like comparison needs
-    cuDNN to do the same; its default for RNNs is TF32 tensor cores (10-bit
-    mantissas).  PyTorch >= 2.9 has per-backend ``fp32_precision`` settings
-    and deprecates ``allow_tf32`` (mixing the two raises on reading); older
-    versions only have ``allow_tf32``.
-    """
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is not None and hasattr(rnn, "fp32_precision"):
-        torch.backends.cudnn.rnn.fp32_precision = precision
-        torch.backends.cuda.matmul.fp32_precision = precision
-        return (f"cudnn.rnn={torch.backends.cudnn.rnn.fp32_precision}, "
-                f"cuda.matmul={torch.backends.cuda.matmul.fp32_precision}")
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    return (f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-            f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
