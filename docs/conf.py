@@ -33,9 +33,9 @@ extensions = [
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-# examples/ holds real packages (their README is not a page); benchmarks/ holds
-# committed benchmark outputs that the benchmarks page includes itself.
-exclude_patterns = ["_build", "examples/**", "benchmarks/**", "Thumbs.db", ".DS_Store"]
+# examples/ holds real packages (their README is not a page).  The reports under
+# benchmarks/ are pages of their own, in the toctree of benchmarks.md.
+exclude_patterns = ["_build", "examples/**", "Thumbs.db", ".DS_Store"]
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3

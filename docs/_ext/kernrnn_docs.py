@@ -8,9 +8,6 @@
 * ``kernrnn-cli-help``: the ``--help`` text of ``kernrnn`` and of each
   sub-command in :data:`kernrnn.cli.COMMANDS` (or of the one named), so the
   command-line reference follows the parsers.
-* ``kernrnn-benchmarks``: every committed benchmark output under
-  ``docs/benchmarks/`` (text as literal blocks, images as figures), or a
-  clearly marked placeholder when there is none yet.
 
 The functions that produce text import nothing from Sphinx, so the test-suite
 (tests/test_docs_coverage.py) can call them without Sphinx installed.
@@ -20,15 +17,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-
-TEXT_SUFFIXES = {".txt", ".md", ".csv", ".log", ".out"}  # raw JSON timings stay in the repo only
-IMAGE_SUFFIXES = {".png", ".svg", ".jpg", ".jpeg"}
-BENCH_PLACEHOLDER = (
-    "No benchmark output is committed yet.  The tables on this page are produced by "
-    "``nox -s bench`` (CPU, kernrnn vs PyTorch) and ``nox -s gpu`` (GPU, kernrnn vs cuDNN); "
-    "their printed output, with the date and the machine, is committed under "
-    "``docs/benchmarks/`` and appears here."
-)
 
 
 def hookspecs() -> list[tuple[str, object, dict]]:
@@ -94,17 +82,6 @@ def cli_help(command: str | None = None, width: int = 88) -> list[tuple[str, str
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = old
-
-
-def benchmark_files(directory: Path) -> list[Path]:
-    """Committed benchmark outputs the benchmarks page shows, sorted by name."""
-    if not directory.is_dir():
-        return []
-    return sorted(
-        p for p in directory.rglob("*")
-        if p.is_file() and not p.name.startswith(".")
-        and p.suffix.lower() in TEXT_SUFFIXES | IMAGE_SUFFIXES
-    )
 
 
 def setup(app):
@@ -176,42 +153,9 @@ def setup(app):
                 result.append(block)
             return result
 
-    class Benchmarks(SphinxDirective):
-        """Committed benchmark outputs, or a placeholder saying how they are made."""
-
-        required_arguments = 1  # directory, relative to the documentation source
-
-        def run(self):
-            srcdir = Path(self.env.srcdir)
-            directory = (srcdir / self.arguments[0]).resolve()
-            self.env.note_dependency(str(directory))
-            files = benchmark_files(directory)
-            if not files:
-                note = nodes.admonition()
-                note += nodes.title(text="Placeholder: no benchmark output yet")
-                self.state.nested_parse(StringList([BENCH_PLACEHOLDER]), self.content_offset, note)
-                return [note]
-            result = []
-            docdir = Path(self.env.doc2path(self.env.docname)).parent
-            for path in files:
-                rel = path.relative_to(srcdir).as_posix()
-                self.env.note_dependency(str(path))
-                result.append(nodes.rubric(text=rel))
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    uri = Path(path).relative_to(docdir).as_posix() if path.is_relative_to(docdir) \
-                        else "/" + rel
-                    result.append(nodes.image(uri=uri, alt=rel))
-                else:
-                    text = path.read_text(encoding="utf-8", errors="replace")
-                    block = nodes.literal_block(text, text)
-                    block["language"] = "text"
-                    result.append(block)
-            return result
-
     app.add_directive("kernrnn-hookspecs", HookSpecs)
     app.add_directive("kernrnn-cells", Cells)
     app.add_directive("kernrnn-cli-help", CliHelp)
-    app.add_directive("kernrnn-benchmarks", Benchmarks)
     _setup_aliases(app)
     app.connect("build-finished", _check_offline)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
