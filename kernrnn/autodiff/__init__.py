@@ -70,7 +70,7 @@ from kernrnn.autodiff.ir import Node
 from kernrnn.autodiff.parse import Signature, parse_forward
 from kernrnn.autodiff.reverse import Plan, plan_single, plan_two_stage
 
-__all__ = ["derive", "Derived", "Signature"]
+__all__ = ["derive", "derive_for_cell", "Derived", "Signature"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,6 +186,14 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
         forward2=getattr(module, "forward2", None), backward2=getattr(module, "backward2", None),
         mid=tuple(_label(v) for v in plan.mid), normalize=order,
     )
+
+
+def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
+    """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
+    gates, state, recurrence, per-unit parameters and normalised values)."""
+    return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
+                  recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
+                  normalize=tuple(cell.normalize), recompute=recompute)
 
 
 def _param_names(argnames, sig) -> list[str]:

@@ -172,7 +172,9 @@ def name_saved(nodes) -> None:
     for v in nodes:
         if v.name is None:
             arg = v.args[0] if v.args else None
-            if v.is_bool:
+            if v.op == "in":
+                v.name = f"{v.attr[0]}{v.attr[1]}"
+            elif v.is_bool:
                 v.name = "cond"
             elif v.op == "call" and arg is not None and arg.name:
                 v.name = f"{v.attr}_{arg.name}"

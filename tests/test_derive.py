@@ -1,0 +1,295 @@
+"""kernrnn.autodiff: a cell's backward, saved values and reference derived from its forward.
+
+* The differentiator: hypothesis draws straight-line scalar forwards (gates, states,
+  per-unit parameters, conditional expressions, helpers, a mid-step norm); the derived
+  gradients match central finite differences of the Python forward in float64, the
+  derived NumPy reference equals the forward, and the math compiles with Numba (float64
+  equal to Python, float32 staying float32) and, where NVVM is, to float32 PTX without
+  ``.f64``.  (The CUDA simulator runs are in tests/cudasim/test_sim_derive.py.)
+* Every shipped cell, written as a forward only below: its derived backward equals the
+  hand-written one to 1e-12 (direct scalar calls, per-unit parameter gradients and the
+  LayerNorm LSTM's two stages included), and its derived reference equals its reference.
+* Constructs outside the supported set raise CellError naming cell, file, line, construct.
+"""
+
+import inspect
+import math
+import re
+
+import numba
+import numpy as np
+import pytest
+from derive_helpers import (args_of, chain, fd_mismatches, flat, make_driver, programs,
+                            random_inputs, relclose)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernrnn.autodiff import derive, derive_for_cell, fmath
+from kernrnn.cell import CellError, reference_norm, relu, sigmoid, tanh
+from kernrnn.plugins import get_registry
+from kernrnn.scalar import compile_scalar
+
+# -- the shipped cells as forward steps only ------------------------------------------------
+
+
+def f_cifg(xw, hu, prev):
+    f = sigmoid(xw[0] + hu[0])
+    g = tanh(xw[1] + hu[1])
+    o = sigmoid(xw[2] + hu[2])
+    c = f * prev[1] + (1 - f) * g
+    return (o * tanh(c), c)
+
+
+def f_gru(xw, hu, prev):
+    r = sigmoid(xw[0] + hu[0])
+    z = sigmoid(xw[1] + hu[1])
+    n = tanh(xw[2] + r * hu[2])
+    return ((1 - z) * n + z * prev[0],)
+
+
+def f_indrnn(xw, prev, u):
+    return (relu(xw[0] + u[0] * prev[0]),)
+
+
+def f_janet(xw, hu, prev):
+    s = xw[0] + hu[0]
+    cand = tanh(xw[1] + hu[1])
+    return (sigmoid(s) * prev[0] + (1 - sigmoid(s - 1.0)) * cand,)
+
+
+def f_lstm(xw, hu, prev):
+    i = sigmoid(xw[0] + hu[0])
+    f = sigmoid(xw[1] + hu[1])
+    g = tanh(xw[2] + hu[2])
+    o = sigmoid(xw[3] + hu[3])
+    c = f * prev[1] + i * g
+    return (o * tanh(c), c)
+
+
+def f_lstm_ln(xw, hu, prev, norm):
+    i = sigmoid(xw[0] + hu[0])
+    f = sigmoid(xw[1] + hu[1])
+    g = tanh(xw[2] + hu[2])
+    o = sigmoid(xw[3] + hu[3])
+    c = f * prev[1] + i * g
+    return (o * tanh(norm("c", c)), c)
+
+
+def f_lstm_peephole(xw, hu, prev, peep):
+    c0 = prev[1]
+    i = sigmoid(xw[0] + hu[0] + peep[0] * c0)
+    f = sigmoid(xw[1] + hu[1] + peep[1] * c0)
+    c = f * c0 + i * tanh(xw[2] + hu[2])
+    o = sigmoid(xw[3] + hu[3] + peep[2] * c)
+    return (o * tanh(c), c)
+
+
+def f_mgu(xw, hu, prev):
+    f = sigmoid(xw[0] + hu[0])
+    n = tanh(xw[1] + f * hu[1])
+    return ((1 - f) * prev[0] + f * n,)
+
+
+def f_mingru(xw, prev):
+    z = sigmoid(xw[0])
+    return ((1 - z) * prev[0] + z * xw[1],)
+
+
+def f_minlstm(xw, prev):
+    f = sigmoid(xw[0])
+    i = sigmoid(xw[1])
+    return ((f * prev[0] + i * xw[2]) / (f + i),)
+
+
+def f_rnn(xw, hu, prev):
+    return (tanh(xw[0] + hu[0]),)
+
+
+def f_rnn_relu(xw, hu, prev):
+    return (relu(xw[0] + hu[0]),)
+
+
+def f_slstm(xw, hu, prev):
+    it = xw[0] + hu[0]
+    a = xw[1] + hu[1] + prev[3]
+    z = tanh(xw[2] + hu[2])
+    o = sigmoid(xw[3] + hu[3])
+    m = a if a >= it else it
+    i = math.exp(it - m)
+    f = math.exp(a - m)
+    c = f * prev[1] + i * z
+    n = f * prev[2] + i
+    return (o * c / n, c, n, m)
+
+
+def f_ugrnn(xw, hu, prev):
+    c = tanh(xw[0] + hu[0])
+    g = sigmoid(xw[1] + hu[1])
+    return (g * prev[0] + (1 - g) * c,)
+
+
+FORWARDS = {"cifg": f_cifg, "gru": f_gru, "gru_ln": f_gru, "indrnn": f_indrnn,
+            "janet": f_janet, "lstm": f_lstm, "lstm_ln": f_lstm_ln,
+            "lstm_peephole": f_lstm_peephole, "mgu": f_mgu, "mingru": f_mingru,
+            "minlstm": f_minlstm, "rnn": f_rnn, "rnn_relu": f_rnn_relu, "slstm": f_slstm,
+            "ugrnn": f_ugrnn}
+SHIPPED = sorted(n for n in get_registry().names() if get_registry().source(n).distribution
+                 .startswith("kernrnn "))
+_DERIVED = {}
+
+
+def derived(name, recompute=True):
+    key = (name, recompute)
+    if key not in _DERIVED:
+        _DERIVED[key] = derive_for_cell(get_registry().get(name), FORWARDS[name],
+                                        recompute=recompute)
+    return _DERIVED[key]
+
+
+def test_every_shipped_cell_has_a_forward_here():
+    assert sorted(FORWARDS) == SHIPPED
+
+
+def _cell_inputs(cell, rng):
+    G, S = cell.n_gates, cell.n_state
+    xw = tuple(float(v) for v in rng.uniform(-2, 2, G))
+    hu = tuple(float(v) for v in rng.uniform(-2, 2, G)) if cell.has_recurrent else None
+    prev = tuple(float(np.asarray(v)) for v in cell.sample_states(rng, ()))
+    params = tuple(tuple(float(v) for v in rng.uniform(-1, 1, p.blocks)) for p in cell.params)
+    dstate = tuple(float(v) for v in rng.uniform(-1, 1, S))
+    return xw, hu, prev, params, dstate
+
+
+def _assert_same(label, got, want, worst, rel=1e-12):
+    assert len(got) == len(want), f"{label}: {len(got)} tuples, expected {len(want)}"
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert len(g) == len(w), f"{label}[{k}]: {len(g)} values, expected {len(w)}"
+        for m, (a, b) in enumerate(zip(g, w)):
+            err = abs(a - b) / max(1.0, abs(a), abs(b))
+            worst[0] = max(worst[0], err)
+            assert err <= rel, f"{label}[{k}][{m}]: derived {a!r}, hand-written {b!r}"
+
+
+ONE_STAGE = [n for n in FORWARDS if n != "lstm_ln"]
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save-all"])
+@pytest.mark.parametrize("name", ONE_STAGE)
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_derived_backward_equals_hand_written(name, recompute, seed):
+    cell = get_registry().get(name)
+    d = derived(name, recompute)
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        xw, hu, prev, params, dstate = _cell_inputs(cell, rng)
+        fargs = cell.forward_args(xw, hu, prev, params)
+        new_h, saved_h = cell.forward(*fargs)
+        new_d, saved_d = d.forward(*fargs)
+        worst = [0.0]
+        _assert_same(f"{name} new state", [new_d], [new_h], worst)
+        assert len(saved_d) == d.n_saved
+        got = d.backward(saved_d, prev, dstate, *params)
+        want = cell.backward(saved_h, prev, dstate, *params)
+        _assert_same(f"{name} (dxw, dhu, dprev, *dparams)", got, want, worst)
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**32 - 1), H=st.integers(2, 6))
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save-all"])
+def test_two_stage_split_equals_hand_written(recompute, seed, H):
+    """lstm_ln: stage 1 on a row of H units, the row's layer norm, stage 2, then back."""
+    cell = get_registry().get("lstm_ln")
+    d = derived("lstm_ln", recompute)
+    assert d.normalize == ("c",) and d.forward2 is not None
+    rng = np.random.default_rng(seed)
+    rows = [_cell_inputs(cell, rng) for _ in range(H)]
+    gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
+    hand = _two_stage_row(cell, rows, gain, bias)
+    mine = _two_stage_row(d, rows, gain, bias)
+    worst = [0.0]
+    for j in range(H):
+        _assert_same(f"lstm_ln unit {j}", mine[j], hand[j], worst)
+
+
+def _layer_norm_backward(z, dzn, gain, kind):
+    """d(z) from d(LN(z) * gain + bias) over a row, float64."""
+    zc = z - z.mean() if kind == "layer" else z
+    rstd = 1.0 / np.sqrt((zc * zc).mean() + 1e-5)
+    xhat = zc * rstd
+    g = dzn * gain
+    m1 = g.mean() if kind == "layer" else 0.0
+    return rstd * (g - m1 - xhat * (g * xhat).mean())
+
+
+def _two_stage_row(math_, rows, gain, bias, kind="layer"):
+    """Per unit: (new state, dxw, dhu, dprev) of a two-stage step over one row."""
+    firsts = [math_.forward(*args_of(*r[:4])) for r in rows]
+    Z = np.array([z[0] for z, _ in firsts])
+    ZN = reference_norm(Z, gain, bias, kind)
+    outs, b2s = [], []
+    for j, r in enumerate(rows):
+        _, _, prev, params, dstate = r
+        zn, mid = (float(ZN[j]),), firsts[j][1]
+        new, saved = math_.forward2(zn, mid, prev, *params)
+        outs.append(new)
+        b2s.append(math_.backward2(saved, zn, mid, prev, dstate, *params))
+    dZ = _layer_norm_backward(Z, np.array([b[0][0] for b in b2s]), gain, kind)
+    result = []
+    for j, r in enumerate(rows):
+        _, _, prev, params, _ = r
+        b1 = math_.backward(firsts[j][1], prev, (float(dZ[j]),), b2s[j][1], *params)
+        dprev = tuple(a + b for a, b in zip(b1[2], b2s[j][2]))
+        result.append([outs[j], b1[0], b1[1], dprev])
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_derived_reference_equals_reference(name):
+    """The float64 NumPy step generated from the forward equals the hand-written reference."""
+    cell = get_registry().get(name)
+    d = derived(name)
+    rng = np.random.default_rng(7)
+    B, H, G = 3, 4, cell.n_gates
+    xw = tuple(rng.uniform(-2, 2, (B, H)) for _ in range(G))
+    hu = tuple(rng.uniform(-2, 2, (B, H)) for _ in range(G))
+    prev = cell.sample_states(rng, (B, H))
+    params = [tuple(rng.uniform(-1, 1, H) for _ in range(p.blocks)) for p in cell.params]
+    args = cell.forward_args(xw, hu, prev, params)
+    kw = {}
+    if cell.normalize:
+        gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
+        kw["norm"] = lambda _name, z: reference_norm(z, gain, bias, cell.normalize_kind)
+    want = cell.reference(*args, **kw)
+    got = d.reference(*args, **kw)
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == (B, H)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"{name} state {k}")
+
+
+def test_saved_values_and_shared_gradients_of_shipped_cells():
+    """What the rule saves for each shipped cell (never more than the hand-written cell),
+    and the dxw == dhu fact against the CPU backend's reading of the hand-written source."""
+    from kernrnn.backends.cpu import same_input_and_recurrent_grads
+
+    assert derived("lstm").saved == ("i", "f", "g", "o", "tanh_c")
+    assert derived("gru").saved == ("hu2", "r", "z", "n")
+    assert derived("slstm").saved == ("z", "o", "cond", "i", "f")  # c, n recomputed
+    assert derived("lstm_peephole").saved == ("i", "f", "tanh", "o", "tanh_c")  # c recomputed
+    assert derived("lstm_ln").mid == ("i", "f", "g", "o", "c")
+    assert derived("lstm_ln").saved == ("tanh_norm_c",)
+    for name in FORWARDS:
+        cell = get_registry().get(name)
+        d = derived(name)
+        xw, hu, prev, params, _ = _cell_inputs(cell, np.random.default_rng(0))
+        out = cell.forward(*cell.forward_args(xw, hu, prev, params))
+        hand = len(out[1]) if not cell.normalize else cell.n_mid
+        assert (d.n_mid if cell.normalize else d.n_saved) <= hand, (name, d.saved, hand)
+        if cell.has_recurrent:
+            assert len(d.same_grads) == cell.n_gates
+        if cell.plain:
+            assert all(d.same_grads) == same_input_and_recurrent_grads(cell), name
+    assert derived("gru").same_grads == (True, True, False)
+    assert derived("mgu").same_grads == (True, False)
+    assert derived("slstm").same_grads == (True,) * 4  # through the stabiliser's select
