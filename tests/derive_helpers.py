@@ -61,8 +61,12 @@ class Program:
 
 
 @st.composite
-def programs(draw, norm: bool = False, max_statements: int = 6) -> Program:
-    """A straight-line scalar forward of 1-3 gates, 1-2 states, 0-2 per-unit parameters."""
+def programs(draw, norm: bool = False, max_statements: int = 8) -> Program:
+    """A straight-line scalar forward of 1-3 gates, 1-2 states, 0-2 per-unit parameters.
+
+    The statements take distinct operations (a permutation of :data:`OPS`), and their
+    operands are mostly earlier results, so that most statements reach the outputs.
+    """
     G = draw(st.integers(1, 3))
     S = draw(st.integers(1, 2))
     rec = draw(st.booleans())
@@ -72,11 +76,16 @@ def programs(draw, norm: bool = False, max_statements: int = 6) -> Program:
     leaves += [f"q{i}[{b}]" for i, blocks in enumerate(params) for b in range(blocks)]
     pool = list(leaves)
     body = []
-    n = draw(st.integers(1, max_statements))
+    n = draw(st.integers(2, max_statements))
+    order = draw(st.permutations(range(len(OPS))))
     norm_at = draw(st.integers(0, n - 1)) if norm else None
     for i in range(n):
-        name, arity, template = draw(st.sampled_from(OPS))
-        args = [draw(st.sampled_from(pool)) for _ in range(arity)]
+        name, arity, template = OPS[order[i]]
+        args = []
+        for _ in range(arity):
+            computed = pool[len(leaves):]
+            recent = computed and draw(st.integers(0, 2))
+            args.append(draw(st.sampled_from(computed[-3:] if recent else pool)))
         v = f"v{i}"
         if name == "pair":
             body.append(f"{v}, {v}b = _pair({args[0]}, {args[1]})")
@@ -90,8 +99,8 @@ def programs(draw, norm: bool = False, max_statements: int = 6) -> Program:
             body.append(f"c = norm('c', {v})")
             pool.append("c")
     computed = pool[len(leaves):]
-    outs = [draw(st.sampled_from(computed if draw(st.integers(0, 4)) else pool))
-            for _ in range(S)]
+    outs = [pool[-1]] + [draw(st.sampled_from(computed if draw(st.integers(0, 4)) else pool))
+                         for _ in range(S - 1)]
     args = ["xw"] + (["hu"] if rec else []) + ["prev"] + [f"q{i}" for i in range(len(params))]
     args += ["norm"] if norm else []
     src = HELPERS + f"\n\ndef step({', '.join(args)}):\n"

@@ -293,3 +293,303 @@ def test_saved_values_and_shared_gradients_of_shipped_cells():
     assert derived("gru").same_grads == (True, True, False)
     assert derived("mgu").same_grads == (True, False)
     assert derived("slstm").same_grads == (True,) * 4  # through the stabiliser's select
+
+
+# -- the differentiator on random forwards -------------------------------------------------
+
+# Pure Python and cheap: more examples than the profile's default, so that every kind of
+# statement shows up in the deterministic CI run too.
+MANY = max(80, settings().max_examples)
+
+
+def _loss(prog, dstate, layout):
+    """L(x) = sum_s dstate_s * new_s, x the flattened inputs of the Python forward."""
+    def unflatten(x):
+        out, k = [], 0
+        for n in layout:
+            out.append(tuple(x[k:k + n]))
+            k += n
+        return out
+
+    def L(x):
+        new = prog.fn(*unflatten(x))
+        return sum(u * v for u, v in zip(dstate, new))
+    return L
+
+
+def _layout(prog):
+    return [prog.gates] + ([prog.gates] if prog.recurrent else []) + [prog.state] + \
+        list(prog.params)
+
+
+@settings(max_examples=MANY, deadline=None)
+@given(prog=programs(), seed=st.integers(0, 2**32 - 1))
+def test_random_forward_gradients_match_finite_differences(prog, seed):
+    rng = np.random.default_rng(seed)
+    for recompute in (True, False):
+        d = prog.derive(recompute=recompute)
+        for _ in range(3):
+            xw, hu, prev, params, dstate = random_inputs(rng, prog.gates, prog.state,
+                                                         prog.recurrent, prog.params)
+            args = args_of(xw, hu, prev, params)
+            want = prog.fn(*args)
+            new, saved = d.forward(*args)
+            assert all(relclose(a, b, 1e-13) for a, b in zip(new, want)), (new, want)
+            assert len(saved) == d.n_saved
+            grads = d.backward(saved, prev, dstate, *params)
+            flat_grads = [v for g in grads for v in g]
+            x = [v for a in args for v in a]
+            bad = fd_mismatches(_loss(prog, dstate, _layout(prog)), x, flat_grads)
+            assert not bad, f"(index, derived, finite difference) {bad}\n{prog.source}\n" \
+                            f"{d.source}"
+        if prog.recurrent:  # a shared adjoint is one value
+            assert all(grads[0][k] == grads[1][k] for k, same in enumerate(d.same_grads)
+                       if same)
+
+
+@settings(deadline=None)
+@given(prog=programs(), seed=st.integers(0, 2**32 - 1))
+def test_random_forward_reference_equals_forward(prog, seed):
+    """The NumPy reference, element by element, is the Python forward."""
+    d = prog.derive()
+    rng = np.random.default_rng(seed)
+    B, H = 2, 3
+    arrays = [rng.uniform(-1, 1, (n, B, H)) for n in _layout(prog)[:-len(prog.params) or None]]
+    arrays += [rng.uniform(-1, 1, (n, H)) for n in prog.params]
+    got = d.reference(*[tuple(a) for a in arrays])
+    for b in range(B):
+        for h in range(H):
+            args = [tuple(float(v) for v in (a[:, b, h] if a.ndim == 3 else a[:, h]))
+                    for a in arrays]
+            want = prog.fn(*args)
+            for s in range(prog.state):
+                assert relclose(float(got[s][b, h]), want[s], 1e-12), (s, b, h, prog.source)
+
+
+@settings(max_examples=MANY // 2, deadline=None)
+@given(prog=programs(norm=True), seed=st.integers(0, 2**32 - 1), H=st.integers(2, 4))
+def test_random_two_stage_forward_matches_finite_differences(prog, seed, H):
+    """A forward with norm('c', v): the derived stages, chained through the row's layer
+    norm, give the finite-difference gradient of the reference step over the row."""
+    d = prog.derive()
+    assert d.forward2 is not None and d.normalize == ("c",)
+    rng = np.random.default_rng(seed)
+    gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
+    rows = [random_inputs(rng, prog.gates, prog.state, prog.recurrent, prog.params)
+            for _ in range(H)]
+    dstate = np.array([r[4] for r in rows])  # [H, S]
+
+    # the reference with an identity norm is the Python forward, element by element
+    ident = d.reference(*_row_arrays(rows, prog), norm=lambda _n, z: z)
+    for j, r in enumerate(rows):
+        want = prog.fn(*args_of(*r[:4]), lambda _n, z: z)
+        assert all(relclose(float(ident[s][0, j]), want[s], 1e-12) for s in range(prog.state))
+
+    def norm(_name, z):
+        return reference_norm(z, gain, bias)
+
+    layout = _layout(prog)
+
+    def L(x):
+        per_unit = np.array(x).reshape(H, -1)
+        unit_rows = []
+        for j in range(H):
+            k, parts = 0, []
+            for n in layout:
+                parts.append(tuple(per_unit[j, k:k + n]))
+                k += n
+            unit_rows.append(_unit_from_parts(parts, prog))
+        new = d.reference(*_row_arrays(unit_rows, prog), norm=norm)
+        return float(sum((dstate[:, s] * new[s][0]).sum() for s in range(prog.state)))
+
+    result = _derived_two_stage(d, rows, gain, bias)
+    x, grads = [], []
+    for j, r in enumerate(rows):
+        x += [v for a in args_of(*r[:4]) for v in a]
+        grads += [v for g in result[j] for v in g]
+    bad = fd_mismatches(L, x, grads)
+    assert not bad, f"(index, derived, finite difference) {bad}\n{prog.source}\n{d.source}"
+
+
+def _unit_from_parts(parts, prog):
+    k = 0
+    xw = parts[k]
+    k += 1
+    hu = None
+    if prog.recurrent:
+        hu = parts[k]
+        k += 1
+    prev = parts[k]
+    return xw, hu, prev, tuple(parts[k + 1:]), None
+
+
+def _row_arrays(rows, prog):
+    """Arguments of the NumPy reference for one row of units: [1, H] arrays, params [H]."""
+    def stack(pick, n):
+        return tuple(np.array([[pick(r)[k] for r in rows]]) for k in range(n))
+    out = [stack(lambda r: r[0], prog.gates)]
+    if prog.recurrent:
+        out.append(stack(lambda r: r[1], prog.gates))
+    out.append(stack(lambda r: r[2], prog.state))
+    for i, n in enumerate(prog.params):
+        out.append(tuple(np.array([r[3][i][k] for r in rows]) for k in range(n)))
+    return out
+
+
+def _derived_two_stage(d, rows, gain, bias):
+    """Per unit, the derived gradients (dxw, [dhu,] dprev, *dparams) through both stages."""
+    firsts = [d.forward(*args_of(*r[:4])) for r in rows]
+    Z = np.array([z[0] for z, _ in firsts])
+    ZN = reference_norm(Z, gain, bias)
+    b2s = []
+    for j, r in enumerate(rows):
+        _, _, prev, params, dstate = r
+        zn, mid = (float(ZN[j]),), firsts[j][1]
+        _, saved = d.forward2(zn, mid, prev, *params)
+        b2s.append(d.backward2(saved, zn, mid, prev, dstate, *params))
+    dZ = _layer_norm_backward(Z, np.array([b[0][0] for b in b2s]), gain, "layer")
+    out = []
+    for j, r in enumerate(rows):
+        _, hu, prev, params, _ = r
+        b1 = d.backward(firsts[j][1], prev, (float(dZ[j]),), b2s[j][1], *params)
+        n_in = 2 if hu is not None else 1
+        summed = [tuple(a + b for a, b in zip(g1, g2)) for g1, g2 in zip(b1[n_in:], b2s[j][2:])]
+        out.append(list(b1[:n_in]) + summed)
+    return out
+
+
+# -- compiled: Numba CPU, CUDA PTX ----------------------------------------------------------
+
+
+def _compiled_calls(d, prog, dtype, seed):
+    """Each derived function's driver (compiled for ``dtype``) with its Python inputs and
+    results from a consistent chain of calls."""
+    rng = np.random.default_rng(seed)
+    for name, fn, args, result in chain(d, prog, rng):
+        run = make_driver(compile_scalar(fn, dtype), args, result)
+        yield name, run, args, result
+
+
+@settings(max_examples=4, deadline=None)
+@given(prog=programs(norm=False) | programs(norm=True), seed=st.integers(0, 2**32 - 1))
+def test_random_forward_compiles_with_numba(prog, seed):
+    """float64: the compiled math gives the Python values; float32: it stays in float32."""
+    d = prog.derive()
+    for dtype in (np.float64, np.float32):
+        for name, run, args, result in _compiled_calls(d, prog, dtype, seed):
+            inp = np.array([v for a in args for v in a] or [0.0], dtype=dtype)
+            want = flat(result)
+            out = np.zeros(max(1, len(want)), dtype=dtype)
+            numba.njit(run)(inp, out)
+            if dtype == np.float64:
+                for a, b in zip(out, want):
+                    assert relclose(float(a), b, 1e-12), (name, out, want, d.source)
+            else:
+                _assert_float32_only(compile_scalar(getattr(d, name), dtype), args, name)
+                scale = 1.0 + max([abs(v) for v in inp] + [abs(v) for v in want])
+                for a, b in zip(out, want):  # the same math, rounded to float32
+                    assert abs(float(a) - b) <= 1e-3 * scale, (name, out, want, d.source)
+
+
+def _assert_float32_only(fn, args, name):
+    types = tuple(numba.types.UniTuple(numba.float32, len(a)) if a else numba.types.Tuple(())
+                  for a in args)
+    ns = {"fn": fn}
+    names = ", ".join(f"a{i}" for i in range(len(args)))
+    exec(f"def call({names}):\n    return fn({names})\n", ns)
+    jit = numba.njit(ns["call"])
+    jit.compile(types)
+    rtype = jit.overloads[types].signature.return_type
+    members = [m for part in rtype.types for m in
+               (part.types if hasattr(part, "types") else (part.dtype,) * part.count)]
+    assert all(m == numba.float32 for m in members), f"{name} returns {rtype}"
+
+
+def _nvvm():
+    try:
+        from numba import cuda
+
+        from kernrnn.backends.cuda import SIMULATOR
+        if SIMULATOR:
+            return None
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
+        return cuda
+    except Exception:  # noqa: BLE001 - no numba-cuda or no NVVM here
+        return None
+
+
+CUDA = _nvvm()
+needs_nvvm = pytest.mark.skipif(CUDA is None, reason="NVVM (numba-cuda[cu12]) not available")
+F64 = re.compile(r"\.f64\b")
+
+
+def _ptx_f64_lines(d, prog, seed):
+    hits = {}
+    for name, run, args, result in _compiled_calls(d, prog, np.float32, seed):
+        ptx, _ = CUDA.compile_ptx(run, "void(float32[:], float32[:])", cc=(9, 0))
+        lines = [ln.strip() for ln in ptx.splitlines() if F64.search(ln)]
+        if lines:
+            hits[name] = lines[:3]
+    return hits
+
+
+@needs_nvvm
+@settings(max_examples=3, deadline=None)
+@given(prog=programs(norm=False) | programs(norm=True), seed=st.integers(0, 2**32 - 1))
+def test_random_forward_float32_ptx_has_no_f64(prog, seed):
+    d = prog.derive()
+    assert not _ptx_f64_lines(d, prog, seed), d.source
+
+
+def every_function(xw, hu, prev, q):
+    """Every supported operation once (for the PTX check)."""
+    a = xw[0] + hu[0]
+    b = math.sin(a) * math.cos(xw[1]) + math.erf(hu[1]) - math.fabs(prev[0]) ** 2
+    c = math.exp(tanh(a)) + math.log(1.0 + b * b) + math.sqrt(0.5 + a * a) + relu(-b)
+    m = min(a, b, q[0]) + max(c, abs(a)) + (a if a > b and not c <= 0.25 else -b)
+    return (sigmoid(m) * prev[0] / (1.5 + c * c),)
+
+
+@needs_nvvm
+def test_every_operation_float32_ptx_has_no_f64():
+    from derive_helpers import Program
+
+    prog = Program("", 2, 1, True, (1,), False, fn=every_function)
+    d = prog.derive()
+    assert not _ptx_f64_lines(d, prog, 0), d.source
+
+
+# -- float32 sin and cos ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit, tol", [(4.0, 2e-7), (1e4, 2e-7), (1e5, 2e-6)])
+def test_float32_sin_cos_accuracy(limit, tol):
+    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+
+    @numba.njit
+    def run(xs, s, c):
+        for i in range(xs.size):
+            s[i] = s32(xs[i])
+            c[i] = c32(xs[i])
+
+    xs = np.random.default_rng(0).uniform(-limit, limit, 200_000).astype(np.float32)
+    xs[:6] = [0.0, -0.0, np.pi / 2, np.pi, -np.pi / 4, 3 * np.pi / 2]
+    s, c = np.empty_like(xs), np.empty_like(xs)
+    run(xs, s, c)
+    x64 = xs.astype(np.float64)
+    assert np.abs(s - np.sin(x64)).max() <= tol
+    assert np.abs(c - np.cos(x64)).max() <= tol
+    s, c = np.empty(2, np.float32), np.empty(2, np.float32)
+    run(np.array([np.nan, np.inf], np.float32), s, c)
+    assert np.isnan(s).all() and np.isnan(c).all()
+
+
+@needs_nvvm
+def test_float32_sin_cos_ptx_has_no_f64():
+    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+
+    def kernel(a):
+        a[0] = s32(a[0]) + c32(a[1])
+
+    ptx, _ = CUDA.compile_ptx(kernel, "void(float32[:])", cc=(9, 0))
+    assert not F64.search(ptx)
