@@ -593,3 +593,184 @@ def test_float32_sin_cos_ptx_has_no_f64():
 
     ptx, _ = CUDA.compile_ptx(kernel, "void(float32[:])", cc=(9, 0))
     assert not F64.search(ptx)
+
+
+# -- constructs outside the supported set ------------------------------------------------------
+
+LABEL = "not a number"
+
+
+def _recursive(a):
+    return _recursive(a - 1.0)  # !
+
+
+def _kw(a, b):
+    return a * b
+
+
+def bad_for(xw, hu, prev):
+    h = prev[0]
+    for k in range(2):  # !
+        h = h + xw[k]
+    return (h,)
+
+
+def bad_while(xw, hu, prev):
+    h = prev[0]
+    while h > 0:  # !
+        h = h - 1.0
+    return (h,)
+
+
+def bad_if(xw, hu, prev):
+    h = xw[0]
+    if h > 0:  # !
+        h = -h
+    return (h,)
+
+
+def bad_list(xw, hu, prev):
+    v = [xw[0], hu[0]]  # !
+    return (v[0],)
+
+
+def bad_dict(xw, hu, prev):
+    v = {"a": xw[0]}  # !
+    return (v["a"],)
+
+
+def bad_comprehension(xw, hu, prev):
+    return ([x * 2.0 for x in xw][0],)  # !
+
+
+def bad_unknown_call(xw, hu, prev):
+    return (print(xw[0]),)  # !
+
+
+def bad_numpy_call(xw, hu, prev):
+    return (np.exp(xw[0]),)  # !
+
+
+def bad_attribute(xw, hu, prev):
+    a = xw[0]
+    return (a.real,)  # !
+
+
+def bad_index(xw, hu, prev):
+    k = 1
+    return (xw[k],)  # !
+
+
+def bad_global(xw, hu, prev):
+    return (xw[0] * LABEL,)  # !
+
+
+def bad_recursion(xw, hu, prev):
+    return (_recursive(xw[0]),)
+
+
+def bad_power(xw, hu, prev):
+    return (xw[0] ** 0.5,)  # !
+
+
+def bad_keyword(xw, hu, prev):
+    return (_kw(xw[0], b=hu[0]),)  # !
+
+
+def bad_old_style(xw, hu, prev):  # !
+    h = tanh(xw[0] + hu[0])
+    return (h,), (h,)
+
+
+def bad_arity(xw, prev):  # !
+    return (xw[0],)
+
+
+def bad_middle_return(xw, hu, prev):
+    return (xw[0],)  # !
+    h = hu[0]  # noqa: F841 - unreachable on purpose
+
+
+def bad_condition_as_number(xw, hu, prev):
+    return ((xw[0] > hu[0]) * 2.0,)  # !
+
+
+def bad_truthiness(xw, hu, prev):
+    return (xw[0] if hu[0] else prev[0],)  # !
+
+
+def bad_undefined(xw, hu, prev):
+    return (xw[0] * undefined_name,)  # noqa: F821  # !
+
+
+def bad_nested_norm(xw, hu, prev, norm):
+    a = norm("c", xw[0] + hu[0])
+    b = norm("d", a * prev[0])  # !
+    return (b,)
+
+
+def bad_norm_name(xw, hu, prev, norm):
+    return (norm("h", xw[0]),)  # !
+
+
+def bad_try(xw, hu, prev):
+    try:  # !
+        h = xw[0]
+    except ValueError:
+        h = hu[0]
+    return (h,)
+
+
+def bad_string(xw, hu, prev):
+    return (xw[0] * "2",)  # !
+
+
+def bad_item_assignment(xw, hu, prev):
+    xw[0] = hu[0]  # !
+    return (xw[0],)
+
+
+BAD = [
+    (bad_for, "a for loop", {}), (bad_while, "a while loop", {}),
+    (bad_if, "an if statement", {}), (bad_list, "a list", {}), (bad_dict, "a dict", {}),
+    (bad_comprehension, "a list comprehension", {}),
+    (bad_unknown_call, "the call of print", {}),
+    (bad_numpy_call, "the NumPy function np.exp is not supported in a forward to differentiate (use math.exp)", {}),
+    (bad_attribute, "the attribute 'a.real'", {}), (bad_index, "the index 'k'", {}),
+    (bad_global, "'LABEL' is a str, not a number", {}),
+    (bad_recursion, "calls itself (recursion)", {}), (bad_power, "the power", {}),
+    (bad_keyword, "keyword or starred arguments", {}),
+    (bad_old_style, "returns nested tuples", {}),
+    (bad_arity, "the forward takes 2 arguments", {}),
+    (bad_middle_return, "a return before the last statement", {}),
+    (bad_condition_as_number, "is a condition where a number is needed", {}),
+    (bad_truthiness, "must be a comparison", {}),
+    (bad_undefined, "'undefined_name' is not defined", {}),
+    (bad_nested_norm, "normalises a value computed from another normalised value",
+     {"normalize": ("c", "d")}),
+    (bad_norm_name, "norm('h', ...) but the cell normalises ('c',)", {"normalize": ("c",)}),
+    (bad_try, "a try statement", {}), (bad_string, "the constant '2'", {}),
+    (bad_item_assignment, "assignment to an item", {}),
+]
+
+
+@pytest.mark.parametrize("fn, construct, kw", BAD, ids=[b[0].__name__ for b in BAD])
+def test_unsupported_construct_names_cell_line_and_construct(fn, construct, kw):
+    lines, first = inspect.getsourcelines(_recursive if fn is bad_recursion else fn)
+    (offset,) = [i for i, line in enumerate(lines) if line.rstrip().endswith("# !")]
+    lineno, text = first + offset, lines[offset].strip()
+    kw = dict(kw)
+    normalize = kw.pop("normalize", ())
+    with pytest.raises(CellError) as info:
+        derive(fn, name="bad_cell", gates=2, state=1, normalize=normalize, **kw)
+    msg = str(info.value)
+    assert msg.startswith("cell 'bad_cell': "), msg
+    assert f"test_derive.py line {lineno}: {text!r}" in msg, msg
+    assert construct in msg, msg
+
+
+def test_lambda_and_compiled_forwards_are_rejected():
+    with pytest.raises(CellError, match="cell 'lam'.*lambda"):
+        derive(lambda xw, hu, prev: (xw[0],), name="lam", gates=1)
+    with pytest.raises(CellError, match="cell 'jit'.*plain Python function"):
+        derive(numba.njit(f_rnn), name="jit", gates=1)

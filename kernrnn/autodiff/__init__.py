@@ -170,7 +170,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     graph, outputs, norms, argnames = parse_forward(forward, name, sig)
     order = tuple(sig.normalize if sig.normalize is not None else norms)
     if order:
-        plan = plan_two_stage(graph, outputs, norms, order, sig, recompute)
+        plan = plan_two_stage(graph, outputs, norms, order, sig, recompute, name)
     else:
         plan = plan_single(graph, outputs, sig, recompute)
 

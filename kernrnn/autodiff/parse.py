@@ -83,6 +83,9 @@ class _Norm:
     """The ``norm`` argument of a two-stage forward (callable only)."""
 
 
+_LOCAL = object()  # a name of the function's own (a value, not a module or function)
+
+
 class _Fail(Exception):
     pass
 
@@ -134,10 +137,11 @@ class _Reader:
     def fail(self, ctx: _Context, node: ast.AST, what: str):
         raise _Fail(f"{ctx.fn.__qualname__} ({ctx.where(node)}): {what}")
 
-    def unsupported(self, ctx: _Context, node: ast.AST, what: str | None = None):
+    def unsupported(self, ctx: _Context, node: ast.AST, what: str | None = None,
+                    hint: str = ""):
         what = what or _CONSTRUCTS.get(type(node)) or f"the construct {type(node).__name__}"
-        self.fail(ctx, node, f"{what} is not supported in a forward to differentiate "
-                             f"(supported: {_SUPPORTED})")
+        self.fail(ctx, node, f"{what} is not supported in a forward to differentiate"
+                             f"{hint}; supported: {_SUPPORTED}")
 
     # -- functions ------------------------------------------------------------------
 
@@ -240,7 +244,7 @@ class _Reader:
             self.bind(ctx, st.target, self.g.node(op, (left, right), where=ctx.where(st)), env)
             return
         if isinstance(st, ast.Expr):
-            self.unsupported(ctx, st, "an expression statement (its value is unused)")
+            self.unsupported(ctx, st, "an expression statement", " (its value is unused)")
         self.unsupported(ctx, st)
 
     def bind(self, ctx: _Context, target: ast.expr, value, env: dict):
@@ -257,8 +261,8 @@ class _Reader:
                 self.bind(ctx, t, v, env)
             return
         if isinstance(target, ast.Subscript):
-            self.unsupported(ctx, target, "assignment to an item (tuples cannot change; build "
-                             "a new tuple)")
+            self.unsupported(ctx, target, "assignment to an item",
+                             " (tuples cannot change; build a new tuple)")
         self.unsupported(ctx, target, f"assignment to {type(target).__name__}")
 
     # -- expressions ----------------------------------------------------------------
@@ -290,9 +294,9 @@ class _Reader:
                 if isinstance(v, _Norm):
                     self.fail(ctx, node, "'norm' may only be called: norm(\"name\", value)")
                 return v
-            return self.global_value(ctx, node, self.resolve(ctx, node))
+            return self.global_value(ctx, node, self.resolve(ctx, node, env))
         if isinstance(node, ast.Attribute):
-            return self.global_value(ctx, node, self.resolve(ctx, node))
+            return self.global_value(ctx, node, self.resolve(ctx, node, env))
         if isinstance(node, ast.Tuple):
             return tuple(self.expr(ctx, e, env, allow_tuple=True) for e in node.elts)
         if isinstance(node, ast.Subscript):
@@ -367,8 +371,8 @@ class _Reader:
                 isinstance(idx.operand, ast.Constant) and isinstance(idx.operand.value, int):
             k = -idx.operand.value
         if k is None:
-            self.unsupported(ctx, node, f"the index {ast.unparse(idx)!r} (only integer "
-                             f"literals index a tuple)")
+            self.unsupported(ctx, node, f"the index {ast.unparse(idx)!r}",
+                             " (only integer literals index a tuple)")
         if not -len(base) <= k < len(base):
             self.fail(ctx, node, f"index {k} is out of range: {ast.unparse(node.value)!r} has "
                       f"{len(base)} values")
@@ -378,8 +382,9 @@ class _Reader:
         e = node.right
         if not (isinstance(e, ast.Constant) and isinstance(e.value, int)
                 and not isinstance(e.value, bool) and 0 <= e.value <= 16):
-            self.unsupported(ctx, node, f"the power {ast.unparse(node)!r} (only literal integer "
-                             f"exponents 0..16; write math.exp(y * math.log(x)))")
+            self.unsupported(ctx, node, f"the power {ast.unparse(node)!r}",
+                             " (only literal integer exponents 0..16; write "
+                             "math.exp(y * math.log(x)))")
         base = self.scalar(ctx, node.left, env)
         if e.value == 0:
             return self.g.const(1.0)
@@ -387,19 +392,22 @@ class _Reader:
             return base
         return self.g.node("pow", (base,), e.value, where=ctx.where(node))
 
-    def resolve(self, ctx, node):
-        """The object a global name or an attribute chain names."""
+    def resolve(self, ctx, node, env):
+        """The object a global name or an attribute chain of modules names."""
         if isinstance(node, ast.Name):
+            if node.id in env:
+                return _LOCAL
             if node.id in ctx.namespace:
                 return ctx.namespace[node.id]
             if hasattr(builtins, node.id):
                 return getattr(builtins, node.id)
             self.fail(ctx, node, f"the name {node.id!r} is not defined")
         if isinstance(node, ast.Attribute):
-            base = self.resolve(ctx, node.value)
+            base = self.resolve(ctx, node.value, env) if isinstance(
+                node.value, (ast.Name, ast.Attribute)) else _LOCAL
             if not isinstance(base, types.ModuleType):
-                self.unsupported(ctx, node, f"the attribute {ast.unparse(node)!r} (only module "
-                                 f"attributes such as math.exp)")
+                self.unsupported(ctx, node, f"the attribute {ast.unparse(node)!r}",
+                                 " (only module attributes such as math.exp)")
             if not hasattr(base, node.attr):
                 self.fail(ctx, node, f"{ast.unparse(node)!r} does not exist")
             return getattr(base, node.attr)
@@ -423,7 +431,7 @@ class _Reader:
             self.fail(ctx, node, f"{f.id!r} is a value, not a function")
         if not isinstance(f, (ast.Name, ast.Attribute)):
             self.unsupported(ctx, node, f"the call of {ast.unparse(f)!r}")
-        obj = self.resolve(ctx, f)
+        obj = self.resolve(ctx, f, env)
         label = ast.unparse(f)
         prim = PRIMITIVES.get(id(obj))
         if prim in ("min", "max"):
@@ -446,12 +454,12 @@ class _Reader:
             return self.helper(ctx, node, obj, args)
         module = getattr(obj, "__module__", None) or ""
         if module.split(".")[0] == "numpy" or type(obj).__name__ == "ufunc":
-            hint = f"; use math.{getattr(obj, '__name__', '')}" if hasattr(
+            hint = f" (use math.{obj.__name__})" if hasattr(
                 math, getattr(obj, "__name__", "")) else ""
-            self.unsupported(ctx, node, f"the NumPy function {label}{hint}")
+            self.unsupported(ctx, node, f"the NumPy function {label}", hint)
         if hasattr(obj, "py_func"):
-            self.unsupported(ctx, node, f"the compiled Numba function {label} (pass the plain "
-                             f"Python function; it is inlined)")
+            self.unsupported(ctx, node, f"the compiled Numba function {label}",
+                             " (pass the plain Python function; it is inlined)")
         self.unsupported(ctx, node, f"the call of {label} ({type(obj).__name__})")
 
     def norm(self, ctx, node: ast.Call, env) -> Node:

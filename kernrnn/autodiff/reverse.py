@@ -305,7 +305,8 @@ def plan_single(graph: Graph, outputs, sig, recompute: bool = True) -> Plan:
     return Plan(fwd, bwd, None, None, saved, [], same, ())
 
 
-def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=True) -> Plan:
+def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=True,
+                   name: str = "?") -> Plan:
     """A step with normalised values: stage 1 up to the values to normalise, stage 2 after.
 
     ``forward(...) -> (z, mid)``, ``forward2(zn, mid, prev, *p) -> (new_state,
@@ -326,8 +327,10 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
             dep2.add(n.id)
     for n, z in zip(norm_nodes, zs):
         if z.id in dep2:
-            raise CellError(f"norm({n.attr!r}, ...) ({n.where}) normalises a value computed from "
-                            f"another normalised value; a step has one normalisation stage")
+            raise CellError(f"cell {name!r}: cannot derive the backward of the forward: "
+                            f"norm({n.attr!r}, ...) ({n.where}) normalises a value computed "
+                            f"from another normalised value; a step has one normalisation "
+                            f"stage")
     scope = live(list(outputs) + norm_nodes)
     scope1 = [n for n in scope if n.id not in dep2]
     scope2 = [n for n in scope if n.id in dep2]
