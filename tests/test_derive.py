@@ -774,3 +774,104 @@ def test_lambda_and_compiled_forwards_are_rejected():
         derive(lambda xw, hu, prev: (xw[0],), name="lam", gates=1)
     with pytest.raises(CellError, match="cell 'jit'.*plain Python function"):
         derive(numba.njit(f_rnn), name="jit", gates=1)
+
+
+# -- forms of writing a step -------------------------------------------------------------------
+
+SCALE = 0.5
+
+
+def _gate_pair(a, b):
+    """A helper returning a tuple, itself calling a helper."""
+    return sigmoid(a), _squash(b)
+
+
+def _squash(x):
+    return x / (1.0 + math.fabs(x))
+
+
+def f_forms(xw, hu, prev, q):
+    h, c = prev
+    i, g = _gate_pair(xw[0] + hu[0], xw[1] + hu[1])
+    c2: float = c * SCALE + i * g * math.pi / 4
+    c2 += q[-1] * h
+    lo = min(c2, h, -0.5)
+    mid = 1.0 if 0.0 < c2 < 1.0 or not h > lo else -c2 ** 3
+    c2 = +c2 - -lo * mid ** 1 + math.cos(-h) * h ** 0
+    return (math.sin(c2) * math.sqrt(1.0 + g * g), c2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_supported_forms_match_finite_differences(seed):
+    """Unpacking a tuple argument, helpers returning tuples, annotated and augmented
+    assignments, module constants and math.pi, negative indices, chained comparisons with
+    and/or/not, min of three, unary plus, powers 0, 1, 3."""
+    from derive_helpers import Program
+
+    prog = Program("", 2, 2, True, (2,), False, fn=f_forms)
+    d = prog.derive()
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        xw, hu, prev, params, dstate = random_inputs(rng, 2, 2, True, (2,))
+        args = args_of(xw, hu, prev, params)
+        new, saved = d.forward(*args)
+        assert all(relclose(a, b, 1e-14) for a, b in zip(new, f_forms(*args)))
+        grads = [v for g in d.backward(saved, prev, dstate, *params) for v in g]
+        x = [v for a in args for v in a]
+        assert not fd_mismatches(_loss(prog, dstate, _layout(prog)), x, grads), d.source
+
+
+# -- the derived math as a Cell (what phase 2 wires in) ----------------------------------------
+
+
+def _as_cell(name, **changes):
+    """A Cell of the contract built from the derived math and reference of shipped ``name``."""
+    from kernrnn.cell import Cell
+
+    ref = get_registry().get(name)
+    d = derived(name)
+    return Cell(f"derived_{name}", ref.gates, forward=d.forward, backward=d.backward,
+                reference=d.reference, forward2=d.forward2, backward2=d.backward2,
+                state=ref.state, params=ref.params, recurrent=ref.recurrent, heads=ref.heads,
+                input_norm=ref.input_norm, recurrent_norm=ref.recurrent_norm,
+                normalize=ref.normalize, normalize_kind=ref.normalize_kind,
+                state_sampler=ref.state_sampler, linear=ref.linear, **changes)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_derived_math_passes_cell_validation(name):
+    """Cell validation (contract sizes, forward against the derived reference, linearity)
+    accepts the derived functions unchanged; plain cells keep the dxw == dhu fast path."""
+    from kernrnn.backends.cpu import same_input_and_recurrent_grads
+
+    cell = _as_cell(name)
+    d = derived(name)
+    assert cell.n_saved == d.n_saved and cell.n_mid == d.n_mid
+    if cell.plain:
+        assert same_input_and_recurrent_grads(cell) == all(d.same_grads)
+
+
+@pytest.mark.parametrize("name", ["lstm_ln", "slstm", "lstm_peephole"])
+def test_derived_math_compiles_as_cell_math(name):
+    """kernrnn.scalar's per-cell check (the contract's tuple sizes, every value in the
+    kernel's precision, float32 leak finder) passes for the derived functions."""
+    from kernrnn.scalar import check_cell_compiles, find_precision_leaks
+
+    cell = _as_cell(name)
+    for dtype in (np.float32, np.float64):
+        check_cell_compiles(cell, dtype)
+    for which, sizes, _ in cell.math_signatures():
+        types = tuple(numba.types.UniTuple(numba.float32, n) if n else numba.types.Tuple(())
+                      for n in sizes)
+        assert not find_precision_leaks(getattr(cell, which), np.float32, types), which
+
+
+def test_derived_two_stage_cell_trains_through_the_layer():
+    """One layer-level check: the derived LayerNorm LSTM's kernels (CPU, float64) give the
+    finite-difference gradients of the derived reference (layers, directions, lengths)."""
+    from kernrnn.testing.conformance import gradient_errors, random_problem
+
+    cell = _as_cell("lstm_ln")
+    p = random_problem(np.random.default_rng(1), cell=cell, max_T=3, max_B=2, max_I=3, max_H=4)
+    gradient_errors(cell, p)  # raises ConformanceError naming the tensor

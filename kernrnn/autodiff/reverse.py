@@ -36,65 +36,69 @@ def is_step_input(v: Node) -> bool:
     return v.op == "in" and (v.attr[0] in _BACKWARD_INPUTS or _param_group(v.attr[0]))
 
 
-def partials(n: Node, g: Node, P, B: Graph) -> list[tuple[int, Node]]:
-    """Contributions of adjoint ``g`` of ``n`` to its operands: ``[(operand index, value)]``.
+def partials(n: Node, g: Node, P, B: Graph) -> list:
+    """Contributions of adjoint ``g`` of ``n`` to its operands: ``[(operand index, thunk)]``.
 
-    ``P(v)`` is forward value ``v`` inside the backward graph ``B``.  Sigmoid,
-    tanh, exp, sqrt and relu are differentiated through their result (as
-    haste does), the others through their argument.
+    Calling a thunk builds the contribution; ``P(v)`` is forward value ``v``
+    inside the backward graph ``B``.  Sigmoid, tanh, exp, sqrt and relu are
+    differentiated through their result (as haste does), the others through
+    their argument.
     """
     op, a = n.op, n.args
     if op == "add":
-        return [(0, g), (1, g)]
+        return [(0, lambda: g), (1, lambda: g)]
     if op == "sub":
-        return [(0, g), (1, B.neg(g))]
+        return [(0, lambda: g), (1, lambda: B.neg(g))]
     if op == "mul":
         if a[0] is a[1]:
-            return [(0, B.mul(B.const(2.0), B.mul(g, P(a[0]))))]
-        return [(0, B.mul(g, P(a[1]))), (1, B.mul(g, P(a[0])))]
+            return [(0, lambda: B.mul(B.const(2.0), B.mul(g, P(a[0]))))]
+        return [(0, lambda: B.mul(g, P(a[1]))), (1, lambda: B.mul(g, P(a[0])))]
     if op == "div":
-        ga = B.div(g, P(a[1]))
         if a[0] is a[1]:
             return []  # x / x
-        return [(0, ga), (1, B.neg(B.mul(ga, P(n))))]
+        return [(0, lambda: B.div(g, P(a[1]))),
+                (1, lambda: B.neg(B.mul(B.div(g, P(a[1])), P(n))))]
     if op == "neg":
-        return [(0, B.neg(g))]
+        return [(0, lambda: B.neg(g))]
     if op == "pow":
         k = n.attr
-        return [(0, B.mul(g, B.mul(B.const(float(k)), B.pow(P(a[0]), k - 1))))]
+        return [(0, lambda: B.mul(g, B.mul(B.const(float(k)), B.pow(P(a[0]), k - 1))))]
     if op == "select":
-        c = P(a[0])
         if a[1] is a[2]:
-            return [(1, g)]
+            return [(1, lambda: g)]
         zero = B.const(0.0)
-        return [(1, B.select(c, g, zero)), (2, B.select(c, zero, g))]
+        return [(1, lambda: B.select(P(a[0]), g, zero)), (2, lambda: B.select(P(a[0]), zero, g))]
     if op == "call":
-        f, x = n.attr, a[0]
-        one = B.const(1.0)
-        if f == "sigmoid":
-            y = P(n)
-            return [(0, B.mul(g, B.mul(y, B.sub(one, y))))]
-        if f == "tanh":
-            y = P(n)
-            return [(0, B.mul(g, B.sub(one, B.mul(y, y))))]
-        if f == "exp":
-            return [(0, B.mul(g, P(n)))]
-        if f == "sqrt":
-            return [(0, B.div(B.mul(B.const(0.5), g), P(n)))]
-        if f == "relu":
-            return [(0, B.select(B.cmp(">", P(n), B.const(0.0)), g, B.const(0.0)))]
-        if f == "log":
-            return [(0, B.div(g, P(x)))]
-        if f == "sin":
-            return [(0, B.mul(g, B.call("cos", P(x))))]
-        if f == "cos":
-            return [(0, B.neg(B.mul(g, B.call("sin", P(x)))))]
-        if f == "erf":
-            px = P(x)
-            bump = B.call("exp", B.neg(B.mul(px, px)))
-            return [(0, B.mul(g, B.mul(B.const(_TWO_OVER_SQRT_PI), bump)))]
-        if f == "fabs":
-            return [(0, B.select(B.cmp(">=", P(x), B.const(0.0)), g, B.neg(g)))]
+        return [(0, lambda: _call_partial(n, g, P, B))]
+    raise AssertionError(f"no derivative for {n!r}")
+
+
+def _call_partial(n: Node, g: Node, P, B: Graph) -> Node:
+    f, x = n.attr, n.args[0]
+    one = B.const(1.0)
+    if f == "sigmoid":
+        y = P(n)
+        return B.mul(g, B.mul(y, B.sub(one, y)))
+    if f == "tanh":
+        y = P(n)
+        return B.mul(g, B.sub(one, B.mul(y, y)))
+    if f == "exp":
+        return B.mul(g, P(n))
+    if f == "sqrt":
+        return B.div(B.mul(B.const(0.5), g), P(n))
+    if f == "relu":
+        return B.select(B.cmp(">", P(n), B.const(0.0)), g, B.const(0.0))
+    if f == "log":
+        return B.div(g, P(x))
+    if f == "sin":
+        return B.mul(g, B.call("cos", P(x)))
+    if f == "cos":
+        return B.neg(B.mul(g, B.call("sin", P(x))))
+    if f == "erf":
+        px = P(x)
+        return B.mul(g, B.mul(B.const(_TWO_OVER_SQRT_PI), B.call("exp", B.neg(B.mul(px, px)))))
+    if f == "fabs":
+        return B.select(B.cmp(">=", P(x), B.const(0.0)), g, B.neg(g))
     raise AssertionError(f"no derivative for {n!r}")
 
 
@@ -107,6 +111,13 @@ def sweep(scope: list[Node], seeds: dict[int, list[Node]], P, B: Graph) -> dict[
     constants, ``norm`` results and conditions are leaves.
     """
     contrib = {k: list(v) for k, v in seeds.items()}
+    constant: dict[int, bool] = {}  # made of constants only: needs no adjoint
+
+    def is_constant(v: Node) -> bool:
+        if v.id not in constant:
+            constant[v.id] = v.op == "const" or (
+                v.op not in ("in", "norm") and all(is_constant(a) for a in v.args))
+        return constant[v.id]
     for n in reversed(scope):
         terms = contrib.get(n.id)
         if not terms or n.op in ("in", "const", "norm") or n.is_bool:
@@ -117,8 +128,9 @@ def sweep(scope: list[Node], seeds: dict[int, list[Node]], P, B: Graph) -> dict[
             g.name = f"d_{n.name}"
         if is_const(g, 0.0):
             continue
-        for i, c in partials(n, g, P, B):
-            contrib.setdefault(n.args[i].id, []).append(c)
+        for i, build in partials(n, g, P, B):
+            if not is_constant(n.args[i]):
+                contrib.setdefault(n.args[i].id, []).append(build())
     return contrib
 
 
