@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 from hypothesis import strategies as st
 
 from kernrnn.autodiff import derive

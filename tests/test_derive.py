@@ -735,7 +735,8 @@ BAD = [
     (bad_if, "an if statement", {}), (bad_list, "a list", {}), (bad_dict, "a dict", {}),
     (bad_comprehension, "a list comprehension", {}),
     (bad_unknown_call, "the call of print", {}),
-    (bad_numpy_call, "the NumPy function np.exp is not supported in a forward to differentiate (use math.exp)", {}),
+    (bad_numpy_call, "the NumPy function np.exp is not supported in a forward to "
+     "differentiate (use math.exp)", {}),
     (bad_attribute, "the attribute 'a.real'", {}), (bad_index, "the index 'k'", {}),
     (bad_global, "'LABEL' is a str, not a number", {}),
     (bad_recursion, "calls itself (recursion)", {}), (bad_power, "the power", {}),

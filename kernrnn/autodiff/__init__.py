@@ -49,12 +49,29 @@ first stage's backward needs (the rule above, with the values stage 2 reads
 counted as at hand); the second stage's ``saved`` follows the rule with
 ``zn`` and ``mid`` at hand.
 
-Limits
-------
-A helper with ``kernrnn_variants`` (a precision-specific version) is inlined
-with its default body, so the derived step computes the default math in every
-precision.  ``sin``/``cos`` are written with :mod:`kernrnn.autodiff.fmath`'s
-helpers, whose float32 versions keep CUDA kernels free of float64.
+Gradients of ``xw`` and ``hu``
+------------------------------
+Adjoints are hash-consed nodes, and a value that only passes through a sum
+gets its consumer's adjoint node itself.  So when gate ``k`` enters the step
+only as ``xw[k] + hu[k]`` (possibly plus other terms), ``dxw[k]`` and
+``dhu[k]`` are one node: :attr:`Derived.same_grads` records it per gate, and
+when it holds for every gate the backward ends in ``return dgates, dgates,
+...``, the form the CPU backend already detects.
+
+Writing the math
+----------------
+``math.tanh`` is written as :func:`kernrnn.cell.tanh`, ``abs`` as
+``math.fabs``, ``sin``/``cos`` with :mod:`kernrnn.autodiff.fmath`'s helpers
+(whose float32 versions keep CUDA kernels free of float64), ``min``/``max`` as
+conditional expressions (Python's choice between equal values).  Helpers are
+inlined; a helper with ``kernrnn_variants`` (a precision-specific version) is
+inlined with its default body, so the derived step computes the default math
+in every precision.  Module-level numbers (and ``math.pi``) become literals.
+
+API
+---
+:func:`derive` (sizes given) and :func:`derive_for_cell` (sizes read from a
+:class:`kernrnn.cell.Cell`) return a :class:`Derived`.
 """
 
 from __future__ import annotations
@@ -79,8 +96,9 @@ class Derived:
 
     ``forward``/``backward`` (and ``forward2``/``backward2`` for a two-stage
     step) follow :class:`kernrnn.cell.Cell`'s contract; ``reference`` is the
-    float64 NumPy step, ``reference(xw, [hu,] prev, *params[, norm=])`` on
-    arrays, returning the new state tuple; ``source`` is the generated module
+    float64 NumPy step, ``reference(xw, [hu,] prev, *params[, norm])`` on
+    arrays (``norm(name, z)`` normalises a row, as for a hand-written
+    reference), returning the new state tuple; ``source`` is the generated module
     (all of them).  ``saved`` and ``mid`` name the values the forward stores
     (as written in the generated code); ``same_grads[k]`` is True when gate
     ``k``'s input and recurrent pre-activations have one and the same
@@ -258,7 +276,7 @@ def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
     args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
     pre = [f"{a} = _as64({a})" for a in args]
     return emit_function(
-        "reference", args + (["norm=None"] if has_norm else []), [list(outputs)],
+        "reference", args + (["norm"] if has_norm else []), [list(outputs)],
         _input_source(pnames), style=NUMPY,
         doc="The step on float64 NumPy arrays: the new state tuple.",
         preamble=pre + ["inputs = (" + ", ".join(args) + ",)"],

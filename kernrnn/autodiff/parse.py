@@ -93,7 +93,7 @@ class _Fail(Exception):
 class _Context:
     """One function being read: its source lines, file and namespace."""
 
-    def __init__(self, fn: types.FunctionType, cellname: str):
+    def __init__(self, fn: types.FunctionType):
         self.fn = fn
         if fn.__name__ == "<lambda>":
             raise _Fail(f"{fn.__qualname__} is a lambda; a forward and its helpers must be "
@@ -146,7 +146,7 @@ class _Reader:
     # -- functions ------------------------------------------------------------------
 
     def top(self, fn: types.FunctionType):
-        ctx = _Context(fn, self.cellname)
+        ctx = _Context(fn)
         args = ctx.fdef.args
         names = [a.arg for a in args.posonlyargs + args.args]
         sig = self.sig
@@ -196,7 +196,7 @@ class _Reader:
         if fn in self.stack:
             self.fail(ctx, node, f"{fn.__qualname__} calls itself (recursion) and cannot be "
                       f"inlined")
-        hctx = _Context(fn, self.cellname)
+        hctx = _Context(fn)
         a = hctx.fdef.args
         names = [x.arg for x in a.posonlyargs + a.args]
         if a.vararg or a.kwarg or a.kwonlyargs or a.defaults or len(names) != len(args):
