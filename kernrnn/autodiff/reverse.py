@@ -179,8 +179,21 @@ def choose_saved(needed: list[Node], is_free, recompute: bool = True) -> list[No
     return saved
 
 
+def _gate_of(v: Node, depth: int = 3):
+    """The index of the first ``xw`` input within a few operations of ``v``, or None."""
+    if v.op == "in" and v.attr[0] == "xw":
+        return v.attr[1]
+    if depth and v.op in ("add", "sub", "mul", "div", "neg"):
+        for a in v.args:
+            k = _gate_of(a, depth - 1)
+            if k is not None:
+                return k
+    return None
+
+
 def name_saved(nodes) -> None:
-    """Give stored values without a user name a readable one (``tanh_c``, ``cond``)."""
+    """Give stored values without a user name a readable one (``tanh_c``, ``sigmoid1``
+    for a sigmoid of gate 1's pre-activation, ``hu2``, ``cond``)."""
     for v in nodes:
         if v.name is None:
             arg = v.args[0] if v.args else None
@@ -191,7 +204,8 @@ def name_saved(nodes) -> None:
             elif v.op == "call" and arg is not None and arg.name:
                 v.name = f"{v.attr}_{arg.name}"
             elif v.op == "call":
-                v.name = v.attr
+                k = _gate_of(arg)
+                v.name = f"{v.attr}{k}" if k is not None else f"{v.attr}_value"
 
 
 def transplant(B: Graph, loads: dict[int, Node], inputs=None):
