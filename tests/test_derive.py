@@ -374,10 +374,8 @@ def test_random_two_stage_forward_matches_finite_differences(prog, seed, H):
     d = prog.derive()
     assert d.forward2 is not None and d.normalize == ("c",)
     rng = np.random.default_rng(seed)
-    gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
     rows = [random_inputs(rng, prog.gates, prog.state, prog.recurrent, prog.params)
             for _ in range(H)]
-    dstate = np.array([r[4] for r in rows])  # [H, S]
 
     # the reference with an identity norm is the Python forward, element by element
     ident = d.reference(*_row_arrays(rows, prog), norm=lambda _n, z: z)
@@ -385,29 +383,7 @@ def test_random_two_stage_forward_matches_finite_differences(prog, seed, H):
         want = prog.fn(*args_of(*r[:4]), lambda _n, z: z)
         assert all(relclose(float(ident[s][0, j]), want[s], 1e-12) for s in range(prog.state))
 
-    def norm(_name, z):
-        return reference_norm(z, gain, bias)
-
-    layout = _layout(prog)
-
-    def L(x):
-        per_unit = np.array(x).reshape(H, -1)
-        unit_rows = []
-        for j in range(H):
-            k, parts = 0, []
-            for n in layout:
-                parts.append(tuple(per_unit[j, k:k + n]))
-                k += n
-            unit_rows.append(_unit_from_parts(parts, prog))
-        new = d.reference(*_row_arrays(unit_rows, prog), norm=norm)
-        return float(sum((dstate[:, s] * new[s][0]).sum() for s in range(prog.state)))
-
-    result = _derived_two_stage(d, rows, gain, bias)
-    x, grads = [], []
-    for j, r in enumerate(rows):
-        x += [v for a in args_of(*r[:4]) for v in a]
-        grads += [v for g in result[j] for v in g]
-    bad = fd_mismatches(L, x, grads)
+    bad = _row_gradient_mismatches(prog, d, seed, H)
     assert not bad, f"(index, derived, finite difference) {bad}\n{prog.source}\n{d.source}"
 
 
@@ -437,25 +413,85 @@ def _row_arrays(rows, prog):
 
 
 def _derived_two_stage(d, rows, gain, bias):
-    """Per unit, the derived gradients (dxw, [dhu,] dprev, *dparams) through both stages."""
+    """Per unit, the derived gradients (dxw, [dhu,] dprev, *dparams) through both stages
+    (every normalised value uses the same gain and bias here)."""
     firsts = [d.forward(*args_of(*r[:4])) for r in rows]
-    Z = np.array([z[0] for z, _ in firsts])
-    ZN = reference_norm(Z, gain, bias)
+    Z = np.array([z for z, _ in firsts])  # [H, NZ]
+    ZN = np.stack([reference_norm(Z[:, k], gain, bias) for k in range(Z.shape[1])], axis=1)
     b2s = []
     for j, r in enumerate(rows):
         _, _, prev, params, dstate = r
-        zn, mid = (float(ZN[j]),), firsts[j][1]
+        zn, mid = tuple(float(v) for v in ZN[j]), firsts[j][1]
         _, saved = d.forward2(zn, mid, prev, *params)
         b2s.append(d.backward2(saved, zn, mid, prev, dstate, *params))
-    dZ = _layer_norm_backward(Z, np.array([b[0][0] for b in b2s]), gain, "layer")
+    dZN = np.array([b[0] for b in b2s])
+    dZ = np.stack([_layer_norm_backward(Z[:, k], dZN[:, k], gain, "layer")
+                   for k in range(Z.shape[1])], axis=1)
     out = []
     for j, r in enumerate(rows):
         _, hu, prev, params, _ = r
-        b1 = d.backward(firsts[j][1], prev, (float(dZ[j]),), b2s[j][1], *params)
+        b1 = d.backward(firsts[j][1], prev, tuple(float(v) for v in dZ[j]), b2s[j][1],
+                        *params)
         n_in = 2 if hu is not None else 1
         summed = [tuple(a + b for a, b in zip(g1, g2)) for g1, g2 in zip(b1[n_in:], b2s[j][2:])]
         out.append(list(b1[:n_in]) + summed)
     return out
+
+
+def _row_gradient_mismatches(prog, d, seed, H):
+    """Derived gradients of a two-stage step over a row against finite differences of the
+    derived reference with the row's layer norm."""
+    rng = np.random.default_rng(seed)
+    gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
+    rows = [random_inputs(rng, prog.gates, prog.state, prog.recurrent, prog.params)
+            for _ in range(H)]
+    dstate = np.array([r[4] for r in rows])  # [H, S]
+    layout = _layout(prog)
+
+    def L(x):
+        per_unit = np.array(x).reshape(H, -1)
+        unit_rows = []
+        for j in range(H):
+            k, parts = 0, []
+            for n in layout:
+                parts.append(tuple(per_unit[j, k:k + n]))
+                k += n
+            unit_rows.append(_unit_from_parts(parts, prog))
+        new = d.reference(*_row_arrays(unit_rows, prog),
+                          lambda _name, z: reference_norm(z, gain, bias))
+        return float(sum((dstate[:, s] * new[s][0]).sum() for s in range(prog.state)))
+
+    result = _derived_two_stage(d, rows, gain, bias)
+    x, grads = [], []
+    for j, r in enumerate(rows):
+        x += [v for a in args_of(*r[:4]) for v in a]
+        grads += [v for g in result[j] for v in g]
+    return fd_mismatches(L, x, grads)
+
+
+def f_two_norms(xw, hu, prev, p, norm):
+    i = sigmoid(xw[0] + hu[0])
+    g = tanh(xw[1] + hu[1])
+    c = prev[1] * sigmoid(xw[2] + hu[2] + p[0]) + i * g
+    d = norm("d", g * prev[0])
+    return (tanh(norm("c", c)) * (1.0 + d) * i, c)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_two_normalised_values_match_finite_differences(recompute):
+    """Two norm calls (in an order other than the declared one), a per-unit parameter:
+    mid holds what stage 2 reads and stage 1's backward needs, not the values that are
+    only normalised."""
+    from derive_helpers import Program
+
+    prog = Program("", 3, 2, True, (1,), True, fn=f_two_norms)
+    d = derive(f_two_norms, name="two_norms", gates=3, state=2, params=(1,),
+               normalize=("c", "d"), recompute=recompute)
+    assert d.normalize == ("c", "d")
+    if recompute:
+        assert d.mid == ("i", "g", "sigmoid2", "c") and d.saved == ("tanh_norm_c",)
+    for seed in range(3):
+        assert not _row_gradient_mismatches(prog, d, seed, 4), d.source
 
 
 # -- compiled: Numba CPU, CUDA PTX ----------------------------------------------------------

@@ -366,6 +366,8 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
 
     used: dict[int, Node] = {}
     for n in scope2:
+        if n.op == "norm":
+            continue  # its operand is z, stage 1's first result
         for a in n.args:
             if a.id not in dep2 and not base_free(a):
                 used[a.id] = a
