@@ -31,6 +31,30 @@ def positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_dropout(p) -> float:
+    """PyTorch's rule: a probability in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1] (the probability of zeroing an "
+                         f"element), got {p!r}")
+    return float(p)
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy array of a host or device array (``a`` itself when it is one already)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "get"):  # CuPy
+        return a.get()
+    return np.asarray(a)
+
+
 def array_attrs(a, name: str):
     """(shape, dtype) of anything array-like, without copying device arrays."""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):

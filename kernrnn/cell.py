@@ -53,7 +53,8 @@ Normalisation inside the kernels (each optional):
 b_s`` with ``a``, ``b`` from the input alone (minGRU, minLSTM; needs
 ``recurrent="none"``): the CUDA backend then runs time as a parallel scan.
 
-All math is plain Python using ``math`` and the helpers below.  The core
+All math is plain Python using ``math`` and the helpers this module
+re-exports from :mod:`kernrnn.scalar_math` (``sigmoid``, ``tanh``, ``relu``).  The core
 compiles it with Numba for every backend and precision (constants take the
 kernel's precision, see :mod:`kernrnn.scalar`) and builds the time loop, the
 GEMMs and backpropagation through time around it.  ``reference`` is an
@@ -74,86 +75,16 @@ from typing import Callable
 
 import numpy as np
 
+from kernrnn import _cell_validate
+from kernrnn._cell_validate import CellFacts
+from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
+from kernrnn.scalar_math import NORM_EPS, reference_norm, relu, sigmoid, tanh
 
 __all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
            "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class CellError(ValueError):
-    """A cell definition is wrong; the message names the cell and its source."""
-
-
-# -- scalar helpers usable inside cell math ---------------------------------
-# Plain Python: the core compiles them together with the cell's functions,
-# in the kernel's precision.
-
-
-def sigmoid(x):
-    """Logistic function, computed without overflow for large ``|x|``.
-
-    float32 kernels use ``_sigmoid_float32`` instead (see ``kernrnn_variants``).
-    """
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
-
-
-def tanh(x):
-    """Hyperbolic tangent.
-
-    float32 kernels use ``_tanh_float32`` instead (see ``kernrnn_variants``).
-    """
-    return math.tanh(x)
-
-
-# float32 variants.  Without SVML, ``math.tanh``/``math.exp`` in a Numba loop
-# are scalar libm calls (10-15 ns each) that stop the pointwise loop from
-# vectorising; these use only arithmetic and selects, so LLVM turns the loop
-# into AVX/AVX-512 code.  float64 kernels keep libm's accuracy.
-
-
-def _tanh_float32(x):
-    """tanh(x) ~ x P(x^2) / Q(x^2) on [-9, 9], clamped outside.
-
-    A minimax-style rational fit (degrees 13/6, relative error 1.1e-8 in exact
-    arithmetic); evaluated in float32 the error against libm's float64 tanh is
-    at most 3.3e-7 (libm's float32 tanhf: 6e-8).  tanh(9) rounds to 1 in
-    float32.  NaN propagates.
-    """
-    a = 9.0 if x > 9.0 else x
-    a = -9.0 if a < -9.0 else a
-    s = a * a
-    p = -8.530291755456029e-14 * s + 5.2919522301657174e-11
-    p = p * s - 2.0250007846842598e-08
-    p = p * s + 1.1159567567522661e-05
-    p = p * s + 0.0031044121090496673
-    p = p * s + 0.13084405684319494
-    p = p * s + 0.9999999939213771
-    q = 0.0002546836383110213 * s + 0.024496953312122864
-    q = q * s + 0.4641773289598095
-    q = q * s + 1.0
-    t = a * p / q
-    t = 1.0 if t > 1.0 else t
-    return -1.0 if t < -1.0 else t
-
-
-def _sigmoid_float32(x):
-    """sigmoid(x) = (1 + tanh(x/2)) / 2: absolute error <= 2e-7, branch-free."""
-    return 0.5 * _tanh_float32(0.5 * x) + 0.5
-
-
-# ``compile_scalar`` swaps a helper for its variant of the kernel's precision.
-tanh.kernrnn_variants = {"float32": _tanh_float32}
-sigmoid.kernrnn_variants = {"float32": _sigmoid_float32}
-
-
-def relu(x):
-    """max(x, 0)."""
-    return x if x > 0.0 else 0.0 * x
 
 
 def _default_init(rng: np.random.Generator, name: str, shape: tuple, hidden_size: int):
@@ -164,8 +95,6 @@ def _default_init(rng: np.random.Generator, name: str, shape: tuple, hidden_size
 
 #: The recurrence forms a cell can declare (see the module docstring).
 RECURRENT_FORMS = ("dense", "heads", "none")
-#: Added to the variance in every normalisation (as PyTorch's and haste's layer norm).
-NORM_EPS = 1e-5
 _NORM_KINDS = ("layer", "rms")
 _NORM_OVER = ("gate", "row")
 
@@ -186,11 +115,6 @@ class Param:
     blocks: int = 1
     description: str = ""
 
-    @property
-    def size_blocks(self) -> int:
-        """Number of scalars per element (``blocks``)."""
-        return self.blocks
-
 
 @dataclass(frozen=True)
 class Norm:
@@ -204,19 +128,6 @@ class Norm:
 
     kind: str = "layer"
     over: str = "gate"
-
-
-def reference_norm(z, gain, bias, kind: str = "layer"):
-    """Float64 NumPy normalisation of ``z [..., N]`` over its last axis, then ``* gain + bias``.
-
-    For ``reference`` steps of cells with ``normalize`` (the layer passes it in
-    as ``norm``) and for :mod:`kernrnn.testing`.
-    """
-    z = np.asarray(z, dtype=np.float64)
-    if kind == "layer":
-        z = z - z.mean(axis=-1, keepdims=True)
-    zhat = z / np.sqrt((z * z).mean(axis=-1, keepdims=True) + NORM_EPS)
-    return zhat * gain + bias
 
 
 def _as_norm(value, what: str, fail) -> Norm | None:
@@ -301,7 +212,9 @@ class Cell:
     backward2: Callable | None = None
     linear: bool = False
     state_sampler: Callable | None = None
+    #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
+    #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
     n_mid: int = field(init=False, default=0)
 
     # -- sizes -------------------------------------------------------------------
@@ -352,7 +265,8 @@ class Cell:
 
     @property
     def plain(self) -> bool:
-        """True for a cell of the first contract (dense recurrence over all gates, nothing else).
+        """True for a dense recurrence over all gates and nothing else (no per-unit
+        parameters, no normalisation): an Elman RNN, LSTM or GRU-like cell.
 
         The persistent CUDA kernel runs only these.
         """
@@ -360,15 +274,16 @@ class Cell:
                 and self.input_norm is None and self.recurrent_norm is None
                 and not self.normalize)
 
-    def n_heads(self, hidden_size: int) -> int:
-        """Heads of the recurrent product for ``hidden_size`` (1 for ``"dense"``)."""
+    @property
+    def n_heads(self) -> int:
+        """Heads of the recurrent product (``heads`` for ``"heads"``, else 1)."""
         return self.heads if self.recurrent == "heads" else 1
 
     def check_hidden_size(self, hidden_size: int) -> None:
         """Raise :class:`CellError` if this cell cannot run with ``hidden_size`` units."""
         if self.recurrent == "heads" and hidden_size % self.heads:
             raise CellError(
-                f"cell {self.name!r}{_source_note(self)}: heads={self.heads} must divide the "
+                f"cell {self.name!r}{describe_source(self)}: heads={self.heads} must divide the "
                 f"hidden size, got hidden_size={hidden_size}"
             )
 
@@ -382,29 +297,7 @@ class Cell:
         cell's reference step; the recurrence must be ``"dense"`` and the
         state have a second component to carry the step.
         """
-        def fail(why):
-            raise CellError(f"cell {self.name!r}{_source_note(self)}: proj_size needs {why}")
-
-        if self.recurrent != "dense":
-            fail(f"a dense recurrence (the projected h feeds W_hh), got recurrent="
-                 f"{self.recurrent!r}")
-        if self.n_state < 2:
-            fail(f"a state besides h (like the LSTM's c), got state={self.state}")
-        rng = np.random.default_rng(0)
-        B, H, G = 2, 3, self.n_gates
-        xw = tuple(rng.uniform(-1, 1, (B, H)) for _ in range(G))
-        hu = tuple(rng.uniform(-1, 1, (B, H)) for _ in range(G))
-        prev = self.sample_states(rng, (B, H))
-        params = [tuple(rng.uniform(-1, 1, H) for _ in range(p.blocks)) for p in self.params]
-        kwargs = {}
-        if self.normalize:
-            kwargs["norm"] = lambda name, z: reference_norm(z, 1.0, 0.0, self.normalize_kind)
-        other = (self.sample_states(rng, (B, H))[0],) + tuple(prev[1:])
-        a = self.reference(xw, hu, prev, *params, **kwargs)
-        b = self.reference(xw, hu, other, *params, **kwargs)
-        if not all(np.allclose(u, v, rtol=1e-12, atol=1e-12) for u, v in zip(a, b)):
-            fail(f"a step that reads h_(t-1) only through W_hh; this cell's step changes "
-                 f"with h_(t-1) itself (its state {self.state})")
+        _cell_validate.check_projection(self)
 
     # -- parameters --------------------------------------------------------------
 
@@ -453,7 +346,7 @@ class Cell:
             arr = np.asarray(fn(rng, name, shape, hidden_size), dtype=np.float64)
         if arr.shape != tuple(shape):
             raise CellError(
-                f"cell {self.name!r}{_source_note(self)}: init returned shape {arr.shape} for "
+                f"cell {self.name!r}{describe_source(self)}: init returned shape {arr.shape} for "
                 f"{name}, expected {tuple(shape)} (hidden_size={hidden_size})"
             )
         return arr
@@ -496,26 +389,43 @@ class Cell:
             return tuple(rng.uniform(-1, 1, shape) for _ in range(self.n_state))
         out = tuple(np.asarray(v, dtype=np.float64) for v in self.state_sampler(rng, shape))
         if len(out) != self.n_state or any(v.shape != tuple(shape) for v in out):
-            raise CellError(f"cell {self.name!r}{_source_note(self)}: state_sampler must return "
+            raise CellError(f"cell {self.name!r}{describe_source(self)}: state_sampler must return "
                             f"{self.n_state} arrays of shape {tuple(shape)}, got "
                             f"{[getattr(v, 'shape', v) for v in out]}")
         return out
 
     def __post_init__(self):
-        self.validate()
+        # The one place a Cell is written to, before the constructor returns (the
+        # dataclasses way for a frozen class): the canonical spellings of the declaration
+        # ("layer" -> Norm("layer"), "c" -> ("c",)), then the sizes only the math reveals.
+        # validate() reads and never writes, so the registry may run it again.
+        canonical = {}
+        for name in ("input_norm", "recurrent_norm"):
+            if isinstance(getattr(self, name), str):
+                canonical[name] = Norm(getattr(self, name))
+        if isinstance(self.normalize, str):
+            canonical["normalize"] = (self.normalize,)
+        self._set(canonical)
+        facts = self.validate()
+        self._set({"n_saved": facts.n_saved, "n_mid": facts.n_mid})
+
+    def _set(self, values: dict) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     # -- validation --------------------------------------------------------------
 
-    def validate(self) -> None:
-        """Check the definition by running its math on sample values.
+    def validate(self) -> CellFacts:
+        """Check the definition, then run its math on sample values.
 
-        Raises :class:`CellError` saying what is wrong.  Runs in plain Python
-        (no compilation), so registering cells stays cheap; compilation
-        problems surface, with the cell's source named, when its kernels are
-        first built.
+        Raises :class:`CellError` saying what is wrong; returns the sizes the
+        math revealed (a frozen ``CellFacts`` with ``n_saved`` and ``n_mid``) and
+        changes nothing.  Runs in plain Python (no compilation), so registering cells
+        stays cheap; compilation problems surface, with the cell's source
+        named, when its kernels are first built.
         """
         def fail(msg: str):
-            raise CellError(f"cell {self.name!r}{_source_note(self)}: {msg}")
+            raise CellError(f"cell {self.name!r}{describe_source(self)}: {msg}")
 
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise CellError(
@@ -543,7 +453,7 @@ class Cell:
         if self.state_sampler is not None and not callable(self.state_sampler):
             fail(f"state_sampler must be a function or None, got {self.state_sampler!r}")
         self._validate_forms(fail)
-        self._validate_math(fail)
+        return _cell_validate.sample_math(self, fail)
 
     def _validate_forms(self, fail) -> None:
         if self.recurrent not in RECURRENT_FORMS:
@@ -601,13 +511,10 @@ class Cell:
                          f"for H=3, its init returned shape {v.shape}")
         if len(set(names)) != len(names):
             fail(f"parameter names must be distinct, got {names}")
-        object.__setattr__(self, "input_norm", _as_norm(self.input_norm, "input_norm", fail))
-        object.__setattr__(self, "recurrent_norm",
-                           _as_norm(self.recurrent_norm, "recurrent_norm", fail))
+        _as_norm(self.input_norm, "input_norm", fail)
+        _as_norm(self.recurrent_norm, "recurrent_norm", fail)
         if self.recurrent_norm is not None and not self.has_recurrent:
             fail("recurrent_norm needs a recurrent product, got recurrent='none'")
-        if isinstance(self.normalize, str):
-            object.__setattr__(self, "normalize", (self.normalize,))
         if not isinstance(self.normalize, tuple) or not all(
                 isinstance(v, str) and _NAME_RE.match(v) for v in self.normalize):
             fail(f"normalize must be a tuple of value names, got {self.normalize!r}")
@@ -622,166 +529,3 @@ class Cell:
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
                  f"{self.recurrent!r}")
-
-    def _validate_math(self, fail) -> None:
-        G, S, NZ = self.n_gates, self.n_state, self.n_norm
-        rng = np.random.default_rng(0)
-
-        def sample(n):
-            return tuple(float(v) for v in rng.uniform(-1, 1, n))
-
-        H = 3  # one row of a few units: enough for the normalisation and the reference
-        xw = [sample(G) for _ in range(H)]
-        hu_full = [sample(G) for _ in range(H)]
-        rec = set(self.recurrent_gate_indices)
-        hu = [tuple(v if g in rec else 0.0 for g, v in enumerate(row)) for row in hu_full]
-        states = self.sample_states(rng, (H,))
-        prev = [tuple(float(v[j]) for v in states) for j in range(H)]
-        pvals = [tuple(sample(p.blocks) for p in self.params) for _ in range(H)]
-        gains = {v: (np.array(sample(H)) + 1.5, np.array(sample(H))) for v in self.normalize}
-
-        def call(which, fn, *args):
-            try:
-                return fn(*args)
-            except Exception as exc:
-                fail(f"{which} failed on sample input ({G} gates, state {self.state}): "
-                     f"{type(exc).__name__}: {exc}")
-
-        def two_tuples(out, which, what):
-            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], tuple)
-                    and isinstance(out[1], tuple)):
-                fail(f"{which} must return {what}, two tuples of scalars; got {out!r}")
-            return out
-
-        new_rows, saved_rows, mid_rows, zn_rows = [], [], [], []
-        if self.normalize:
-            firsts = [two_tuples(call("forward", self.forward,
-                                      *self.forward_args(xw[j], hu[j], prev[j], pvals[j])),
-                                 "forward", "(z, mid) for a cell with normalize")
-                      for j in range(H)]
-            for z, _ in firsts:
-                if len(z) != NZ:
-                    fail(f"forward (stage 1) returned {len(z)} values to normalise, the cell "
-                         f"declares normalize={self.normalize!r}: the normalised value "
-                         f"{self.normalize[min(len(z), NZ - 1)]!r} must be produced by the step")
-            Z = np.array([z for z, _ in firsts])  # [H, NZ]
-            ZN = np.stack([reference_norm(Z[:, k], *gains[v], self.normalize_kind)
-                           for k, v in enumerate(self.normalize)], axis=1)
-            object.__setattr__(self, "n_mid", len(firsts[0][1]))
-            for j in range(H):
-                zn = tuple(float(v) for v in ZN[j])
-                mid = firsts[j][1]
-                new, saved = two_tuples(call("forward2", self.forward2, zn, mid, prev[j],
-                                             *pvals[j]), "forward2", "(new_state, saved)")
-                new_rows.append(new)
-                saved_rows.append(saved)
-                mid_rows.append(mid)
-                zn_rows.append(zn)
-        else:
-            for j in range(H):
-                new, saved = two_tuples(call("forward", self.forward,
-                                             *self.forward_args(xw[j], hu[j], prev[j], pvals[j])),
-                                        "forward", "(new_state, saved)")
-                new_rows.append(new)
-                saved_rows.append(saved)
-        if any(len(n) != S for n in new_rows):
-            fail(f"forward returned a state of {len(new_rows[0])} values, the cell declares "
-                 f"{S} ({self.state})")
-        object.__setattr__(self, "n_saved", len(saved_rows[0]))
-        self._validate_backward(fail, call, saved_rows, mid_rows, zn_rows, prev, pvals,
-                                new_rows)
-        self._validate_reference(fail, xw, hu, prev, pvals, gains, new_rows)
-        if self.linear:
-            self._validate_linear(fail, xw, pvals)
-
-    def _validate_backward(self, fail, call, saved_rows, mid_rows, zn_rows, prev, pvals,
-                           new_rows) -> None:
-        G, S = self.n_gates, self.n_state
-        nres = 3 if self.has_recurrent else 2
-        want = [("dxw", G)] + ([("dhu", G)] if self.has_recurrent else []) + [("dprev", S)]
-        want += [(f"d{p.name}", p.blocks) for p in self.params]
-
-        def check(out, which, sizes):
-            if not (isinstance(out, tuple) and len(out) == len(sizes)
-                    and all(isinstance(b, tuple) for b in out)):
-                names = ", ".join(n for n, _ in sizes)
-                fail(f"{which} must return ({names}), {len(sizes)} tuples; got {out!r}")
-            for (label, size), got in zip(sizes, out):
-                if len(got) != size:
-                    fail(f"{which} returned {len(got)} values for {label}, expected {size}")
-
-        j = 0
-        if self.normalize:
-            out2 = call("backward2", self.backward2, saved_rows[j], zn_rows[j], mid_rows[j],
-                        prev[j], new_rows[j], *pvals[j])
-            check(out2, "backward2", [("dzn", self.n_norm), ("dmid", self.n_mid),
-                                      ("dprev", S)] + want[nres:])
-            out = call("backward", self.backward, mid_rows[j], prev[j], zn_rows[j], out2[1],
-                       *pvals[j])
-        else:
-            out = call("backward", self.backward, saved_rows[j], prev[j], new_rows[j],
-                       *pvals[j])
-        check(out, "backward", want)
-
-    def _validate_reference(self, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
-        G, S = self.n_gates, self.n_state
-
-        def rows(vals, n):
-            return tuple(np.array([[row[k] for row in vals]]) for k in range(n))
-
-        args = [rows(xw, G)] + ([rows(hu, G)] if self.has_recurrent else []) + [rows(prev, S)]
-        for i, p in enumerate(self.params):
-            args.append(tuple(np.array([row[i][k] for row in pvals]) for k in range(p.blocks)))
-        kwargs = {}
-        if self.normalize:
-            def norm(name, z):
-                if name not in gains:
-                    raise KeyError(f"normalize declares {self.normalize!r}, got {name!r}")
-                return reference_norm(z, *gains[name], self.normalize_kind)
-            kwargs["norm"] = norm
-        try:
-            ref = self.reference(*args, **kwargs)
-        except Exception as exc:
-            fail(f"reference failed on sample input: {type(exc).__name__}: {exc}")
-        if not isinstance(ref, tuple) or len(ref) != S:
-            fail(f"reference must return a tuple of {S} arrays, got {ref!r}")
-        for k, r in enumerate(ref):
-            r = np.asarray(r, dtype=np.float64).reshape(-1)
-            f = np.array([row[k] for row in new_rows], dtype=np.float64)
-            if r.shape != f.shape or not np.all(np.isfinite(f)) or np.any(
-                    np.abs(r - f) > 1e-9 * np.maximum(1.0, np.abs(r))):
-                fail(f"forward and reference disagree on state {self.state[k]!r}: "
-                     f"{f.tolist()!r} vs {r.tolist()!r} on the same sample input")
-
-    def _validate_linear(self, fail, xw, pvals) -> None:
-        """new_s = a_s * prev_s + b_s: check on samples that the step is affine per component."""
-        S = self.n_state
-        rng = np.random.default_rng(1)
-        for j in range(len(xw)):
-            def step(prev):
-                return self.forward(*self.forward_args(xw[j], None, tuple(prev), pvals[j]))[0]
-
-            b = step([0.0] * S)
-            a = [step([1.0 if s == k else 0.0 for s in range(S)])[k] - b[k] for k in range(S)]
-            for _ in range(3):
-                prev = [float(v) for v in rng.uniform(-2, 2, S)]
-                got = step(prev)
-                for k in range(S):
-                    want = a[k] * prev[k] + b[k]
-                    if not abs(got[k] - want) <= 1e-9 * max(1.0, abs(want)):
-                        fail(f"linear=True, but state {self.state[k]!r} is not a*prev + b in "
-                             f"the previous state: at prev={prev} the step gives {got[k]!r}, "
-                             f"the affine fit {want!r}")
-
-
-def _source_note(cell) -> str:
-    """`` (plugin 'x' from distribution 'y')`` when the cell is registered, else ''."""
-    from kernrnn import plugins
-
-    reg = plugins._REGISTRY  # never build the registry from here (it validates cells)
-    try:
-        if reg is not None and cell.name in reg and reg.get(cell.name) is cell:
-            return f" ({reg.source(cell.name)})"
-    except Exception:
-        pass
-    return ""

@@ -11,25 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
 from kernrnn import _checks
 from kernrnn.backends import device_of, get_backend
+from kernrnn.plugins import resolve_cell
 from kernrnn.scalar import check_cell_compiles
 
+# resolve_cell lives with the registry (kernrnn.plugins); it stays importable from here.
 __all__ = ["rnn_forward", "rnn_backward", "resolve_cell"]
-
-
-def resolve_cell(cell):
-    """A :class:`~kernrnn.cell.Cell` from a cell or a registered name."""
-    from kernrnn.cell import Cell
-    from kernrnn.plugins import get_registry
-
-    if isinstance(cell, Cell):
-        return cell
-    if isinstance(cell, str):
-        return get_registry().get(cell)
-    raise TypeError(f"cell must be a registered name or a kernrnn.Cell, got {type(cell).__name__}")
 
 
 def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
@@ -67,11 +55,9 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
             f"{list(getattr(b, 'shape', [])) if b is not None else None}"
         )
     H = b.shape[0] // G
-    shapes = cell.param_shapes(I, H)
+    cell.check_hidden_size(H)  # before the projection's checks
     P = _projection(cell, params.get("weight_hr"), H)
-    if P:
-        shapes["weight_hh"] = (shapes["weight_hh"][0], P)
-        shapes["weight_hr"] = (P, H)
+    shapes = direction_shapes(cell, I, H, P)
     missing = [k for k in shapes if params.get(k) is None]
     extra = [k for k in params if k not in shapes and params[k] is not None]
     if missing or extra:
@@ -88,26 +74,73 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
         cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
         backend.lengths(lens), bool(reverse), bool(training),
     )
-    return y, _state_tuple(hn, cell, P), ctx
+    return y, unstack_states(hn, cell, P), ctx
 
 
 def rnn_backward(ctx, dy, dhn=None):
     """Backpropagation through time for one :func:`rnn_forward` call.
 
     Returns ``(dx, dh0, grads)``: ``dh0`` a tuple of S arrays, ``grads`` a dict
-    with the keys of the forward call's parameters (``weight_ih``, ...).
+    with the keys of the forward call's parameters (``weight_ih``, ...).  The
+    call consumes ``ctx``: the forward's buffers go back to the backend for
+    the next call, so each forward call gets one backward.
     """
     if ctx is None:
         raise ValueError("rnn_backward needs the ctx of a forward call made with training=True, "
                          "got None (that forward ran with training=False)")
+    if ctx.released:
+        raise ValueError("rnn_backward got a ctx that an earlier rnn_backward call consumed "
+                         "(its buffers were reused); run rnn_forward again for another backward")
     backend = get_backend(ctx.device)
     T, B, _ = ctx.x.shape
-    H = ctx.States.shape[3]
-    P = ctx.buffers.Hp.shape[2] if ctx.buffers.Hp is not None else 0
+    H, P = ctx.hidden_size, ctx.proj_size
     _checks.check_array(dy, "dy", (T, B, P or H), ctx.x.dtype)
     dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn", P)
     dx, dh0, grads = backend.backward(ctx, backend.asarray(dy), dhn)
-    return dx, _state_tuple(dh0, ctx.cell, P), grads
+    backend.release(ctx)
+    return dx, unstack_states(dh0, ctx.cell, P), grads
+
+
+# -- PyTorch-style states and parameter shapes <-> what the backends take ------------
+# Shared with kernrnn.layer, whose states carry one more leading axis (layers x directions).
+
+
+def direction_shapes(cell, input_size: int, hidden_size: int, proj_size: int = 0) -> dict:
+    """One layer direction's parameter shapes by the cell's names (no suffix).
+
+    With a projection (PyTorch's LSTMP, ``proj_size`` P > 0) ``weight_hh``
+    reads the P projected units and ``weight_hr [P, H]`` comes last.
+    """
+    shapes = cell.param_shapes(input_size, hidden_size)
+    if proj_size:
+        shapes["weight_hh"] = (shapes["weight_hh"][0], proj_size)
+        shapes["weight_hr"] = (proj_size, hidden_size)
+    return shapes
+
+
+def stack_states(backend, parts, cell, lead: tuple, B: int, H: int, P: int, dtype, labels):
+    """The backend's ``[S, *lead, B, H]`` from the S arrays ``[*lead, B, H]`` in ``parts``.
+
+    Each part is checked (shape, dtype, finite) under its name in ``labels``.
+    With a projection (``P`` > 0) ``parts[0]`` is ``[*lead, B, P]`` and fills
+    the first P columns of ``h``, the rest zeros.
+    """
+    for k, (label, part) in enumerate(zip(labels, parts)):
+        _checks.check_array(part, label, (*lead, B, P or H) if k == 0 else (*lead, B, H), dtype,
+                            finite=True)
+    out = backend.xp.zeros((cell.n_state, *lead, B, H), dtype=dtype)
+    for k, part in enumerate(parts):
+        out[k, ..., :part.shape[-1]] = backend.asarray(part)
+    return out
+
+
+def unstack_states(st, cell, P: int) -> tuple:
+    """The S states of the backend's ``[S, ..., B, H]``; with a projection ``h`` is the
+    first P columns of ``st[0]``."""
+    parts = [st[s] for s in range(cell.n_state)]
+    if P:
+        parts[0] = parts[0][..., :P]
+    return tuple(parts)
 
 
 def _projection(cell, weight_hr, H: int) -> int:
@@ -122,19 +155,9 @@ def _projection(cell, weight_hr, H: int) -> int:
     return shape[0]
 
 
-def _state_tuple(st, cell, P: int) -> tuple:
-    """The S states of ``[S, B, H]``; an LSTMP's h is the first P columns of ``st[0]``."""
-    parts = [st[s] for s in range(cell.n_state)]
-    if P:
-        parts[0] = parts[0][:, :P]
-    return tuple(parts)
-
-
 def _state_array(backend, state, cell, B, H, dtype, name, P=0):
-    """Stack a tuple of S ``[B, H]`` arrays into ``[S, B, H]`` (zeros if None).
-
-    With an LSTMP's ``P``, ``state[0]`` is ``[B, P]`` and fills the first P columns.
-    """
+    """``[S, B, H]`` from a tuple of S ``[B, H]`` arrays (zeros if None); with an LSTMP's
+    ``P``, ``state[0]`` is ``[B, P]``."""
     S = cell.n_state
     if state is None:
         return backend.xp.zeros((S, B, H), dtype=dtype)
@@ -144,13 +167,5 @@ def _state_array(backend, state, cell, B, H, dtype, name, P=0):
             f"{cell.name!r}, got {type(state).__name__}"
             + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
         )
-    for k, (s, part) in enumerate(zip(cell.state, state)):
-        _checks.check_array(part, f"{name}[{s}]", (B, P or H) if k == 0 else (B, H), dtype,
-                            finite=True)
-    out = backend.xp.zeros((S, B, H), dtype=dtype)
-    for k, part in enumerate(state):
-        out[k, :, :part.shape[1]] = backend.asarray(part)
-    return out
-
-
-_ = np
+    return stack_states(backend, state, cell, (), B, H, P, dtype,
+                        [f"{name}[{s}]" for s in cell.state])

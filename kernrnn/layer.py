@@ -15,7 +15,9 @@ import numpy as np
 
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
-from kernrnn.functional import resolve_cell
+from kernrnn.errors import CellError, describe_source
+from kernrnn.functional import direction_shapes, stack_states, unstack_states
+from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization, RegularizationCall, call_seed
 from kernrnn.scalar import check_cell_compiles
 
@@ -85,9 +87,9 @@ class RNN:
             raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
         self.bidirectional = bidirectional
         self.num_directions = 2 if bidirectional else 1
-        self.bias = _check_bool(bias, "bias")
-        self.batch_first = _check_bool(batch_first, "batch_first")
-        self.dropout = _check_dropout(dropout)
+        self.bias = _checks.check_bool(bias, "bias")
+        self.batch_first = _checks.check_bool(batch_first, "batch_first")
+        self.dropout = _checks.check_dropout(dropout)
         #: Recurrent regularisation inside the kernels (see :mod:`kernrnn.regularization`).
         self.regularization = Regularization.build(self.cell, recurrent_dropout, input_dropout,
                                                    zoneout)
@@ -139,13 +141,8 @@ class RNN:
 
     def _kind_shapes(self, layer: int) -> dict:
         """One direction's parameter shapes by the cell's names (plus ``weight_hr``)."""
-        H, P = self.hidden_size, self.proj_size
         in_size = self.input_size if layer == 0 else self.output_size * self.num_directions
-        shapes = self.cell.param_shapes(in_size, H)
-        if P:  # PyTorch's LSTMP: W_hh reads the projected h; weight_hr comes last
-            shapes["weight_hh"] = (shapes["weight_hh"][0], P)
-            shapes["weight_hr"] = (P, H)
-        return shapes
+        return direction_shapes(self.cell, in_size, self.hidden_size, self.proj_size)
 
     def _direction_params(self, layer: int, d: int) -> dict:
         """The parameters of one layer and direction, by the cell's names (no suffix)."""
@@ -166,10 +163,8 @@ class RNN:
         extra = [k for k in state_dict if k not in shapes]
         if not self.cell.has_recurrent and any(k.startswith(("weight_hh", "bias_hh"))
                                                for k in extra):
-            from kernrnn.cell import CellError, _source_note
-
             raise CellError(
-                f"cell {self.cell.name!r}{_source_note(self.cell)} has no recurrent matrix "
+                f"cell {self.cell.name!r}{describe_source(self.cell)} has no recurrent matrix "
                 f"(recurrent='none'): its state dict has no weight_hh/bias_hh, got "
                 f"{[k for k in extra if k.startswith(('weight_hh', 'bias_hh'))]}"
             )
@@ -209,7 +204,8 @@ class RNN:
         backend = get_backend(device)
 
         def move(a):
-            return backend.from_host(_to_host(a)) if device == "cuda" else _to_host(a)
+            host = _checks.to_host(a)
+            return backend.from_host(host) if device == "cuda" else host
 
         self.params = {k: move(v) for k, v in self.params.items()}
         self.grads = {k: move(v) for k, v in self.grads.items()}
@@ -428,10 +424,8 @@ class RNN:
     def _pack_state(self, st):
         """PyTorch-style ``h`` or ``(h, c)`` from ``[S, L*D, B, H]`` (a projected h is the
         first P columns of ``st[0]``)."""
-        parts = [st[s] for s in range(self.cell.n_state)]
-        if self.proj_size:
-            parts[0] = parts[0][..., :self.proj_size]
-        return parts[0] if self.cell.n_state == 1 else tuple(parts)
+        parts = unstack_states(st, self.cell, self.proj_size)
+        return parts[0] if self.cell.n_state == 1 else parts
 
     def _check_state(self, state, B, name):
         """[S, L*D, B, H] from PyTorch-style ``h`` or ``(h, c)``; None stays None.
@@ -452,15 +446,9 @@ class RNN:
                     f"for cell {self.cell.name!r}, got {type(state).__name__}"
                 )
             parts = tuple(state)
-        for s, (sname, part) in enumerate(zip(self.cell.state, parts)):
-            label = name if S == 1 else f"{name} ({sname})"
-            width = self.output_size if s == 0 else H
-            _checks.check_array(part, label, (LD, B, width), self.dtype, finite=True)
-        xp = self._backend.xp
-        out = xp.zeros((S, LD, B, H), dtype=self.dtype)
-        for s, part in enumerate(parts):
-            out[s, :, :, :part.shape[2]] = self._backend.asarray(part)
-        return out
+        labels = [name if S == 1 else f"{name} ({sname})" for sname in self.cell.state]
+        return stack_states(self._backend, parts, self.cell, (LD,), B, H, self.proj_size,
+                            self.dtype, labels)
 
     def _check_proj_size(self, proj_size) -> int:
         """PyTorch's rules for ``proj_size``, and a cell whose step allows it."""
@@ -497,25 +485,7 @@ def _options_repr(layer) -> str:
     return "".join(f", {k}={v!r}" for k, v, default in opts if v != default)
 
 
-def _check_bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _check_dropout(p) -> float:
-    """PyTorch's rule: a probability in [0, 1]."""
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1] (the probability of zeroing an "
-                         f"element), got {p!r}")
-    return float(p)
-
-
 def _without_biases(shapes: dict) -> dict:
     """``bias=False`` as in PyTorch: every ``bias_*`` parameter is left out."""
     return {k: v for k, v in shapes.items() if not k.startswith("bias_")}
 
-
-def _to_host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

@@ -26,15 +26,14 @@ import importlib.metadata
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import pluggy
 
-from kernrnn.cell import CellError
+from kernrnn import errors
+from kernrnn.cell import Cell
+from kernrnn.errors import BadCellError, CellError, PluginError, PluginWarning
 from kernrnn.hooks import PROJECT, CellSpecs
-
-if TYPE_CHECKING:
-    from kernrnn.cell import Cell
 
 __all__ = [
     "AUTOLOAD_ENV",
@@ -49,6 +48,7 @@ __all__ = [
     "load_registry",
     "register_plugin",
     "reset_registry",
+    "resolve_cell",
 ]
 
 #: Name of the environment variable that, set to 1, loads only the shipped cells.
@@ -64,14 +64,6 @@ BUILTIN_PLUGINS = (
 )
 
 
-class PluginError(RuntimeError):
-    """A plugin could not be loaded or registered a bad cell."""
-
-
-class PluginWarning(UserWarning):
-    """A plugin was skipped, or implements no hook."""
-
-
 @dataclass(frozen=True)
 class SkippedPlugin:
     """A third-party plugin left out of the registry, and why."""
@@ -81,14 +73,6 @@ class SkippedPlugin:
 
     def __str__(self) -> str:
         return f"skipped {self.source}: {self.reason}"
-
-
-class BadCellError(PluginError, CellError):
-    """A plugin's cell definition is wrong (a :class:`PluginError` and a ``CellError``).
-
-    The message names the plugin, its distribution and the cell, and says what
-    the cell contract expected and what the cell gave.
-    """
 
 
 @dataclass(frozen=True)
@@ -120,10 +104,8 @@ class CellRegistry:
         finally:
             self._current = old
 
-    def add(self, cell: "Cell") -> None:
+    def add(self, cell: Cell) -> None:
         """Register ``cell``; a name already taken is an error naming both sources."""
-        from kernrnn.cell import Cell, CellError
-
         if not isinstance(cell, Cell):
             raise PluginError(
                 f"{self._current} called registry.add() with {type(cell).__name__} "
@@ -146,7 +128,7 @@ class CellRegistry:
             self._cells.pop(name, None)
             self._sources.pop(name, None)
 
-    def get(self, name: str) -> "Cell":
+    def get(self, name: str) -> Cell:
         """The cell called ``name``; an unknown name lists the known ones."""
         if not isinstance(name, str):
             raise TypeError(f"cell name must be a str, got {type(name).__name__}")
@@ -170,7 +152,7 @@ class CellRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._cells
 
-    def __iter__(self) -> Iterator["Cell"]:
+    def __iter__(self) -> Iterator[Cell]:
         return iter(self._cells[n] for n in self.names())
 
     def __len__(self) -> int:
@@ -237,8 +219,6 @@ def _warn_no_hooks(obj, source: CellSource) -> None:
 
 def _add_plugin(pm: pluggy.PluginManager, registry: CellRegistry, obj, source: CellSource):
     """Register one plugin and call its hook; on any failure leave no trace and raise PluginError."""
-    from kernrnn.cell import CellError
-
     if pm.is_registered(obj):
         return  # the same module behind two entry points
     try:
@@ -325,6 +305,27 @@ def reset_registry() -> None:
     """Forget the process-wide registry (the next use rebuilds it)."""
     global _REGISTRY
     _REGISTRY = None
+
+
+def _registered_source(cell) -> CellSource | None:
+    """Where ``cell`` came from, if the process registry is built and holds it (for
+    :func:`kernrnn.errors.describe_source`; never builds the registry, which validates cells)."""
+    reg = _REGISTRY
+    if reg is not None and cell.name in reg and reg.get(cell.name) is cell:
+        return reg.source(cell.name)
+    return None
+
+
+errors.set_source_lookup(_registered_source)
+
+
+def resolve_cell(cell) -> Cell:
+    """A :class:`~kernrnn.cell.Cell` from a cell or a registered name."""
+    if isinstance(cell, Cell):
+        return cell
+    if isinstance(cell, str):
+        return get_registry().get(cell)
+    raise TypeError(f"cell must be a registered name or a kernrnn.Cell, got {type(cell).__name__}")
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:

@@ -16,8 +16,8 @@ stays a multiplication) and ``range`` arguments.
 
 Precision variants: a helper may carry ``kernrnn_variants``, a dict from a
 dtype name (``"float32"``) to another plain Python function; compiling for that
-precision uses the variant instead.  :func:`kernrnn.cell.tanh` and
-:func:`kernrnn.cell.sigmoid` use this for branch-free float32 approximations
+precision uses the variant instead.  :func:`kernrnn.scalar_math.tanh` and
+:func:`kernrnn.scalar_math.sigmoid` use this for branch-free float32 approximations
 that vectorise on CPUs, while float64 keeps libm's accuracy.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import inspect
 import linecache
-import math
 import os
 import textwrap
 import types
@@ -34,6 +33,8 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+
+from kernrnn.errors import CellError, describe_source
 
 __all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
            "find_precision_leaks"]
@@ -259,10 +260,6 @@ def _origin(value, defs) -> str:
     return ""
 
 
-# Keep ``math`` importable from this module for generated code.
-_ = math
-
-
 @lru_cache(maxsize=None)
 def check_cell_compiles(cell, dtype) -> None:
     """Compile each function of ``cell``'s math for ``dtype``, naming the cell on failure.
@@ -273,8 +270,6 @@ def check_cell_compiles(cell, dtype) -> None:
     Each function must return tuples of the sizes the contract gives
     (:meth:`kernrnn.cell.Cell.math_signatures`), every value in ``dtype``.
     """
-    from kernrnn.cell import CellError, _source_note
-
     dtype = np.dtype(dtype)
     nbtype = numba.from_dtype(dtype)
 
@@ -290,11 +285,11 @@ def check_cell_compiles(cell, dtype) -> None:
             rtype = driver.overloads[args].signature.return_type
             _check_result(which, rtype, nbtype, result_sizes)
         except CellError as exc:
-            raise CellError(f"cell {cell.name!r}{_source_note(cell)}: {exc}"
+            raise CellError(f"cell {cell.name!r}{describe_source(cell)}: {exc}"
                             f"{_leak_note(getattr(cell, which), dtype, args)}") from None
         except Exception as exc:
             raise CellError(
-                f"cell {cell.name!r}{_source_note(cell)}: its {which} math does not compile "
+                f"cell {cell.name!r}{describe_source(cell)}: its {which} math does not compile "
                 f"for {dtype} with Numba: {type(exc).__name__}: {_first_lines(exc)}"
             ) from exc
 
@@ -308,8 +303,6 @@ def _driver(scalar, n_args: int):
 
 
 def _check_result(which, rtype, nbtype, expected):
-    from kernrnn.cell import CellError
-
     parts = list(getattr(rtype, "types", ()))
     lens = [len(getattr(p, "types", ())) if hasattr(p, "types") else p.count for p in parts]
     if lens != list(expected):

@@ -42,6 +42,28 @@ def test_functional_matches_reference_and_finite_differences(T, B, H, seed, cell
     assert abs(fd - (grads["bias_ih"] * v).sum()) < tol.FD["rtol"] * max(1, abs(lp))
 
 
+
+def test_functional_backward_returns_the_forward_buffers_to_the_workspace():
+    """rnn_backward hands the forward's buffers back, as the layer's backward does, so the
+    next call reuses them; the spent ctx then refuses a second backward."""
+    from kernrnn.backends.cpu.workspace import workspace
+
+    c = kernrnn.get_registry().get("lstm")
+    G, T, B, I, H = c.n_gates, 5, 4, 3, 16
+    rng = np.random.default_rng(0)
+    w = [rng.uniform(-0.5, 0.5, s) for s in [(G * H, I), (G * H, H), (G * H,), (G * H,)]]
+    x = rng.uniform(-1, 1, (T, B, I))
+    workspace.clear()
+    y, _, ctx = kernrnn.rnn_forward("lstm", x, *w)
+    states = ctx.States  # [S, T+1, B, H], 6,144 bytes: large enough for the workspace
+    assert states.nbytes >= workspace.min_bytes and not ctx.released
+    kernrnn.rnn_backward(ctx, np.ones_like(y))
+    assert ctx.released
+    taken = [workspace.take(states.shape, states.dtype) for _ in range(8)]
+    assert any(a is states for a in taken), "the forward's States did not go back"
+    with pytest.raises(ValueError, match="consumed"):
+        kernrnn.rnn_backward(ctx, np.ones_like(y))
+
 def test_outputs_past_length_are_zero_and_hn_is_last_valid_state():
     layer = kernrnn.RNN("lstm", 2, 3, bidirectional=True, dtype=np.float64, seed=1)
     x = np.random.default_rng(0).uniform(-1, 1, (6, 3, 2))

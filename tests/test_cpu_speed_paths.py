@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import kernrnn
 from kernrnn.backends import cpu
-from kernrnn.cell import _sigmoid_float32, _tanh_float32, sigmoid, tanh
 from kernrnn.plugins import get_registry
 from kernrnn.scalar import compile_scalar, math_fingerprint
+from kernrnn.scalar_math import _sigmoid_float32, _tanh_float32, sigmoid, tanh
 from kernrnn.testing.strategies import make_arrays, problems
 
 

@@ -31,6 +31,8 @@ import kernrnn_docs  # noqa: E402  (the docs' own Sphinx extension; Sphinx-free 
 PUBLIC_MODULES = [
     "kernrnn",
     "kernrnn.cell",
+    "kernrnn.errors",
+    "kernrnn.scalar_math",
     "kernrnn.hooks",
     "kernrnn.plugins",
     "kernrnn.layer",

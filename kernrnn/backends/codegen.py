@@ -15,9 +15,14 @@ cell never reuses a stale kernel.
 from __future__ import annotations
 
 import hashlib
+import math
+
+import numpy as np
 
 from kernrnn.backends import kernel_cache
-from kernrnn.scalar import math_fingerprint
+from kernrnn.philox import zoneout_words
+from kernrnn.scalar import compile_scalar, math_fingerprint
+from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
            "backward1_call", "param_groups", "hu_gates", "row_norm", "row_norm_backward",
@@ -264,18 +269,9 @@ def math_namespace(cell, dtype) -> dict:
     for a two-stage step) compiled for ``dtype``; ``ZERO``, ``ONE``, ``EPS`` and
     ``DT`` keep the generated normalisation code in the kernel's precision.
     """
-    import math
-
-    import numpy as np
-
-    from kernrnn.cell import NORM_EPS
-    from kernrnn.scalar import compile_scalar
-
     dtype = np.dtype(dtype)
     ns = {f"cell_{which}": compile_scalar(getattr(cell, which), dtype)
           for which, _, _ in cell.math_signatures()}
-    from kernrnn.philox import zoneout_words
-
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
               math=math, zoneout_words=zoneout_words)
     return ns

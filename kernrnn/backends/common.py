@@ -21,10 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from kernrnn import regularization
-from kernrnn.cell import NORM_EPS
+from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
            "recurrent_weights", "projection_size", "projection_state", "param_vector", "norm_vectors", "weight_gradients",
@@ -85,7 +83,7 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
     else:
         Mid, Zhat, Rz = one, one, empty(1, 1, 1)
     if cell.has_recurrent:
-        NH = cell.n_heads(H)
+        NH = cell.n_heads
         Th = T if (training and cell.recurrent_norm is not None) else 1
         HU = empty(Th, NH, B, cell.n_recurrent_gates * (H // NH))
         nseg = n_segments(cell.recurrent_norm, cell.n_recurrent_gates) \
@@ -118,6 +116,21 @@ class ForwardContext:
     def States(self):
         """``[S, T+1, B, H]``: the states at every time boundary."""
         return self.buffers.States
+
+    @property
+    def hidden_size(self) -> int:
+        """H, the units of the (unprojected) state."""
+        return self.buffers.States.shape[3]
+
+    @property
+    def proj_size(self) -> int:
+        """P of an LSTMP projection (``weight_hr [P, H]``), 0 without one."""
+        return self.buffers.Hp.shape[2] if self.buffers.Hp is not None else 0
+
+    @property
+    def released(self) -> bool:
+        """True once the backend took the buffers back (``release``): no backward can use it."""
+        return self.buffers is None
 
 
 def input_dropout(xp, call, x):
@@ -304,5 +317,3 @@ def per_unit_gradients(cell, dP, dg_hh, dGz, dBz, H: int) -> dict:
         grads[f"norm_{v}_bias"] = dBz[k * H:(k + 1) * H]
     return grads
 
-
-_ = np

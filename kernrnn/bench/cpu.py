@@ -87,11 +87,11 @@ class Case:
 
 def flops(cell: str, B: int, T: int, I: int, H: int, mode: str) -> float:
     """GEMM FLOPs of one forward (``mode="forward"``) or training step."""
-    from kernrnn.functional import resolve_cell
+    from kernrnn.plugins import resolve_cell
 
     c = resolve_cell(cell)
     G, Gr = c.n_gates, c.n_recurrent_gates
-    dh = H // c.n_heads(H) if c.has_recurrent else 0
+    dh = H // c.n_heads if c.has_recurrent else 0
     fwd = 2.0 * T * B * H * (G * I + Gr * dh)  # input GEMM + recurrent (per-head) products
     return fwd if mode == "forward" else 3.0 * fwd
 

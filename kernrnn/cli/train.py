@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 
+from kernrnn._checks import to_host
 from kernrnn.cli import require_extra
 
 # Options that define a run; on --resume they come from the checkpoint and an
@@ -751,11 +752,11 @@ def run_generate(args) -> int:
     generated = []
     for _ in range(args.length):
         with np.errstate(over="ignore", invalid="ignore"):
-            z = np.asarray(_host(logits), dtype=np.float64) / args.temperature
+            z = np.asarray(to_host(logits), dtype=np.float64) / args.temperature
         if not np.isfinite(z).all():
             raise ValueError(
                 f"--temperature {args.temperature:g} is too small for these logits (largest "
-                f"|logit| {float(np.max(np.abs(_host(logits)))):.3g}): logits / temperature "
+                f"|logit| {float(np.max(np.abs(to_host(logits)))):.3g}): logits / temperature "
                 f"overflow float64; use a larger --temperature")
         p = np.exp(z - z.max())
         p /= p.sum()
@@ -766,8 +767,3 @@ def run_generate(args) -> int:
     sys.stdout.write(prime + task.decode(generated) + "\n")
     return 0
 
-
-def _host(a):
-    from kernrnn.train.model import to_host
-
-    return to_host(a)

@@ -32,6 +32,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernrnn.errors import CellError
+from kernrnn.layer import RNN
+from kernrnn.plugins import resolve_cell
+from kernrnn.scalar import check_cell_compiles, find_precision_leaks
+
 __all__ = ["check_compiles", "CompileReport", "CompileCheckError", "gpu_math_problems",
            "ptx_unavailable_reason"]
 
@@ -237,9 +242,7 @@ def _check_ptx(cell, dtype) -> list[str]:
 
 def _run_cpu_kernels(cell, dtype) -> None:
     """A tiny forward (training and inference) and backward: compiles what a real run uses."""
-    from kernrnn.layer import RNN
-
-    layer = RNN(cell, 2, 2 * cell.n_heads(2), dtype=dtype, seed=0)
+    layer = RNN(cell, 2, 2 * cell.n_heads, dtype=dtype, seed=0)
     x = np.zeros((2, 1, 2), dtype=dtype)
     y, _ = layer(x)
     layer.backward(np.ones_like(y))
@@ -268,10 +271,6 @@ def check_compiles(cell, dtypes=("float32", "float64"), cpu=True, cuda=None) -> 
     always run.  Raises :class:`CompileCheckError` listing every failure;
     returns a :class:`CompileReport` otherwise.
     """
-    from kernrnn.cell import CellError
-    from kernrnn.functional import resolve_cell
-    from kernrnn.scalar import check_cell_compiles, find_precision_leaks
-
     cell = resolve_cell(cell)
     report = CompileReport(cell.name)
     dtypes = [np.dtype(d) for d in dtypes]

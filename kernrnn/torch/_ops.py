@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from kernrnn.functional import resolve_cell
+from kernrnn.plugins import resolve_cell
 
 __all__ = ["make_spec", "parse_spec", "parse_proj_size", "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
 

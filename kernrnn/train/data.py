@@ -35,6 +35,8 @@ from importlib import resources
 
 import numpy as np
 
+from kernrnn import _checks
+
 __all__ = ["EpochData", "ForecastTask", "CharLMTask", "AddingTask", "CopyTask",
            "read_csv_series", "load_sunspots", "make_task", "task_from_config", "TASKS"]
 
@@ -51,14 +53,6 @@ class EpochData:
     @property
     def size(self) -> int:
         return int(self.lengths.shape[0])
-
-
-def _int_arg(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _fraction(value, name):
@@ -197,7 +191,7 @@ class ForecastTask:
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 1:
             raise ValueError(f"series must be 1-D, got shape {list(values.shape)}")
-        self.seq_len = _int_arg(seq_len, "seq_len", 2)
+        self.seq_len = _checks.positive_int(seq_len, "seq_len", 2)
         self.test_fraction = _fraction(test_fraction, "test_fraction")
         n = values.shape[0]
         n_test = max(1, int(round(n * self.test_fraction)))
@@ -348,10 +342,10 @@ class CharLMTask:
                  sha256=None, vocab=None, max_windows=2048, max_eval_windows=128):
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        self.seq_len = _int_arg(seq_len, "seq_len", 2)
+        self.seq_len = _checks.positive_int(seq_len, "seq_len", 2)
         self.test_fraction = _fraction(test_fraction, "test_fraction")
-        self.max_windows = _int_arg(max_windows, "max_windows", 1)
-        self.max_eval_windows = _int_arg(max_eval_windows, "max_eval_windows", 1)
+        self.max_windows = _checks.positive_int(max_windows, "max_windows", 1)
+        self.max_eval_windows = _checks.positive_int(max_eval_windows, "max_eval_windows", 1)
         if not text:
             raise ValueError(f"text file {source!r} is empty")
         n = len(text)
@@ -472,10 +466,10 @@ class _SyntheticTask:
     """Fresh samples every epoch; a fixed held-out set from its own seed."""
 
     def __init__(self, seq_len, steps_per_epoch=50, test_size=1000, data_seed=12345):
-        self.seq_len = _int_arg(seq_len, "seq_len", 2)
-        self._steps = _int_arg(steps_per_epoch, "steps_per_epoch", 1)
-        self.test_size = _int_arg(test_size, "test_size", 1)
-        self.data_seed = _int_arg(data_seed, "data_seed", 0)
+        self.seq_len = _checks.positive_int(seq_len, "seq_len", 2)
+        self._steps = _checks.positive_int(steps_per_epoch, "steps_per_epoch", 1)
+        self.test_size = _checks.positive_int(test_size, "test_size", 1)
+        self.data_seed = _checks.positive_int(data_seed, "data_seed", 0)
         self._eval = None
 
     def steps_per_epoch(self, batch_size: int) -> int:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernrnn._checks import to_host
 from kernrnn.train.checkpoint import Checkpoint, save_checkpoint
 from kernrnn.train.losses import cross_entropy_loss, length_mask, mse_loss
-from kernrnn.train.model import SequenceModel, to_host
+from kernrnn.train.model import SequenceModel
 from kernrnn.train.optim import clip_grad_norm
 
 __all__ = ["train_batch", "predict", "Trainer", "StepResult", "LOSSES"]

@@ -21,20 +21,13 @@ from __future__ import annotations
 import numpy as np
 
 from kernrnn import _checks
+from kernrnn._checks import to_host
 from kernrnn.layer import RNN
+from kernrnn.plugins import resolve_cell
 
 __all__ = ["SequenceModel", "to_host", "training_memory_estimate"]
 
 HEADS = ("seq", "last")
-
-
-def to_host(a) -> np.ndarray:
-    """A NumPy copy/view of a host or device array."""
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "get"):
-        return a.get()
-    return np.asarray(a)
 
 
 def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, num_layers=1,
@@ -49,8 +42,6 @@ def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, 
     ``--hidden 10000000000``, a forged checkpoint) with a clear message before
     anything is allocated, instead of a ``MemoryError`` or a machine swapping.
     """
-    from kernrnn.functional import resolve_cell
-
     c = resolve_cell(cell)
     G, S, K = c.n_gates, c.n_state, c.n_saved
     D, H, L = (2 if bidirectional else 1), int(hidden_size), int(num_layers)

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from kernrnn._checks import to_host
 from kernrnn.train.losses import array_module
 
 __all__ = ["SGD", "Adam", "AdamW", "clip_grad_norm", "global_norm", "make_optimizer",
@@ -75,8 +76,6 @@ class Optimizer:
 
     def state_dict(self) -> tuple[dict, dict]:
         """``(meta, arrays)``: JSON-able hyperparameters and step, host arrays by slot/name."""
-        from kernrnn.train.model import to_host
-
         meta = {"name": self.name, "step": self.step_count, **self.hyperparams()}
         arrays = {f"{slot}/{k}": np.array(to_host(v), copy=True)
                   for slot, d in self.state.items() for k, v in d.items()}

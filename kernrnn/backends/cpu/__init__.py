@@ -1376,7 +1376,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     T, B, _ = x.shape
     H = dhn.shape[2]
     dtype = x.dtype
-    G, NH = cell.n_gates, cell.n_heads(H)
+    G, NH = cell.n_gates, cell.n_heads
     GrH = cell.n_recurrent_gates * H
     reg = ctx.reg
     proj = common.projection_size(params)

@@ -631,7 +631,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
     rdrop = reg is not None and reg.recurrent_dropout
     tag = "train" if training else "infer"
-    NH = cell.n_heads(H)
+    NH = cell.n_heads
     dh = H // NH
     W3 = common.recurrent_weights(cell, params, H)
     b_hh = params["bias_hh"]
@@ -797,7 +797,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
     H = dS.shape[2]
     dtype = dXW.dtype
     k = get_kernels(cell, dtype, ctx.reg.flags() if ctx.reg is not None else (False, False))
-    NH = cell.n_heads(H)
+    NH = cell.n_heads
     dh = H // NH
     rec = cell.has_recurrent
     W3 = common.recurrent_weights(cell, params, H) if rec else None
@@ -914,7 +914,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     T, B, _ = ctx.x.shape
     H = dhn.shape[2]
     dtype = ctx.x.dtype
-    G, NH, Gr = cell.n_gates, cell.n_heads(H), cell.n_recurrent_gates
+    G, NH, Gr = cell.n_gates, cell.n_heads, cell.n_recurrent_gates
     dS = xp.array(dhn, dtype=dtype, copy=True)
     proj = common.projection_size(params)
     dHp = dSp = None
