@@ -7,6 +7,8 @@ pytest.importorskip("numba.cuda", reason="needs numba-cuda (extra 'cudasim')")
 
 import kernrnn  # noqa: E402
 from kernrnn.backends import cuda as cb  # noqa: E402
+from kernrnn.backends.cuda import graphs, paths, stepgemm  # noqa: E402
+from kernrnn.backends.cuda import launch as cuda_launch  # noqa: E402
 
 
 def _gpu_usable() -> bool:
@@ -33,7 +35,7 @@ def test_path_choice(monkeypatch):
     monkeypatch.delenv(cb.PATH_ENV, raising=False)
     cb.set_path(None)
     assert cb.get_path() == "auto"
-    assert cb._resolve_path("gemm", lstm, np.float32, 4, 8, True) == "gemm"
+    assert paths.resolve_path("gemm", lstm, np.float32, 4, 8, True) == "gemm"
     monkeypatch.setenv(cb.PATH_ENV, "gemm")
     assert cb.get_path() == "gemm"
     monkeypatch.setenv(cb.PATH_ENV, "fastest")
@@ -51,11 +53,11 @@ def test_path_choice(monkeypatch):
 def test_persistent_path_needs_its_module(monkeypatch):
     from kernrnn.plugins import get_registry
 
-    monkeypatch.setattr(cb, "_persistent_module", lambda: None)
+    monkeypatch.setattr(paths, "persistent_module", lambda: None)
     lstm = get_registry().get("lstm")
     with pytest.raises(ValueError, match="cuda.persistent"):
-        cb._resolve_path("persistent", lstm, np.float32, 4, 8, True)
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 8, True) == "gemm"
+        paths.resolve_path("persistent", lstm, np.float32, 4, 8, True)
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 8, True) == "gemm"
 
 
 def test_auto_path_asks_the_persistent_module(monkeypatch):
@@ -66,10 +68,10 @@ def test_auto_path_asks_the_persistent_module(monkeypatch):
         def supports(cell, dtype, B, H, training):
             return B <= 16
 
-    monkeypatch.setattr(cb, "_persistent_module", lambda: Fake)
+    monkeypatch.setattr(paths, "persistent_module", lambda: Fake)
     lstm = get_registry().get("lstm")
-    assert cb._resolve_path("auto", lstm, np.float32, 8, 64, True) == "persistent"
-    assert cb._resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
+    assert paths.resolve_path("auto", lstm, np.float32, 8, 64, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
 
 
 def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeypatch):
@@ -83,10 +85,10 @@ def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeyp
     monkeypatch.setattr(cp, "_cudadevrt_found", lambda: True)
     monkeypatch.setattr(cp, "supported", lambda *a, **k: True)
     assert cp.AUTO is False
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "gemm"
-    assert cb._resolve_path("persistent", lstm, np.float32, 4, 256, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 256, True) == "gemm"
+    assert paths.resolve_path("persistent", lstm, np.float32, 4, 256, True) == "persistent"
     monkeypatch.setattr(cp, "AUTO", True)
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
 
 
 class _FakeGraph:
@@ -135,7 +137,7 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         asked.append(replay_ptr)
         return None if mode == "no cuBLAS" else side
 
-    monkeypatch.setattr(cb, "cupy", _fake_cupy())
+    monkeypatch.setattr(graphs, "cupy", _fake_cupy())
     monkeypatch.setattr(_cublas, "capture_stream", capture_stream)
     scratches = []
 
@@ -151,11 +153,11 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         if mode != "works":
             with pytest.warns(RuntimeWarning, match="graph capture failed"):
                 for _ in range(4):
-                    cb._run_loop(("k",), issue, make_scratch)
+                    graphs.run_loop(("k",), issue, make_scratch)
         else:
             for _ in range(4):
-                cb._run_loop(("k",), issue, make_scratch)
-        cb._run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
+                graphs.run_loop(("k",), issue, make_scratch)
+        graphs.run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
     finally:
         cb.set_graphs(None)
     kinds = [e if isinstance(e, str) else e[0] for e in log]
@@ -232,8 +234,8 @@ def test_raw_cublas_arguments_compute_the_row_major_products(dtype):
     arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
     States0, W_hh, dHU = arr(T + 1, B, H), arr(G * H, H), arr(T, B, G * H)
     HU, dHrec = arr(B, G * H), arr(B, H)
-    fwd = cb._raw_step_gemm(blas, States0, W_hh, HU, trans_b=True)
-    bwd = cb._raw_step_gemm(blas, dHU, W_hh, dHrec, trans_b=False)
+    fwd = stepgemm.raw_step_gemm(blas, States0, W_hh, HU, trans_b=True)
+    bwd = stepgemm.raw_step_gemm(blas, dHU, W_hh, dHrec, trans_b=False)
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     for i in range(T):
         fwd(i)
@@ -249,8 +251,8 @@ def test_raw_cublas_status_is_checked():
 
     blas = types.SimpleNamespace(sgemm=lambda *a: 13, dgemm=lambda *a: 13, handle=0)
     a = np.zeros((2, 3, 4), np.float32).view(_HostArray)
-    f = cb._raw_step_gemm(blas, a, np.zeros((5, 4), np.float32).view(_HostArray),
-                          np.zeros((3, 5), np.float32).view(_HostArray), trans_b=True)
+    f = stepgemm.raw_step_gemm(blas, a, np.zeros((5, 4), np.float32).view(_HostArray),
+                               np.zeros((3, 5), np.float32).view(_HostArray), trans_b=True)
     with pytest.raises(CublasError, match="status 13"):
         f(1)
 
@@ -297,10 +299,10 @@ class _FakeDispatcher:
 def test_launcher_reuses_the_dispatchers_stream_and_silences_low_occupancy(monkeypatch):
     import warnings
 
-    monkeypatch.setattr(cb, "SIMULATOR", False)
-    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
     kernel = _FakeDispatcher()
-    launch = cb._Launcher(stream="numba-stream")
+    launch = cuda_launch.Launcher(stream="numba-stream")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no low-occupancy warning, no deprecation warning
         for _ in range(3):
@@ -311,13 +313,13 @@ def test_launcher_reuses_the_dispatchers_stream_and_silences_low_occupancy(monke
 
 
 def test_launcher_falls_back_to_the_dispatcher_when_the_fast_launch_raises(monkeypatch):
-    monkeypatch.setattr(cb, "SIMULATOR", False)
-    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
     kernel = _FakeDispatcher(fail=True)
-    launch = cb._Launcher(stream="s")
+    launch = cuda_launch.Launcher(stream="s")
     launch(kernel, 10, 1)
     with pytest.warns(RuntimeWarning, match="direct kernel launch failed"):
         launch(kernel, 10, 1)
     launch(kernel, 10, 1)
     assert [e[0] for e in kernel.log] == ["dispatcher"] * 3  # every launch still happened
-    assert cb._Launcher.fast_enabled is False
+    assert cuda_launch.Launcher.fast_enabled is False

@@ -44,7 +44,7 @@ on_each_path = pytest.mark.parametrize("path", PATHS)
 @contextlib.contextmanager
 def on_path(path):
     """Run the CUDA backend on ``path`` (set_path wins over the environment)."""
-    if path == "persistent" and cb._persistent_module() is None:
+    if path == "persistent" and cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     cb.set_path(path)
     try:
@@ -227,7 +227,7 @@ def test_to_cuda_and_back():
 
 
 def test_paths_agree():
-    if cb._persistent_module() is None:
+    if cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     from kernrnn.testing.strategies import Problem
 
@@ -337,7 +337,7 @@ def test_torch_tensor_written_on_another_stream_is_read_after_it_is_ready():
 
 def test_persistent_kernels_load_from_the_disk_cache_in_a_second_process(tmp_path):
     """cache=True on the cooperative kernels: a second process compiles nothing."""
-    if cb._persistent_module() is None:
+    if cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     script = textwrap.dedent("""
         import numpy as np, cupy

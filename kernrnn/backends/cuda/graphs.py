@@ -1,0 +1,116 @@
+"""CUDA graphs of the GEMM-per-step loops: with ``KERNRNN_CUDA_GRAPHS=1`` (or
+:func:`set_graphs`) a loop seen twice with the same buffers is captured into a
+graph and replayed, removing the per-launch Python cost.  Capture needs the
+direct cuBLAS calls of :mod:`kernrnn.backends.cuda.stepgemm` (CuPy's own cuBLAS
+wrappers refuse to run while a stream captures)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+
+from kernrnn.backends.cuda import _cublas
+from kernrnn.backends.cuda.arrays import SIMULATOR, cupy
+
+__all__ = ["GRAPHS_ENV", "set_graphs", "graphs_enabled", "graph_stats", "layout_key",
+           "run_loop"]
+
+GRAPHS_ENV = "KERNRNN_CUDA_GRAPHS"
+_GRAPH_CACHE_SIZE = 64
+_graphs_override: bool | None = None
+_graph_cache: OrderedDict = OrderedDict()  # key -> (graph or None, scratch)
+_graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
+graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
+
+
+def set_graphs(enabled: bool | None) -> None:
+    """Replay the per-step loop as a CUDA graph (True), never (False), or as
+    ``KERNRNN_CUDA_GRAPHS`` says (None; default off)."""
+    global _graphs_override
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None, got {enabled!r}")
+    _graphs_override = enabled
+    _graph_cache.clear()
+    _graph_seen.clear()
+
+
+def graphs_enabled() -> bool:
+    if SIMULATOR:
+        return False
+    if _graphs_override is not None:
+        return _graphs_override
+    return os.environ.get(GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def layout_key(*arrays):
+    """Every device pointer, shape and stride a loop bakes in, plus the device and the
+    stream it runs on (a graph replays on the stream whose cuBLAS workspace it uses)."""
+    where = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    return where + tuple((a.data.ptr, a.shape, a.strides) for a in arrays)
+
+
+def run_loop(key, issue, make_scratch):
+    """Run ``issue(scratch)`` (which enqueues one whole time loop on CuPy's current stream).
+
+    With graphs enabled, a loop is captured into a CUDA graph the second time
+    the same key is seen and replayed from then on.  The key holds every
+    device pointer, shape and stride the loop bakes in (plus cell, dtype,
+    direction, device and stream), so a replay does exactly what issuing the
+    loop again would; per-loop scratch buffers live with the graph.  The
+    first sighting runs eagerly, which also compiles the kernels and checks
+    the direct cuBLAS call, so nothing is compiled, allocated or synchronised
+    during a capture.  A failed capture (say, cuBLAS not found, so the per-step
+    GEMM is ``cupy.matmul``) warns once and falls back to eager runs for that key.
+    """
+    if key is None or not graphs_enabled():
+        graph_stats["eager"] += 1
+        issue(make_scratch())
+        return
+    entry = _graph_cache.get(key)
+    if entry is None and key not in _graph_seen:
+        _graph_seen[key] = True
+        while len(_graph_seen) > 4 * _GRAPH_CACHE_SIZE:
+            _graph_seen.popitem(last=False)
+        graph_stats["eager"] += 1
+        issue(make_scratch())
+        return
+    if entry is None:
+        scratch = make_scratch()
+        graph = _capture(issue, scratch)
+        _graph_cache[key] = entry = (graph, scratch)
+        while len(_graph_cache) > _GRAPH_CACHE_SIZE:
+            _graph_cache.popitem(last=False)
+    else:
+        _graph_cache.move_to_end(key)
+        graph_stats["replayed"] += 1
+    graph, scratch = entry
+    if graph is None:
+        graph_stats["eager"] += 1
+        issue(scratch)
+    else:
+        graph.launch(stream=cupy.cuda.get_current_stream())
+
+
+def _capture(issue, scratch):
+    """Capture ``issue(scratch)`` on the side stream kept for the current stream,
+    whose cuBLAS handle exists (bound, with its workspace) before the capture begins."""
+    graph = None
+    try:
+        side = _cublas.capture_stream(cupy.cuda.get_current_stream().ptr)
+        if side is None:
+            raise RuntimeError(f"no direct cuBLAS calls: {_cublas.unavailable_reason()}")
+        with side:
+            side.begin_capture()
+            try:
+                issue(scratch)
+            finally:
+                graph = side.end_capture()
+        graph_stats["captured"] += 1
+    except Exception as exc:  # noqa: BLE001 - eager runs still work
+        graph_stats["capture_failed"] += 1
+        warnings.warn(f"kernrnn: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                      f"running this loop without graphs", RuntimeWarning, stacklevel=4)
+        graph = None
+    return graph
+
