@@ -91,6 +91,40 @@ def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeyp
     assert paths.resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
 
 
+def test_configured_persistent_path_falls_back_for_cells_it_cannot_run(monkeypatch):
+    """``KERNRNN_CUDA_PATH=persistent`` (or set_path) is process-wide: a cell the
+    persistent kernel refuses runs on gemm with one warning; an explicit
+    ``path="persistent"`` still raises."""
+    import warnings
+
+    from kernrnn.plugins import get_registry
+
+    registry = get_registry()
+    lstm, lstm_ln, mingru = (registry.get(n) for n in ("lstm", "lstm_ln", "mingru"))
+    monkeypatch.setattr(paths, "_fallback_warned", set())
+    monkeypatch.setenv(cb.PATH_ENV, "persistent")
+    cb.set_path(None)
+    args = (np.float32, 4, 8, True)
+    assert paths.choose_path(None, lstm, *args) == "persistent"
+    assert paths.choose_path(None, lstm, *args, regularised=True) == "gemm"
+    assert paths.choose_path(None, lstm, *args, projected=True) == "gemm"
+    for cell in (lstm_ln, mingru):
+        with pytest.warns(RuntimeWarning, match=f"cell '{cell.name}' runs on the 'gemm' path"):
+            assert paths.choose_path(None, cell, *args) == "gemm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per cell
+            assert paths.choose_path(None, cell, *args) == "gemm"
+        with pytest.raises(ValueError, match="path='persistent' runs cells with a dense"):
+            paths.choose_path("persistent", cell, *args)
+    monkeypatch.delenv(cb.PATH_ENV)
+    try:
+        cb.set_path("persistent")
+        with pytest.warns(RuntimeWarning, match="runs on the 'gemm' path"):
+            assert paths.choose_path(None, registry.get("indrnn"), *args) == "gemm"
+    finally:
+        cb.set_path(None)
+
+
 class _FakeGraph:
     def __init__(self, log):
         self.log = log

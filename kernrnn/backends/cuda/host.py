@@ -29,7 +29,7 @@ from kernrnn.backends.cuda.arrays import xp
 from kernrnn.backends.cuda.graphs import graphs_enabled, layout_key, run_loop
 from kernrnn.backends.cuda.kernels import SCAN_CHUNK
 from kernrnn.backends.cuda.launch import Launcher, get_kernels
-from kernrnn.backends.cuda.paths import persistent_module, resolve_path
+from kernrnn.backends.cuda.paths import choose_path, persistent_module
 from kernrnn.backends.cuda.stepgemm import step_gemm
 
 __all__ = ["forward", "backward", "release"]
@@ -166,14 +166,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     T, B, _ = x.shape
     H = h0.shape[2]
     dtype = x.dtype
-    chosen = resolve_path(path, cell, dtype, B, H, training)
     proj = common.projection_size(params)
-    if (reg is not None or proj) and chosen == "persistent":  # it has no masks, no W_hr
-        chosen = "gemm"
-    if chosen == "persistent" and not cell.plain:
-        raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
-                         f"and no per-unit parameters or normalisation; cell {cell.name!r} "
-                         f"needs path='gemm' or 'auto'")
+    chosen = choose_path(path, cell, dtype, B, H, training, reg is not None, bool(proj))
     x, input_mask = common.input_dropout(xp, reg, x)
     ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import numpy as np
 
-__all__ = ["PATHS", "PATH_ENV", "set_path", "get_path", "resolve_path", "persistent_module"]
+__all__ = ["PATHS", "PATH_ENV", "set_path", "get_path", "resolve_path", "persistent_module",
+           "choose_path"]
 
 PATHS = ("auto", "gemm", "persistent")
 PATH_ENV = "KERNRNN_CUDA_PATH"
@@ -89,3 +91,35 @@ def resolve_path(path, cell, dtype, B, H, training) -> str:
         return "persistent"
     return "gemm"
 
+
+
+_fallback_warned: set = set()  # cell names warned about (once per process)
+
+
+def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=False) -> str:
+    """The path one forward call runs on: :func:`resolve_path`, then the persistent
+    kernel's limits.
+
+    The persistent kernel has no dropout masks and no ``W_hr``: calls with
+    regularisation or a projection run on ``"gemm"``.  It also runs only cells
+    with a dense recurrence over all gates (``cell.plain``).  For another cell,
+    an explicit ``path="persistent"`` raises; a ``persistent`` that comes from
+    ``KERNRNN_CUDA_PATH`` or :func:`set_path` (a process-wide choice, meant for
+    the cells that can use it) falls back to ``"gemm"`` with one warning per cell.
+    """
+    chosen = resolve_path(path, cell, dtype, B, H, training)
+    if chosen != "persistent" or regularised or projected:
+        return "gemm" if chosen == "persistent" else chosen
+    if cell.plain:
+        return chosen
+    if path is not None:
+        raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
+                         f"and no per-unit parameters or normalisation; cell {cell.name!r} "
+                         f"needs path='gemm' or 'auto'")
+    if cell.name not in _fallback_warned:
+        _fallback_warned.add(cell.name)
+        warnings.warn(f"kernrnn: the persistent CUDA path ({PATH_ENV} or set_path) runs only "
+                      f"cells with a dense recurrence over all gates and no per-unit parameters "
+                      f"or normalisation; cell {cell.name!r} runs on the 'gemm' path",
+                      RuntimeWarning, stacklevel=4)
+    return "gemm"
