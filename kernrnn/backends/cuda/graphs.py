@@ -14,14 +14,15 @@ from kernrnn.backends.cuda import _cublas
 from kernrnn.backends.cuda.arrays import SIMULATOR, cupy
 
 __all__ = ["GRAPHS_ENV", "set_graphs", "graphs_enabled", "graph_stats", "layout_key",
-           "run_loop"]
+           "run_loop", "graph_refusal", "may_capture"]
 
 GRAPHS_ENV = "KERNRNN_CUDA_GRAPHS"
 _GRAPH_CACHE_SIZE = 64
 _graphs_override: bool | None = None
 _graph_cache: OrderedDict = OrderedDict()  # key -> (graph or None, scratch)
 _graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
-graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0}
+graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0, "refused": 0}
+_refusals_warned: set = set()
 
 
 def set_graphs(enabled: bool | None) -> None:
@@ -41,6 +42,36 @@ def graphs_enabled() -> bool:
     if _graphs_override is not None:
         return _graphs_override
     return os.environ.get(GRAPHS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def graph_refusal(cell, regularised: bool) -> str | None:
+    """Why the loops of ``cell`` must run eagerly even with graphs on, or None.
+
+    A graph replays the kernel scalars and device pointers of the call that
+    captured it.  A regularised call draws new dropout masks and zoneout seeds
+    (kernel scalars) every call, so a replay would reuse the capturing call's
+    randomness, and a backward captured in a later call than its forward would
+    use other masks than the forward ran with.
+    """
+    if regularised:
+        return "regularisation draws new masks and seeds every call"
+    return None
+
+
+def may_capture(cell, regularised: bool) -> bool:
+    """Whether graphs are on and the loops of ``cell`` may be replayed as graphs; warns once
+    per reason (and counts ``graph_stats["refused"]``) when they may not."""
+    if not graphs_enabled():
+        return False
+    why = graph_refusal(cell, regularised)
+    if why is None:
+        return True
+    graph_stats["refused"] += 1
+    if why not in _refusals_warned:
+        _refusals_warned.add(why)
+        warnings.warn(f"kernrnn: CUDA graphs are on, but this loop of cell {cell.name!r} runs "
+                      f"without them ({why})", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def layout_key(*arrays):

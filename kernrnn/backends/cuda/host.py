@@ -26,7 +26,7 @@ from kernrnn import regularization
 from kernrnn.backends import common
 from kernrnn.backends.common import ForwardContext
 from kernrnn.backends.cuda.arrays import xp
-from kernrnn.backends.cuda.graphs import graphs_enabled, layout_key, run_loop
+from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
 from kernrnn.backends.cuda.kernels import SCAN_CHUNK
 from kernrnn.backends.cuda.launch import Launcher, get_kernels
 from kernrnn.backends.cuda.paths import choose_path, persistent_module
@@ -110,7 +110,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
                        n, buf.Hp.shape[2])
 
     key = None
-    if graphs_enabled():
+    if may_capture(cell, reg is not None and any(reg.flags())):
         key = ("forward", cell, np.dtype(dtype).str, bool(training), bool(reverse),
                layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values(),
                            *((buf.Hp,) if proj else ())))
@@ -277,7 +277,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
             launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh, w(ka.Mr))
 
     key = None
-    if graphs_enabled():
+    if may_capture(cell, ctx.reg is not None and any(ctx.reg.flags())):
         key = ("backward", cell, np.dtype(dtype).str, bool(ctx.reverse),
                layout_key(dy, dS, dXW, dHU, buf.States, buf.Saved, ctx.lengths,
                            *params.values(), *((dHp, dSp) if proj else ())))
