@@ -171,8 +171,10 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         asked.append(replay_ptr)
         return None if mode == "no cuBLAS" else side
 
+    workspace = object()
     monkeypatch.setattr(graphs, "cupy", _fake_cupy())
     monkeypatch.setattr(_cublas, "capture_stream", capture_stream)
+    monkeypatch.setattr(_cublas, "workspace_of", lambda ptr: workspace if ptr == 77 else None)
     scratches = []
 
     def make_scratch():
@@ -192,6 +194,7 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
             for _ in range(4):
                 graphs.run_loop(("k",), issue, make_scratch)
         graphs.run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
+        entry = graphs._graph_cache[("k",)]
     finally:
         cb.set_graphs(None)
     kinds = [e if isinstance(e, str) else e[0] for e in log]
@@ -201,6 +204,9 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         assert log[1][1] is log[2][1] is log[3][1]
     else:
         assert kinds == ["eager", "capture", "replay", "replay", "replay", "eager"]
+        # the graph's GEMMs write the side stream's cuBLAS workspace: its entry keeps it
+        # alive, whatever happens to the handle that owns it
+        assert entry[2] is workspace
 
 
 def test_graphs_off_by_default(monkeypatch):

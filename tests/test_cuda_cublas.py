@@ -117,6 +117,20 @@ def test_capture_stream_shares_the_replay_streams_workspace(fake):
     assert _cublas.for_stream(other.ptr).workspace is not replay.workspace
 
 
+def test_a_graphs_workspace_outlives_its_handles_eviction(fake):
+    """A graph keeps ``workspace_of(side stream)``: when the LRU evicts and destroys the
+    replay stream's handles, the workspace the graph's GEMMs write is still that one."""
+    side = _cublas.capture_stream(42)
+    kept = _cublas.workspace_of(side.ptr)
+    assert kept is _cublas.for_stream(42).workspace
+    for p in range(100, 100 + _cublas.MAX_STREAMS):  # evicts stream 42's and the side's handles
+        _cublas.for_stream(p)
+    assert _cublas.workspace_of(42) is None and _cublas.workspace_of(side.ptr) is None
+    assert _cublas.capture_stream(42) is side  # new handles, a new workspace for new graphs
+    assert _cublas.workspace_of(side.ptr) is not kept
+    assert _cublas.workspace_of(side.ptr) is _cublas.for_stream(42).workspace
+
+
 def test_workspace_size_follows_the_architecture():
     assert _cublas.workspace_bytes(9) == _cublas.workspace_bytes(10) == 32 << 20
     assert _cublas.workspace_bytes(8) == 4 << 20

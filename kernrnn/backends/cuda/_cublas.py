@@ -31,7 +31,7 @@ from collections import OrderedDict
 from functools import cache
 
 __all__ = ["CublasError", "library", "unavailable_reason", "for_stream", "capture_stream",
-           "workspace_bytes", "StreamBlas", "MAX_STREAMS"]
+           "workspace_of", "workspace_bytes", "StreamBlas", "MAX_STREAMS"]
 
 MAX_STREAMS = 8  # handles kept per process (LRU); each holds one workspace
 _c_int, _c_size, _ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
@@ -136,8 +136,9 @@ class StreamBlas:
         self.dgemm = lib.cublasDgemm_v2
 
     def destroy(self) -> None:
-        """Release the handle (cuBLAS synchronises the device here); graphs keep the
-        workspace alive through their own reference."""
+        """Release the handle (cuBLAS synchronises the device here).  Graphs captured
+        with it keep its workspace alive through their cache entry
+        (:func:`workspace_of`), since their cuBLAS kernels write into it."""
         if self.handle:
             self.lib.cublasDestroy_v2(self.handle)
             self.handle = None
@@ -200,3 +201,17 @@ def capture_stream(replay_ptr: int):
             blas.destroy()
         _entry(side.ptr, workspace=replay.workspace)
     return side
+
+
+def workspace_of(stream_ptr: int):
+    """The workspace of the handle bound to ``stream_ptr`` on the current device, or None.
+
+    A graph captured on that stream holds it for as long as the graph lives: the
+    captured cuBLAS kernels write into it at every replay, and the handle may be
+    evicted (and the workspace otherwise returned to CuPy's pool) meanwhile."""
+    if not _handles:
+        return None
+    import cupy
+
+    blas = _handles.get((cupy.cuda.Device().id, int(stream_ptr)))
+    return None if blas is None else blas.workspace

@@ -19,7 +19,8 @@ __all__ = ["GRAPHS_ENV", "set_graphs", "graphs_enabled", "graph_stats", "layout_
 GRAPHS_ENV = "KERNRNN_CUDA_GRAPHS"
 _GRAPH_CACHE_SIZE = 64
 _graphs_override: bool | None = None
-_graph_cache: OrderedDict = OrderedDict()  # key -> (graph or None, scratch)
+# key -> (graph or None, scratch, the cuBLAS workspace the graph's GEMMs write)
+_graph_cache: OrderedDict = OrderedDict()
 _graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
 graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0, "refused": 0}
 _refusals_warned: set = set()
@@ -108,14 +109,14 @@ def run_loop(key, issue, make_scratch):
         return
     if entry is None:
         scratch = make_scratch()
-        graph = _capture(issue, scratch)
-        _graph_cache[key] = entry = (graph, scratch)
+        graph, workspace = _capture(issue, scratch)
+        _graph_cache[key] = entry = (graph, scratch, workspace)
         while len(_graph_cache) > _GRAPH_CACHE_SIZE:
             _graph_cache.popitem(last=False)
     else:
         _graph_cache.move_to_end(key)
         graph_stats["replayed"] += 1
-    graph, scratch = entry
+    graph, scratch, _ = entry
     if graph is None:
         graph_stats["eager"] += 1
         issue(scratch)
@@ -125,12 +126,14 @@ def run_loop(key, issue, make_scratch):
 
 def _capture(issue, scratch):
     """Capture ``issue(scratch)`` on the side stream kept for the current stream,
-    whose cuBLAS handle exists (bound, with its workspace) before the capture begins."""
-    graph = None
+    whose cuBLAS handle exists (bound, with its workspace) before the capture begins.
+    Returns ``(graph or None, the workspace the graph's GEMMs write)``."""
+    graph = workspace = None
     try:
         side = _cublas.capture_stream(cupy.cuda.get_current_stream().ptr)
         if side is None:
             raise RuntimeError(f"no direct cuBLAS calls: {_cublas.unavailable_reason()}")
+        workspace = _cublas.workspace_of(side.ptr)
         with side:
             side.begin_capture()
             try:
@@ -142,6 +145,6 @@ def _capture(issue, scratch):
         graph_stats["capture_failed"] += 1
         warnings.warn(f"kernrnn: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
                       f"running this loop without graphs", RuntimeWarning, stacklevel=4)
-        graph = None
-    return graph
+        graph = workspace = None
+    return graph, workspace
 
