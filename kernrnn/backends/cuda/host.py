@@ -61,14 +61,14 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     nseg = buf.Rhh.shape[2]
     proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
 
+    dense = cell.recurrent == "dense" and not keep_hu
+    WT = None if dense else W3.transpose(0, 2, 1)  # a view: [NH, dh, Gr*dh]
+
     def make_scratch():
-        return (xp.empty((NH, W3.shape[2], W3.shape[1]), dtype=dtype),
-                xp.empty((T, B, H), dtype=dtype) if proj else Y)
+        return xp.empty((T, B, H), dtype=dtype) if proj else Y
 
     def issue(scratch):
-        WT, Yk = scratch  # Yk: where the step kernels write the (unprojected) h
-        WT[...] = W3.transpose(0, 2, 1)
-        dense = cell.recurrent == "dense" and not keep_hu
+        Yk = scratch  # where the step kernels write the (unprojected) h
         # the product's input, by step: the masked h, the projected h or h
         h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
         if rdrop:
