@@ -56,3 +56,26 @@ def test_regularised_loops_run_eagerly(keys, kw):
     with pytest.warns(RuntimeWarning, match="without them .regularisation"):
         _train_step("lstm", **kw)
     assert keys == [None, None]
+
+
+@pytest.mark.parametrize("cell,kw", [("lstm_ln", {}), ("slstm", {}), ("lstm", dict(proj_size=2))])
+def test_arrays_are_wrapped_once_per_loop_not_per_step(monkeypatch, cell, kw):
+    """A wrap (``cuda.as_cuda_array``) costs tens of microseconds of Python: the norm and
+    projection kernels' arrays are wrapped before the loop, so the count is the same
+    for any T."""
+    from kernrnn.backends.cuda import launch
+
+    counts = []
+    wrap = launch.Launcher.wrap
+
+    def counting(a):
+        counts[-1] += 1
+        return wrap(a)
+
+    monkeypatch.setattr(launch.Launcher, "wrap", staticmethod(counting))
+    for T in (2, 5):
+        counts.append(0)
+        layer = kernrnn.RNN(cell, 3, 4, device="cuda", dtype=np.float64, seed=0, **kw)
+        y, _ = layer(np.random.default_rng(0).normal(size=(T, 2, 3)))
+        layer.backward(np.ones_like(y))
+    assert counts[0] == counts[1] > 0

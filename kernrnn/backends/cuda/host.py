@@ -74,15 +74,19 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         if rdrop:
             ka.Hd[...] = buf.States[0, T if reverse else 0] * ka.Mr
         recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0],
-                                    trans_b=True) if dense else None
+                                   trans_b=True) if dense else None
         proj_gemm = step_gemm(buf.States[0], params["weight_hr"], buf.Hp, trans_b=True,
-                               c_stack=True) if proj else None
+                              c_stack=True) if proj else None
         launch = Launcher()
         w = launch.wrap
         saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
         elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
                 w(buf.Zhat), w(Yk), w(lengths)]
         regs = _reg_args(w, ka)
+        # every array wrapped once, before the loop: a wrap costs tens of microseconds
+        HU_, Zhat_, lengths_ = elem[1], elem[8], elem[10]
+        Rhh_, Rz_, Gz_, Bz_ = w(buf.Rhh), w(buf.Rz), w(Gz), w(Bz)
+        Hp_, Y_ = (w(buf.Hp), w(Y)) if proj else (None, None)
         for step in range(T):
             t, p, n = _step_indices(step, T, reverse)
             tt = t if keep_hu else 0
@@ -93,21 +97,18 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
                 heads = h_in[0 if rdrop else p].reshape(B, NH, -1).transpose(1, 0, 2)
                 xp.matmul(heads, WT, out=buf.HU[tt])
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu, B * nseg, w(buf.HU), w(buf.Rhh), w(lengths), t, tt, H, dh, NH,
-                       nseg)
+                launch(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, NH, nseg)
             scalars = (t, p, n, tt, tm, H, dh)
             if cell.normalize:
                 launch(k.step_stage1, B * H, *elem, *scalars)
-                launch(k.norm_z, B * cell.n_norm, w(buf.Zhat), w(buf.Rz), w(lengths), t, tm, H,
-                       cell.n_norm)
-                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, w(Gz), w(Bz),
-                       *regs)
+                launch(k.norm_z, B * cell.n_norm, Zhat_, Rz_, lengths_, t, tm, H, cell.n_norm)
+                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, Gz_, Bz_, *regs)
             else:
                 launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
             if proj:
                 proj_gemm(n)
-                launch(k.proj_forward, B * buf.Hp.shape[2], w(buf.Hp), w(Y), w(lengths), t, p,
-                       n, buf.Hp.shape[2])
+                launch(k.proj_forward, B * buf.Hp.shape[2], Hp_, Y_, lengths_, t, p, n,
+                       buf.Hp.shape[2])
 
     key = None
     if may_capture(cell, reg is not None and any(reg.flags())):
@@ -243,38 +244,46 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
             if proj else None
         saved = buf.Saved if buf.Saved.size else buf.Mid
         step_dy, step_dhrec = (dR, zeros) if proj else (dy, dHrec if rec else one)
-        args = [w(step_dy), w(dS), w(step_dhrec), w(saved), w(buf.States), w(buf.Mid),
-                w(buf.Zhat), w(P), w(ctx.lengths), w(dXW), w(dHU), w(acc["params"]), w(DZ),
-                w(DM), w(Gz), w(Bz), w(acc["gz"]), w(acc["bz"])]
+        # every array wrapped once, before the loop: a wrap costs tens of microseconds
+        lengths_, dS_, dHU_, Zhat_, DZ_ = (w(a) for a in (ctx.lengths, dS, dHU, buf.Zhat, DZ))
+        args = [w(step_dy), dS_, w(step_dhrec), w(saved), w(buf.States), w(buf.Mid), Zhat_,
+                w(P), lengths_, w(dXW), dHU_, w(acc["params"]), DZ_, w(DM), w(Gz), w(Bz),
+                w(acc["gz"]), w(acc["bz"])]
         nseg = buf.Rhh.shape[2]
         regs = _reg_args(w, ka)
+        if cell.normalize:
+            Rz_ = w(buf.Rz)
+        if cell.recurrent_norm is not None:
+            norm_hu_args = (dHU_, w(buf.HU), w(buf.Rhh), w(g_hh), w(acc["bias_hh"]),
+                            w(acc["norm_hh"]), lengths_)
+        if proj:
+            dHrec_, dSp_ = w(dHrec), w(dSp)
+            proj_args = (w(dy), dHrec_, dSp_, w(dHp), lengths_)
         for step in range(T):
             t = step if ctx.reverse else T - 1 - step
             p = t + 1 if ctx.reverse else t
             if proj:
-                launch(k.proj_backward, B * NP, w(dy), w(dHrec), w(dSp), w(dHp),
-                       w(ctx.lengths), t, NP)
+                launch(k.proj_backward, B * NP, *proj_args, t, NP)
                 proj_gemm(t)
             if cell.normalize:
                 launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
-                launch(k.norm_z_backward, B * cell.n_norm, w(DZ), w(buf.Zhat), w(buf.Rz),
-                       w(ctx.lengths), t, H, cell.n_norm)
+                launch(k.norm_z_backward, B * cell.n_norm, DZ_, Zhat_, Rz_, lengths_, t, H,
+                       cell.n_norm)
                 launch(k.step_backward1, B * H, *args, t, p, H, dh, *regs)
             else:
                 launch(k.step_backward, B * H, *args, t, p, H, dh, *regs)
             if not rec:
                 continue
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu_backward, B * nseg, w(dHU), w(buf.HU), w(buf.Rhh), w(g_hh),
-                       w(acc["bias_hh"]), w(acc["norm_hh"]), w(ctx.lengths), t, H, dh, NH, nseg)
+                launch(k.norm_hu_backward, B * nseg, *norm_hu_args, t, H, dh, NH, nseg)
             if dense:
                 recurrent_gemm(t)
             else:
                 xp.matmul(dHU[:, t], W3, out=dHrec)
         if proj:
-            launch(k.proj_carry, B * NP, w(dHrec), w(dSp), w(ctx.lengths), NP)
+            launch(k.proj_carry, B * NP, dHrec_, dSp_, lengths_, NP)
         elif rec:
-            launch(k.add_recurrent, B * H, w(dS), w(dHrec), w(ctx.lengths), H, dh, w(ka.Mr))
+            launch(k.add_recurrent, B * H, dS_, w(dHrec), lengths_, H, dh, w(ka.Mr))
 
     key = None
     if may_capture(cell, ctx.reg is not None and any(ctx.reg.flags())):
