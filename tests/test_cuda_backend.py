@@ -284,6 +284,45 @@ def test_raw_cublas_arguments_compute_the_row_major_products(dtype):
         np.testing.assert_allclose(dHrec, np.asarray(dHU[i]) @ np.asarray(W_hh), rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_raw_batched_cublas_computes_the_per_head_products(dtype):
+    """The heads product (forward: a head's slice of h times its W_hh block, into HU's
+    time slot; backward: a time slice of dHU times the block) as one strided-batched
+    cuBLAS call per step, checked against a host emulation of cuBLAS's semantics."""
+    import types
+
+    gemm = _column_major_gemm(dtype)
+    item = np.dtype(dtype).itemsize
+
+    def batched(handle, opa, opb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc,
+                count):
+        for h in range(count):
+            gemm(handle, opa, opb, m, n, k, alpha, A + h * sa * item, lda, B + h * sb * item,
+                 ldb, beta, C + h * sc * item, ldc)
+        return 0
+
+    blas = types.SimpleNamespace(sgemm_batched=batched, dgemm_batched=batched, handle=0)
+    rng = np.random.default_rng(1)
+    T, B, NH, dh, Gr = 3, 2, 4, 3, 4
+    H = NH * dh
+    arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
+    States0, W3 = arr(T + 1, B, H), arr(NH, Gr * dh, dh)
+    HU, dHU, dHrec = arr(T, NH, B, Gr * dh), arr(NH, T, B, Gr * dh), arr(NH, B, dh)
+    heads = States0.reshape(T + 1, B, NH, dh).transpose(0, 2, 1, 3)
+    fwd = stepgemm.raw_batched_step_gemm(blas, heads, W3, HU, trans_b=True)
+    bwd = stepgemm.raw_batched_step_gemm(blas, dHU.transpose(1, 0, 2, 3), W3, dHrec[None],
+                                         trans_b=False)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    h, W, dU = np.asarray(States0), np.asarray(W3), np.asarray(dHU)
+    for i in range(T):
+        fwd(i + 1, i)
+        want = np.matmul(h[i + 1].reshape(B, NH, dh).transpose(1, 0, 2), W.transpose(0, 2, 1))
+        np.testing.assert_allclose(HU[i], want, rtol=rtol)
+        bwd(i, 0)
+        np.testing.assert_allclose(dHrec, np.matmul(dU[:, i], W), rtol=rtol)
+    assert stepgemm._batch_strides(np.zeros((2, 3, 4, 5))[:, :, :, ::2]) is None
+
+
 def test_raw_cublas_status_is_checked():
     import types
 

@@ -46,6 +46,7 @@ class FakeLib:
         return 0
 
     cublasSgemm_v2 = cublasDgemm_v2 = staticmethod(lambda *a: 0)
+    cublasSgemmStridedBatched = cublasDgemmStridedBatched = staticmethod(lambda *a: 0)
 
 
 class FakeBuffer:

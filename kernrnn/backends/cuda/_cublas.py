@@ -5,7 +5,8 @@ re-binds CuPy's shared handle to the current stream, and that re-binding
 raises ``NotImplementedError`` while the stream is capturing a CUDA graph
 (CuPy 13 and 14).  cuBLAS itself can be captured (host-pointer ``alpha`` and
 ``beta`` are captured by value), so the per-step GEMMs of the time loop call
-``cublasSgemm_v2``/``cublasDgemm_v2`` here instead:
+``cublasSgemm_v2``/``cublasDgemm_v2`` (and their ``StridedBatched`` forms, for
+per-head products) here instead:
 
 * one handle per stream, bound to it once (``cublasSetStream_v2``) and given
   its own workspace (``cublasSetWorkspace_v2``, after the stream: setting the
@@ -37,6 +38,9 @@ MAX_STREAMS = 8  # handles kept per process (LRU); each holds one workspace
 _c_int, _c_size, _ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
 _GEMM_ARGS = [_ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr, _ptr, _c_int, _ptr, _c_int,
               _ptr, _ptr, _c_int]
+_c_ll = ctypes.c_longlong
+_BATCHED_ARGS = [_ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr, _ptr, _c_int, _c_ll, _ptr,
+                 _c_int, _c_ll, _ptr, _ptr, _c_int, _c_ll, _c_int]
 
 
 class CublasError(RuntimeError):
@@ -55,8 +59,11 @@ def _declare(lib) -> None:
     lib.cublasDestroy_v2.argtypes = [_ptr]
     lib.cublasSgemm_v2.argtypes = _GEMM_ARGS
     lib.cublasDgemm_v2.argtypes = _GEMM_ARGS
+    lib.cublasSgemmStridedBatched.argtypes = _BATCHED_ARGS
+    lib.cublasDgemmStridedBatched.argtypes = _BATCHED_ARGS
     for name in ("cublasCreate_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2",
-                 "cublasDestroy_v2", "cublasSgemm_v2", "cublasDgemm_v2"):
+                 "cublasDestroy_v2", "cublasSgemm_v2", "cublasDgemm_v2",
+                 "cublasSgemmStridedBatched", "cublasDgemmStridedBatched"):
         getattr(lib, name).restype = _c_int
 
 
@@ -134,6 +141,8 @@ class StreamBlas:
         self.workspace = workspace  # referenced by every GEMM (and graph) issued with it
         self.sgemm = lib.cublasSgemm_v2
         self.dgemm = lib.cublasDgemm_v2
+        self.sgemm_batched = lib.cublasSgemmStridedBatched
+        self.dgemm_batched = lib.cublasDgemmStridedBatched
 
     def destroy(self) -> None:
         """Release the handle (cuBLAS synchronises the device here).  Graphs captured

@@ -30,7 +30,7 @@ from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
 from kernrnn.backends.cuda.kernels import SCAN_CHUNK
 from kernrnn.backends.cuda.launch import Launcher, get_kernels
 from kernrnn.backends.cuda.paths import choose_path, persistent_module
-from kernrnn.backends.cuda.stepgemm import step_gemm
+from kernrnn.backends.cuda.stepgemm import batched_step_gemm, step_gemm
 
 __all__ = ["forward", "backward", "release"]
 
@@ -62,7 +62,6 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
 
     dense = cell.recurrent == "dense" and not keep_hu
-    WT = None if dense else W3.transpose(0, 2, 1)  # a view: [NH, dh, Gr*dh]
 
     def make_scratch():
         return xp.empty((T, B, H), dtype=dtype) if proj else Y
@@ -73,8 +72,11 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
         if rdrop:
             ka.Hd[...] = buf.States[0, T if reverse else 0] * ka.Mr
-        recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0],
-                                   trans_b=True) if dense else None
+        if dense:
+            recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
+        else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
+            heads = h_in.reshape(h_in.shape[0], B, NH, -1).transpose(0, 2, 1, 3)
+            heads_gemm = batched_step_gemm(heads, W3, buf.HU, trans_b=True)
         proj_gemm = step_gemm(buf.States[0], params["weight_hr"], buf.Hp, trans_b=True,
                               c_stack=True) if proj else None
         launch = Launcher()
@@ -93,9 +95,8 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
             tm = t if training else 0
             if dense:
                 recurrent_gemm(0 if rdrop else p)
-            else:  # one product per head: [NH, B, dh] @ [NH, dh, Gr*dh]
-                heads = h_in[0 if rdrop else p].reshape(B, NH, -1).transpose(1, 0, 2)
-                xp.matmul(heads, WT, out=buf.HU[tt])
+            else:
+                heads_gemm(0 if rdrop else p, tt)
             if cell.recurrent_norm is not None:
                 launch(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, NH, nseg)
             scalars = (t, p, n, tt, tm, H, dh)
@@ -238,8 +239,11 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
         launch = Launcher()
         w = launch.wrap
         dense = cell.recurrent == "dense"
-        recurrent_gemm = step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False) \
-            if dense else None
+        if dense:
+            recurrent_gemm = step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False)
+        elif rec:  # per head: dHrec[h] = dHU[h, t] @ W3[h]
+            heads_gemm = batched_step_gemm(dHU.transpose(1, 0, 2, 3), W3, dHrec[None],
+                                           trans_b=False)
         proj_gemm = step_gemm(dHp, params["weight_hr"], dR, trans_b=False, c_stack=True) \
             if proj else None
         saved = buf.Saved if buf.Saved.size else buf.Mid
@@ -279,7 +283,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
             if dense:
                 recurrent_gemm(t)
             else:
-                xp.matmul(dHU[:, t], W3, out=dHrec)
+                heads_gemm(t, 0)
         if proj:
             launch(k.proj_carry, B * NP, dHrec_, dSp_, lengths_, NP)
         elif rec:
