@@ -79,3 +79,18 @@ def test_arrays_are_wrapped_once_per_loop_not_per_step(monkeypatch, cell, kw):
         y, _ = layer(np.random.default_rng(0).normal(size=(T, 2, 3)))
         layer.backward(np.ones_like(y))
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("cell", ["lstm_peephole", "lstm_ln", "gru_ln"])
+def test_cells_with_parameters_or_norms_run_eagerly(keys, cell):
+    """Their per-unit parameters, norm vectors and gradient accumulators are new arrays
+    each call, outside the key: a replay would read and write the capturing call's."""
+    with pytest.warns(RuntimeWarning, match="without them .its per-unit parameters"):
+        _train_step(cell)
+    assert keys == [None, None]
+
+
+@pytest.mark.parametrize("cell", ["slstm", "gru"])
+def test_heads_and_plain_cells_stay_keyed(keys, cell):
+    _train_step(cell)
+    assert len(keys) == 2 and None not in keys

@@ -52,10 +52,16 @@ def graph_refusal(cell, regularised: bool) -> str | None:
     captured it.  A regularised call draws new dropout masks and zoneout seeds
     (kernel scalars) every call, so a replay would reuse the capturing call's
     randomness, and a backward captured in a later call than its forward would
-    use other masks than the forward ran with.
+    use other masks than the forward ran with.  Per-unit parameters, norm gains
+    and the gradient accumulators of both are arrays made afresh every call,
+    which a replay would still read and write at the capturing call's
+    addresses; graphs refuse those cells until they own these buffers.
     """
     if regularised:
         return "regularisation draws new masks and seeds every call"
+    if cell.n_param_scalars or cell.normalize or cell.recurrent_norm is not None:
+        return ("its per-unit parameters or norm vectors and their gradients are new arrays "
+                "every call")
     return None
 
 
