@@ -185,16 +185,17 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         log.append(("capture" if side.capturing else "eager", scratch))
 
     cb.set_graphs(True)
+    before = dict(cb.graph_stats)
     try:
         if mode != "works":
             with pytest.warns(RuntimeWarning, match="graph capture failed"):
                 for _ in range(4):
-                    graphs.run_loop(("k",), issue, make_scratch)
+                    graphs.run_loop(("backward", 1), issue, make_scratch)
         else:
             for _ in range(4):
-                graphs.run_loop(("k",), issue, make_scratch)
+                graphs.run_loop(("backward", 1), issue, make_scratch)
         graphs.run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
-        entry = graphs._graph_cache[("k",)]
+        entry = graphs._graph_cache[("backward", 1)]
     finally:
         cb.set_graphs(None)
     kinds = [e if isinstance(e, str) else e[0] for e in log]
@@ -204,6 +205,8 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         assert log[1][1] is log[2][1] is log[3][1]
     else:
         assert kinds == ["eager", "capture", "replay", "replay", "replay", "eager"]
+        assert cb.graph_stats["replayed_backward"] - before["replayed_backward"] == 2
+        assert cb.graph_stats["replayed_forward"] == before["replayed_forward"]
         # the graph's GEMMs write the side stream's cuBLAS workspace: its entry keeps it
         # alive, whatever happens to the handle that owns it
         assert entry[2] is workspace

@@ -256,7 +256,9 @@ def test_paths_agree():
 def test_cuda_graph_replays_match_eager_runs():
     """KERNRNN_CUDA_GRAPHS: eager, capture, then replays give the eager results (fresh
     inputs each call, so a replay must read the current buffers, not stale ones).
-    Graphs replay the GEMM path's per-step loop, so the test pins that path."""
+    Graphs replay the GEMM path's per-step loop, so the test pins that path.  Each
+    ``dy`` is copied into one buffer, as a training loop's would be: ``dy`` is in the
+    backward's key, so fresh arrays would never let the top layer's backward replay."""
     import kernrnn
 
     cb.set_path("gemm")
@@ -268,10 +270,13 @@ def test_cuda_graph_replays_match_eager_runs():
     dys = [rs.uniform(-1, 1, (9, 5, 48)) for _ in range(4)]
     lens = [9, 3, 5, 9, 1]
 
+    dy_buf = cupy.empty_like(dys[0])
+
     def run(x, dy):
         layer.zero_grad()
         y, _ = layer(x, lengths=lens)
-        dx, _ = layer.backward(dy)
+        dy_buf[...] = dy
+        dx, _ = layer.backward(dy_buf)
         return [cupy.asnumpy(y), cupy.asnumpy(dx)] + [cupy.asnumpy(layer.grads[k])
                                                       for k in sorted(layer.grads)]
 
@@ -289,6 +294,9 @@ def test_cuda_graph_replays_match_eager_runs():
     assert cb.graph_stats["capture_failed"] == before["capture_failed"], cb.graph_stats
     assert cb.graph_stats["captured"] > before["captured"], cb.graph_stats
     assert cb.graph_stats["replayed"] > before["replayed"], cb.graph_stats
+    for loop in ("forward", "backward"):  # 2 layers x 2 directions, replayed from call 3 on
+        assert cb.graph_stats[f"replayed_{loop}"] - before[f"replayed_{loop}"] >= 4, \
+            cb.graph_stats
     for g_run, w_run in zip(got, want, strict=True):
         for a, b in zip(g_run, w_run, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)

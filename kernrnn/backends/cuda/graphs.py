@@ -22,7 +22,8 @@ _graphs_override: bool | None = None
 # key -> (graph or None, scratch, the cuBLAS workspace the graph's GEMMs write)
 _graph_cache: OrderedDict = OrderedDict()
 _graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
-graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0, "refused": 0}
+graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0, "refused": 0,
+               "replayed_forward": 0, "replayed_backward": 0}
 _refusals_warned: set = set()
 
 
@@ -122,6 +123,8 @@ def run_loop(key, issue, make_scratch):
     else:
         _graph_cache.move_to_end(key)
         graph_stats["replayed"] += 1
+        if key[0] in ("forward", "backward"):
+            graph_stats[f"replayed_{key[0]}"] += 1
     graph, scratch, _ = entry
     if graph is None:
         graph_stats["eager"] += 1
