@@ -70,8 +70,8 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         Yk = scratch  # where the step kernels write the (unprojected) h
         # the product's input, by step: the masked h, the projected h or h
         h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
-        if rdrop:
-            ka.Hd[...] = buf.States[0, T if reverse else 0] * ka.Mr
+        if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
+            xp.multiply(buf.States[0, T if reverse else 0], ka.Mr, out=ka.Hd)
         if dense:
             recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
         else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
