@@ -360,6 +360,8 @@ class _Compiled:
         self.log, self.fail = log, fail
 
     def launch(self, args, grid, block, stream, smem):
+        if self.fail == "cuda":
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
         if self.fail:
             raise TypeError("launch() changed")
         self.log.append(("fast", stream))
@@ -405,3 +407,16 @@ def test_launcher_falls_back_to_the_dispatcher_when_the_fast_launch_raises(monke
     launch(kernel, 10, 1)
     assert [e[0] for e in kernel.log] == ["dispatcher"] * 3  # every launch still happened
     assert cuda_launch.Launcher.fast_enabled is False
+
+
+def test_a_cuda_error_in_a_fast_launch_propagates_and_keeps_fast_launches(monkeypatch):
+    """Only a changed entry point (TypeError/AttributeError) turns fast launches off for
+    the process; a CUDA error (say, a sticky one from an earlier kernel) is raised."""
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
+    kernel = _FakeDispatcher(fail="cuda")
+    launch = cuda_launch.Launcher(stream="s")
+    launch(kernel, 10, 1)
+    with pytest.raises(RuntimeError, match="ILLEGAL_ADDRESS"):
+        launch(kernel, 10, 1)
+    assert cuda_launch.Launcher.fast_enabled is True

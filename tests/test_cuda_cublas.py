@@ -94,15 +94,24 @@ def test_failed_setup_destroys_the_handle(monkeypatch):
     assert [c[0] for c in lib.calls] == ["create", "stream", "workspace", "destroy"]
 
 
-def test_least_recently_used_handles_are_destroyed(fake):
+def test_least_recently_used_handles_are_destroyed_once_unused(fake):
+    """An evicted handle is destroyed when the last reference goes, not while another
+    thread's time loop (whose GEMM closure holds it) may still call it."""
+    import gc
+
     first = [_cublas.for_stream(p) for p in range(_cublas.MAX_STREAMS)]
     handles = [b.handle for b in first]
     _cublas.for_stream(0)  # most recent again
-    _cublas.for_stream(99)  # one too many: stream 1's handle goes, not stream 0's
-    destroyed = [c[1] for c in fake.calls if c[0] == "destroy"]
-    assert destroyed == [handles[1]]
-    assert first[1].handle is None and first[0].handle == handles[0]
+    _cublas.for_stream(99)  # one too many: stream 1's handle is evicted, not stream 0's
     assert len(_cublas._handles) == _cublas.MAX_STREAMS
+    assert (0, 1) not in _cublas._handles and (0, 0) in _cublas._handles
+    assert not [c for c in fake.calls if c[0] == "destroy"]  # still referenced here
+    evicted = first.pop(1)
+    assert evicted.handle == handles[1]
+    del evicted
+    gc.collect()
+    assert [c[1] for c in fake.calls if c[0] == "destroy"] == [handles[1]]
+    assert first[0].handle == handles[0]
 
 
 def test_capture_stream_shares_the_replay_streams_workspace(fake):

@@ -28,6 +28,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
+import weakref
 from collections import OrderedDict
 from functools import cache
 
@@ -137,6 +139,10 @@ class StreamBlas:
             raise
         self.lib = lib
         self.handle = handle.value
+        # destroyed when the last reference goes (an evicted handle may still be in use by
+        # another thread's time loop), not at interpreter exit (the context may be gone)
+        self._finalizer = weakref.finalize(self, lib.cublasDestroy_v2, handle.value)
+        self._finalizer.atexit = False
         self.stream_ptr = stream_ptr
         self.workspace = workspace  # referenced by every GEMM (and graph) issued with it
         self.sgemm = lib.cublasSgemm_v2
@@ -149,12 +155,13 @@ class StreamBlas:
         with it keep its workspace alive through their cache entry
         (:func:`workspace_of`), since their cuBLAS kernels write into it."""
         if self.handle:
-            self.lib.cublasDestroy_v2(self.handle)
+            self._finalizer()
             self.handle = None
 
 
 _handles: OrderedDict = OrderedDict()  # (device, stream ptr) -> StreamBlas
 _capture_streams: dict = {}  # (device, replay stream ptr) -> CuPy stream
+_lock = threading.RLock()  # guards both caches: time loops may run in several threads
 
 
 def _new_workspace():
@@ -168,17 +175,17 @@ def _entry(stream_ptr: int, workspace=None) -> StreamBlas:
     import cupy
 
     key = (cupy.cuda.Device().id, int(stream_ptr))
-    blas = _handles.get(key)
-    if blas is not None:
-        _handles.move_to_end(key)
+    with _lock:
+        blas = _handles.get(key)
+        if blas is not None:
+            _handles.move_to_end(key)
+            return blas
+        blas = StreamBlas(library(), int(stream_ptr),
+                          workspace if workspace is not None else _new_workspace())
+        _handles[key] = blas
+        while len(_handles) > MAX_STREAMS:
+            _handles.popitem(last=False)  # destroyed once no time loop holds it
         return blas
-    blas = StreamBlas(library(), int(stream_ptr),
-                      workspace if workspace is not None else _new_workspace())
-    _handles[key] = blas
-    while len(_handles) > MAX_STREAMS:
-        _, old = _handles.popitem(last=False)
-        old.destroy()
-    return blas
 
 
 def for_stream(stream_ptr: int) -> StreamBlas | None:
@@ -197,19 +204,19 @@ def capture_stream(replay_ptr: int):
         return None
     import cupy
 
-    replay = for_stream(replay_ptr)
-    key = (cupy.cuda.Device().id, int(replay_ptr))
-    side = _capture_streams.get(key)
-    if side is None:
-        side = _capture_streams[key] = cupy.cuda.Stream(non_blocking=True)
-    dev = cupy.cuda.Device().id
-    blas = _handles.get((dev, side.ptr))
-    if blas is None or blas.workspace is not replay.workspace:
-        if blas is not None:
-            del _handles[(dev, side.ptr)]
-            blas.destroy()
-        _entry(side.ptr, workspace=replay.workspace)
-    return side
+    with _lock:
+        replay = for_stream(replay_ptr)
+        key = (cupy.cuda.Device().id, int(replay_ptr))
+        side = _capture_streams.get(key)
+        if side is None:
+            side = _capture_streams[key] = cupy.cuda.Stream(non_blocking=True)
+        dev = cupy.cuda.Device().id
+        blas = _handles.get((dev, side.ptr))
+        if blas is None or blas.workspace is not replay.workspace:
+            if blas is not None:
+                del _handles[(dev, side.ptr)]  # destroyed once no time loop holds it
+            _entry(side.ptr, workspace=replay.workspace)
+        return side
 
 
 def workspace_of(stream_ptr: int):
@@ -222,5 +229,6 @@ def workspace_of(stream_ptr: int):
         return None
     import cupy
 
-    blas = _handles.get((cupy.cuda.Device().id, int(stream_ptr)))
+    with _lock:
+        blas = _handles.get((cupy.cuda.Device().id, int(stream_ptr)))
     return None if blas is None else blas.workspace

@@ -7,6 +7,7 @@ wrappers refuse to run while a stream captures)."""
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -25,6 +26,8 @@ _graph_seen: OrderedDict = OrderedDict()  # keys run once eagerly
 graph_stats = {"eager": 0, "captured": 0, "replayed": 0, "capture_failed": 0, "refused": 0,
                "replayed_forward": 0, "replayed_backward": 0}
 _refusals_warned: set = set()
+# guards the caches; held for a whole run_loop (issuing is Python under the GIL anyway)
+_lock = threading.RLock()
 
 
 def set_graphs(enabled: bool | None) -> None:
@@ -33,9 +36,10 @@ def set_graphs(enabled: bool | None) -> None:
     global _graphs_override
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool or None, got {enabled!r}")
-    _graphs_override = enabled
-    _graph_cache.clear()
-    _graph_seen.clear()
+    with _lock:
+        _graphs_override = enabled
+        _graph_cache.clear()
+        _graph_seen.clear()
 
 
 def graphs_enabled() -> bool:
@@ -102,6 +106,11 @@ def run_loop(key, issue, make_scratch):
     during a capture.  A failed capture (say, cuBLAS not found, so the per-step
     GEMM is ``cupy.matmul``) warns once and falls back to eager runs for that key.
     """
+    with _lock:
+        _run_loop(key, issue, make_scratch)
+
+
+def _run_loop(key, issue, make_scratch):
     if key is None or not graphs_enabled():
         graph_stats["eager"] += 1
         issue(make_scratch())

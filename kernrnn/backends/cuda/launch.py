@@ -87,11 +87,14 @@ class Launcher:
     ``cuda.core`` stream built from the handle once per loop, before that the
     Numba stream), so cuda.core never converts a foreign stream, with a
     DeprecationWarning, at every launch.  If that internal
-    entry point is missing or raises (another numba-cuda version), launches
-    go through the dispatcher.
+    entry point is missing or refuses its arguments (``TypeError``,
+    ``AttributeError``: another numba-cuda version), launches go through the
+    dispatcher from then on.
     """
 
-    fast_enabled = True  # cleared (with one warning) the first time a fast launch raises
+    # cleared (with one warning) the first time a fast launch fails for want of the entry
+    # point it uses; any other error (say, a CUDA error) propagates and changes nothing
+    fast_enabled = True
 
     def __init__(self, stream=None):
         self.stream = None if SIMULATOR else (stream if stream is not None else _numba_stream())
@@ -124,7 +127,7 @@ class Launcher:
             try:
                 fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self._launch_stream, 0)
                 return
-            except Exception as exc:  # noqa: BLE001 - the dispatcher below still works
+            except (TypeError, AttributeError) as exc:  # the internal entry point changed
                 Launcher.fast_enabled = False
                 warnings.warn(f"kernrnn: direct kernel launch failed ({type(exc).__name__}: "
                               f"{exc}); launching through Numba's dispatcher from now on",
