@@ -200,11 +200,13 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
     backward (else ``handle`` is empty).
     """
     engine = engine_for(spec, x)
-    arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
     lens = None if lengths is None else lengths.detach().cpu().numpy()
     masks = parse_regularization(spec)[3]
     training = save or engine.dropout > 0 or masks
     with _on_torch_stream(x.device):
+        # imported on torch's stream: a copy of a non-contiguous parameter is then ordered
+        # before the kernels that read it
+        arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
         y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
                                          training=training, dropout_seed=int(seed),
                                          masks=masks)
