@@ -19,6 +19,7 @@ exactly as long as autograd keeps the handle, and is never copied or pickled.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import weakref
 from functools import lru_cache
@@ -188,7 +189,15 @@ def _unstash(handle: torch.Tensor):
 # -- the ops ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("kernrnn::rnn_forward", mutates_args=())
+# Neither op may be captured into torch's own CUDA graphs (torch.cuda.graph,
+# torch.compile(mode="reduce-overhead")): CuPy's cuBLAS wrappers refuse to run while a
+# stream captures, and lengths are read on the host.
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_OP_TAGS = ({"tags": (_UNSAFE,)} if _UNSAFE is not None
+            and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("kernrnn::rnn_forward", mutates_args=(), **_OP_TAGS)
 def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: torch.Tensor | None,
                 params: list[torch.Tensor], seed: torch.Tensor, save: bool
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -227,7 +236,7 @@ def _(spec, x, hx, lengths, params, seed, save):
             torch.empty(1 if save else 0, dtype=torch.int64))
 
 
-@torch.library.custom_op("kernrnn::rnn_backward", mutates_args=())
+@torch.library.custom_op("kernrnn::rnn_backward", mutates_args=(), **_OP_TAGS)
 def rnn_backward(spec: str, handle: torch.Tensor, dy: torch.Tensor, dhn: list[torch.Tensor],
                  params: list[torch.Tensor]
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
