@@ -7,6 +7,8 @@ pytest.importorskip("numba.cuda", reason="needs numba-cuda (extra 'cudasim')")
 
 import kernrnn  # noqa: E402
 from kernrnn.backends import cuda as cb  # noqa: E402
+from kernrnn.backends.cuda import graphs, paths, stepgemm  # noqa: E402
+from kernrnn.backends.cuda import launch as cuda_launch  # noqa: E402
 
 
 def _gpu_usable() -> bool:
@@ -33,7 +35,7 @@ def test_path_choice(monkeypatch):
     monkeypatch.delenv(cb.PATH_ENV, raising=False)
     cb.set_path(None)
     assert cb.get_path() == "auto"
-    assert cb._resolve_path("gemm", lstm, np.float32, 4, 8, True) == "gemm"
+    assert paths.resolve_path("gemm", lstm, np.float32, 4, 8, True) == "gemm"
     monkeypatch.setenv(cb.PATH_ENV, "gemm")
     assert cb.get_path() == "gemm"
     monkeypatch.setenv(cb.PATH_ENV, "fastest")
@@ -51,11 +53,11 @@ def test_path_choice(monkeypatch):
 def test_persistent_path_needs_its_module(monkeypatch):
     from kernrnn.plugins import get_registry
 
-    monkeypatch.setattr(cb, "_persistent_module", lambda: None)
+    monkeypatch.setattr(paths, "persistent_module", lambda: None)
     lstm = get_registry().get("lstm")
     with pytest.raises(ValueError, match="cuda.persistent"):
-        cb._resolve_path("persistent", lstm, np.float32, 4, 8, True)
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 8, True) == "gemm"
+        paths.resolve_path("persistent", lstm, np.float32, 4, 8, True)
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 8, True) == "gemm"
 
 
 def test_auto_path_asks_the_persistent_module(monkeypatch):
@@ -66,10 +68,10 @@ def test_auto_path_asks_the_persistent_module(monkeypatch):
         def supports(cell, dtype, B, H, training):
             return B <= 16
 
-    monkeypatch.setattr(cb, "_persistent_module", lambda: Fake)
+    monkeypatch.setattr(paths, "persistent_module", lambda: Fake)
     lstm = get_registry().get("lstm")
-    assert cb._resolve_path("auto", lstm, np.float32, 8, 64, True) == "persistent"
-    assert cb._resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
+    assert paths.resolve_path("auto", lstm, np.float32, 8, 64, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 64, 64, True) == "gemm"
 
 
 def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeypatch):
@@ -83,10 +85,44 @@ def test_auto_path_stays_on_gemm_until_the_persistent_kernel_is_measured(monkeyp
     monkeypatch.setattr(cp, "_cudadevrt_found", lambda: True)
     monkeypatch.setattr(cp, "supported", lambda *a, **k: True)
     assert cp.AUTO is False
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "gemm"
-    assert cb._resolve_path("persistent", lstm, np.float32, 4, 256, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 256, True) == "gemm"
+    assert paths.resolve_path("persistent", lstm, np.float32, 4, 256, True) == "persistent"
     monkeypatch.setattr(cp, "AUTO", True)
-    assert cb._resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
+    assert paths.resolve_path("auto", lstm, np.float32, 4, 256, True) == "persistent"
+
+
+def test_configured_persistent_path_falls_back_for_cells_it_cannot_run(monkeypatch):
+    """``KERNRNN_CUDA_PATH=persistent`` (or set_path) is process-wide: a cell the
+    persistent kernel refuses runs on gemm with one warning; an explicit
+    ``path="persistent"`` still raises."""
+    import warnings
+
+    from kernrnn.plugins import get_registry
+
+    registry = get_registry()
+    lstm, lstm_ln, mingru = (registry.get(n) for n in ("lstm", "lstm_ln", "mingru"))
+    monkeypatch.setattr(paths, "_fallback_warned", set())
+    monkeypatch.setenv(cb.PATH_ENV, "persistent")
+    cb.set_path(None)
+    args = (np.float32, 4, 8, True)
+    assert paths.choose_path(None, lstm, *args) == "persistent"
+    assert paths.choose_path(None, lstm, *args, regularised=True) == "gemm"
+    assert paths.choose_path(None, lstm, *args, projected=True) == "gemm"
+    for cell in (lstm_ln, mingru):
+        with pytest.warns(RuntimeWarning, match=f"cell '{cell.name}' runs on the 'gemm' path"):
+            assert paths.choose_path(None, cell, *args) == "gemm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per cell
+            assert paths.choose_path(None, cell, *args) == "gemm"
+        with pytest.raises(ValueError, match="path='persistent' runs cells with a dense"):
+            paths.choose_path("persistent", cell, *args)
+    monkeypatch.delenv(cb.PATH_ENV)
+    try:
+        cb.set_path("persistent")
+        with pytest.warns(RuntimeWarning, match="runs on the 'gemm' path"):
+            assert paths.choose_path(None, registry.get("indrnn"), *args) == "gemm"
+    finally:
+        cb.set_path(None)
 
 
 class _FakeGraph:
@@ -135,8 +171,10 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         asked.append(replay_ptr)
         return None if mode == "no cuBLAS" else side
 
-    monkeypatch.setattr(cb, "cupy", _fake_cupy())
+    workspace = object()
+    monkeypatch.setattr(graphs, "cupy", _fake_cupy())
     monkeypatch.setattr(_cublas, "capture_stream", capture_stream)
+    monkeypatch.setattr(_cublas, "workspace_of", lambda ptr: workspace if ptr == 77 else None)
     scratches = []
 
     def make_scratch():
@@ -147,15 +185,17 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         log.append(("capture" if side.capturing else "eager", scratch))
 
     cb.set_graphs(True)
+    before = dict(cb.graph_stats)
     try:
         if mode != "works":
             with pytest.warns(RuntimeWarning, match="graph capture failed"):
                 for _ in range(4):
-                    cb._run_loop(("k",), issue, make_scratch)
+                    graphs.run_loop(("backward", 1), issue, make_scratch)
         else:
             for _ in range(4):
-                cb._run_loop(("k",), issue, make_scratch)
-        cb._run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
+                graphs.run_loop(("backward", 1), issue, make_scratch)
+        graphs.run_loop(("other",), issue, make_scratch)  # a new layout runs eagerly first
+        entry = graphs._graph_cache[("backward", 1)]
     finally:
         cb.set_graphs(None)
     kinds = [e if isinstance(e, str) else e[0] for e in log]
@@ -165,6 +205,11 @@ def test_graph_cache_runs_eager_then_captures_then_replays(monkeypatch, mode):
         assert log[1][1] is log[2][1] is log[3][1]
     else:
         assert kinds == ["eager", "capture", "replay", "replay", "replay", "eager"]
+        assert cb.graph_stats["replayed_backward"] - before["replayed_backward"] == 2
+        assert cb.graph_stats["replayed_forward"] == before["replayed_forward"]
+        # the graph's GEMMs write the side stream's cuBLAS workspace: its entry keeps it
+        # alive, whatever happens to the handle that owns it
+        assert entry[2] is workspace
 
 
 def test_graphs_off_by_default(monkeypatch):
@@ -232,14 +277,53 @@ def test_raw_cublas_arguments_compute_the_row_major_products(dtype):
     arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
     States0, W_hh, dHU = arr(T + 1, B, H), arr(G * H, H), arr(T, B, G * H)
     HU, dHrec = arr(B, G * H), arr(B, H)
-    fwd = cb._raw_step_gemm(blas, States0, W_hh, HU, trans_b=True)
-    bwd = cb._raw_step_gemm(blas, dHU, W_hh, dHrec, trans_b=False)
+    fwd = stepgemm.raw_step_gemm(blas, States0, W_hh, HU, trans_b=True)
+    bwd = stepgemm.raw_step_gemm(blas, dHU, W_hh, dHrec, trans_b=False)
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     for i in range(T):
         fwd(i)
         np.testing.assert_allclose(HU, np.asarray(States0[i]) @ np.asarray(W_hh).T, rtol=rtol)
         bwd(i)
         np.testing.assert_allclose(dHrec, np.asarray(dHU[i]) @ np.asarray(W_hh), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_raw_batched_cublas_computes_the_per_head_products(dtype):
+    """The heads product (forward: a head's slice of h times its W_hh block, into HU's
+    time slot; backward: a time slice of dHU times the block) as one strided-batched
+    cuBLAS call per step, checked against a host emulation of cuBLAS's semantics."""
+    import types
+
+    gemm = _column_major_gemm(dtype)
+    item = np.dtype(dtype).itemsize
+
+    def batched(handle, opa, opb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc,
+                count):
+        for h in range(count):
+            gemm(handle, opa, opb, m, n, k, alpha, A + h * sa * item, lda, B + h * sb * item,
+                 ldb, beta, C + h * sc * item, ldc)
+        return 0
+
+    blas = types.SimpleNamespace(sgemm_batched=batched, dgemm_batched=batched, handle=0)
+    rng = np.random.default_rng(1)
+    T, B, NH, dh, Gr = 3, 2, 4, 3, 4
+    H = NH * dh
+    arr = lambda *shape: rng.uniform(-1, 1, shape).astype(dtype).view(_HostArray)  # noqa: E731
+    States0, W3 = arr(T + 1, B, H), arr(NH, Gr * dh, dh)
+    HU, dHU, dHrec = arr(T, NH, B, Gr * dh), arr(NH, T, B, Gr * dh), arr(NH, B, dh)
+    heads = States0.reshape(T + 1, B, NH, dh).transpose(0, 2, 1, 3)
+    fwd = stepgemm.raw_batched_step_gemm(blas, heads, W3, HU, trans_b=True)
+    bwd = stepgemm.raw_batched_step_gemm(blas, dHU.transpose(1, 0, 2, 3), W3, dHrec[None],
+                                         trans_b=False)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    h, W, dU = np.asarray(States0), np.asarray(W3), np.asarray(dHU)
+    for i in range(T):
+        fwd(i + 1, i)
+        want = np.matmul(h[i + 1].reshape(B, NH, dh).transpose(1, 0, 2), W.transpose(0, 2, 1))
+        np.testing.assert_allclose(HU[i], want, rtol=rtol)
+        bwd(i, 0)
+        np.testing.assert_allclose(dHrec, np.matmul(dU[:, i], W), rtol=rtol)
+    assert stepgemm._batch_strides(np.zeros((2, 3, 4, 5))[:, :, :, ::2]) is None
 
 
 def test_raw_cublas_status_is_checked():
@@ -249,8 +333,8 @@ def test_raw_cublas_status_is_checked():
 
     blas = types.SimpleNamespace(sgemm=lambda *a: 13, dgemm=lambda *a: 13, handle=0)
     a = np.zeros((2, 3, 4), np.float32).view(_HostArray)
-    f = cb._raw_step_gemm(blas, a, np.zeros((5, 4), np.float32).view(_HostArray),
-                          np.zeros((3, 5), np.float32).view(_HostArray), trans_b=True)
+    f = stepgemm.raw_step_gemm(blas, a, np.zeros((5, 4), np.float32).view(_HostArray),
+                               np.zeros((3, 5), np.float32).view(_HostArray), trans_b=True)
     with pytest.raises(CublasError, match="status 13"):
         f(1)
 
@@ -276,6 +360,8 @@ class _Compiled:
         self.log, self.fail = log, fail
 
     def launch(self, args, grid, block, stream, smem):
+        if self.fail == "cuda":
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
         if self.fail:
             raise TypeError("launch() changed")
         self.log.append(("fast", stream))
@@ -297,10 +383,10 @@ class _FakeDispatcher:
 def test_launcher_reuses_the_dispatchers_stream_and_silences_low_occupancy(monkeypatch):
     import warnings
 
-    monkeypatch.setattr(cb, "SIMULATOR", False)
-    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
     kernel = _FakeDispatcher()
-    launch = cb._Launcher(stream="numba-stream")
+    launch = cuda_launch.Launcher(stream="numba-stream")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no low-occupancy warning, no deprecation warning
         for _ in range(3):
@@ -311,13 +397,26 @@ def test_launcher_reuses_the_dispatchers_stream_and_silences_low_occupancy(monke
 
 
 def test_launcher_falls_back_to_the_dispatcher_when_the_fast_launch_raises(monkeypatch):
-    monkeypatch.setattr(cb, "SIMULATOR", False)
-    monkeypatch.setattr(cb._Launcher, "fast_enabled", True)
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
     kernel = _FakeDispatcher(fail=True)
-    launch = cb._Launcher(stream="s")
+    launch = cuda_launch.Launcher(stream="s")
     launch(kernel, 10, 1)
     with pytest.warns(RuntimeWarning, match="direct kernel launch failed"):
         launch(kernel, 10, 1)
     launch(kernel, 10, 1)
     assert [e[0] for e in kernel.log] == ["dispatcher"] * 3  # every launch still happened
-    assert cb._Launcher.fast_enabled is False
+    assert cuda_launch.Launcher.fast_enabled is False
+
+
+def test_a_cuda_error_in_a_fast_launch_propagates_and_keeps_fast_launches(monkeypatch):
+    """Only a changed entry point (TypeError/AttributeError) turns fast launches off for
+    the process; a CUDA error (say, a sticky one from an earlier kernel) is raised."""
+    monkeypatch.setattr(cuda_launch, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_launch.Launcher, "fast_enabled", True)
+    kernel = _FakeDispatcher(fail="cuda")
+    launch = cuda_launch.Launcher(stream="s")
+    launch(kernel, 10, 1)
+    with pytest.raises(RuntimeError, match="ILLEGAL_ADDRESS"):
+        launch(kernel, 10, 1)
+    assert cuda_launch.Launcher.fast_enabled is True

@@ -46,6 +46,7 @@ class FakeLib:
         return 0
 
     cublasSgemm_v2 = cublasDgemm_v2 = staticmethod(lambda *a: 0)
+    cublasSgemmStridedBatched = cublasDgemmStridedBatched = staticmethod(lambda *a: 0)
 
 
 class FakeBuffer:
@@ -93,15 +94,24 @@ def test_failed_setup_destroys_the_handle(monkeypatch):
     assert [c[0] for c in lib.calls] == ["create", "stream", "workspace", "destroy"]
 
 
-def test_least_recently_used_handles_are_destroyed(fake):
+def test_least_recently_used_handles_are_destroyed_once_unused(fake):
+    """An evicted handle is destroyed when the last reference goes, not while another
+    thread's time loop (whose GEMM closure holds it) may still call it."""
+    import gc
+
     first = [_cublas.for_stream(p) for p in range(_cublas.MAX_STREAMS)]
     handles = [b.handle for b in first]
     _cublas.for_stream(0)  # most recent again
-    _cublas.for_stream(99)  # one too many: stream 1's handle goes, not stream 0's
-    destroyed = [c[1] for c in fake.calls if c[0] == "destroy"]
-    assert destroyed == [handles[1]]
-    assert first[1].handle is None and first[0].handle == handles[0]
+    _cublas.for_stream(99)  # one too many: stream 1's handle is evicted, not stream 0's
     assert len(_cublas._handles) == _cublas.MAX_STREAMS
+    assert (0, 1) not in _cublas._handles and (0, 0) in _cublas._handles
+    assert not [c for c in fake.calls if c[0] == "destroy"]  # still referenced here
+    evicted = first.pop(1)
+    assert evicted.handle == handles[1]
+    del evicted
+    gc.collect()
+    assert [c[1] for c in fake.calls if c[0] == "destroy"] == [handles[1]]
+    assert first[0].handle == handles[0]
 
 
 def test_capture_stream_shares_the_replay_streams_workspace(fake):
@@ -115,6 +125,20 @@ def test_capture_stream_shares_the_replay_streams_workspace(fake):
     other = _cublas.capture_stream(43)
     assert other is not side
     assert _cublas.for_stream(other.ptr).workspace is not replay.workspace
+
+
+def test_a_graphs_workspace_outlives_its_handles_eviction(fake):
+    """A graph keeps ``workspace_of(side stream)``: when the LRU evicts and destroys the
+    replay stream's handles, the workspace the graph's GEMMs write is still that one."""
+    side = _cublas.capture_stream(42)
+    kept = _cublas.workspace_of(side.ptr)
+    assert kept is _cublas.for_stream(42).workspace
+    for p in range(100, 100 + _cublas.MAX_STREAMS):  # evicts stream 42's and the side's handles
+        _cublas.for_stream(p)
+    assert _cublas.workspace_of(42) is None and _cublas.workspace_of(side.ptr) is None
+    assert _cublas.capture_stream(42) is side  # new handles, a new workspace for new graphs
+    assert _cublas.workspace_of(side.ptr) is not kept
+    assert _cublas.workspace_of(side.ptr) is _cublas.for_stream(42).workspace
 
 
 def test_workspace_size_follows_the_architecture():

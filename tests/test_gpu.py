@@ -42,10 +42,13 @@ on_each_path = pytest.mark.parametrize("path", PATHS)
 
 
 @contextlib.contextmanager
-def on_path(path):
-    """Run the CUDA backend on ``path`` (set_path wins over the environment)."""
-    if path == "persistent" and cb._persistent_module() is None:
+def on_path(path, cell=None):
+    """Run the CUDA backend on ``path`` (set_path wins over the environment); skip the
+    persistent path for a ``cell`` it does not run (it would fall back to gemm)."""
+    if path == "persistent" and cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
+    if path == "persistent" and cell is not None and not cell.plain:
+        pytest.skip(f"the persistent path does not run cell {cell.name!r} (not a plain cell)")
     cb.set_path(path)
     try:
         yield
@@ -80,7 +83,7 @@ else:  # keep the module importable for collection
 @on_each_path
 @pytest.mark.parametrize("cell_name", CELLS)
 def test_conformance_on_gpu(cell_name, path):
-    with on_path(path):
+    with on_path(path, REGISTRY.get(cell_name)):
         report = check_cell(REGISTRY.get(cell_name), device="cuda", examples=3, seed=1)
     assert report.examples == 3
 
@@ -90,7 +93,7 @@ def test_conformance_on_gpu(cell_name, path):
 @settings(max_examples=8, deadline=None)
 @given(p=problems())
 def test_gpu_gradients_match_finite_differences(cell_name, p, path):
-    with on_path(path):
+    with on_path(path, REGISTRY.get(cell_name)):
         gradient_errors(REGISTRY.get(cell_name), p, device="cuda")
 
 
@@ -104,7 +107,7 @@ def test_gpu_gradients_match_finite_differences(cell_name, p, path):
 @given(p=problems(max_T=12, max_B=9, max_I=20, max_H=70, max_layers=2))
 def test_gpu_matches_reference_and_cpu(cell_name, p, path):
     cell = REGISTRY.get(cell_name)
-    with on_path(path):
+    with on_path(path, cell):
         for dtype in (np.float64, np.float32):
             scaled, absolute = forward_errors(cell, p, dtype, device="cuda")
             assert scaled <= 1, f"{cell_name} {np.dtype(dtype)}: error {absolute:.3e} on {p}"
@@ -114,7 +117,7 @@ def test_gpu_matches_reference_and_cpu(cell_name, p, path):
     dy = rng.uniform(-1, 1, (p.T, p.B, D * p.H))
     dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
     want = run_layer(cell, p, params, x, h0, "cpu", dy, dhn)
-    with on_path(path):
+    with on_path(path, cell):
         got = run_layer(cell, p, params, x, h0, "cuda", dy, dhn)
     np.testing.assert_allclose(got[2], want[2], rtol=1e-9, atol=1e-11)
     for a, b in zip(got[3], want[3], strict=True):
@@ -227,7 +230,7 @@ def test_to_cuda_and_back():
 
 
 def test_paths_agree():
-    if cb._persistent_module() is None:
+    if cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     from kernrnn.testing.strategies import Problem
 
@@ -253,7 +256,9 @@ def test_paths_agree():
 def test_cuda_graph_replays_match_eager_runs():
     """KERNRNN_CUDA_GRAPHS: eager, capture, then replays give the eager results (fresh
     inputs each call, so a replay must read the current buffers, not stale ones).
-    Graphs replay the GEMM path's per-step loop, so the test pins that path."""
+    Graphs replay the GEMM path's per-step loop, so the test pins that path.  Each
+    ``dy`` is copied into one buffer, as a training loop's would be: ``dy`` is in the
+    backward's key, so fresh arrays would never let the top layer's backward replay."""
     import kernrnn
 
     cb.set_path("gemm")
@@ -265,10 +270,13 @@ def test_cuda_graph_replays_match_eager_runs():
     dys = [rs.uniform(-1, 1, (9, 5, 48)) for _ in range(4)]
     lens = [9, 3, 5, 9, 1]
 
+    dy_buf = cupy.empty_like(dys[0])
+
     def run(x, dy):
         layer.zero_grad()
         y, _ = layer(x, lengths=lens)
-        dx, _ = layer.backward(dy)
+        dy_buf[...] = dy
+        dx, _ = layer.backward(dy_buf)
         return [cupy.asnumpy(y), cupy.asnumpy(dx)] + [cupy.asnumpy(layer.grads[k])
                                                       for k in sorted(layer.grads)]
 
@@ -286,6 +294,9 @@ def test_cuda_graph_replays_match_eager_runs():
     assert cb.graph_stats["capture_failed"] == before["capture_failed"], cb.graph_stats
     assert cb.graph_stats["captured"] > before["captured"], cb.graph_stats
     assert cb.graph_stats["replayed"] > before["replayed"], cb.graph_stats
+    for loop in ("forward", "backward"):  # 2 layers x 2 directions, replayed from call 3 on
+        assert cb.graph_stats[f"replayed_{loop}"] - before[f"replayed_{loop}"] >= 4, \
+            cb.graph_stats
     for g_run, w_run in zip(got, want, strict=True):
         for a, b in zip(g_run, w_run, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
@@ -337,7 +348,7 @@ def test_torch_tensor_written_on_another_stream_is_read_after_it_is_ready():
 
 def test_persistent_kernels_load_from_the_disk_cache_in_a_second_process(tmp_path):
     """cache=True on the cooperative kernels: a second process compiles nothing."""
-    if cb._persistent_module() is None:
+    if cb.paths.persistent_module() is None:
         pytest.skip("kernrnn.backends.cuda.persistent is not installed")
     script = textwrap.dedent("""
         import numpy as np, cupy

@@ -213,3 +213,26 @@ def test_layer_refuses_a_float32_leak_naming_line_and_constant(tmp_path):
     msg = str(info.value)
     assert "must be a float32 scalar" in msg
     assert "leak2_math.py line 8: 'return (a + math.e * 0,), ()' gives float64 (from math.e)" in msg
+
+
+def test_ptx_check_skips_a_kernel_that_needs_a_missing_cuda_library(monkeypatch):
+    """`kernrnn cells --check` must not call a shipped cell broken because this machine
+    lacks the CUDA driver (or NVVM) that compiling one of its kernels asks for: the
+    PTX part is skipped with the reason, unless it was explicitly requested."""
+    cuda = pytest.importorskip("numba.cuda")
+    from numba.cuda.cudadrv.error import CudaSupportError
+
+    from kernrnn.testing import compiles
+
+    monkeypatch.setattr(compiles, "ptx_unavailable_reason", lambda: None)
+
+    def compile_ptx(kernel, sig, cc=None):
+        raise CudaSupportError("Error at driver init: CUDA driver library cannot be found")
+
+    monkeypatch.setattr(cuda, "compile_ptx", compile_ptx)
+    report = check_compiles("mingru", dtypes=("float32",), cpu=False)
+    assert report.ok and "CUDA PTX (sm_90)" not in report.checked
+    assert any("CUDA PTX" in s and "driver library cannot be found" in s
+               for s in report.skipped), report.skipped
+    with pytest.raises(CompileCheckError, match="requested but impossible"):
+        check_compiles("mingru", dtypes=("float32",), cpu=False, cuda=True)

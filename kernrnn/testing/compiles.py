@@ -215,17 +215,39 @@ def _noop_kernel(a):
     pass
 
 
+class _PtxToolchainMissing(Exception):
+    """Compiling a kernel to PTX needs a library this machine lacks (the CUDA driver,
+    NVVM, libdevice): a fact about the machine, not about the cell."""
+
+
+def _toolchain_missing(exc: BaseException) -> bool:
+    # numba-cuda's CudaSupportError and NvvmSupportError are ImportErrors
+    return isinstance(exc, ImportError) or "driver library cannot be found" in str(exc)
+
+
 def _check_ptx(cell, dtype) -> list[str]:
+    """Failures of ``cell``'s kernels; raises :class:`_PtxToolchainMissing` when a kernel
+    cannot be compiled here for want of a CUDA library."""
     from numba import cuda
 
     from kernrnn.backends import cuda as cb
 
-    kernels = cb.get_kernels(cell, dtype)
+    try:
+        kernels = cb.get_kernels(cell, dtype)
+    except Exception as exc:
+        if _toolchain_missing(exc):
+            raise _PtxToolchainMissing(f"loading the kernels needs a CUDA library missing here "
+                                       f"({type(exc).__name__}: {exc})") from exc
+        raise
     failures = []
     for name, sig in cb.ptx_signatures(cell, dtype).items():
         try:
             ptx, _ = cuda.compile_ptx(getattr(kernels, name), sig, cc=(9, 0))
         except Exception as exc:  # noqa: BLE001 - reported with the kernel's name
+            if _toolchain_missing(exc):
+                raise _PtxToolchainMissing(
+                    f"compiling {name} needs a CUDA library missing here ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:200]})") from exc
             failures.append(f"CUDA kernel {name} ({np.dtype(dtype)}) does not compile to PTX: "
                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}")
             continue
@@ -303,12 +325,16 @@ def check_compiles(cell, dtypes=("float32", "float64"), cpu=True, cuda=None) -> 
     if cuda is not False:
         reason = ptx_unavailable_reason()
         if reason is None:
-            for dtype in math_ok:
-                report.failures += _check_ptx(cell, dtype)
-            report.checked.append("CUDA PTX (sm_90)")
-        elif cuda:
+            try:
+                ptx_failures = [f for dtype in math_ok for f in _check_ptx(cell, dtype)]
+            except _PtxToolchainMissing as exc:
+                reason = str(exc)
+            else:
+                report.failures += ptx_failures
+                report.checked.append("CUDA PTX (sm_90)")
+        if reason is not None and cuda:
             report.failures.append(f"CUDA PTX check requested but impossible: {reason}")
-        else:
+        elif reason is not None:
             report.skipped.append(f"CUDA PTX: {reason}")
     if report.failures:
         raise CompileCheckError(report)

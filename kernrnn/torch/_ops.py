@@ -19,6 +19,7 @@ exactly as long as autograd keeps the handle, and is never copied or pickled.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import weakref
 from functools import lru_cache
@@ -188,7 +189,15 @@ def _unstash(handle: torch.Tensor):
 # -- the ops ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("kernrnn::rnn_forward", mutates_args=())
+# Neither op may be captured into torch's own CUDA graphs (torch.cuda.graph,
+# torch.compile(mode="reduce-overhead")): CuPy's cuBLAS wrappers refuse to run while a
+# stream captures, and lengths are read on the host.
+_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_OP_TAGS = ({"tags": (_UNSAFE,)} if _UNSAFE is not None
+            and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("kernrnn::rnn_forward", mutates_args=(), **_OP_TAGS)
 def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: torch.Tensor | None,
                 params: list[torch.Tensor], seed: torch.Tensor, save: bool
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -200,11 +209,13 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
     backward (else ``handle`` is empty).
     """
     engine = engine_for(spec, x)
-    arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
     lens = None if lengths is None else lengths.detach().cpu().numpy()
     masks = parse_regularization(spec)[3]
     training = save or engine.dropout > 0 or masks
     with _on_torch_stream(x.device):
+        # imported on torch's stream: a copy of a non-contiguous parameter is then ordered
+        # before the kernels that read it
+        arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
         y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
                                          training=training, dropout_seed=int(seed),
                                          masks=masks)
@@ -225,7 +236,7 @@ def _(spec, x, hx, lengths, params, seed, save):
             torch.empty(1 if save else 0, dtype=torch.int64))
 
 
-@torch.library.custom_op("kernrnn::rnn_backward", mutates_args=())
+@torch.library.custom_op("kernrnn::rnn_backward", mutates_args=(), **_OP_TAGS)
 def rnn_backward(spec: str, handle: torch.Tensor, dy: torch.Tensor, dhn: list[torch.Tensor],
                  params: list[torch.Tensor]
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

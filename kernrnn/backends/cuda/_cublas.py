@@ -5,7 +5,8 @@ re-binds CuPy's shared handle to the current stream, and that re-binding
 raises ``NotImplementedError`` while the stream is capturing a CUDA graph
 (CuPy 13 and 14).  cuBLAS itself can be captured (host-pointer ``alpha`` and
 ``beta`` are captured by value), so the per-step GEMMs of the time loop call
-``cublasSgemm_v2``/``cublasDgemm_v2`` here instead:
+``cublasSgemm_v2``/``cublasDgemm_v2`` (and their ``StridedBatched`` forms, for
+per-head products) here instead:
 
 * one handle per stream, bound to it once (``cublasSetStream_v2``) and given
   its own workspace (``cublasSetWorkspace_v2``, after the stream: setting the
@@ -27,16 +28,21 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
+import weakref
 from collections import OrderedDict
 from functools import cache
 
 __all__ = ["CublasError", "library", "unavailable_reason", "for_stream", "capture_stream",
-           "workspace_bytes", "StreamBlas", "MAX_STREAMS"]
+           "workspace_of", "workspace_bytes", "StreamBlas", "MAX_STREAMS"]
 
 MAX_STREAMS = 8  # handles kept per process (LRU); each holds one workspace
 _c_int, _c_size, _ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
 _GEMM_ARGS = [_ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr, _ptr, _c_int, _ptr, _c_int,
               _ptr, _ptr, _c_int]
+_c_ll = ctypes.c_longlong
+_BATCHED_ARGS = [_ptr, _c_int, _c_int, _c_int, _c_int, _c_int, _ptr, _ptr, _c_int, _c_ll, _ptr,
+                 _c_int, _c_ll, _ptr, _ptr, _c_int, _c_ll, _c_int]
 
 
 class CublasError(RuntimeError):
@@ -55,8 +61,11 @@ def _declare(lib) -> None:
     lib.cublasDestroy_v2.argtypes = [_ptr]
     lib.cublasSgemm_v2.argtypes = _GEMM_ARGS
     lib.cublasDgemm_v2.argtypes = _GEMM_ARGS
+    lib.cublasSgemmStridedBatched.argtypes = _BATCHED_ARGS
+    lib.cublasDgemmStridedBatched.argtypes = _BATCHED_ARGS
     for name in ("cublasCreate_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2",
-                 "cublasDestroy_v2", "cublasSgemm_v2", "cublasDgemm_v2"):
+                 "cublasDestroy_v2", "cublasSgemm_v2", "cublasDgemm_v2",
+                 "cublasSgemmStridedBatched", "cublasDgemmStridedBatched"):
         getattr(lib, name).restype = _c_int
 
 
@@ -130,21 +139,29 @@ class StreamBlas:
             raise
         self.lib = lib
         self.handle = handle.value
+        # destroyed when the last reference goes (an evicted handle may still be in use by
+        # another thread's time loop), not at interpreter exit (the context may be gone)
+        self._finalizer = weakref.finalize(self, lib.cublasDestroy_v2, handle.value)
+        self._finalizer.atexit = False
         self.stream_ptr = stream_ptr
         self.workspace = workspace  # referenced by every GEMM (and graph) issued with it
         self.sgemm = lib.cublasSgemm_v2
         self.dgemm = lib.cublasDgemm_v2
+        self.sgemm_batched = lib.cublasSgemmStridedBatched
+        self.dgemm_batched = lib.cublasDgemmStridedBatched
 
     def destroy(self) -> None:
-        """Release the handle (cuBLAS synchronises the device here); graphs keep the
-        workspace alive through their own reference."""
+        """Release the handle (cuBLAS synchronises the device here).  Graphs captured
+        with it keep its workspace alive through their cache entry
+        (:func:`workspace_of`), since their cuBLAS kernels write into it."""
         if self.handle:
-            self.lib.cublasDestroy_v2(self.handle)
+            self._finalizer()
             self.handle = None
 
 
 _handles: OrderedDict = OrderedDict()  # (device, stream ptr) -> StreamBlas
 _capture_streams: dict = {}  # (device, replay stream ptr) -> CuPy stream
+_lock = threading.RLock()  # guards both caches: time loops may run in several threads
 
 
 def _new_workspace():
@@ -158,17 +175,17 @@ def _entry(stream_ptr: int, workspace=None) -> StreamBlas:
     import cupy
 
     key = (cupy.cuda.Device().id, int(stream_ptr))
-    blas = _handles.get(key)
-    if blas is not None:
-        _handles.move_to_end(key)
+    with _lock:
+        blas = _handles.get(key)
+        if blas is not None:
+            _handles.move_to_end(key)
+            return blas
+        blas = StreamBlas(library(), int(stream_ptr),
+                          workspace if workspace is not None else _new_workspace())
+        _handles[key] = blas
+        while len(_handles) > MAX_STREAMS:
+            _handles.popitem(last=False)  # destroyed once no time loop holds it
         return blas
-    blas = StreamBlas(library(), int(stream_ptr),
-                      workspace if workspace is not None else _new_workspace())
-    _handles[key] = blas
-    while len(_handles) > MAX_STREAMS:
-        _, old = _handles.popitem(last=False)
-        old.destroy()
-    return blas
 
 
 def for_stream(stream_ptr: int) -> StreamBlas | None:
@@ -187,16 +204,31 @@ def capture_stream(replay_ptr: int):
         return None
     import cupy
 
-    replay = for_stream(replay_ptr)
-    key = (cupy.cuda.Device().id, int(replay_ptr))
-    side = _capture_streams.get(key)
-    if side is None:
-        side = _capture_streams[key] = cupy.cuda.Stream(non_blocking=True)
-    dev = cupy.cuda.Device().id
-    blas = _handles.get((dev, side.ptr))
-    if blas is None or blas.workspace is not replay.workspace:
-        if blas is not None:
-            del _handles[(dev, side.ptr)]
-            blas.destroy()
-        _entry(side.ptr, workspace=replay.workspace)
-    return side
+    with _lock:
+        replay = for_stream(replay_ptr)
+        key = (cupy.cuda.Device().id, int(replay_ptr))
+        side = _capture_streams.get(key)
+        if side is None:
+            side = _capture_streams[key] = cupy.cuda.Stream(non_blocking=True)
+        dev = cupy.cuda.Device().id
+        blas = _handles.get((dev, side.ptr))
+        if blas is None or blas.workspace is not replay.workspace:
+            if blas is not None:
+                del _handles[(dev, side.ptr)]  # destroyed once no time loop holds it
+            _entry(side.ptr, workspace=replay.workspace)
+        return side
+
+
+def workspace_of(stream_ptr: int):
+    """The workspace of the handle bound to ``stream_ptr`` on the current device, or None.
+
+    A graph captured on that stream holds it for as long as the graph lives: the
+    captured cuBLAS kernels write into it at every replay, and the handle may be
+    evicted (and the workspace otherwise returned to CuPy's pool) meanwhile."""
+    if not _handles:
+        return None
+    import cupy
+
+    with _lock:
+        blas = _handles.get((cupy.cuda.Device().id, int(stream_ptr)))
+    return None if blas is None else blas.workspace

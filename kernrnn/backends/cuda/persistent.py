@@ -710,12 +710,12 @@ def _launch(kernel, p: Plan, smem: int, stream, args, steps, stepwise):
         for i, a in views:
             a[...] = args[i]
         return
-    from kernrnn.backends.cuda import _quiet_low_occupancy
+    from kernrnn.backends.cuda.launch import quiet_low_occupancy
 
     stream = _default_stream() if stream is None else stream
     args = tuple(_wrap(a) for a in args)
     _prepare(kernel, args + steps[0], p.threads, smem, p.blocks)
-    with _quiet_low_occupancy():  # the grid is at most one block per SM on purpose
+    with quiet_low_occupancy():  # the grid is at most one block per SM on purpose
         for s in steps:
             kernel[p.blocks, p.threads, stream, smem](*args, *s)
 

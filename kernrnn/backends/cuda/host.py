@@ -1,0 +1,394 @@
+"""The host side of the CUDA backend: ``forward`` and ``backward`` of one layer in one
+direction, and the time loops they run.
+
+Per layer and direction:
+
+* forward: ``XW = x @ W_ih.T + b_ih`` for all steps in one cuBLAS GEMM, then
+  per step one GEMM ``HU = h_{t-1} @ W_hh.T`` and one fused pointwise kernel
+  (bias ``b_hh``, the cell's math, lengths masking, output and saved values);
+* backward: per step one fused pointwise kernel (adds the pending recurrent
+  gradient ``dHrec`` and ``dy_t``, runs the cell's backward, writes
+  ``dXW_t``, ``dHU_t`` and the element-wise part of ``dh_{t-1}``) and one GEMM
+  ``dHrec = dHU_t @ W_hh``; the weight gradients are large GEMMs afterwards.
+
+So each step costs two launches; nothing waits on the host inside the time
+loop.  The per-step GEMMs call cuBLAS directly (:mod:`.stepgemm`); with graphs
+on, a loop is replayed as a CUDA graph (:mod:`.graphs`).  Cells without a
+recurrent matrix run every step in one launch (or a parallel scan); the
+recurrence can instead run in the persistent kernel (:mod:`.paths`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernrnn import regularization
+from kernrnn.backends import common
+from kernrnn.backends.common import ForwardContext
+from kernrnn.backends.cuda.arrays import xp
+from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
+from kernrnn.backends.cuda.kernels import SCAN_CHUNK
+from kernrnn.backends.cuda.launch import Launcher, get_kernels
+from kernrnn.backends.cuda.paths import choose_path, persistent_module
+from kernrnn.backends.cuda.stepgemm import batched_step_gemm, step_gemm
+
+__all__ = ["forward", "backward", "release"]
+
+
+def _reg_args(w, ka):
+    """The regularisation arguments of the step kernels (kernels.REG_ARGS), wrapped."""
+    return (w(ka.Mr), w(ka.Hd), w(ka.Zthr), w(ka.Zp), ka.seed_lo, ka.seed_hi, ka.zstream,
+            ka.ztrain)
+
+
+def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, reg, ka):
+    """Per step: the recurrent product (cuBLAS; per head for ``heads``), its
+    normalisation if any, then the cell's fused step (one or three kernels).
+    With recurrent dropout the product reads ``ka.Hd``, the masked state the
+    step kernels write."""
+    T, B, _ = XW.shape
+    H = buf.States.shape[3]
+    dtype = XW.dtype
+    k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False))
+    rdrop = reg is not None and reg.recurrent_dropout
+    tag = "train" if training else "infer"
+    NH = cell.n_heads
+    dh = H // NH
+    W3 = common.recurrent_weights(cell, params, H)
+    b_hh = params["bias_hh"]
+    g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
+    keep_hu = buf.HU.shape[0] > 1 or (training and cell.recurrent_norm is not None)
+    nseg = buf.Rhh.shape[2]
+    proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
+
+    dense = cell.recurrent == "dense" and not keep_hu
+
+    def make_scratch():
+        return xp.empty((T, B, H), dtype=dtype) if proj else Y
+
+    def issue(scratch):
+        Yk = scratch  # where the step kernels write the (unprojected) h
+        # the product's input, by step: the masked h, the projected h or h
+        h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
+        if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
+            xp.multiply(buf.States[0, T if reverse else 0], ka.Mr, out=ka.Hd)
+        if dense:
+            recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
+        else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
+            heads = h_in.reshape(h_in.shape[0], B, NH, -1).transpose(0, 2, 1, 3)
+            heads_gemm = batched_step_gemm(heads, W3, buf.HU, trans_b=True)
+        proj_gemm = step_gemm(buf.States[0], params["weight_hr"], buf.Hp, trans_b=True,
+                              c_stack=True) if proj else None
+        launch = Launcher()
+        w = launch.wrap
+        saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
+        elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
+                w(buf.Zhat), w(Yk), w(lengths)]
+        regs = _reg_args(w, ka)
+        # every array wrapped once, before the loop: a wrap costs tens of microseconds
+        HU_, Zhat_, lengths_ = elem[1], elem[8], elem[10]
+        Rhh_, Rz_, Gz_, Bz_ = w(buf.Rhh), w(buf.Rz), w(Gz), w(Bz)
+        Hp_, Y_ = (w(buf.Hp), w(Y)) if proj else (None, None)
+        for step in range(T):
+            t, p, n = _step_indices(step, T, reverse)
+            tt = t if keep_hu else 0
+            tm = t if training else 0
+            if dense:
+                recurrent_gemm(0 if rdrop else p)
+            else:
+                heads_gemm(0 if rdrop else p, tt)
+            if cell.recurrent_norm is not None:
+                launch(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, NH, nseg)
+            scalars = (t, p, n, tt, tm, H, dh)
+            if cell.normalize:
+                launch(k.step_stage1, B * H, *elem, *scalars)
+                launch(k.norm_z, B * cell.n_norm, Zhat_, Rz_, lengths_, t, tm, H, cell.n_norm)
+                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, Gz_, Bz_, *regs)
+            else:
+                launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
+            if proj:
+                proj_gemm(n)
+                launch(k.proj_forward, B * buf.Hp.shape[2], Hp_, Y_, lengths_, t, p, n,
+                       buf.Hp.shape[2])
+
+    key = None
+    if may_capture(cell, reg is not None and any(reg.flags())):
+        key = ("forward", cell, np.dtype(dtype).str, bool(training), bool(reverse),
+               layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values(),
+                           *((buf.Hp,) if proj else ())))
+    run_loop(key, issue, make_scratch)
+
+
+def _step_indices(step, T, reverse):
+    """``(t, p, n)``: the step's time, and the time boundaries of its previous and new state."""
+    if reverse:
+        t = T - 1 - step
+        return t, t + 1, t
+    return step, step, step + 1
+
+
+def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training, reg, ka):
+    """A cell without a recurrent matrix: one launch runs every step of every element,
+    or, for a linear-in-state cell, the three launches of a parallel scan over time
+    (not with zoneout, whose masks make the step's coefficients)."""
+    T, B, _ = XW.shape
+    H = buf.States.shape[3]
+    flags = reg.flags() if reg is not None else (False, False)
+    k = get_kernels(cell, XW.dtype, flags)
+    tag = "train" if training else "infer"
+    launch = Launcher()
+    w = launch.wrap
+    saved = buf.Saved if buf.Saved.size else buf.Mid
+    if not cell.linear or T <= SCAN_CHUNK or flags[1]:
+        launch(getattr(k, f"fused_forward_{tag}"), B * H, w(XW), w(P), w(buf.States), w(saved),
+               w(Y), w(lengths), int(reverse), H, H, 0, T, *_reg_args(w, ka))
+        return
+    S = cell.n_state
+    NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
+    CA = xp.empty((S, NC, B, H), dtype=XW.dtype)
+    CB = xp.empty_like(CA)
+    Start = xp.empty_like(CA)
+    Start[:, 0] = buf.States[:, T if reverse else 0]
+    cargs = (w(CA), w(CB), w(lengths), int(reverse), H, T, NC, SCAN_CHUNK)
+    launch(k.scan_reduce, B * H * NC, w(XW), w(P), *cargs)
+    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(lengths), H)
+    launch(getattr(k, f"scan_apply_{tag}"), B * H * NC, w(XW), w(P), w(Start), w(buf.States),
+           w(saved), w(Y), *cargs[2:])
+
+
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, reg=None):
+    """Run one layer in one direction on the GPU; arguments are already validated.
+
+    ``params`` maps the cell's parameter names to device arrays; ``h0`` is
+    ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an optional
+    ``[T, B, H]`` (possibly strided) view to write the output into; ``reg`` a
+    :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
+    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    """
+    T, B, _ = x.shape
+    H = h0.shape[2]
+    dtype = x.dtype
+    proj = common.projection_size(params)
+    chosen = choose_path(path, cell, dtype, B, H, training, reg is not None, bool(proj))
+    x, input_mask = common.input_dropout(xp, reg, x)
+    ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
+    XW, input_cache = common.input_projection(xp, cell, x, params)
+    XW += params["bias_ih"]
+    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj)
+    if proj:
+        h0, buf.Hp[T if reverse else 0] = common.projection_state(xp, h0, proj, B, H, dtype)
+    buf.States[:, T if reverse else 0] = h0
+    if y is None:
+        y = xp.empty((T, B, proj or H), dtype=dtype)
+    if T > 0 and B > 0:
+        P = common.param_vector(xp, cell, params, H, dtype)
+        if chosen == "persistent":
+            persistent_module().forward_loop(cell, XW, params["weight_hh"], params["bias_hh"],
+                                              buf.States, buf.Saved, y, lengths, reverse,
+                                              training)
+        elif not cell.has_recurrent and not cell.normalize:
+            _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
+        else:
+            _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
+    hn = buf.States[:, 0 if reverse else T].copy()
+    if proj:
+        hn[0] = 0
+        hn[0, :, :proj] = buf.Hp[0 if reverse else T]
+    ctx = None
+    if training:
+        ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
+                             reg=reg, input_mask=input_mask)
+    return y, hn, ctx
+
+
+def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None):
+    """Per step: the fused backward (one or three kernels), the recurrent norm's
+    backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head).
+
+    LSTMP (``dHp [T, B, P]``, ``dSp [B, P]`` given): first the projected h's
+    gradient (``proj_backward``) and ``dR[t] = dHp[t] @ W_hr``, which the step
+    reads as its output gradient; ``dHrec`` is then ``[1, B, P]`` and the step
+    gets zeros for it."""
+    params, buf = ctx.params, ctx.buffers
+    T, B, _ = dXW.shape
+    H = dS.shape[2]
+    dtype = dXW.dtype
+    k = get_kernels(cell, dtype, ctx.reg.flags() if ctx.reg is not None else (False, False))
+    NH = cell.n_heads
+    dh = H // NH
+    rec = cell.has_recurrent
+    W3 = common.recurrent_weights(cell, params, H) if rec else None
+    P = common.param_vector(xp, cell, params, H, dtype)
+    g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
+    one = xp.zeros((1, 1, 1), dtype=dtype)
+    DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
+    DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
+
+    proj = dHp is not None
+    NP = dHp.shape[2] if proj else 0
+
+    def make_scratch():
+        if not proj:
+            return (xp.empty((NH, B, dh), dtype=dtype), None, None)
+        return (xp.empty((1, B, NP), dtype=dtype), xp.zeros((1, B, H), dtype=dtype),
+                xp.empty((T, B, H), dtype=dtype))
+
+    def issue(scratch):
+        dHrec, zeros, dR = scratch
+        dHrec.fill(0)
+        launch = Launcher()
+        w = launch.wrap
+        dense = cell.recurrent == "dense"
+        if dense:
+            recurrent_gemm = step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False)
+        elif rec:  # per head: dHrec[h] = dHU[h, t] @ W3[h]
+            heads_gemm = batched_step_gemm(dHU.transpose(1, 0, 2, 3), W3, dHrec[None],
+                                           trans_b=False)
+        proj_gemm = step_gemm(dHp, params["weight_hr"], dR, trans_b=False, c_stack=True) \
+            if proj else None
+        saved = buf.Saved if buf.Saved.size else buf.Mid
+        step_dy, step_dhrec = (dR, zeros) if proj else (dy, dHrec if rec else one)
+        # every array wrapped once, before the loop: a wrap costs tens of microseconds
+        lengths_, dS_, dHU_, Zhat_, DZ_ = (w(a) for a in (ctx.lengths, dS, dHU, buf.Zhat, DZ))
+        args = [w(step_dy), dS_, w(step_dhrec), w(saved), w(buf.States), w(buf.Mid), Zhat_,
+                w(P), lengths_, w(dXW), dHU_, w(acc["params"]), DZ_, w(DM), w(Gz), w(Bz),
+                w(acc["gz"]), w(acc["bz"])]
+        nseg = buf.Rhh.shape[2]
+        regs = _reg_args(w, ka)
+        if cell.normalize:
+            Rz_ = w(buf.Rz)
+        if cell.recurrent_norm is not None:
+            norm_hu_args = (dHU_, w(buf.HU), w(buf.Rhh), w(g_hh), w(acc["bias_hh"]),
+                            w(acc["norm_hh"]), lengths_)
+        if proj:
+            dHrec_, dSp_ = w(dHrec), w(dSp)
+            proj_args = (w(dy), dHrec_, dSp_, w(dHp), lengths_)
+        for step in range(T):
+            t = step if ctx.reverse else T - 1 - step
+            p = t + 1 if ctx.reverse else t
+            if proj:
+                launch(k.proj_backward, B * NP, *proj_args, t, NP)
+                proj_gemm(t)
+            if cell.normalize:
+                launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
+                launch(k.norm_z_backward, B * cell.n_norm, DZ_, Zhat_, Rz_, lengths_, t, H,
+                       cell.n_norm)
+                launch(k.step_backward1, B * H, *args, t, p, H, dh, *regs)
+            else:
+                launch(k.step_backward, B * H, *args, t, p, H, dh, *regs)
+            if not rec:
+                continue
+            if cell.recurrent_norm is not None:
+                launch(k.norm_hu_backward, B * nseg, *norm_hu_args, t, H, dh, NH, nseg)
+            if dense:
+                recurrent_gemm(t)
+            else:
+                heads_gemm(t, 0)
+        if proj:
+            launch(k.proj_carry, B * NP, dHrec_, dSp_, lengths_, NP)
+        elif rec:
+            launch(k.add_recurrent, B * H, dS_, w(dHrec), lengths_, H, dh, w(ka.Mr))
+
+    key = None
+    if may_capture(cell, ctx.reg is not None and any(ctx.reg.flags())):
+        key = ("backward", cell, np.dtype(dtype).str, bool(ctx.reverse),
+               layout_key(dy, dS, dXW, dHU, buf.States, buf.Saved, ctx.lengths,
+                           *params.values(), *((dHp, dSp) if proj else ())))
+    run_loop(key, issue, make_scratch)
+
+
+def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
+    """Backward of :func:`_fused_forward`: one launch, or the parallel scan's three."""
+    buf = ctx.buffers
+    T, B, _ = dXW.shape
+    H = dS.shape[2]
+    flags = ctx.reg.flags() if ctx.reg is not None else (False, False)
+    k = get_kernels(cell, dXW.dtype, flags)
+    P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype)
+    launch = Launcher()
+    w = launch.wrap
+    saved = buf.Saved if buf.Saved.size else buf.Mid
+    if not cell.linear or T <= SCAN_CHUNK or flags[1]:
+        launch(k.fused_backward, B * H, w(dy), w(dS), w(saved), w(buf.States), w(P),
+               w(ctx.lengths), w(dXW), w(acc["params"]), int(ctx.reverse), H, H, 0, T,
+               *_reg_args(w, ka))
+        return
+    S = cell.n_state
+    NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
+    CA = xp.empty((S, NC, B, H), dtype=dXW.dtype)
+    CB, Start = xp.empty_like(CA), xp.empty_like(CA)
+    Start[:, 0] = dS
+    dP = xp.zeros((NC * B, acc["params"].shape[1]), dtype=dXW.dtype)
+    cargs = (w(CA), w(CB), w(ctx.lengths), int(ctx.reverse), H, T, NC, SCAN_CHUNK)
+    launch(k.scan_reduce_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), *cargs)
+    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(ctx.lengths), H)
+    launch(k.scan_apply_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), w(Start),
+           w(dXW), w(dP), w(dS), *cargs[2:])
+    acc["params"] += dP.reshape(NC, B, -1).sum(axis=0)
+
+
+def release(ctx: ForwardContext) -> None:
+    """``ctx`` will not be used again; nothing to do: CuPy's memory pool already
+    reuses the device memory of freed arrays."""
+
+
+def backward(ctx: ForwardContext, dy, dhn):
+    """BPTT for one forward call.  Returns ``(dx, dh0, grads)``.
+
+    ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``;
+    ``grads`` has the keys of the forward call's ``params``.
+    """
+    cell, params, buf = ctx.cell, ctx.params, ctx.buffers
+    T, B, _ = ctx.x.shape
+    H = dhn.shape[2]
+    dtype = ctx.x.dtype
+    G, NH, Gr = cell.n_gates, cell.n_heads, cell.n_recurrent_gates
+    dS = xp.array(dhn, dtype=dtype, copy=True)
+    proj = common.projection_size(params)
+    dHp = dSp = None
+    if proj:  # dS[0] is the unprojected h's (the step adds none); dSp the projected h's
+        dHp = xp.empty((T, B, proj), dtype=dtype)
+        dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
+        dS[0] = 0
+    dXW = xp.empty((T, B, G * H), dtype=dtype)
+    rec = cell.has_recurrent
+    dHU = xp.empty((NH, T, B, Gr * H // NH), dtype=dtype) if rec else \
+        xp.empty((1, 1, 1, 1), dtype=dtype)
+    # per-(b, j) accumulators, each written by the thread owning the element; summed over b
+    acc = {name: xp.zeros((B, max(n, 1)), dtype=dtype) for name, n in (
+        ("bias_hh", Gr * H), ("norm_hh", Gr * H), ("params", cell.n_param_scalars * H),
+        ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
+    ka = regularization.kernel_arrays(xp, ctx.reg, cell, B, H, dtype)  # masks regenerated
+    if T > 0 and B > 0:
+        if ctx.path == "persistent":
+            persistent_module().backward_loop(cell, dy, dS, params["weight_hh"], buf.States,
+                                               buf.Saved, ctx.lengths, ctx.reverse, dXW, dHU[0])
+        elif not rec and not cell.normalize:
+            _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
+        else:
+            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp, dSp)
+    elif rec:
+        dHU.fill(0)
+    if proj and (T == 0 or B == 0):
+        dHp.fill(0)
+    if T == 0 or B == 0:
+        dXW.fill(0)
+    sums = {name: a.sum(axis=0) for name, a in acc.items()}
+    grads = {"bias_ih": dXW.sum(axis=(0, 1))}
+    if rec:
+        if cell.recurrent_norm is not None:
+            grads["bias_hh"] = sums["bias_hh"]
+        else:  # [NH, Gr*dh] per head -> gate-major [Gr*H]
+            dh = H // NH
+            grads["bias_hh"] = dHU.sum(axis=(1, 2)).reshape(NH, Gr, dh).transpose(1, 0, 2) \
+                .reshape(Gr * H)
+    dx, wgrads = common.weight_gradients(
+        xp, cell, ctx, dXW, dHU if rec else None,
+        ka.Mr if ctx.reg is not None and ctx.reg.recurrent_dropout else None, dHp)
+    grads.update(wgrads)
+    if proj:
+        dS[0] = 0
+        dS[0, :, :proj] = dSp
+    grads.update(common.per_unit_gradients(cell, sums["params"], sums["norm_hh"], sums["gz"],
+                                           sums["bz"], H))
+    return dx, dS, grads
