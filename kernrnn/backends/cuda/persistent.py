@@ -536,7 +536,7 @@ def _cudadevrt_found() -> bool:
 
 
 #: Whether ``KERNRNN_CUDA_PATH=auto`` may pick this kernel.  False until a
-#: device check (``python -m kernrnn.bench.devicecheck``) has shown it equal
+#: device check (``python -m benchmarks.devicecheck``) has shown it equal
 #: to the CPU and faster than the GEMM path on a real GPU; the path stays
 #: selectable explicitly (``persistent``) meanwhile.
 AUTO = False
