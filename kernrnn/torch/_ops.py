@@ -113,8 +113,24 @@ def _engine(spec: str, dtype: str, device: str):
                proj_size=parse_proj_size(spec))
 
 
+_engine_names: dict = {}  # (spec, dtype, device type) -> (engine, its parameter names)
+
+
+def _engine_and_names(spec: str, t: torch.Tensor):
+    """:func:`engine_for` and its ``param_shapes()`` keys, found with one dict lookup (a
+    step of a cell module calls this twice per training step)."""
+    key = (spec, t.dtype, t.device.type)
+    found = _engine_names.get(key)
+    if found is None:
+        if len(_engine_names) >= 64:
+            _engine_names.clear()
+        engine = _engine(spec, str(t.dtype).removeprefix("torch."), t.device.type)
+        found = _engine_names[key] = (engine, tuple(engine.param_shapes()))
+    return found
+
+
 def engine_for(spec: str, t: torch.Tensor):
-    return _engine(spec, str(t.dtype).removeprefix("torch."), t.device.type)
+    return _engine_and_names(spec, t)[0]
 
 
 # -- tensors <-> backend arrays, without copies ---------------------------------
@@ -199,8 +215,8 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
     int64 scalar choosing the dropout masks; ``save`` keeps the context for
     backward (else ``handle`` is empty).
     """
-    engine = engine_for(spec, x)
-    arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
+    engine, names = _engine_and_names(spec, x)
+    arrays = dict(zip(names, (_array(p, engine) for p in params)))
     lens = None if lengths is None else lengths.detach().cpu().numpy()
     masks = parse_regularization(spec)[3]
     training = save or engine.dropout > 0 or masks
@@ -230,11 +246,11 @@ def rnn_backward(spec: str, handle: torch.Tensor, dy: torch.Tensor, dhn: list[to
                  params: list[torch.Tensor]
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """``(dx, dh0 (S tensors), one gradient per parameter)`` for one forward call."""
-    engine = engine_for(spec, dy)
+    engine, names = _engine_and_names(spec, dy)
     ctx = _unstash(handle)
     with _on_torch_stream(dy.device):
         dx, dh0, grads = engine.backward_with(ctx, _array(dy, engine), _states(dhn, engine))
-        return _tensor(dx), _parts(dh0), [_tensor(grads[k]) for k in engine.param_shapes()]
+        return _tensor(dx), _parts(dh0), [_tensor(grads[k]) for k in names]
 
 
 @rnn_backward.register_fake
