@@ -229,3 +229,20 @@ def test_unsupported_dtype_falls_back_to_pytorch_once():
     m = kt.RecurrentCell("gru", 2, 3).to(torch.bfloat16)  # no PyTorch implementation: an error
     with pytest.raises(RuntimeError, match="no kernels for dtype torch.bfloat16.*no PyTorch"):
         m(x)
+
+
+def test_weights_changed_between_inference_steps_are_used():
+    """The CPU backend reuses packed weights for the same array; a parameter changed in
+    place, or given new memory, must still reach the kernels."""
+    torch.manual_seed(0)
+    ours, ref = kt.LSTMCell(3, 4, dtype=F64), nn.LSTMCell(3, 4, dtype=F64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, dtype=F64)
+    with torch.no_grad():
+        for change in (lambda m: m.weight_hh.mul_(2.0),
+                       lambda m: setattr(m.weight_ih, "data", m.weight_ih.data * -1.5)):
+            ours(x)
+            change(ours)
+            change(ref)
+            for a, b in zip(ours(x), ref(x)):
+                torch.testing.assert_close(a, b)
