@@ -84,7 +84,7 @@ def _autocast_on(device_type: str) -> bool:
                 else torch.is_autocast_cpu_enabled())
 
 
-def unsupported(x: torch.Tensor, params) -> str | None:
+def unsupported(x, params) -> str | None:
     """Why kernrnn cannot run a call on ``x`` with ``params`` (None: it can).
 
     The configurations: a dtype other than float32/float64 (float16, bfloat16,

@@ -90,7 +90,7 @@ def patch(*names: str) -> Patch:
     return Patch(names or tuple(PATCHABLE))
 
 
-def convert(module: nn.Module) -> nn.Module:
+def convert(module):
     """Turn every ``nn.LSTM``/``GRU``/``RNN``/``LSTMCell``/``GRUCell``/``RNNCell`` in
     ``module`` (``module`` itself included) into kernrnn's drop-in, in place;
     returns ``module``.
