@@ -145,6 +145,13 @@ def test_recurrent_cell_unregistered_cell_gradcheck():
 
     assert torch.autograd.gradcheck(f, (x, h, *params))
     assert m(x[0]).shape == (3,)  # unbatched, no state
+    torch.manual_seed(5)
+    m.reset_parameters()
+    first = [p.detach().clone() for p in m.parameters()]
+    torch.manual_seed(5)
+    m.reset_parameters()  # the cell's initialisers, seeded from torch's RNG
+    assert all(torch.equal(a, p) for a, p in zip(first, m.parameters()))
+    assert not all(torch.equal(a, p) for a, p in zip(first, params))
 
 
 def test_cell_in_a_compiled_loop_fullgraph():

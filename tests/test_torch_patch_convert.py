@@ -304,3 +304,21 @@ def test_fallback_warning_can_be_an_error():
         warnings.simplefilter("error", kt.FallbackWarning)
         with pytest.raises(kt.FallbackWarning, match="float16"):
             m(torch.randn(2, 2, dtype=torch.float16))
+
+
+def test_cuda_without_kernrnns_backend_is_a_fallback(monkeypatch):
+    """CUDA tensors where kernrnn's CUDA backend cannot run (no CuPy or numba-cuda): the
+    check, on stand-ins for CUDA tensors (this test needs no GPU)."""
+    from types import SimpleNamespace
+
+    cuda = torch.device("cuda")
+    x = SimpleNamespace(is_cpu=False, is_cuda=True, dtype=torch.float32, device=cuda)
+    params = [SimpleNamespace(dtype=torch.float32, device=cuda)]
+    monkeypatch.setattr(kt.modules, "_autocast_on", lambda device_type: False)
+    monkeypatch.setattr(kt.modules, "_cuda_checked", ["CUDA tensors need kernrnn's CUDA backend "
+                                                      "(device='cuda' needs CuPy)"])
+    assert "needs CuPy" in kt.modules.unsupported(x, params)
+    monkeypatch.setattr(kt.modules, "_cuda_checked", [None])  # the backend runs: no fallback
+    assert kt.modules.unsupported(x, params) is None
+    cpu_params = [SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))]
+    assert kt.modules.unsupported(x, cpu_params) is None  # mixed devices: the usual error

@@ -229,7 +229,6 @@ class RecurrentCell(_CellForward, nn.Module):
 
     def __init__(self, cell, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__()
-        from kernrnn.layer import RNN as NativeRNN
         from kernrnn.torch.modules import _check_options
 
         _check_options(input_size, hidden_size, 1, bias, False, 0.0, False)
@@ -241,13 +240,27 @@ class RecurrentCell(_CellForward, nn.Module):
         if dtype not in _DTYPES:
             raise TypeError(f"kernrnn.torch.RecurrentCell: dtype must be torch.float32 or "
                             f"torch.float64, got {dtype}")
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        layer = NativeRNN(_ops._cell(self.cell), input_size, hidden_size, bias=bias, seed=seed,
-                          dtype=np.dtype(str(dtype).removeprefix("torch.")))
+        layer = self._native_layer(dtype)
         # one layer, one direction: "weight_ih_l0" -> "weight_ih" (the native order kept)
         self._param_names = tuple(n.removesuffix("_l0") for n in layer.param_shapes())
         for n, a in zip(self._param_names, layer.params.values()):
             self.register_parameter(n, nn.Parameter(torch.from_numpy(a).to(device)))
+
+    def _native_layer(self, dtype):
+        """A one-layer native layer of this cell, initialised from torch's RNG."""
+        from kernrnn.layer import RNN as NativeRNN
+
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return NativeRNN(_ops._cell(self.cell), self.input_size, self.hidden_size,
+                         bias=self.bias, seed=seed,
+                         dtype=np.dtype(str(dtype).removeprefix("torch.")))
+
+    def reset_parameters(self) -> None:
+        """Draw new values with the cell's initialisers (seeded from torch's RNG)."""
+        layer = self._native_layer(getattr(self, self._param_names[0]).dtype)
+        with torch.no_grad():
+            for n, a in zip(self._param_names, layer.params.values()):
+                getattr(self, n).copy_(torch.from_numpy(a))
 
     @property
     def _kernrnn_cell(self) -> str:
