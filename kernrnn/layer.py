@@ -58,12 +58,13 @@ class RNN:
     the activations backward keeps anyway.  A checksum (crc32, 1.5 ms per
     pass, twice) would only detect the change, and needs a host copy on GPUs.
 
-    **Threads.**  A layer holds one forward context: the last training-mode
-    forward, owned by the thread that ran it.  ``backward`` from another
-    thread, or after another thread's forward replaced it, raises
-    ``RuntimeError`` instead of mixing two threads' activations.  Threads
-    that train concurrently need one layer each (``load_state_dict`` copies
-    the parameters); inference-mode forward calls may share a layer.
+    **Threads.**  Each thread has its own forward context: ``backward`` runs
+    BPTT for the last training-mode forward *of the calling thread*, so two
+    threads may train one layer at once (their gradients add up in
+    :attr:`grads`, as two sequential calls would).  A thread's ``backward``
+    without a forward of its own raises ``ValueError``.  Calls on one layer
+    take turns (a lock): the kernels use every core already, and the
+    parameters :meth:`forward_with` swaps in are never seen by another call.
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
@@ -99,7 +100,9 @@ class RNN:
         self.dropout_calls = 0
         self._dropout_key = None  # set by forward_with for one call
         self._masks_override = None  # set by forward_with for one call
+        # one call at a time: forward_with swaps its parameters in, backward adds to grads
         self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's pending forward context (_ctx)
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         self.proj_size = self._check_proj_size(proj_size)
@@ -107,7 +110,6 @@ class RNN:
         self.device = check_device(device)
         self._backend = get_backend(self.device)
         self.training = True
-        self._ctx = None
         rng = np.random.default_rng(seed)
         params = {}
         for name, shape in self.param_shapes().items():
@@ -209,8 +211,21 @@ class RNN:
 
         self.params = {k: move(v) for k, v in self.params.items()}
         self.grads = {k: move(v) for k, v in self.grads.items()}
-        self.device, self._backend, self._ctx = device, backend, None
+        self.device, self._backend = device, backend
+        self._local = threading.local()  # every thread's pending context was on the old device
         return self
+
+    @property
+    def _ctx(self):
+        """The calling thread's last training-mode forward (None: none pending).
+
+        Per thread, so another thread's forward never replaces it.
+        """
+        return getattr(self._local, "ctx", None)
+
+    @_ctx.setter
+    def _ctx(self, value):
+        self._local.ctx = value
 
     def __repr__(self) -> str:
         return (f"RNN({self.cell.name!r}, input_size={self.input_size}, "
@@ -225,6 +240,10 @@ class RNN:
 
     def forward(self, x, h0=None, lengths=None):
         """Run all layers; see the class docstring for shapes."""
+        with self._lock:
+            return self._forward(x, h0, lengths)
+
+    def _forward(self, x, h0, lengths):
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
         O = self.output_size
@@ -254,33 +273,33 @@ class RNN:
                 )
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
-        self._ctx = (ctxs, T, B, masks, threading.get_ident()) if self.training else None
+        self._ctx = (ctxs, T, B, masks) if self.training else None
         return self._time_major(inp), self._pack_state(hn)
 
     def backward(self, dy, dhn=None):
-        """BPTT for the last forward call; returns ``(dx, dh0)``.
+        """BPTT for the calling thread's last forward call; returns ``(dx, dh0)``.
 
         Parameter gradients are added to :attr:`grads` (call :meth:`zero_grad`
         to reset).  ``dhn`` has the structure of ``hn`` (None: zeros).
         """
-        return self._backward(dy, dhn, release=True)
+        with self._lock:
+            ctx = self._ctx
+            if ctx is None:
+                raise ValueError(
+                    f"backward() needs a forward() call in training mode first, in this thread "
+                    f"({threading.current_thread().name!r}): none since its last backward, or "
+                    f"the layer is in eval mode (each thread's backward pairs with its own "
+                    f"forward)"
+                )
+            dx, dh0 = self._backward(ctx, dy, dhn, self.grads)
+            self._ctx = None
+            for c in ctx[0]:  # the forward's buffers go back to the backend
+                self._backend.release(c)
+        return dx, dh0
 
-    def _backward(self, dy, dhn, release: bool):
-        """:meth:`backward`; ``release``: the forward's buffers go back to the backend
-        afterwards (not for :meth:`backward_with`, whose context may be used again)."""
-        if self._ctx is None:
-            raise ValueError(
-                "backward() needs a forward() call in training mode first "
-                "(none since the last backward, or the layer is in eval mode)"
-            )
-        ctxs, T, B, masks, owner = self._ctx
-        if owner != threading.get_ident():
-            raise RuntimeError(
-                f"backward() in thread {threading.current_thread().name!r} for a forward() run "
-                f"by another thread: a layer keeps one forward context, so two threads cannot "
-                f"train it at once; give each thread its own layer (load_state_dict copies the "
-                f"parameters)"
-            )
+    def _backward(self, ctx, dy, dhn, grads):
+        """BPTT for one forward context; adds the parameter gradients to ``grads``."""
+        ctxs, T, B, masks = ctx
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
         O = self.output_size
@@ -299,13 +318,9 @@ class RNN:
                 dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * O:(d + 1) * O], dhn_d)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
-                    if f"{kind}{sfx}" in self.grads:  # bias=False: no bias gradients
-                        self.grads[f"{kind}{sfx}"] += value
+                    if f"{kind}{sfx}" in grads:  # bias=False: no bias gradients
+                        grads[f"{kind}{sfx}"] += value
             dy = dx if layer == 0 or masks is None else dx * masks[layer - 1]
-        self._ctx = None
-        if release:
-            for ctx in ctxs:
-                be.release(ctx)
         return self._time_major(dx), self._pack_state(dh0)
 
     # -- explicit-parameter calls (for autograd adapters such as kernrnn.torch) --
@@ -329,7 +344,7 @@ class RNN:
             self._dropout_key = None if dropout_seed is None else (int(dropout_seed),)
             self._masks_override = None if masks is None else bool(masks)
             try:
-                y, hn = self.forward(x, h0, lengths)
+                y, hn = self._forward(x, h0, lengths)
                 return y, hn, self._ctx
             finally:
                 self.params, self.training, self._ctx = saved
@@ -342,16 +357,11 @@ class RNN:
         if ctx is None:
             raise ValueError("backward_with() needs the ctx of a forward_with() call made "
                              "with training=True, got None")
-        with self._lock:
-            saved = self.grads, self._ctx
-            self.grads = {k: self._backend.xp.zeros(s, dtype=self.dtype)
-                          for k, s in self.param_shapes().items()}
-            self._ctx = ctx
-            try:
-                dx, dh0 = self._backward(dy, dhn, release=False)
-                return dx, dh0, self.grads
-            finally:
-                self.grads, self._ctx = saved
+        grads = {k: self._backend.xp.zeros(s, dtype=self.dtype)
+                 for k, s in self.param_shapes().items()}
+        with self._lock:  # the context may be used again: its buffers are not released
+            dx, dh0 = self._backward(ctx, dy, dhn, grads)
+        return dx, dh0, grads
 
     # -- layer options (bias, batch_first, dropout) ------------------------
 

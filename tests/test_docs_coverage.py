@@ -46,6 +46,8 @@ PUBLIC_MODULES = [
     "kernrnn.cli",
     "kernrnn.torch",
     "kernrnn.torch.modules",
+    "kernrnn.torch.cells",
+    "kernrnn.torch.patching",
 ]
 
 _DIRECTIVE = re.compile(

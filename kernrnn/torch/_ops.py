@@ -114,8 +114,24 @@ def _engine(spec: str, dtype: str, device: str):
                proj_size=parse_proj_size(spec))
 
 
+_engine_names: dict = {}  # (spec, dtype, device type) -> (engine, its parameter names)
+
+
+def _engine_and_names(spec: str, t: torch.Tensor):
+    """:func:`engine_for` and its ``param_shapes()`` keys, found with one dict lookup (a
+    step of a cell module calls this twice per training step)."""
+    key = (spec, t.dtype, t.device.type)
+    found = _engine_names.get(key)
+    if found is None:
+        if len(_engine_names) >= 64:
+            _engine_names.clear()
+        engine = _engine(spec, str(t.dtype).removeprefix("torch."), t.device.type)
+        found = _engine_names[key] = (engine, tuple(engine.param_shapes()))
+    return found
+
+
 def engine_for(spec: str, t: torch.Tensor):
-    return _engine(spec, str(t.dtype).removeprefix("torch."), t.device.type)
+    return _engine_and_names(spec, t)[0]
 
 
 # -- tensors <-> backend arrays, without copies ---------------------------------
@@ -125,6 +141,34 @@ def _array(t: torch.Tensor, engine):
     """The backend's view of a tensor: NumPy on the CPU, CuPy (DLPack/CAI) on a GPU."""
     t = t.detach()
     return t.numpy() if t.device.type == "cpu" else engine._backend.asarray(t)
+
+
+# id(parameter) -> (weakref, data_ptr, shape, strides, dtype, its NumPy view)
+_param_views: dict = {}
+
+
+def _param_array(p: torch.Tensor, engine):
+    """:func:`_array` of a parameter, the same NumPy object from call to call while the
+    parameter's memory stays where it is.
+
+    The CPU backend reuses the packed panels of an inference forward's weights for
+    the same array object (checking the values bit for bit); a fresh view per call
+    hit that cache only when the new view happened to reuse a freed address, and
+    packed W_ih and W_hh again otherwise (LSTM, H = 256: a third of a step).
+    """
+    if not p.is_cpu:
+        return _array(p, engine)
+    key = id(p)
+    entry = _param_views.get(key)
+    if entry is not None and entry[0]() is p and entry[1] == p.data_ptr() and \
+            entry[2] == p.shape and entry[3] == p.stride() and entry[4] == p.dtype:
+        return entry[5]
+    if len(_param_views) >= 1024:
+        _param_views.clear()
+    view = _array(p, engine)
+    ref = weakref.ref(p, lambda _, key=key: _param_views.pop(key, None))
+    _param_views[key] = (ref, p.data_ptr(), p.shape, p.stride(), p.dtype, view)
+    return view
 
 
 def _tensor(a) -> torch.Tensor:
@@ -208,14 +252,14 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
     int64 scalar choosing the dropout masks; ``save`` keeps the context for
     backward (else ``handle`` is empty).
     """
-    engine = engine_for(spec, x)
+    engine, names = _engine_and_names(spec, x)
     lens = None if lengths is None else lengths.detach().cpu().numpy()
     masks = parse_regularization(spec)[3]
     training = save or engine.dropout > 0 or masks
     with _on_torch_stream(x.device):
         # imported on torch's stream: a copy of a non-contiguous parameter is then ordered
         # before the kernels that read it
-        arrays = dict(zip(engine.param_shapes(), (_array(p, engine) for p in params)))
+        arrays = dict(zip(names, (_param_array(p, engine) for p in params)))
         y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
                                          training=training, dropout_seed=int(seed),
                                          masks=masks)
@@ -241,11 +285,11 @@ def rnn_backward(spec: str, handle: torch.Tensor, dy: torch.Tensor, dhn: list[to
                  params: list[torch.Tensor]
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """``(dx, dh0 (S tensors), one gradient per parameter)`` for one forward call."""
-    engine = engine_for(spec, dy)
+    engine, names = _engine_and_names(spec, dy)
     ctx = _unstash(handle)
     with _on_torch_stream(dy.device):
         dx, dh0, grads = engine.backward_with(ctx, _array(dy, engine), _states(dhn, engine))
-        return _tensor(dx), _parts(dh0), [_tensor(grads[k]) for k in engine.param_shapes()]
+        return _tensor(dx), _parts(dh0), [_tensor(grads[k]) for k in names]
 
 
 @rnn_backward.register_fake

@@ -20,12 +20,13 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import rnn as _torch_rnn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from kernrnn.torch import _ops
 
-__all__ = ["LSTM", "GRU", "RNN", "Recurrent"]
+__all__ = ["LSTM", "GRU", "RNN", "Recurrent", "FallbackWarning", "unsupported"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -35,6 +36,88 @@ _DTYPES = (torch.float32, torch.float64)
 # calling itself.
 _TorchLSTM = _torch_rnn.LSTM
 _TorchRNNBase = _torch_rnn.RNNBase
+
+
+# -- calls kernrnn cannot run: PyTorch's implementation instead ---------------------
+
+
+class FallbackWarning(UserWarning):
+    """A drop-in ran PyTorch's own implementation for a call kernrnn cannot run.
+
+    Shown once per module class and reason.  ``warnings.simplefilter("error",
+    FallbackWarning)`` turns every such fallback into an error instead.
+    """
+
+
+_warned: set = set()
+
+
+def _warn_fallback(name: str, reason: str) -> None:
+    if (name, reason) in _warned:
+        return
+    _warned.add((name, reason))
+    warnings.warn(f"kernrnn.torch.{name}: {reason}; running PyTorch's implementation instead "
+                  f"(shown once)", FallbackWarning, stacklevel=4)
+
+
+_cuda_checked: list = []  # [None] or [why kernrnn's CUDA backend cannot run], once known
+
+
+def _cuda_problem():
+    """None when kernrnn's CUDA backend runs here, else why not (checked once)."""
+    if not _cuda_checked:
+        from kernrnn.backends import get_backend
+
+        try:
+            get_backend("cuda")
+            _cuda_checked.append(None)
+        except Exception as exc:  # noqa: BLE001 - CudaUnavailableError or a broken install
+            _cuda_checked.append(f"CUDA tensors need kernrnn's CUDA backend ({exc})")
+    return _cuda_checked[0]
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # PyTorch < 2.4: no device argument
+        return (torch.is_autocast_enabled() if device_type == "cuda"
+                else torch.is_autocast_cpu_enabled())
+
+
+def unsupported(x, params) -> str | None:
+    """Why kernrnn cannot run a call on ``x`` with ``params`` (None: it can).
+
+    The configurations: a dtype other than float32/float64 (float16, bfloat16,
+    ...); a device other than the CPU, or CUDA without kernrnn's CUDA backend
+    (CuPy and numba-cuda); autocast enabled for ``x``'s device (its casting
+    rules are PyTorch's); a ``torch.func`` transform (vmap, grad, jvp, ...) or
+    forward-mode AD (the ops have no batching rule and no JVP).  An input whose
+    dtype or device differs from the parameters' is an error, not a fallback.
+    Called on every forward, so the common case (CPU, float32/64) costs a few
+    attribute reads.
+    """
+    if not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active():
+            return "torch.func transforms (vmap, grad, jvp, ...) need a batching rule and a JVP"
+        if _forward_ad._current_level >= 0:
+            return "forward-mode AD needs a JVP"
+        if (x.is_cpu or x.is_cuda) and _autocast_on("cpu" if x.is_cpu else "cuda"):
+            return f"autocast is enabled for {x.device.type}"
+    dt = x.dtype
+    if x.is_cpu and dt in _DTYPES:
+        return None
+    p = params[0]
+    if p.dtype != dt or p.device != x.device:
+        return None  # input and parameters differ: the usual error says how
+    if dt not in _DTYPES:
+        return f"no kernels for dtype {dt}"
+    if x.is_cuda:
+        return _cuda_problem()
+    return f"no kernels for device type {x.device.type!r}"
+
+
+def _non_finite(*tensors) -> bool:
+    return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class _FusedForward:
@@ -48,8 +131,33 @@ class _FusedForward:
     def flatten_parameters(self) -> None:
         """A no-op (kept for code written for cuDNN's ``nn.LSTM``)."""
 
+    #: PyTorch's ``forward`` for calls kernrnn cannot run (None: no fallback, an error).
+    _torch_forward = None
+
     def forward(self, input, hx=None):
         """``output, h_n`` (``h_n`` a tuple for cells with several states, as ``nn.LSTM``)."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        params = [getattr(self, n) for n in self._flat_weights_names]  # parametrisations run
+        if isinstance(data, torch.Tensor):
+            reason = unsupported(data, params)
+            if reason is not None:
+                if self._torch_forward is None:
+                    raise RuntimeError(f"kernrnn.torch.{type(self).__name__}: {reason}, and this "
+                                       f"module has no PyTorch implementation to fall back to")
+                _warn_fallback(type(self).__name__, reason)
+                return self._torch_forward(input, hx)
+        if torch.compiler.is_compiling() or self._torch_forward is None:
+            return self._kernrnn_forward(input, hx, params)
+        try:
+            return self._kernrnn_forward(input, hx, params)
+        except ValueError:
+            hx_parts = hx if isinstance(hx, (tuple, list)) else (hx,)
+            if not _non_finite(data, *(h for h in hx_parts if isinstance(h, torch.Tensor))):
+                raise
+            _warn_fallback(type(self).__name__, "kernrnn refuses NaN or infinite inputs")
+            return self._torch_forward(input, hx)
+
+    def _kernrnn_forward(self, input, hx, params):
         S = self._n_state
         name = type(self).__name__
         sorted_indices = unsorted_indices = None
@@ -80,7 +188,6 @@ class _FusedForward:
             self.check_forward_args(check_input, parts[0] if S == 1 else parts, batch_sizes)
             if sorted_indices is not None:
                 parts = tuple(p.index_select(1, sorted_indices) for p in parts)
-        params = [getattr(self, n) for n in self._flat_weights_names]
         _check_tensors(name, x, parts or (), params, self._flat_weights_names)
         y, hn = self._run(x, parts, lengths, params)
         if isinstance(input, PackedSequence):
@@ -171,6 +278,8 @@ def _check_tensors(name, x, hx, params, names):
 # -- drop-ins ---------------------------------------------------------------------
 
 _CELL_OF_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn", "RNN_RELU": "rnn_relu"}
+_TORCH_CLASS = {"LSTM": _torch_rnn.LSTM, "GRU": _torch_rnn.GRU, "RNN_TANH": _torch_rnn.RNN,
+                "RNN_RELU": _torch_rnn.RNN}
 
 
 class _DropIn(_FusedForward, _TorchRNNBase):
@@ -181,10 +290,10 @@ class _DropIn(_FusedForward, _TorchRNNBase):
                  device=None, dtype=None):
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device=device, dtype=dtype)
-        dt = self._flat_weights[0].dtype
-        if dt not in _DTYPES:
-            raise TypeError(f"kernrnn.torch.{type(self).__name__}: dtype must be torch.float32 "
-                            f"or torch.float64, got {dt}")
+
+    def _torch_forward(self, input, hx=None):
+        """PyTorch's own forward of this class (for calls kernrnn cannot run)."""
+        return _TORCH_CLASS[self.mode].forward(self, input, hx)
 
     @property
     def _kernrnn_cell(self) -> str:
