@@ -893,7 +893,7 @@ def kernel_report(checks, file=None) -> list[dict]:
                     if key in seen:
                         continue
                     seen.add(key)
-                    strided = "A" in str(sig)
+                    strided = ", A)" in str(sig)  # a strided y view (layout A)
                     rows.append(dict(
                         kernel=f"{name} {dt} NB={p.NB} {label}{' (strided y)' if strided else ''}",
                         H=H, B=B, regs=kernel.regs_per_thread, local=kernel.local_mem_per_thread,
