@@ -14,6 +14,7 @@ import numpy as np
 
 from kernrnn.backends.cuda.persistent import (  # noqa: F401
     THREADS,
+    DeviceProps,
     backward_loop,
     device_props,
     forward_loop,
@@ -223,29 +224,113 @@ SELFCHECK_CASES = (  # T, B, H, I, reverse, lengths: several blocks, odd sizes, 
     (4, 1, 33, 2, True, None),
     (3, 64, 256, 4, False, (1, 2, 3) * 21 + (0,)),
 )
+#: Standard deviations of a directional derivative's error allowed (see gpu_selfcheck).
+SIGMAS = 3.0
 
 
-def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.float64)) -> bool:
-    """Run the persistent kernels on the GPU and compare them with the CPU kernels.
+def _reference_errors(cell, x, params, h0, lengths, rev, dy, dhn, got, dt, rng):
+    """``{name: error / tolerance}`` of the GPU results ``got`` against the float64
+    NumPy reference (:func:`kernrnn.testing.reference.reference_direction`).
+
+    Forward (``y``, ``hn``): element-wise, with the forward tolerance of ``dt``.
+    Gradients: the reference has no backward, so each one is checked along
+    random directions ``v`` against Richardson central differences of the
+    reference loss ``sum(y*dy) + sum(hn*dhn)`` (inputs as the kernels saw
+    them, computed in float64).  Element errors ``e_i`` within the gradient
+    tolerance ``t_i`` give ``sum(e_i v_i)`` a standard deviation of at most
+    ``sqrt(sum((t_i v_i)^2))`` for normal ``v`` drawn after the kernels ran,
+    so the allowance is :data:`SIGMAS` of those, plus the finite differences'
+    own tolerance.  As in :func:`kernrnn.testing.conformance.gradient_errors`,
+    a second direction is tried before a disagreement counts (a kink of
+    ``relu`` crossed by the step).
+    """
+    from kernrnn.testing import tolerances as tol
+    from kernrnn.testing.reference import reference_direction
+
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    p64 = {k: f64(v) for k, v in params.items()}
+    x64, h64 = f64(x), tuple(f64(h) for h in h0)
+    dy64, dhn64 = f64(dy), f64(dhn)
+
+    def run(p, xx, hh):
+        return reference_direction(cell, xx, p, hh, lengths, reverse=rev)
+
+    y_r, hn_r = run(p64, x64, h64)
+    ft, gt = tol.forward_tolerance(dt), tol.grad_tolerance(dt)
+
+    def scaled(a, b, t):
+        a, b = f64(a), f64(b)
+        return float(np.max(np.abs(a - b) / (t["atol"] + t["rtol"] * np.abs(b)), initial=0.0))
+
+    errs = {"y": scaled(got["y"], y_r, ft),
+            "hn": max(scaled(got["hn"][s], hn_r[s], ft) for s in range(len(hn_r)))}
+
+    def loss(p, xx, hh):
+        y, hn = run(p, xx, hh)
+        return float(np.sum(y * dy64) + sum(np.sum(a * b) for a, b in zip(hn, dhn64)))
+
+    targets = [(k, p64[k], got[k]) for k in params] + [("x", x64, got["dx"])]
+    targets += [(f"h0[{s}]", h64[s], got["dh0"][s]) for s in range(len(h64))]
+    for name, base, grad in targets:
+        grad = f64(grad)
+        for _direction in range(2):
+            v = rng.standard_normal(base.shape)
+
+            def at(eps, name=name, base=base, v=v):
+                moved = base + eps * v
+                if name in p64:
+                    return loss({**p64, name: moved}, x64, h64)
+                if name == "x":
+                    return loss(p64, moved, h64)
+                s = int(name[3:-1])
+                return loss(p64, x64, h64[:s] + (moved,) + h64[s + 1:])
+
+            fd = tol.directional_derivative(at)
+            analytic = float(np.sum(grad * v))
+            spread = float(np.sqrt(np.sum(((gt["atol"] + gt["rtol"] * np.abs(grad)) * v) ** 2)))
+            allowed = SIGMAS * spread + tol.FD["atol"] + tol.FD["rtol"] * max(abs(fd), 1.0)
+            err = abs(analytic - fd) / allowed
+            if err <= 1:
+                break
+        errs[name] = err
+    return errs
+
+
+def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.float64),
+                  blocks=None) -> bool:
+    """Run the persistent kernels on the GPU and compare them with the float64 reference.
 
     Several-block grids with the real grid barrier (what the simulator cannot
     run): forward and BPTT for every registered cell (or ``cells``), float32
-    and float64, variable lengths and the reverse direction, against
-    :mod:`kernrnn.backends.cpu` on the same inputs (tolerances of
-    :mod:`kernrnn.testing.tolerances`).  Also launches the same kernels once
+    and float64, variable lengths and the reverse direction, against the
+    float64 NumPy reference :mod:`kernrnn.testing.reference` on the same
+    inputs (tolerances of :mod:`kernrnn.testing.tolerances`; gradients along
+    random directions, see :func:`_reference_errors`), so that no code is
+    shared with the kernels under test.  Also launches the same kernels once
     per step: per-block work is deterministic, so the persistent launch must
     match the stepwise one bit for bit; a broken barrier would show as a
     difference.  Prints one line per case and returns whether all passed.
-    ``dtypes`` limits the precisions (each one compiles its own kernels).
+    ``dtypes`` limits the precisions (each one compiles its own kernels);
+    ``blocks`` overrides the grid (the device check's rehearsal under the
+    simulator passes 1, since the simulator runs blocks one after another).
     """
     import sys
 
-    import cupy
-
-    from kernrnn.backends import cpu
+    from kernrnn.backends import cuda as cb
     from kernrnn.plugins import get_registry
-    from kernrnn.testing import tolerances as tol
 
+    xp = cb.xp
+    host = (lambda a: a.get()) if xp is not np else np.asarray  # noqa: E731
+
+    def dev(a):  # a copy on the device (NumPy's asarray would alias under the simulator)
+        return xp.array(a, copy=True)
+
+    def sync():
+        if xp is not np:
+            xp.cuda.get_current_stream().synchronize()
+
+    props = DeviceProps(sm_count=blocks or 1, smem_per_block_optin=227 * 1024,
+                        name="simulator") if cb.SIMULATOR else None
     out = file or sys.stdout
     reg = get_registry()
     names = list(cells) if cells is not None else reg.names()
@@ -256,7 +341,7 @@ def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.floa
         G, S, K = cell.n_gates, cell.n_state, cell.n_saved
         for T, B, H, I, rev, lens in cases:
             for dt in dtypes:
-                if not supported(cell, B, H, dt):
+                if not supported(cell, B, H, dt, props):
                     print(f"{name} T={T} B={B} H={H} {np.dtype(dt).name}: not supported, skipped",
                           file=out)
                     continue
@@ -271,53 +356,48 @@ def gpu_selfcheck(cells=None, cases=None, file=None, dtypes=(np.float32, np.floa
                 dy = rng.uniform(-1, 1, (T, B, H)).astype(dt)
                 dhn = rng.uniform(-1, 1, (S, B, H)).astype(dt)
                 lengths = np.array(lens if lens is not None else [T] * B, np.int64)
-                params = {"weight_ih": W_ih, "weight_hh": W_hh, "bias_ih": b_ih,
-                          "bias_hh": b_hh}
-                y_c, hn_c, ctx = cpu.forward(cell, x, params, h0, lengths, rev, True)
-                dx_c, dh0_c, g_c = cpu.backward(ctx, dy, dhn)
                 XW = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, G * H) + b_ih
                 results = {}
                 for mode in ("persistent", "stepwise"):
-                    States = cupy.zeros((S, T + 1, B, H), dt)
-                    States[:, T if rev else 0] = cupy.asarray(h0)
-                    Saved = cupy.zeros((K, T, B, H), dt)
-                    ybuf = cupy.full((T, B, 2 * H), np.nan, dt)
+                    States = xp.zeros((S, T + 1, B, H), dt)
+                    States[:, T if rev else 0] = dev(h0)
+                    Saved = xp.zeros((K, T, B, H), dt)
+                    ybuf = xp.full((T, B, 2 * H), np.nan, dt)
                     Y = ybuf[:, :, :H]  # strided, as in a bidirectional layer
-                    d_len = cupy.asarray(lengths)
-                    d_W = cupy.asarray(W_hh)
-                    forward_loop(cell, cupy.asarray(XW), d_W, cupy.asarray(b_hh), States, Saved,
-                                 Y, d_len, rev, True, stepwise=mode == "stepwise")
-                    dS = cupy.asarray(dhn)
-                    dXW = cupy.full((T, B, G * H), np.nan, dt)
-                    dHU = cupy.full((T, B, G * H), np.nan, dt)
-                    backward_loop(cell, cupy.asarray(dy), dS, d_W, States, Saved, d_len, rev,
-                                  dXW, dHU, stepwise=mode == "stepwise")
-                    cupy.cuda.get_current_stream().synchronize()
-                    dXW_h, dHU_h = dXW.get().reshape(T * B, -1), dHU.get().reshape(T * B, -1)
-                    Hprev = States.get()[0, 1:] if rev else States.get()[0, :T]
+                    d_len = dev(lengths)
+                    d_W = dev(W_hh)
+                    forward_loop(cell, dev(XW), d_W, dev(b_hh), States, Saved,
+                                 Y, d_len, rev, True, stepwise=mode == "stepwise", blocks=blocks)
+                    dS = dev(dhn)
+                    dXW = xp.full((T, B, G * H), np.nan, dt)
+                    dHU = xp.full((T, B, G * H), np.nan, dt)
+                    backward_loop(cell, dev(dy), dS, d_W, States, Saved, d_len, rev,
+                                  dXW, dHU, stepwise=mode == "stepwise", blocks=blocks)
+                    sync()
+                    dXW_h, dHU_h = host(dXW).reshape(T * B, -1), host(dHU).reshape(T * B, -1)
+                    St = host(States)
+                    Hprev = St[0, 1:] if rev else St[0, :T]
                     results[mode] = dict(
-                        y=Y.get(), hn=States.get()[:, 0 if rev else T],
-                        dx=(dXW_h @ W_ih).reshape(T, B, I), dh0=dS.get(),
+                        y=host(Y), hn=St[:, 0 if rev else T],
+                        dx=(dXW_h @ W_ih).reshape(T, B, I), dh0=host(dS),
                         weight_hh=dHU_h.T @ Hprev.reshape(T * B, H),
                         weight_ih=dXW_h.T @ x.reshape(T * B, I),
+                        bias_ih=dXW_h.sum(axis=0), bias_hh=dHU_h.sum(axis=0),
                     )
                 r = results["persistent"]
-                want = dict(y=y_c, hn=hn_c, dx=dx_c, dh0=dh0_c, weight_hh=g_c["weight_hh"],
-                            weight_ih=g_c["weight_ih"])
-                errs, bad = [], []
-                for key, w in want.items():
-                    t = tol.forward_tolerance(dt) if key in ("y", "hn") else tol.grad_tolerance(dt)
-                    err = float(np.max(np.abs(r[key] - w) / (t["atol"] + t["rtol"] * np.abs(w))))
-                    errs.append(f"{key} {err:.2f}")
-                    if not err <= 1:
-                        bad.append(key)
+                params = {"weight_ih": W_ih, "weight_hh": W_hh, "bias_ih": b_ih,
+                          "bias_hh": b_hh}
+                errs = _reference_errors(cell, x, params, h0, lengths, rev, dy, dhn, r, dt,
+                                         np.random.default_rng(rng.integers(2**32)))
+                bad = [k for k, e in errs.items() if not e <= 1]
                 same = all(np.array_equal(r[k], results["stepwise"][k], equal_nan=True)
                            for k in r)
                 if not same:
                     bad.append("persistent != stepwise")
                 ok &= not bad
                 print(f"{'ok  ' if not bad else 'FAIL'} {name} T={T} B={B} H={H} rev={rev} "
-                      f"{np.dtype(dt).name}: error/tolerance {', '.join(errs)}"
+                      f"{np.dtype(dt).name}: error/tolerance vs float64 reference "
+                      f"{', '.join(f'{k} {e:.2f}' for k, e in errs.items())}"
                       f"{'; ' + ', '.join(bad) if bad else ''}", file=out, flush=True)
     return ok
 

@@ -66,26 +66,38 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{key}: {value:.3e}")
 
 
+def _cell_of(item) -> str:
+    """The cell a test runs (its ``cell_name`` or ``cell`` parameter), else ''."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return str(params.get("cell_name", params.get("cell", "")))
+
+
 def pytest_collection_modifyitems(config, items):
-    """``KERNRNN_TEST_SHARD=i/n``: keep the i-th of n shards (the device check runs
-    the GPU tests in parallel processes, for compilation is their cost).  All
-    tests of one cell go to one shard, so each shard compiles its own cells."""
+    """Select tests by cell, for the device check (benchmarks/devicecheck.py), which runs
+    the GPU tests in parallel processes, for loading kernels is their cost.
+
+    ``KERNRNN_TEST_CELLS=lstm,gru``: only the tests of these cells; the name ``none``
+    stands for the tests that take no cell.  ``KERNRNN_TEST_SHARD=i/n``: keep the i-th
+    of n shards, all tests of one cell in one shard, so each shard compiles its own cells.
+    """
+    keep = list(items)
+    cells = os.environ.get("KERNRNN_TEST_CELLS", "").strip()
+    if cells:
+        wanted = {c.strip() for c in cells.split(",") if c.strip()}
+        keep = [item for item in keep if (_cell_of(item) or "none") in wanted]
     shard = os.environ.get("KERNRNN_TEST_SHARD")
-    if not shard:
-        return
-    try:
-        i, n = (int(v) for v in shard.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise pytest.UsageError(f"KERNRNN_TEST_SHARD must be i/n with 0 <= i < n, got {shard!r}")
-
-    def key(item):
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        return str(params.get("cell_name", params.get("cell", "")))
-
-    keys = sorted({key(item) for item in items})
-    mine = {k for j, k in enumerate(keys) if j % n == i}
-    keep = [item for item in items if key(item) in mine]
-    config.hook.pytest_deselected(items=[item for item in items if key(item) not in mine])
-    items[:] = keep
+    if shard:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
+            raise pytest.UsageError(
+                f"KERNRNN_TEST_SHARD must be i/n with 0 <= i < n, got {shard!r}")
+        keys = sorted({_cell_of(item) for item in keep})
+        mine = {k for j, k in enumerate(keys) if j % n == i}
+        keep = [item for item in keep if _cell_of(item) in mine]
+    if len(keep) < len(items):
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = keep

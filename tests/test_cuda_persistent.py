@@ -114,15 +114,27 @@ def test_bad_overrides_name_the_argument():
 
 
 def _ptxas():
-    found = shutil.which("ptxas")
-    if found:
-        return found
+    """The ptxas that ships beside the NVVM numba-cuda uses, else the wheel's, else PATH's.
+
+    PTX from an NVVM newer than ptxas is refused ("Unsupported .version 9.5; current
+    version is '9.0'"), so a system ptxas older than the NVVM wheel must not win."""
+    try:
+        from numba.cuda.cuda_paths import get_cuda_paths
+
+        nvvm = get_cuda_paths()["nvvm"].info
+    except Exception:
+        nvvm = None
+    if nvvm:
+        for parent in list(Path(nvvm).resolve().parents)[:4]:  # lib64, nvvm, toolkit root
+            cand = parent / "bin" / "ptxas"
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
     spec = importlib.util.find_spec("nvidia")
     for base in (spec.submodule_search_locations or []) if spec else []:
         cand = Path(base) / "cuda_nvcc" / "bin" / "ptxas"
         if cand.exists():
             return str(cand)
-    return None
+    return shutil.which("ptxas")
 
 
 ptx_check = pytest.mark.skipif(
