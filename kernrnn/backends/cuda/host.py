@@ -98,11 +98,12 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
             else:
                 heads_gemm(0 if rdrop else p, tt)
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, NH, nseg)
+                launch.rows(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, nseg)
             scalars = (t, p, n, tt, tm, H, dh)
             if cell.normalize:
                 launch(k.step_stage1, B * H, *elem, *scalars)
-                launch(k.norm_z, B * cell.n_norm, Zhat_, Rz_, lengths_, t, tm, H, cell.n_norm)
+                launch.rows(k.norm_z, B * cell.n_norm, Zhat_, Rz_, lengths_, t, tm, H,
+                            cell.n_norm)
                 launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, Gz_, Bz_, *regs)
             else:
                 launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
@@ -271,15 +272,15 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
                 proj_gemm(t)
             if cell.normalize:
                 launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
-                launch(k.norm_z_backward, B * cell.n_norm, DZ_, Zhat_, Rz_, lengths_, t, H,
-                       cell.n_norm)
+                launch.rows(k.norm_z_backward, B * cell.n_norm, DZ_, Zhat_, Rz_, lengths_, t, H,
+                            cell.n_norm)
                 launch(k.step_backward1, B * H, *args, t, p, H, dh, *regs)
             else:
                 launch(k.step_backward, B * H, *args, t, p, H, dh, *regs)
             if not rec:
                 continue
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu_backward, B * nseg, *norm_hu_args, t, H, dh, NH, nseg)
+                launch.rows(k.norm_hu_backward, B * nseg, *norm_hu_args, t, H, dh, nseg)
             if dense:
                 recurrent_gemm(t)
             else:

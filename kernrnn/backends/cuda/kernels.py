@@ -12,7 +12,7 @@ exactly what runs.
 Thread layouts: the element kernels run one thread per (batch row b, unit j)
 with ``hd = j // dh``, ``i = j % dh`` (head and unit within it; a dense cell
 has one head of ``dh = H``); the row kernels (normalisation statistics) one
-thread per row and segment; the fused and scan kernels of cells without a
+block per row and segment (:mod:`kernrnn.backends.cuda.rownorm`); the fused and scan kernels of cells without a
 recurrent matrix one thread per element (and time chunk) looping over time.
 Per-unit parameter gradients are accumulated per (b, j) by the thread that
 owns the element (no atomics) and summed over b afterwards.  Array layouts are
@@ -30,11 +30,10 @@ from kernrnn.backends.codegen import (
     forward2_call,
     forward_call,
     hu_gates,
-    row_norm,
-    row_norm_backward,
     zoneout_backward,
     zoneout_stores,
 )
+from kernrnn.backends.cuda.rownorm import ROW_HEAD, block_row_norm, block_row_norm_backward
 
 __all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK"]
 
@@ -74,15 +73,15 @@ hd = j // dh
 i = j - hd * dh
 """
 
-_ROW = """idx = cuda.grid(1)
-B = lengths.shape[0]
-if idx >= B * NSEG:
-    return
-b = idx // NSEG
-seg = idx - b * NSEG
-if t >= lengths[b]:
-    return
-"""
+def _hu_row(rnorm, Gr: int):
+    """How a row kernel of the recurrent norm visits its values ``HU[., hd, b, r * dh + i]``:
+    ``(visit, length, rstd, head)``, ``rstd`` with ``{t}`` for the time slot.  Over the
+    whole row (``Gr*H`` values, one segment) or per recurrent gate (segment = gate)."""
+    heads = ["hd = q // dh", "i = q - hd * dh"]
+    if rnorm.over == "row":
+        return ([f"for e in range(tid, {Gr} * H, nt):", "r = e // H", "q = e - r * H"] + heads,
+                f"{Gr} * H", "Rhh[{t}, b, 0]", "")
+    return ["for q in range(tid, H, nt):"] + heads, "H", "Rhh[{t}, b, r]", "r = seg\n"
 
 
 def _carry(S: int, indent: int) -> str:
@@ -164,24 +163,20 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
         specs.append(KernelSpec("step_stage1", fwd_args,
                                 _ELEM + "if t < lengths[b]:\n" + _ind(st1, 4)))
         body = "".join(
-            f"if seg == {k}:\n" + _ind(row_norm(cell.normalize_kind, ["for j in range(H):"],
-                                                f"Zhat[{k}, tm, b, j]", "H", f"Rz[{k}, tm, b]",
-                                                indent=0, prefix="z_"), 4) + "\n"
+            f"if seg == {k}:\n" + _ind(block_row_norm(
+                cell.normalize_kind, ["for j in range(tid, H, nt):"], f"Zhat[{k}, tm, b, j]",
+                "H", f"Rz[{k}, tm, b]", prefix="z_"), 4) + "\n"
             for k in range(cell.n_norm))
         specs.append(KernelSpec("norm_z", (("Zhat", 4), ("Rz", 3), ("lengths", "L"), ("t", "i"),
-                                           ("tm", "i"), ("H", "i"), ("NSEG", "i")), _ROW + body))
+                                           ("tm", "i"), ("H", "i"), ("NSEG", "i")),
+                                ROW_HEAD + body))
     if rnorm is not None:
-        loops = ["for hd in range(NH):", "for i in range(dh):"]
-        value = "HU[tt, hd, b, r * dh + i]"
-        if rnorm.over == "gate":
-            body = "r = seg\n" + row_norm(rnorm.kind, loops, value, "H", "Rhh[tt, b, r]",
-                                          indent=0, prefix="n_")
-        else:
-            body = row_norm(rnorm.kind, [f"for r in range({Gr}):"] + loops, value, f"{Gr} * H",
-                            "Rhh[tt, b, 0]", indent=0, prefix="n_")
+        visit, length, rstd, head = _hu_row(rnorm, Gr)
+        body = head + block_row_norm(rnorm.kind, visit, "HU[tt, hd, b, r * dh + i]", length,
+                                     rstd.format(t="tt"), prefix="n_")
         specs.append(KernelSpec("norm_hu", (("HU", 4), ("Rhh", 3), ("lengths", "L"), ("t", "i"),
-                                            ("tt", "i"), ("H", "i"), ("dh", "i"), ("NH", "i"),
-                                            ("NSEG", "i")), _ROW + body))
+                                            ("tt", "i"), ("H", "i"), ("dh", "i"), ("NSEG", "i")),
+                                ROW_HEAD + body))
     specs += _backward_specs(cell, reg)
     if not rec and not cell.normalize:
         specs += _fused_specs(cell, reg)
@@ -288,13 +283,13 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
         specs.append(KernelSpec("step_backward2", args, _ELEM + "if t < lengths[b]:\n"
                                 + _ind(st2, 4) + "\nelse:\n" + _ind(masked.rstrip(), 4)))
         body = "".join(
-            f"if seg == {k}:\n" + _ind(row_norm_backward(
-                cell.normalize_kind, ["for j in range(H):"], f"DZ[{k}, b, j]",
-                f"Zhat[{k}, t, b, j]", "H", f"Rz[{k}, t, b]", indent=0, prefix="z_"), 4) + "\n"
+            f"if seg == {k}:\n" + _ind(block_row_norm_backward(
+                cell.normalize_kind, ["for j in range(tid, H, nt):"], f"DZ[{k}, b, j]",
+                f"Zhat[{k}, t, b, j]", "H", f"Rz[{k}, t, b]", prefix="z_"), 4) + "\n"
             for k in range(cell.n_norm))
         specs.append(KernelSpec("norm_z_backward", (("DZ", 3), ("Zhat", 4), ("Rz", 3),
                                                     ("lengths", "L"), ("t", "i"), ("H", "i"),
-                                                    ("NSEG", "i")), _ROW + body))
+                                                    ("NSEG", "i")), ROW_HEAD + body))
         st1 = backward1_call(cell, mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev,
                              dz=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
                              p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp, indent=0)
@@ -304,22 +299,16 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
         u = "r * H + hd * dh + i"
         v = "dHU[hd, t, b, r * dh + i]"
         xhat = "HU[t, hd, b, r * dh + i]"
-        loops = ["for hd in range(NH):", "for i in range(dh):"]
-        if rnorm.over == "row":
-            loops = [f"for r in range({Gr}):"] + loops
-            length, rstd, head = f"{Gr} * H", "Rhh[t, b, 0]", ""
-        else:
-            length, rstd, head = "H", "Rhh[t, b, r]", "r = seg\n"
-        nest = "\n".join("    " * d + loop for d, loop in enumerate(loops))
-        acc = _ind(f"db_hh[b, {u}] += {v}\ndg_hh[b, {u}] += {v} * {xhat}\n"
-                   f"{v} = {v} * g_hh[{u}]", 4 * len(loops))
-        back = row_norm_backward(rnorm.kind, loops, v, xhat, length, rstd, indent=0,
-                                 prefix="n_")
+        visit, length, rstd, head = _hu_row(rnorm, Gr)
+        before = [f"db_hh[b, {u}] += {v}", f"dg_hh[b, {u}] += {v} * {xhat}",
+                  f"{v} = {v} * g_hh[{u}]"]
+        back = block_row_norm_backward(rnorm.kind, visit, v, xhat, length, rstd.format(t="t"),
+                                       prefix="n_", before=before)
         specs.append(KernelSpec("norm_hu_backward", (("dHU", 4), ("HU", 4), ("Rhh", 3),
                                                      ("g_hh", 1), ("db_hh", 2), ("dg_hh", 2),
                                                      ("lengths", "L"), ("t", "i"), ("H", "i"),
-                                                     ("dh", "i"), ("NH", "i"), ("NSEG", "i")),
-                                _ROW + head + nest + "\n" + acc + "\n" + back))
+                                                     ("dh", "i"), ("NSEG", "i")),
+                                ROW_HEAD + head + back))
     if rec:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
                                                   ("H", "i"), ("dh", "i"), ("Mr", 2)),

@@ -13,11 +13,13 @@ import contextlib
 import warnings
 from functools import cache
 
+import numba
 import numpy as np
 
 from kernrnn.backends.codegen import cell_fingerprint, load_module, math_namespace
 from kernrnn.backends.cuda.arrays import SIMULATOR, cuda, cupy, need_numba_cuda
 from kernrnn.backends.cuda.kernels import kernel_source, signatures
+from kernrnn.backends.cuda.rownorm import ROW_BLOCK
 
 __all__ = ["BLOCK", "SIM_BLOCK", "kernel_sources", "get_kernels", "ptx_signatures", "Launcher",
            "quiet_low_occupancy"]
@@ -45,6 +47,7 @@ def get_kernels(cell, dtype, reg=(False, False)):
     source = f"# dtype {dtype}\n" + kernel_sources(cell, reg)
     namespace = math_namespace(cell, dtype)
     namespace["CACHE"] = not SIMULATOR
+    namespace["NBT"] = numba.from_dtype(dtype)  # the shared arrays' element type
     tag = (f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
            + ("_reg" if any(reg) else ""))
     return load_module(source, tag, namespace)
@@ -116,24 +119,34 @@ class Launcher:
         return cuda.as_cuda_array(a, sync=False)
 
     def __call__(self, kernel, nthreads, *args):
+        """Launch ``kernel`` on ``nthreads`` threads (one per element) in blocks of :data:`BLOCK`."""
         if nthreads <= 0:
             return
-        if SIMULATOR:
-            kernel[(nthreads + SIM_BLOCK - 1) // SIM_BLOCK, SIM_BLOCK](*args)
+        block = SIM_BLOCK if SIMULATOR else BLOCK
+        self._launch(kernel, (nthreads + block - 1) // block, block, args)
+
+    def rows(self, kernel, nrows, *args):
+        """Launch a row kernel (:mod:`.rownorm`): one block of ``ROW_BLOCK`` threads per row."""
+        if nrows <= 0:
             return
-        grid = (nthreads + BLOCK - 1) // BLOCK
+        self._launch(kernel, nrows, SIM_BLOCK if SIMULATOR else ROW_BLOCK, args)
+
+    def _launch(self, kernel, grid, block, args):
+        if SIMULATOR:
+            kernel[grid, block](*args)
+            return
         fast = self._fast.get(id(kernel))
         if fast is not None and Launcher.fast_enabled:
             try:
-                fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self._launch_stream, 0)
+                fast.launch(args, (grid, 1, 1), (block, 1, 1), self._launch_stream, 0)
                 return
             except (TypeError, AttributeError) as exc:  # the internal entry point changed
                 Launcher.fast_enabled = False
                 warnings.warn(f"kernrnn: direct kernel launch failed ({type(exc).__name__}: "
                               f"{exc}); launching through Numba's dispatcher from now on",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
         with quiet_low_occupancy():
-            configured = kernel[grid, BLOCK, self.stream]
+            configured = kernel[grid, block, self.stream]
         configured(*args)
         self._launch_stream = getattr(configured, "stream", self.stream)
         try:
@@ -143,4 +156,3 @@ class Launcher:
                 self._fast[id(kernel)] = compiled
         except Exception:  # noqa: BLE001 - keep the dispatcher path
             pass
-
