@@ -21,7 +21,8 @@ those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from kernrnn.backends.codegen import (
     backward1_call,
@@ -35,11 +36,12 @@ from kernrnn.backends.codegen import (
 )
 from kernrnn.backends.cuda.rownorm import ROW_HEAD, block_row_norm, block_row_norm_backward
 
-__all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK"]
+__all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK",
+           "kernel_args"]
 
 #: Time steps per chunk of the parallel scan of linear-in-state cells.
 SCAN_CHUNK = 16
-#: Regularisation arguments of every step kernel (one-element stand-ins when off).
+#: Regularisation arguments of the step kernels (a kernel keeps those its body reads).
 REG_ARGS = (("Mr", 2), ("Hd", 2), ("Zthr", "U"), ("Zp", 1), ("seed_lo", "i"), ("seed_hi", "i"),
             ("zstream", "i"), ("ztrain", "i"))
 
@@ -182,7 +184,24 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
         specs += _fused_specs(cell, reg)
     if not any(reg) and _projectable(cell):
         specs += _projection_specs()
-    return specs
+    return [_used_args(spec) for spec in specs]
+
+
+def _used_args(spec: KernelSpec) -> KernelSpec:
+    """``spec`` without the arguments its body never reads.
+
+    The argument lists above are written per kernel family; a cell or
+    variant that has no per-unit parameters, normalisation, saved values or
+    regularisation would otherwise be passed one-element stand-ins, and each
+    array argument costs about 3.5 us of launch time (numba-cuda), every step.
+    """
+    used = tuple(a for a in spec.args if re.search(rf"\b{a[0]}\b", spec.body))
+    return replace(spec, args=used)
+
+
+def kernel_args(cell, reg=(False, False)) -> dict:
+    """The argument names of every kernel of ``cell``, in order, by kernel name."""
+    return {spec.name: tuple(a for a, _ in spec.args) for spec in kernel_specs(cell, reg)}
 
 
 def _projectable(cell) -> bool:
@@ -467,8 +486,10 @@ def _scan_specs(cell) -> list[KernelSpec]:
 
 def kernel_source(cell, reg=(False, False)) -> str:
     """Python source of every kernel of ``cell`` (``name_py`` functions and jitted ``name``)."""
-    parts = ["from numba import cuda\n"]
-    for spec in kernel_specs(cell, reg):
+    specs = kernel_specs(cell, reg)
+    args = {spec.name: tuple(a for a, _ in spec.args) for spec in specs}
+    parts = ["from numba import cuda\n\n", f"ARGS = {args!r}\n"]
+    for spec in specs:
         args = ", ".join(a for a, _ in spec.args)
         parts.append(f"\ndef {spec.name}_py({args}):\n{_ind(spec.body, 4)}\n\n\n"
                      f"{spec.name} = cuda.jit(cache=CACHE)({spec.name}_py)\n")

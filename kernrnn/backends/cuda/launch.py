@@ -103,6 +103,44 @@ class Launcher:
         self.stream = None if SIMULATOR else (stream if stream is not None else _numba_stream())
         self._launch_stream = self.stream
         self._fast = {}
+        self._wrapped = {}  # id(array) -> (array, its device view): one wrap per array
+
+    def bind(self, names, values: dict, step=()):
+        """``f(*step_values)``: the arguments of a kernel whose signature is ``names``
+        (the generated module's ``ARGS``), taken from ``values`` by name and wrapped
+        once, with the per-launch ``step`` names filled from ``f``'s arguments.
+
+        A name the kernel reads that ``values`` lacks (or holds as None) raises:
+        kernels take no stand-ins for what they do not use, so host and kernel
+        must agree on each argument.
+        """
+        args = []
+        for name in names:
+            if name in step:
+                args.append(None)
+                continue
+            value = values.get(name)
+            if value is None:
+                raise ValueError(f"kernel arguments {names}: no value for {name!r}")
+            args.append(self.wrap_once(value) if hasattr(value, "shape") else value)
+        slots = [(names.index(s), i) for i, s in enumerate(step) if s in names]
+        if not slots:
+            fixed = tuple(args)
+            return lambda *_: fixed
+
+        def f(*step_values):
+            for pos, i in slots:
+                args[pos] = step_values[i]
+            return tuple(args)
+
+        return f
+
+    def wrap_once(self, a):
+        """:meth:`wrap`, once per array for this launcher (a wrap costs tens of microseconds)."""
+        hit = self._wrapped.get(id(a))
+        if hit is None:
+            hit = self._wrapped[id(a)] = (a, self.wrap(a))
+        return hit[1]
 
     @staticmethod
     def wrap(a):
