@@ -29,7 +29,7 @@ from kernrnn.backends.cuda.arrays import xp
 from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
 from kernrnn.backends.cuda.kernels import SCAN_CHUNK
 from kernrnn.backends.cuda.launch import Launcher, get_kernels
-from kernrnn.backends.cuda.paths import choose_path, persistent_module
+from kernrnn.backends.cuda.paths import choose_path, persistent_failed, persistent_module
 from kernrnn.backends.cuda.stepgemm import batched_step_gemm, step_gemm
 
 __all__ = ["forward", "backward", "release"]
@@ -192,9 +192,15 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     if T > 0 and B > 0:
         P = common.param_vector(xp, cell, params, H, dtype)
         if chosen == "persistent":
-            persistent_module().forward_loop(cell, XW, params["weight_hh"], params["bias_hh"],
-                                              buf.States, buf.Saved, y, lengths, reverse,
-                                              training)
+            try:
+                persistent_module().forward_loop(cell, XW, params["weight_hh"],
+                                                  params["bias_hh"], buf.States, buf.Saved, y,
+                                                  lengths, reverse, training)
+            except Exception as exc:  # noqa: BLE001 - raised again where path is explicit
+                persistent_failed(path, cell, dtype, B, H, training, exc)
+                chosen = "gemm"  # the GEMM loop rewrites everything the kernel may have
+        if chosen == "persistent":
+            pass
         elif not cell.has_recurrent and not cell.normalize:
             _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
         else:
@@ -206,7 +212,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
-                             reg=reg, input_mask=input_mask)
+                             reg=reg, input_mask=input_mask, path_asked=path)
     return y, hn, ctx
 
 
@@ -373,9 +379,20 @@ def backward(ctx: ForwardContext, dy, dhn):
         ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     ka = regularization.kernel_arrays(xp, ctx.reg, cell, B, H, dtype)  # masks regenerated
     if T > 0 and B > 0:
-        if ctx.path == "persistent":
-            persistent_module().backward_loop(cell, dy, dS, params["weight_hh"], buf.States,
-                                               buf.Saved, ctx.lengths, ctx.reverse, dXW, dHU[0])
+        path = ctx.path
+        if path == "persistent":
+            dS_in = dS.copy()  # the kernel updates dS in place; the GEMM loop needs dhn
+            try:
+                persistent_module().backward_loop(cell, dy, dS, params["weight_hh"],
+                                                   buf.States, buf.Saved, ctx.lengths,
+                                                   ctx.reverse, dXW, dHU[0])
+            except Exception as exc:  # noqa: BLE001 - raised again where path is explicit
+                persistent_failed(ctx.path_asked, cell, dtype, B, H,
+                                  True, exc)
+                dS[...] = dS_in
+                path = "gemm"
+        if path == "persistent":
+            pass
         elif not rec and not cell.normalize:
             _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
         else:

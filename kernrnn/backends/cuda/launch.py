@@ -22,7 +22,7 @@ from kernrnn.backends.cuda.kernels import kernel_source, signatures
 from kernrnn.backends.cuda.rownorm import ROW_BLOCK
 
 __all__ = ["BLOCK", "SIM_BLOCK", "kernel_sources", "get_kernels", "ptx_signatures", "Launcher",
-           "quiet_low_occupancy"]
+           "quiet_low_occupancy", "follow_cupy_device"]
 
 BLOCK = 256  # threads per block of the pointwise kernels
 # The simulator runs each thread of a block as a Python thread: small blocks keep it
@@ -70,11 +70,18 @@ def quiet_low_occupancy():
         yield
 
 
+def follow_cupy_device() -> None:
+    """Make CuPy's current GPU Numba's current one too (a no-op without CuPy)."""
+    if cupy is None or SIMULATOR:
+        return
+    dev = cupy.cuda.Device().id
+    if cuda.get_current_device().id != dev:
+        cuda.select_device(dev)
+
+
 def _numba_stream():
     """CuPy's current stream (and device) as a Numba stream."""
-    dev = cupy.cuda.Device().id
-    if cuda.get_current_device().id != dev:  # follow CuPy's current GPU
-        cuda.select_device(dev)
+    follow_cupy_device()
     ptr = cupy.cuda.get_current_stream().ptr
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 

@@ -664,6 +664,10 @@ def _resolve(cell, B, H, dtype, blocks, threads, stepwise, nslot, nb):
     if threads is None:
         threads = 32 if sim else THREADS
     props = None
+    if not sim:  # plan for, and launch on, CuPy's current GPU
+        from kernrnn.backends.cuda.launch import follow_cupy_device
+
+        follow_cupy_device()
     if blocks is None:
         if sim:
             blocks = min(H, 4)
