@@ -141,10 +141,17 @@ def _forward_source(G: int, S: int, K: int, NB: int, train: bool) -> str:
     )
     rows = _unroll([f"bb{m} = min(b0 + {m}, B - 1)" for m in range(NB)], 12)
     init = _unroll([f"a{g}_{m} = zero" for g in range(G) for m in range(NB)], 12)
+    # The k-loop on unsigned offsets from row bases computed once per group: an unsigned
+    # index has no negative-index fix-up, and LLVM turns each load into a pointer that
+    # steps by KP (one add per load).  Unsigned 64-bit, not 32: the zero-extension of a
+    # 32-bit index that may wrap keeps LLVM from that rewrite (3 integer ops per load).
+    bases = _unroll([f"wb{g} = U64(({g} * U + u) * HP)" for g in range(G)]
+                    + [f"hr{m} = States[0, p, bb{m}]" for m in range(NB)], 12)
     loads = _unroll(
-        [f"w{g} = sm[({g} * U + u) * HP + k]" for g in range(G)]
-        + [f"h{m} = States[0, p, bb{m}, k]" for m in range(NB)]
-        + [f"a{g}_{m} += w{g} * h{m}" for g in range(G) for m in range(NB)],
+        [f"w{g} = sm[wb{g} + k]" for g in range(G)]
+        + [f"h{m} = hr{m}[k]" for m in range(NB)]
+        + [f"a{g}_{m} += w{g} * h{m}" for g in range(G) for m in range(NB)]
+        + ["k += KPu"],
         16,
     )
     store = _unroll(
@@ -170,6 +177,7 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
     KP = NT // NSLOT  # threads per dot product, on interleaved k: coalesced, conflict-free
     kp = tid % KP
     slot = tid // KP
+    kpu, KPu, Hu = U64(kp), U64(KP), U64(H)
     # Row stride = KP (mod 32): a warp's KP-wide runs of k on different rows hit distinct banks.
     HP = H + (KP % 32 - H % 32) % 32
     RED = {G} * U * HP
@@ -201,7 +209,9 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
             b0 = (grp // nu) * {NB}
 {rows}
 {init}
-            for k in range(kp, H, KP):
+{bases}
+            k = kpu
+            while k < Hu:
 {loads}
 {store}
             cuda.syncthreads()
@@ -248,8 +258,10 @@ def _backward_source(G: int, S: int, K: int, NB: int) -> str:
     )
     rows = _unroll([f"bb{m} = min(b0 + {m}, B - 1)" for m in range(NB)], 12)
     init = _unroll([f"a{m} = zero" for m in range(NB)], 12)
+    bases = _unroll(["wb = U64(u * LP)"] + [f"dr{m} = dHU[tq, bb{m}]" for m in range(NB)], 12)
     loads = _unroll(
-        ["w = sm[u * LP + k]"] + [f"a{m} += w * dHU[tq, bb{m}, k]" for m in range(NB)], 16
+        ["w = sm[wb + k]"] + [f"a{m} += w * dr{m}[k]" for m in range(NB)] + ["k += KPu"],
+        16,
     )
     store = _unroll([f"sm[RED + {m} * NT + tid] = a{m}" for m in range(NB)], 12)
     tree = _unroll(
@@ -270,6 +282,7 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
     KP = NT // NSLOT
     kp = tid % KP
     slot = tid // KP
+    kpu, KPu = U64(kp), U64(KP)
     LP = GH + (KP % 32 - GH % 32) % 32
     RED = U * LP
     sm = cuda.shared.array(0, NBT)
@@ -294,14 +307,16 @@ def {name}(dY, dS, W_hh, States, Saved, lengths, reverse, dXW, dHU, U, NSLOT, s0
             t = T - 1 - step
             tq = min(t + 1, T - 1)
             p = t
-        kend = GH if step > 0 else 0  # nothing has flowed back before the first step
+        kend = U64(GH if step > 0 else 0)  # nothing has flowed back before the first step
         for r0 in range(0, ngroups, NSLOT):
             grp = min(r0 + slot, ngroups - 1)
             u = grp % nu
             b0 = (grp // nu) * {NB}
 {rows}
 {init}
-            for k in range(kp, kend, KP):
+{bases}
+            k = kpu
+            while k < kend:
 {loads}
 {store}
             cuda.syncthreads()
@@ -392,6 +407,7 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         "cell_backward": compile_scalar(cell.backward, dtype),
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
+        "U64": numba.uint64,
         # numba-cuda caches cooperative kernels (it records that they need cudadevrt):
         # without the disk cache every process recompiles and relinks each variant
         "CACHE": not sim,
