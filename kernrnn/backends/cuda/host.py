@@ -74,7 +74,8 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         # the product's input, by step: the masked h, the projected h or h
         h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
         if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
-            xp.multiply(buf.States[0, T if reverse else 0], ka.Mr, out=ka.Hd)
+            xp.multiply(buf.States[0, _boundary_slots(T, reverse, training)[0]], ka.Mr,
+                        out=ka.Hd)
         if dense:
             recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
         else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
@@ -102,7 +103,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         if proj:
             proj_args = bind("proj_forward", Hp=buf.Hp, Y=Y, NP=buf.Hp.shape[2])
         for step in range(T):
-            t, p, n = _step_indices(step, T, reverse)
+            t, p, n = _step_indices(step, T, reverse, training)
             tt = t if keep_hu else 0
             tm = t if training else 0
             if dense:
@@ -129,8 +130,20 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     run_loop(key, issue, make_scratch)
 
 
-def _step_indices(step, T, reverse):
-    """``(t, p, n)``: the step's time, and the time boundaries of its previous and new state."""
+def _boundary_slots(T, reverse, training):
+    """``(first, last)``: where the initial state goes and the final one ends up in
+    ``States`` (time boundaries in training; two slots taking turns in inference)."""
+    if not training:
+        return 0, T & 1
+    return (T, 0) if reverse else (0, T)
+
+
+def _step_indices(step, T, reverse, training=True):
+    """``(t, p, n)``: the step's time, and the time boundaries (inference: the slots) of its
+    previous and new state."""
+    if not training:
+        p = step & 1
+        return (T - 1 - step if reverse else step), p, 1 - p
     if reverse:
         t = T - 1 - step
         return t, t + 1, t
@@ -158,7 +171,7 @@ def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training, reg, ka):
     CA = xp.empty((S, NC, B, H), dtype=XW.dtype)
     CB = xp.empty_like(CA)
     Start = xp.empty_like(CA)
-    Start[:, 0] = buf.States[:, T if reverse else 0]
+    Start[:, 0] = buf.States[:, _boundary_slots(T, reverse, training)[0]]
     values.update(CA=CA, CB=CB, Start=Start, T=T, NC=NC, CHUNK=SCAN_CHUNK)
     for name, n in (("scan_reduce", B * H * NC), ("scan_carry", B * H),
                     (f"scan_apply_{tag}", B * H * NC)):
@@ -183,10 +196,16 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)
     XW += params["bias_ih"]
-    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj)
+    # Training keeps the state at every time boundary (for BPTT); inference only the
+    # current one, in two slots that take turns (step s reads slot s & 1), as on the CPU.
+    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj,
+                              state_slots=None if training else 2)
+    first, last = _boundary_slots(T, reverse, training)
     if proj:
-        h0, buf.Hp[T if reverse else 0] = common.projection_state(xp, h0, proj, B, H, dtype)
-    buf.States[:, T if reverse else 0] = h0
+        if not training:
+            buf.Hp = xp.empty((2, B, proj), dtype=dtype)
+        h0, buf.Hp[first] = common.projection_state(xp, h0, proj, B, H, dtype)
+    buf.States[:, first] = h0
     if y is None:
         y = xp.empty((T, B, proj or H), dtype=dtype)
     if T > 0 and B > 0:
@@ -198,17 +217,18 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
                                                   lengths, reverse, training)
             except Exception as exc:  # noqa: BLE001 - raised again where path is explicit
                 persistent_failed(path, cell, dtype, B, H, training, exc)
-                chosen = "gemm"  # the GEMM loop rewrites everything the kernel may have
+                chosen = "gemm"  # the GEMM loop rewrites everything the kernel may have,
+                buf.States[:, first] = h0  # the initial state included (two slots)
         if chosen == "persistent":
             pass
         elif not cell.has_recurrent and not cell.normalize:
             _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
         else:
             _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
-    hn = buf.States[:, 0 if reverse else T].copy()
+    hn = buf.States[:, last].copy()
     if proj:
         hn[0] = 0
-        hn[0, :, :proj] = buf.Hp[0 if reverse else T]
+        hn[0, :, :proj] = buf.Hp[last]
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,

@@ -355,13 +355,17 @@ def _fused_specs(cell, reg) -> list[KernelSpec]:
     fused_args = (("XW", 3), ("P", 1), ("States", 4), ("Saved", 4), ("Y", "Y"),
                   ("lengths", "L"), ("reverse", "i"), ("H", "i"), ("dh", "i"), ("s0", "i"),
                   ("s1", "i")) + REG_ARGS
+    # inference keeps two state slots taking turns (step s reads slot s & 1)
+    slots = ("for step in range(s0, s1):\n    t = T - 1 - step if reverse else step\n"
+             "    p = step & 1\n    n = 1 - p\n")
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
         body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=prev, p=pp, z_or_new=target,
                             saved_or_mid=saved, indent=0) + after
         body += "\nY[t, b, j] = States[0, n, b, j]"
         specs.append(KernelSpec(f"fused_forward_{'train' if train else 'infer'}", fused_args,
-                                _ELEM + head + steps + "    if t < lengths[b]:\n"
+                                _ELEM + head + (steps if train else slots)
+                                + "    if t < lengths[b]:\n"
                                 + _ind(body, 8) + "\n    else:\n" + _carry(S, 8)))
 
     def arriving(s):
@@ -442,17 +446,27 @@ def _scan_specs(cell) -> list[KernelSpec]:
     pv = "\n".join(f"pv{s} = Start[{s}, c, b, j]" for s in range(S)) + "\n"
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
-        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}", p=pp,
-                            z_or_new=new, saved_or_mid=saved, indent=0)
-        body += "\nY[t, b, j] = States[0, n, b, j]\n" + "\n".join(
-            f"pv{s} = States[{s}, n, b, j]" for s in range(S))
-        held = "\n".join([f"States[{s}, n, b, j] = pv{s}" for s in range(S)] + ["Y[t, b, j] = 0"])
+        if train:  # every boundary's state, for BPTT
+            body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}",
+                                p=pp, z_or_new=new, saved_or_mid=saved, indent=0)
+            body += "\nY[t, b, j] = States[0, n, b, j]\n" + "\n".join(
+                f"pv{s} = States[{s}, n, b, j]" for s in range(S))
+            held = "\n".join([f"States[{s}, n, b, j] = pv{s}" for s in range(S)]
+                             + ["Y[t, b, j] = 0"])
+            end = ""
+        else:  # two state slots: only the last chunk stores its final state, in slot T & 1
+            body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}",
+                                p=pp, z_or_new=lambda q: f"nv{q}", saved_or_mid=saved, indent=0)
+            body += "\nY[t, b, j] = nv0\n" + "\n".join(f"pv{s} = nv{s}" for s in range(S))
+            held = "Y[t, b, j] = 0"
+            end = "\nif c == NC - 1:\n" + _ind("\n".join(
+                f"States[{s}, T & 1, b, j] = pv{s}" for s in range(S)), 4)
         specs.append(KernelSpec(
             f"scan_apply_{'train' if train else 'infer'}",
             (("XW", 3), ("P", 1), ("Start", 4), ("States", 4), ("Saved", 4), ("Y", "Y"))
             + cargs[2:],
             chunk + pv + fsteps + "    if t < lengths[b]:\n" + _ind(body, 8) + "\n    else:\n"
-            + _ind(held, 8)))
+            + _ind(held, 8) + end))
     # backward coefficients: a from the cell's backward at dstate = 1 (dprev = a * dstate)
     bl = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
                        dstate=lambda q: ones[q], p=pp, dxw=lambda g: None, dhu=lambda r: None,

@@ -9,8 +9,9 @@ The persistent module's contract:
 
 * ``supports(cell, dtype, B, H, training) -> bool`` (used by ``auto``);
 * ``forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
-  training)`` fills ``States`` (all boundaries after the initial one), ``Saved``
-  (when ``training``) and ``Y``, exactly as the GEMM loop does;
+  training)`` fills ``States`` (all boundaries after the initial one; in
+  inference two slots taking turns, initial state in slot 0, final in slot
+  ``T & 1``), ``Saved`` (when ``training``) and ``Y``, exactly as the GEMM loop does;
 * ``backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW,
   dHU)``: ``dS [S,B,H]`` holds ``dhn`` on entry and the complete ``dh0`` on
   exit; fills ``dXW`` and ``dHU`` (zero rows at masked steps).

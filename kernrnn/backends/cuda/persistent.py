@@ -139,6 +139,10 @@ def _forward_source(G: int, S: int, K: int, NB: int, train: bool) -> str:
         [f"States[{s}, n, b, j] = States[{s}, p, b, j]" for s in range(S)] + ["Y[t, b, j] = zero"],
         28,
     )
+    # training keeps the state at every time boundary; inference two slots taking turns
+    slots = _unroll(["if reverse:", "    t = T - 1 - step", "    p = t + 1", "    n = t",
+                     "else:", "    t = step", "    p = t", "    n = t + 1"] if train else
+                    ["t = T - 1 - step if reverse else step", "p = step & 1", "n = 1 - p"], 8)
     rows = _unroll([f"bb{m} = min(b0 + {m}, B - 1)" for m in range(NB)], 12)
     init = _unroll([f"a{g}_{m} = zero" for g in range(G) for m in range(NB)], 12)
     # The k-loop on unsigned offsets from row bases computed once per group: an unsigned
@@ -195,14 +199,7 @@ def {name}(XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, U, NSLOT, s0, s1)
     for step in range(s0, s1):
         if step > s0:
             grid_sync_(grid)  # h of the previous step is complete in every block
-        if reverse:
-            t = T - 1 - step
-            p = t + 1
-            n = t
-        else:
-            t = step
-            p = t
-            n = t + 1
+{slots}
         for r0 in range(0, ngroups, NSLOT):
             grp = min(r0 + slot, ngroups - 1)  # idle slots redo the last group, results unused
             u = grp % nu
@@ -746,8 +743,9 @@ def forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse, train
     """Fill ``States``, ``Saved`` (when ``training``) and ``Y`` like the CPU forward kernels.
 
     ``XW [T,B,G*H]`` has ``b_ih`` added; ``States [S,T+1,B,H]`` holds the
-    initial state at boundary 0 (``reverse``: T); ``Y [T,B,H]`` may be a
-    strided view.  ``blocks``, ``threads``, ``nslot`` (outputs computed
+    initial state at boundary 0 (``reverse``: T); in inference ``States
+    [S,2,B,H]``, two slots taking turns, holds it in slot 0 and ends with the
+    final state in slot ``T & 1``; ``Y [T,B,H]`` may be a strided view.  ``blocks``, ``threads``, ``nslot`` (outputs computed
     side by side; ``threads // nslot`` threads split each dot product) and
     ``nb`` (batch rows per thread) override the plan, for tests;
     ``stepwise`` launches the same kernel once per step (the simulator's
