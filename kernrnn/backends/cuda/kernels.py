@@ -12,8 +12,9 @@ exactly what runs.
 Thread layouts: the element kernels run one thread per (batch row b, unit j)
 with ``hd = j // dh``, ``i = j % dh`` (head and unit within it; a dense cell
 has one head of ``dh = H``); the row kernels (normalisation statistics) one
-block per row and segment (:mod:`kernrnn.backends.cuda.rownorm`); the fused and scan kernels of cells without a
-recurrent matrix one thread per element (and time chunk) looping over time.
+block per row and segment (:mod:`kernrnn.backends.cuda.rownorm`); the fused
+and scan kernels of cells without a recurrent matrix one thread per element
+(and time chunk) looping over time.
 Per-unit parameter gradients are accumulated per (b, j) by the thread that
 owns the element (no atomics) and summed over b afterwards.  Array layouts are
 those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.

@@ -164,7 +164,7 @@ class Launcher:
         return cuda.as_cuda_array(a, sync=False)
 
     def __call__(self, kernel, nthreads, *args):
-        """Launch ``kernel`` on ``nthreads`` threads (one per element) in blocks of :data:`BLOCK`."""
+        """Launch ``kernel`` on ``nthreads`` threads (one per element), :data:`BLOCK` a block."""
         if nthreads <= 0:
             return
         block = SIM_BLOCK if SIMULATOR else BLOCK
