@@ -420,3 +420,27 @@ def test_a_cuda_error_in_a_fast_launch_propagates_and_keeps_fast_launches(monkey
     with pytest.raises(RuntimeError, match="ILLEGAL_ADDRESS"):
         launch(kernel, 10, 1)
     assert cuda_launch.Launcher.fast_enabled is True
+
+
+def test_kernels_take_only_the_arguments_they_read():
+    """No one-element stand-ins in the generated signatures: each array argument costs
+    launch time at every step.  The LSTM's inference step takes no saved values, no
+    per-unit parameters, no norm vectors and no regularisation arrays; its regularised
+    variant takes the masks and seeds."""
+    import re
+
+    from kernrnn.backends.cuda.kernels import kernel_args, kernel_specs
+    from kernrnn.plugins import get_registry
+
+    reg = get_registry()
+    for name in reg.names():
+        for flags in ((False, False), (True, True)):
+            for spec in kernel_specs(reg.get(name), flags):
+                unused = [a for a, _ in spec.args if not re.search(rf"\b{a}\b", spec.body)]
+                assert not unused, f"{name} {flags} {spec.name}: unused arguments {unused}"
+    plain = kernel_args(reg.get("lstm"))
+    assert plain["step_forward_infer"] == ("XW", "HU", "b_hh", "States", "Y", "lengths", "t",
+                                           "p", "n", "tt", "H", "dh")
+    assert "Saved" in plain["step_forward_train"] and "Mr" not in plain["step_backward"]
+    regd = kernel_args(reg.get("lstm"), (True, True))
+    assert {"Mr", "Hd", "Zthr", "Zp", "seed_lo"} <= set(regd["step_forward_train"])

@@ -66,3 +66,21 @@ def test_contiguous_output_signature_also_compiles():
     for name, sig in cb.ptx_signatures(cell, np.float32, y_layout="C").items():
         ptx, _ = cuda.compile_ptx(getattr(k, name), sig, cc=(9, 0))
         assert not F64.search(ptx)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm_ln", "test_lstm_rms"])
+def test_row_statistics_reduce_over_a_block(cell_name):
+    """The norm kernels run one block per row: a shared-memory reduction between barriers
+    (not one thread walking its row), in float32 without float64 instructions."""
+    from zoo_test_cells import LSTM_RMS
+
+    cell = LSTM_RMS if cell_name == "test_lstm_rms" else REGISTRY.get(cell_name)
+    k = cb.get_kernels(cell, np.float32)
+    names = [n for n in cb.ptx_signatures(cell, np.float32) if n.startswith("norm_")]
+    assert sorted(names) == ["norm_hu_backward_py", "norm_hu_py", "norm_z_backward_py",
+                             "norm_z_py"]
+    for name in names:
+        ptx, _ = cuda.compile_ptx(getattr(k, name), cb.ptx_signatures(cell, np.float32)[name],
+                                  cc=(9, 0))
+        assert "bar.sync" in ptx and ".shared" in ptx, f"{cell_name} {name}: no block reduction"
+        assert not F64.search(ptx), f"{cell_name} {name}: float64 in float32 PTX"

@@ -111,6 +111,7 @@ class ForwardContext:
     reg: object = None  # the call's RegularizationCall, or None
     input_mask: object = None  # [B, I] input-dropout mask applied to x, or None
     panels: object = None  # CPU fused path: W_hh packed for the backward by the forward
+    path_asked: str | None = None  # CUDA: the path argument of the forward call
 
     @property
     def States(self):

@@ -88,15 +88,17 @@ def _persistent(cell, a, c, training=True):
     kw = dict(blocks=c["blocks"], threads=c["threads"], nslot=c["nslot"], nb=c.get("nb"),
               stepwise=c.get("stepwise"))
     XW = (a["x"].reshape(T * B, -1) @ a["W_ih"].T).reshape(T, B, G * H) + a["b_ih"]
-    States = np.full((S, T + 1, B, H), np.nan, dt)
-    States[:, T if rev else 0] = a["h0"]
+    # training: every time boundary; inference: two slots taking turns (final in T & 1)
+    States = np.full((S, T + 1 if training else 2, B, H), np.nan, dt)
+    first, last = (T if rev else 0, 0 if rev else T) if training else (0, T & 1)
+    States[:, first] = a["h0"]
     Saved = np.full((K if training else 0, T, B, H), np.nan, dt)
     # y as a strided view into a wider buffer, as a bidirectional layer passes it
     ybuf = np.full((T, B, 2 * H), np.nan, dt)
     Y = ybuf[:, :, H:] if rev else ybuf[:, :, :H]
     cp.forward_loop(cell, XW, a["W_hh"], a["b_hh"], States, Saved, Y, a["lengths"], rev,
                     training, **kw)
-    out = dict(y=Y.copy(), hn=States[:, 0 if rev else T].copy(), States=States, Saved=Saved)
+    out = dict(y=Y.copy(), hn=States[:, last].copy(), States=States, Saved=Saved)
     if not training:
         return out
     dybuf = np.zeros((T, B, 2 * H), dt)
@@ -199,12 +201,12 @@ def test_inference_kernel_leaves_saved_alone():
     a = _arrays(cell, c)
     train = _persistent(cell, a, c, training=True)
     infer = _persistent(cell, a, c, training=False)
-    assert infer["Saved"].shape[0] == 0
+    assert infer["Saved"].shape[0] == 0 and infer["States"].shape[1] == 2
     np.testing.assert_array_equal(infer["y"], train["y"])
     np.testing.assert_array_equal(infer["hn"], train["hn"])
-    # masked steps: y is zero and the state is carried
+    # masked steps: y is zero and the state after row 1's only step is carried
     assert np.all(infer["y"][1:, 1] == 0)
-    np.testing.assert_array_equal(infer["hn"][:, 1], infer["States"][:, 1, 1])
+    np.testing.assert_array_equal(infer["hn"][:, 1], train["States"][:, 1, 1])
 
 
 def test_persistent_launch_refuses_several_blocks_in_simulator():

@@ -29,16 +29,19 @@ from kernrnn.backends.cuda.arrays import xp
 from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
 from kernrnn.backends.cuda.kernels import SCAN_CHUNK
 from kernrnn.backends.cuda.launch import Launcher, get_kernels
-from kernrnn.backends.cuda.paths import choose_path, persistent_module
+from kernrnn.backends.cuda.paths import choose_path, persistent_failed, persistent_module
 from kernrnn.backends.cuda.stepgemm import batched_step_gemm, step_gemm
 
 __all__ = ["forward", "backward", "release"]
 
 
-def _reg_args(w, ka):
-    """The regularisation arguments of the step kernels (kernels.REG_ARGS), wrapped."""
-    return (w(ka.Mr), w(ka.Hd), w(ka.Zthr), w(ka.Zp), ka.seed_lo, ka.seed_hi, ka.zstream,
-            ka.ztrain)
+def _reg_values(ka) -> dict:
+    """The regularisation arguments of the step kernels (kernels.REG_ARGS), by name."""
+    return dict(Mr=ka.Mr, Hd=ka.Hd, Zthr=ka.Zthr, Zp=ka.Zp, seed_lo=ka.seed_lo,
+                seed_hi=ka.seed_hi, zstream=ka.zstream, ztrain=ka.ztrain)
+
+
+_FORWARD_STEP = ("t", "p", "n", "tt", "tm")  # the forward step kernels' per-step scalars
 
 
 def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, reg, ka):
@@ -71,7 +74,8 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         # the product's input, by step: the masked h, the projected h or h
         h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
         if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
-            xp.multiply(buf.States[0, T if reverse else 0], ka.Mr, out=ka.Hd)
+            xp.multiply(buf.States[0, _boundary_slots(T, reverse, training)[0]], ka.Mr,
+                        out=ka.Hd)
         if dense:
             recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
         else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
@@ -80,17 +84,26 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         proj_gemm = step_gemm(buf.States[0], params["weight_hr"], buf.Hp, trans_b=True,
                               c_stack=True) if proj else None
         launch = Launcher()
-        w = launch.wrap
-        saved = buf.Saved if buf.Saved.size else buf.Mid  # a one-element stand-in
-        elem = [w(XW), w(buf.HU), w(b_hh), w(g_hh), w(P), w(buf.States), w(saved), w(buf.Mid),
-                w(buf.Zhat), w(Yk), w(lengths)]
-        regs = _reg_args(w, ka)
-        # every array wrapped once, before the loop: a wrap costs tens of microseconds
-        HU_, Zhat_, lengths_ = elem[1], elem[8], elem[10]
-        Rhh_, Rz_, Gz_, Bz_ = w(buf.Rhh), w(buf.Rz), w(Gz), w(Bz)
-        Hp_, Y_ = (w(buf.Hp), w(Y)) if proj else (None, None)
+        # each kernel's arguments bound by name before the loop (each array wrapped once)
+        values = dict(XW=XW, HU=buf.HU, b_hh=b_hh, g_hh=g_hh, P=P, States=buf.States,
+                      Saved=buf.Saved, Mid=buf.Mid, Zhat=buf.Zhat, Y=Yk, lengths=lengths, H=H,
+                      dh=dh, Gz=Gz, Bz=Bz, Rhh=buf.Rhh, Rz=buf.Rz, **_reg_values(ka))
+        args = k.ARGS
+
+        def bind(name, **extra):
+            return launch.bind(args[name], {**values, **extra}, _FORWARD_STEP)
+
+        if cell.normalize:
+            stage1, stage2 = bind("step_stage1"), bind(f"step_stage2_{tag}")
+            norm_z = bind("norm_z", NSEG=cell.n_norm)
+        else:
+            step_args = bind(f"step_forward_{tag}")
+        if cell.recurrent_norm is not None:
+            norm_hu = bind("norm_hu", NSEG=nseg)
+        if proj:
+            proj_args = bind("proj_forward", Hp=buf.Hp, Y=Y, NP=buf.Hp.shape[2])
         for step in range(T):
-            t, p, n = _step_indices(step, T, reverse)
+            t, p, n = _step_indices(step, T, reverse, training)
             tt = t if keep_hu else 0
             tm = t if training else 0
             if dense:
@@ -98,18 +111,16 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
             else:
                 heads_gemm(0 if rdrop else p, tt)
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu, B * nseg, HU_, Rhh_, lengths_, t, tt, H, dh, NH, nseg)
-            scalars = (t, p, n, tt, tm, H, dh)
+                launch.rows(k.norm_hu, B * nseg, *norm_hu(t, p, n, tt, tm))
             if cell.normalize:
-                launch(k.step_stage1, B * H, *elem, *scalars)
-                launch(k.norm_z, B * cell.n_norm, Zhat_, Rz_, lengths_, t, tm, H, cell.n_norm)
-                launch(getattr(k, f"step_stage2_{tag}"), B * H, *elem, *scalars, Gz_, Bz_, *regs)
+                launch(k.step_stage1, B * H, *stage1(t, p, n, tt, tm))
+                launch.rows(k.norm_z, B * cell.n_norm, *norm_z(t, p, n, tt, tm))
+                launch(getattr(k, f"step_stage2_{tag}"), B * H, *stage2(t, p, n, tt, tm))
             else:
-                launch(getattr(k, f"step_forward_{tag}"), B * H, *elem, *scalars, *regs)
+                launch(getattr(k, f"step_forward_{tag}"), B * H, *step_args(t, p, n, tt, tm))
             if proj:
                 proj_gemm(n)
-                launch(k.proj_forward, B * buf.Hp.shape[2], Hp_, Y_, lengths_, t, p, n,
-                       buf.Hp.shape[2])
+                launch(k.proj_forward, B * buf.Hp.shape[2], *proj_args(t, p, n, tt, tm))
 
     key = None
     if may_capture(cell, reg is not None and any(reg.flags())):
@@ -119,8 +130,20 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     run_loop(key, issue, make_scratch)
 
 
-def _step_indices(step, T, reverse):
-    """``(t, p, n)``: the step's time, and the time boundaries of its previous and new state."""
+def _boundary_slots(T, reverse, training):
+    """``(first, last)``: where the initial state goes and the final one ends up in
+    ``States`` (time boundaries in training; two slots taking turns in inference)."""
+    if not training:
+        return 0, T & 1
+    return (T, 0) if reverse else (0, T)
+
+
+def _step_indices(step, T, reverse, training=True):
+    """``(t, p, n)``: the step's time, and the time boundaries (inference: the slots) of its
+    previous and new state."""
+    if not training:
+        p = step & 1
+        return (T - 1 - step if reverse else step), p, 1 - p
     if reverse:
         t = T - 1 - step
         return t, t + 1, t
@@ -137,23 +160,22 @@ def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training, reg, ka):
     k = get_kernels(cell, XW.dtype, flags)
     tag = "train" if training else "infer"
     launch = Launcher()
-    w = launch.wrap
-    saved = buf.Saved if buf.Saved.size else buf.Mid
+    values = dict(XW=XW, P=P, States=buf.States, Saved=buf.Saved, Y=Y, lengths=lengths,
+                  reverse=int(reverse), H=H, dh=H, s0=0, s1=T, **_reg_values(ka))
     if not cell.linear or T <= SCAN_CHUNK or flags[1]:
-        launch(getattr(k, f"fused_forward_{tag}"), B * H, w(XW), w(P), w(buf.States), w(saved),
-               w(Y), w(lengths), int(reverse), H, H, 0, T, *_reg_args(w, ka))
+        name = f"fused_forward_{tag}"
+        launch(getattr(k, name), B * H, *launch.bind(k.ARGS[name], values)())
         return
     S = cell.n_state
     NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
     CA = xp.empty((S, NC, B, H), dtype=XW.dtype)
     CB = xp.empty_like(CA)
     Start = xp.empty_like(CA)
-    Start[:, 0] = buf.States[:, T if reverse else 0]
-    cargs = (w(CA), w(CB), w(lengths), int(reverse), H, T, NC, SCAN_CHUNK)
-    launch(k.scan_reduce, B * H * NC, w(XW), w(P), *cargs)
-    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(lengths), H)
-    launch(getattr(k, f"scan_apply_{tag}"), B * H * NC, w(XW), w(P), w(Start), w(buf.States),
-           w(saved), w(Y), *cargs[2:])
+    Start[:, 0] = buf.States[:, _boundary_slots(T, reverse, training)[0]]
+    values.update(CA=CA, CB=CB, Start=Start, T=T, NC=NC, CHUNK=SCAN_CHUNK)
+    for name, n in (("scan_reduce", B * H * NC), ("scan_carry", B * H),
+                    (f"scan_apply_{tag}", B * H * NC)):
+        launch(getattr(k, name), n, *launch.bind(k.ARGS[name], values)())
 
 
 def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, reg=None):
@@ -174,30 +196,43 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)
     XW += params["bias_ih"]
-    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj)
+    # Training keeps the state at every time boundary (for BPTT); inference only the
+    # current one, in two slots that take turns (step s reads slot s & 1), as on the CPU.
+    buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj,
+                              state_slots=None if training else 2)
+    first, last = _boundary_slots(T, reverse, training)
     if proj:
-        h0, buf.Hp[T if reverse else 0] = common.projection_state(xp, h0, proj, B, H, dtype)
-    buf.States[:, T if reverse else 0] = h0
+        if not training:
+            buf.Hp = xp.empty((2, B, proj), dtype=dtype)
+        h0, buf.Hp[first] = common.projection_state(xp, h0, proj, B, H, dtype)
+    buf.States[:, first] = h0
     if y is None:
         y = xp.empty((T, B, proj or H), dtype=dtype)
     if T > 0 and B > 0:
         P = common.param_vector(xp, cell, params, H, dtype)
         if chosen == "persistent":
-            persistent_module().forward_loop(cell, XW, params["weight_hh"], params["bias_hh"],
-                                              buf.States, buf.Saved, y, lengths, reverse,
-                                              training)
+            try:
+                persistent_module().forward_loop(cell, XW, params["weight_hh"],
+                                                  params["bias_hh"], buf.States, buf.Saved, y,
+                                                  lengths, reverse, training)
+            except Exception as exc:  # noqa: BLE001 - raised again where path is explicit
+                persistent_failed(path, cell, dtype, B, H, training, exc)
+                chosen = "gemm"  # the GEMM loop rewrites everything the kernel may have,
+                buf.States[:, first] = h0  # the initial state included (two slots)
+        if chosen == "persistent":
+            pass
         elif not cell.has_recurrent and not cell.normalize:
             _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
         else:
             _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
-    hn = buf.States[:, 0 if reverse else T].copy()
+    hn = buf.States[:, last].copy()
     if proj:
         hn[0] = 0
-        hn[0, :, :proj] = buf.Hp[0 if reverse else T]
+        hn[0, :, :proj] = buf.Hp[last]
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
-                             reg=reg, input_mask=input_mask)
+                             reg=reg, input_mask=input_mask, path_asked=path)
     return y, hn, ctx
 
 
@@ -220,7 +255,6 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
     W3 = common.recurrent_weights(cell, params, H) if rec else None
     P = common.param_vector(xp, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
-    one = xp.zeros((1, 1, 1), dtype=dtype)
     DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
 
@@ -237,7 +271,6 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
         dHrec, zeros, dR = scratch
         dHrec.fill(0)
         launch = Launcher()
-        w = launch.wrap
         dense = cell.recurrent == "dense"
         if dense:
             recurrent_gemm = step_gemm(dHU[0], params["weight_hh"], dHrec[0], trans_b=False)
@@ -246,48 +279,56 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
                                            trans_b=False)
         proj_gemm = step_gemm(dHp, params["weight_hr"], dR, trans_b=False, c_stack=True) \
             if proj else None
-        saved = buf.Saved if buf.Saved.size else buf.Mid
-        step_dy, step_dhrec = (dR, zeros) if proj else (dy, dHrec if rec else one)
-        # every array wrapped once, before the loop: a wrap costs tens of microseconds
-        lengths_, dS_, dHU_, Zhat_, DZ_ = (w(a) for a in (ctx.lengths, dS, dHU, buf.Zhat, DZ))
-        args = [w(step_dy), dS_, w(step_dhrec), w(saved), w(buf.States), w(buf.Mid), Zhat_,
-                w(P), lengths_, w(dXW), dHU_, w(acc["params"]), DZ_, w(DM), w(Gz), w(Bz),
-                w(acc["gz"]), w(acc["bz"])]
+        # the step reads the projection's dR as its output gradient, and zeros for dHrec
+        step_dy, step_dhrec = (dR, zeros) if proj else (dy, dHrec if rec else None)
+        # each kernel's arguments bound by name before the loop (each array wrapped once)
+        values = dict(dY=step_dy, dS=dS, dHrec=step_dhrec, Saved=buf.Saved, States=buf.States,
+                      Mid=buf.Mid, Zhat=buf.Zhat, P=P, lengths=ctx.lengths, dXW=dXW, dHU=dHU,
+                      dP=acc["params"], DZ=DZ, DM=DM, Gz=Gz, Bz=Bz, dGz=acc["gz"],
+                      dBz=acc["bz"], H=H, dh=dh, Rz=buf.Rz, HU=buf.HU, Rhh=buf.Rhh, g_hh=g_hh,
+                      db_hh=acc["bias_hh"], dg_hh=acc["norm_hh"], **_reg_values(ka))
+        names = k.ARGS
+
+        def bind(name, **extra):
+            return launch.bind(names[name], {**values, **extra}, ("t", "p"))
+
         nseg = buf.Rhh.shape[2]
-        regs = _reg_args(w, ka)
         if cell.normalize:
-            Rz_ = w(buf.Rz)
+            back2, back1 = bind("step_backward2"), bind("step_backward1")
+            norm_z = bind("norm_z_backward", NSEG=cell.n_norm)
+        else:
+            back = bind("step_backward")
         if cell.recurrent_norm is not None:
-            norm_hu_args = (dHU_, w(buf.HU), w(buf.Rhh), w(g_hh), w(acc["bias_hh"]),
-                            w(acc["norm_hh"]), lengths_)
+            norm_hu = bind("norm_hu_backward", NSEG=nseg)
         if proj:
-            dHrec_, dSp_ = w(dHrec), w(dSp)
-            proj_args = (w(dy), dHrec_, dSp_, w(dHp), lengths_)
+            NPv = dict(dY=dy, dHrec=dHrec, dSp=dSp, dHp=dHp, NP=NP)
+            proj_args, carry_args = bind("proj_backward", **NPv), bind("proj_carry", **NPv)
+        elif rec:
+            add_args = bind("add_recurrent", dHrec=dHrec)
         for step in range(T):
             t = step if ctx.reverse else T - 1 - step
             p = t + 1 if ctx.reverse else t
             if proj:
-                launch(k.proj_backward, B * NP, *proj_args, t, NP)
+                launch(k.proj_backward, B * NP, *proj_args(t, p))
                 proj_gemm(t)
             if cell.normalize:
-                launch(k.step_backward2, B * H, *args, t, p, H, dh, *regs)
-                launch(k.norm_z_backward, B * cell.n_norm, DZ_, Zhat_, Rz_, lengths_, t, H,
-                       cell.n_norm)
-                launch(k.step_backward1, B * H, *args, t, p, H, dh, *regs)
+                launch(k.step_backward2, B * H, *back2(t, p))
+                launch.rows(k.norm_z_backward, B * cell.n_norm, *norm_z(t, p))
+                launch(k.step_backward1, B * H, *back1(t, p))
             else:
-                launch(k.step_backward, B * H, *args, t, p, H, dh, *regs)
+                launch(k.step_backward, B * H, *back(t, p))
             if not rec:
                 continue
             if cell.recurrent_norm is not None:
-                launch(k.norm_hu_backward, B * nseg, *norm_hu_args, t, H, dh, NH, nseg)
+                launch.rows(k.norm_hu_backward, B * nseg, *norm_hu(t, p))
             if dense:
                 recurrent_gemm(t)
             else:
                 heads_gemm(t, 0)
         if proj:
-            launch(k.proj_carry, B * NP, dHrec_, dSp_, lengths_, NP)
+            launch(k.proj_carry, B * NP, *carry_args(0, 0))
         elif rec:
-            launch(k.add_recurrent, B * H, dS_, w(dHrec), lengths_, H, dh, w(ka.Mr))
+            launch(k.add_recurrent, B * H, *add_args(0, 0))
 
     key = None
     if may_capture(cell, ctx.reg is not None and any(ctx.reg.flags())):
@@ -306,12 +347,11 @@ def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
     k = get_kernels(cell, dXW.dtype, flags)
     P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype)
     launch = Launcher()
-    w = launch.wrap
-    saved = buf.Saved if buf.Saved.size else buf.Mid
+    values = dict(dY=dy, dS=dS, Saved=buf.Saved, States=buf.States, P=P, lengths=ctx.lengths,
+                  dXW=dXW, dP=acc["params"], reverse=int(ctx.reverse), H=H, dh=H, s0=0, s1=T,
+                  **_reg_values(ka))
     if not cell.linear or T <= SCAN_CHUNK or flags[1]:
-        launch(k.fused_backward, B * H, w(dy), w(dS), w(saved), w(buf.States), w(P),
-               w(ctx.lengths), w(dXW), w(acc["params"]), int(ctx.reverse), H, H, 0, T,
-               *_reg_args(w, ka))
+        launch(k.fused_backward, B * H, *launch.bind(k.ARGS["fused_backward"], values)())
         return
     S = cell.n_state
     NC = (T + SCAN_CHUNK - 1) // SCAN_CHUNK
@@ -319,11 +359,10 @@ def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
     CB, Start = xp.empty_like(CA), xp.empty_like(CA)
     Start[:, 0] = dS
     dP = xp.zeros((NC * B, acc["params"].shape[1]), dtype=dXW.dtype)
-    cargs = (w(CA), w(CB), w(ctx.lengths), int(ctx.reverse), H, T, NC, SCAN_CHUNK)
-    launch(k.scan_reduce_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), *cargs)
-    launch(k.scan_carry, B * H, w(CA), w(CB), w(Start), w(ctx.lengths), H)
-    launch(k.scan_apply_backward, B * H * NC, w(dy), w(saved), w(buf.States), w(P), w(Start),
-           w(dXW), w(dP), w(dS), *cargs[2:])
+    values.update(CA=CA, CB=CB, Start=Start, dP=dP, T=T, NC=NC, CHUNK=SCAN_CHUNK)
+    for name, n in (("scan_reduce_backward", B * H * NC), ("scan_carry", B * H),
+                    ("scan_apply_backward", B * H * NC)):
+        launch(getattr(k, name), n, *launch.bind(k.ARGS[name], values)())
     acc["params"] += dP.reshape(NC, B, -1).sum(axis=0)
 
 
@@ -360,9 +399,20 @@ def backward(ctx: ForwardContext, dy, dhn):
         ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     ka = regularization.kernel_arrays(xp, ctx.reg, cell, B, H, dtype)  # masks regenerated
     if T > 0 and B > 0:
-        if ctx.path == "persistent":
-            persistent_module().backward_loop(cell, dy, dS, params["weight_hh"], buf.States,
-                                               buf.Saved, ctx.lengths, ctx.reverse, dXW, dHU[0])
+        path = ctx.path
+        if path == "persistent":
+            dS_in = dS.copy()  # the kernel updates dS in place; the GEMM loop needs dhn
+            try:
+                persistent_module().backward_loop(cell, dy, dS, params["weight_hh"],
+                                                   buf.States, buf.Saved, ctx.lengths,
+                                                   ctx.reverse, dXW, dHU[0])
+            except Exception as exc:  # noqa: BLE001 - raised again where path is explicit
+                persistent_failed(ctx.path_asked, cell, dtype, B, H,
+                                  True, exc)
+                dS[...] = dS_in
+                path = "gemm"
+        if path == "persistent":
+            pass
         elif not rec and not cell.normalize:
             _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
         else:

@@ -12,8 +12,9 @@ exactly what runs.
 Thread layouts: the element kernels run one thread per (batch row b, unit j)
 with ``hd = j // dh``, ``i = j % dh`` (head and unit within it; a dense cell
 has one head of ``dh = H``); the row kernels (normalisation statistics) one
-thread per row and segment; the fused and scan kernels of cells without a
-recurrent matrix one thread per element (and time chunk) looping over time.
+block per row and segment (:mod:`kernrnn.backends.cuda.rownorm`); the fused
+and scan kernels of cells without a recurrent matrix one thread per element
+(and time chunk) looping over time.
 Per-unit parameter gradients are accumulated per (b, j) by the thread that
 owns the element (no atomics) and summed over b afterwards.  Array layouts are
 those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.
@@ -21,7 +22,8 @@ those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from kernrnn.backends.codegen import (
     backward1_call,
@@ -30,17 +32,17 @@ from kernrnn.backends.codegen import (
     forward2_call,
     forward_call,
     hu_gates,
-    row_norm,
-    row_norm_backward,
     zoneout_backward,
     zoneout_stores,
 )
+from kernrnn.backends.cuda.rownorm import ROW_HEAD, block_row_norm, block_row_norm_backward
 
-__all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK"]
+__all__ = ["KernelSpec", "kernel_specs", "kernel_source", "signatures", "SCAN_CHUNK",
+           "kernel_args"]
 
 #: Time steps per chunk of the parallel scan of linear-in-state cells.
 SCAN_CHUNK = 16
-#: Regularisation arguments of every step kernel (one-element stand-ins when off).
+#: Regularisation arguments of the step kernels (a kernel keeps those its body reads).
 REG_ARGS = (("Mr", 2), ("Hd", 2), ("Zthr", "U"), ("Zp", 1), ("seed_lo", "i"), ("seed_hi", "i"),
             ("zstream", "i"), ("ztrain", "i"))
 
@@ -74,15 +76,15 @@ hd = j // dh
 i = j - hd * dh
 """
 
-_ROW = """idx = cuda.grid(1)
-B = lengths.shape[0]
-if idx >= B * NSEG:
-    return
-b = idx // NSEG
-seg = idx - b * NSEG
-if t >= lengths[b]:
-    return
-"""
+def _hu_row(rnorm, Gr: int):
+    """How a row kernel of the recurrent norm visits its values ``HU[., hd, b, r * dh + i]``:
+    ``(visit, length, rstd, head)``, ``rstd`` with ``{t}`` for the time slot.  Over the
+    whole row (``Gr*H`` values, one segment) or per recurrent gate (segment = gate)."""
+    heads = ["hd = q // dh", "i = q - hd * dh"]
+    if rnorm.over == "row":
+        return ([f"for e in range(tid, {Gr} * H, nt):", "r = e // H", "q = e - r * H"] + heads,
+                f"{Gr} * H", "Rhh[{t}, b, 0]", "")
+    return ["for q in range(tid, H, nt):"] + heads, "H", "Rhh[{t}, b, r]", "r = seg\n"
 
 
 def _carry(S: int, indent: int) -> str:
@@ -164,30 +166,43 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
         specs.append(KernelSpec("step_stage1", fwd_args,
                                 _ELEM + "if t < lengths[b]:\n" + _ind(st1, 4)))
         body = "".join(
-            f"if seg == {k}:\n" + _ind(row_norm(cell.normalize_kind, ["for j in range(H):"],
-                                                f"Zhat[{k}, tm, b, j]", "H", f"Rz[{k}, tm, b]",
-                                                indent=0, prefix="z_"), 4) + "\n"
+            f"if seg == {k}:\n" + _ind(block_row_norm(
+                cell.normalize_kind, ["for j in range(tid, H, nt):"], f"Zhat[{k}, tm, b, j]",
+                "H", f"Rz[{k}, tm, b]", prefix="z_"), 4) + "\n"
             for k in range(cell.n_norm))
         specs.append(KernelSpec("norm_z", (("Zhat", 4), ("Rz", 3), ("lengths", "L"), ("t", "i"),
-                                           ("tm", "i"), ("H", "i"), ("NSEG", "i")), _ROW + body))
+                                           ("tm", "i"), ("H", "i"), ("NSEG", "i")),
+                                ROW_HEAD + body))
     if rnorm is not None:
-        loops = ["for hd in range(NH):", "for i in range(dh):"]
-        value = "HU[tt, hd, b, r * dh + i]"
-        if rnorm.over == "gate":
-            body = "r = seg\n" + row_norm(rnorm.kind, loops, value, "H", "Rhh[tt, b, r]",
-                                          indent=0, prefix="n_")
-        else:
-            body = row_norm(rnorm.kind, [f"for r in range({Gr}):"] + loops, value, f"{Gr} * H",
-                            "Rhh[tt, b, 0]", indent=0, prefix="n_")
+        visit, length, rstd, head = _hu_row(rnorm, Gr)
+        body = head + block_row_norm(rnorm.kind, visit, "HU[tt, hd, b, r * dh + i]", length,
+                                     rstd.format(t="tt"), prefix="n_")
         specs.append(KernelSpec("norm_hu", (("HU", 4), ("Rhh", 3), ("lengths", "L"), ("t", "i"),
-                                            ("tt", "i"), ("H", "i"), ("dh", "i"), ("NH", "i"),
-                                            ("NSEG", "i")), _ROW + body))
+                                            ("tt", "i"), ("H", "i"), ("dh", "i"), ("NSEG", "i")),
+                                ROW_HEAD + body))
     specs += _backward_specs(cell, reg)
     if not rec and not cell.normalize:
         specs += _fused_specs(cell, reg)
     if not any(reg) and _projectable(cell):
         specs += _projection_specs()
-    return specs
+    return [_used_args(spec) for spec in specs]
+
+
+def _used_args(spec: KernelSpec) -> KernelSpec:
+    """``spec`` without the arguments its body never reads.
+
+    The argument lists above are written per kernel family; a cell or
+    variant that has no per-unit parameters, normalisation, saved values or
+    regularisation would otherwise be passed one-element stand-ins, and each
+    array argument costs about 3.5 us of launch time (numba-cuda), every step.
+    """
+    used = tuple(a for a in spec.args if re.search(rf"\b{a[0]}\b", spec.body))
+    return replace(spec, args=used)
+
+
+def kernel_args(cell, reg=(False, False)) -> dict:
+    """The argument names of every kernel of ``cell``, in order, by kernel name."""
+    return {spec.name: tuple(a for a, _ in spec.args) for spec in kernel_specs(cell, reg)}
 
 
 def _projectable(cell) -> bool:
@@ -288,13 +303,13 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
         specs.append(KernelSpec("step_backward2", args, _ELEM + "if t < lengths[b]:\n"
                                 + _ind(st2, 4) + "\nelse:\n" + _ind(masked.rstrip(), 4)))
         body = "".join(
-            f"if seg == {k}:\n" + _ind(row_norm_backward(
-                cell.normalize_kind, ["for j in range(H):"], f"DZ[{k}, b, j]",
-                f"Zhat[{k}, t, b, j]", "H", f"Rz[{k}, t, b]", indent=0, prefix="z_"), 4) + "\n"
+            f"if seg == {k}:\n" + _ind(block_row_norm_backward(
+                cell.normalize_kind, ["for j in range(tid, H, nt):"], f"DZ[{k}, b, j]",
+                f"Zhat[{k}, t, b, j]", "H", f"Rz[{k}, t, b]", prefix="z_"), 4) + "\n"
             for k in range(cell.n_norm))
         specs.append(KernelSpec("norm_z_backward", (("DZ", 3), ("Zhat", 4), ("Rz", 3),
                                                     ("lengths", "L"), ("t", "i"), ("H", "i"),
-                                                    ("NSEG", "i")), _ROW + body))
+                                                    ("NSEG", "i")), ROW_HEAD + body))
         st1 = backward1_call(cell, mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev,
                              dz=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
                              p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp, indent=0)
@@ -304,22 +319,16 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
         u = "r * H + hd * dh + i"
         v = "dHU[hd, t, b, r * dh + i]"
         xhat = "HU[t, hd, b, r * dh + i]"
-        loops = ["for hd in range(NH):", "for i in range(dh):"]
-        if rnorm.over == "row":
-            loops = [f"for r in range({Gr}):"] + loops
-            length, rstd, head = f"{Gr} * H", "Rhh[t, b, 0]", ""
-        else:
-            length, rstd, head = "H", "Rhh[t, b, r]", "r = seg\n"
-        nest = "\n".join("    " * d + loop for d, loop in enumerate(loops))
-        acc = _ind(f"db_hh[b, {u}] += {v}\ndg_hh[b, {u}] += {v} * {xhat}\n"
-                   f"{v} = {v} * g_hh[{u}]", 4 * len(loops))
-        back = row_norm_backward(rnorm.kind, loops, v, xhat, length, rstd, indent=0,
-                                 prefix="n_")
+        visit, length, rstd, head = _hu_row(rnorm, Gr)
+        before = [f"db_hh[b, {u}] += {v}", f"dg_hh[b, {u}] += {v} * {xhat}",
+                  f"{v} = {v} * g_hh[{u}]"]
+        back = block_row_norm_backward(rnorm.kind, visit, v, xhat, length, rstd.format(t="t"),
+                                       prefix="n_", before=before)
         specs.append(KernelSpec("norm_hu_backward", (("dHU", 4), ("HU", 4), ("Rhh", 3),
                                                      ("g_hh", 1), ("db_hh", 2), ("dg_hh", 2),
                                                      ("lengths", "L"), ("t", "i"), ("H", "i"),
-                                                     ("dh", "i"), ("NH", "i"), ("NSEG", "i")),
-                                _ROW + head + nest + "\n" + acc + "\n" + back))
+                                                     ("dh", "i"), ("NSEG", "i")),
+                                ROW_HEAD + head + back))
     if rec:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
                                                   ("H", "i"), ("dh", "i"), ("Mr", 2)),
@@ -347,13 +356,17 @@ def _fused_specs(cell, reg) -> list[KernelSpec]:
     fused_args = (("XW", 3), ("P", 1), ("States", 4), ("Saved", 4), ("Y", "Y"),
                   ("lengths", "L"), ("reverse", "i"), ("H", "i"), ("dh", "i"), ("s0", "i"),
                   ("s1", "i")) + REG_ARGS
+    # inference keeps two state slots taking turns (step s reads slot s & 1)
+    slots = ("for step in range(s0, s1):\n    t = T - 1 - step if reverse else step\n"
+             "    p = step & 1\n    n = 1 - p\n")
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
         body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=prev, p=pp, z_or_new=target,
                             saved_or_mid=saved, indent=0) + after
         body += "\nY[t, b, j] = States[0, n, b, j]"
         specs.append(KernelSpec(f"fused_forward_{'train' if train else 'infer'}", fused_args,
-                                _ELEM + head + steps + "    if t < lengths[b]:\n"
+                                _ELEM + head + (steps if train else slots)
+                                + "    if t < lengths[b]:\n"
                                 + _ind(body, 8) + "\n    else:\n" + _carry(S, 8)))
 
     def arriving(s):
@@ -434,17 +447,27 @@ def _scan_specs(cell) -> list[KernelSpec]:
     pv = "\n".join(f"pv{s} = Start[{s}, c, b, j]" for s in range(S)) + "\n"
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
-        body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}", p=pp,
-                            z_or_new=new, saved_or_mid=saved, indent=0)
-        body += "\nY[t, b, j] = States[0, n, b, j]\n" + "\n".join(
-            f"pv{s} = States[{s}, n, b, j]" for s in range(S))
-        held = "\n".join([f"States[{s}, n, b, j] = pv{s}" for s in range(S)] + ["Y[t, b, j] = 0"])
+        if train:  # every boundary's state, for BPTT
+            body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}",
+                                p=pp, z_or_new=new, saved_or_mid=saved, indent=0)
+            body += "\nY[t, b, j] = States[0, n, b, j]\n" + "\n".join(
+                f"pv{s} = States[{s}, n, b, j]" for s in range(S))
+            held = "\n".join([f"States[{s}, n, b, j] = pv{s}" for s in range(S)]
+                             + ["Y[t, b, j] = 0"])
+            end = ""
+        else:  # two state slots: only the last chunk stores its final state, in slot T & 1
+            body = forward_call(cell, xw=xw, hu=lambda g: "ZERO", prev=lambda q: f"pv{q}",
+                                p=pp, z_or_new=lambda q: f"nv{q}", saved_or_mid=saved, indent=0)
+            body += "\nY[t, b, j] = nv0\n" + "\n".join(f"pv{s} = nv{s}" for s in range(S))
+            held = "Y[t, b, j] = 0"
+            end = "\nif c == NC - 1:\n" + _ind("\n".join(
+                f"States[{s}, T & 1, b, j] = pv{s}" for s in range(S)), 4)
         specs.append(KernelSpec(
             f"scan_apply_{'train' if train else 'infer'}",
             (("XW", 3), ("P", 1), ("Start", 4), ("States", 4), ("Saved", 4), ("Y", "Y"))
             + cargs[2:],
             chunk + pv + fsteps + "    if t < lengths[b]:\n" + _ind(body, 8) + "\n    else:\n"
-            + _ind(held, 8)))
+            + _ind(held, 8) + end))
     # backward coefficients: a from the cell's backward at dstate = 1 (dprev = a * dstate)
     bl = backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
                        dstate=lambda q: ones[q], p=pp, dxw=lambda g: None, dhu=lambda r: None,
@@ -478,8 +501,10 @@ def _scan_specs(cell) -> list[KernelSpec]:
 
 def kernel_source(cell, reg=(False, False)) -> str:
     """Python source of every kernel of ``cell`` (``name_py`` functions and jitted ``name``)."""
-    parts = ["from numba import cuda\n"]
-    for spec in kernel_specs(cell, reg):
+    specs = kernel_specs(cell, reg)
+    args = {spec.name: tuple(a for a, _ in spec.args) for spec in specs}
+    parts = ["from numba import cuda\n\n", f"ARGS = {args!r}\n"]
+    for spec in specs:
         args = ", ".join(a for a, _ in spec.args)
         parts.append(f"\ndef {spec.name}_py({args}):\n{_ind(spec.body, 4)}\n\n\n"
                      f"{spec.name} = cuda.jit(cache=CACHE)({spec.name}_py)\n")

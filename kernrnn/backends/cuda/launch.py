@@ -13,14 +13,16 @@ import contextlib
 import warnings
 from functools import cache
 
+import numba
 import numpy as np
 
 from kernrnn.backends.codegen import cell_fingerprint, load_module, math_namespace
 from kernrnn.backends.cuda.arrays import SIMULATOR, cuda, cupy, need_numba_cuda
 from kernrnn.backends.cuda.kernels import kernel_source, signatures
+from kernrnn.backends.cuda.rownorm import ROW_BLOCK
 
 __all__ = ["BLOCK", "SIM_BLOCK", "kernel_sources", "get_kernels", "ptx_signatures", "Launcher",
-           "quiet_low_occupancy"]
+           "quiet_low_occupancy", "follow_cupy_device"]
 
 BLOCK = 256  # threads per block of the pointwise kernels
 # The simulator runs each thread of a block as a Python thread: small blocks keep it
@@ -45,6 +47,7 @@ def get_kernels(cell, dtype, reg=(False, False)):
     source = f"# dtype {dtype}\n" + kernel_sources(cell, reg)
     namespace = math_namespace(cell, dtype)
     namespace["CACHE"] = not SIMULATOR
+    namespace["NBT"] = numba.from_dtype(dtype)  # the shared arrays' element type
     tag = (f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"
            + ("_reg" if any(reg) else ""))
     return load_module(source, tag, namespace)
@@ -67,11 +70,18 @@ def quiet_low_occupancy():
         yield
 
 
+def follow_cupy_device() -> None:
+    """Make CuPy's current GPU Numba's current one too (a no-op without CuPy)."""
+    if cupy is None or SIMULATOR:
+        return
+    dev = cupy.cuda.Device().id
+    if cuda.get_current_device().id != dev:
+        cuda.select_device(dev)
+
+
 def _numba_stream():
     """CuPy's current stream (and device) as a Numba stream."""
-    dev = cupy.cuda.Device().id
-    if cuda.get_current_device().id != dev:  # follow CuPy's current GPU
-        cuda.select_device(dev)
+    follow_cupy_device()
     ptr = cupy.cuda.get_current_stream().ptr
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
@@ -100,6 +110,44 @@ class Launcher:
         self.stream = None if SIMULATOR else (stream if stream is not None else _numba_stream())
         self._launch_stream = self.stream
         self._fast = {}
+        self._wrapped = {}  # id(array) -> (array, its device view): one wrap per array
+
+    def bind(self, names, values: dict, step=()):
+        """``f(*step_values)``: the arguments of a kernel whose signature is ``names``
+        (the generated module's ``ARGS``), taken from ``values`` by name and wrapped
+        once, with the per-launch ``step`` names filled from ``f``'s arguments.
+
+        A name the kernel reads that ``values`` lacks (or holds as None) raises:
+        kernels take no stand-ins for what they do not use, so host and kernel
+        must agree on each argument.
+        """
+        args = []
+        for name in names:
+            if name in step:
+                args.append(None)
+                continue
+            value = values.get(name)
+            if value is None:
+                raise ValueError(f"kernel arguments {names}: no value for {name!r}")
+            args.append(self.wrap_once(value) if hasattr(value, "shape") else value)
+        slots = [(names.index(s), i) for i, s in enumerate(step) if s in names]
+        if not slots:
+            fixed = tuple(args)
+            return lambda *_: fixed
+
+        def f(*step_values):
+            for pos, i in slots:
+                args[pos] = step_values[i]
+            return tuple(args)
+
+        return f
+
+    def wrap_once(self, a):
+        """:meth:`wrap`, once per array for this launcher (a wrap costs tens of microseconds)."""
+        hit = self._wrapped.get(id(a))
+        if hit is None:
+            hit = self._wrapped[id(a)] = (a, self.wrap(a))
+        return hit[1]
 
     @staticmethod
     def wrap(a):
@@ -116,24 +164,34 @@ class Launcher:
         return cuda.as_cuda_array(a, sync=False)
 
     def __call__(self, kernel, nthreads, *args):
+        """Launch ``kernel`` on ``nthreads`` threads (one per element), :data:`BLOCK` a block."""
         if nthreads <= 0:
             return
-        if SIMULATOR:
-            kernel[(nthreads + SIM_BLOCK - 1) // SIM_BLOCK, SIM_BLOCK](*args)
+        block = SIM_BLOCK if SIMULATOR else BLOCK
+        self._launch(kernel, (nthreads + block - 1) // block, block, args)
+
+    def rows(self, kernel, nrows, *args):
+        """Launch a row kernel (:mod:`.rownorm`): one block of ``ROW_BLOCK`` threads per row."""
+        if nrows <= 0:
             return
-        grid = (nthreads + BLOCK - 1) // BLOCK
+        self._launch(kernel, nrows, SIM_BLOCK if SIMULATOR else ROW_BLOCK, args)
+
+    def _launch(self, kernel, grid, block, args):
+        if SIMULATOR:
+            kernel[grid, block](*args)
+            return
         fast = self._fast.get(id(kernel))
         if fast is not None and Launcher.fast_enabled:
             try:
-                fast.launch(args, (grid, 1, 1), (BLOCK, 1, 1), self._launch_stream, 0)
+                fast.launch(args, (grid, 1, 1), (block, 1, 1), self._launch_stream, 0)
                 return
             except (TypeError, AttributeError) as exc:  # the internal entry point changed
                 Launcher.fast_enabled = False
                 warnings.warn(f"kernrnn: direct kernel launch failed ({type(exc).__name__}: "
                               f"{exc}); launching through Numba's dispatcher from now on",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
         with quiet_low_occupancy():
-            configured = kernel[grid, BLOCK, self.stream]
+            configured = kernel[grid, block, self.stream]
         configured(*args)
         self._launch_stream = getattr(configured, "stream", self.stream)
         try:
@@ -143,4 +201,3 @@ class Launcher:
                 self._fast[id(kernel)] = compiled
         except Exception:  # noqa: BLE001 - keep the dispatcher path
             pass
-

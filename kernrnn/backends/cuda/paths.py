@@ -9,8 +9,9 @@ The persistent module's contract:
 
 * ``supports(cell, dtype, B, H, training) -> bool`` (used by ``auto``);
 * ``forward_loop(cell, XW, W_hh, b_hh, States, Saved, Y, lengths, reverse,
-  training)`` fills ``States`` (all boundaries after the initial one), ``Saved``
-  (when ``training``) and ``Y``, exactly as the GEMM loop does;
+  training)`` fills ``States`` (all boundaries after the initial one; in
+  inference two slots taking turns, initial state in slot 0, final in slot
+  ``T & 1``), ``Saved`` (when ``training``) and ``Y``, exactly as the GEMM loop does;
 * ``backward_loop(cell, dY, dS, W_hh, States, Saved, lengths, reverse, dXW,
   dHU)``: ``dS [S,B,H]`` holds ``dhn`` on entry and the complete ``dh0`` on
   exit; fills ``dXW`` and ``dHU`` (zero rows at masked steps).
@@ -29,7 +30,7 @@ import warnings
 import numpy as np
 
 __all__ = ["PATHS", "PATH_ENV", "set_path", "get_path", "resolve_path", "persistent_module",
-           "choose_path"]
+           "choose_path", "persistent_failed"]
 
 PATHS = ("auto", "gemm", "persistent")
 PATH_ENV = "KERNRNN_CUDA_PATH"
@@ -92,8 +93,29 @@ def resolve_path(path, cell, dtype, B, H, training) -> str:
     return "gemm"
 
 
-
 _fallback_warned: set = set()  # cell names warned about (once per process)
+# (cell name, dtype, B, H, training) where the persistent kernel failed: gemm from then on
+_persistent_failures: set = set()
+_failure_warned: set = set()  # cell names warned about a failed persistent kernel
+
+
+def _problem(cell, dtype, B, H, training):
+    return cell.name, np.dtype(dtype).str, int(B), int(H), bool(training)
+
+
+def persistent_failed(path, cell, dtype, B, H, training, exc) -> None:
+    """The persistent kernel raised ``exc`` (a launch or compile error, too few resources
+    on this GPU): re-raise it where ``path="persistent"`` was asked for explicitly;
+    otherwise the caller runs the GEMM path, this problem stays on it from now on, and
+    one warning per cell says why."""
+    if path == "persistent":
+        raise exc
+    _persistent_failures.add(_problem(cell, dtype, B, H, training))
+    if cell.name not in _failure_warned:
+        _failure_warned.add(cell.name)
+        warnings.warn(f"kernrnn: the persistent CUDA kernel failed for cell {cell.name!r} "
+                      f"(B={B}, H={H}, {np.dtype(dtype)}: {type(exc).__name__}: {exc}); "
+                      f"running the 'gemm' path instead", RuntimeWarning, stacklevel=3)
 
 
 def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=False) -> str:
@@ -106,8 +128,13 @@ def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=
     an explicit ``path="persistent"`` raises; a ``persistent`` that comes from
     ``KERNRNN_CUDA_PATH`` or :func:`set_path` (a process-wide choice, meant for
     the cells that can use it) falls back to ``"gemm"`` with one warning per cell.
+    A problem on which the persistent kernel failed (:func:`persistent_failed`) runs on
+    ``"gemm"`` unless ``path="persistent"``.
     """
     chosen = resolve_path(path, cell, dtype, B, H, training)
+    if chosen == "persistent" and path != "persistent" \
+            and _problem(cell, dtype, B, H, training) in _persistent_failures:
+        return "gemm"  # it failed here before (persistent_failed)
     if chosen != "persistent" or regularised or projected:
         return "gemm" if chosen == "persistent" else chosen
     if cell.plain:
