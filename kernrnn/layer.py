@@ -287,7 +287,7 @@ class RNN:
             if ctx is None:
                 raise ValueError(
                     f"backward() needs a forward() call in training mode first, in this thread "
-                    f"({threading.current_thread().name!r}): none since its last backward, or "
+                    f"({threading.current_thread().name!r}): none since the last backward, or "
                     f"the layer is in eval mode (each thread's backward pairs with its own "
                     f"forward)"
                 )
