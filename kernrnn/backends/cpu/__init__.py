@@ -13,11 +13,12 @@ Per layer and direction:
   ``dh_{t-1} = dHU_t @ W_hh`` per chunk), then the weight gradients and ``dx``
   as large GEMMs over all T*B rows.
 
-Dense cells (:func:`fused_path`) take a faster road: ``W_ih`` and ``W_hh``
-are packed into panels of 16 units (every gate of them) and each step runs
-register-blocked tiles (:mod:`~kernrnn.backends.cpu.microkernel`) with the
-cell's step right behind, on small row buffers instead of the T-long ``XW``
-and ``HU``; BPTT's ``dHU_t @ W_hh`` uses the same kind of tiles.
+Dense cells (:func:`~kernrnn.backends.cpu.fused_source.fused_path`) take a
+faster road: ``W_ih`` and ``W_hh`` are packed into panels of 16 units (every
+gate of them) and each step runs register-blocked tiles
+(:mod:`~kernrnn.backends.cpu.microkernel`) with the cell's step right behind,
+on small row buffers instead of the T-long ``XW`` and ``HU``; BPTT's ``dHU_t
+@ W_hh`` uses the same kind of tiles.
 
 Array layouts (time-major): ``States[s, t', b, j]`` holds the state at time
 boundary t' (``States[:, 0]`` is h0 for the forward direction, ``States[:,
@@ -26,13 +27,14 @@ backward; gate g of unit j is column ``g*H + j`` of ``XW``, ``HU``, ``dXW``,
 ``dHU`` (PyTorch's row order of ``W_ih``), so the pointwise loop over j reads
 G contiguous streams and vectorises.
 
-Where each part lives: :mod:`.host` (``forward``/``backward``/``release``),
-:mod:`.threads` (thread pool, BLAS ownership, thread split), :mod:`.build`
-(kernel assembly and caching), :mod:`.source` and :mod:`.fused_source`
-(kernel source), :mod:`.kernel_args` (every kernel argument, described once),
-:mod:`.packed` (packed weight panels), :mod:`.workspace` (reused buffers),
-:mod:`.tuning` (tuning constants and their measurements), :mod:`.timing`
-(the ``kernrnn bench --timeline`` hook).
+Where each part lives (modules of this package): ``host`` (``forward``,
+``backward``, ``release``), ``threads`` (thread pool, BLAS ownership, thread
+split), ``build`` (kernel assembly and caching), ``source`` and
+``fused_source`` (kernel source), ``kernel_args`` (every kernel argument,
+described once), ``packed`` (packed weight panels), ``workspace`` (reused
+buffers), ``microkernel`` (register tiles, step barrier), ``tuning`` (tuning
+constants and their measurements), ``timing`` (the ``kernrnn bench
+--timeline`` hook).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class CpuKernels:
 
 @dataclass(frozen=True)
 class FusedKernels:
-    """A dense cell's kernels on packed ``W_hh`` (see :func:`fused_path`).
+    """A dense cell's kernels on packed ``W_hh`` (see
+    :func:`~kernrnn.backends.cpu.fused_source.fused_path`).
 
     ``mr x (Gr*nu)`` forward tiles over panels of ``nu`` units; the backward's
     ``dHU @ W_hh`` uses ``mrb x nu`` tiles.  Compiled with the SLP vectoriser
@@ -91,9 +92,9 @@ def _allow_alias_checks() -> None:
     The pointwise loops read and write a dozen arrays that Numba cannot mark
     as non-aliasing, so LLVM guards the vector loop with runtime overlap
     checks; past its default budget (128) it keeps the loop scalar.  This
-    raises the process-wide budget to :data:`tuning.VECTORIZER_CHECKS
-    <kernrnn.backends.cpu.tuning.VECTORIZER_CHECKS>` (an LLVM option; it only
-    allows more checks, nothing changes for loops that vectorised already).  Together
+    raises the process-wide budget to ``tuning.VECTORIZER_CHECKS`` (an LLVM
+    option; it only allows more checks, nothing changes for loops that
+    vectorised already).  Together
     with ``error_model="numpy"`` (no ZeroDivisionError branch per division)
     the loops compile to AVX2/AVX-512 code; see ``dispatcher.inspect_asm()``.
     """

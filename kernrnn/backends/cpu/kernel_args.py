@@ -4,7 +4,7 @@ A kernel takes up to 46 positional arguments.  Each kernel's list is written
 once here, as a :class:`KernelArgs`: the source generators write the kernel's
 ``def`` line from it (:meth:`KernelArgs.signature`) and the host builds the
 call's argument tuple from named arrays with it (:meth:`KernelArgs.pack`), so
-adding an argument is one edit here, then its uses.  :data:`GLOSSARY` says what
+adding an argument is one edit here, then its uses.  ``GLOSSARY`` says what
 each name holds; a name means the same thing in every kernel that takes it.
 
 Shapes: ``T`` steps, ``B`` batch rows, ``H`` hidden units, ``S`` states, ``K``
@@ -22,6 +22,7 @@ from collections.abc import Mapping
 __all__ = ["GLOSSARY", "KernelArgs", "FORWARD", "FUSED_FORWARD", "BACKWARD", "PACK_TRAINING",
            "INPUT_PROJECTION"]
 
+# What each argument name holds, the same in every kernel that takes it.
 GLOSSARY = {
     # inputs and weights
     "X": "the layer's input x [T, B, I] (C-contiguous)",
@@ -103,7 +104,7 @@ class KernelArgs:
     ``layout``: the names as the kernel's ``def`` line writes them, one line of
     the string per line of the ``def``, continued ``indent`` spaces in (kept as
     first written: the kernel cache keys on the source text).  Every name must
-    be in :data:`GLOSSARY`.  ``label`` names the kernels in error messages.
+    be in ``GLOSSARY``.  ``label`` names the kernels in error messages.
     """
 
     def __init__(self, label: str, layout: str, indent: int = 0):
@@ -143,29 +144,35 @@ class KernelArgs:
         return args
 
 
-# The time loop of one direction for batch rows b0:b1, BLAS per step (source.forward_source).
+#: Arguments of the plain forward kernels (``forward_train``, ``forward_infer``),
+#: the time loop of one direction for batch rows ``b0:b1``, BLAS per step
+#: (:func:`~kernrnn.backends.cpu.source.forward_source`).
 FORWARD = KernelArgs("forward", """
     XW b_ih WT b_hh g_hh P Gz Bz States Saved Mid Zhat Rz HU Rhh Y
     lengths reverse Mr Hd Zthr Zp seed_lo seed_hi zstream ztrain WrT Hp
     b0 b1""", indent=11)
 
-# The same on packed panels, rows b0:b1 and unit blocks jb0:jb1
-# (fused_source.fused_forward_source).
+#: Arguments of the fused forward kernels, the same on packed panels, for rows ``b0:b1``
+#: and unit blocks ``jb0:jb1``
+#: (:func:`~kernrnn.backends.cpu.fused_source.fused_forward_source`).
 FUSED_FORWARD = KernelArgs("fused forward", """
     X Wxp b_ih Wp b_hh P States Saved Y lengths reverse Mr Hd Zthr Zp
     seed_lo seed_hi zstream ztrain XWc flags nthr tid b0 b1 jb0 jb1 pre""", indent=11)
 
-# BPTT for rows b0:b1 (and, packed, unit blocks jb0:jb1) (source.backward_source).
+#: Arguments of ``backward_loop``, BPTT for rows ``b0:b1`` (and, packed, unit blocks
+#: ``jb0:jb1``; :func:`~kernrnn.backends.cpu.source.backward_source`).
 BACKWARD = KernelArgs("backward_loop", """
     dY dS W States Saved Mid Zhat Rz HU Rhh g_hh P Gz Bz lengths
     reverse dXW dHU dH DZ DM Mr Zthr Zp seed_lo seed_hi zstream
     ztrain Wr dHp dSp dR db_ih db_hh dg_hh dP dGz dBz chunk flags
     nthr tid b0 b1 jb0 jb1""", indent=18)
 
-# A training forward's share of packing W_hh and W_ih (fused_source.pack_training_source).
+#: Arguments of ``pack_training``, a training forward's share of packing ``W_hh`` and
+#: ``W_ih`` (:func:`~kernrnn.backends.cpu.fused_source.pack_training_source`).
 PACK_TRAINING = KernelArgs("pack_training", """
     Whh Wih Gr G H nu Wp Wxp Wb jb0 jb1 flags tid nthr""")
 
-# x_t @ W_ih.T of all steps first, rows b0:b1 (fused_source.input_projection_source).
+#: Arguments of ``input_projection``, ``x_t @ W_ih.T`` of all steps first, rows ``b0:b1``
+#: (:func:`~kernrnn.backends.cpu.fused_source.input_projection_source`).
 INPUT_PROJECTION = KernelArgs("input_projection", """
     X Wxp XWc b0 b1 jb0 jb1""")
