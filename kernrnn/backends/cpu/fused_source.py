@@ -38,7 +38,7 @@ def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     thread's unit blocks (``nu`` units, every gate) the
     :mod:`~kernrnn.backends.cpu.microkernel` tiles write ``x_t @ W_ih.T``
     (``mrx`` rows a tile) and ``h_{t-1} @ W_hh.T`` (``mr`` rows) of the group
-    into small row buffers ``XWr [RG, G*Hp]`` and ``HUr [RG, Gr*Hp]`` (L1/L2,
+    into small row buffers ``XWr [RG, G*Hpad]`` and ``HUr [RG, Gr*Hpad]`` (L1/L2,
     never a T-long ``XW`` or ``HU``; the input projection runs on the same
     threads, so no BLAS pool spins beside them), and the cell's step then runs
     over the group's rows,
@@ -87,11 +87,11 @@ def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     pviews = "\n".join(
         [f"bi{g} = b_ih[{g} * H:{g + 1} * H]" for g in range(G)]
         + [f"bh{r} = b_hh[{r} * H:{r + 1} * H]" for r in range(Gr)]
-        + [f"pv{i} = P[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
+        + [f"pv{i} = unit_params[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
     views = "\n".join(
         [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
-        + [f"xw{g} = XWs[xr, {g} * Hp:{g + 1} * Hp]" for g in range(G)]
-        + [f"hur{r} = HUr[rr, {r} * Hp:{r + 1} * Hp]" for r in range(Gr)]
+        + [f"xw{g} = XWs[xr, {g} * Hpad:{g + 1} * Hpad]" for g in range(G)]
+        + [f"hur{r} = HUr[rr, {r} * Hpad:{r + 1} * Hpad]" for r in range(Gr)]
         + ([f"sv{k} = Saved[{k}, t, b]" for k in range(K)] if train else [])
         + (["hdr = Hd[b]", "mrr = Mr[b]"] if rdrop else []))
     carry = "\n".join(f"hn{s}[j] = hp{s}[j]" for s in range(S))
@@ -100,10 +100,10 @@ def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     # The group's rows in mr-row tiles; its last rows in power-of-two tiles.
     xtiles = mk.row_tiles_source(
         mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
-        lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hp)")
+        lambda tile, i0: f"{tile}(Xt, {i0}, g1, Wxp, jb, XWr, {i0} - g0, jb * {nu}, Hpad)")
     htiles = mk.row_tiles_source(
         mr, nr, mk.tail_heights(mr, exact=False), "g0", "g1",
-        lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hp)")
+        lambda tile, i0: f"{tile}(A, {i0}, g1, Wp, jb, HUr, {i0} - g0, jb * {nu}, Hpad)")
     name = "forward_train" if train else "forward_infer"
     # Training keeps every step's state (States [S, T+1, B, H], for BPTT); inference
     # only the current one, in two slots that take turns (States [S, 2, B, H],
@@ -119,9 +119,9 @@ def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     {nu} units a block); ``pre``: read the input projection from XWc (input_projection)."""
     T = X.shape[0]
     H = States.shape[3]
-    Hp = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
-    XWr = np.empty(({rg}, {cell.n_gates} * Hp), X.dtype)
-    HUr = np.empty(({rg}, {Gr} * Hp), X.dtype)
+    Hpad = max(Wp.shape[0], 0) * {nu}  # indices provably >= 0 (see j_lo)
+    XWr = np.empty(({rg}, {cell.n_gates} * Hpad), X.dtype)
+    HUr = np.empty(({rg}, {Gr} * Hpad), X.dtype)
     j_lo = max(jb0 * {nu}, 0)  # provably >= 0: no negative-index select per element
     j_hi = min(jb1 * {nu}, H)
     rows = b1 - b0
@@ -173,7 +173,7 @@ def pack_training_source() -> str:
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 {PACK_TRAINING.signature("pack_training")}
-    """Panels jb0:jb1 of W_hh (forward and backward layouts) and W_ih; see _pack_training_source."""
+    """Panels jb0:jb1 of W_hh (forward and backward layouts) and W_ih; see pack_training_source."""
     pack_panels(Whh, Gr, H, nu, Wp, jb0, jb1)
     pack_panels(Wih, G, H, nu, Wxp, jb0, jb1)
     pack_panels_backward(Whh, H, nu, Wb, jb0, jb1)
@@ -217,7 +217,7 @@ def input_projection_source(cell, mrx: int, nu: int) -> str:
     step, copied to ``T * rows`` consecutive rows, go through the tiles in
     groups of 16, so each panel of ``W_ih`` streams once
     per group rather than once per step; row ``t * rows + (b - b0)`` of
-    ``XWc [T * rows, G*Hp]`` (unit blocks ``jb0:jb1``) is what the forward
+    ``XWc [T * rows, G*Hpad]`` (unit blocks ``jb0:jb1``) is what the forward
     kernel then reads.  A kernel of its own, so the forward kernels carry one
     tile sequence less (compile time).
     """
@@ -225,13 +225,13 @@ def input_projection_source(cell, mrx: int, nu: int) -> str:
     rg = 16
     ptiles = mk.row_tiles_source(
         mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",
-        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hp)")
+        lambda tile, i0: f"{tile}(Xc, {i0}, g1, Wxp, jb, XWc, {i0}, jb * {nu}, Hpad)")
     return f'''
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 {INPUT_PROJECTION.signature("input_projection")}
     """x_t @ W_ih.T for rows b0:b1 of all T steps into XWc ({mrx}x{nrx} tiles)."""
     T = X.shape[0]
-    Hp = max(Wxp.shape[0], 0) * {nu}
+    Hpad = max(Wxp.shape[0], 0) * {nu}
     rows = b1 - b0
     Xc = np.empty((T * rows, X.shape[2]), X.dtype)
     for t in range(T):

@@ -49,8 +49,8 @@ def lengths(lens: np.ndarray) -> np.ndarray:
 
 def _reg_args(ka) -> dict:
     """The regularisation arguments of the forward kernels (masks, thresholds, seed)."""
-    return {"Mr": ka.Mr, "Hd": ka.Hd, "Zthr": ka.Zthr, "Zp": ka.Zp, "seed_lo": ka.seed_lo,
-            "seed_hi": ka.seed_hi, "zstream": ka.zstream, "ztrain": ka.ztrain}
+    return dict(Mr=ka.Mr, Hd=ka.Hd, Zthr=ka.Zthr, Zp=ka.Zp, seed_lo=ka.seed_lo,
+                seed_hi=ka.seed_hi, zstream=ka.zstream, ztrain=ka.ztrain)
 
 
 @timing.timed("backend forward")
@@ -91,15 +91,15 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     W3 = common.recurrent_weights(cell, params, H)
     WT = np.ascontiguousarray(W3.transpose(0, 2, 1)) if W3 is not None else one.reshape(1, 1, 1)
     b_hh = params["bias_hh"] if cell.has_recurrent else one
-    P = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     kernel = k.forward_train if training else k.forward_infer
     if T > 0:
-        run_chunks(kernel, {
-            "XW": XW, "b_ih": params["bias_ih"], "WT": WT, "b_hh": b_hh, "g_hh": g_hh, "P": P,
-            "Gz": Gz, "Bz": Bz, "States": buf.States, "Saved": buf.Saved, "Mid": buf.Mid,
-            "Zhat": buf.Zhat, "Rz": buf.Rz, "HU": buf.HU, "Rhh": buf.Rhh, "Y": y,
-            "lengths": lengths, "reverse": reverse, **_reg_args(ka), "WrT": WrT, "Hp": Hp}, B)
+        run_chunks(kernel, dict(
+            XW=XW, b_ih=params["bias_ih"], WT=WT, b_hh=b_hh, g_hh=g_hh, unit_params=unit_params,
+            Gz=Gz, Bz=Bz, States=buf.States, Saved=buf.Saved, Mid=buf.Mid, Zhat=buf.Zhat,
+            Rz=buf.Rz, HU=buf.HU, Rhh=buf.Rhh, Y=y, lengths=lengths, reverse=reverse,
+            **_reg_args(ka), WrT=WrT, Hp=Hp), B)
     hn = buf.States[:, 0 if reverse else T].copy()
     if proj:
         hn[0] = 0
@@ -132,12 +132,12 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
         Wp, Wxp, Wb, prepare = training_panels(f, cell, params, H, dtype)
     else:  # inference: the panels of unchanged weights are reused
         Wp, Wxp = inference_panels(f, cell, params, H)
-    P = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype)
     if T > 0:
-        run_fused(f.forward_train if training else f.forward_infer, {
-            "X": np.ascontiguousarray(x), "Wxp": Wxp, "b_ih": params["bias_ih"], "Wp": Wp,
-            "b_hh": params["bias_hh"], "P": P, "States": buf.States, "Saved": buf.Saved,
-            "Y": y, "lengths": lengths, "reverse": reverse, **_reg_args(ka)},
+        run_fused(f.forward_train if training else f.forward_infer, dict(
+            X=np.ascontiguousarray(x), Wxp=Wxp, b_ih=params["bias_ih"], Wp=Wp,
+            b_hh=params["bias_hh"], unit_params=unit_params, States=buf.States, Saved=buf.Saved,
+            Y=y, lengths=lengths, reverse=reverse, **_reg_args(ka)),
             B, Wp.shape[0], f.input_projection, prepare)
     hn = buf.States[:, last].copy()
     ctx = None
@@ -215,7 +215,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     else:
         W = common.recurrent_weights(cell, params, H)
         W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
-    P = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = n_chunks(B)
     # one gradient row per batch chunk, summed after: no two threads add to one
@@ -223,19 +223,20 @@ def backward(ctx: ForwardContext, dy, dhn):
     # atomics), the same under either thread split (``chunk[b]``: b's row)
     acc = {name: np.zeros((nchunk, max(n, 1)), dtype=dtype) for name, n in (
         ("db_ih", G * H), ("db_hh", GrH), ("dg_hh", GrH),
-        ("dP", cell.n_param_scalars * H), ("dGz", cell.n_norm * H), ("dBz", cell.n_norm * H))}
+        ("d_unit_params", cell.n_param_scalars * H), ("dGz", cell.n_norm * H),
+        ("dBz", cell.n_norm * H))}
     rows = [(c * B // nchunk, (c + 1) * B // nchunk) for c in range(nchunk)]
     chunk = np.empty(B, dtype=np.int64)
     for c, (b0, b1) in enumerate(rows):
         chunk[b0:b1] = c
     if T > 0:
-        args = {"dY": dy, "dS": dS, "W": W, "States": buf.States, "Saved": buf.Saved,
-                "Mid": buf.Mid, "Zhat": buf.Zhat, "Rz": buf.Rz, "HU": buf.HU, "Rhh": buf.Rhh,
-                "g_hh": g_hh, "P": P, "Gz": Gz, "Bz": Bz, "lengths": ctx.lengths,
-                "reverse": ctx.reverse, "dXW": dXW, "dHU": dHU, "dH": dH, "DZ": DZ, "DM": DM,
-                "Mr": ka.Mr, "Zthr": ka.Zthr, "Zp": ka.Zp, "seed_lo": ka.seed_lo,
-                "seed_hi": ka.seed_hi, "zstream": ka.zstream, "ztrain": ka.ztrain, "Wr": Wr,
-                "dHp": dHp, "dSp": dSp, "dR": dR, **acc, "chunk": chunk}
+        args = dict(
+            dY=dy, dS=dS, W=W, States=buf.States, Saved=buf.Saved, Mid=buf.Mid, Zhat=buf.Zhat,
+            Rz=buf.Rz, HU=buf.HU, Rhh=buf.Rhh, g_hh=g_hh, unit_params=unit_params, Gz=Gz, Bz=Bz,
+            lengths=ctx.lengths, reverse=ctx.reverse, dXW=dXW, dHU=dHU, dH=dH, DZ=DZ, DM=DM,
+            Mr=ka.Mr, Zthr=ka.Zthr, Zp=ka.Zp, seed_lo=ka.seed_lo, seed_hi=ka.seed_hi,
+            zstream=ka.zstream, ztrain=ka.ztrain, Wr=Wr, dHp=dHp, dSp=dSp, dR=dR, **acc,
+            chunk=chunk)
         if k.fused is not None:
             key, parts = thread_parts(loop, dy.shape, B, W.shape[0])
         else:
@@ -258,7 +259,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     grads["bias_ih"] = sums["db_ih"]
     if cell.has_recurrent:
         grads["bias_hh"] = sums["db_ih"].copy() if k.same_grads else sums["db_hh"]
-    grads.update(common.per_unit_gradients(cell, sums["dP"], sums["dg_hh"], sums["dGz"],
+    grads.update(common.per_unit_gradients(cell, sums["d_unit_params"], sums["dg_hh"], sums["dGz"],
                                            sums["dBz"], H))
     workspace.give(dXW, dHU, dH, dHp)  # views (dHU of an LSTM is dXW's) and stand-ins stay out
     return dx, dS, grads

@@ -17,6 +17,7 @@ does not use are one-element stand-ins.
 from __future__ import annotations
 
 import operator
+import textwrap
 from collections.abc import Mapping
 
 __all__ = ["GLOSSARY", "KernelArgs", "FORWARD", "FUSED_FORWARD", "BACKWARD", "PACK_TRAINING",
@@ -38,7 +39,7 @@ GLOSSARY = {
     "Wih": "W_ih [G*H, I] (C-contiguous), to be packed",
     "WrT": "W_hr transposed [H, proj] (LSTMP)",
     "Wr": "W_hr [proj, H] (LSTMP)",
-    "P": "the cell's per-unit parameters [n_param_scalars*H], in declaration order",
+    "unit_params": "the cell's per-unit parameters [n_param_scalars*H], in declaration order",
     "g_hh": "gain of the recurrent products' norm [Gr*H]",
     "Gz": "gains of the mid-step norms [n_norm*H]",
     "Bz": "biases of the mid-step norms [n_norm*H]",
@@ -77,7 +78,7 @@ GLOSSARY = {
     "db_ih": "b_ih's gradient, one row per batch chunk [nchunk, G*H]",
     "db_hh": "b_hh's gradient, one row per batch chunk [nchunk, Gr*H]",
     "dg_hh": "g_hh's gradient, one row per batch chunk [nchunk, Gr*H]",
-    "dP": "P's gradient, one row per batch chunk [nchunk, n_param_scalars*H]",
+    "d_unit_params": "unit_params' gradient, one row per batch chunk [nchunk, n_param_scalars*H]",
     "dGz": "Gz's gradient, one row per batch chunk [nchunk, n_norm*H]",
     "dBz": "Bz's gradient, one row per batch chunk [nchunk, n_norm*H]",
     "chunk": "accumulator row of each batch row, int64 [B] (its chunk under the row split)",
@@ -101,15 +102,12 @@ GLOSSARY = {
 class KernelArgs:
     """One generated kernel's positional arguments, in order.
 
-    ``layout``: the names as the kernel's ``def`` line writes them, one line of
-    the string per line of the ``def``, continued ``indent`` spaces in (kept as
-    first written: the kernel cache keys on the source text).  Every name must
-    be in ``GLOSSARY``.  ``label`` names the kernels in error messages.
+    ``names``: the argument names, separated by white space; every one must be
+    in ``GLOSSARY``.  ``label`` names the kernels in error messages.
     """
 
-    def __init__(self, label: str, layout: str, indent: int = 0):
-        lines = [line.split() for line in layout.strip().splitlines()]
-        names = tuple(n for line in lines for n in line)
+    def __init__(self, label: str, names: str):
+        names = tuple(names.split())
         unknown = [n for n in names if n not in GLOSSARY]
         if unknown:
             raise ValueError(f"{label}: arguments {unknown} are not in GLOSSARY")
@@ -117,17 +115,17 @@ class KernelArgs:
             raise ValueError(f"{label}: expected two or more distinct names, got {names}")
         self.label = label
         self.names = names
-        self.indent = indent
-        self._lines = lines
         self._get = operator.itemgetter(*names)
 
     def __repr__(self) -> str:
         return f"KernelArgs({self.label!r}, {' '.join(self.names)!r})"
 
     def signature(self, name: str) -> str:
-        """The kernel's ``def name(a, b, ...):`` line(s)."""
-        sep = ",\n" + " " * self.indent
-        return f"def {name}(" + sep.join(", ".join(line) for line in self._lines) + "):"
+        """The kernel's ``def name(a, b, ...):``, wrapped at 99 columns."""
+        head = f"def {name}("
+        return textwrap.fill(", ".join(self.names) + "):", width=99, initial_indent=head,
+                             subsequent_indent=" " * len(head), break_long_words=False,
+                             break_on_hyphens=False)
 
     def pack(self, values: Mapping, **more) -> tuple:
         """The arguments in order, from ``values`` and ``more`` (each name exactly once)."""
@@ -148,24 +146,24 @@ class KernelArgs:
 #: the time loop of one direction for batch rows ``b0:b1``, BLAS per step
 #: (:func:`~kernrnn.backends.cpu.source.forward_source`).
 FORWARD = KernelArgs("forward", """
-    XW b_ih WT b_hh g_hh P Gz Bz States Saved Mid Zhat Rz HU Rhh Y
+    XW b_ih WT b_hh g_hh unit_params Gz Bz States Saved Mid Zhat Rz HU Rhh Y
     lengths reverse Mr Hd Zthr Zp seed_lo seed_hi zstream ztrain WrT Hp
-    b0 b1""", indent=11)
+    b0 b1""")
 
 #: Arguments of the fused forward kernels, the same on packed panels, for rows ``b0:b1``
 #: and unit blocks ``jb0:jb1``
 #: (:func:`~kernrnn.backends.cpu.fused_source.fused_forward_source`).
 FUSED_FORWARD = KernelArgs("fused forward", """
-    X Wxp b_ih Wp b_hh P States Saved Y lengths reverse Mr Hd Zthr Zp
-    seed_lo seed_hi zstream ztrain XWc flags nthr tid b0 b1 jb0 jb1 pre""", indent=11)
+    X Wxp b_ih Wp b_hh unit_params States Saved Y lengths reverse Mr Hd Zthr Zp
+    seed_lo seed_hi zstream ztrain XWc flags nthr tid b0 b1 jb0 jb1 pre""")
 
 #: Arguments of ``backward_loop``, BPTT for rows ``b0:b1`` (and, packed, unit blocks
 #: ``jb0:jb1``; :func:`~kernrnn.backends.cpu.source.backward_source`).
 BACKWARD = KernelArgs("backward_loop", """
-    dY dS W States Saved Mid Zhat Rz HU Rhh g_hh P Gz Bz lengths
+    dY dS W States Saved Mid Zhat Rz HU Rhh g_hh unit_params Gz Bz lengths
     reverse dXW dHU dH DZ DM Mr Zthr Zp seed_lo seed_hi zstream
-    ztrain Wr dHp dSp dR db_ih db_hh dg_hh dP dGz dBz chunk flags
-    nthr tid b0 b1 jb0 jb1""", indent=18)
+    ztrain Wr dHp dSp dR db_ih db_hh dg_hh d_unit_params dGz dBz chunk flags
+    nthr tid b0 b1 jb0 jb1""")
 
 #: Arguments of ``pack_training``, a training forward's share of packing ``W_hh`` and
 #: ``W_ih`` (:func:`~kernrnn.backends.cpu.fused_source.pack_training_source`).

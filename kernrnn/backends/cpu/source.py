@@ -46,7 +46,7 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
 
     ``reg``: (recurrent dropout, zoneout) sections to generate.  ``proj``: an
     LSTMP projection inside the loop: after each step ``Hp[n] = States[0, n]
-    @ W_hr.T`` (``WrT [H, P]``), which the next step's product and ``Y`` read.
+    @ W_hr.T`` (``WrT [H, proj]``), which the next step's product and ``Y`` read.
     """
     rdrop, zone = reg
     S, Gr = cell.n_state, cell.n_recurrent_gates
@@ -70,7 +70,7 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
         return f"States[{s}, n, b, j]"
 
     def pp(i):
-        return f"P[{i} * H + j]"
+        return f"unit_params[{i} * H + j]"
 
     saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
     gates = hu_gates(cell, hu, "ZERO")
@@ -168,7 +168,7 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     before the rows, the projected h's gradient ``dHp[t] = dY_t + dH + dSp``
     (``dSp``: what arrives at the projected h from later; finished rows pass
     it on) and the unprojected h's ``dR = dHp[t] @ W_hr``; ``dH`` is then
-    ``[1, B, P]``.
+    ``[1, B, proj]``.
 
     Threads split the rows (``b0:b1``) or, with ``packed``, the unit blocks
     (``jb0:jb1`` of all rows, ``nthr`` threads meeting at one barrier per
@@ -237,7 +237,8 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
         + [f"ds{s} = dS[{s}, b{sub}]\nhp{s} = States[{s}, p, b{sub}]" for s in range(S)]
         + [f"sv{k} = Saved[{k}, t, b{sub}]" for k in range(K)]
         + [f"dRr = dR[b{sub}]" if proj else f"dyr = dY[t, b{sub}]"]
-        + [f"pv{i} = P[{span(i)}]\ndpv{i} = dP[c, {span(i)}]" for i in range(NP)]
+        + [f"pv{i} = unit_params[{span(i)}]\ndpv{i} = d_unit_params[c, {span(i)}]"
+           for i in range(NP)]
         + ([f"mrr = Mr[b{sub}]"] if rdrop else [])
         + ([f"dhv = dH[0, b{sub}]"] if packed is not None and rec else []))
     if packed is None:
@@ -326,7 +327,7 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
                    "                            dHU[hd, t, b, r * dh + i] = 0")
     gemm = ("        for hd in range(NH):\n"
             "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
-    if packed is not None:  # dH is [1, B, Hp] here: tiles of the last panel store past H
+    if packed is not None:  # dH is [1, B, Hpad] here: tiles of the last panel store past H
         mr, nu = packed
         tiles = mk.row_tiles_source(
             mr, nu, mk.tail_heights(mr, exact=False), "b0", "b1",
