@@ -501,6 +501,26 @@ def test_timing_hook_marks_the_blas_hold_and_both_gemm_roads(monkeypatch):
             assert "BLAS held to one thread" in events and "BLAS restored" in events
 
 
+def test_kernel_args_pack_by_name_and_say_what_is_wrong():
+    """A kernel's arguments come out in its def line's order whatever order they are
+    given in; a missing, unknown or misplaced one is named."""
+    from kernrnn.backends.cpu.kernel_args import BACKWARD, FORWARD, KernelArgs
+
+    values = {n: i for i, n in enumerate(FORWARD.names)}
+    shuffled = dict(reversed([(n, v) for n, v in values.items() if n not in ("b0", "b1")]))
+    assert FORWARD.pack(shuffled, b1=values["b1"], b0=values["b0"]) == tuple(values.values())
+    assert FORWARD.signature("forward_train").startswith("def forward_train(XW, b_ih, WT,")
+    assert BACKWARD.signature("backward_loop").endswith("b0, b1, jb0, jb1):")
+    with pytest.raises(TypeError, match="no value given for XW"):
+        FORWARD.pack({n: 0 for n in FORWARD.names[1:-2]}, b0=0, b1=1)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['extra'\]"):
+        FORWARD.pack({"extra": 0, **{n: 0 for n in FORWARD.names[:-2]}}, b0=0, b1=1)
+    with pytest.raises(TypeError, match="must be its last 2 arguments"):
+        FORWARD.pack({n: 0 for n in FORWARD.names if n != "XW"}, XW=0, b0=0)
+    with pytest.raises(ValueError, match="not in GLOSSARY"):
+        KernelArgs("k", "XW nosuchname")
+
+
 def test_split_chooser_keeps_the_faster_split_and_probes_less_while_it_keeps_winning():
     """Both splits run twice, their first (slow, one-off) calls not counted; the faster
     one is kept, the slower one probed again with the wait doubling (up to 8 calls)

@@ -111,11 +111,11 @@ class KernelArgs:
         unknown = [n for n in names if n not in GLOSSARY]
         if unknown:
             raise ValueError(f"{label}: arguments {unknown} are not in GLOSSARY")
-        if len(set(names)) != len(names) or len(names) < 2:
-            raise ValueError(f"{label}: expected two or more distinct names, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{label}: an argument is listed twice: {names}")
         self.label = label
         self.names = names
-        self._get = operator.itemgetter(*names)
+        self._getters: dict = {}  # number of keyword arguments -> (getter of the rest, of them)
 
     def __repr__(self) -> str:
         return f"KernelArgs({self.label!r}, {' '.join(self.names)!r})"
@@ -127,19 +127,42 @@ class KernelArgs:
                              subsequent_indent=" " * len(head), break_long_words=False,
                              break_on_hyphens=False)
 
-    def pack(self, values: Mapping, **more) -> tuple:
-        """The arguments in order, from ``values`` and ``more`` (each name exactly once)."""
-        if more:
-            values = {**values, **more}
+    def pack(self, values: Mapping, **last) -> tuple:
+        """The arguments in order: the last ``len(last)`` ones (a thread's own, typically)
+        from the keywords, all others from ``values``; each name exactly once.
+
+        Two lookups per call (about a microsecond for 46 arguments), no per-name loop.
+        """
+        k = len(last)
+        getters = self._getters.get(k)
+        if getters is None:
+            split = len(self.names) - k
+            getters = self._getters[k] = (_getter(self.names[:split]),
+                                          _getter(self.names[split:]))
         try:
-            args = self._get(values)
-        except KeyError as e:
-            raise TypeError(f"{self.label}: no value given for argument {e.args[0]!r}") from None
-        if len(values) != len(self.names):
-            extra = sorted(set(values) - set(self.names))
-            raise TypeError(f"{self.label}: unexpected arguments {extra}; "
-                            f"expected {', '.join(self.names)}")
+            args = getters[0](values) + getters[1](last)
+        except KeyError:
+            split = len(self.names) - k
+            if set(last) != set(self.names[split:]):
+                raise TypeError(f"{self.label}: the keywords must be its last {k} arguments "
+                                f"({', '.join(self.names[split:])}), got {', '.join(last)}"
+                                ) from None
+            missing = [n for n in self.names[:split] if n not in values]
+            raise TypeError(f"{self.label}: no value given for {', '.join(missing)}") from None
+        if len(values) + k != len(self.names):
+            raise TypeError(f"{self.label}: unexpected arguments "
+                            f"{sorted(set(values) - set(self.names))}")
         return args
+
+
+def _getter(names: tuple):
+    """``m -> tuple(m[n] for n in names)``, with C-speed lookups."""
+    if not names:
+        return lambda m: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda m: (m[name],)
+    return operator.itemgetter(*names)
 
 
 #: Arguments of the plain forward kernels (``forward_train``, ``forward_infer``),

@@ -105,10 +105,9 @@ def training_panels(f: FusedKernels, cell, params, H: int, dtype):
             n = len(parts)
             ranges, meet = [(c * nb // n, (c + 1) * nb // n) for c in range(n)], n
         flags = np.zeros(meet * mk.FLAG_STRIDE, dtype=np.int64)
-        shared = {"Whh": Whh, "Wih": Wih, "Gr": Gr, "G": G, "H": H, "nu": nu, "Wp": Wp,
-                  "Wxp": Wxp, "Wb": Wb, "flags": flags, "nthr": meet}
-        calls = [(f.pack_training, PACK_TRAINING.pack(shared, jb0=jb0, jb1=jb1,
-                                                      tid=c if meet > 1 else 0))
+        shared = dict(Whh=Whh, Wih=Wih, Gr=Gr, G=G, H=H, nu=nu, Wp=Wp, Wxp=Wxp, Wb=Wb)
+        calls = [(f.pack_training, PACK_TRAINING.pack(shared, jb0=jb0, jb1=jb1, flags=flags,
+                                                      tid=c if meet > 1 else 0, nthr=meet))
                  for c, (jb0, jb1) in enumerate(ranges)]
         precompile(f.pack_training, calls[0][1])
         return calls

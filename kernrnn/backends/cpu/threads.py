@@ -250,9 +250,9 @@ def run_fused(kernel, args: dict, batch: int, n_blocks: int, project, prepare=No
                                    pre=pre, **part._asdict())
                 for part in parts]
     precompile(kernel, forwards[0])
-    projections = [INPUT_PROJECTION.pack(
-        {"X": X, "Wxp": Wxp, "XWc": xw[part.b0, part.b1], "b0": part.b0, "b1": part.b1,
-         "jb0": part.jb0, "jb1": part.jb1}) for part in parts] if pre else []
+    projections = [INPUT_PROJECTION.pack({"X": X, "Wxp": Wxp}, XWc=xw[part.b0, part.b1],
+                                         b0=part.b0, b1=part.b1, jb0=part.jb0, jb1=part.jb1)
+                   for part in parts] if pre else []
     if projections:
         precompile(project, projections[0])
     # One task per thread: its part of the projection (its own unit blocks or
