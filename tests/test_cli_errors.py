@@ -155,7 +155,7 @@ def test_missing_train_extra_names_the_extra_before_training(tmp_path, capsys, m
 
 
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("kernrnn.cli.train.PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr("kernrnn.cli._train_progress.PLAIN_EVERY_S", 0.0)
     rc, _, err = _run(capsys, "train", "--epochs", "1", "--out", tmp_path, "--hidden", "4",
                       "--no-plot", "--threads", "1")
     assert rc == 0, err

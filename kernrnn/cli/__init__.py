@@ -24,6 +24,7 @@ __all__ = ["main", "COMMANDS", "MissingExtraError", "require_extra"]
 COMMANDS = [
     "kernrnn.cli.cells",
     "kernrnn.cli.train",
+    "kernrnn.cli.predict",
     "kernrnn.cli.bench",
 ]
 
