@@ -22,8 +22,8 @@ __all__ = ["ROW_BLOCK", "ROW_HEAD", "block_row_norm", "block_row_norm_backward"]
 #: the size of their shared-memory scratch, so no launch may use more.
 ROW_BLOCK = 256
 
-#: Start of every row kernel: block ``row`` = (batch row ``b``, segment ``seg``);
-#: a block whose sequence has ended leaves as a whole (no thread reaches a barrier).
+#: The opening lines of every row kernel.  Block ``row`` is (batch row ``b``, segment
+#: ``seg``); a block whose sequence has ended leaves as a whole (no thread reaches a barrier).
 ROW_HEAD = f"""row = cuda.blockIdx.x
 B = lengths.shape[0]
 if row >= B * NSEG:
