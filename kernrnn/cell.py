@@ -79,10 +79,10 @@ from kernrnn import _cell_validate
 from kernrnn._cell_validate import CellFacts
 from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
-from kernrnn.scalar_math import NORM_EPS, reference_norm, relu, sigmoid, tanh
+from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
-           "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
+__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu", "sin",
+           "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -24,7 +24,8 @@ from derive_helpers import (args_of, chain, fd_mismatches, flat, make_driver, pr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernrnn.autodiff import derive, derive_for_cell, fmath
+from kernrnn import scalar_math
+from kernrnn.autodiff import derive, derive_for_cell
 from kernrnn.cell import CellError, reference_norm, relu, sigmoid, tanh
 from kernrnn.plugins import get_registry
 from kernrnn.scalar import compile_scalar
@@ -595,37 +596,49 @@ def test_every_operation_float32_ptx_has_no_f64():
     assert not _ptx_f64_lines(d, prog, 0), d.source
 
 
-# -- float32 sin and cos ---------------------------------------------------------------------
+# -- float32 sin, cos and tan ----------------------------------------------------------------
+
+
+def _trig(x):
+    """math.sin/cos/tan as a hand-written cell calls them: kernrnn.scalar compiles them as
+    kernrnn.scalar_math's float32 versions in float32."""
+    return math.sin(x), math.cos(x), math.tan(x)
 
 
 @pytest.mark.parametrize("limit, tol", [(4.0, 2e-7), (1e4, 2e-7), (1e5, 2e-6)])
 def test_float32_sin_cos_accuracy(limit, tol):
-    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+    trig32 = compile_scalar(_trig, np.float32)
 
     @numba.njit
-    def run(xs, s, c):
+    def run(xs, s, c, t):
         for i in range(xs.size):
-            s[i] = s32(xs[i])
-            c[i] = c32(xs[i])
+            s[i], c[i], t[i] = trig32(xs[i])
 
     xs = np.random.default_rng(0).uniform(-limit, limit, 200_000).astype(np.float32)
     xs[:6] = [0.0, -0.0, np.pi / 2, np.pi, -np.pi / 4, 3 * np.pi / 2]
-    s, c = np.empty_like(xs), np.empty_like(xs)
-    run(xs, s, c)
+    s, c, t = np.empty_like(xs), np.empty_like(xs), np.empty_like(xs)
+    run(xs, s, c, t)
     x64 = xs.astype(np.float64)
     assert np.abs(s - np.sin(x64)).max() <= tol
     assert np.abs(c - np.cos(x64)).max() <= tol
-    s, c = np.empty(2, np.float32), np.empty(2, np.float32)
-    run(np.array([np.nan, np.inf], np.float32), s, c)
-    assert np.isnan(s).all() and np.isnan(c).all()
+    tan64 = np.tan(x64)  # an argument error e moves tan by e (1 + tan^2)
+    assert np.all(np.abs(t - tan64) <= 2 * tol * (1 + tan64 * tan64))
+    s, c, t = np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2, np.float32)
+    run(np.array([np.nan, np.inf], np.float32), s, c, t)
+    assert np.isnan(s).all() and np.isnan(c).all() and np.isnan(t).all()
 
 
 @needs_nvvm
 def test_float32_sin_cos_ptx_has_no_f64():
-    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+    helpers = compile_scalar(scalar_math.sin, np.float32), compile_scalar(scalar_math.cos,
+                                                                          np.float32)
+    s32, c32 = helpers
+    trig32 = compile_scalar(_trig, np.float32)
 
     def kernel(a):
         a[0] = s32(a[0]) + c32(a[1])
+        s, c, t = trig32(a[2])
+        a[3] = s + c + t
 
     ptx, _ = CUDA.compile_ptx(kernel, "void(float32[:])", cc=(9, 0))
     assert not F64.search(ptx)

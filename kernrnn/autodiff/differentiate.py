@@ -50,7 +50,7 @@ when it holds for every gate the backward ends in ``return dgates, dgates,
 Writing the math
 ----------------
 ``math.tanh`` is written as :func:`kernrnn.cell.tanh`, ``abs`` as
-``math.fabs``, ``sin``/``cos`` with :mod:`kernrnn.autodiff.fmath`'s helpers
+``math.fabs``, ``sin``/``cos`` as :func:`kernrnn.scalar_math.sin`/``cos``
 (whose float32 versions keep CUDA kernels free of float64), ``min``/``max`` as
 conditional expressions (Python's choice between equal values).  Helpers are
 inlined; a helper with ``kernrnn_variants`` (a precision-specific version) is
@@ -70,7 +70,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernrnn.autodiff import fmath
 from kernrnn.autodiff.emit import NUMPY, emit_function, load_source
 from kernrnn.autodiff.ir import Node
 from kernrnn.autodiff.parse import Signature, parse_forward
@@ -118,10 +117,10 @@ class Derived:
 
 
 def _namespace() -> dict:
-    from kernrnn import cell
+    from kernrnn import scalar_math as sm
 
-    return {"math": math, "sigmoid": cell.sigmoid, "tanh": cell.tanh, "relu": cell.relu,
-            "sin": fmath.sin, "cos": fmath.cos}
+    return {"math": math, "sigmoid": sm.sigmoid, "tanh": sm.tanh, "relu": sm.relu,
+            "sin": sm.sin, "cos": sm.cos}
 
 
 def _np_sigmoid(x):

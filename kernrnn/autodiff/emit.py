@@ -1,7 +1,7 @@
 """Python source from derived graphs: scalar cell math, and a NumPy reference step.
 
 The scalar functions are plain Python in the style of a hand-written cell
-(``math``, ``sigmoid``, ``tanh``, ``relu`` and :mod:`kernrnn.autodiff.fmath`'s
+(``math``, ``sigmoid``, ``tanh``, ``relu`` and :mod:`kernrnn.scalar_math`'s
 ``sin``/``cos``; literals as plain numbers, which :mod:`kernrnn.scalar` casts
 to the kernel's precision).  A node gets a line of its own when it has a name
 (the user's variable, ``d_<name>`` for its adjoint) or is used more than once;
