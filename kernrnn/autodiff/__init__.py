@@ -27,11 +27,12 @@ The modules:
 * :mod:`kernrnn.autodiff.reverse`: reverse mode, what is saved and what is
   recomputed (the rule is in :mod:`kernrnn.autodiff.differentiate`);
 * :mod:`kernrnn.autodiff.emit`: the generated Python source;
-* :mod:`kernrnn.autodiff.differentiate`: :func:`derive`, :func:`derive_for_cell`
+* :mod:`kernrnn.autodiff.differentiate`: :func:`derive`, :func:`derive_for_cell`,
+  :func:`derive_hand_written` (the step of a cell with a hand-written backward)
   and :class:`Derived`.
 """
 
-from kernrnn.autodiff.differentiate import Derived, derive, derive_for_cell
+from kernrnn.autodiff.differentiate import Derived, derive, derive_for_cell, derive_hand_written
 from kernrnn.autodiff.parse import Signature
 
-__all__ = ["derive", "derive_for_cell", "Derived", "Signature"]
+__all__ = ["derive", "derive_for_cell", "derive_hand_written", "Derived", "Signature"]

@@ -75,7 +75,7 @@ from kernrnn.autodiff.ir import Node
 from kernrnn.autodiff.parse import Signature, parse_forward
 from kernrnn.autodiff.reverse import Plan, plan_single, plan_two_stage
 
-__all__ = ["derive", "derive_for_cell", "Derived"]
+__all__ = ["derive", "derive_for_cell", "derive_hand_written", "Derived"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +91,10 @@ class Derived:
     (as written in the generated code); ``same_grads[k]`` is True when gate
     ``k``'s input and recurrent pre-activations have one and the same
     gradient (they enter only as ``xw[k] + hu[k]``); empty without ``hu``.
+    ``step`` is the forward they were derived from; each generated function
+    carries it as its attribute ``kernrnn_step`` (so a :class:`kernrnn.cell.Cell`
+    given generated functions back, by ``dataclasses.replace`` or pickling,
+    derives again from the step).
     """
 
     name: str
@@ -104,6 +108,7 @@ class Derived:
     backward2: object = None
     mid: tuple = ()
     normalize: tuple = ()
+    step: object = None
 
     @property
     def n_saved(self) -> int:
@@ -181,17 +186,22 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
         plan = plan_single(graph, outputs, sig, recompute)
 
     pnames = _param_names(argnames, sig)
-    source = _scalar_source(plan, sig, pnames, name)
+    origin = f"{getattr(forward, '__module__', '?')}.{forward.__qualname__}"
+    source = _scalar_source(plan, sig, pnames, name, origin)
     module = load_source(source, name, _namespace())
     ref_source = _reference_source(graph, outputs, sig, pnames, bool(order))
     ref_module = load_source(ref_source, f"{name}_reference", _reference_namespace())
-    return Derived(
+    d = Derived(
         name=name, forward=module.forward, backward=module.backward,
         reference=ref_module.reference, source=source + "\n\n" + ref_source,
         saved=tuple(_label(v) for v in plan.saved), same_grads=plan.same_grads,
         forward2=getattr(module, "forward2", None), backward2=getattr(module, "backward2", None),
-        mid=tuple(_label(v) for v in plan.mid), normalize=order,
+        mid=tuple(_label(v) for v in plan.mid), normalize=order, step=forward,
     )
+    for fn in (d.forward, d.backward, d.forward2, d.backward2, d.reference):
+        if fn is not None:
+            fn.kernrnn_step = forward
+    return d
 
 
 def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
@@ -200,6 +210,35 @@ def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
     return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
                   recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
                   normalize=tuple(cell.normalize), recompute=recompute)
+
+
+def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
+    """:func:`derive_for_cell` for a cell with a hand-written backward.
+
+    The step is read from the cell's own forward, which returns ``(new_state,
+    saved)`` (the saved values are ignored), or from its two stages: ``forward``,
+    ``norm`` of each value in ``normalize``, ``forward2``.  For the reference such
+    a cell may leave out, and for :func:`kernrnn.testing.check_cell`, which compares
+    the hand-written backward with this one.
+    """
+    args = ["xw"] + (["hu"] if cell.has_recurrent else []) + ["prev"] + \
+        [f"p{i}" for i in range(len(cell.params))]
+    call = ", ".join(args)
+    fwd = cell.forward
+    # the id keeps two cells' steps apart in the module cache (load_source)
+    lines = [f"# The step of cell {cell.name!r}: its hand-written forward "
+             f"{getattr(fwd, '__module__', '?')}.{getattr(fwd, '__qualname__', '?')} "
+             f"(id {id(fwd):x}) without the saved values."]
+    if not cell.normalize:
+        lines += [f"def step({call}):", f"    return _forward({call})[0]"]
+    else:
+        zn = ", ".join(f"norm({v!r}, z[{k}])" for k, v in enumerate(cell.normalize))
+        rest = ", ".join(args[args.index("prev"):])
+        lines += [f"def step({call}, norm):", f"    z, mid = _forward({call})",
+                  f"    return _forward2(({zn},), mid, {rest})[0]"]
+    module = load_source("\n".join(lines) + "\n", f"{cell.name}_hand_written_step",
+                         {"_forward": fwd, "_forward2": cell.forward2})
+    return derive_for_cell(cell, module.step, recompute=recompute)
 
 
 def _param_names(argnames, sig) -> list[str]:
@@ -224,7 +263,7 @@ def _input_source(pnames):
     return source
 
 
-def _scalar_source(plan: Plan, sig, pnames, name) -> str:
+def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
     src = _input_source(pnames)
 
     def args(kinds):
@@ -239,7 +278,7 @@ def _scalar_source(plan: Plan, sig, pnames, name) -> str:
         return out
 
     share = bool(sig.recurrent and plan.same_grads and all(plan.same_grads))
-    parts = [f"# Derived by kernrnn.autodiff from the forward of cell {name!r}.\n"]
+    parts = [f"# Derived by kernrnn.autodiff from {origin}, the forward of cell {name!r}.\n"]
     two = plan.forward2 is not None
     docs = {
         "forward": "Stage 1: the values to normalise and mid." if two else
