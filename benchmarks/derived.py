@@ -16,8 +16,8 @@
 The hand-written math is ``tests/hand_written_cells.py`` (the cells as they were before
 kernrnn derived backwards).  ``--compile CELL`` instead times, in a fresh process with empty
 kernel caches, the first forward and backward of one cell (float32, CPU): the cold compile
-time; ``--variant hand`` compiles the hand-written math, ``registry`` the registered cell.
-Run it with ``PYTHONPATH`` pointing at an older checkout for the time before.
+time; ``--variant hand`` compiles the hand-written math, ``registry`` the registered cell,
+and ``--pythonpath OLD:OLD/plugins`` takes kernrnn from an older checkout (the time before).
 """
 
 from __future__ import annotations
@@ -197,18 +197,19 @@ def compile_once(name: str, variant: str) -> dict:
     y, _ = layer(np.zeros((3, 2, 8), np.float32))
     layer.backward(np.ones_like(y))
     t2 = time.perf_counter()
-    return {"import": t1 - t0, "compile": t2 - t1}
+    return {"import": t1 - t0, "compile": t2 - t1, "kernrnn": str(Path(kernrnn.__file__).parent),
+            "derived_backward": getattr(cell, "derived_backward", False)}
 
 
 def compile_fresh(name: str, variant: str, pythonpath: str | None = None) -> dict:
     """:func:`compile_once` in a new process with empty kernel caches."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, KERNRNN_CACHE_DIR=tmp, NUMBA_CACHE_DIR=tmp)
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        out = subprocess.run([sys.executable, "-m", "benchmarks.derived", "--compile-here", name,
-                              "--variant", variant], cwd=ROOT, env=env, capture_output=True,
-                             text=True, check=True)
+        env = dict(os.environ, KERNRNN_CACHE_DIR=tmp, NUMBA_CACHE_DIR=tmp,
+                   PYTHONPATH=pythonpath or os.pathsep.join([str(ROOT), str(ROOT / "plugins")]))
+        # run as a script, so kernrnn comes from PYTHONPATH (not from the current directory)
+        out = subprocess.run([sys.executable, __file__, "--compile-here", name, "--variant",
+                              variant], cwd=tmp, env=env, capture_output=True, text=True,
+                             check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -223,12 +224,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-here", metavar="CELL", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=("registry", "hand"), default="registry")
     ap.add_argument("--runs", type=int, default=3, help="fresh processes for --compile")
+    ap.add_argument("--pythonpath", help="PYTHONPATH of the --compile processes (another "
+                                         "checkout's root and plugins folder, for the time before)")
     args = ap.parse_args(argv)
     if args.compile_here:
         print(json.dumps(compile_once(args.compile_here, args.variant)))
         return 0
     if args.compile:
-        runs = [compile_fresh(args.compile, args.variant) for _ in range(args.runs)]
+        runs = [compile_fresh(args.compile, args.variant, args.pythonpath)
+                for _ in range(args.runs)]
         print(json.dumps({"cell": args.compile, "variant": args.variant, "runs": runs,
                           "median_compile": statistics.median(r["compile"] for r in runs)}))
         return 0
