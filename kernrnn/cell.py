@@ -64,7 +64,7 @@ The reference
 -------------
 ``reference`` is optional: without one, the float64 reference the tests and
 :func:`kernrnn.testing.check_cell` compare the kernels with is the forward
-itself, run on NumPy arrays (:attr:`kernrnn.autodiff.Derived.reference`).  A
+itself, run on NumPy arrays (``Derived.reference`` of :mod:`kernrnn.autodiff`).  A
 hand-written ``reference(xw, hu, prev, *params)`` on ``[B, H]`` float64 arrays
 (no ``hu`` for ``recurrent="none"``; each parameter a tuple of ``[H]`` arrays;
 with ``normalize`` also ``norm=``, a function ``norm(name, z)`` applying the

@@ -7,9 +7,9 @@ ordinary cell math (:mod:`kernrnn.autodiff.emit`) with the contract of
 saved)`` and ``backward(saved, prev, dstate, *params) -> (dxw, dhu, dprev,
 *dparams)``, or for a step that calls ``norm("c", c)`` the two stages
 ``forward``, ``forward2``, ``backward2`` and ``backward``.  The generated
-functions are plain Python whose source :func:`inspect.getsource` reads, so
+functions are plain Python whose source ``inspect.getsource`` reads, so
 :func:`kernrnn.scalar.compile_scalar` retypes and compiles them for every
-backend like hand-written math.  :attr:`Derived.reference` is the same step on
+backend like hand-written math.  ``Derived.reference`` is the same step on
 float64 NumPy arrays.
 
 What is saved (the rule)
@@ -43,7 +43,7 @@ Gradients of ``xw`` and ``hu``
 Adjoints are hash-consed nodes, and a value that only passes through a sum
 gets its consumer's adjoint node itself.  So when gate ``k`` enters the step
 only as ``xw[k] + hu[k]`` (possibly plus other terms), ``dxw[k]`` and
-``dhu[k]`` are one node: :attr:`Derived.same_grads` records it per gate, and
+``dhu[k]`` are one node: ``Derived.same_grads`` records it per gate, and
 when it holds for every gate the backward ends in ``return dgates, dgates,
 ...``, the form the CPU backend already detects.
 

@@ -8,8 +8,8 @@ to the kernel's precision).  A node gets a line of its own when it has a name
 other nodes are written inline, parenthesised so that the evaluation order is
 exactly the graph's.
 
-Generated modules are registered with :mod:`linecache` and as a module in
-``sys.modules`` whose loader returns the source, so :func:`inspect.getsource`
+Generated modules are registered with ``linecache`` and as a module in
+``sys.modules`` whose loader returns the source, so ``inspect.getsource``
 (which :mod:`kernrnn.scalar` uses to retype and compile the math) reads them
 like functions in a file.
 """

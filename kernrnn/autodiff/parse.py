@@ -1,8 +1,8 @@
-"""Read a forward step's Python source into a :class:`~kernrnn.autodiff.ir.Graph`.
+"""Read a forward step's Python source into a graph (``kernrnn.autodiff.ir.Graph``).
 
 The forward is straight-line scalar code: assignments (tuples unpacked),
 ``+ - * /``, integer powers, unary minus, the functions of
-:data:`kernrnn.autodiff.ir.FUNCTIONS` (``sigmoid``/``tanh``/``relu`` from
+``kernrnn.autodiff.ir.FUNCTIONS`` (``sigmoid``/``tanh``/``relu`` from
 :mod:`kernrnn.cell`, ``math.exp/log/sqrt/sin/cos/erf/fabs/tanh``, ``abs``),
 ``min``/``max``, conditional expressions, calls of plain module-level helper
 functions (inlined), numeric literals and numeric module constants, and, in a

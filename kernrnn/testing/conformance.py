@@ -46,7 +46,7 @@ class ConformanceReport:
     max_forward_error: dict = field(default_factory=lambda: {"float64": 0.0, "float32": 0.0})
     max_gradient_error: float = 0.0
     #: Largest difference of a hand-written backward from the derived one (relative to
-    #: max(1, |value|)); None for a derived backward or when none was compared.
+    #: ``max(1, abs(value))``); None for a derived backward or when none was compared.
     max_backward_difference: float | None = None
     #: Why a hand-written backward was not compared with a derived one ("" otherwise).
     backward_note: str = ""
@@ -280,7 +280,7 @@ def compare_backward(cell, examples: int = 10, seed: int = 0, rtol: float = 1e-8
     and the normalisation's backward for a two-stage step, in float64 Python.
     Raises :class:`ConformanceError` naming the first gradient (``dxw[k]``, ``dhu[k]``,
     ``dprev[s]`` or ``d<param>[b]``) whose values differ by more than ``rtol``
-    relative to max(1, |value|); the recurrent gradient of a gate without a recurrent
+    relative to ``max(1, abs(value))``; the recurrent gradient of a gate without a recurrent
     part is not compared.  Returns the largest such difference.  Raises
     :class:`~kernrnn.errors.CellError` when the forward cannot be derived.
     """
