@@ -503,9 +503,14 @@ class Cell:
             return getattr(fn, "kernrnn_step", None) is not None
 
         forward, backward = self.forward, self.backward
-        if generated(forward) and (backward is None or generated(backward)):
-            self._set({"forward": forward.kernrnn_step, "backward": None, "forward2": None,
-                       "backward2": None})
+        if generated(backward) or (backward is None and generated(forward)):
+            # kernrnn's own math given back: derive again, from the forward given (a new
+            # step replacing the old one) or from the step the generated forward came from
+            self._set({"forward": forward.kernrnn_step if generated(forward) else forward,
+                       "backward": None})
+            for name in ("forward2", "backward2"):
+                if generated(getattr(self, name)):
+                    self._set({name: None})
         if generated(self.reference):
             self._set({"reference": None})
         self._validate_declaration(self._fail, derived=self.backward is None)

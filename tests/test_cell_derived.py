@@ -129,6 +129,10 @@ def test_replace_and_pickle_derive_again_from_the_step():
     back = pickle.loads(pickle.dumps(ln))
     assert back.step is ln.step and (back.n_saved, back.n_mid) == (ln.n_saved, ln.n_mid)
     assert back.same_grads == ln.same_grads
+    swap = dataclasses.replace(REGISTRY.get("rnn"), name="t_swap",
+                               forward=REGISTRY.get("rnn_relu").step)  # a new step: derived anew
+    assert swap.step is REGISTRY.get("rnn_relu").step and swap.derived_backward
+    assert swap.backward((0.5,), (0.0,), (1.0,))[0] == (1.0,)  # relu' = 1 at a positive value
     hand = pickle.loads(pickle.dumps(hand_written("gru")))
     assert not hand.derived_backward and hand.backward is MATH["gru"]["backward"]
 
