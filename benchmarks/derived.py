@@ -173,9 +173,10 @@ def markdown(rows) -> str:
     for r in rows:
         t = (f"{1e3 * r['derived']:.1f} | {1e3 * r['hand']:.1f} | "
              f"{r['derived'] / r['hand']:.3f}") if "derived" in r else "- | - | -"
-        out.append(f"| {r['cell']}{' (hand-written backward)' if r['hand_written_backward'] else ''}"
-                   f" | {r['lines_before']} | {r['lines_after']} | {r['max_grad_diff']:.1e} | "
-                   f"{t} | {r['saved_before']} ({r['saved_before'] * BH}) | "
+        kept = " (hand-written backward)" if r["hand_written_backward"] else ""
+        out.append(f"| {r['cell']}{kept} | {r['lines_before']} | {r['lines_after']} | "
+                   f"{r['max_grad_diff']:.1e} | {t} | "
+                   f"{r['saved_before']} ({r['saved_before'] * BH}) | "
                    f"{r['saved_after']} ({r['saved_after'] * BH}) |")
     return "\n".join(out)
 

@@ -85,11 +85,12 @@ def relu(x):
 
 
 # float32 sine, cosine and tangent.  Numba lowers ``math.sin``/``cos``/``tan`` of a float32
-# on CUDA to libdevice's ``__nv_sinf``/``__nv_cosf``/``__nv_tanf``, whose slow path for large arguments
-# (Payne-Hanek reduction) holds float64 instructions: a float32 kernel's PTX then shows
-# ``.f64`` although the cell wrote nothing in float64.  :func:`sin` and :func:`cos` keep
-# libm for float64 and compile, through ``kernrnn_variants``, a float32 version made of
-# float32 arithmetic and selects only (no branch, so CPU loops still vectorise):
+# on CUDA to libdevice's ``__nv_sinf``/``__nv_cosf``/``__nv_tanf``, whose slow path for
+# large arguments (Payne-Hanek reduction) holds float64 instructions: a float32 kernel's
+# PTX then shows ``.f64`` although the cell wrote nothing in float64.  :func:`sin`,
+# :func:`cos` and :func:`tan` keep libm for float64 and compile, through
+# ``kernrnn_variants``, a float32 version made of float32 arithmetic and selects only (no
+# branch, so CPU loops still vectorise):
 #
 # * reduction ``r = x - k pi/2`` with ``k = round(x 2/pi)`` (rounded by adding and
 #   subtracting 1.5 * 2**23) and pi/2 split in three float32 parts (Cody-Waite, as
