@@ -9,6 +9,9 @@ the caller passes in (it names the cell and its source).
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +22,37 @@ from kernrnn.scalar_math import reference_norm
 
 @dataclass(frozen=True)
 class CellFacts:
-    """What only running a cell's math tells: how many values it saves for backward
-    (``n_saved``, K) and, for a two-stage step, passes from stage 1 to stage 2 (``n_mid``)."""
+    """What only the cell's math tells: how many values it saves for backward
+    (``n_saved``, K) and, for a two-stage step, passes from stage 1 to stage 2 (``n_mid``);
+    per gate, whether ``dxw`` and ``dhu`` are one and the same gradient (``same_grads``,
+    empty without ``hu``: see :attr:`kernrnn.cell.Cell.same_grads`)."""
 
     n_saved: int
     n_mid: int = 0
+    same_grads: tuple = ()
+
+
+def shared_gradients(cell) -> tuple:
+    """Per gate: does the hand-written ``backward`` return one expression for ``dxw[k]``
+    and ``dhu[k]``?  Read from its source: ``return d, d, ...`` (all gates) or two
+    tuple literals compared entry by entry; anything else (an unreadable source, several
+    returns) counts as not shared, which is always safe."""
+    G = cell.n_gates
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cell.backward)))
+    except (OSError, TypeError, SyntaxError):
+        return (False,) * G
+    returns = [n for n in ast.walk(tree.body[0]) if isinstance(n, ast.Return)]
+    if len(returns) != 1 or not isinstance(returns[0].value, ast.Tuple) or \
+            len(returns[0].value.elts) < 2:
+        return (False,) * G
+    dxw, dhu = returns[0].value.elts[:2]
+    if ast.dump(dxw) == ast.dump(dhu):
+        return (True,) * G
+    if isinstance(dxw, ast.Tuple) and isinstance(dhu, ast.Tuple) and \
+            len(dxw.elts) == len(dhu.elts) == G:
+        return tuple(ast.dump(a) == ast.dump(b) for a, b in zip(dxw.elts, dhu.elts))
+    return (False,) * G
 
 
 def sample_math(cell, fail) -> CellFacts:

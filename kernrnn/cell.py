@@ -1,21 +1,32 @@
 """The cell contract: what a plugin author writes, once, for a new recurrent cell.
 
-A cell is its per-element math.  ``forward(xw, hu, prev, *params)`` receives,
-for one (batch, unit) element, the G gate pre-activations coming from the input
+A cell is its forward step.  ``forward(xw, hu, prev, *params)`` receives, for
+one (batch, unit) element, the G gate pre-activations coming from the input
 (``xw``, bias ``b_ih`` included) and from the previous hidden state (``hu``,
 bias ``b_hh`` included) as tuples of scalars, the previous state as a tuple of
 scalars (``(h,)`` or ``(h, c)``), and one tuple of scalars per declared
-per-unit parameter (:class:`Param`).  It returns ``(new_state, saved)``: the new
-state tuple and whatever scalars the backward pass needs.
+per-unit parameter (:class:`Param`).  It returns the new state tuple::
 
-``backward(saved, prev, dstate, *params)`` receives those saved scalars, the
-previous state, the gradient arriving at this step's new state and the
-parameters, and returns ``(dxw, dhu, dprev, *dparams)``: gradients of the G
-input and recurrent pre-activations, the element-wise part of the gradient of
-the previous state (the part that does not flow through ``W_hh``; the core adds
-``dhu @ W_hh`` itself) and one tuple per parameter with this element's
-contribution to its gradient (the core sums them over time and batch, in a
-fixed order, without atomics).
+    def forward(xw, hu, prev):
+        f = sigmoid(xw[0] + hu[0])
+        g = tanh(xw[1] + hu[1])
+        o = sigmoid(xw[2] + hu[2])
+        c = f * prev[1] + (1 - f) * g
+        return (o * tanh(c), c)
+
+kernrnn derives everything else from it (:mod:`kernrnn.autodiff`): the
+backward step, the values the forward saves for it and a float64 NumPy
+reference; then it builds the time loop, the GEMMs and backpropagation
+through time around them, for every backend.  The step is straight-line
+scalar code: assignments and tuples, ``+ - * /``, integer powers, unary minus,
+the helpers this module re-exports from :mod:`kernrnn.scalar_math`
+(``sigmoid``, ``tanh``, ``relu``, ``sin``, ``cos``), ``math.exp``/``log``/
+``sqrt``/``sin``/``cos``/``erf``/``fabs``, ``abs``, ``min``/``max``,
+conditional expressions (``a if c else b``: the gradient follows the branch
+taken), calls of module-level helper functions (inlined), numeric literals
+and numeric module constants.  Anything else (a loop, an ``if`` statement, a
+list, an unknown call) is a :class:`CellError` naming the cell, the line and
+the construct.  Literals take the kernel's precision (see :mod:`kernrnn.scalar`).
 
 The recurrent product is declared with ``recurrent``:
 
@@ -25,8 +36,7 @@ The recurrent product is declared with ``recurrent``:
   ``weight_hh`` is ``[heads, Gr*dh, dh]``: row ``g*dh + i`` of head ``k`` feeds
   gate ``g`` of unit ``k*dh + i`` from units ``k*dh .. k*dh+dh-1``;
 * ``"none"``: no recurrent matrix and no ``weight_hh``/``bias_hh`` at all; the
-  math then has no ``hu`` argument and ``backward`` returns no ``dhu``:
-  ``forward(xw, prev, *params)``, ``backward(...) -> (dxw, dprev, *dparams)``.
+  math then has no ``hu`` argument: ``forward(xw, prev, *params)``.
 
 ``recurrent_gates`` names the gates that have a recurrent part (default: all);
 ``hu`` still has G entries, zero for the others, and ``weight_hh`` has ``Gr*H``
@@ -38,32 +48,56 @@ Normalisation inside the kernels (each optional):
   of ``W_ih x`` / ``W_hh h`` over each gate block (or the whole row), times a
   learnable gain (``norm_ih_weight`` / ``norm_hh_weight``); ``bias_ih`` /
   ``bias_hh`` are added after it and act as the norm's bias;
-* ``normalize = ("c",)`` with ``forward2``/``backward2``: a two-stage step for a
-  value normalised over the hidden units in the middle of the step (LayerNorm
-  LSTM's cell state).  Stage 1 ``forward(...) -> (z, mid)`` returns the values
-  to normalise and the values stage 2 needs; the core normalises each ``z[k]``
-  over the H units of the row, applies gain and bias (``norm_c_weight``,
-  ``norm_c_bias``) and calls ``forward2(zn, mid, prev, *params) -> (new_state,
-  saved)``.  Backward runs in reverse: ``backward2(saved, zn, mid, prev, dstate,
-  *params) -> (dzn, dmid, dprev, *dparams)``, the core's normalisation backward,
-  then ``backward(mid, prev, dz, dmid, *params) -> (dxw, dhu, dprev, *dparams)``
-  (both ``dprev`` and ``dparams`` are added up).
+* ``normalize = ("c",)``: a value normalised over the hidden units in the
+  middle of the step (LayerNorm LSTM's cell state).  The forward takes a last
+  argument ``norm`` and calls ``norm("c", c)`` where the normalised value is
+  used; the core splits the step there into two stages, normalises ``c`` over
+  the H units of the row, applies gain and bias (``norm_c_weight``,
+  ``norm_c_bias``), and runs the normalisation's backward between the stages'
+  derived backwards.
 
 ``linear=True`` declares a step linear in the state, ``new_s = a_s * prev_s +
 b_s`` with ``a``, ``b`` from the input alone (minGRU, minLSTM; needs
 ``recurrent="none"``): the CUDA backend then runs time as a parallel scan.
 
-All math is plain Python using ``math`` and the helpers this module
-re-exports from :mod:`kernrnn.scalar_math` (``sigmoid``, ``tanh``, ``relu``).  The core
-compiles it with Numba for every backend and precision (constants take the
-kernel's precision, see :mod:`kernrnn.scalar`) and builds the time loop, the
-GEMMs and backpropagation through time around it.  ``reference`` is an
-independent float64 NumPy version of the whole step,
-``reference(xw, hu, prev, *params)`` on ``[B, H]`` arrays (no ``hu`` for
-``recurrent="none"``; each parameter a tuple of ``[H]`` arrays; a cell with
-``normalize`` also gets ``norm=``, a function ``norm(name, z)`` that applies the
-layer's normalisation to ``z``), used by the tests and by
-:func:`kernrnn.testing.check_cell`.
+The reference
+-------------
+``reference`` is optional: without one, the float64 reference the tests and
+:func:`kernrnn.testing.check_cell` compare the kernels with is the forward
+itself, run on NumPy arrays (``Derived.reference`` of :mod:`kernrnn.autodiff`).  A
+hand-written ``reference(xw, hu, prev, *params)`` on ``[B, H]`` float64 arrays
+(no ``hu`` for ``recurrent="none"``; each parameter a tuple of ``[H]`` arrays;
+with ``normalize`` also ``norm=``, a function ``norm(name, z)`` applying the
+layer's normalisation) returning the new state tuple stays accepted, as an
+independent check of the forward (written from the paper, say).
+
+A hand-written backward
+-----------------------
+A cell that passes ``backward=`` keeps its own gradient instead of the derived
+one, as ``jax.custom_vjp`` does: for a particular gradient, or a backward that
+measures faster.  The presence of ``backward`` tells the two forms of
+``forward`` apart: with it, ``forward(xw, hu, prev, *params)`` returns
+``(new_state, saved)``, the new state and whatever scalars the backward
+needs, and ``backward(saved, prev, dstate, *params)`` receives those saved
+scalars, the previous state, the gradient arriving at this step's new state
+and the parameters, and returns ``(dxw, dhu, dprev, *dparams)``: gradients of
+the G input and recurrent pre-activations, the element-wise part of the
+gradient of the previous state (the part that does not flow through
+``W_hh``; the core adds ``dhu @ W_hh`` itself) and one tuple per parameter
+with this element's contribution to its gradient (the core sums them over
+time and batch, in a fixed order, without atomics).  Without ``hu``
+(``recurrent="none"``) the backward returns no ``dhu``.  With ``normalize``
+the step is written as two stages: ``forward(...) -> (z, mid)`` returns the
+values to normalise and the values stage 2 needs, the core normalises each
+``z[k]`` and calls ``forward2(zn, mid, prev, *params) -> (new_state, saved)``;
+backward runs in reverse: ``backward2(saved, zn, mid, prev, dstate, *params)
+-> (dzn, dmid, dprev, *dparams)``, the core's normalisation backward, then
+``backward(mid, prev, dz, dmid, *params) -> (dxw, dhu, dprev, *dparams)``
+(both ``dprev`` and ``dparams`` are added up).  These are also the functions
+kernrnn generates for a forward-only cell (``cell.forward``, ``cell.backward``,
+... are the generated ones then, and ``cell.step`` is the forward written).
+:func:`kernrnn.testing.check_cell` compares a hand-written backward with the
+derived one and names the first gradient on which they disagree.
 """
 
 from __future__ import annotations
@@ -79,10 +113,10 @@ from kernrnn import _cell_validate
 from kernrnn._cell_validate import CellFacts
 from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
-from kernrnn.scalar_math import NORM_EPS, reference_norm, relu, sigmoid, tanh
+from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
-           "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
+__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu", "sin",
+           "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -155,11 +189,18 @@ class Cell:
     gates:
         Gate labels in the order of the weight rows (``"ifgo"`` for the LSTM),
         or the number of gate blocks G.  ``weight_ih`` is ``[G*H, input_size]``.
-    forward, backward:
-        The per-element math, see the module docstring.
+    forward:
+        The per-element step returning the new state tuple; kernrnn derives
+        its backward (see the module docstring).  After construction this
+        attribute holds the generated forward of the contract (returning
+        ``(new_state, saved)``), and :attr:`step` the function given.
+    backward:
+        Optional: a hand-written backward; then ``forward`` returns
+        ``(new_state, saved)`` (see "A hand-written backward" in the module
+        docstring).
     reference:
-        Float64 NumPy step on ``[B, H]`` arrays returning the new state tuple,
-        see the module docstring.
+        Optional: an independent float64 NumPy step on ``[B, H]`` arrays
+        returning the new state tuple (default: the forward run on arrays).
     state:
         Names of the state components; the first is the output ``h``.
     init:
@@ -180,8 +221,10 @@ class Cell:
     input_norm, recurrent_norm:
         None, ``"layer"``, ``"rms"`` or a :class:`Norm`.
     normalize, normalize_kind:
-        Names of the values a two-stage step normalises over the hidden units,
-        and how (``"layer"`` or ``"rms"``); needs ``forward2`` and ``backward2``.
+        Names of the values the step normalises over the hidden units (the
+        forward calls ``norm(name, value)``), and how (``"layer"`` or ``"rms"``).
+    forward2, backward2:
+        Only with a hand-written backward and ``normalize``: the second stage.
     linear:
         The step is linear in the state (``new = a * prev + b``, element-wise
         per state component); checked on samples.
@@ -195,8 +238,8 @@ class Cell:
     name: str
     gates: str | int
     forward: Callable
-    backward: Callable
-    reference: Callable
+    backward: Callable | None = None
+    reference: Callable | None = None
     state: tuple[str, ...] = ("h",)
     init: Callable | None = None
     description: str = ""
@@ -216,6 +259,14 @@ class Cell:
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
     n_mid: int = field(init=False, default=0)
+    #: Per gate, whether the input and recurrent pre-activations get one and the same
+    #: gradient (``dxw[k] == dhu[k]`` by construction); empty without ``hu``.  A fact of the
+    #: derivation (the gate enters the step only as ``xw[k] + hu[k]``), or for a hand-written
+    #: backward, read from its ``return`` (one expression for both).
+    same_grads: tuple[bool, ...] = field(init=False, default=())
+    #: The forward-only step the cell was defined with (None with a hand-written backward).
+    step: Callable | None = field(init=False, default=None)
+    _derivation: object = field(init=False, default=None, repr=False)
 
     # -- sizes -------------------------------------------------------------------
 
@@ -273,6 +324,26 @@ class Cell:
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
                 and not self.normalize)
+
+    @property
+    def derived_backward(self) -> bool:
+        """True when kernrnn derived the backward from the forward (no hand-written one)."""
+        return self.step is not None
+
+    def derivation(self):
+        """The :class:`kernrnn.autodiff.Derived` math of this cell's forward step.
+
+        For a forward-only cell, the functions it runs (with the names of the saved
+        values and the generated source); for a hand-written backward, what kernrnn
+        would derive instead (read from the hand-written forward, see
+        :func:`kernrnn.autodiff.derive_hand_written`).  Raises :class:`CellError` when
+        the forward is outside what the differentiator reads.
+        """
+        if self._derivation is None:
+            from kernrnn.autodiff import derive_hand_written
+
+            self._set({"_derivation": derive_hand_written(self)})
+        return self._derivation
 
     @property
     def n_heads(self) -> int:
@@ -397,8 +468,9 @@ class Cell:
     def __post_init__(self):
         # The one place a Cell is written to, before the constructor returns (the
         # dataclasses way for a frozen class): the canonical spellings of the declaration
-        # ("layer" -> Norm("layer"), "c" -> ("c",)), then the sizes only the math reveals.
-        # validate() reads and never writes, so the registry may run it again.
+        # ("layer" -> Norm("layer"), "c" -> ("c",)), the math derived from a forward-only
+        # step, then the sizes only the math reveals.  validate() reads and never
+        # writes, so the registry may run it again.
         canonical = {}
         for name in ("input_norm", "recurrent_norm"):
             if isinstance(getattr(self, name), str):
@@ -406,27 +478,96 @@ class Cell:
         if isinstance(self.normalize, str):
             canonical["normalize"] = (self.normalize,)
         self._set(canonical)
+        self._set(self._math())
         facts = self.validate()
-        self._set({"n_saved": facts.n_saved, "n_mid": facts.n_mid})
+        self._set({"n_saved": facts.n_saved, "n_mid": facts.n_mid,
+                   "same_grads": facts.same_grads})
 
     def _set(self, values: dict) -> None:
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    def _fail(self, msg: str):
+        raise CellError(f"cell {self.name!r}{describe_source(self)}: {msg}")
+
+    def _math(self) -> dict:
+        """The functions the cell runs: derived from a forward-only step, or hand-written.
+
+        Functions kernrnn generated (they carry ``kernrnn_step``) given back to the
+        constructor, by ``dataclasses.replace`` or unpickling, are derived again from
+        their step, so a changed declaration (sizes, ``normalize``) takes effect.
+        """
+        from kernrnn.autodiff import derive_for_cell, derive_hand_written
+
+        def generated(fn):
+            return getattr(fn, "kernrnn_step", None) is not None
+
+        forward, backward = self.forward, self.backward
+        if generated(backward) or (backward is None and generated(forward)):
+            # kernrnn's own math given back: derive again, from the forward given (a new
+            # step replacing the old one) or from the step the generated forward came from
+            self._set({"forward": forward.kernrnn_step if generated(forward) else forward,
+                       "backward": None})
+            for name in ("forward2", "backward2"):
+                if generated(getattr(self, name)):
+                    self._set({name: None})
+        if generated(self.reference):
+            self._set({"reference": None})
+        self._validate_declaration(self._fail, derived=self.backward is None)
+        if self.backward is not None:
+            if self.reference is not None:
+                return {}
+            try:
+                d = derive_hand_written(self)
+            except CellError as exc:
+                self._fail(f"no reference given, and none can be derived from the forward (give "
+                           f"reference=...): {exc}")
+            return {"reference": d.reference, "_derivation": d}
+        d = derive_for_cell(self, self.forward)
+        return {"step": self.forward, "forward": d.forward, "backward": d.backward,
+                "forward2": d.forward2, "backward2": d.backward2,
+                "reference": self.reference or d.reference, "_derivation": d}
+
+    def __reduce__(self):
+        """Pickle the declaration: a forward-only cell is derived again when unpickled
+        (generated functions live only in the process that derived them)."""
+        from dataclasses import fields
+
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if self.step is not None:
+            kwargs.update(forward=self.step, backward=None, forward2=None, backward2=None)
+        if getattr(kwargs["reference"], "kernrnn_step", None) is not None:
+            kwargs["reference"] = None
+        return _unpickle_cell, (type(self), kwargs)
 
     # -- validation --------------------------------------------------------------
 
     def validate(self) -> CellFacts:
         """Check the definition, then run its math on sample values.
 
-        Raises :class:`CellError` saying what is wrong; returns the sizes the
-        math revealed (a frozen ``CellFacts`` with ``n_saved`` and ``n_mid``) and
-        changes nothing.  Runs in plain Python (no compilation), so registering cells
-        stays cheap; compilation problems surface, with the cell's source
-        named, when its kernels are first built.
+        Raises :class:`CellError` saying what is wrong; returns the facts the
+        math revealed (a frozen ``CellFacts`` with ``n_saved``, ``n_mid`` and
+        ``same_grads``) and changes nothing.  Runs in plain Python (no compilation),
+        so registering cells stays cheap; compilation problems surface, with the
+        cell's source named, when its kernels are first built.
         """
-        def fail(msg: str):
-            raise CellError(f"cell {self.name!r}{describe_source(self)}: {msg}")
+        fail = self._fail
+        self._validate_declaration(fail, derived=self.derived_backward)
+        for attr in ("forward", "backward", "reference"):
+            if not callable(getattr(self, attr)):
+                fail(f"{attr} must be a function, got {getattr(self, attr)!r}")
+        facts = _cell_validate.sample_math(self, fail)
+        if not self.has_recurrent:
+            same = ()
+        elif self.derived_backward:
+            same = tuple(self._derivation.same_grads)
+        else:
+            same = _cell_validate.shared_gradients(self)
+        return CellFacts(facts.n_saved, facts.n_mid, same)
 
+    def _validate_declaration(self, fail, derived: bool) -> None:
+        """Everything but the math: names, sizes, forms (``derived``: no hand-written
+        backward, so no ``forward2``/``backward2`` of the author's)."""
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise CellError(
                 f"cell name must be lower case letters, digits and '_' starting with a "
@@ -445,17 +586,18 @@ class Cell:
             or len(set(self.state)) != len(self.state)
         ):
             fail(f"state must be a tuple of distinct names starting with 'h', got {self.state!r}")
-        for attr in ("forward", "backward", "reference"):
-            if not callable(getattr(self, attr)):
-                fail(f"{attr} must be a function, got {getattr(self, attr)!r}")
+        if not callable(self.forward):
+            fail(f"forward must be a function, got {self.forward!r}")
+        for attr in ("backward", "reference"):
+            if getattr(self, attr) is not None and not callable(getattr(self, attr)):
+                fail(f"{attr} must be a function or None, got {getattr(self, attr)!r}")
         if self.init is not None and not callable(self.init):
             fail(f"init must be a function or None, got {self.init!r}")
         if self.state_sampler is not None and not callable(self.state_sampler):
             fail(f"state_sampler must be a function or None, got {self.state_sampler!r}")
-        self._validate_forms(fail)
-        return _cell_validate.sample_math(self, fail)
+        self._validate_forms(fail, derived)
 
-    def _validate_forms(self, fail) -> None:
+    def _validate_forms(self, fail, derived: bool) -> None:
         if self.recurrent not in RECURRENT_FORMS:
             fail(f"recurrent must be one of {RECURRENT_FORMS}, got {self.recurrent!r}")
         if self.recurrent == "heads":
@@ -520,12 +662,24 @@ class Cell:
             fail(f"normalize must be a tuple of value names, got {self.normalize!r}")
         if self.normalize_kind not in _NORM_KINDS:
             fail(f"normalize_kind must be one of {_NORM_KINDS}, got {self.normalize_kind!r}")
-        if self.normalize and not (callable(self.forward2) and callable(self.backward2)):
-            fail(f"normalize={self.normalize!r} needs forward2 and backward2 (the second stage "
-                 f"of the step), got forward2={self.forward2!r}, backward2={self.backward2!r}")
-        if not self.normalize and (self.forward2 is not None or self.backward2 is not None):
+        if derived:
+            if self.step is None and (self.forward2 is not None or self.backward2 is not None):
+                fail("forward2/backward2 come with a hand-written backward (the two-stage "
+                     "contract); a forward-only cell calls norm(name, value) in its forward "
+                     "instead")
+        elif self.normalize and not (callable(self.forward2) and callable(self.backward2)):
+            fail(f"normalize={self.normalize!r} with a hand-written backward needs forward2 and "
+                 f"backward2 (the second stage of the step), got forward2={self.forward2!r}, "
+                 f"backward2={self.backward2!r}; or leave out backward and call "
+                 f"norm({self.normalize[0]!r}, value) in the forward")
+        elif not self.normalize and (self.forward2 is not None or self.backward2 is not None):
             fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
                  f"{self.recurrent!r}")
+
+
+def _unpickle_cell(cls, kwargs):
+    """A cell from its pickled declaration (see :meth:`Cell.__reduce__`)."""
+    return cls(**kwargs)

@@ -19,14 +19,26 @@ dtype name (``"float32"``) to another plain Python function; compiling for that
 precision uses the variant instead.  :func:`kernrnn.scalar_math.tanh` and
 :func:`kernrnn.scalar_math.sigmoid` use this for branch-free float32 approximations
 that vectorise on CPUs, while float64 keeps libm's accuracy.
+
+``math.sin``, ``math.cos`` and ``math.tan`` (however imported) are compiled as
+:func:`kernrnn.scalar_math.sin`, :func:`~kernrnn.scalar_math.cos` and
+:func:`~kernrnn.scalar_math.tan` in every precision those have a variant for
+(float32): CUDA's float32 ``sinf``/``cosf``/``tanf`` hold float64
+instructions (the only ``math`` functions that do), the variants do not.  So a hand-written cell
+calling ``math.sin`` gets float32-clean kernels too.
+
+The compiled functions keep the line numbers and file of their source, so
+Numba's errors and the CUDA line information point at the cell's own lines.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import linecache
 import os
+import math
 import textwrap
 import types
 from functools import lru_cache
@@ -46,7 +58,22 @@ class ScalarCompileError(Exception):
     """The scalar math of a cell cannot be turned into a Numba function."""
 
 
+def _math_replacements() -> dict:
+    """id of a ``math`` function -> the :mod:`kernrnn.scalar_math` helper compiled instead
+    (in the precisions the helper has a variant for)."""
+    from kernrnn import scalar_math
+
+    return {id(math.sin): scalar_math.sin, id(math.cos): scalar_math.cos,
+            id(math.tan): scalar_math.tan}
+
+
 class _RetypeConstants(ast.NodeTransformer):
+    """Wraps numeric literals in the precision cast; with ``replace(func_node)`` returning a
+    name, also calls that name instead (``math.sin`` -> the float32 helper)."""
+
+    def __init__(self, replace=None):
+        self.replace = replace
+
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         node.value = self.visit(node.value)  # the index stays an integer
         return node
@@ -60,7 +87,11 @@ class _RetypeConstants(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         if isinstance(node.func, ast.Name) and node.func.id == "range":
             return node
-        return self.generic_visit(node)
+        node = self.generic_visit(node)
+        name = self.replace(node.func) if self.replace else None
+        if name is not None:
+            node.func = ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node.func)
+        return node
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
@@ -75,11 +106,12 @@ class _RetypeConstants(ast.NodeTransformer):
 
 def retype_source(fn: types.FunctionType) -> str:
     """The source of ``fn`` with numeric literals wrapped in a precision cast."""
-    return ast.unparse(_retyped_tree(fn))
+    return ast.unparse(_retyped_tree(fn)[0])
 
 
-def _retyped_tree(fn: types.FunctionType) -> ast.Module:
-    """The retyped AST of ``fn``; line numbers count from its first source line (1)."""
+def _retyped_tree(fn: types.FunctionType, dtype=None) -> tuple[ast.Module, dict]:
+    """The retyped AST of ``fn`` (line numbers count from its first source line, 1) and the
+    helpers it now calls instead of ``math`` functions for ``dtype`` (name -> helper)."""
     if fn.__name__ == "<lambda>":
         raise ScalarCompileError(
             f"cell math must be a function defined with 'def' in a file, not a lambda "
@@ -100,8 +132,53 @@ def _retyped_tree(fn: types.FunctionType) -> ast.Module:
             f"{fn.__qualname__!r} must be defined with 'def' (got {type(fdef).__name__})"
         )
     fdef.decorator_list = []
-    fdef.body = [_RetypeConstants().visit(stmt) for stmt in fdef.body]
-    return ast.fix_missing_locations(tree)
+    used: dict = {}
+    replace = _replacer(fn, fdef, np.dtype(dtype), used) if dtype is not None else None
+    fdef.body = [_RetypeConstants(replace).visit(stmt) for stmt in fdef.body]
+    return ast.fix_missing_locations(tree), used
+
+
+def _replacer(fn, fdef: ast.FunctionDef, dtype: np.dtype, used: dict):
+    """``replace(func_node)`` for :class:`_RetypeConstants`: the name to call instead of a
+    ``math`` function that has a helper with a variant for ``dtype``, recorded in ``used``."""
+    table = _math_replacements()
+    ns = _namespace(fn)
+    a = fdef.args
+    local = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+    local |= {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name)
+              and isinstance(n.ctx, ast.Store)}
+
+    def resolve(node):
+        if isinstance(node, ast.Name):
+            if node.id in local:
+                return None
+            return ns.get(node.id, getattr(builtins, node.id, None))
+        if isinstance(node, ast.Attribute):
+            base = resolve(node.value)
+            return getattr(base, node.attr, None) if isinstance(base, types.ModuleType) else None
+        return None
+
+    def replace(func):
+        helper = table.get(id(resolve(func)))
+        variants = getattr(helper, "kernrnn_variants", None) or {}
+        if helper is None or dtype.name not in variants:
+            return None
+        name = f"__kernrnn_{helper.__name__}"
+        used[name] = helper
+        return name
+    return replace
+
+
+def _namespace(fn: types.FunctionType) -> dict:
+    """The globals ``fn`` sees, its closure's variables included."""
+    namespace = dict(fn.__globals__)
+    if fn.__closure__:
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+            try:
+                namespace[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                pass
+    return namespace
 
 
 def _is_plain_python_function(obj: object) -> bool:
@@ -120,10 +197,7 @@ def _variant(fn: types.FunctionType, dtype: np.dtype) -> types.FunctionType:
 
 def _helpers(fn: types.FunctionType) -> list:
     """Plain Python functions ``fn`` refers to by a global or closure name."""
-    namespace = dict(fn.__globals__)
-    if fn.__closure__:
-        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__, strict=True):
-            namespace[name] = cell.cell_contents
+    namespace = _namespace(fn)
     out = []
     for name in fn.__code__.co_names + fn.__code__.co_freevars:
         obj = namespace.get(name)
@@ -144,10 +218,13 @@ def math_fingerprint(fn: types.FunctionType) -> str:
         if f in seen:
             continue
         seen.add(f)
-        try:
-            parts.append(retype_source(f))
+        try:  # float32: with math.sin/cos as the helpers compiled instead
+            tree, used = _retyped_tree(f, np.float32)
+            parts.append(ast.unparse(tree))
         except ScalarCompileError:
             parts.append(f.__qualname__)
+            used = {}
+        stack.extend(used.values())
         variants = getattr(f, "kernrnn_variants", None)
         if isinstance(variants, dict):
             for key in sorted(variants):
@@ -158,12 +235,12 @@ def math_fingerprint(fn: types.FunctionType) -> str:
     return "\n".join(parts)
 
 
-def _retyped_namespace(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> dict:
-    namespace = dict(fn.__globals__)
+def _retyped_namespace(fn: types.FunctionType, dtype: np.dtype, seen: dict,
+                       used: dict) -> dict:
+    namespace = _namespace(fn)
     namespace[_CAST_NAME] = numba.from_dtype(dtype)
-    if fn.__closure__:
-        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
-            namespace[name] = cell.cell_contents
+    for name, helper in used.items():
+        namespace[name] = _rebuild(helper, dtype, seen)
     # Helpers the function calls are rewritten the same way, so a helper such
     # as ``sigmoid`` keeps the kernel's precision too (or becomes its variant).
     for name, obj in _helpers(fn):
@@ -176,14 +253,27 @@ def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.Funct
     if key in seen:
         return seen[key]
     orig, fn = fn, _variant(fn, dtype)
-    src = retype_source(fn)
-    namespace = _retyped_namespace(fn, dtype, seen)
-    filename = f"<kernrnn retyped {fn.__module__}.{fn.__qualname__} {dtype}>"
-    exec(compile(src, filename, "exec"), namespace)
+    tree, used = _located_tree(fn, dtype)
+    namespace = _retyped_namespace(fn, dtype, seen, used)
+    exec(compile(tree, _source_file(fn), "exec"), namespace)
     compiled = numba.njit(inline="always")(namespace[fn.__name__])
     seen[key] = compiled
     seen[(orig, dtype.str)] = compiled
     return compiled
+
+
+def _located_tree(fn: types.FunctionType, dtype: np.dtype) -> tuple[ast.Module, dict]:
+    """:func:`_retyped_tree` with the line numbers of ``fn``'s file."""
+    tree, used = _retyped_tree(fn, dtype)
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    return tree, used
+
+
+def _source_file(fn: types.FunctionType) -> str:
+    try:
+        return inspect.getsourcefile(fn) or fn.__code__.co_filename
+    except TypeError:
+        return fn.__code__.co_filename
 
 
 @lru_cache(maxsize=None)
@@ -210,11 +300,9 @@ def find_precision_leaks(fn: types.FunctionType, dtype, arg_types, limit: int = 
     dtype = np.dtype(dtype)
     want = numba.from_dtype(dtype)
     fn = _variant(fn, dtype)
-    filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
-    tree = _retyped_tree(fn)
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
-    namespace = _retyped_namespace(fn, dtype, {})
-    exec(compile(tree, filename, "exec"), namespace)
+    tree, used = _located_tree(fn, dtype)
+    namespace = _retyped_namespace(fn, dtype, {}, used)
+    exec(compile(tree, _source_file(fn), "exec"), namespace)
     probe = numba.njit(namespace[fn.__name__])
     probe.compile(tuple(arg_types))
     annotation = probe.overloads[tuple(arg_types)].type_annotation

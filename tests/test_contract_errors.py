@@ -21,6 +21,7 @@ SOURCE = r"plugin 'bad' from distribution 'kernrnn-bad 0.1'"
 IMPORTS = """
 import dataclasses
 import numpy as np
+from hand_written_cells import MATH
 from kernrnn.cell import Param, hookimpl
 from kernrnn_cells import indrnn, lstm_ln, mingru, slstm
 """
@@ -47,7 +48,14 @@ CASES = {
     "normalised value the step does not produce": (
         "dataclasses.replace(lstm_ln.LSTM_LN, name='bad_norm', normalize=('c',))",
         "dataclasses.replace(lstm_ln.LSTM_LN, name='bad_norm', normalize=('c', 'd'))",
-        r"cell 'bad_norm'.*returned 1 values to normalise, the cell declares "
+        r"cell 'bad_norm'.*the cell normalises \('c', 'd'\), the forward never calls "
+        r"norm\('d', \.\.\.\)"),
+    "normalised value a hand-written stage 1 does not produce": (
+        "dataclasses.replace(lstm_ln.LSTM_LN, name='bad_norm2', normalize=('c',), "
+        "**MATH['lstm_ln'])",
+        "dataclasses.replace(lstm_ln.LSTM_LN, name='bad_norm2', normalize=('c', 'd'), "
+        "**MATH['lstm_ln'])",
+        r"cell 'bad_norm2'.*returned 1 values to normalise, the cell declares "
         r"normalize=\('c', 'd'\): the normalised value 'd' must be produced"),
     "declared linear, but not linear in the state": (
         "dataclasses.replace(mingru.MINGRU, name='bad_linear', linear=True)",

@@ -6,9 +6,10 @@
   derived NumPy reference equals the forward, and the math compiles with Numba (float64
   equal to Python, float32 staying float32) and, where NVVM is, to float32 PTX without
   ``.f64``.  (The CUDA simulator runs are in tests/cudasim/test_sim_derive.py.)
-* Every shipped cell, written as a forward only below: its derived backward equals the
-  hand-written one to 1e-12 (direct scalar calls, per-unit parameter gradients and the
-  LayerNorm LSTM's two stages included), and its derived reference equals its reference.
+* Every shipped cell (a forward only since phase 2): its derived backward equals the
+  hand-written one it had before (tests/hand_written_cells.py) to 1e-12 (direct scalar calls,
+  per-unit parameter gradients and the LayerNorm LSTM's two stages included), and its derived
+  reference equals the hand-written reference.
 * Constructs outside the supported set raise CellError naming cell, file, line, construct.
 """
 
@@ -21,120 +22,22 @@ import numpy as np
 import pytest
 from derive_helpers import (args_of, chain, fd_mismatches, flat, make_driver, programs,
                             random_inputs, relclose)
+from hand_written_cells import MATH, hand_written
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernrnn.autodiff import derive, derive_for_cell, fmath
+from kernrnn import scalar_math
+from kernrnn.autodiff import derive, derive_for_cell
 from kernrnn.cell import CellError, reference_norm, relu, sigmoid, tanh
 from kernrnn.plugins import get_registry
 from kernrnn.scalar import compile_scalar
 
-# -- the shipped cells as forward steps only ------------------------------------------------
+# -- the shipped cells: their forward steps, and hand-written math as the oracle --------------
 
-
-def f_cifg(xw, hu, prev):
-    f = sigmoid(xw[0] + hu[0])
-    g = tanh(xw[1] + hu[1])
-    o = sigmoid(xw[2] + hu[2])
-    c = f * prev[1] + (1 - f) * g
-    return (o * tanh(c), c)
-
-
-def f_gru(xw, hu, prev):
-    r = sigmoid(xw[0] + hu[0])
-    z = sigmoid(xw[1] + hu[1])
-    n = tanh(xw[2] + r * hu[2])
-    return ((1 - z) * n + z * prev[0],)
-
-
-def f_indrnn(xw, prev, u):
-    return (relu(xw[0] + u[0] * prev[0]),)
-
-
-def f_janet(xw, hu, prev):
-    s = xw[0] + hu[0]
-    cand = tanh(xw[1] + hu[1])
-    return (sigmoid(s) * prev[0] + (1 - sigmoid(s - 1.0)) * cand,)
-
-
-def f_lstm(xw, hu, prev):
-    i = sigmoid(xw[0] + hu[0])
-    f = sigmoid(xw[1] + hu[1])
-    g = tanh(xw[2] + hu[2])
-    o = sigmoid(xw[3] + hu[3])
-    c = f * prev[1] + i * g
-    return (o * tanh(c), c)
-
-
-def f_lstm_ln(xw, hu, prev, norm):
-    i = sigmoid(xw[0] + hu[0])
-    f = sigmoid(xw[1] + hu[1])
-    g = tanh(xw[2] + hu[2])
-    o = sigmoid(xw[3] + hu[3])
-    c = f * prev[1] + i * g
-    return (o * tanh(norm("c", c)), c)
-
-
-def f_lstm_peephole(xw, hu, prev, peep):
-    c0 = prev[1]
-    i = sigmoid(xw[0] + hu[0] + peep[0] * c0)
-    f = sigmoid(xw[1] + hu[1] + peep[1] * c0)
-    c = f * c0 + i * tanh(xw[2] + hu[2])
-    o = sigmoid(xw[3] + hu[3] + peep[2] * c)
-    return (o * tanh(c), c)
-
-
-def f_mgu(xw, hu, prev):
-    f = sigmoid(xw[0] + hu[0])
-    n = tanh(xw[1] + f * hu[1])
-    return ((1 - f) * prev[0] + f * n,)
-
-
-def f_mingru(xw, prev):
-    z = sigmoid(xw[0])
-    return ((1 - z) * prev[0] + z * xw[1],)
-
-
-def f_minlstm(xw, prev):
-    f = sigmoid(xw[0])
-    i = sigmoid(xw[1])
-    return ((f * prev[0] + i * xw[2]) / (f + i),)
-
-
-def f_rnn(xw, hu, prev):
-    return (tanh(xw[0] + hu[0]),)
-
-
-def f_rnn_relu(xw, hu, prev):
-    return (relu(xw[0] + hu[0]),)
-
-
-def f_slstm(xw, hu, prev):
-    it = xw[0] + hu[0]
-    a = xw[1] + hu[1] + prev[3]
-    z = tanh(xw[2] + hu[2])
-    o = sigmoid(xw[3] + hu[3])
-    m = a if a >= it else it
-    i = math.exp(it - m)
-    f = math.exp(a - m)
-    c = f * prev[1] + i * z
-    n = f * prev[2] + i
-    return (o * c / n, c, n, m)
-
-
-def f_ugrnn(xw, hu, prev):
-    c = tanh(xw[0] + hu[0])
-    g = sigmoid(xw[1] + hu[1])
-    return (g * prev[0] + (1 - g) * c,)
-
-
-FORWARDS = {"cifg": f_cifg, "gru": f_gru, "gru_ln": f_gru, "indrnn": f_indrnn,
-            "janet": f_janet, "lstm": f_lstm, "lstm_ln": f_lstm_ln,
-            "lstm_peephole": f_lstm_peephole, "mgu": f_mgu, "mingru": f_mingru,
-            "minlstm": f_minlstm, "rnn": f_rnn, "rnn_relu": f_rnn_relu, "slstm": f_slstm,
-            "ugrnn": f_ugrnn}
 SHIPPED = sorted(n for n in get_registry().names() if get_registry().source(n).distribution
                  .startswith("kernrnn "))
+#: The forward step each shipped cell is written as (the function its plugin gives).
+FORWARDS = {n: get_registry().get(n).step for n in SHIPPED if get_registry().get(n).step}
 _DERIVED = {}
 
 
@@ -146,8 +49,8 @@ def derived(name, recompute=True):
     return _DERIVED[key]
 
 
-def test_every_shipped_cell_has_a_forward_here():
-    assert sorted(FORWARDS) == SHIPPED
+def test_every_shipped_cell_has_a_forward_and_hand_written_math():
+    assert sorted(FORWARDS) == SHIPPED == sorted(MATH)
 
 
 def _cell_inputs(cell, rng):
@@ -178,7 +81,7 @@ ONE_STAGE = [n for n in FORWARDS if n != "lstm_ln"]
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_derived_backward_equals_hand_written(name, recompute, seed):
-    cell = get_registry().get(name)
+    cell = hand_written(name)
     d = derived(name, recompute)
     rng = np.random.default_rng(seed)
     for _ in range(5):
@@ -199,7 +102,7 @@ def test_derived_backward_equals_hand_written(name, recompute, seed):
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save-all"])
 def test_two_stage_split_equals_hand_written(recompute, seed, H):
     """lstm_ln: stage 1 on a row of H units, the row's layer norm, stage 2, then back."""
-    cell = get_registry().get("lstm_ln")
+    cell = hand_written("lstm_ln")
     d = derived("lstm_ln", recompute)
     assert d.normalize == ("c",) and d.forward2 is not None
     rng = np.random.default_rng(seed)
@@ -247,7 +150,7 @@ def _two_stage_row(math_, rows, gain, bias, kind="layer"):
 @pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_derived_reference_equals_reference(name):
     """The float64 NumPy step generated from the forward equals the hand-written reference."""
-    cell = get_registry().get(name)
+    cell = hand_written(name)
     d = derived(name)
     rng = np.random.default_rng(7)
     B, H, G = 3, 4, cell.n_gates
@@ -270,7 +173,8 @@ def test_derived_reference_equals_reference(name):
 
 def test_saved_values_and_shared_gradients_of_shipped_cells():
     """What the rule saves for each shipped cell (never more than the hand-written cell),
-    and the dxw == dhu fact against the CPU backend's reading of the hand-written source."""
+    and the dxw == dhu fact: the derivation's, the cell's, the one read from the hand-written
+    backward's source, and the CPU backend's reading of the derived source all agree."""
     from kernrnn.backends.cpu import same_input_and_recurrent_grads
 
     assert derived("lstm").saved == ("i", "f", "g", "o", "tanh_c")
@@ -280,7 +184,7 @@ def test_saved_values_and_shared_gradients_of_shipped_cells():
     assert derived("lstm_ln").mid == ("i", "f", "g", "o", "c")
     assert derived("lstm_ln").saved == ("tanh_norm_c",)
     for name in FORWARDS:
-        cell = get_registry().get(name)
+        cell = hand_written(name)
         d = derived(name)
         xw, hu, prev, params, _ = _cell_inputs(cell, np.random.default_rng(0))
         out = cell.forward(*cell.forward_args(xw, hu, prev, params))
@@ -288,8 +192,11 @@ def test_saved_values_and_shared_gradients_of_shipped_cells():
         assert (d.n_mid if cell.normalize else d.n_saved) <= hand, (name, d.saved, hand)
         if cell.has_recurrent:
             assert len(d.same_grads) == cell.n_gates
+        shipped = get_registry().get(name)
+        assert shipped.same_grads == cell.same_grads == d.same_grads, name
         if cell.plain:
             assert all(d.same_grads) == same_input_and_recurrent_grads(cell), name
+            assert all(d.same_grads) == same_input_and_recurrent_grads(shipped), name
     assert derived("gru").same_grads == (True, True, False)
     assert derived("mgu").same_grads == (True, False)
     assert derived("slstm").same_grads == (True,) * 4  # through the stabiliser's select
@@ -595,37 +502,49 @@ def test_every_operation_float32_ptx_has_no_f64():
     assert not _ptx_f64_lines(d, prog, 0), d.source
 
 
-# -- float32 sin and cos ---------------------------------------------------------------------
+# -- float32 sin, cos and tan ----------------------------------------------------------------
+
+
+def _trig(x):
+    """math.sin/cos/tan as a hand-written cell calls them: kernrnn.scalar compiles them as
+    kernrnn.scalar_math's float32 versions in float32."""
+    return math.sin(x), math.cos(x), math.tan(x)
 
 
 @pytest.mark.parametrize("limit, tol", [(4.0, 2e-7), (1e4, 2e-7), (1e5, 2e-6)])
 def test_float32_sin_cos_accuracy(limit, tol):
-    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+    trig32 = compile_scalar(_trig, np.float32)
 
     @numba.njit
-    def run(xs, s, c):
+    def run(xs, s, c, t):
         for i in range(xs.size):
-            s[i] = s32(xs[i])
-            c[i] = c32(xs[i])
+            s[i], c[i], t[i] = trig32(xs[i])
 
     xs = np.random.default_rng(0).uniform(-limit, limit, 200_000).astype(np.float32)
     xs[:6] = [0.0, -0.0, np.pi / 2, np.pi, -np.pi / 4, 3 * np.pi / 2]
-    s, c = np.empty_like(xs), np.empty_like(xs)
-    run(xs, s, c)
+    s, c, t = np.empty_like(xs), np.empty_like(xs), np.empty_like(xs)
+    run(xs, s, c, t)
     x64 = xs.astype(np.float64)
     assert np.abs(s - np.sin(x64)).max() <= tol
     assert np.abs(c - np.cos(x64)).max() <= tol
-    s, c = np.empty(2, np.float32), np.empty(2, np.float32)
-    run(np.array([np.nan, np.inf], np.float32), s, c)
-    assert np.isnan(s).all() and np.isnan(c).all()
+    tan64 = np.tan(x64)  # an argument error e moves tan by e (1 + tan^2)
+    assert np.all(np.abs(t - tan64) <= 2 * tol * (1 + tan64 * tan64))
+    s, c, t = np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2, np.float32)
+    run(np.array([np.nan, np.inf], np.float32), s, c, t)
+    assert np.isnan(s).all() and np.isnan(c).all() and np.isnan(t).all()
 
 
 @needs_nvvm
 def test_float32_sin_cos_ptx_has_no_f64():
-    s32, c32 = compile_scalar(fmath.sin, np.float32), compile_scalar(fmath.cos, np.float32)
+    helpers = compile_scalar(scalar_math.sin, np.float32), compile_scalar(scalar_math.cos,
+                                                                          np.float32)
+    s32, c32 = helpers
+    trig32 = compile_scalar(_trig, np.float32)
 
     def kernel(a):
         a[0] = s32(a[0]) + c32(a[1])
+        s, c, t = trig32(a[2])
+        a[3] = s + c + t
 
     ptx, _ = CUDA.compile_ptx(kernel, "void(float32[:])", cc=(9, 0))
     assert not F64.search(ptx)
@@ -810,7 +729,7 @@ def test_lambda_and_compiled_forwards_are_rejected():
     with pytest.raises(CellError, match="cell 'lam'.*lambda"):
         derive(lambda xw, hu, prev: (xw[0],), name="lam", gates=1)
     with pytest.raises(CellError, match="cell 'jit'.*plain Python function"):
-        derive(numba.njit(f_rnn), name="jit", gates=1)
+        derive(numba.njit(FORWARDS["rnn"]), name="jit", gates=1)
 
 
 # -- forms of writing a step -------------------------------------------------------------------

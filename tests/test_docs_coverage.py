@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "kernrnn.cell",
     "kernrnn.errors",
     "kernrnn.scalar_math",
+    "kernrnn.autodiff",
     "kernrnn.hooks",
     "kernrnn.plugins",
     "kernrnn.layer",

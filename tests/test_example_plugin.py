@@ -22,7 +22,7 @@ from hypothesis import given
 from kernrnn.plugins import PROJECT, load_registry
 from kernrnn.testing import check_cell, check_compiles
 from kernrnn.testing import tolerances as tol
-from kernrnn.testing.conformance import forward_errors, gradient_errors
+from kernrnn.testing.conformance import compare_backward, forward_errors, gradient_errors
 from kernrnn.testing.strategies import problems
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "kernrnn-example-cells"
@@ -85,10 +85,23 @@ def test_autoload_off_hides_the_example(installed):
     assert "lstm" in registry
 
 
+def test_the_two_forms_of_a_cell(registry):
+    """The tutorial's CIFG is a forward step only; its MGU keeps a hand-written backward,
+    which agrees with the one derived from its forward."""
+    cifg, mgu = registry.get("example_cifg"), registry.get("example_mgu")
+    assert cifg.derived_backward and cifg.step.__module__ == "kernrnn_example_cells.cifg"
+    assert cifg.derivation().saved == ("f", "g", "o", "tanh_c")
+    assert not mgu.derived_backward and mgu.backward.__module__ == "kernrnn_example_cells.mgu"
+    assert compare_backward(mgu) < 1e-12
+    assert mgu.same_grads == mgu.derivation().same_grads == (True, False)
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_example_cells_pass_the_conformance_check(registry, name):
     report = check_cell(registry.get(name), examples=4, seed=1)
     assert report.examples == 4
+    # check_cell compared the hand-written backward (only) with the derived one
+    assert (report.max_backward_difference is None) == registry.get(name).derived_backward
     assert report.max_forward_error["float64"] <= tol.FLOAT64["atol"] * 10
     assert report.max_forward_error["float32"] <= tol.FLOAT32["atol"] * 10
 

@@ -174,6 +174,34 @@ def test_float32_leak_message_names_the_line(tmp_path):
     assert "leaky_math.py line 8: 'return (a + math.pi * 0,), ()'" in text and "math.pi" in text
 
 
+def _nvvm_missing() -> bool:
+    from cuda_test_cells import nvvm_missing_locally
+
+    return nvvm_missing_locally()
+
+
+@pytest.mark.skipif(_nvvm_missing(), reason="NVVM not found: the PTX check needs numba-cuda")
+def test_float64_instructions_in_float32_ptx_are_traced_to_their_line(tmp_path):
+    """A float32 kernel whose PTX holds float64 code: the failure names the cell's function
+    and line, not only the PTX (``.reg .f64 %fd<5>;``)."""
+    cell = _cell(tmp_path, "wide", "a if np.float64(a) / 3.0 > -1.0 else -a")
+    with pytest.raises(CompileCheckError) as info:
+        check_compiles(cell, dtypes=("float32",), cpu=False, cuda=True)
+    ptx = [f for f in info.value.report.failures if f.startswith("CUDA kernel")]
+    assert ptx, info.value.report.failures
+    assert "wide_math.py line 8: 'return (a if np.float64(a) / 3.0 > -1.0 else -a,), ()'" \
+        in ptx[0], ptx[0]
+
+
+@pytest.mark.skipif(_nvvm_missing(), reason="NVVM not found: the PTX check needs numba-cuda")
+def test_math_sin_cos_tan_stay_float32_in_a_hand_written_cell(tmp_path):
+    """kernrnn.scalar compiles math.sin/cos/tan as kernrnn.scalar_math's float32 versions:
+    CUDA's own float32 sinf/cosf/tanf hold float64 instructions."""
+    cell = _cell(tmp_path, "trig", "a + 0 * (math.sin(a) + math.cos(a) + math.tan(a))")
+    report = check_compiles(cell, dtypes=("float32",), cpu=False, cuda=True)
+    assert report.ok and "CUDA PTX (sm_90)" in report.checked
+
+
 def test_cells_check_exits_nonzero_for_a_gpu_incompatible_plugin(tmp_path, monkeypatch, capsys,
                                                                  fresh_registry):
     monkeypatch.syspath_prepend(str(tmp_path))

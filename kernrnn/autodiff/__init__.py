@@ -1,7 +1,7 @@
 """Derive a cell's backward, saved values and float64 reference from its forward step.
 
 A cell author writes the step once, as scalar Python with the signature of a
-``reference`` but on scalars::
+``reference`` but on scalars, returning the new state tuple only::
 
     def lstm(xw, hu, prev):
         i = sigmoid(xw[0] + hu[0])
@@ -11,273 +11,28 @@ A cell author writes the step once, as scalar Python with the signature of a
         c = f * prev[1] + i * g
         return (o * tanh(c), c)
 
-:func:`derive` reads it (:mod:`kernrnn.autodiff.parse`), differentiates it in
-reverse mode (:mod:`kernrnn.autodiff.reverse`) and writes ordinary cell math
-(:mod:`kernrnn.autodiff.emit`) with the contract of :class:`kernrnn.cell.Cell`:
-``forward(xw, hu, prev, *params) -> (new_state, saved)`` and
-``backward(saved, prev, dstate, *params) -> (dxw, dhu, dprev, *dparams)``, or
-for a step that calls ``norm("c", c)`` the two stages ``forward``,
-``forward2``, ``backward2`` and ``backward``.  The generated functions are
-plain Python whose source :func:`inspect.getsource` reads, so
-:func:`kernrnn.scalar.compile_scalar` retypes and compiles them for every
-backend like hand-written math.  :attr:`Derived.reference` is the same step
-on float64 NumPy arrays.
+:class:`kernrnn.cell.Cell` calls :func:`derive_for_cell` on such a forward
+when no ``backward`` is given; :func:`derive` does the same with the sizes
+given.  Both return a :class:`Derived`: the cell's math in the contract's form
+(``forward`` returning ``(new_state, saved)``, ``backward``, and for a step that
+calls ``norm("c", c)`` the two stages ``forward2``/``backward2``), the float64
+NumPy ``reference``, the names of the saved values and, per gate, whether the
+input and recurrent pre-activations share one gradient (``same_grads``).
 
-What is saved (the rule)
-------------------------
-The backward reads, for each operation, the values its local derivative
-needs: the *result* of ``sigmoid``, ``tanh``, ``exp``, ``sqrt`` and ``relu``
-(``y (1 - y)``, ``1 - y^2``, ``y``, ``0.5 / y``, ``y > 0``, as haste does),
-the *argument* of ``log``, ``sin``, ``cos``, ``erf`` and ``fabs``, the other
-factor of a product, the divisor and the quotient of a division, and the
-condition of a conditional expression (``min``/``max`` are conditional
-expressions).  The previous state and the parameters are arguments of the
-backward, so they are never saved.  A needed value is *recomputed* in the
-backward when it is arithmetic (``+ - * /``, negation, integer powers,
-conditional expressions, comparisons, ``relu``, ``fabs``) of values already
-at hand (arguments, saved values, other recomputed values); otherwise it is
-saved.  Values are considered in evaluation order, so a value saved early can
-make later ones recomputable.  Conditions travel as ``1.0``/``0.0`` (a saved
-tuple holds numbers of the kernel's precision).  The transcendental functions
-are thus evaluated once, in the forward; the backward only adds arithmetic,
-and loads fewer values than it would if every needed value were saved
-(``recompute=False`` does that instead, for comparison).
+The modules:
 
-For a two-stage step the first stage's backward receives only ``mid``, so
-``mid`` holds both the first-stage values the second stage reads and those the
-first stage's backward needs (the rule above, with the values stage 2 reads
-counted as at hand); the second stage's ``saved`` follows the rule with
-``zn`` and ``mid`` at hand.
-
-Gradients of ``xw`` and ``hu``
-------------------------------
-Adjoints are hash-consed nodes, and a value that only passes through a sum
-gets its consumer's adjoint node itself.  So when gate ``k`` enters the step
-only as ``xw[k] + hu[k]`` (possibly plus other terms), ``dxw[k]`` and
-``dhu[k]`` are one node: :attr:`Derived.same_grads` records it per gate, and
-when it holds for every gate the backward ends in ``return dgates, dgates,
-...``, the form the CPU backend already detects.
-
-Writing the math
-----------------
-``math.tanh`` is written as :func:`kernrnn.cell.tanh`, ``abs`` as
-``math.fabs``, ``sin``/``cos`` with :mod:`kernrnn.autodiff.fmath`'s helpers
-(whose float32 versions keep CUDA kernels free of float64), ``min``/``max`` as
-conditional expressions (Python's choice between equal values).  Helpers are
-inlined; a helper with ``kernrnn_variants`` (a precision-specific version) is
-inlined with its default body, so the derived step computes the default math
-in every precision.  Module-level numbers (and ``math.pi``) become literals.
-
-API
----
-:func:`derive` (sizes given) and :func:`derive_for_cell` (sizes read from a
-:class:`kernrnn.cell.Cell`) return a :class:`Derived`.
+* :mod:`kernrnn.autodiff.parse`: the forward's source into a graph; the
+  supported constructs, and the :class:`~kernrnn.errors.CellError` naming
+  cell, file, line and construct for anything else;
+* :mod:`kernrnn.autodiff.reverse`: reverse mode, what is saved and what is
+  recomputed (the rule is in :mod:`kernrnn.autodiff.differentiate`);
+* :mod:`kernrnn.autodiff.emit`: the generated Python source;
+* :mod:`kernrnn.autodiff.differentiate`: :func:`derive`, :func:`derive_for_cell`,
+  :func:`derive_hand_written` (the step of a cell with a hand-written backward)
+  and :class:`Derived`.
 """
 
-from __future__ import annotations
+from kernrnn.autodiff.differentiate import Derived, derive, derive_for_cell, derive_hand_written
+from kernrnn.autodiff.parse import Signature
 
-import math
-from dataclasses import dataclass
-
-import numpy as np
-
-from kernrnn.autodiff import fmath
-from kernrnn.autodiff.emit import NUMPY, emit_function, load_source
-from kernrnn.autodiff.ir import Node
-from kernrnn.autodiff.parse import Signature, parse_forward
-from kernrnn.autodiff.reverse import Plan, plan_single, plan_two_stage
-
-__all__ = ["derive", "derive_for_cell", "Derived", "Signature"]
-
-
-@dataclass(frozen=True, eq=False)
-class Derived:
-    """The functions and facts :func:`derive` produces for one forward step.
-
-    ``forward``/``backward`` (and ``forward2``/``backward2`` for a two-stage
-    step) follow :class:`kernrnn.cell.Cell`'s contract; ``reference`` is the
-    float64 NumPy step, ``reference(xw, [hu,] prev, *params[, norm])`` on
-    arrays (``norm(name, z)`` normalises a row, as for a hand-written
-    reference), returning the new state tuple; ``source`` is the generated module
-    (all of them).  ``saved`` and ``mid`` name the values the forward stores
-    (as written in the generated code); ``same_grads[k]`` is True when gate
-    ``k``'s input and recurrent pre-activations have one and the same
-    gradient (they enter only as ``xw[k] + hu[k]``); empty without ``hu``.
-    """
-
-    name: str
-    forward: object
-    backward: object
-    reference: object
-    source: str
-    saved: tuple
-    same_grads: tuple
-    forward2: object = None
-    backward2: object = None
-    mid: tuple = ()
-    normalize: tuple = ()
-
-    @property
-    def n_saved(self) -> int:
-        """Values the forward saves per element (the last stage's, for a two-stage step)."""
-        return len(self.saved)
-
-    @property
-    def n_mid(self) -> int:
-        """Values stage 1 passes to stage 2 (0 for a one-stage step)."""
-        return len(self.mid)
-
-
-def _namespace() -> dict:
-    from kernrnn import cell
-
-    return {"math": math, "sigmoid": cell.sigmoid, "tanh": cell.tanh, "relu": cell.relu,
-            "sin": fmath.sin, "cos": fmath.cos}
-
-
-def _np_sigmoid(x):
-    return np.exp(-np.logaddexp(0.0, -x))
-
-
-def _np_relu(x):
-    return np.where(x > 0.0, x, 0.0 * x)
-
-
-_np_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _as64(values) -> tuple:
-    return tuple(np.asarray(v, dtype=np.float64) for v in values)
-
-
-def _np_state(values, inputs) -> tuple:
-    shape = np.broadcast_shapes(*(np.shape(v) for group in inputs for v in group))
-    return tuple(np.broadcast_to(np.asarray(v, dtype=np.float64), shape).copy()
-                 for v in values)
-
-
-def _reference_namespace() -> dict:
-    return {"np": np, "math": math, "_np_sigmoid": _np_sigmoid, "_np_relu": _np_relu,
-            "_np_erf": _np_erf, "_as64": _as64, "_np_state": _np_state}
-
-
-def _label(n: Node) -> str:
-    return n.name or f"%{n.id}"
-
-
-def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = True,
-           params=(), normalize=None, recompute: bool = True) -> Derived:
-    """Differentiate the scalar step ``forward`` and generate the cell's math.
-
-    ``forward(xw, [hu,] prev, *params[, norm])`` returns the new state tuple
-    (see the module docstring).  ``gates`` G and ``state`` S are the cell's
-    sizes, ``recurrent=False`` a cell without ``hu`` (``recurrent="none"``),
-    ``params`` the block count of each per-unit parameter, ``normalize`` the
-    names ``norm`` may be called with (None: taken from the calls, in order of
-    appearance).  ``recompute=False`` saves every value the backward reads
-    instead of recomputing arithmetic.  ``name`` is the cell's name, used in
-    errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
-    the supported set, naming the file, line and construct.
-    """
-    from kernrnn.cell import CellError
-
-    for label, v in (("gates", gates), ("state", state)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise CellError(f"cell {name!r}: {label} must be an int >= 1, got {v!r}")
-    sig = Signature(gates, state, recurrent, params, normalize)
-    graph, outputs, norms, argnames = parse_forward(forward, name, sig)
-    order = tuple(sig.normalize if sig.normalize is not None else norms)
-    if order:
-        plan = plan_two_stage(graph, outputs, norms, order, sig, recompute, name)
-    else:
-        plan = plan_single(graph, outputs, sig, recompute)
-
-    pnames = _param_names(argnames, sig)
-    source = _scalar_source(plan, sig, pnames, name)
-    module = load_source(source, name, _namespace())
-    ref_source = _reference_source(graph, outputs, sig, pnames, bool(order))
-    ref_module = load_source(ref_source, f"{name}_reference", _reference_namespace())
-    return Derived(
-        name=name, forward=module.forward, backward=module.backward,
-        reference=ref_module.reference, source=source + "\n\n" + ref_source,
-        saved=tuple(_label(v) for v in plan.saved), same_grads=plan.same_grads,
-        forward2=getattr(module, "forward2", None), backward2=getattr(module, "backward2", None),
-        mid=tuple(_label(v) for v in plan.mid), normalize=order,
-    )
-
-
-def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
-    """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
-    gates, state, recurrence, per-unit parameters and normalised values)."""
-    return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
-                  recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
-                  normalize=tuple(cell.normalize), recompute=recompute)
-
-
-def _param_names(argnames, sig) -> list[str]:
-    first = 3 if sig.recurrent else 2
-    out = []
-    for i in range(len(sig.params)):
-        n = argnames[first + i]
-        out.append(n if n.isidentifier() and n not in _TAKEN and n not in out else f"p{i}")
-    return out
-
-
-_TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "norm", "math",
-          "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates"}
-
-
-def _input_source(pnames):
-    def source(attr) -> str:
-        group, index = attr
-        if group.startswith("p") and group[1:].isdigit():
-            return f"{pnames[int(group[1:])]}[{index}]"
-        return f"{group}[{index}]"
-    return source
-
-
-def _scalar_source(plan: Plan, sig, pnames, name) -> str:
-    src = _input_source(pnames)
-
-    def args(kinds):
-        out = []
-        for k in kinds:
-            if k == "fwd":
-                out += ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
-            elif k == "params":
-                out += pnames
-            else:
-                out.append(k)
-        return out
-
-    share = bool(sig.recurrent and plan.same_grads and all(plan.same_grads))
-    parts = [f"# Derived by kernrnn.autodiff from the forward of cell {name!r}.\n"]
-    two = plan.forward2 is not None
-    docs = {
-        "forward": "Stage 1: the values to normalise and mid." if two else
-        "The step: (new_state, saved).",
-        "forward2": "Stage 2: (new_state, saved) from the normalised values.",
-        "backward2": "Backward of stage 2: (dzn, dmid, dprev, *dparams).",
-        "backward": "Backward of stage 1: (dxw, dhu, dprev, *dparams)." if two else
-        "Backward of the step: (dxw, dhu, dprev, *dparams).",
-    }
-    fns = [("forward", plan.forward), ("backward", plan.backward)]
-    if two:
-        fns = [("forward", plan.forward), ("forward2", plan.forward2),
-               ("backward2", plan.backward2), ("backward", plan.backward)]
-    for fname, fn in fns:
-        parts.append(emit_function(fname, args(fn.args), fn.results, src, unpack=fn.unpack,
-                                   share_first=share and fname == "backward",
-                                   doc=docs[fname]))
-    return "\n\n".join(parts)
-
-
-def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
-    args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
-    pre = [f"{a} = _as64({a})" for a in args]
-    return emit_function(
-        "reference", args + (["norm"] if has_norm else []), [list(outputs)],
-        _input_source(pnames), style=NUMPY,
-        doc="The step on float64 NumPy arrays: the new state tuple.",
-        preamble=pre + ["inputs = (" + ", ".join(args) + ",)"],
-        block='with np.errstate(all="ignore"):', return_format="_np_state({}, inputs)")
+__all__ = ["derive", "derive_for_cell", "derive_hand_written", "Derived", "Signature"]

@@ -1,15 +1,15 @@
 """Python source from derived graphs: scalar cell math, and a NumPy reference step.
 
 The scalar functions are plain Python in the style of a hand-written cell
-(``math``, ``sigmoid``, ``tanh``, ``relu`` and :mod:`kernrnn.autodiff.fmath`'s
+(``math``, ``sigmoid``, ``tanh``, ``relu`` and :mod:`kernrnn.scalar_math`'s
 ``sin``/``cos``; literals as plain numbers, which :mod:`kernrnn.scalar` casts
 to the kernel's precision).  A node gets a line of its own when it has a name
 (the user's variable, ``d_<name>`` for its adjoint) or is used more than once;
 other nodes are written inline, parenthesised so that the evaluation order is
 exactly the graph's.
 
-Generated modules are registered with :mod:`linecache` and as a module in
-``sys.modules`` whose loader returns the source, so :func:`inspect.getsource`
+Generated modules are registered with ``linecache`` and as a module in
+``sys.modules`` whose loader returns the source, so ``inspect.getsource``
 (which :mod:`kernrnn.scalar` uses to retype and compile the math) reads them
 like functions in a file.
 """

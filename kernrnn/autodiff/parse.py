@@ -1,8 +1,8 @@
-"""Read a forward step's Python source into a :class:`~kernrnn.autodiff.ir.Graph`.
+"""Read a forward step's Python source into a graph (``kernrnn.autodiff.ir.Graph``).
 
 The forward is straight-line scalar code: assignments (tuples unpacked),
 ``+ - * /``, integer powers, unary minus, the functions of
-:data:`kernrnn.autodiff.ir.FUNCTIONS` (``sigmoid``/``tanh``/``relu`` from
+``kernrnn.autodiff.ir.FUNCTIONS`` (``sigmoid``/``tanh``/``relu`` from
 :mod:`kernrnn.cell`, ``math.exp/log/sqrt/sin/cos/erf/fabs/tanh``, ``abs``),
 ``min``/``max``, conditional expressions, calls of plain module-level helper
 functions (inlined), numeric literals and numeric module constants, and, in a
@@ -21,17 +21,16 @@ import os
 import textwrap
 import types
 
-from kernrnn.autodiff import fmath
 from kernrnn.autodiff.ir import Graph, Node
 
 __all__ = ["parse_forward", "Signature", "PRIMITIVES"]
 
 
 def _primitives() -> dict[int, str]:
-    from kernrnn import cell
+    from kernrnn import scalar_math as sm
 
-    table = {cell.sigmoid: "sigmoid", cell.tanh: "tanh", cell.relu: "relu",
-             fmath.sin: "sin", fmath.cos: "cos", math.exp: "exp", math.log: "log",
+    table = {sm.sigmoid: "sigmoid", sm.tanh: "tanh", sm.relu: "relu",
+             sm.sin: "sin", sm.cos: "cos", math.exp: "exp", math.log: "log",
              math.sqrt: "sqrt", math.sin: "sin", math.cos: "cos", math.erf: "erf",
              math.fabs: "fabs", math.tanh: "tanh", builtins.abs: "fabs",
              builtins.min: "min", builtins.max: "max"}

@@ -1,16 +1,16 @@
 """Reverse mode on a parsed forward: adjoints, the saved values, the two stages.
 
-The backward of a step is built as a second :class:`~kernrnn.autodiff.ir.Graph`
-(simplified, hash-consed) by one sweep over the forward's nodes in reverse
+The backward of a step is built as a second graph (``kernrnn.autodiff.ir.Graph``,
+simplified, hash-consed) by one sweep over the forward's nodes in reverse
 order: each node's adjoint is the sum of its consumers' contributions, and
-its local partials (:func:`partials`) send contributions to its operands.
+its local partials (``partials``) send contributions to its operands.
 A node whose only contribution is its consumer's adjoint passed through
 (``a + b``) gets that very node as its adjoint, so ``xw[k]`` and ``hu[k]``
 that enter only as ``xw[k] + hu[k]`` end up with one node: the
-``dxw == dhu`` fact is read off the graph (:attr:`Plan.same_grads`).
+``dxw == dhu`` fact is read off the graph (``Plan.same_grads``).
 
-Which forward values the backward reads is decided here (:func:`choose_saved`);
-the rule is in :mod:`kernrnn.autodiff`'s docstring.
+Which forward values the backward reads is decided here (``choose_saved``);
+the rule is in :mod:`kernrnn.autodiff.differentiate`'s docstring.
 """
 
 from __future__ import annotations

@@ -254,9 +254,75 @@ def _check_ptx(cell, dtype) -> list[str]:
         if np.dtype(dtype) == np.float32:
             hits = [line.strip() for line in ptx.splitlines() if _F64.search(line)]
             if hits:
+                code = [h for h in hits if not h.startswith(".reg")] or hits
                 failures.append(f"CUDA kernel {name} (float32) holds {len(hits)} float64 "
-                                f"instructions, e.g. {hits[0]!r}")
+                                f"instructions, e.g. {' '.join(code[0].split())!r}, "
+                                f"{_f64_origin(cell, getattr(kernels, name), sig)}")
     return failures
+
+
+_LOC = re.compile(r"^\s*\.loc\s+\d+\s+(\d+)\s")
+
+
+def _f64_origin(cell, kernel, sig) -> str:
+    """``from FUNCTION (FILE line N: 'text')``: where a float32 kernel's float64 code comes from.
+
+    The kernel is compiled again with line information; each ``.f64`` instruction
+    follows a ``.loc`` with its source line.  Numba inlines the cell's math into the
+    kernel and reports those lines under the kernel's own file, so a line is matched
+    with the functions of the cell's math (and their helpers) whose source holds it.
+    Without a match, the float64 types Numba infers (:func:`find_precision_leaks`).
+    """
+    from numba import cuda
+
+    lines = []
+    try:
+        ptx, _ = cuda.compile_ptx(kernel, sig, cc=(9, 0), lineinfo=True)
+    except Exception:  # noqa: BLE001 - the origin is a courtesy; the failure stands
+        ptx = ""
+    line = None
+    for text in ptx.splitlines():
+        m = _LOC.match(text)
+        if m:
+            line = int(m.group(1))
+        elif line is not None and _F64.search(text) and line not in lines:
+            lines.append(line)
+    spans = []
+    for fn in [f for which, _, _ in cell.math_signatures()
+               for f in _functions_of(getattr(cell, which))]:
+        try:
+            src, first = inspect.getsourcelines(fn)
+            filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
+        except (OSError, TypeError):
+            continue
+        spans.append((first, first + len(src) - 1, fn, filename, src))
+    found = []
+    for line in lines:
+        for first, last, fn, filename, src in spans:
+            if first <= line <= last:
+                found.append(f"{fn.__qualname__} ({os.path.basename(filename)} line {line}: "
+                             f"{src[line - first].strip()!r})")
+                break
+        if len(found) == 3:
+            break
+    if found:
+        return "from " + "; then ".join(dict.fromkeys(found))
+    leaks = [leak for which, sizes, _ in cell.math_signatures()
+             for leak in _leaks(getattr(cell, which), sizes)]
+    if leaks:
+        return "float64 computed at " + "; then ".join(leaks[:3])
+    return "from no line of the cell's math (a function Numba's CUDA target lowers to float64)"
+
+
+def _leaks(fn, sizes) -> list[str]:
+    import numba
+
+    args = tuple(numba.types.UniTuple(numba.float32, n) if n else numba.types.Tuple(())
+                 for n in sizes)
+    try:
+        return find_precision_leaks(fn, np.float32, args)
+    except Exception:  # noqa: BLE001 - a courtesy, as above
+        return []
 
 
 # -- the whole check -----------------------------------------------------------------------

@@ -13,8 +13,6 @@ No norm on h itself (haste has none).  Gate order (r, z, n) as in PyTorch's
 GRU (haste stores z, r, n).
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, Norm, hookimpl, sigmoid, tanh
 
 
@@ -22,27 +20,11 @@ def forward(xw, hu, prev):
     r = sigmoid(xw[0] + hu[0])
     z = sigmoid(xw[1] + hu[1])
     n = tanh(xw[2] + r * hu[2])
-    return ((1 - z) * n + z * prev[0],), (r, z, n, hu[2])
-
-
-def backward(saved, prev, dstate):
-    r, z, n, hun = saved
-    dh = dstate[0]
-    dan = dh * (1 - z) * (1 - n * n)
-    daz = dh * (prev[0] - n) * z * (1 - z)
-    dar = dan * hun * r * (1 - r)
-    return (dar, daz, dan), (dar, daz, dan * r), (dh * z,)
-
-
-def reference(xw, hu, prev):
-    r = 1.0 / (1.0 + np.exp(-(xw[0] + hu[0])))
-    z = 1.0 / (1.0 + np.exp(-(xw[1] + hu[1])))
-    n = np.tanh(xw[2] + r * hu[2])
-    return ((1.0 - z) * n + z * prev[0],)
+    return ((1 - z) * n + z * prev[0],)
 
 
 GRU_LN = Cell(
-    "gru_ln", gates="rzn", forward=forward, backward=backward, reference=reference,
+    "gru_ln", gates="rzn", forward=forward,
     input_norm=Norm("layer", over="row"), recurrent_norm=Norm("layer", over="row"),
     description="LayerNorm GRU: LN on W x and R h (haste's LayerNormGRU)",
 )

@@ -9,23 +9,11 @@ recurrence is the per-unit parameter ``u`` (``u_l{k}`` in the state dict),
 initialised uniform in [0, 1] as in the paper.
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, Param, hookimpl, relu
 
 
 def forward(xw, prev, u):
-    a = xw[0] + u[0] * prev[0]
-    return (relu(a),), (a,)
-
-
-def backward(saved, prev, dstate, u):
-    da = dstate[0] if saved[0] > 0 else 0 * dstate[0]
-    return (da,), (da * u[0],), (da * prev[0],)
-
-
-def reference(xw, prev, u):
-    return (np.maximum(xw[0] + u[0] * prev[0], 0.0),)
+    return (relu(xw[0] + u[0] * prev[0]),)
 
 
 def _init_u(rng, shape, hidden_size):
@@ -33,8 +21,8 @@ def _init_u(rng, shape, hidden_size):
 
 
 INDRNN = Cell(
-    "indrnn", gates="a", forward=forward, backward=backward, reference=reference,
-    recurrent="none", params=(Param("u", init=_init_u, description="recurrent weight per unit"),),
+    "indrnn", gates="a", forward=forward, recurrent="none",
+    params=(Param("u", init=_init_u, description="recurrent weight per unit"),),
     description="IndRNN, relu, learnable diagonal recurrence u (Li et al. 2018)",
 )
 

@@ -27,23 +27,9 @@ T_MAX = 100
 
 def forward(xw, hu, prev):
     s = xw[0] + hu[0]
-    f = sigmoid(s)
-    k = sigmoid(s - 1.0)  # beta = 1, a literal: it takes the kernel's precision
     cand = tanh(xw[1] + hu[1])
-    return (f * prev[0] + (1 - k) * cand,), (f, k, cand)
-
-
-def backward(saved, prev, dstate):
-    f, k, cand = saved
-    dc = dstate[0]
-    d = (dc * (prev[0] * f * (1 - f) - cand * k * (1 - k)), dc * (1 - k) * (1 - cand * cand))
-    return d, d, (dc * f,)
-
-
-def reference(xw, hu, prev):
-    s = xw[0] + hu[0]
-    f, k = 1.0 / (1.0 + np.exp(-s)), 1.0 / (1.0 + np.exp(-(s - 1.0)))
-    return (f * prev[0] + (1.0 - k) * np.tanh(xw[1] + hu[1]),)
+    # beta = 1, a literal: it takes the kernel's precision
+    return (sigmoid(s) * prev[0] + (1 - sigmoid(s - 1.0)) * cand,)
 
 
 def init(rng, name, shape, hidden_size):
@@ -57,7 +43,7 @@ def init(rng, name, shape, hidden_size):
 
 
 JANET = Cell(
-    "janet", gates="fc", forward=forward, backward=backward, reference=reference, init=init,
+    "janet", gates="fc", forward=forward, init=init,
     description="JANET: forget gate only, h = c, beta = 1 (van der Westhuizen & Lasenby 2018)",
 )
 

@@ -14,8 +14,6 @@ Gate order (i, f, g, o) as in PyTorch's LSTM; peepholes start at zero, so an
 untrained peephole LSTM is a plain LSTM.
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, Param, hookimpl, sigmoid, tanh
 
 
@@ -23,42 +21,13 @@ def forward(xw, hu, prev, peep):
     c0 = prev[1]
     i = sigmoid(xw[0] + hu[0] + peep[0] * c0)
     f = sigmoid(xw[1] + hu[1] + peep[1] * c0)
-    g = tanh(xw[2] + hu[2])
-    c = f * c0 + i * g
+    c = f * c0 + i * tanh(xw[2] + hu[2])
     o = sigmoid(xw[3] + hu[3] + peep[2] * c)
-    tc = tanh(c)
-    return (o * tc, c), (i, f, g, o, c, tc)
-
-
-def backward(saved, prev, dstate, peep):
-    i, f, g, o, c, tc = saved
-    c0 = prev[1]
-    do = dstate[0] * tc * o * (1 - o)
-    dc = dstate[1] + dstate[0] * o * (1 - tc * tc) + do * peep[2]
-    di = dc * g * i * (1 - i)
-    df = dc * c0 * f * (1 - f)
-    dg = dc * i * (1 - g * g)
-    d = (di, df, dg, do)
-    dc0 = dc * f + di * peep[0] + df * peep[1]
-    return d, d, (0, dc0), (di * c0, df * c0, do * c)
-
-
-def _sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def reference(xw, hu, prev, peep):
-    c0 = prev[1]
-    i = _sig(xw[0] + hu[0] + peep[0] * c0)
-    f = _sig(xw[1] + hu[1] + peep[1] * c0)
-    c = f * c0 + i * np.tanh(xw[2] + hu[2])
-    o = _sig(xw[3] + hu[3] + peep[2] * c)
-    return (o * np.tanh(c), c)
+    return (o * tanh(c), c)
 
 
 LSTM_PEEPHOLE = Cell(
-    "lstm_peephole", gates="ifgo", state=("h", "c"), forward=forward, backward=backward,
-    reference=reference,
+    "lstm_peephole", gates="ifgo", state=("h", "c"), forward=forward,
     params=(Param("peephole", init=0.0, blocks=3, description="p_i, p_f, p_o"),),
     description="LSTM with learnable peephole connections (Gers & Schmidhuber 2000)",
 )

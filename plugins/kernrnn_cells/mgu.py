@@ -14,33 +14,17 @@ pre-activation instead: ``h~ = tanh(xw_n + f * hu_n)`` (``hu_n`` includes
 ``example_mgu``.
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
 
 
 def forward(xw, hu, prev):
     f = sigmoid(xw[0] + hu[0])
     n = tanh(xw[1] + f * hu[1])
-    return ((1 - f) * prev[0] + f * n,), (f, n, hu[1])
-
-
-def backward(saved, prev, dstate):
-    f, n, hun = saved
-    dh = dstate[0]
-    dan = dh * f * (1 - n * n)
-    daf = (dh * (n - prev[0]) + dan * hun) * f * (1 - f)
-    return (daf, dan), (daf, dan * f), (dh * (1 - f),)
-
-
-def reference(xw, hu, prev):
-    f = 1.0 / (1.0 + np.exp(-(xw[0] + hu[0])))
-    n = np.tanh(xw[1] + f * hu[1])
-    return ((1.0 - f) * prev[0] + f * n,)
+    return ((1 - f) * prev[0] + f * n,)
 
 
 MGU = Cell(
-    "mgu", gates="fn", forward=forward, backward=backward, reference=reference,
+    "mgu", gates="fn", forward=forward,
     description="minimal gated unit, gate after the recurrent product (Zhou et al. 2016)",
 )
 

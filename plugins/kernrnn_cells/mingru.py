@@ -11,30 +11,16 @@ No recurrent matrix (``recurrent="none"``): the layer has ``weight_ih`` and
 ``bias_ih`` only.
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, hookimpl, sigmoid
 
 
 def forward(xw, prev):
     z = sigmoid(xw[0])
-    return ((1 - z) * prev[0] + z * xw[1],), (z, xw[1])
-
-
-def backward(saved, prev, dstate):
-    z, candidate = saved
-    dh = dstate[0]
-    return (dh * (candidate - prev[0]) * z * (1 - z), dh * z), (dh * (1 - z),)
-
-
-def reference(xw, prev):
-    z = 1.0 / (1.0 + np.exp(-xw[0]))
-    return ((1.0 - z) * prev[0] + z * xw[1],)
+    return ((1 - z) * prev[0] + z * xw[1],)
 
 
 MINGRU = Cell(
-    "mingru", gates="zh", forward=forward, backward=backward, reference=reference,
-    recurrent="none", linear=True,
+    "mingru", gates="zh", forward=forward, recurrent="none", linear=True,
     description="minGRU: gates from the input only, h = (1-z) h + z h~ (Feng et al. 2024)",
 )
 

@@ -17,8 +17,6 @@ where the cell is defined.
 
 import math
 
-import numpy as np
-
 from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
 
 
@@ -32,30 +30,6 @@ def forward(xw, hu, prev):
     f = math.exp(a - m)
     c = f * prev[1] + i * z
     n = f * prev[2] + i
-    return (o * c / n, c, n, m), (i, f, z, o, c, n, 1 if a >= it else 0)
-
-
-def backward(saved, prev, dstate):
-    i, f, z, o, c, n, sel = saved
-    dh = dstate[0]
-    dc = dstate[1] + dh * o / n
-    dn = dstate[2] - dh * o * c / (n * n)
-    di = dc * z + dn  # d/d(i): i = exp(i~ - m)
-    df = dc * prev[1] + dn * prev[2]
-    dm = dstate[3] - di * i - df * f
-    da = df * f + dm * sel
-    dit = di * i + dm * (1 - sel)
-    d = (dit, da, dc * i * (1 - z * z), dh * c / n * o * (1 - o))
-    return d, d, (0, dc * f, dn * f, da)
-
-
-def reference(xw, hu, prev):
-    it, a = xw[0] + hu[0], xw[1] + hu[1] + prev[3]
-    m = np.maximum(a, it)
-    i, f = np.exp(it - m), np.exp(a - m)
-    c = f * prev[1] + i * np.tanh(xw[2] + hu[2])
-    n = f * prev[2] + i
-    o = 1.0 / (1.0 + np.exp(-(xw[3] + hu[3])))
     return (o * c / n, c, n, m)
 
 
@@ -65,8 +39,8 @@ def _states(rng, shape):
 
 
 SLSTM = Cell(
-    "slstm", gates="ifzo", state=("h", "c", "n", "m"), forward=forward, backward=backward,
-    reference=reference, recurrent="heads", heads=2, state_sampler=_states,
+    "slstm", gates="ifzo", state=("h", "c", "n", "m"), forward=forward, recurrent="heads",
+    heads=2, state_sampler=_states,
     description="sLSTM: exponential gating, normaliser and stabiliser, 2 heads (xLSTM)",
 )
 

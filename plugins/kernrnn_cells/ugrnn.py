@@ -10,32 +10,17 @@ A GRU without the reset gate, or an Elman RNN with a learnt leak per unit and
 step.
 """
 
-import numpy as np
-
 from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
 
 
 def forward(xw, hu, prev):
     c = tanh(xw[0] + hu[0])
     g = sigmoid(xw[1] + hu[1])
-    return (g * prev[0] + (1 - g) * c,), (c, g)
-
-
-def backward(saved, prev, dstate):
-    c, g = saved
-    dh = dstate[0]
-    d = (dh * (1 - g) * (1 - c * c), dh * (prev[0] - c) * g * (1 - g))
-    return d, d, (dh * g,)
-
-
-def reference(xw, hu, prev):
-    c = np.tanh(xw[0] + hu[0])
-    g = 1.0 / (1.0 + np.exp(-(xw[1] + hu[1])))
-    return (g * prev[0] + (1.0 - g) * c,)
+    return (g * prev[0] + (1 - g) * c,)
 
 
 UGRNN = Cell(
-    "ugrnn", gates="cg", forward=forward, backward=backward, reference=reference,
+    "ugrnn", gates="cg", forward=forward,
     description="update-gate RNN, h = g h + (1-g) tanh(.) (Collins et al. 2017)",
 )
 

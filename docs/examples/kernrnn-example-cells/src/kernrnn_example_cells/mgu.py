@@ -1,4 +1,4 @@
-"""Minimal gated unit (MGU) with the gate applied after the recurrent product.
+"""Minimal gated unit (MGU), with a hand-written backward.
 
 Zhou et al. (2016, "Minimal gated unit for recurrent neural networks") keep a
 single gate.  kernrnn computes ``W_hh h_{t-1}`` for all gates in one GEMM
@@ -8,9 +8,13 @@ the candidate's recurrent pre-activation instead of ``h_{t-1}``::
     f = sigmoid(xw_f + hu_f)
     n = tanh(xw_n + f * hu_n)
     h' = (1 - f) * h + f * n
-"""
 
-import numpy as np
+The forward alone would do, as for the CIFG.  This module shows the override
+(the tutorial's advanced section): given ``backward=``, the cell runs this
+gradient instead of the derived one, and ``forward`` also returns the values
+the backward needs.  ``kernrnn.testing.check_cell`` compares it with the
+derived backward.
+"""
 
 from kernrnn.cell import Cell, hookimpl, sigmoid, tanh
 
@@ -33,19 +37,11 @@ def backward(saved, prev, dstate):
     return (daf, dan), (daf, dan * f), (dh * (1 - f),)
 
 
-def reference(xw, hu, prev):
-    """Float64 NumPy version of ``forward`` on whole [B, H] arrays (for the tests)."""
-    f = 1 / (1 + np.exp(-(xw[0] + hu[0])))
-    n = np.tanh(xw[1] + f * hu[1])
-    return ((1 - f) * prev[0] + f * n,)
-
-
 MGU = Cell(
     "example_mgu",
     gates="fn",
     forward=forward,
     backward=backward,
-    reference=reference,
     description="minimal gated unit, gate after the recurrent product (f, n)",
 )
 
