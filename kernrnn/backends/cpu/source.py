@@ -13,10 +13,6 @@ vectorises.  :func:`backward_source` also writes the BPTT of the packed
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
-
 from kernrnn.backends.codegen import (
     backward1_call,
     backward2_call,
@@ -390,31 +386,15 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
 
 
 def same_input_and_recurrent_grads(cell) -> bool:
-    """True when the cell's backward returns one expression for dxw and dhu.
+    """True when every gate's input and recurrent pre-activations get one gradient.
 
     The CPU fast path for cells whose input and recurrent pre-activations
     enter only as a sum (LSTM, Elman): their gradients ``dxw`` and ``dhu`` are
     then equal, so BPTT stores them once (``dHU`` shares ``dXW``'s memory: one
     ``[T, B, G*H]`` array less to write and read) and ``b_hh``'s gradient is a
     copy of ``b_ih``'s.  Only for plain cells (no per-unit parameters or
-    norms).
-
-    Detected from the source of ``cell.backward``, not from its values: it
-    must have exactly one ``return``, of a 3-tuple whose first two items are
-    the same expression (same AST), as in ``return d, d, (0, dc * f)``.
-    Spelled differently (``return dxw, dhu, ...`` with two names bound to equal
-    values, or a backward whose source ``inspect`` cannot read) the results are
-    the same, only slower.  Documented in ``docs/plugin-tutorial.md``.
+    norms).  A structural fact of the cell (:attr:`kernrnn.cell.Cell.same_grads`):
+    of the derivation for a forward-only cell, of its ``return`` for a
+    hand-written backward.
     """
-    if not cell.plain:
-        return False
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cell.backward)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    fdef = tree.body[0]
-    returns = [n for n in ast.walk(fdef) if isinstance(n, ast.Return)]
-    if len(returns) != 1 or not isinstance(returns[0].value, ast.Tuple):
-        return False
-    elts = returns[0].value.elts
-    return len(elts) == 3 and ast.dump(elts[0]) == ast.dump(elts[1])
+    return bool(cell.plain and cell.same_grads and all(cell.same_grads))
