@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import kernrnn
 from kernrnn.backends import cpu
+from kernrnn.backends.cpu import fused_source, packed, threads, timing, tuning
 from kernrnn.plugins import get_registry
 from kernrnn.scalar import compile_scalar, math_fingerprint
 from kernrnn.scalar_math import _sigmoid_float32, _tanh_float32, sigmoid, tanh
@@ -148,15 +149,12 @@ def test_bench_runs_small_case_and_reports(tmp_path):
 
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_timeline_records_the_parts_of_a_call_and_unwraps(monkeypatch, mode):
-    from kernrnn.backends import common
     from kernrnn.bench import cpu as bench
     from kernrnn.bench.timeline import format_timeline, step_timeline
 
     monkeypatch.setattr(bench, "SETTLE_S", 0.0)
     def patched():
-        return (cpu.forward, cpu.backward, cpu._run_calls, cpu._blas_single_thread,
-                cpu._threaded_matmul, common._matmul, common.weight_gradients,
-                kernrnn.RNN.backward)
+        return timing.recorder(), kernrnn.RNN.backward
 
     originals = patched()
     events = step_timeline("lstm", 3, 4, 5, 6, mode, steps=3, warmup=1, threads=1)
@@ -305,7 +303,7 @@ def test_training_forward_packs_the_backward_panels(B, H, split, cell):
     layer = kernrnn.RNN(cell, 5, H, dtype=np.float32, seed=B)
     layer.train()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "SPLIT", split)
+        mp.setattr(tuning, "SPLIT", split)
         layer(rng.uniform(-1, 1, (3, B, 5)).astype(np.float32))
     ctx = layer._ctx[0][0]
     f = cpu.get_kernels(layer.cell, np.float32).fused
@@ -321,7 +319,7 @@ def test_fused_path_selection():
     assert cpu.fused_path(reg.get("lstm_peephole"))  # per-unit parameters ride along
     for name in ("lstm_ln", "slstm", "indrnn", "mingru"):  # norms, heads, no W_hh
         assert not cpu.fused_path(reg.get(name))
-    src = cpu._fused_forward_source(reg.get("lstm"), False, 4, 4, 16)
+    src = fused_source.fused_forward_source(reg.get("lstm"), False, 4, 4, 16)
     assert "tile_4x64(" in src and "tile_2x64(" in src  # full tiles, and tails for a remainder
 
 
@@ -338,7 +336,7 @@ def test_fused_path_matches_blas_path(p, name, dtype, split):
     dy = np.random.default_rng(p.seed).uniform(-1, 1, (p.T, p.B, D * p.H)).astype(dtype)
 
     def run(fused):
-        mp.setattr(cpu, "FUSED", fused)
+        mp.setattr(tuning, "FUSED", fused)
         cpu.get_kernels.cache_clear()
         old = numba.get_num_threads()
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
@@ -356,7 +354,7 @@ def test_fused_path_matches_blas_path(p, name, dtype, split):
 
     tol = 2e-5 if dtype == np.float32 else 1e-12
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "SPLIT", split)
+        mp.setattr(tuning, "SPLIT", split)
         for a, b in zip(run(False), run(True), strict=True):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
@@ -373,8 +371,8 @@ def test_fused_forward_is_bitwise_the_same_for_every_split(p, name):
     out = []
     with pytest.MonkeyPatch.context() as mp:
         for split, pre in (("rows", 0), ("rows", 1000), ("units", 0), ("units", 1000)):
-            mp.setattr(cpu, "SPLIT", split)
-            mp.setattr(cpu, "PRE_PROJECTION_MAX_ROWS", pre)
+            mp.setattr(tuning, "SPLIT", split)
+            mp.setattr(tuning, "PRE_PROJECTION_MAX_ROWS", pre)
             old = numba.get_num_threads()
             numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
             try:
@@ -399,10 +397,10 @@ def test_packed_weights_are_reused_only_while_unchanged():
     layer = kernrnn.RNN("lstm", 5, 20, dtype=np.float32, seed=1)
     layer.eval()
     x = rng.uniform(-1, 1, (3, 2, 5)).astype(np.float32)
-    cpu._packed_weights.clear()
+    packed._packed_weights.clear()
     y0, _ = layer(x)
     y1, _ = layer(x)
-    assert len(cpu._packed_weights._entries) == 2  # W_ih and W_hh, packed once
+    assert len(packed._packed_weights._entries) == 2  # W_ih and W_hh, packed once
     np.testing.assert_array_equal(y0, y1)
 
     def bump(w):
@@ -428,13 +426,13 @@ def test_same_bits_finds_any_changed_bit(n, dtype, data):
     4096-element block, any bit) is not, and neither is another shape."""
     f = cpu.get_kernels(get_registry().get("lstm"), dtype).fused
     a = np.random.default_rng(n).standard_normal((n, 1)).astype(dtype)
-    assert cpu._same_bits(f, a, a.copy())
+    assert packed._same_bits(f, a, a.copy())
     changed = a.copy()
     pos = data.draw(st.integers(0, n - 1), label="element")
     bit = data.draw(st.integers(0, 8 * a.itemsize - 1), label="bit")
     changed.view(f"u{a.itemsize}")[pos, 0] ^= np.array(1, f"u{a.itemsize}") << bit
-    assert not cpu._same_bits(f, a, changed)
-    assert not cpu._same_bits(f, a, a.reshape(n).copy())
+    assert not packed._same_bits(f, a, changed)
+    assert not packed._same_bits(f, a, a.reshape(n).copy())
 
 
 @settings(max_examples=15, deadline=None)
@@ -450,7 +448,7 @@ def test_threaded_matmul_is_a_matmul(m, k, n, transposed):
     old = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
-        got = cpu._threaded_matmul(a, b)
+        got = threads.threaded_matmul(a, b)
     finally:
         numba.set_num_threads(old)
     assert got.shape == (m, n) and got.dtype == np.float32
@@ -466,13 +464,41 @@ def test_training_step_with_threaded_weight_gradients(monkeypatch):
     dy = rng.uniform(-1, 1, (6, 5, 7)).astype(np.float32)
     out = {}
     for rows in (10**9, 1):
-        monkeypatch.setattr(cpu, "THREADED_GEMM_MIN_ROWS", rows)
+        monkeypatch.setattr(tuning, "THREADED_GEMM_MIN_ROWS", rows)
         layer = kernrnn.RNN("gru", 4, 7, dtype=np.float32, seed=2)
         layer(x)
         dx, _ = layer.backward(dy)
         out[rows] = [dx] + [layer.grads[k] for k in sorted(layer.grads)]
     for a, b in zip(out[10**9], out[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_timing_hook_marks_the_blas_hold_and_both_gemm_roads(monkeypatch):
+    """The hook ``kernrnn bench --timeline`` reads: a training step marks its weight
+    gradients' GEMMs on whichever road they took, and the BLAS hold of the kernel
+    threads' road; the hook is off again afterwards and refuses to nest."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (6, 5, 4)).astype(np.float32)
+    dy = rng.uniform(-1, 1, (6, 5, 7)).astype(np.float32)
+    for rows, road in ((10**9, "GEMM (BLAS threads)"), (1, "GEMM (kernel threads)")):
+        monkeypatch.setattr(tuning, "THREADED_GEMM_MIN_ROWS", rows)
+        layer = kernrnn.RNN("gru", 4, 7, dtype=np.float32, seed=2)
+        events = []
+        with timing.recording(events.append):
+            layer(x)
+            layer.backward(dy)
+            with pytest.raises(RuntimeError, match="already recording"):
+                with timing.recording(events.append):
+                    pass
+        assert timing.recorder() is None
+        marks = [e for e in events if not e.startswith(("caller ", "pool ", "BLAS "))]
+        assert marks[:4] == ["backend forward start", "backend forward end",
+                             "backend backward start", "weight gradients start"]
+        assert marks[-2:] == ["weight gradients end", "backend backward end"]
+        gemms = marks[4:-2]  # x's, W_ih's and W_hh's gradients
+        assert len(gemms) == 6 and gemms == [road + " start", road + " end"] * 3
+        if rows == 1:
+            assert "BLAS held to one thread" in events and "BLAS restored" in events
 
 
 def test_split_chooser_keeps_the_faster_split_and_probes_less_while_it_keeps_winning():

@@ -223,7 +223,8 @@ def projection_state(xp, h0, proj: int, B: int, H: int, dtype):
 
 
 def param_vector(xp, cell, params, hidden_size: int, dtype):
-    """The per-unit parameters, concatenated in declaration order (``[P*H]``; P may be 0)."""
+    """The per-unit parameters, concatenated in declaration order (``[n_param_scalars*H]``;
+    a one-element stand-in when the cell has none)."""
     if not cell.params:
         return xp.zeros(1, dtype=dtype)
     return xp.ascontiguousarray(xp.concatenate([params[p.name] for p in cell.params]))
@@ -296,8 +297,8 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
             ])
     if dHp is not None:  # h_t = W_hr r_t with r_t the unprojected h, at boundary t+1 or t
         R = ctx.States[0, :T] if ctx.reverse else ctx.States[0, 1:]
-        P = dHp.shape[2]
-        grads["weight_hr"] = mm(dHp.reshape(T * B, P).T, R.reshape(T * B, R.shape[2]))
+        proj = dHp.shape[2]
+        grads["weight_hr"] = mm(dHp.reshape(T * B, proj).T, R.reshape(T * B, R.shape[2]))
     return dx, grads
 
 

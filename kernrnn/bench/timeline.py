@@ -1,20 +1,20 @@
 """Where one CPU call's time goes: timestamps of its parts (``kernrnn bench --timeline``).
 
 The benchmark gives a call's total; this gives its parts, to find what is
-worth making faster.  While it runs, thin wrappers around the CPU backend's
-entry points (forward, backward, each kernel thread's calls, the BLAS hold,
-the weight-gradient GEMMs) and the layer's backward record when each starts
-and ends; afterwards the originals are put back.  Each wrapper costs a few
-microseconds.  A call is timed after the benchmark's pause (as ``kernrnn
-bench`` times it), ``steps`` times, and the one with the median total is
-reported: medians of single events would mix different calls.
+worth making faster.  While it runs, the CPU backend's timing hook
+(:mod:`kernrnn.backends.cpu.timing`) records when its parts start and end
+(forward, backward, each kernel thread's calls, the BLAS hold, the
+weight-gradient GEMMs), and a thin wrapper around the layer's public
+``RNN.backward`` does the same; afterwards both are undone.  Each mark costs
+a few microseconds.  A call is timed after the benchmark's pause (as
+``kernrnn bench`` times it), ``steps`` times, and the one with the median
+total is reported: medians of single events would mix different calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import time
 
 __all__ = ["step_timeline", "format_timeline"]
@@ -22,61 +22,33 @@ __all__ = ["step_timeline", "format_timeline"]
 
 @contextlib.contextmanager
 def _recording(events: list):
-    """Wrap the CPU backend's parts so each appends ``(label, perf_counter())`` to ``events``."""
-    import kernrnn.layer as layer
-    from kernrnn.backends import common, cpu
+    """Record the CPU backend's parts and the layer's backward as ``(label, perf_counter())``
+    in ``events``."""
+    from kernrnn.backends.cpu import timing
+    from kernrnn.layer import RNN
 
     def mark(label):
         events.append((label, time.perf_counter()))
 
-    def timed(fn, label):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            mark(label + " start")
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                mark(label + " end")
-        return wrapper
+    backward = RNN.__dict__.get("backward")
+    if backward is None:  # fail loudly rather than time a call without its backward
+        raise RuntimeError("kernrnn.RNN has no method 'backward' of its own: "
+                           "update kernrnn/bench/timeline.py")
 
-    caller = threading.get_ident()
+    @functools.wraps(backward)
+    def layer_backward(*args, **kwargs):
+        mark("layer backward start")
+        try:
+            return backward(*args, **kwargs)
+        finally:
+            mark("layer backward end")
 
-    def run_calls(calls):  # one kernel thread's calls (cpu._launch_fused)
-        who = "caller" if threading.get_ident() == caller else "pool"
-        for fn, fn_args in calls:
-            name = getattr(fn, "__name__", "kernel")
-            mark(f"{who} {name} start")
-            fn(*fn_args)
-            mark(f"{who} {name} end")
-
-    blas_hold = cpu._blas_single_thread
-
-    @contextlib.contextmanager
-    def held_blas():
-        mark("BLAS held to one thread")
-        with blas_hold():
-            yield
-            mark("BLAS restore")
-        mark("BLAS restored")
-
-    patches = [
-        (cpu, "forward", timed(cpu.forward, "backend forward")),
-        (cpu, "backward", timed(cpu.backward, "backend backward")),
-        (cpu, "_run_calls", run_calls),
-        (cpu, "_blas_single_thread", held_blas),
-        (cpu, "_threaded_matmul", timed(cpu._threaded_matmul, "GEMM (kernel threads)")),
-        (common, "_matmul", timed(common._matmul, "GEMM (BLAS threads)")),
-        (common, "weight_gradients", timed(common.weight_gradients, "weight gradients")),
-        (layer.RNN, "backward", timed(layer.RNN.backward, "layer backward")),
-    ]
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    RNN.backward = layer_backward
     try:
-        for owner, name, new in patches:
-            setattr(owner, name, new)
-        yield
+        with timing.recording(mark):
+            yield
     finally:
-        for owner, name, old in saved:
-            setattr(owner, name, old)
+        RNN.backward = backward
 
 
 def step_timeline(cell: str, B: int, T: int, I: int, H: int, mode: str, steps: int = 15,

@@ -103,7 +103,7 @@ def tile_source(mr: int, nr: int, nu: int) -> str:
     ``C[c_row + r, c_col + g*c_gate + u] = sum_k A[i0 + r, k] * Wp[jb, k, g*nu + u]``
     for rows ``r < min(mr, i1 - i0)`` and panel column ``g*nu + u < nr``: the
     panel's gate blocks land ``c_gate`` columns apart, so the tile writes
-    straight into a row layout ``[rows, G*Hp]`` (``Hp`` = H padded to whole
+    straight into a row layout ``[rows, G*Hpad]`` (``Hpad`` = H padded to whole
     panels).  Needs ``ZERO`` in the module's globals.  Rows past ``i1`` load
     row ``i1 - 1`` (no branches in the k loop) and are not stored.
     """

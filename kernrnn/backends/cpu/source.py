@@ -1,0 +1,420 @@
+"""Source of the plain CPU kernels: the time loop forward and BPTT, BLAS per step.
+
+One forward and one backward kernel per cell, written for the cell at hand:
+its recurrence form (dense, heads, none), per-unit parameters and
+normalisations decide which sections the source has.  Every kernel of a kind
+has the same arguments (:mod:`~kernrnn.backends.cpu.kernel_args`); arrays a
+cell does not use are one-element stand-ins.  Element (b, j) of head hd is
+unit j = hd*dh + i, so the innermost loop over i reads contiguous memory and
+vectorises.  :func:`backward_source` also writes the BPTT of the packed
+(fused) path, with ``packed``; the fused forward is in
+:mod:`~kernrnn.backends.cpu.fused_source`.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+
+from kernrnn.backends.codegen import (
+    backward1_call,
+    backward2_call,
+    backward_call,
+    forward2_call,
+    forward_call,
+    hu_gates,
+    row_norm,
+    row_norm_backward,
+    zoneout_backward,
+    zoneout_stores,
+)
+from kernrnn.backends.cpu import microkernel as mk
+from kernrnn.backends.cpu.kernel_args import BACKWARD, FORWARD
+
+__all__ = ["forward_source", "backward_source", "same_input_and_recurrent_grads", "ind"]
+
+
+def ind(text: str, n: int) -> str:
+    """``text`` with every non-empty line indented by ``n`` spaces."""
+    pad = " " * n
+    return "\n".join(pad + line if line else line for line in text.splitlines())
+
+
+def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
+    """All T steps of one direction for batch rows b0:b1 (see the module docstring).
+
+    ``reg``: (recurrent dropout, zoneout) sections to generate.  ``proj``: an
+    LSTMP projection inside the loop: after each step ``Hp[n] = States[0, n]
+    @ W_hr.T`` (``WrT [H, proj]``), which the next step's product and ``Y`` read.
+    """
+    rdrop, zone = reg
+    S, Gr = cell.n_state, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    tt = "t" if (train and rnorm is not None) else "0"  # HU keeps every step only when needed
+    tm = "t" if train else "0"  # Mid, Zhat, Rz keep every step only for training
+
+    def hu(r):
+        v = f"HU[{tt}, hd, b, {r} * dh + i]"
+        if rnorm is not None:
+            v += f" * g_hh[{r} * H + j]"
+        return v + f" + b_hh[{r} * H + j]"
+
+    def xw(g):
+        return f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]"
+
+    def prev(s):
+        return f"States[{s}, p, b, j]"
+
+    def new(s):
+        return f"States[{s}, n, b, j]"
+
+    def pp(i):
+        return f"unit_params[{i} * H + j]"
+
+    saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+    gates = hu_gates(cell, hu, "ZERO")
+    elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
+    target = (lambda s: f"cand{s}") if zone else new  # zoneout decides after the step
+    after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
+    # the recurrent product's input: the masked h, the projected h or h
+    h_in = "Hd" if rdrop else ("Hp[p]" if proj else "States[0, p]")
+    y_store = "" if proj else "\n        Y[t, b, j] = States[0, n, b, j]"
+    lines = []
+    if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
+        lines.append(f"np.dot({h_in}[b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
+    elif rec:
+        lines.append("for hd in range(NH):\n"
+                     f"    np.dot(np.ascontiguousarray({h_in}[b0:b1, hd * dh:(hd + 1) * dh]), "
+                     f"WT[hd], HU[{tt}, hd, b0:b1])")
+    lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
+    body = []
+    if rnorm is not None:
+        loops = ["for hd in range(NH):", "for i in range(dh):"]
+        value = f"HU[{tt}, hd, b, r * dh + i]"
+        if rnorm.over == "gate":
+            body.append(f"for r in range({Gr}):\n" + ind(row_norm(
+                rnorm.kind, loops, value, "H", f"Rhh[{tt}, b, r]", indent=0, prefix="n_"), 4))
+        else:
+            body.append(row_norm(rnorm.kind, [f"for r in range({Gr}):"]
+                                 + loops, value, f"{Gr} * H",
+                                 f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    if not cell.normalize:
+        step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                            z_or_new=target, saved_or_mid=saved, indent=0) + after
+        body.append(elem + "\n" + ind(step, 8) + y_store)
+    else:
+        st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
+                           z_or_new=lambda k: f"Zhat[{k}, {tm}, b, j]",
+                           saved_or_mid=lambda m: f"Mid[{m}, {tm}, b, j]", indent=0)
+        body.append(elem + "\n" + ind(st1, 8))
+        for k in range(cell.n_norm):
+            body.append(row_norm(cell.normalize_kind, ["for j in range(H):"],
+                                 f"Zhat[{k}, {tm}, b, j]", "H", f"Rz[{k}, {tm}, b]", indent=0,
+                                 prefix=f"z{k}_"))
+        st2 = forward2_call(cell, zn=lambda k: f"(Zhat[{k}, {tm}, b, j] * Gz[{k} * H + j] + "
+                                               f"Bz[{k} * H + j])",
+                            mid=lambda m: f"Mid[{m}, {tm}, b, j]", prev=prev, p=pp, new=target,
+                            saved=saved, indent=0) + after
+        body.append(elem + "\n" + ind(st2, 8) + y_store)
+    lines.append(ind("\n".join(body), 8))
+    carry = "\n".join(f"            States[{s}, n, b, j] = States[{s}, p, b, j]"
+                      for s in range(S)) + ("" if proj else "\n            Y[t, b, j] = 0")
+    lines.append(f"    else:\n        for j in range(H):\n{carry}")
+    if proj:  # project the new h; a finished row keeps its projected h
+        lines.append("np.dot(States[0, n, b0:b1], WrT, Hp[n, b0:b1])\n"
+                     "for b in range(b0, b1):\n    if t < lengths[b]:\n"
+                     "        for k in range(Hp.shape[2]):\n            Y[t, b, k] = Hp[n, b, k]\n"
+                     "    else:\n        for k in range(Hp.shape[2]):\n"
+                     "            Hp[n, b, k] = Hp[p, b, k]\n            Y[t, b, k] = 0")
+    if rdrop:  # the next step's recurrent input: this step's h, masked
+        lines.append("    for j in range(H):\n        Hd[b, j] = States[0, n, b, j] * Mr[b, j]")
+    loop = ind("\n".join(lines), 8)
+    name = "forward_train" if train else "forward_infer"
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+{FORWARD.signature(name)}
+    """All T steps for batch rows b0:b1 (with recurrent dropout ``Hd`` holds the masked
+    previous h, filled for the first step by the caller)."""
+    T = XW.shape[0]
+    H = States.shape[3]
+    NH = HU.shape[1]
+    dh = H // NH
+    for step in range(T):
+        if reverse:
+            t = T - 1 - step
+            p = t + 1
+            n = t
+        else:
+            t = step
+            p = t
+            n = t + 1
+{loop}
+'''
+
+
+
+def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=False) -> str:
+    """BPTT over all steps for batch rows b0:b1.
+
+    ``dS`` holds the element-wise part of the state gradients; the recurrent
+    part ``dH = dHU_t @ W_hh`` of the previous step is added when it is read
+    (saves a pass).  ``same``: the cell returns the same values for dxw and
+    dhu (LSTM, Elman), so only dXW is written and used for both.  ``packed``
+    ``(mr, nu)``: a dense cell's ``dH = dHU_t @ W_hh`` runs on ``W_hh`` packed
+    in panels of ``nu`` units (``W`` is then ``[NB, Gr*H, nu]``) with
+    ``mr``-row register tiles, instead of BLAS.  ``reg``: (recurrent dropout,
+    zoneout) sections to generate.  ``proj``: the LSTMP projection: per step,
+    before the rows, the projected h's gradient ``dHp[t] = dY_t + dH + dSp``
+    (``dSp``: what arrives at the projected h from later; finished rows pass
+    it on) and the unprojected h's ``dR = dHp[t] @ W_hr``; ``dH`` is then
+    ``[1, B, proj]``.
+
+    Threads split the rows (``b0:b1``) or, with ``packed``, the unit blocks
+    (``jb0:jb1`` of all rows, ``nthr`` threads meeting at one barrier per
+    step, before ``dH`` needs every unit's ``dHU``).  The bias and
+    per-unit gradients of row ``b`` go to row ``chunk[b]`` of the
+    accumulators, its chunk under the row split, so both splits add the same
+    values in the same order (bit for bit the same gradients).
+    """
+    rdrop, zone = reg
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    tt = "t" if rnorm is not None else "0"
+    S, K, NP = cell.n_state, cell.n_saved, cell.n_param_scalars
+    # Element index of the per-row views: the unit ``j`` (generic: views span all
+    # H units), or, packed, ``e`` counted from the thread's first unit ``j_lo``
+    # (views start there).  A loop index from 0 is one LLVM proves
+    # non-negative, so it drops Numba's wraparound select and vectorises the
+    # loop; on ``j`` from ``range(j_lo, j_hi)`` the LSTM's BPTT step stayed
+    # scalar (LSTM BPTT, 2 threads: B=32, H=128 5.4 -> 3.6 ms; B=8, H=256 4.1 -> 3.1).
+    x = "j" if packed is None else "e"
+    mr_ = f" * mrr[{x}]" if rdrop else ""  # dH is the gradient of the masked h
+    dh_in = "dH[hd, b, i]" if packed is None else "dhv[e]"
+    ds0 = f"ds0[{x}] + dRr[{x}]" if proj else \
+        f"ds0[{x}] + dyr[{x}]" + (f" + {dh_in}{mr_}" if rec else "")
+
+    def arriving(s):
+        return ds0 if s == 0 else f"ds{s}[{x}]"
+
+    dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"ds{s}[{x}]", zone)
+
+    def prev(s):
+        return f"hp{s}[{x}]"
+
+    def saved(k):
+        return f"sv{k}[{x}]"
+
+    def pp(i):
+        return f"pv{i}[{x}]"
+
+    def dp(i):
+        return f"dpv{i}[{x}]"
+
+    def dxw(g):
+        return f"dxw{g}[{x}]"
+
+    def dprev(s):
+        return f"ds{s}[{x}]"
+
+    dhu = (lambda r: None) if same else (lambda r: f"dhu{r}[{'i' if packed is None else 'e'}]")
+    # the thread's units: all of a head (generic), or its unit blocks (packed, NH = 1)
+    irange = "range(dh)" if packed is None else "range(j_lo, j_hi)"
+    lo, hi = ("", "") if packed is None else ("j_lo", "j_hi")
+
+    def span(g):  # units of gate block g in a row of G*H (the thread's, packed)
+        return f"{g} * H + {lo}:{g} * H + {hi}" if packed is not None else f"{g} * H:{g + 1} * H"
+
+    # One 1-d view per row and gate block: a store to dXW[t, b, g*H + j]
+    # carries Numba's negative-index select, which LLVM cannot analyse for
+    # overlap between the G stores; dxw_g[j] it can.  Likewise for the
+    # states: on dS[s, b, j] LLVM's run-time overlap check spans every s and
+    # finds the read and written spans interleaved (scalar fallback).
+    row = f"{lo}:{hi}" if packed is not None else ""
+    sub = f", {row}" if row else ""
+    views = "\n".join(
+        [f"dxw{g} = dXW[t, b, {span(g)}]" for g in range(G)]
+        + [f"ds{s} = dS[{s}, b{sub}]\nhp{s} = States[{s}, p, b{sub}]" for s in range(S)]
+        + [f"sv{k} = Saved[{k}, t, b{sub}]" for k in range(K)]
+        + [f"dRr = dR[b{sub}]" if proj else f"dyr = dY[t, b{sub}]"]
+        + [f"pv{i} = unit_params[{span(i)}]\ndpv{i} = d_unit_params[c, {span(i)}]"
+           for i in range(NP)]
+        + ([f"mrr = Mr[b{sub}]"] if rdrop else [])
+        + ([f"dhv = dH[0, b{sub}]"] if packed is not None and rec else []))
+    if packed is None:
+        hviews = "" if (same or not rec) else "\n".join(
+            f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
+        elem_head = ("for hd in range(NH):\n" + (hviews + "\n" if hviews else "")
+                     + "    for i in range(dh):\n        j = hd * dh + i")
+    else:
+        if not same and rec:
+            views += "\n" + "\n".join(f"dhu{r} = dHU[0, t, b, {span(r)}]" for r in range(Gr))
+        elem_head = "for e in range(j_hi - j_lo):\n    j = j_lo + e"
+    elem_pad = 8 if packed is None else 4
+    body = [views]
+    if not cell.normalize:
+        step = zwrap(backward_call(cell, saved=saved, prev=prev, dstate=dstate, p=pp, dxw=dxw,
+                                   dhu=dhu, dprev=dprev, dp=dp, indent=0))
+        body.append(elem_head + "\n" + ind(step, elem_pad))
+    else:
+        def zhat(k):
+            return f"Zhat[{k}, t, b, j]"
+
+        st2 = backward2_call(cell, saved=saved,
+                             zn=lambda k: f"({zhat(k)} * Gz[{k} * H + j] + Bz[{k} * H + j])",
+                             mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev, dstate=dstate, p=pp,
+                             dzn=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             dprev=dprev, dp=dp, indent=0)
+        st2 = zwrap(st2)
+        acc = "\n".join(f"dGz[c, {k} * H + j] += DZ[{k}, b, j] * {zhat(k)}\n"
+                        f"dBz[c, {k} * H + j] += DZ[{k}, b, j]\n"
+                        f"DZ[{k}, b, j] = DZ[{k}, b, j] * Gz[{k} * H + j]"
+                        for k in range(cell.n_norm))
+        body.append("for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i\n"
+                    + ind(st2, 8) + "\n" + ind(acc, 8))
+        for k in range(cell.n_norm):
+            body.append(row_norm_backward(cell.normalize_kind, ["for j in range(H):"],
+                                          f"DZ[{k}, b, j]", zhat(k), "H", f"Rz[{k}, t, b]",
+                                          indent=0, prefix=f"z{k}_"))
+        st1 = backward1_call(cell, mid=lambda m: f"Mid[{m}, t, b, j]", prev=prev,
+                             dz=lambda k: f"DZ[{k}, b, j]", dmid=lambda m: f"DM[{m}, b, j]",
+                             p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dp, indent=0)
+        body.append(elem_head + "\n" + ind(st1, 8))
+    # Bias gradients: summed per row after the element loop, from the row just
+    # written (hot in cache); inside the loop the G strided updates of one
+    # array would stop LLVM from vectorising it.
+    # (the dxw views span the thread's units j_lo:j_hi, all H when not packed)
+    body.append("\n".join(f"dbi{g} = db_ih[c, {g} * H + j_lo:{g} * H + j_hi]\n"
+                          f"for e in range(j_hi - j_lo):\n    dbi{g}[e] += dxw{g}[e]"
+                          for g in range(G)))
+    if rec and not same and packed is not None:
+        body.append("\n".join(f"dbh{r} = db_hh[c, {span(r)}]\n"
+                              f"for e in range(j_hi - j_lo):\n    dbh{r}[e] += dhu{r}[e]"
+                              for r in range(Gr)))
+    elif rec and not same:
+        u = "r * H + hd * dh + i"
+        v = "dHU[hd, t, b, r * dh + i]"
+        hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
+                  f"        for i in {irange}:", f"            db_hh[c, {u}] += {v}"]
+        if rnorm is not None:
+            hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
+                       f"            {v} = {v} * g_hh[{u}]"]
+        body.append("\n".join(hu_sum))
+        if rnorm is not None:
+            loops = ["for hd in range(NH):", "for i in range(dh):"]
+            xhat = f"HU[{tt}, hd, b, r * dh + i]"
+            if rnorm.over == "gate":
+                body.append(f"for r in range({Gr}):\n" + ind(row_norm_backward(
+                    rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
+                    prefix="n_"), 4))
+            else:
+                body.append(row_norm_backward(
+                    rnorm.kind, [f"for r in range({Gr}):"] + loops,
+                    v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    active = ind("\n".join(body), 16)
+    masked = ("                for g in range(G):\n"
+              "                    for u in range(j_hi - j_lo):\n"
+              "                        dXW[t, b, g * H + j_lo + u] = 0")
+    mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
+    if rec and not proj:
+        masked += ("\n                for hd in range(NH):\n"
+                   f"                    for i in {irange}:\n"
+                   f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
+    if rec:
+        masked += ("\n                for hd in range(NH):\n"
+                   f"                    for r in range({Gr}):\n"
+                   f"                        for i in {irange}:\n"
+                   "                            dHU[hd, t, b, r * dh + i] = 0")
+    gemm = ("        for hd in range(NH):\n"
+            "            np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])" if rec else "")
+    if packed is not None:  # dH is [1, B, Hpad] here: tiles of the last panel store past H
+        mr, nu = packed
+        tiles = mk.row_tiles_source(
+            mr, nu, mk.tail_heights(mr, exact=False), "b0", "b1",
+            lambda tile, i0: f"{tile}(A, {i0}, b1, W, jb, dH[0], {i0}, jb * {nu}, 0)")
+        gemm = f"""        if nthr > 1:  # dH needs every unit's dHU of this step
+            step_barrier(flags, tid, nthr, step + 1)
+        A = dHU[0, t]
+        for jb in range(jb0, jb1):
+{ind(tiles, 12)}"""
+    final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
+             f"            for i in {irange}:\n"
+             f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
+    pre = ""
+    if proj:
+        final = ("    for b in range(b0, b1):\n        for k in range(dSp.shape[1]):\n"
+                 "            dSp[b, k] += dH[0, b, k]")
+        pre = """        for b in range(b0, b1):
+            if t < lengths[b]:
+                for k in range(dSp.shape[1]):
+                    dHp[t, b, k] = dY[t, b, k] + dH[0, b, k] + dSp[b, k]
+                    dSp[b, k] = 0
+            else:
+                for k in range(dSp.shape[1]):
+                    dSp[b, k] += dH[0, b, k]
+                    dHp[t, b, k] = 0
+        np.dot(dHp[t, b0:b1], Wr, dR[b0:b1])
+"""
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+{BACKWARD.signature("backward_loop")}
+    """BPTT for rows b0:b1{", unit blocks jb0:jb1" if packed is not None else ""}."""
+    T = dY.shape[0]
+    H = dS.shape[2]
+    G = dXW.shape[2] // H
+    NH = dHU.shape[0]
+    dh = H // NH
+    j_lo = {"0" if packed is None else f"max(jb0 * {packed[1]}, 0)"}
+    j_hi = {"H" if packed is None else f"min(jb1 * {packed[1]}, H)"}
+    for hd in range(dH.shape[0]):
+        for b in range(b0, b1):
+            for i in range({"dH.shape[2]" if packed is None else
+                            f"j_lo, min(jb1 * {packed[1]}, dH.shape[2])"}):
+                dH[hd, b, i] = 0
+    for step in range(T):
+        if reverse:
+            t = step
+            p = t + 1
+        else:
+            t = T - 1 - step
+            p = t
+{pre}        for b in range(b0, b1):
+            c = chunk[b]
+            if t < lengths[b]:
+{active}
+            else:
+{masked}
+{gemm}
+{final}
+'''
+
+
+def same_input_and_recurrent_grads(cell) -> bool:
+    """True when the cell's backward returns one expression for dxw and dhu.
+
+    The CPU fast path for cells whose input and recurrent pre-activations
+    enter only as a sum (LSTM, Elman): their gradients ``dxw`` and ``dhu`` are
+    then equal, so BPTT stores them once (``dHU`` shares ``dXW``'s memory: one
+    ``[T, B, G*H]`` array less to write and read) and ``b_hh``'s gradient is a
+    copy of ``b_ih``'s.  Only for plain cells (no per-unit parameters or
+    norms).
+
+    Detected from the source of ``cell.backward``, not from its values: it
+    must have exactly one ``return``, of a 3-tuple whose first two items are
+    the same expression (same AST), as in ``return d, d, (0, dc * f)``.
+    Spelled differently (``return dxw, dhu, ...`` with two names bound to equal
+    values, or a backward whose source ``inspect`` cannot read) the results are
+    the same, only slower.  Documented in ``docs/plugin-tutorial.md``.
+    """
+    if not cell.plain:
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cell.backward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fdef = tree.body[0]
+    returns = [n for n in ast.walk(fdef) if isinstance(n, ast.Return)]
+    if len(returns) != 1 or not isinstance(returns[0].value, ast.Tuple):
+        return False
+    elts = returns[0].value.elts
+    return len(elts) == 3 and ast.dump(elts[0]) == ast.dump(elts[1])
