@@ -25,8 +25,12 @@ __all__ = ["breakdown", "format_breakdown", "PHASES"]
 PHASES = ("import", "construction", "train forward", "train backward", "inference forward")
 
 
-def _child(cell: str, B: int, T: int, I: int, H: int, order: str) -> dict:
-    """Run in the fresh interpreter: time the phases and every Numba compilation."""
+def _child(cell: str, B: int, T: int, I: int, H: int, order: str, rename: str = "") -> dict:
+    """Run in the fresh interpreter: time the phases and every Numba compilation.
+
+    ``rename``: use the registered ``cell``'s math under this name (a new cell to the
+    kernel cache, as an edited cell is: its own kernels compile, shared ones load).
+    """
     t_start = time.perf_counter()
     import numpy as np
     from numba.core import event
@@ -65,6 +69,12 @@ def _child(cell: str, B: int, T: int, I: int, H: int, order: str) -> dict:
         times[name] = time.perf_counter() - t0
         return out
 
+    if rename:
+        import dataclasses
+
+        from kernrnn.plugins import get_registry
+
+        cell = dataclasses.replace(get_registry().get(cell), name=rename)
     layer = timed("construction", lambda: kernrnn.RNN(cell, I, H, dtype=np.float32, seed=0))
 
     def train():
@@ -86,7 +96,7 @@ def _child(cell: str, B: int, T: int, I: int, H: int, order: str) -> dict:
     return {"phases": times, "compiles": compiles, "loaded": loaded, "total_s": total}
 
 
-def _run_child(cell, size, threads, env_dir, order) -> dict:
+def _run_child(cell, size, threads, env_dir, order, rename="") -> dict:
     B, T, I, H = size
     env = dict(os.environ, KERNRNN_CACHE_DIR=os.path.join(env_dir, "kernels"),
                NUMBA_CACHE_DIR=os.path.join(env_dir, "numba"),
@@ -94,7 +104,7 @@ def _run_child(cell, size, threads, env_dir, order) -> dict:
                OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                KERNRNN_NUM_THREADS=str(threads))
     code = ("import json, sys; from kernrnn.bench.startup import _child; "
-            f"print('@@' + json.dumps(_child({cell!r}, {B}, {T}, {I}, {H}, {order!r})))")
+            f"print('@@' + json.dumps(_child({cell!r}, {B}, {T}, {I}, {H}, {order!r}, {rename!r})))")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -105,16 +115,23 @@ def _run_child(cell, size, threads, env_dir, order) -> dict:
     return result
 
 
+RUNS = {"cold": "empty kernel cache", "edited": "a new cell (the same math under another "
+         "name, as after an edit) with the cache the cold run left",
+        "warm": "the same cell again, warm cache"}
+
+
 def breakdown(cell="lstm", size=(32, 100, 64, 128), threads=1, order="train,infer") -> dict:
-    """Cold and warm runs of one cell in fresh interpreters (an empty, then the same cache)."""
+    """Three fresh interpreters on one kernel cache (see :data:`RUNS`): ``cell`` renamed
+    with an empty cache, then ``cell`` itself twice."""
     tmp = tempfile.mkdtemp(prefix="kernrnn-startup-")
     try:
-        cold = _run_child(cell, size, threads, tmp, order)
+        cold = _run_child(cell, size, threads, tmp, order, rename=f"{cell}_before_edit")
+        edited = _run_child(cell, size, threads, tmp, order)
         warm = _run_child(cell, size, threads, tmp, order)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"cell": cell, "size": list(size), "threads": threads, "order": order,
-            "cold": cold, "warm": warm}
+            "cold": cold, "edited": edited, "warm": warm}
 
 
 def format_breakdown(r: dict) -> str:
@@ -122,14 +139,14 @@ def format_breakdown(r: dict) -> str:
     B, T, I, H = r["size"]
     lines = [f"start-up of {r['cell']} (B,T,I,H = {B},{T},{I},{H}, float32, "
              f"{r['threads']} thread(s)), fresh interpreter each:",
-             f"  {'phase':<20}{'cold s':>9}{'warm s':>9}"]
+             *(f"  {k}: {v}" for k, v in RUNS.items()),
+             f"  {'phase':<22}" + "".join(f"{k + ' s':>10}" for k in RUNS)]
     for p in PHASES:
-        c, w = r["cold"]["phases"].get(p), r["warm"]["phases"].get(p)
-        if c is not None:
-            lines.append(f"  {p:<20}{c:>9.2f}{w:>9.2f}")
+        if p in r["cold"]["phases"]:
+            lines.append(f"  {p:<22}" + "".join(f"{r[k]['phases'][p]:>10.2f}" for k in RUNS))
     for key, label in (("total_s", "in the interpreter"), ("wall_s", "process, start to end")):
-        lines.append(f"  {label:<20}{r['cold'][key]:>9.2f}{r['warm'][key]:>9.2f}")
-    for which in ("cold", "warm"):
+        lines.append(f"  {label:<22}" + "".join(f"{r[k][key]:>10.2f}" for k in RUNS))
+    for which in RUNS:
         comp = r[which]["compiles"]
         loaded = r[which].get("loaded", [])
         lines.append(f"\n{which} cache: {len(comp)} functions compiled "
