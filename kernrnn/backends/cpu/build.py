@@ -3,7 +3,12 @@
 :func:`get_kernels` joins the generated source (:mod:`~kernrnn.backends.cpu.source`,
 :mod:`~kernrnn.backends.cpu.fused_source`) into a module per variant, loads it
 through the kernel cache (:func:`~kernrnn.backends.codegen.load_module`: Numba's
-on-disk cache applies) and keeps the result for the process.
+on-disk cache applies) and keeps the result for the process.  The kernels
+without cell math (register tiles, one module per tile shape and precision;
+panel packing and the step barrier, one module per precision) live in modules
+of their own that every cell shares: their cache entries, more than half of a
+dense cell's first compile, serve each new or edited cell
+(``kernrnn bench --startup`` shows the split).
 :func:`precompile` compiles a kernel with the SLP vectoriser before the
 threads run it.
 """
