@@ -348,6 +348,21 @@ def _origin(value, defs) -> str:
     return ""
 
 
+#: Bump when :func:`check_cell_compiles` checks more: earlier passes are not remembered.
+CHECK_VERSION = 1
+
+
+def _check_record(cell, dtype) -> str:
+    """The text that records that ``cell``'s math passed the check for ``dtype``: everything
+    the outcome depends on (the math's fingerprint, the precision, Numba and kernrnn)."""
+    from kernrnn import __version__
+    from kernrnn.backends.codegen import cell_fingerprint
+
+    return (f"kernrnn compile check {CHECK_VERSION} passed: cell {cell.name!r}, math "
+            f"{cell_fingerprint(cell)}, {np.dtype(dtype).str}, kernrnn {__version__}, "
+            f"numba {numba.__version__}\n")
+
+
 @lru_cache(maxsize=None)
 def check_cell_compiles(cell, dtype) -> None:
     """Compile each function of ``cell``'s math for ``dtype``, naming the cell on failure.
@@ -357,8 +372,27 @@ def check_cell_compiles(cell, dtype) -> None:
     (with its source) instead of as an error deep inside a generated kernel.
     Each function must return tuples of the sizes the contract gives
     (:meth:`kernrnn.cell.Cell.math_signatures`), every value in ``dtype``.
+
+    A pass is remembered in the kernel cache (a text marker keyed by the math's
+    fingerprint, :func:`kernrnn.backends.kernel_cache.has_marker`), so a later
+    process with the same math skips the compile (1-3 s); failures are not
+    remembered, so the error is always reported afresh.
     """
+    from kernrnn.backends import kernel_cache
+
     dtype = np.dtype(dtype)
+    try:
+        record = _check_record(cell, dtype)
+    except Exception:  # e.g. unreadable source: the check below reports it
+        record = None
+    if record is not None and kernel_cache.has_marker(record):
+        return
+    _check_cell_compiles(cell, dtype)
+    if record is not None:
+        kernel_cache.write_marker(record)
+
+
+def _check_cell_compiles(cell, dtype) -> None:
     nbtype = numba.from_dtype(dtype)
 
     def tuple_type(n):

@@ -265,3 +265,56 @@ def test_first_build_from_many_threads_runs_the_module_once(tmp_path, monkeypatc
         t.join()
     assert not errors, errors
     assert results == [7] * n and runs == [1]
+
+
+# -- markers (the remembered compile check) --------------------------------------------
+
+
+def test_marker_counts_only_with_its_exact_text_in_a_file_of_ours(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNRNN_CACHE_DIR", str(tmp_path / "cache"))
+    text = "check passed: math abc\n"
+    assert not kernel_cache.has_marker(text)
+    kernel_cache.write_marker(text)
+    assert kernel_cache.has_marker(text)
+    assert not kernel_cache.has_marker(text + "x")  # another fact, another file
+    path = kernel_cache._marker_path(text)
+    path.write_text(text[:-3])  # truncated
+    assert not kernel_cache.has_marker(text)
+    path.write_text(text)
+    path.chmod(0o666)  # others could have written it
+    assert not kernel_cache.has_marker(text)
+
+
+def test_compile_check_is_remembered_only_when_it_passes(tmp_path, monkeypatch):
+    """A second process with the same math skips the check's compile; a changed cell does not."""
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    from kernrnn import scalar
+    from kernrnn.plugins import get_registry
+
+    monkeypatch.setenv("KERNRNN_CACHE_DIR", str(tmp_path / "cache"))
+    runs = []
+    inner = scalar._check_cell_compiles
+    monkeypatch.setattr(scalar, "_check_cell_compiles",
+                        lambda cell, dtype: (runs.append(cell.name), inner(cell, dtype)))
+    check = scalar.check_cell_compiles.__wrapped__  # past the per-process lru_cache
+    rnn = get_registry().get("rnn")
+    check(rnn, np.float32)
+    check(rnn, np.float32)
+    assert runs == ["rnn"]
+    check(rnn, np.float64)  # another precision is another fact
+    assert runs == ["rnn", "rnn"]
+
+    def broken(xw, hu, prev):
+        act = getattr(math, "tanh")  # noqa: B009  (fine in Python, not in Numba)
+        h = act(xw[0] + hu[0])
+        return (h,), (h,)
+
+    bad = dataclasses.replace(rnn, forward=broken)
+    for _ in range(2):
+        with pytest.raises(Exception, match="does not compile"):
+            check(bad, np.float32)
+    assert runs == ["rnn", "rnn", "rnn", "rnn"]

@@ -22,6 +22,11 @@ write into that directory can run code in this process.  Hence:
 * **Healing.**  A cache entry that cannot be loaded (truncated, corrupt, of
   another user) is deleted and the kernel recompiled, with one warning;
   never an error.
+* **Markers.**  Facts worth remembering between processes (a cell's math passed
+  the compile check) are plain text files under ``markers/``: a marker counts
+  only when it is ours alone (as above) and holds exactly the text expected,
+  which names everything the fact depends on.  Nothing in one is executed or
+  unpickled.
 * **Threads.**  The first build of a module holds a lock per module name, and
   the module appears in ``sys.modules`` only after it has finished executing.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -40,7 +46,8 @@ import types
 import warnings
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "KernelCacheWarning", "cache_dir", "unsafe_reason", "load_module"]
+__all__ = ["CACHE_ENV", "KernelCacheWarning", "cache_dir", "unsafe_reason", "load_module",
+           "has_marker", "write_marker"]
 
 #: Environment variable naming the kernel cache directory.
 CACHE_ENV = "KERNRNN_CACHE_DIR"
@@ -332,3 +339,32 @@ def load_module(source: str, modname: str, namespace: dict) -> types.ModuleType:
             _guard(cache)
         sys.modules[modname] = module
         return module
+
+
+# -- markers -------------------------------------------------------------------------
+
+
+def _marker_path(text: str) -> Path:
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return cache_dir() / "markers" / f"{digest}.txt"
+
+
+def has_marker(text: str) -> bool:
+    """Whether :func:`write_marker` recorded ``text`` in the cache (a file of ours alone)."""
+    try:
+        path = _marker_path(text)
+        if _file_problem(path) is not None or not path.exists():
+            return False
+        return path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_marker(text: str) -> None:
+    """Record ``text`` (one fact and what it depends on); a failure only loses the record."""
+    try:
+        path = _marker_path(text)
+        if _make_private_dir(path.parent) is None:
+            _write_source(path, text)
+    except OSError:
+        pass

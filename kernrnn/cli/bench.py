@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-torch", action="store_true", help="time kernrnn only")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
     p.add_argument("--startup-only", action="store_true", help="only measure start-up")
+    p.add_argument("--startup", action="store_true",
+                   help="instead of comparing, show where a cell's first seconds go: phases "
+                        "and every Numba compilation of its first training step and first "
+                        "inference forward, in fresh processes with an empty kernel cache, as "
+                        "a new (edited) cell, and warm (per cell, the first size; --json "
+                        "writes the raw records)")
     p.add_argument("--markdown", metavar="FILE", help="also write a markdown report to FILE")
     p.add_argument("--note", default="", help="a line added to the markdown report")
     p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
@@ -95,6 +101,20 @@ def run(args) -> int:
         bench.SETTLE_S = args.settle
 
     print(f"machine: {bench.machine()}; threads: {args.threads}", flush=True)
+    if args.startup:
+        import json
+
+        from kernrnn.bench.startup import breakdown, format_breakdown
+
+        size = _sizes(args.sizes)[0] if args.sizes else (32, 100, 64, 128)
+        records = []
+        for cell in cells:
+            records.append(breakdown(cell, size, threads=args.threads))
+            print(format_breakdown(records[-1]) + "\n", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+        return 0
     if args.timeline:
         from kernrnn.bench.timeline import format_timeline, step_timeline
 

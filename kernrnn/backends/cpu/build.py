@@ -3,7 +3,12 @@
 :func:`get_kernels` joins the generated source (:mod:`~kernrnn.backends.cpu.source`,
 :mod:`~kernrnn.backends.cpu.fused_source`) into a module per variant, loads it
 through the kernel cache (:func:`~kernrnn.backends.codegen.load_module`: Numba's
-on-disk cache applies) and keeps the result for the process.
+on-disk cache applies) and keeps the result for the process.  The kernels
+without cell math (register tiles, one module per tile shape and precision;
+panel packing and the step barrier, one module per precision) live in modules
+of their own that every cell shares: their cache entries, more than half of a
+dense cell's first compile, serve each new or edited cell
+(``kernrnn bench --startup`` shows the split).
 :func:`precompile` compiles a kernel with the SLP vectoriser before the
 threads run it.
 """
@@ -142,23 +147,59 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     tiles = {(h, Gr * nu) for h in (mr, *mk.tail_heights(mr, exact=False))}
     tiles |= {(h, G * nu) for h in (mrx, *mk.tail_heights(mrx, exact=False))}
     tiles |= {(h, nu) for h in (mrb, *mk.tail_heights(mrb, exact=False))}
-    source = "\n".join(
-        ["import math\nimport numba\nimport numpy as np\n", mk.barrier_source(), mk.pack_source()]
-        + [mk.tile_source(a, b, nu) for a, b in sorted(tiles)]
-        + [pack_training_source(), same_bits_source(), input_projection_source(cell, mrx, nu),
-           fused_forward_source(cell, True, mr, mrx, nu, reg),
-           fused_forward_source(cell, False, mr, mrx, nu, reg),
-           backward_source(cell, same, packed=(mrb, nu), reg=reg)])
-    source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
-              f"regularisation {reg}, math {cell_fingerprint(cell)}\n" + source)
+    shared = _shared_kernels(dtype)
     ns = math_namespace(cell, dtype)
-    ns.update(atomic_load=mk.atomic_load, atomic_store=mk.atomic_store,
-              spin_pause=mk.spin_pause, yield_core=mk.yield_core, FLAG_STRIDE=mk.FLAG_STRIDE)
+    ns.update(shared)
+    for a, b in sorted(tiles):
+        ns[mk.tile_name(a, b)] = _tile(a, b, nu, dtype)
+    # the shared modules' names (hashes of their source) are part of this source, so a
+    # change there also gives this module a new name and Numba cache entry
+    used = sorted({getattr(v, "__module__", "") for k, v in ns.items()
+                   if k.startswith("tile_") or k in shared})
+    source = "\n".join(
+        ["import math\nimport numba\nimport numpy as np\n",
+         input_projection_source(cell, mrx, nu),
+         fused_forward_source(cell, True, mr, mrx, nu, reg),
+         fused_forward_source(cell, False, mr, mrx, nu, reg),
+         backward_source(cell, same, packed=(mrb, nu), reg=reg)])
+    source = (f"# kernrnn CPU kernels on packed W_hh: cell {cell.name!r}, {dtype}, "
+              f"regularisation {reg}, math {cell_fingerprint(cell)}\n"
+              f"# shared kernels from {', '.join(used)}\n" + source)
     module = load_module(source, f"cpu_fused_{cell.name}_{dtype.name}"
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
-                        mr, nu, mrb, module.pack_panels, module.pack_panels_backward,
-                        module.pack_training, module.input_projection, module.same_bits)
+                        mr, nu, mrb, shared["pack_panels"], shared["pack_panels_backward"],
+                        shared["pack_training"], module.input_projection, shared["same_bits"])
+
+
+@lru_cache(maxsize=None)
+def _tile(mr: int, nr: int, nu: int, dtype) -> object:
+    """One register tile (:func:`~kernrnn.backends.cpu.microkernel.tile_source`), in a module
+    of its own: no cell's math is in it, so every cell with this tile shape shares one
+    compilation and one kernel-cache entry (a new cell compiles only its own kernels)."""
+    dtype = np.dtype(dtype)
+    source = ("import numba\n" + mk.tile_source(mr, nr, nu))
+    module = load_module(f"# kernrnn register tile, {dtype}\n" + source,
+                         f"cpu_{mk.tile_name(mr, nr)}_{dtype.name}", {"ZERO": dtype.type(0)})
+    return getattr(module, mk.tile_name(mr, nr))
+
+
+@lru_cache(maxsize=None)
+def _shared_kernels(dtype) -> dict:
+    """The packed road's kernels that hold no cell math (panel packing, step barrier,
+    bit comparison), one module per precision shared by every cell."""
+    dtype = np.dtype(dtype)
+    source = "\n".join(["import math\nimport numba\nimport numpy as np\n",
+                        mk.barrier_source(), mk.pack_source(), pack_training_source(),
+                        same_bits_source()])
+    ns = {"ZERO": dtype.type(0), "atomic_load": mk.atomic_load,
+          "atomic_store": mk.atomic_store, "spin_pause": mk.spin_pause,
+          "yield_core": mk.yield_core, "FLAG_STRIDE": mk.FLAG_STRIDE}
+    module = load_module(f"# kernrnn packed-road kernels without cell math, {dtype}\n"
+                         + source, f"cpu_packing_{dtype.name}", ns)
+    return {name: getattr(module, name) for name in
+            ("step_barrier", "pack_panels", "pack_panels_backward", "pack_training",
+             "same_bits")}
 
 
 _compiled_sigs: set = set()
