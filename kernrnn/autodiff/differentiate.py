@@ -172,7 +172,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
     the supported set, naming the file, line and construct.
     """
-    from kernrnn.cell import CellError
+    from kernrnn.errors import CellError
 
     for label, v in (("gates", gates), ("state", state)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

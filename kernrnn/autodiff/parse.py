@@ -485,7 +485,7 @@ def parse_forward(fn, cellname: str, sig: Signature):
     Raises :class:`kernrnn.cell.CellError` naming the cell, file, line and
     construct for anything outside the supported set.
     """
-    from kernrnn.cell import CellError
+    from kernrnn.errors import CellError
 
     graph = Graph()
     reader = _Reader(cellname, sig, graph)

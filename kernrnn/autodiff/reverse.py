@@ -343,7 +343,7 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
     needs (its saved values), in evaluation order; the ``dmid`` of the latter
     are zero.
     """
-    from kernrnn.cell import CellError
+    from kernrnn.errors import CellError
 
     norm_nodes = [norms[name] for name in order]
     zs = [n.args[0] for n in norm_nodes]
