@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import hashlib
 import inspect
 import linecache
 import os
@@ -42,6 +43,8 @@ import math
 import textwrap
 import types
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _metadata_version
 
 import numba
 import numpy as np
@@ -348,6 +351,27 @@ def _origin(value, defs) -> str:
     return ""
 
 
+def cell_fingerprint(cell) -> str:
+    """A hash of everything in a cell that ends up in compiled code."""
+    h = hashlib.sha256()
+    for which, args, results in cell.math_signatures():
+        h.update(math_fingerprint(getattr(cell, which)).encode())
+        h.update(f"{which}{args}{results}".encode())
+    h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
+             f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
+             f"{cell.linear}".encode())
+    return h.hexdigest()[:16]
+
+
+def _kernrnn_version() -> str:
+    """The installed kernrnn's version (from its metadata: importing the package from
+    here would make an import circle)."""
+    try:
+        return _metadata_version("kernrnn")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
 #: Bump when :func:`check_cell_compiles` checks more: earlier passes are not remembered.
 CHECK_VERSION = 1
 
@@ -355,11 +379,8 @@ CHECK_VERSION = 1
 def _check_record(cell, dtype) -> str:
     """The text that records that ``cell``'s math passed the check for ``dtype``: everything
     the outcome depends on (the math's fingerprint, the precision, Numba and kernrnn)."""
-    from kernrnn import __version__
-    from kernrnn.backends.codegen import cell_fingerprint
-
     return (f"kernrnn compile check {CHECK_VERSION} passed: cell {cell.name!r}, math "
-            f"{cell_fingerprint(cell)}, {np.dtype(dtype).str}, kernrnn {__version__}, "
+            f"{cell_fingerprint(cell)}, {np.dtype(dtype).str}, kernrnn {_kernrnn_version()}, "
             f"numba {numba.__version__}\n")
 
 

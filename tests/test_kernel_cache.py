@@ -313,7 +313,15 @@ def test_compile_check_is_remembered_only_when_it_passes(tmp_path, monkeypatch):
         h = act(xw[0] + hu[0])
         return (h,), (h,)
 
-    bad = dataclasses.replace(rnn, forward=broken)
+    def backward(saved, prev, dstate):
+        d = dstate[0] * (1 - saved[0] * saved[0])
+        return (d,), (d,), (0.0,)
+
+    # a hand-written step: runs in Python (validation passes), does not compile with Numba
+    def reference(xw, hu, prev):
+        return (np.tanh(xw[0] + hu[0]),)
+
+    bad = dataclasses.replace(rnn, forward=broken, backward=backward, reference=reference)
     for _ in range(2):
         with pytest.raises(Exception, match="does not compile"):
             check(bad, np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 
 from kernrnn.backends import kernel_cache
 from kernrnn.philox import zoneout_words
-from kernrnn.scalar import compile_scalar, math_fingerprint
+from kernrnn.scalar import cell_fingerprint, compile_scalar  # cell_fingerprint: re-exported
 from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
@@ -275,18 +275,6 @@ def math_namespace(cell, dtype) -> dict:
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
               math=math, zoneout_words=zoneout_words)
     return ns
-
-
-def cell_fingerprint(cell) -> str:
-    """A hash of everything in a cell that ends up in compiled code."""
-    h = hashlib.sha256()
-    for which, args, results in cell.math_signatures():
-        h.update(math_fingerprint(getattr(cell, which)).encode())
-        h.update(f"{which}{args}{results}".encode())
-    h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
-             f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
-             f"{cell.linear}".encode())
-    return h.hexdigest()[:16]
 
 
 def _cache_dir():
