@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import rnn as _torch_rnn
 
 from kernrnn.torch import _ops
-from kernrnn.torch.modules import _DTYPES, _non_finite, _warn_fallback, unsupported
+from kernrnn.torch.modules import _DTYPES, run_or_fall_back
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell", "RecurrentCell"]
 
@@ -49,23 +49,7 @@ class _CellForward:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a Tensor, got "
                             f"{type(input).__name__}")
-        reason = unsupported(input, params)
-        if reason is not None:
-            if self._torch_forward is None:
-                raise RuntimeError(f"kernrnn.torch.{type(self).__name__}: {reason}, and this "
-                                   f"module has no PyTorch implementation to fall back to")
-            _warn_fallback(type(self).__name__, reason)
-            return self._torch_forward(input, hx)
-        if self._torch_forward is None or torch.compiler.is_compiling():
-            return self._step(input, hx, params)
-        try:
-            return self._step(input, hx, params)
-        except ValueError:
-            parts = hx if isinstance(hx, (tuple, list)) else (hx,)
-            if not _non_finite(input, *(h for h in parts if isinstance(h, torch.Tensor))):
-                raise
-            _warn_fallback(type(self).__name__, "kernrnn refuses NaN or infinite inputs")
-            return self._torch_forward(input, hx)
+        return run_or_fall_back(self, input, input, hx, params, self._step)
 
     def _step(self, input, hx, params):
         name = type(self).__name__

@@ -120,6 +120,31 @@ def _non_finite(*tensors) -> bool:
     return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def run_or_fall_back(module, data, input, hx, params, run):
+    """``run(input, hx, params)`` on kernrnn's kernels, or ``module._torch_forward`` (PyTorch's
+    own forward, with a one-time warning) for a call kernrnn cannot run; ``data`` is the
+    input's tensor.  Without a PyTorch forward to fall back to, such a call is an error."""
+    name = type(module).__name__
+    fallback = module._torch_forward
+    reason = unsupported(data, params) if isinstance(data, torch.Tensor) else None
+    if reason is not None:
+        if fallback is None:
+            raise RuntimeError(f"kernrnn.torch.{name}: {reason}, and this module has no "
+                               f"PyTorch implementation to fall back to")
+        _warn_fallback(name, reason)
+        return fallback(input, hx)
+    if fallback is None or torch.compiler.is_compiling():
+        return run(input, hx, params)
+    try:
+        return run(input, hx, params)
+    except ValueError:
+        parts = hx if isinstance(hx, (tuple, list)) else (hx,)
+        if not _non_finite(data, *(h for h in parts if isinstance(h, torch.Tensor))):
+            raise
+        _warn_fallback(name, "kernrnn refuses NaN or infinite inputs")
+        return fallback(input, hx)
+
+
 class _FusedForward:
     """PyTorch's recurrent-layer ``forward`` contract, computed by the kernrnn ops.
 
@@ -138,24 +163,7 @@ class _FusedForward:
         """``output, h_n`` (``h_n`` a tuple for cells with several states, as ``nn.LSTM``)."""
         data = input.data if isinstance(input, PackedSequence) else input
         params = [getattr(self, n) for n in self._flat_weights_names]  # parametrisations run
-        if isinstance(data, torch.Tensor):
-            reason = unsupported(data, params)
-            if reason is not None:
-                if self._torch_forward is None:
-                    raise RuntimeError(f"kernrnn.torch.{type(self).__name__}: {reason}, and this "
-                                       f"module has no PyTorch implementation to fall back to")
-                _warn_fallback(type(self).__name__, reason)
-                return self._torch_forward(input, hx)
-        if torch.compiler.is_compiling() or self._torch_forward is None:
-            return self._kernrnn_forward(input, hx, params)
-        try:
-            return self._kernrnn_forward(input, hx, params)
-        except ValueError:
-            hx_parts = hx if isinstance(hx, (tuple, list)) else (hx,)
-            if not _non_finite(data, *(h for h in hx_parts if isinstance(h, torch.Tensor))):
-                raise
-            _warn_fallback(type(self).__name__, "kernrnn refuses NaN or infinite inputs")
-            return self._torch_forward(input, hx)
+        return run_or_fall_back(self, data, input, hx, params, self._kernrnn_forward)
 
     def _kernrnn_forward(self, input, hx, params):
         S = self._n_state
