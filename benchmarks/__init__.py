@@ -10,6 +10,12 @@ from a source checkout, from the repository root, as modules::
 package: :mod:`kernrnn.bench.cpu`.  See ``benchmarks/README.md``.
 """
 
+import os
+
+# Timed calls run the compiled kernels, never the NumPy first tier (benchmarks.startup
+# sets KERNRNN_TIERS itself for the processes it times).
+os.environ.setdefault("KERNRNN_TIERS", "0")
+
 __all__ = ["torch_fp32_precision"]
 
 

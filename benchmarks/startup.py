@@ -46,34 +46,17 @@ import kernrnn
 from kernrnn.cell import Cell, sigmoid, tanh
 
 
-def cifg_forward(xw, hu, prev):
+def cifg_forward(xw, hu, prev):  # forward only, as a user writes a new cell
     f = sigmoid(xw[0] + hu[0])
     g = tanh(xw[1] + hu[1])
     o = sigmoid(xw[2] + hu[2])
     c = f * prev[1] + (1 - f) * g
-    tc = tanh(c)
-    return (o * tc, c), (f, g, o, tc)
-
-
-def cifg_backward(saved, prev, dstate):
-    f, g, o, tc = saved
-    dc = dstate[1] + dstate[0] * o * (1 - tc * tc)
-    d = (dc * (prev[1] - g) * f * (1 - f), dc * (1 - f) * (1 - g * g),
-         dstate[0] * tc * o * (1 - o))
-    return d, d, (0, dc * f)
-
-
-def cifg_reference(xw, hu, prev):
-    f = 1.0 / (1.0 + np.exp(-(xw[0] + hu[0])))
-    o = 1.0 / (1.0 + np.exp(-(xw[2] + hu[2])))
-    c = f * prev[1] + (1.0 - f) * np.tanh(xw[1] + hu[1])
-    return (o * np.tanh(c), c)
+    return (o * tanh(c), c)
 
 
 which, name, B, T, I, H, order = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7]
 if which == "cifg":
-    cell = Cell(name, gates="fgo", state=("h", "c"), forward=cifg_forward,
-                backward=cifg_backward, reference=cifg_reference)
+    cell = Cell(name, gates="fgo", state=("h", "c"), forward=cifg_forward)
 else:
     import dataclasses
     from kernrnn.plugins import get_registry
@@ -102,6 +85,10 @@ for part in order.split(","):
         y, _ = timed("training forward", lambda: layer(x))
         timed("backward", lambda: layer.backward(np.ones_like(y)))
 times["in process"] = time.perf_counter() - t_start
+from kernrnn.backends.cpu import tiers
+times["first tier"] = float(not tiers.wait(timeout=0))  # 1.0: the first step ran NumPy
+kernrnn.warmup()
+times["kernels ready"] = time.perf_counter() - t_start
 print("@@" + json.dumps(times))
 '''
 
@@ -158,18 +145,19 @@ BIG = (32, 100, 64, 128)
 SMALL = (8, 20, 32, 64)
 
 
-def _env(cache: str) -> dict:
-    return dict(os.environ, KERNRNN_CACHE_DIR=os.path.join(cache, "kernels"),
+def _env(cache: str, tiers: bool = True) -> dict:
+    return dict(os.environ, KERNRNN_TIERS="1" if tiers else "0", KERNRNN_CACHE_DIR=os.path.join(cache, "kernels"),
                 NUMBA_CACHE_DIR=os.path.join(cache, "numba"), NUMBA_NUM_THREADS="1",
                 OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
                 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
                 JAX_PLATFORMS="cpu")
 
 
-def _run(script: str, args, cache: str) -> dict:
-    """Wall seconds of one fresh interpreter running ``script`` (and the times it printed)."""
+def _run(script: str, args, cache: str, tiers: bool = True) -> dict:
+    """Wall seconds of one fresh interpreter running ``script`` (and the times it printed);
+    ``tiers=False``: every call waits for the kernels (``KERNRNN_TIERS=0``)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, *map(str, args)], env=_env(cache),
+    proc = subprocess.run([sys.executable, script, *map(str, args)], env=_env(cache, tiers),
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -203,15 +191,19 @@ def measure(repeats: int = 1) -> dict:
     try:
         for r in range(repeats):
             for cell in ("lstm", "cifg"):
-                cache = os.path.join(work, f"cache-{cell}-{r}")
-                add((cell, "cold"), _run(kern, [cell, f"{cell}_v1", *BIG, "train"], cache))
-                add((cell, "edited"), _run(kern, [cell, f"{cell}_v2", *BIG, "train"], cache))
-                add((cell, "warm"), _run(kern, [cell, f"{cell}_v2", *BIG, "train"], cache))
+                for tiers, tag in ((True, ""), (False, " no tiers")):
+                    cache = os.path.join(work, f"cache-{cell}-{r}{tag.strip()}")
+                    for kind, version in (("cold", 1), ("edited", 2), ("warm", 2)):
+                        add((cell, kind + tag), _run(
+                            kern, [cell, f"{cell}_v{version}", *BIG, "train"], cache, tiers))
                 if jax_ok:
                     add((cell, "jax"), _run(jaxs, [cell, *BIG], cache))
             cache = os.path.join(work, f"cache-small-{r}")
-            add(("lstm small", "cold"), _run(kern, ["lstm", "lstm", *SMALL, "infer,train"], cache))
-            add(("lstm small", "warm"), _run(kern, ["lstm", "lstm", *SMALL, "infer,train"], cache))
+            for tiers, tag in ((True, ""), (False, " no tiers")):
+                cache = os.path.join(work, f"cache-small-{r}{tag.strip()}")
+                for kind in ("cold", "warm"):
+                    add(("lstm small", kind + tag),
+                        _run(kern, ["lstm", "lstm", *SMALL, "infer,train"], cache, tiers))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"runs": {f"{a}|{b}": v for (a, b), v in runs.items()}, "jax": jax_ok}
@@ -230,29 +222,35 @@ def report(result: dict) -> str:
 
     jax_note = "" if result["jax"] else "JAX is not installed: its column is empty " \
                                         "(pip install jax to compare).\n"
-    lines = [jax_note + "| case | kernrnn | JAX (`lax.scan` + `jit(value_and_grad)`) |",
-             "|---|---|---|"]
+    lines = [jax_note + "| case | kernrnn, tiered (default): first step / kernels ready | "
+             "kernrnn without tiers (`KERNRNN_TIERS=0`) | JAX (`lax.scan` + "
+             "`jit(value_and_grad)`) |", "|---|---|---|---|"]
     for c in ("lstm", "cifg"):
-        name = "LSTM" if c == "lstm" else "custom CIFG"
+        name = "LSTM" if c == "lstm" else "custom CIFG (forward only)"
         jx = (f"{cell(f'{c}|jax')} ({cell(f'{c}|jax', 'first step (jit)')} jit)"
               if result["jax"] else "not installed")
         for kind, label in (("cold", "cold (empty kernel cache)"),
                             ("edited", "new cell after an edit (cache of its previous version)"),
                             ("warm", "warm cache")):
-            k = f"{c}|{kind}"
-            inner = _med(runs[k], "training forward") + _med(runs[k], "backward")
+            k, k0 = f"{c}|{kind}", f"{c}|{kind} no tiers"
+            tier = " (NumPy step)" if _med(runs[k], "first tier") > 0.5 else ""
+            inner = _med(runs[k0], "training forward") + _med(runs[k0], "backward")
             lines.append(f"| {name}, B,T,I,H = {','.join(map(str, BIG))}, process start to end "
-                         f"of first training step, {label} | {cell(k)} ({inner:.2f} s in the "
-                         f"step, {_med(runs[k], 'construction'):.2f} s construction) | "
+                         f"of first training step, {label} | {cell(k)}{tier} / "
+                         f"{cell(k, 'kernels ready')} | {cell(k0)} ({inner:.2f} s in the step, "
+                         f"{_med(runs[k0], 'construction'):.2f} s construction) | "
                          f"{jx if kind != 'edited' else ''} |")
     for kind in ("cold", "warm"):
-        k = f"lstm small|{kind}"
-        parts = [_med(runs[k], p) for p in ("construction", "inference forward",
-                                            "training forward", "backward")]
+        row = []
+        for tag in ("", " no tiers"):
+            k = f"lstm small|{kind}{tag}"
+            parts = [_med(runs[k], p) for p in ("construction", "inference forward",
+                                                "training forward", "backward")]
+            row.append(f"{' / '.join(f'{p:.2f}' for p in parts)} s ({sum(parts):.2f} s in all; "
+                       f"process {cell(k)})")
         lines.append(f"| LSTM, B,T,I,H = {','.join(map(str, SMALL))}, {kind}: construction / "
                      f"first inference forward / first training forward / first backward | "
-                     f"{' / '.join(f'{p:.2f}' for p in parts)} s ({sum(parts):.2f} s in all; "
-                     f"process {cell(k)}) | |")
+                     f"{row[0]} | {row[1]} | |")
     return "\n".join(lines)
 
 

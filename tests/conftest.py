@@ -18,6 +18,9 @@ settings.register_profile(
 )
 # The project's own tests run with strict plugins: a broken installed plugin fails loudly.
 os.environ.setdefault("KERNRNN_STRICT_PLUGINS", "1")
+# The tests check the compiled kernels: no call runs the NumPy first tier while they compile
+# (tests/test_tiers.py turns tiers on where it tests them).
+os.environ.setdefault("KERNRNN_TIERS", "0")
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 

@@ -109,6 +109,11 @@ class Derived:
     mid: tuple = ()
     normalize: tuple = ()
     step: object = None
+    #: The one-stage step's ``forward``/``backward`` on arrays of any precision (NumPy
+    #: element-wise, ``np.where`` for a condition): the first tier runs these while the
+    #: kernels compile (:mod:`kernrnn.backends.cpu.tiers`).  None for a two-stage step.
+    array_forward: object = None
+    array_backward: object = None
 
     @property
     def n_saved(self) -> int:
@@ -191,12 +196,18 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     module = load_source(source, name, _namespace())
     ref_source = _reference_source(graph, outputs, sig, pnames, bool(order))
     ref_module = load_source(ref_source, f"{name}_reference", _reference_namespace())
+    arrays = None
+    if not order:
+        array_source = _array_source(plan, sig, pnames, name, origin)
+        arrays = load_source(array_source, f"{name}_arrays", _reference_namespace())
     d = Derived(
         name=name, forward=module.forward, backward=module.backward,
         reference=ref_module.reference, source=source + "\n\n" + ref_source,
         saved=tuple(_label(v) for v in plan.saved), same_grads=plan.same_grads,
         forward2=getattr(module, "forward2", None), backward2=getattr(module, "backward2", None),
         mid=tuple(_label(v) for v in plan.mid), normalize=order, step=forward,
+        array_forward=arrays.forward if arrays else None,
+        array_backward=arrays.backward if arrays else None,
     )
     for fn in (d.forward, d.backward, d.forward2, d.backward2, d.reference):
         if fn is not None:
@@ -296,6 +307,21 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
         parts.append(emit_function(fname, args(fn.args), fn.results, src, unpack=fn.unpack,
                                    share_first=share and fname == "backward",
                                    doc=docs[fname]))
+    return "\n\n".join(parts)
+
+
+def _array_source(plan: Plan, sig, pnames, name, origin) -> str:
+    """A one-stage step's ``forward`` and ``backward`` written for arrays (NumPy style)."""
+    head = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"]
+    parts = [f"# Derived by kernrnn.autodiff from {origin}, the forward of cell {name!r}, "
+             "on arrays.\n"]
+    for fname, fn in (("forward", plan.forward), ("backward", plan.backward)):
+        args = []
+        for k in fn.args:
+            args += (head + pnames) if k == "fwd" else (pnames if k == "params" else [k])
+        parts.append(emit_function(fname, args, fn.results, _input_source(pnames),
+                                   unpack=fn.unpack, style=NUMPY,
+                                   block='with np.errstate(all="ignore"):'))
     return "\n\n".join(parts)
 
 

@@ -98,7 +98,7 @@ def _child(cell: str, B: int, T: int, I: int, H: int, order: str, rename: str = 
 
 def _run_child(cell, size, threads, env_dir, order, rename="") -> dict:
     B, T, I, H = size
-    env = dict(os.environ, KERNRNN_CACHE_DIR=os.path.join(env_dir, "kernels"),
+    env = dict(os.environ, KERNRNN_TIERS="0", KERNRNN_CACHE_DIR=os.path.join(env_dir, "kernels"),
                NUMBA_CACHE_DIR=os.path.join(env_dir, "numba"),
                NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),

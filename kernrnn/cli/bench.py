@@ -70,7 +70,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from kernrnn.backends.cpu import tiers
     from kernrnn.bench import cpu as bench
+
+    tiers.set_enabled(False)  # every timed call runs the kernels, never the NumPy first tier
     from kernrnn.plugins import get_registry
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]

@@ -15,7 +15,7 @@ import numpy as np
 from kernrnn import regularization
 from kernrnn.backends import common
 from kernrnn.backends.cpu import microkernel as mk
-from kernrnn.backends.cpu import timing, tuning
+from kernrnn.backends.cpu import first_tier, tiers, timing, tuning
 from kernrnn.backends.cpu.build import FusedKernels, get_kernels, precompile
 from kernrnn.backends.cpu.kernel_args import BACKWARD
 from kernrnn.backends.cpu.packed import inference_panels, training_panels
@@ -30,7 +30,8 @@ from kernrnn.backends.cpu.threads import (
 )
 from kernrnn.backends.cpu.workspace import workspace
 
-__all__ = ["xp", "asarray", "lengths", "ForwardContext", "forward", "backward", "release"]
+__all__ = ["xp", "asarray", "lengths", "ForwardContext", "forward", "backward", "release",
+           "build"]
 
 xp = np  # the array module of this backend
 
@@ -66,10 +67,12 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     (``params["weight_hr"]`` ``[proj, H]``, LSTMP) ``y`` is ``[T, B, proj]`` and the
     projected h travels in the first ``proj`` columns of ``h0[0]``/``hn[0]``.
     """
-    T, B, _ = x.shape
+    T, B, I = x.shape
     H = h0.shape[2]
     dtype = x.dtype
     proj = common.projection_size(params)
+    if tiers.first_tier_call(build, cell, dtype, training, reg, bool(proj), B, I, H):
+        return first_tier.forward(cell, x, params, h0, lengths, reverse, training, y)
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
@@ -153,9 +156,25 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     return y, hn, ctx
 
 
+def build(cell, dtype, training: bool, B: int, I: int, H: int) -> None:
+    """Compile (or load from the kernel cache) the kernels a call of these sizes runs, by
+    running them once on two steps of zeros (the background build of
+    :mod:`~kernrnn.backends.cpu.tiers`)."""
+    params = {k: np.zeros(s, dtype=dtype) for k, s in cell.param_shapes(I, H).items()}
+    x = np.zeros((2, B, I), dtype=dtype)
+    h0 = np.zeros((cell.n_state, B, H), dtype=dtype)
+    y, hn, ctx = forward(cell, x, params, h0, np.full(B, 2, dtype=np.int64), False, training)
+    if ctx is not None:
+        backward(ctx, np.zeros_like(y), np.zeros_like(hn))
+        release(ctx)
+
+
 def release(ctx: ForwardContext) -> None:
     """``ctx`` will not be used again (its layer's backward consumed it): its buffers
     go back to the workspace for the next call."""
+    if ctx.path == first_tier.PATH:  # NumPy's own arrays, not the workspace's
+        ctx.buffers = None
+        return
     workspace.give(*ctx.buffers.arrays())
     if ctx.panels is not None:
         workspace.give(ctx.panels)
@@ -175,6 +194,8 @@ def backward(ctx: ForwardContext, dy, dhn):
     ``dy`` is ``[T, B, H]`` (may be a strided view), ``dhn`` ``[S, B, H]``;
     ``grads`` has the keys of the forward call's ``params``.
     """
+    if ctx.path == first_tier.PATH:
+        return first_tier.backward(ctx, dy, dhn)
     cell, x, params, buf = ctx.cell, ctx.x, ctx.params, ctx.buffers
     T, B, _ = x.shape
     H = dhn.shape[2]
