@@ -108,11 +108,12 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
             args += (tuple(hu),)
         new, sv = d.array_forward(*args, prev, *units)
         a = active[t][:, None]
-        for s, v in enumerate(_full(new, (B, H), dtype)):
-            States[s, n] = np.where(a, v, prev[s])
-        y[t] = np.where(a, States[0, n], 0)
-        if training:
-            saved[t] = [np.array(v) for v in _full(sv, (B, H), dtype)]
+        every = bool(a.all())  # no row has ended: no masking
+        for s, v in enumerate(new):
+            States[s, n] = v if every else np.where(a, v, prev[s])
+        y[t] = States[0, n] if every else np.where(a, States[0, n], 0)
+        if training:  # the step's own arrays (or views of inputs no later step writes)
+            saved[t] = sv
     hn = States[:, 0 if reverse else T].copy()
     if not training:
         return y, hn, None
@@ -142,24 +143,26 @@ def backward(ctx, dy, dhn):
         p = t + 1 if ctx.reverse else t
         prev = tuple(buf.States[:, p])
         a = active[t][:, None]
+        every = bool(a.all())
         dnew = list(dS)
         dnew[0] = dS[0] + dy[t]
         out = d.array_backward(tuple(buf.Saved[t]), prev, tuple(dnew), *units)
         dxw, rest = out[0], out[1:]
-        dXW[t] = np.where(a[:, :, None], np.stack(_full(dxw, (B, H), dtype), axis=1), 0)
+        for g, v in enumerate(dxw):
+            dXW[t, :, g] = v if every else np.where(a, v, 0)
         if rec:
             dhu, rest = rest[0], rest[1:]
-            dhu = _full(dhu, (B, H), dtype)
-            dHU[t] = np.where(a[:, :, None], np.stack([dhu[g] for g in rgates], axis=1), 0)
+            for r, g in enumerate(rgates):
+                dHU[t, :, r] = dhu[g] if every else np.where(a, dhu[g], 0)
         dprev, dps = _full(rest[0], (B, H), dtype), rest[1:]
         for acc, dp in zip(dunits, dps):
             for k, v in enumerate(_full(dp, (B, H), dtype)):
-                acc[k] += np.where(a, v, 0).sum(axis=0)
+                acc[k] += (v if every else np.where(a, v, 0)).sum(axis=0)
         if rec:
             dh, dW = _recurrent_backward(cell, W, dHU[t], prev[0])
             dW_hh += dW
             dprev = [dprev[0] + dh] + dprev[1:]
-        dS = [np.where(a, v, dS[s]) for s, v in enumerate(dprev)]
+        dS = list(dprev) if every else [np.where(a, v, dS[s]) for s, v in enumerate(dprev)]
     dXW2 = dXW.reshape(T * B, G * H)
     grads = {"weight_ih": dXW2.T @ x.reshape(T * B, I), "bias_ih": dXW2.sum(axis=0)}
     if rec:
