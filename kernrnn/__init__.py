@@ -8,7 +8,7 @@ from kernrnn.cell import Cell, CellError, hookimpl, relu, sigmoid, tanh
 from kernrnn.functional import rnn_backward, rnn_forward
 from kernrnn.layer import RNN
 from kernrnn.plugins import PluginError, get_registry, register_plugin
-from kernrnn.warmup import warmup
+from kernrnn.tiering import warmup
 
 __all__ = [
     "RNN",

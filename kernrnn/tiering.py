@@ -1,4 +1,4 @@
-"""``kernrnn.warmup``: wait for the compiled kernels instead of the first tier.
+"""``kernrnn.warmup``: wait for the compiled kernels instead of the NumPy first tier.
 
 On the CPU a new cell's first calls run the NumPy first tier while its
 kernels compile in the background (:mod:`kernrnn.backends.cpu.tiers`).  A
