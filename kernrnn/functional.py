@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from kernrnn import _checks
 from kernrnn.backends import device_of, get_backend
 from kernrnn.plugins import resolve_cell
+from kernrnn.backends.cpu import tiers
 from kernrnn.scalar import check_cell_compiles
 
 # resolve_cell lives with the registry (kernrnn.plugins); it stays importable from here.
@@ -39,7 +40,8 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     backend = get_backend(device_of(x))
     shape, dtype = _checks.array_attrs(x, "x")
     dtype = _checks.as_dtype(dtype, "x.dtype")
-    check_cell_compiles(cell, dtype)
+    if not tiers.defers_compile_check(cell, device_of(x)):
+        check_cell_compiles(cell, dtype)
     _checks.check_array(x, "x", (None, None, None), dtype, finite=True)
     T, B, I = shape
     if isinstance(weight_ih, Mapping):

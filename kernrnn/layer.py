@@ -19,6 +19,7 @@ from kernrnn.errors import CellError, describe_source
 from kernrnn.functional import direction_shapes, stack_states, unstack_states
 from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization, RegularizationCall, call_seed
+from kernrnn.backends.cpu import tiers
 from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["RNN"]
@@ -106,8 +107,9 @@ class RNN:
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         self.proj_size = self._check_proj_size(proj_size)
-        check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self.device = check_device(device)
+        if not tiers.defers_compile_check(self.cell, self.device):
+            check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self._backend = get_backend(self.device)
         self.training = True
         rng = np.random.default_rng(seed)

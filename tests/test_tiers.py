@@ -179,3 +179,35 @@ def test_warmup_of_a_layer_builds_before_the_first_call(fresh_tiers):
     params, x, h0, lengths, dy, dhn = _problem(layer.cell, 4, 2, 3, 4, np.float64, 0)
     _, _, ctx = rnn_forward(layer.cell, x, dict(params), training=True)
     assert ctx.path != first_tier.PATH
+
+
+def test_a_broken_plugin_is_named_by_the_background_build(fresh_tiers, monkeypatch):
+    """With tiers on, the check of a cell's math runs in the background build (construction
+    compiles nothing); its error reaches the caller once, naming the cell."""
+    from kernrnn import scalar
+    from kernrnn.backends.cpu import host
+    from kernrnn.errors import CellError
+
+    seen, gate = [], threading.Event()
+
+    def failing_check(cell, dtype):
+        gate.wait(60)
+        seen.append(cell.name)
+        raise CellError(f"cell {cell.name!r}: its math does not compile")
+
+    monkeypatch.setattr(host, "check_cell_compiles", failing_check)
+    monkeypatch.setattr(scalar, "check_cell_compiles", failing_check)
+    host._check_math.cache_clear()
+    try:
+        layer = kernrnn.RNN("gru", 3, 4, dtype=np.float64)  # no check at construction
+        assert seen == []
+        x = np.zeros((2, 1, 3))
+        y, _ = layer(x)  # the first tier
+        gate.set()
+        for job in tiers._jobs.values():
+            job.done.wait(30)
+        assert seen == ["gru"]
+        with pytest.warns(RuntimeWarning, match="its math does not compile"):
+            layer(x)
+    finally:
+        host._check_math.cache_clear()

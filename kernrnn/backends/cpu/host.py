@@ -10,6 +10,8 @@ road (``_forward_fused``), the others BLAS per step.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from kernrnn import regularization
@@ -29,6 +31,7 @@ from kernrnn.backends.cpu.threads import (
     threaded_matmul,
 )
 from kernrnn.backends.cpu.workspace import workspace
+from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["xp", "asarray", "lengths", "ForwardContext", "forward", "backward", "release",
            "build"]
@@ -73,6 +76,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     proj = common.projection_size(params)
     if tiers.first_tier_call(build, cell, dtype, training, reg, bool(proj), B, I, H):
         return first_tier.forward(cell, x, params, h0, lengths, reverse, training, y)
+    if tiers.enabled():  # the layer may have left the check of the math to this point
+        _check_math(cell, dtype)
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
@@ -156,10 +161,16 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
     return y, hn, ctx
 
 
+@lru_cache(maxsize=None)
+def _check_math(cell, dtype) -> None:
+    check_cell_compiles(cell, dtype)
+
+
 def build(cell, dtype, training: bool, B: int, I: int, H: int) -> None:
     """Compile (or load from the kernel cache) the kernels a call of these sizes runs, by
     running them once on two steps of zeros (the background build of
     :mod:`~kernrnn.backends.cpu.tiers`)."""
+    _check_math(cell, np.dtype(dtype))  # a broken plugin is named as without tiers
     params = {k: np.zeros(s, dtype=dtype) for k, s in cell.param_shapes(I, H).items()}
     x = np.zeros((2, B, I), dtype=dtype)
     h0 = np.zeros((cell.n_state, B, H), dtype=dtype)

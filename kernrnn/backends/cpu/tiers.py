@@ -32,7 +32,8 @@ import numpy as np
 
 from kernrnn.backends.cpu import first_tier
 
-__all__ = ["enabled", "set_enabled", "first_tier_call", "wait", "compile_now"]
+__all__ = ["enabled", "set_enabled", "defers_compile_check", "first_tier_call", "wait",
+           "compile_now"]
 
 _jobs: dict = {}  # (cell, dtype, training) -> _Job
 _jobs_lock = threading.Lock()
@@ -60,6 +61,14 @@ def set_enabled(on: bool | None) -> None:
     """Turn tiers on or off for this process (None: back to ``KERNRNN_TIERS``)."""
     global _enabled
     _enabled = None if on is None else bool(on)
+
+
+def defers_compile_check(cell, device: str) -> bool:
+    """Whether a layer leaves the check of ``cell``'s math
+    (:func:`kernrnn.scalar.check_cell_compiles`, a compile of 1-3 s) to the background
+    build: with tiers on, on the CPU, for a cell the first tier runs.  The build runs the
+    check first, so a plugin's broken math is reported with the same error, once."""
+    return device == "cpu" and enabled() and first_tier.supports(cell)
 
 
 def _build(build, *args) -> None:
