@@ -112,7 +112,8 @@ def sample_math(cell, fail) -> CellFacts:
             zn = tuple(float(v) for v in ZN[j])
             mid = firsts[j][1]
             new, saved = two_tuples(call("forward2", cell.forward2, zn, mid, prev[j],
-                                         *pvals[j]), "forward2", "(new_state, saved)")
+                                         *pvals[j], *cell.hyper_args()), "forward2",
+                                    "(new_state, saved)")
             new_rows.append(new)
             saved_rows.append(saved)
             mid_rows.append(mid)
@@ -156,14 +157,14 @@ def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev
     j = 0
     if cell.normalize:
         out2 = call("backward2", cell.backward2, saved_rows[j], zn_rows[j], mid_rows[j],
-                    prev[j], new_rows[j], *pvals[j])
+                    prev[j], new_rows[j], *pvals[j], *cell.hyper_args())
         check(out2, "backward2", [("dzn", cell.n_norm), ("dmid", n_mid),
                                   ("dprev", S)] + want[nres:])
         out = call("backward", cell.backward, mid_rows[j], prev[j], zn_rows[j], out2[1],
-                   *pvals[j])
+                   *pvals[j], *cell.hyper_args())
     else:
         out = call("backward", cell.backward, saved_rows[j], prev[j], new_rows[j],
-                   *pvals[j])
+                   *pvals[j], *cell.hyper_args())
     check(out, "backward", want)
 
 
@@ -177,7 +178,7 @@ def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
     args = [rows(xw, G)] + ([rows(hu, G)] if cell.has_recurrent else []) + [rows(prev, S)]
     for i, p in enumerate(cell.params):
         args.append(tuple(np.array([row[i][k] for row in pvals]) for k in range(p.blocks)))
-    kwargs = {}
+    kwargs = dict(cell.hyper_values())
     if cell.normalize:
         def norm(name, z):
             if name not in gains:
@@ -240,7 +241,7 @@ def check_projection(cell) -> None:
     hu = tuple(rng.uniform(-1, 1, (B, H)) for _ in range(G))
     prev = cell.sample_states(rng, (B, H))
     params = [tuple(rng.uniform(-1, 1, H) for _ in range(p.blocks)) for p in cell.params]
-    kwargs = {}
+    kwargs = dict(cell.hyper_values())
     if cell.normalize:
         kwargs["norm"] = lambda name, z: reference_norm(z, 1.0, 0.0, cell.normalize_kind)
     other = (cell.sample_states(rng, (B, H))[0],) + tuple(prev[1:])

@@ -60,6 +60,28 @@ Normalisation inside the kernels (each optional):
 b_s`` with ``a``, ``b`` from the input alone (minGRU, minLSTM; needs
 ``recurrent="none"``): the CUDA backend then runs time as a parallel scan.
 
+Hyperparameters
+---------------
+``hyper`` declares constants chosen per layer, not learned (a step size, a
+damping): a dict ``{name: default}`` or a tuple of :class:`Hyper`.  The
+forward takes each as a trailing argument of that name, after the per-unit
+parameters (and ``norm``), in any order::
+
+    def forward(xw, hu, prev, eps, gamma):
+        return (prev[0] + eps * tanh(xw[0] + hu[0] - gamma * prev[0]),)
+
+    Cell("damped", gates="a", forward=forward, hyper={"eps": 0.01, "gamma": 0.01})
+
+A layer sets them: ``kernrnn.RNN("damped", I, H, eps=0.1)`` or
+``cell_args={"eps": 0.1}``; ``kernrnn train --cell-arg eps=0.1``.  No
+gradient flows to them.  The kernels read them as numbers of their precision
+from the per-unit parameter vector (each repeated over the units), so a new
+value compiles nothing; cells without hyperparameters get the same kernels as
+before.  The generated functions take them as one last tuple ``hyper`` in
+declaration order (``backward(saved, prev, dstate, *params, hyper)``), a
+reference as keyword arguments (``reference(xw, hu, prev, *params, eps=...,
+gamma=...)``).  They need a derived backward.
+
 The reference
 -------------
 ``reference`` is optional: without one, the float64 reference the tests and
@@ -102,6 +124,7 @@ derived one and names the first gradient on which they disagree.
 
 from __future__ import annotations
 
+import keyword
 import math
 import re
 from dataclasses import dataclass, field
@@ -115,7 +138,8 @@ from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
 from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu", "sin",
+__all__ = ["Cell", "CellError", "Param", "Hyper", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
+           "sin",
            "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -148,6 +172,62 @@ class Param:
     init: Callable | float | int | None = None
     blocks: int = 1
     description: str = ""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter of a cell: a constant chosen per layer, not learned.
+
+    The forward takes it as a trailing argument called ``name`` (after the
+    per-unit parameters and ``norm``, bound by name, in any order); the
+    layer sets it (``kernrnn.RNN(cell, I, H, name=value)`` or
+    ``cell_args={name: value}``), else it is ``default``.  The type of
+    ``default`` is the type a value must have: a float takes any finite
+    number, an int an integer, a bool ``True``/``False``.  The kernels read
+    every value as a number of their precision (a bool as 1.0 or 0.0), so
+    changing a value never compiles anything; no gradient flows to it.
+    """
+
+    name: str
+    default: float | int | bool
+    description: str = ""
+
+    @property
+    def kind(self) -> type:
+        """``float``, ``int`` or ``bool``: what a value of this hyperparameter must be."""
+        return bool if isinstance(self.default, (bool, np.bool_)) else \
+            int if isinstance(self.default, (int, np.integer)) else float
+
+    def check(self, value, fail):
+        """``value`` as this hyperparameter's type; ``fail(message)`` (raising) when it is not
+        one (a string, a non-finite float, a float for an int, ...)."""
+        kind = self.kind
+        ok = False
+        if kind is bool:
+            ok = isinstance(value, (bool, np.bool_))
+        elif not isinstance(value, (bool, np.bool_)):
+            if kind is int:
+                ok = isinstance(value, (int, np.integer))
+            else:
+                ok = isinstance(value, (int, float, np.integer, np.floating)) and \
+                    math.isfinite(float(value))
+        if not ok:
+            want = {bool: "a bool", int: "an int", float: "a finite float"}[kind]
+            fail(f"hyperparameter {self.name!r} must be {want} (default {self.default!r}), got "
+                 f"{value!r} ({type(value).__name__})")
+        return kind(value)
+
+
+#: Names a hyperparameter may not take: the arguments of the forward bound by position or
+#: by name, names of the generated math, and the keyword arguments of the layers
+#: (``kernrnn.RNN``, ``kernrnn.torch.Recurrent``, ``kernrnn.train.SequenceModel``), which take
+#: hyperparameters as keywords too.
+RESERVED_HYPER_NAMES = frozenset({
+    "xw", "hu", "prev", "norm", "x", "hyper", "saved", "dstate", "zn", "mid", "dz", "dmid",
+    "dgates", "math", "np", "sigmoid", "tanh", "relu", "sin", "cos", "cell", "input_size",
+    "hidden_size", "num_layers", "bidirectional", "dtype", "device", "nonlinearity", "seed",
+    "bias", "batch_first", "dropout", "recurrent_dropout", "input_dropout", "zoneout", "proj_size",
+    "cell_args", "output_size", "vocab_size", "embedding_dim", "head"})
 
 
 @dataclass(frozen=True)
@@ -233,6 +313,10 @@ class Cell:
         cell is defined for, drawn by the tests and conformance checks
         (default: every component uniform in [-1, 1]).  For states with a
         restricted domain, such as sLSTM's positive normaliser.
+    hyper:
+        Hyperparameters (:class:`Hyper`), or a dict ``{name: default}``: constants
+        set per layer, read by the forward as trailing arguments of those names
+        (see "Hyperparameters" in the module docstring).  Needs a derived backward.
     """
 
     name: str
@@ -255,6 +339,7 @@ class Cell:
     backward2: Callable | None = None
     linear: bool = False
     state_sampler: Callable | None = None
+    hyper: tuple[Hyper, ...] | dict = ()
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -315,15 +400,54 @@ class Cell:
         return len(self.normalize)
 
     @property
+    def n_hyper(self) -> int:
+        """Number of hyperparameters (:class:`Hyper`)."""
+        return len(self.hyper)
+
+    @property
+    def n_unit_scalars(self) -> int:
+        """Values per unit in the kernels' per-unit vector: the per-unit parameters'
+        scalars, then each hyperparameter (repeated over the H units)."""
+        return self.n_param_scalars + self.n_hyper
+
+    def hyper_values(self, given=None) -> dict:
+        """``{name: value}`` of every hyperparameter: ``given`` (a mapping) checked, the
+        defaults for the rest.  Raises :class:`CellError` for an unknown name or a value of
+        the wrong type, naming the cell, its source, what it declares and what was given."""
+        given = {} if given is None else dict(given)
+        declared = {h.name: h for h in self.hyper}
+        unknown = [k for k in given if k not in declared]
+        if unknown:
+            have = ", ".join(f"{h.name}={h.default!r}" for h in self.hyper) or "none"
+            self._fail(f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} "
+                       f"{', '.join(map(repr, unknown))}; the cell declares: {have}")
+        return {h.name: h.check(given[h.name], self._fail) if h.name in given else h.default
+                for h in self.hyper}
+
+    def hyper_vector(self, values=None) -> tuple:
+        """The hyperparameters as the kernels read them: floats in declaration order
+        (``values`` from :meth:`hyper_values`; None: the defaults)."""
+        values = self.hyper_values(values)
+        return tuple(float(values[h.name]) for h in self.hyper)
+
+    def hyper_args(self, values=None) -> tuple:
+        """The trailing argument of the cell's math for hyperparameter ``values`` (a tuple of
+        floats as :meth:`hyper_vector` gives, or None for the defaults): ``(values,)``, or
+        ``()`` for a cell without hyperparameters."""
+        if not self.hyper:
+            return ()
+        return (tuple(values) if values is not None else self.hyper_vector(),)
+
+    @property
     def plain(self) -> bool:
         """True for a dense recurrence over all gates and nothing else (no per-unit
-        parameters, no normalisation): an Elman RNN, LSTM or GRU-like cell.
+        parameters, no normalisation, no hyperparameters): an Elman RNN, LSTM or GRU-like cell.
 
         The persistent CUDA kernel runs only these.
         """
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize)
+                and not self.normalize and not self.hyper)
 
     @property
     def derived_backward(self) -> bool:
@@ -424,10 +548,11 @@ class Cell:
 
     # -- how the math is called (shared by validation, codegen and the reference) ---
 
-    def forward_args(self, xw, hu, prev, params) -> tuple:
-        """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product)."""
+    def forward_args(self, xw, hu, prev, params, hyper=None) -> tuple:
+        """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product;
+        the hyperparameters' tuple last, see :meth:`hyper_args`)."""
         head = (xw, hu, prev) if self.has_recurrent else (xw, prev)
-        return head + tuple(params)
+        return head + tuple(params) + self.hyper_args(hyper)
 
     def split_backward(self, out) -> tuple:
         """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none")."""
@@ -443,15 +568,16 @@ class Cell:
         (:mod:`kernrnn.backends.codegen`).
         """
         G, S, K, NZ, NM = self.n_gates, self.n_state, self.n_saved, self.n_norm, self.n_mid
-        P = [p.blocks for p in self.params]
+        P = [p.blocks for p in self.params] + ([self.n_hyper] if self.hyper else [])
+        dP = [p.blocks for p in self.params]
         rec = [G] if self.has_recurrent else []
-        grads = [G] + rec + [S] + P
+        grads = [G] + rec + [S] + dP
         if not self.normalize:
             return [("forward", [G] + rec + [S] + P, [S, K]),
                     ("backward", [K, S, S] + P, grads)]
         return [("forward", [G] + rec + [S] + P, [NZ, NM]),
                 ("forward2", [NZ, NM, S] + P, [S, K]),
-                ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + P),
+                ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + dP),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
 
     def sample_states(self, rng, shape) -> tuple:
@@ -477,6 +603,10 @@ class Cell:
                 canonical[name] = Norm(getattr(self, name))
         if isinstance(self.normalize, str):
             canonical["normalize"] = (self.normalize,)
+        if isinstance(self.hyper, dict):
+            canonical["hyper"] = tuple(Hyper(k, v) for k, v in self.hyper.items())
+        elif isinstance(self.hyper, list):
+            canonical["hyper"] = tuple(self.hyper)
         self._set(canonical)
         self._set(self._math())
         facts = self.validate()
@@ -674,10 +804,33 @@ class Cell:
                  f"norm({self.normalize[0]!r}, value) in the forward")
         elif not self.normalize and (self.forward2 is not None or self.backward2 is not None):
             fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
+        self._validate_hyper(fail, derived)
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
                  f"{self.recurrent!r}")
+
+
+    def _validate_hyper(self, fail, derived: bool) -> None:
+        if not isinstance(self.hyper, tuple) or not all(isinstance(h, Hyper) for h in self.hyper):
+            fail(f"hyper must be a dict {{name: default}} or a tuple of kernrnn.cell.Hyper, got "
+                 f"{self.hyper!r}")
+        names = [h.name for h in self.hyper]
+        for h in self.hyper:
+            if not isinstance(h.name, str) or not _NAME_RE.match(h.name) or \
+                    h.name in RESERVED_HYPER_NAMES or keyword.iskeyword(h.name):
+                fail(f"hyperparameter name must be lower case letters, digits and '_', and not "
+                     f"an argument of the forward or a keyword of the layers "
+                     f"({sorted(RESERVED_HYPER_NAMES)}), got {h.name!r}")
+            if not isinstance(h.default, (bool, int, float, np.bool_, np.integer, np.floating)) \
+                    or not math.isfinite(float(h.default)):
+                fail(f"hyperparameter {h.name!r}: the default must be a finite float, an int or "
+                     f"a bool (its type is the type of the values), got {h.default!r}")
+        if len(set(names)) != len(names):
+            fail(f"hyperparameter names must be distinct, got {names}")
+        if self.hyper and not derived:
+            fail(f"hyperparameters {names} need a derived backward (leave out backward=..., the "
+                 f"forward takes them as trailing arguments by name), got a hand-written one")
 
 
 def _unpickle_cell(cls, kwargs):

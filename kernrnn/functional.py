@@ -22,7 +22,7 @@ __all__ = ["rnn_forward", "rnn_backward", "resolve_cell"]
 
 
 def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
-                lengths=None, reverse=False, training=True):
+                lengths=None, reverse=False, training=True, cell_args=None):
     """Run ``cell`` over ``x`` ``[T, B, I]``.
 
     The parameters are either the four PyTorch arrays (``weight_ih``,
@@ -34,9 +34,11 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     and ``hn`` is taken at its own last step; ``reverse=True`` runs from that
     last step back.  A dict with ``weight_hr`` ``[P, H]`` makes an LSTMP step
     (see :class:`kernrnn.RNN`'s ``proj_size``): ``weight_hh`` is then
-    ``[G*H, P]``, and ``y``, ``h0[0]`` and ``hn[0]`` have P units.
+    ``[G*H, P]``, and ``y``, ``h0[0]`` and ``hn[0]`` have P units.  ``cell_args``:
+    the cell's hyperparameters by name (the defaults for those left out).
     """
     cell = resolve_cell(cell)
+    hyper = {"hyper": cell.hyper_vector(cell_args)} if cell.hyper or cell_args else {}
     backend = get_backend(device_of(x))
     shape, dtype = _checks.array_attrs(x, "x")
     dtype = _checks.as_dtype(dtype, "x.dtype")
@@ -74,7 +76,7 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     lens = _checks.check_lengths(lengths, B, T)
     y, hn, ctx = backend.forward(
         cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
-        backend.lengths(lens), bool(reverse), bool(training),
+        backend.lengths(lens), bool(reverse), bool(training), **hyper,
     )
     return y, unstack_states(hn, cell, P), ctx
 

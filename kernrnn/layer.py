@@ -10,6 +10,7 @@ autograd: :meth:`RNN.backward` runs BPTT for the last forward call.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -50,6 +51,17 @@ class RNN:
     or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
     relu Elman RNN (``"rnn_relu"``).
 
+    **Hyperparameters.**  A cell's hyperparameters (:class:`~kernrnn.cell.Hyper`)
+    are set per layer as keywords, ``RNN("antisymmetric", 8, 16, eps=0.1)``, or
+    in a dict, ``cell_args={"eps": 0.1}`` (the same; for names read from
+    configuration); the others keep their defaults.  :attr:`cell_args` holds
+    every value.  They reach the kernels as data, so layers with other values
+    share the compiled kernels.  :meth:`state_dict` carries them in its
+    ``_metadata`` (PyTorch's place for such data: ``sd._metadata[""]["cell_args"]``)
+    and :meth:`load_state_dict` restores them from there; a state dict without
+    them leaves the layer's values as they are.  An unknown name or a value of
+    the wrong type is a :class:`~kernrnn.cell.CellError`.
+
     **Changing** ``x`` **after forward.**  In training mode forward keeps its
     own copy of ``x`` for backward (the weight gradient needs it), so changing
     the caller's array in place before backward cannot corrupt the gradients:
@@ -71,7 +83,7 @@ class RNN:
     def __init__(self, cell="lstm", input_size=None, hidden_size=None, num_layers=1,
                  bidirectional=False, dtype=np.float32, device="cpu", nonlinearity=None,
                  seed=None, bias=True, batch_first=False, dropout=0.0, recurrent_dropout=0.0,
-                 input_dropout=0.0, zoneout=0.0, proj_size=0):
+                 input_dropout=0.0, zoneout=0.0, proj_size=0, cell_args=None, **hyper):
         if nonlinearity is not None:
             if cell != "rnn":
                 raise ValueError(f"nonlinearity applies to cell 'rnn' only, got cell {cell!r}")
@@ -107,6 +119,8 @@ class RNN:
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         self.proj_size = self._check_proj_size(proj_size)
+        #: Every hyperparameter of the cell: name -> value (see the class docstring).
+        self.cell_args = _cell_args(self.cell, cell_args, hyper)
         self.device = check_device(device)
         if not tiers.defers_compile_check(self.cell, self.device):
             check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
@@ -155,8 +169,14 @@ class RNN:
                 for kind, shape in self._kind_shapes(layer).items()}
 
     def state_dict(self) -> dict:
-        """The parameters by PyTorch name (the layer's own arrays, not copies)."""
-        return dict(self.params)
+        """The parameters by PyTorch name (the layer's own arrays, not copies).
+
+        For a cell with hyperparameters a dict with PyTorch's ``_metadata``
+        attribute, ``{"": {"cell_args": {name: value}}}``.
+        """
+        if not self.cell.hyper:
+            return dict(self.params)
+        return StateDict(self.params, metadata={"": {"cell_args": dict(self.cell_args)}})
 
     def load_state_dict(self, state_dict) -> None:
         """Copy parameters in; missing, extra or mis-shaped keys are errors."""
@@ -177,6 +197,9 @@ class RNN:
                 f"state_dict does not match this {self!r}: missing keys {missing}, "
                 f"unexpected keys {extra}"
             )
+        cell_args = _metadata_cell_args(state_dict)
+        if cell_args is not None:
+            cell_args = self.cell.hyper_values(cell_args)  # checked before anything changes
         new = {}
         for name, shape in shapes.items():
             value = state_dict[name]
@@ -185,6 +208,8 @@ class RNN:
             _checks.check_array(value, f"state_dict[{name!r}]", shape, self.dtype, finite=True)
             new[name] = self._backend.xp.array(self._backend.asarray(value), copy=True)
         self.params = new
+        if cell_args is not None:
+            self.cell_args = cell_args
         self.zero_grad()
 
     def zero_grad(self) -> None:
@@ -260,6 +285,7 @@ class RNN:
         dev_lens = be.lengths(lens)
         hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
         ctxs = []
+        hyper = {"hyper": self.cell.hyper_vector(self.cell_args)} if self.cell.hyper else {}
         key = self._call_key()
         masks = self._dropout_masks((T, B, D * O), key)
         inp = x
@@ -272,6 +298,7 @@ class RNN:
                     self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
                     self.training,
                     y=out[:, :, d * O:(d + 1) * O], **self._regularization_call(key, layer, d),
+                    **hyper,
                 )
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
@@ -494,7 +521,40 @@ def _options_repr(layer) -> str:
             ("dropout", layer.dropout, 0.0), ("recurrent_dropout", reg.recurrent_dropout, 0.0),
             ("input_dropout", reg.input_dropout, 0.0), ("zoneout", reg.zoneout, ()),
             ("proj_size", layer.proj_size, 0)]
+    opts += [(h.name, layer.cell_args[h.name], h.default) for h in layer.cell.hyper]
     return "".join(f", {k}={v!r}" for k, v, default in opts if v != default)
+
+
+class StateDict(dict):
+    """A state dict with PyTorch's ``_metadata`` attribute (data that is not a tensor,
+    such as a cell's hyperparameters, by module prefix)."""
+
+    def __init__(self, *args, metadata=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metadata = dict(metadata or {})
+
+
+def _metadata_cell_args(state_dict):
+    """The hyperparameters a state dict carries in ``_metadata[""]["cell_args"]``, or None."""
+    meta = getattr(state_dict, "_metadata", None)
+    top = meta.get("", None) if isinstance(meta, dict) else None
+    args = top.get("cell_args") if isinstance(top, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def _cell_args(cell, cell_args, keywords: dict) -> dict:
+    """Every hyperparameter of ``cell``: ``cell_args`` and the keywords (the same thing in
+    two spellings; a name given both ways is an error), checked, defaults for the rest."""
+    if cell_args is not None and not isinstance(cell_args, Mapping):
+        raise TypeError(f"cell_args must be a dict of hyperparameters of cell {cell.name!r}, "
+                        f"got {type(cell_args).__name__} {cell_args!r}")
+    given = dict(cell_args or {})
+    both = sorted(set(given) & set(keywords))
+    if both:
+        raise ValueError(f"hyperparameter{'s' * (len(both) > 1)} {both} given both in "
+                         f"cell_args and as keyword{'s' * (len(both) > 1)}")
+    given.update(keywords)
+    return cell.hyper_values(given)
 
 
 def _without_biases(shapes: dict) -> dict:

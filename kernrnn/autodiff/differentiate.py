@@ -172,7 +172,7 @@ def _label(n: Node) -> str:
 
 
 def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = True,
-           params=(), normalize=None, recompute: bool = True) -> Derived:
+           params=(), normalize=None, hyper=(), recompute: bool = True) -> Derived:
     """Differentiate the scalar step ``forward`` and generate the cell's math.
 
     ``forward(xw, [hu,] prev, *params[, norm])`` returns the new state tuple
@@ -180,7 +180,10 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     sizes, ``recurrent=False`` a cell without ``hu`` (``recurrent="none"``),
     ``params`` the block count of each per-unit parameter, ``normalize`` the
     names ``norm`` may be called with (None: taken from the calls, in order of
-    appearance).  ``recompute=False`` saves every value the backward reads
+    appearance), ``hyper`` the names of the hyperparameters in declaration order
+    (trailing arguments of the forward bound by name; every generated function
+    takes them as one last tuple ``hyper``, the reference as keyword arguments,
+    and no gradient is derived for them).  ``recompute=False`` saves every value the backward reads
     instead of recomputing arithmetic.  ``name`` is the cell's name, used in
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
     the supported set, naming the file, line and construct.
@@ -190,7 +193,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     for label, v in (("gates", gates), ("state", state)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CellError(f"cell {name!r}: {label} must be an int >= 1, got {v!r}")
-    sig = Signature(gates, state, recurrent, params, normalize)
+    sig = Signature(gates, state, recurrent, params, normalize, hyper)
     graph, outputs, norms, argnames = parse_forward(forward, name, sig)
     order = tuple(sig.normalize if sig.normalize is not None else norms)
     if order:
@@ -225,10 +228,11 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
 
 def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
     """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
-    gates, state, recurrence, per-unit parameters and normalised values)."""
+    gates, state, recurrence, per-unit parameters, normalised values and hyperparameters)."""
     return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
                   recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
-                  normalize=tuple(cell.normalize), recompute=recompute)
+                  normalize=tuple(cell.normalize), hyper=tuple(h.name for h in cell.hyper),
+                  recompute=recompute)
 
 
 def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
@@ -265,19 +269,25 @@ def _param_names(argnames, sig) -> list[str]:
     out = []
     for i in range(len(sig.params)):
         n = argnames[first + i]
-        out.append(n if n.isidentifier() and n not in _TAKEN and n not in out else f"p{i}")
+        taken = _TAKEN | set(sig.hyper) | set(out)
+        out.append(n if n.isidentifier() and n not in taken else f"p{i}")
     return out
 
 
 _TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "norm", "math",
-          "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates"}
+          "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates", "hyper"}
 
 
-def _input_source(pnames):
+def _input_source(pnames, hyper_names=None):
+    """How an input is written: ``group[index]``; a parameter by its argument's name; a
+    hyperparameter as ``hyper[k]`` (scalar math) or by its name (``hyper_names``, the
+    reference)."""
     def source(attr) -> str:
         group, index = attr
         if group.startswith("p") and group[1:].isdigit():
             return f"{pnames[int(group[1:])]}[{index}]"
+        if group == "hyper" and hyper_names is not None:
+            return hyper_names[index]
         return f"{group}[{index}]"
     return source
 
@@ -285,13 +295,15 @@ def _input_source(pnames):
 def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
     src = _input_source(pnames)
 
+    hyper = ["hyper"] if sig.hyper else []
+
     def args(kinds):
         out = []
         for k in kinds:
             if k == "fwd":
-                out += ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
+                out += ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames + hyper
             elif k == "params":
-                out += pnames
+                out += pnames + hyper
             else:
                 out.append(k)
         return out
@@ -337,8 +349,8 @@ def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
     args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
     pre = [f"{a} = _as64({a})" for a in args]
     return emit_function(
-        "reference", args + (["norm"] if has_norm else []), [list(outputs)],
-        _input_source(pnames), style=NUMPY,
+        "reference", args + (["norm"] if has_norm else []) + list(sig.hyper), [list(outputs)],
+        _input_source(pnames, sig.hyper), style=NUMPY,
         doc="The step on float64 NumPy arrays: the new state tuple.",
         preamble=pre + ["inputs = (" + ", ".join(args) + ",)"],
         block='with np.errstate(all="ignore"):', return_format="_np_state({}, inputs)")

@@ -67,15 +67,18 @@ class Signature:
     """What the arguments of a forward are: the cell's sizes.
 
     ``gates`` G, ``state`` S, ``recurrent`` (an ``hu`` argument), ``params``
-    (the block count of each per-unit parameter) and ``normalize`` (the names
-    a two-stage step may pass to ``norm``; ``None``: whatever it calls).
+    (the block count of each per-unit parameter), ``normalize`` (the names
+    a two-stage step may pass to ``norm``; ``None``: whatever it calls) and
+    ``hyper`` (the names of the hyperparameters, in declaration order: trailing
+    arguments bound by name, read as the inputs ``("hyper", k)``).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
-                 normalize=None):
+                 normalize=None, hyper=()):
         self.gates, self.state, self.recurrent = gates, state, recurrent
         self.params = tuple(params)
         self.normalize = None if normalize is None else tuple(normalize)
+        self.hyper = tuple(hyper)
 
 
 class _Norm:
@@ -152,17 +155,32 @@ class _Reader:
         want = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + \
             [f"param {i}" for i in range(len(sig.params))]
         norm = sig.normalize is None or bool(sig.normalize)
+        # after the positional part, trailing arguments bound by name, in any order
+        named = (["norm"] if sig.normalize else []) + list(sig.hyper)
         if args.vararg or args.kwarg or args.kwonlyargs or args.defaults:
             self.fail(ctx, ctx.fdef, "a forward takes plain positional arguments only "
-                      f"({', '.join(want)}{', norm' if sig.normalize else ''})")
-        has_norm = bool(names) and names[-1] == "norm" and len(names) == len(want) + 1
-        if has_norm and not norm:
+                      f"({', '.join(want + named)})")
+        trailing = names[len(want):]
+        if "norm" in trailing and not norm:
             self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
                       "value (declare normalize=(...))")
-        if len(names) != len(want) + has_norm:
+        unknown = [n for n in trailing if n != "norm" and n not in sig.hyper]
+        if len(names) < len(want) or unknown:
+            by_name = ["norm"] * norm + list(sig.hyper)
             self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}, the "
                       f"cell gives {len(want)}: {', '.join(want)}"
-                      + (", and 'norm' last" if sig.normalize else ""))
+                      + (f", then by name {', '.join(map(repr, by_name))}" if by_name else "")
+                      + (f"; unknown trailing argument{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(map(repr, unknown))}" if unknown and len(names) >= len(want)
+                         else ""))
+        missing = [h for h in sig.hyper if h not in trailing]
+        if missing:
+            self.fail(ctx, ctx.fdef, f"the cell declares the hyperparameter"
+                      f"{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}; the forward "
+                      f"must take {'them' if len(missing) > 1 else 'it'} as trailing argument"
+                      f"{'s' * (len(missing) > 1)} of that name (after "
+                      f"{', '.join(want)}), it takes {names}")
+        has_norm = "norm" in trailing
         env = {}
         env[names[0]] = tuple(self.g.input("xw", k) for k in range(sig.gates))
         i = 1
@@ -174,6 +192,8 @@ class _Reader:
             env[names[i + 1 + p]] = tuple(self.g.input(f"p{p}", b) for b in range(blocks))
         if has_norm:
             env["norm"] = _Norm()
+        for k, h in enumerate(sig.hyper):
+            env[h] = self.g.input("hyper", k)
         self.arg_names = names
         out = self.body(ctx, env)
         if not isinstance(out, tuple):

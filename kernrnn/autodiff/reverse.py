@@ -32,8 +32,10 @@ def _param_group(group: str) -> bool:
 
 
 def is_step_input(v: Node) -> bool:
-    """``v`` is a previous-state value or a per-unit parameter (every function receives them)."""
-    return v.op == "in" and (v.attr[0] in _BACKWARD_INPUTS or _param_group(v.attr[0]))
+    """``v`` is a previous-state value, a per-unit parameter or a hyperparameter (every
+    function receives them)."""
+    return v.op == "in" and (v.attr[0] in _BACKWARD_INPUTS or _param_group(v.attr[0])
+                             or v.attr[0] == "hyper")
 
 
 def partials(n: Node, g: Node, P, B: Graph) -> list:
@@ -111,11 +113,12 @@ def sweep(scope: list[Node], seeds: dict[int, list[Node]], P, B: Graph) -> dict[
     constants, ``norm`` results and conditions are leaves.
     """
     contrib = {k: list(v) for k, v in seeds.items()}
-    constant: dict[int, bool] = {}  # made of constants only: needs no adjoint
+    # made of constants and hyperparameters only: needs no adjoint
+    constant: dict[int, bool] = {}
 
     def is_constant(v: Node) -> bool:
         if v.id not in constant:
-            constant[v.id] = v.op == "const" or (
+            constant[v.id] = v.op == "const" or (v.op == "in" and v.attr[0] == "hyper") or (
                 v.op not in ("in", "norm") and all(is_constant(a) for a in v.args))
         return constant[v.id]
     for n in reversed(scope):
@@ -226,7 +229,8 @@ def transplant(B: Graph, loads: dict[int, Node], inputs=None):
         elif v.op == "const":
             r = B.const(v.attr)
         elif v.op == "in":
-            if inputs is not None and not (v.attr[0] in inputs or _param_group(v.attr[0])):
+            if inputs is not None and not (v.attr[0] in inputs or _param_group(v.attr[0])
+                                           or v.attr[0] == "hyper"):
                 raise AssertionError(f"{v!r} is not available here")
             r = B.input(*v.attr)
         elif v.op == "norm":

@@ -25,7 +25,8 @@ from kernrnn.scalar import cell_fingerprint, compile_scalar  # cell_fingerprint:
 from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
-           "backward1_call", "param_groups", "hu_gates", "row_norm", "row_norm_backward",
+           "backward1_call", "param_groups", "hyper_group", "unit_groups", "hu_gates",
+           "row_norm", "row_norm_backward",
            "load_module", "cell_fingerprint", "math_namespace", "zoneout_stores",
            "zoneout_backward"]
 
@@ -71,6 +72,19 @@ def param_groups(cell, p) -> list[list[str]]:
     return groups
 
 
+def hyper_group(cell, p) -> list[str]:
+    """The hyperparameters' tuple: they follow the per-unit parameters in the kernels'
+    per-unit vector (each repeated over the H units), so ``p(n_param_scalars + k)`` reads
+    hyperparameter k (see :attr:`kernrnn.cell.Cell.n_unit_scalars`)."""
+    return [p(cell.n_param_scalars + k) for k in range(cell.n_hyper)]
+
+
+def unit_groups(cell, p) -> list[list[str]]:
+    """The trailing arguments of every math call: :func:`param_groups`, then the
+    hyperparameters' tuple (:func:`hyper_group`) when the cell has any."""
+    return param_groups(cell, p) + ([hyper_group(cell, p)] if cell.hyper else [])
+
+
 def hu_gates(cell, hu_rec, zero: str) -> list[str]:
     """The G entries of ``hu``: ``hu_rec(r)`` for the r-th recurrent gate, ``zero`` elsewhere."""
     rec = cell.recurrent_gate_indices
@@ -86,7 +100,8 @@ def forward_call(cell, *, xw, hu, prev, p, z_or_new, saved_or_mid, indent) -> st
     """
     G, S = cell.n_gates, cell.n_state
     args = cell.forward_args([xw(g) for g in range(G)], [hu(g) for g in range(G)],
-                             [prev(s) for s in range(S)], param_groups(cell, p))
+                             [prev(s) for s in range(S)], param_groups(cell, p),
+                             hyper_group(cell, p))
     n0 = cell.n_norm if cell.normalize else S
     n1 = cell.n_mid if cell.normalize else cell.n_saved
     return call("cell_forward", list(args),
@@ -97,7 +112,7 @@ def forward_call(cell, *, xw, hu, prev, p, z_or_new, saved_or_mid, indent) -> st
 def forward2_call(cell, *, zn, mid, prev, p, new, saved, indent) -> str:
     """Stage 2 of a two-stage step: ``forward2(zn, mid, prev, *params)``."""
     args = [[zn(k) for k in range(cell.n_norm)], [mid(m) for m in range(cell.n_mid)],
-            [prev(s) for s in range(cell.n_state)]] + param_groups(cell, p)
+            [prev(s) for s in range(cell.n_state)]] + unit_groups(cell, p)
     return call("cell_forward2", args,
                 [[new(s) for s in range(cell.n_state)], [saved(k) for k in range(cell.n_saved)]],
                 indent=indent)
@@ -125,7 +140,7 @@ def backward_call(cell, *, saved, prev, dstate, p, dxw, dhu, dprev, dp, indent) 
     """
     S = cell.n_state
     args = [[saved(k) for k in range(cell.n_saved)], [prev(s) for s in range(S)],
-            [dstate(s) for s in range(S)]] + param_groups(cell, p)
+            [dstate(s) for s in range(S)]] + unit_groups(cell, p)
     outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
     return call("cell_backward", args, outs, indent=indent,
                 accumulate=range(base, len(outs)))
@@ -137,7 +152,7 @@ def backward2_call(cell, *, saved, zn, mid, prev, dstate, p, dzn, dmid, dprev, d
     S = cell.n_state
     args = [[saved(k) for k in range(cell.n_saved)], [zn(k) for k in range(cell.n_norm)],
             [mid(m) for m in range(cell.n_mid)], [prev(s) for s in range(S)],
-            [dstate(s) for s in range(S)]] + param_groups(cell, p)
+            [dstate(s) for s in range(S)]] + unit_groups(cell, p)
     outs = [[dzn(k) for k in range(cell.n_norm)], [dmid(m) for m in range(cell.n_mid)],
             [dprev(s) for s in range(S)]] + param_groups(cell, dp)
     return call("cell_backward2", args, outs, indent=indent, accumulate=range(3, len(outs)))
@@ -148,7 +163,7 @@ def backward1_call(cell, *, mid, prev, dz, dmid, p, dxw, dhu, dprev, dp, indent)
     S = cell.n_state
     args = [[mid(m) for m in range(cell.n_mid)], [prev(s) for s in range(S)],
             [dz(k) for k in range(cell.n_norm)], [dmid(m) for m in range(cell.n_mid)]]
-    args += param_groups(cell, p)
+    args += unit_groups(cell, p)
     outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
     return call("cell_backward", args, outs, indent=indent,
                 accumulate=[base - 1] + list(range(base, len(outs))))

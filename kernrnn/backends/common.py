@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from kernrnn import regularization
 from kernrnn.scalar_math import NORM_EPS
 
@@ -112,6 +114,7 @@ class ForwardContext:
     input_mask: object = None  # [B, I] input-dropout mask applied to x, or None
     panels: object = None  # CPU fused path: W_hh packed for the backward by the forward
     path_asked: str | None = None  # CUDA: the path argument of the forward call
+    hyper: tuple | None = None  # the call's hyperparameter values (None: the cell's defaults)
 
     @property
     def States(self):
@@ -223,12 +226,19 @@ def projection_state(xp, h0, proj: int, B: int, H: int, dtype):
     return h0, hp0
 
 
-def param_vector(xp, cell, params, hidden_size: int, dtype):
-    """The per-unit parameters, concatenated in declaration order (``[n_param_scalars*H]``;
-    a one-element stand-in when the cell has none)."""
-    if not cell.params:
+def param_vector(xp, cell, params, hidden_size: int, dtype, hyper=None):
+    """The per-unit parameters, concatenated in declaration order, then each hyperparameter
+    repeated over the H units (``[n_unit_scalars*H]``; a one-element stand-in when the cell
+    has neither).  ``hyper``: the values as :meth:`kernrnn.cell.Cell.hyper_vector` gives
+    them (None: the defaults), cast to ``dtype`` here, so a new value is new data for the
+    same kernels."""
+    parts = [params[p.name] for p in cell.params]
+    if cell.hyper:
+        values = cell.hyper_vector() if hyper is None else hyper
+        parts.append(xp.asarray(np.repeat(np.asarray(values, dtype=dtype), hidden_size)))
+    if not parts:
         return xp.zeros(1, dtype=dtype)
-    return xp.ascontiguousarray(xp.concatenate([params[p.name] for p in cell.params]))
+    return xp.ascontiguousarray(xp.concatenate(parts))
 
 
 def norm_vectors(xp, cell, params, hidden_size: int, dtype):

@@ -150,6 +150,33 @@ def _regularization(opt) -> dict:
     return out
 
 
+def _parse_cell_args(items) -> dict:
+    """``--cell-arg NAME=VALUE`` options as ``{name: value}``: the value an int, a float or
+    ``true``/``false`` where it reads as one, else the text (which the cell then refuses,
+    naming what it expects)."""
+    out = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name:
+            raise ValueError(f"--cell-arg must be NAME=VALUE, got {item!r}")
+        if name in out:
+            raise ValueError(f"--cell-arg {name} is given twice ({out[name]!r} and {text!r})")
+        out[name] = _parse_value(text)
+    return out
+
+
+def _parse_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _check_cell(name):
     from kernrnn.plugins import get_registry
 
@@ -174,6 +201,7 @@ def _build(args, ckpt=None):
     """Task, model, optimizer and trainer from options (and a checkpoint on resume)."""
     import numpy as np
 
+    from kernrnn.plugins import resolve_cell
     from kernrnn.train import SequenceModel, Trainer, make_optimizer, make_task, task_from_config
 
     if ckpt is not None:
@@ -200,6 +228,18 @@ def _build(args, ckpt=None):
             "tbptt": tr["tbptt"],
             "seed": tr["seed"],
         }
+        given_args = _parse_cell_args(getattr(args, "cell_arg", None))
+        if given_args:
+            try:
+                kept = resolve_cell(mcfg["cell"]).hyper_values(mcfg.get("cell_args"))
+            except (ValueError, TypeError) as e:
+                raise ckpt.error(str(e)) from None
+            for name, value in given_args.items():
+                if name not in kept or kept[name] != value:
+                    raise ValueError(
+                        f"--cell-arg {name}={value!r} differs from the checkpoint's "
+                        f"{kept.get(name, 'no such hyperparameter')!r}; a resumed run keeps its "
+                        f"settings (start a new run to change them)")
         for key, value in recorded.items():
             given = getattr(args, key)
             if given is not None and given != value and not (
@@ -264,6 +304,7 @@ def _build(args, ckpt=None):
         embedding_dim=opt("embedding") if task.vocab_size else None, head=task.head,
         dtype=np.dtype(opt("dtype")), device=device, seed=opt("seed"),
         dropout=dropout, bias=not args.no_bias, proj_size=opt("proj"), **_regularization(opt),
+        cell_args=_parse_cell_args(getattr(args, "cell_arg", None)) or None,
     )
     name = opt("optimizer")
     wd = args.weight_decay

@@ -15,7 +15,7 @@ import warnings
 def add_parser(sub) -> None:
     """Add the ``cells`` sub-command to ``sub``."""
     p = sub.add_parser("cells", help="list registered cells (name, gates, state, source, "
-                                     "description) and skipped plugins")
+                                     "description, hyperparameters) and skipped plugins")
     p.add_argument("--check", action="store_true",
                    help="compile every cell's CPU kernels (float32, float64), check its math "
                         "for GPUs and, where NVVM is installed, compile its CUDA kernels to PTX; "
@@ -45,6 +45,7 @@ def run(args) -> int:
             "name": cell.name, "gates": cell.gate_labels, "n_gates": cell.n_gates,
             "state": list(cell.state), "plugin": src.plugin,
             "distribution": src.distribution, "description": cell.description,
+            "hyper": {h.name: h.default for h in cell.hyper},
         })
     failed = []
     if args.check:
@@ -62,6 +63,11 @@ def run(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows, registry.skipped)
+        for row, cell in zip(rows, cells):
+            if cell.hyper:  # what `kernrnn train --cell-arg NAME=VALUE` may set
+                print(f"{cell.name} hyperparameters: " + ", ".join(
+                    f"{h.name}={h.default!r}" + (f" ({h.description})" if h.description else "")
+                    for h in cell.hyper))
         if args.check:
             for row in rows:
                 check = row["check"]

@@ -60,6 +60,10 @@ def add_parser(sub) -> None:
     g.add_argument("--proj", type=int, default=None, metavar="P",
                    help="LSTM with projections: h = W_hr (o * tanh c) of P < --hidden units, "
                         "as PyTorch's proj_size (0: none)")
+    g.add_argument("--cell-arg", action="append", default=None, metavar="NAME=VALUE",
+                   help="a hyperparameter of the cell, e.g. --cell-arg eps=0.1 (repeat for "
+                        "more; VALUE is read as an int, a float or true/false; `kernrnn cells` "
+                        "lists them)")
     g.add_argument("--no-bias", action="store_true", default=None,
                    help="recurrent layers without bias parameters (PyTorch's bias=False)")
     g.add_argument("--device", default=None, help="cpu (default) or cuda")

@@ -90,17 +90,19 @@ def _state_tuple(cell, s):
 LAYER_SEED = 0
 
 
-def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None, regularization=None):
+def run_layer(cell, p, params, x, h0, device="cpu", dy=None, dhn=None, regularization=None,
+              cell_args=None):
     """Forward (and backward when ``dy`` is given) through :class:`kernrnn.RNN`.
 
     ``regularization``: keyword arguments of the layer (``recurrent_dropout``,
     ``input_dropout``, ``zoneout``); the call's masks come from seed
-    :data:`LAYER_SEED`.  Returns host arrays ``(y, hn, dx, dh0, grads)`` (the
-    last three None without ``dy``); states as tuples.
+    :data:`LAYER_SEED`.  ``cell_args``: the cell's hyperparameters.  Returns host
+    arrays ``(y, hn, dx, dh0, grads)`` (the last three None without ``dy``); states
+    as tuples.
     """
     layer = RNN(cell, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
                 dtype=x.dtype, device=device, seed=LAYER_SEED, proj_size=p.proj_size,
-                **(regularization or {}))
+                cell_args=cell_args, **(regularization or {}))
     be = layer._backend
     layer.load_state_dict({k: be.from_host(v) if device == "cuda" else v
                            for k, v in params.items()})
@@ -130,30 +132,32 @@ def _scaled_error(got, want, tolerance):
     return float(np.max(np.abs(got - want) / (tolerance["atol"] + tolerance["rtol"] * np.abs(want))))
 
 
-def _reference(cell, p, regularization):
+def _reference(cell, p, regularization, cell_args=None):
     """The reference of problem ``p`` with the masks of :func:`run_layer`'s first call."""
     if not regularization:
         return lambda params, x, h0: reference_rnn(cell, params, x, h0, p.lengths, p.num_layers,
-                                                   p.bidirectional)
+                                                   p.bidirectional, cell_args=cell_args)
     settings = Regularization.build(cell, **regularization)
     seed = RNN(cell, p.I, p.H, dtype=np.float64, seed=LAYER_SEED).mask_seed(0)
     return lambda params, x, h0: reference_rnn(cell, params, x, h0, p.lengths, p.num_layers,
-                                               p.bidirectional, settings, seed, True)
+                                               p.bidirectional, settings, seed, True,
+                                               cell_args=cell_args)
 
 
-def forward_errors(cell, p, dtype, device="cpu", regularization=None):
+def forward_errors(cell, p, dtype, device="cpu", regularization=None, cell_args=None):
     """(scaled error, absolute error) of output and final state vs the reference.
 
-    ``regularization``: the layer's regularisation keywords (masks of the first call).
+    ``regularization``: the layer's regularisation keywords (masks of the first call);
+    ``cell_args``: the cell's hyperparameters.
     """
     from kernrnn.testing.strategies import make_arrays
 
     params, x, h0 = make_arrays(cell, p, np.float64)
-    ref_y, ref_hn = _reference(cell, p, regularization)(params, x, h0)
+    ref_y, ref_hn = _reference(cell, p, regularization, cell_args)(params, x, h0)
     cast = {k: v.astype(dtype) for k, v in params.items()}
     y, hn, *_ = run_layer(cell, p, cast, x.astype(dtype),
                           None if h0 is None else tuple(h.astype(dtype) for h in h0), device,
-                          regularization=regularization)
+                          regularization=regularization, cell_args=cell_args)
     t = tol.forward_tolerance(dtype)
     scaled = max([_scaled_error(y, ref_y, t)] + [_scaled_error(a, b, t) for a, b in zip(hn, ref_hn)])
     absolute = max([float(np.max(np.abs(y - ref_y), initial=0))]
@@ -161,13 +165,13 @@ def forward_errors(cell, p, dtype, device="cpu", regularization=None):
     return scaled, absolute
 
 
-def gradient_errors(cell, p, device="cpu", regularization=None):
+def gradient_errors(cell, p, device="cpu", regularization=None, cell_args=None):
     """Largest relative error of directional derivatives vs finite differences.
 
     One random direction per tensor: each parameter, ``x`` and each component
     of ``h0`` (when the problem has one).  The loss is ``sum(y*dy) + sum(hn*dhn)``
     with random ``dy``, ``dhn``; with ``regularization`` the masks are those of
-    the layer's first call, fixed.
+    the layer's first call, fixed; ``cell_args``: the cell's hyperparameters.
     """
     from kernrnn.testing.strategies import make_arrays
 
@@ -178,8 +182,8 @@ def gradient_errors(cell, p, device="cpu", regularization=None):
     dhn = tuple(rng.uniform(-1, 1, (p.num_layers * D, p.B, p.out_size if s == 0 else p.H))
                 for s in range(cell.n_state))
     _, _, dx, dh0, grads = run_layer(cell, p, params, x, h0, device, dy, dhn,
-                                     regularization=regularization)
-    reference = _reference(cell, p, regularization)
+                                     regularization=regularization, cell_args=cell_args)
+    reference = _reference(cell, p, regularization, cell_args)
 
     def loss(params_, x_, h0_):
         y, hn = reference(params_, x_, h0_)
@@ -227,7 +231,7 @@ def gradient_errors(cell, p, device="cpu", regularization=None):
 
 
 def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
-               derived_backward=True) -> ConformanceReport:
+               derived_backward=True, cell_args=None) -> ConformanceReport:
     """Run the conformance checks on ``cell`` (a Cell or a registered name).
 
     With ``regularized`` the last example runs with recurrent dropout (where
@@ -235,7 +239,8 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
     regenerated by the reference.  With ``derived_backward``, a hand-written
     backward is first compared with the derived one (:func:`compare_backward`;
     a forward the differentiator cannot read is noted in the report, not an
-    error).  Raises :class:`ConformanceError` at the first disagreement;
+    error).  ``cell_args``: hyperparameters of the layers (default: the cell's
+    defaults).  Raises :class:`ConformanceError` at the first disagreement;
     returns a report of the largest errors seen otherwise.
     """
     cell = resolve_cell(cell)
@@ -253,7 +258,8 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
             reg = dict(recurrent_dropout=0.3 if cell.has_recurrent else 0.0, input_dropout=0.2,
                        zoneout=0.25)
         for dtype in (np.float64, np.float32):
-            scaled, absolute = forward_errors(cell, p, dtype, device, regularization=reg)
+            scaled, absolute = forward_errors(cell, p, dtype, device, regularization=reg,
+                                              cell_args=cell_args)
             if scaled > 1:
                 raise ConformanceError(
                     f"cell {cell.name!r} on {device}, {np.dtype(dtype)}: forward differs from the "
@@ -263,7 +269,8 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
             key = np.dtype(dtype).name
             report.max_forward_error[key] = max(report.max_forward_error[key], absolute)
         report.max_gradient_error = max(report.max_gradient_error,
-                                        gradient_errors(cell, p, device, regularization=reg))
+                                        gradient_errors(cell, p, device, regularization=reg,
+                                                        cell_args=cell_args))
         report.examples += 1
     return report
 

@@ -44,15 +44,17 @@ def reference_recurrent_product(cell, h, W_hh):
     return out
 
 
-def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=None):
+def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=None,
+                        cell_args=None):
     """One layer, one direction.  ``params`` maps the cell's parameter names to arrays.
 
     ``h0`` is a tuple of S ``[B, H]`` arrays; ``reg`` a
     :class:`~kernrnn.regularization.RegularizationCall` (its masks regenerated
-    here from the same generator) or None.  Returns ``(y [T, B, H], hn tuple)``
-    in float64.  With ``params["weight_hr"]`` ``[P, H]`` (LSTMP) the state the
-    recurrence and the output read is ``h = W_hr h_cell``: ``h0[0]``, ``y`` and
-    ``hn[0]`` are ``[.., P]``.
+    here from the same generator) or None; ``cell_args`` the cell's hyperparameters
+    (defaults for those left out), passed to its ``reference`` by name.  Returns
+    ``(y [T, B, H], hn tuple)`` in float64.  With ``params["weight_hr"]`` ``[P, H]``
+    (LSTMP) the state the recurrence and the output read is ``h = W_hr h_cell``:
+    ``h0[0]``, ``y`` and ``hn[0]`` are ``[.., P]``.
     """
     from kernrnn import regularization as R
 
@@ -80,7 +82,7 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     for prm in cell.params:
         v = p[prm.name]
         unit_params.append(tuple(v[k * H:(k + 1) * H] for k in range(prm.blocks)))
-    kwargs = {}
+    kwargs = dict(cell.hyper_values(cell_args))
     if cell.normalize:
         def norm(name, z):
             return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],
@@ -123,14 +125,15 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
 
 
 def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirectional=False,
-                  regularization=None, seed=0, training=True):
+                  regularization=None, seed=0, training=True, cell_args=None):
     """A whole (multi-layer, bidirectional) layer with PyTorch's parameter names.
 
     ``params`` maps ``weight_ih_l{k}[_reverse]`` etc. to arrays (with
     ``weight_hr_l{k}``: an LSTMP, whose ``h`` is ``[.., P]``); ``h0`` is a
     tuple of S ``[num_layers*D, B, H]`` arrays or None; ``regularization`` a
     :class:`~kernrnn.regularization.Regularization` applied with the call seed
-    ``seed``.  Returns ``(y [T, B, D*H], hn tuple of [num_layers*D, B, H])``.
+    ``seed``; ``cell_args`` the cell's hyperparameters.  Returns ``(y [T, B, D*H],
+    hn tuple of [num_layers*D, B, H])``.
     """
     from kernrnn.regularization import RegularizationCall
 
@@ -158,7 +161,7 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
             if regularization is not None and regularization.active:
                 reg = RegularizationCall(regularization, seed, layer, d, training)
             y, st = reference_direction(cell, inp, p, tuple(h[idx] for h in h0), lengths,
-                                        reverse=bool(d), reg=reg)
+                                        reverse=bool(d), reg=reg, cell_args=cell_args)
             outs.append(y)
             for s in range(cell.n_state):
                 hn[s][idx] = st[s]

@@ -29,7 +29,8 @@ import torch
 
 from kernrnn.plugins import resolve_cell
 
-__all__ = ["make_spec", "parse_spec", "parse_proj_size", "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
+__all__ = ["make_spec", "parse_spec", "parse_proj_size", "format_cell_args", "parse_cell_args",
+           "spec_cell", "rnn_forward", "rnn_backward", "register_cell"]
 
 # -- which layer --------------------------------------------------------------
 
@@ -65,19 +66,35 @@ def _cell(name: str):
 
 def make_spec(cell: str, input_size, hidden_size, num_layers, bidirectional, bias,
               dropout, recurrent_dropout=0.0, input_dropout=0.0, zoneout=(), masks=False,
-              proj_size=0) -> str:
+              proj_size=0, cell_args="") -> str:
     """The layer configuration as one string, a constant for torch.compile
     (plain formatting, which TorchDynamo traces; cell names have no ``;``).
 
     ``recurrent_dropout``, ``input_dropout``, ``zoneout`` (a tuple, one rate per
     state) configure the kernels' regularisation; ``masks`` is the module's
     training mode (masks drawn) rather than evaluation (zoneout's expectation);
-    ``proj_size`` an LSTMP's projection (0: none).
+    ``proj_size`` an LSTMP's projection (0: none); ``cell_args`` the cell's
+    hyperparameters as :func:`format_cell_args` writes them ("": the defaults).
     """
     zo = ",".join(str(float(z)) for z in zoneout)
     return (f"{cell};{int(input_size)};{int(hidden_size)};{int(num_layers)};"
             f"{int(bidirectional)};{int(bias)};{float(dropout)};{float(recurrent_dropout)};"
-            f"{float(input_dropout)};{zo};{int(bool(masks))};{int(proj_size)}")
+            f"{float(input_dropout)};{zo};{int(bool(masks))};{int(proj_size)};{cell_args}")
+
+
+def format_cell_args(values: dict) -> str:
+    """Hyperparameter values for :func:`make_spec`: ``name=repr(value)`` joined by commas
+    (the values are bools, ints and floats, whose ``repr`` reads back exactly)."""
+    return ",".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def parse_cell_args(spec: str) -> dict:
+    """The hyperparameters of a :func:`make_spec` string (``{}``: the defaults)."""
+    import ast
+
+    text = spec.split(";")[12]
+    return {k: ast.literal_eval(v) for k, v in (item.split("=", 1)
+                                                 for item in text.split(",") if item)}
 
 
 def parse_spec(spec: str):
@@ -111,7 +128,7 @@ def _engine(spec: str, dtype: str, device: str):
     return RNN(_cell(cell), input_size=I, hidden_size=H, num_layers=L, bidirectional=bidir,
                dtype=np.dtype(dtype), device=device, bias=bias, dropout=dropout, seed=0,
                recurrent_dropout=rd, input_dropout=xd, zoneout=zo or 0.0,
-               proj_size=parse_proj_size(spec))
+               proj_size=parse_proj_size(spec), cell_args=parse_cell_args(spec))
 
 
 _engine_names: dict = {}  # (spec, dtype, device type) -> (engine, its parameter names)

@@ -223,7 +223,8 @@ class _FusedForward:
                               self.num_layers, self.bidirectional, self.bias,
                               self.dropout if active else 0.0,
                               rd if self.training else 0.0, xd if self.training else 0.0, zo,
-                              self.training, getattr(self, "proj_size", 0))
+                              self.training, getattr(self, "proj_size", 0),
+                              _ops.format_cell_args(getattr(self, "cell_args", None) or {}))
         if active or (self.training and regularised):
             # masks drawn from torch's RNG: torch.manual_seed reproduces them
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -367,13 +368,20 @@ class Recurrent(_FusedForward, nn.Module):
     :meth:`kernrnn.layer.RNN.param_shapes` says and initialised by the cell's own
     initialisers, seeded from torch's RNG (``torch.manual_seed`` reproduces them).
     ``hx``/``h_n`` are a Tensor for one-state cells, else a tuple of the states.
+
+    The cell's hyperparameters (:class:`kernrnn.cell.Hyper`) are keywords or
+    ``cell_args={...}``, as for :class:`kernrnn.RNN`; :attr:`cell_args` holds every
+    value (it may be changed between calls: the value is data for the kernels).
+    ``state_dict()`` keeps them in its ``_metadata`` (``sd._metadata[prefix]
+    ["cell_args"]``, which ``torch.save`` keeps) and ``load_state_dict`` restores them.
     """
 
     proj_size = 0  # for nn.RNNBase's shape checks
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
-                 recurrent_dropout=0.0, input_dropout=0.0, zoneout=0.0):
+                 recurrent_dropout=0.0, input_dropout=0.0, zoneout=0.0, cell_args=None,
+                 **hyper):
         super().__init__()
         _check_options(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                        bidirectional)
@@ -395,6 +403,10 @@ class Recurrent(_FusedForward, nn.Module):
         if dtype not in _DTYPES:
             raise TypeError(f"kernrnn.torch.Recurrent: dtype must be torch.float32 or "
                             f"torch.float64, got {dtype}")
+        from kernrnn.layer import _cell_args
+
+        #: The cell's hyperparameters, name -> value (every one, defaults filled in).
+        self.cell_args = _cell_args(_ops._cell(self.cell), cell_args, hyper)
         layer = self._native_layer(dtype)
         self._flat_weights_names = list(layer.param_shapes())
         for n, a in layer.params.items():
@@ -408,7 +420,7 @@ class Recurrent(_FusedForward, nn.Module):
         return NativeRNN(_ops._cell(self.cell), self.input_size, self.hidden_size,
                          num_layers=self.num_layers, bidirectional=self.bidirectional,
                          dtype=np.dtype(str(dtype).removeprefix("torch.")), bias=self.bias,
-                         seed=seed)
+                         seed=seed, cell_args=self.cell_args)
 
     def reset_parameters(self) -> None:
         """Draw new values with the cell's initialisers (seeded from torch's RNG)."""
@@ -458,7 +470,29 @@ class Recurrent(_FusedForward, nn.Module):
                            ("bidirectional", False)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)!r}"
+        for h in _ops._cell(self.cell).hyper:
+            if self.cell_args.get(h.name) != h.default:
+                s += f", {h.name}={self.cell_args.get(h.name)!r}"
         return s
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The parameters, and the hyperparameters in the state dict's ``_metadata``."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if self.cell_args and meta is not None:
+            meta.setdefault(prefix[:-1], {})["cell_args"] = dict(self.cell_args)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """The parameters, and the hyperparameters from ``_metadata`` where it has them (a
+        state dict without them leaves the module's values as they are)."""
+        given = local_metadata.get("cell_args") if isinstance(local_metadata, dict) else None
+        if isinstance(given, dict):
+            given = _ops._cell(self.cell).hyper_values(given)  # checked before anything changes
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if isinstance(given, dict):
+            self.cell_args = given
 
     def __setstate__(self, state):
         super().__setstate__(state)

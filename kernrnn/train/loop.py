@@ -299,7 +299,12 @@ class Trainer:
         """
         meta = ckpt.meta
         want = self.model.config()
-        got = ckpt.section("model")
+        got = dict(ckpt.section("model"))
+        if "cell_args" in want:  # hyperparameters a checkpoint leaves out are the defaults
+            try:
+                got["cell_args"] = self.model.rnn.cell.hyper_values(got.get("cell_args"))
+            except (ValueError, TypeError) as e:
+                raise ckpt.error(str(e)) from None
         opt_meta = ckpt.section("optimizer", ("name", "step"))
         pos = ckpt.section("position", POSITION_KEYS)
         if got != want:

@@ -71,14 +71,16 @@ class SequenceModel:
     (``head="seq"``) as ``[B, T, output_size]``, as PyTorch's option;
     ``dropout``, ``bias``, ``proj_size`` (LSTMP) and the kernels' regularisation
     (``recurrent_dropout``, ``input_dropout``, ``zoneout``, see
-    :mod:`kernrnn.regularization`) go to the recurrent stack (:class:`kernrnn.RNN`).
+    :mod:`kernrnn.regularization`) go to the recurrent stack (:class:`kernrnn.RNN`),
+    and so do ``cell_args``, the cell's hyperparameters (:class:`kernrnn.cell.Hyper`;
+    kept in :meth:`config`, so checkpoints restore them).
     """
 
     def __init__(self, cell="lstm", input_size=None, hidden_size=32, output_size=1,
                  num_layers=1, vocab_size=None, embedding_dim=None, head="seq",
                  bidirectional=False, nonlinearity=None, dtype=np.float32, device="cpu",
                  seed=None, dropout=0.0, bias=True, batch_first=False, recurrent_dropout=0.0,
-                 input_dropout=0.0, zoneout=0.0, proj_size=0):
+                 input_dropout=0.0, zoneout=0.0, proj_size=0, cell_args=None):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head = head
@@ -109,7 +111,8 @@ class SequenceModel:
                        bidirectional=bidirectional, dtype=dtype, device=device,
                        nonlinearity=nonlinearity, seed=int(rng.integers(2**63)),
                        dropout=dropout, bias=bias, recurrent_dropout=recurrent_dropout,
-                       input_dropout=input_dropout, zoneout=zoneout, proj_size=proj_size)
+                       input_dropout=input_dropout, zoneout=zoneout, proj_size=proj_size,
+                       cell_args=cell_args)
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
         self.batch_first = batch_first
@@ -170,14 +173,18 @@ class SequenceModel:
         defaults = {"dropout": 0.0, "bias": True, "batch_first": False,
                     "recurrent_dropout": 0.0, "input_dropout": 0.0, "zoneout": [],
                     "proj_size": 0}
-        return {k: v for k, v in opts.items() if v != defaults[k]}
+        out = {k: v for k, v in opts.items() if v != defaults[k]}
+        if self.rnn.cell.hyper:  # every value, so a checkpoint keeps them if defaults change
+            out["cell_args"] = dict(self.rnn.cell_args)
+        return out
 
     @classmethod
     def from_config(cls, config: dict, device="cpu", seed=None) -> SequenceModel:
         cfg = dict(config)
         known = {"cell", "input_size", "hidden_size", "output_size", "num_layers", "vocab_size",
                  "embedding_dim", "head", "bidirectional", "dtype", "dropout", "bias",
-                 "batch_first", "recurrent_dropout", "input_dropout", "zoneout", "proj_size"}
+                 "batch_first", "recurrent_dropout", "input_dropout", "zoneout", "proj_size",
+                 "cell_args"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"model config has unknown keys {unknown}")

@@ -32,7 +32,7 @@ def supports(cell, reg=None, proj: bool = False) -> bool:
     """True when this tier runs ``cell`` exactly as the kernels define it."""
     d = cell.derivation() if cell.derived_backward else None
     return (d is not None and d.array_forward is not None and reg is None and not proj
-            and cell.input_norm is None and cell.recurrent_norm is None
+            and not getattr(cell, "hyper", None) and cell.input_norm is None and cell.recurrent_norm is None
             and not cell.normalize and cell.recurrent in ("dense", "heads", "none"))
 
 

@@ -87,7 +87,7 @@ def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,
     pviews = "\n".join(
         [f"bi{g} = b_ih[{g} * H:{g + 1} * H]" for g in range(G)]
         + [f"bh{r} = b_hh[{r} * H:{r + 1} * H]" for r in range(Gr)]
-        + [f"pv{i} = unit_params[{i} * H:{i + 1} * H]" for i in range(cell.n_param_scalars)])
+        + [f"pv{i} = unit_params[{i} * H:{i + 1} * H]" for i in range(cell.n_unit_scalars)])
     views = "\n".join(
         [f"hp{s} = States[{s}, p, b]\nhn{s} = States[{s}, n, b]" for s in range(S)]
         + [f"xw{g} = XWs[xr, {g} * Hpad:{g + 1} * Hpad]" for g in range(G)]

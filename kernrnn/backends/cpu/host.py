@@ -58,14 +58,15 @@ def _reg_args(ka) -> dict:
 
 
 @timing.timed("backend forward")
-def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, hyper=None):
     """Run one layer in one direction; arguments are already validated.
 
     ``params`` maps the cell's parameter names (``weight_ih``, ...; see
     :meth:`kernrnn.cell.Cell.param_shapes`) to arrays; ``h0`` is ``[S, B, H]``,
     ``lengths`` int64 ``[B]``; ``y`` an optional ``[T, B, H]`` (possibly
     strided) view to write the output into; ``reg`` a
-    :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
+    :class:`~kernrnn.regularization.RegularizationCall` or None; ``hyper`` the cell's
+    hyperparameter values (:meth:`kernrnn.cell.Cell.hyper_vector`; None: the defaults).  Returns
     ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.  With a projection
     (``params["weight_hr"]`` ``[proj, H]``, LSTMP) ``y`` is ``[T, B, proj]`` and the
     projected h travels in the first ``proj`` columns of ``h0[0]``/``hn[0]``.
@@ -85,7 +86,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
         ka.Hd[...] = h0[0] * ka.Mr
     if k.fused is not None:
         return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
-                              reg, ka, input_mask)
+                              reg, ka, input_mask, hyper)
     XW, input_cache = common.input_projection(np, cell, x, params, take=workspace.take)
     buf = common.time_buffers(np, cell, T, B, H, dtype, training, proj, take=workspace.take)
     one = np.ones(1, dtype=dtype)
@@ -99,7 +100,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     W3 = common.recurrent_weights(cell, params, H)
     WT = np.ascontiguousarray(W3.transpose(0, 2, 1)) if W3 is not None else one.reshape(1, 1, 1)
     b_hh = params["bias_hh"] if cell.has_recurrent else one
-    unit_params = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype, hyper)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     kernel = k.forward_train if training else k.forward_infer
     if T > 0:
@@ -115,7 +116,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, reg=reg,
-                             input_mask=input_mask)
+                             input_mask=input_mask, hyper=hyper)
     else:
         workspace.give(*buf.arrays())
     workspace.give(XW)  # the input projection (or its normalised copy): backward needs neither
@@ -123,7 +124,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
 
 
 def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, training, y, reg,
-                   ka, input_mask):
+                   ka, input_mask, hyper=None):
     """:func:`forward` of a dense cell on packed weights (see
     :func:`~kernrnn.backends.cpu.fused_source.fused_path`)."""
     T, B, _ = x.shape
@@ -140,7 +141,7 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
         Wp, Wxp, Wb, prepare = training_panels(f, cell, params, H, dtype)
     else:  # inference: the panels of unchanged weights are reused
         Wp, Wxp = inference_panels(f, cell, params, H)
-    unit_params = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype, hyper)
     if T > 0:
         run_fused(f.forward_train if training else f.forward_infer, dict(
             X=np.ascontiguousarray(x), Wxp=Wxp, b_ih=params["bias_ih"], Wp=Wp,
@@ -155,7 +156,7 @@ def _forward_fused(f: FusedKernels, cell, x, params, h0, lengths, reverse, train
             workspace.give(Wb)
             Wb = None
         ctx = ForwardContext(cell, x, params, None, buf, lengths, reverse, reg=reg,
-                             input_mask=input_mask, panels=Wb)
+                             input_mask=input_mask, panels=Wb, hyper=hyper)
     else:
         workspace.give(*buf.arrays())
     return y, hn, ctx
@@ -247,7 +248,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     else:
         W = common.recurrent_weights(cell, params, H)
         W = np.ascontiguousarray(W) if W is not None else one.reshape(1, 1, 1)
-    unit_params = common.param_vector(np, cell, params, H, dtype)
+    unit_params = common.param_vector(np, cell, params, H, dtype, ctx.hyper)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     nchunk = n_chunks(B)
     # one gradient row per batch chunk, summed after: no two threads add to one

@@ -235,6 +235,7 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
         + [f"dRr = dR[b{sub}]" if proj else f"dyr = dY[t, b{sub}]"]
         + [f"pv{i} = unit_params[{span(i)}]\ndpv{i} = d_unit_params[c, {span(i)}]"
            for i in range(NP)]
+        + [f"pv{i} = unit_params[{span(i)}]" for i in range(NP, NP + cell.n_hyper)]
         + ([f"mrr = Mr[b{sub}]"] if rdrop else [])
         + ([f"dhv = dH[0, b{sub}]"] if packed is not None and rec else []))
     if packed is None:

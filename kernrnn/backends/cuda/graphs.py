@@ -64,9 +64,9 @@ def graph_refusal(cell, regularised: bool) -> str | None:
     """
     if regularised:
         return "regularisation draws new masks and seeds every call"
-    if cell.n_param_scalars or cell.normalize or cell.recurrent_norm is not None:
-        return ("its per-unit parameters or norm vectors and their gradients are new arrays "
-                "every call")
+    if cell.n_unit_scalars or cell.normalize or cell.recurrent_norm is not None:
+        return ("its per-unit parameters (or hyperparameters) or norm vectors and their "
+                "gradients are new arrays every call")
     return None
 
 

@@ -178,14 +178,16 @@ def _fused_forward(cell, XW, P, buf, Y, lengths, reverse, training, reg, ka):
         launch(getattr(k, name), n, *launch.bind(k.ARGS[name], values)())
 
 
-def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, reg=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, reg=None,
+            hyper=None):
     """Run one layer in one direction on the GPU; arguments are already validated.
 
     ``params`` maps the cell's parameter names to device arrays; ``h0`` is
     ``[S, B, H]``, ``lengths`` int64 ``[B]`` on the device; ``y`` an optional
     ``[T, B, H]`` (possibly strided) view to write the output into; ``reg`` a
-    :class:`~kernrnn.regularization.RegularizationCall` or None.  Returns
-    ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
+    :class:`~kernrnn.regularization.RegularizationCall` or None; ``hyper`` the cell's
+    hyperparameter values (:meth:`kernrnn.cell.Cell.hyper_vector`; None: the defaults).
+    Returns ``(y, hn, ctx)``; ``ctx`` is None unless ``training``.
     """
     T, B, _ = x.shape
     H = h0.shape[2]
@@ -209,7 +211,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     if y is None:
         y = xp.empty((T, B, proj or H), dtype=dtype)
     if T > 0 and B > 0:
-        P = common.param_vector(xp, cell, params, H, dtype)
+        P = common.param_vector(xp, cell, params, H, dtype, hyper)
         if chosen == "persistent":
             try:
                 persistent_module().forward_loop(cell, XW, params["weight_hh"],
@@ -232,7 +234,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     ctx = None
     if training:
         ctx = ForwardContext(cell, x, params, input_cache, buf, lengths, reverse, "cuda", chosen,
-                             reg=reg, input_mask=input_mask, path_asked=path)
+                             reg=reg, input_mask=input_mask, path_asked=path, hyper=hyper)
     return y, hn, ctx
 
 
@@ -253,7 +255,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
     dh = H // NH
     rec = cell.has_recurrent
     W3 = common.recurrent_weights(cell, params, H) if rec else None
-    P = common.param_vector(xp, cell, params, H, dtype)
+    P = common.param_vector(xp, cell, params, H, dtype, ctx.hyper)
     g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
     DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
@@ -345,7 +347,7 @@ def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
     H = dS.shape[2]
     flags = ctx.reg.flags() if ctx.reg is not None else (False, False)
     k = get_kernels(cell, dXW.dtype, flags)
-    P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype)
+    P = common.param_vector(xp, cell, ctx.params, H, dXW.dtype, ctx.hyper)
     launch = Launcher()
     values = dict(dY=dy, dS=dS, Saved=buf.Saved, States=buf.States, P=P, lengths=ctx.lengths,
                   dXW=dXW, dP=acc["params"], reverse=int(ctx.reverse), H=H, dh=H, s0=0, s1=T,
