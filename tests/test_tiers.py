@@ -50,6 +50,30 @@ def _problem(cell, T, B, I, H, dtype, seed):
     return params, x, h0, lengths, dy, dhn
 
 
+def test_first_tier_takes_the_layer_hyperparameters():
+    """A cell with hyperparameters (tests/hyper_test_cells.py): both tiers read the values
+    the call passes, not the defaults."""
+    from hyper_test_cells import HYP
+
+    tiers.set_enabled(False)
+    try:
+        values = HYP.hyper_vector({"eps": 0.7, "gamma": -0.4, "k": 2, "flip": True})
+        assert values != HYP.hyper_vector()
+        params, x, h0, lengths, dy, dhn = _problem(HYP, 4, 2, 3, 3, np.float64, 3)
+        y1, hn1, c1 = host.forward(HYP, x, params, h0, lengths, False, True, hyper=values)
+        y0, hn0, c0 = first_tier.forward(HYP, x, params, h0, lengths, False, True,
+                                         hyper=values)
+        np.testing.assert_allclose(y0, y1, rtol=1e-10, atol=1e-12)
+        g1, g0 = host.backward(c1, dy, dhn)[2], first_tier.backward(c0, dy, dhn)[2]
+        host.release(c1)
+        for k in g1:
+            np.testing.assert_allclose(g0[k], g1[k], rtol=1e-10, atol=1e-12, err_msg=k)
+        y_default = first_tier.forward(HYP, x, params, h0, lengths, False, False)[0]
+        assert not np.allclose(y_default, y0)
+    finally:
+        tiers.set_enabled(None)
+
+
 @settings(max_examples=6)
 @given(name=st.sampled_from(CELLS), T=st.integers(0, 5), B=st.integers(1, 3),
        I=st.integers(1, 4), half=st.integers(1, 3), reverse=st.booleans(),

@@ -292,9 +292,9 @@ def _input_source(pnames, hyper_names=None):
     return source
 
 
-def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
-    src = _input_source(pnames)
-
+def _arg_names(sig, pnames):
+    """``args(kinds)``: the argument names of a generated function from its kinds (``fwd``:
+    the forward's own arguments; ``params``: the per-unit parameters and hyperparameters)."""
     hyper = ["hyper"] if sig.hyper else []
 
     def args(kinds):
@@ -307,6 +307,12 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
             else:
                 out.append(k)
         return out
+    return args
+
+
+def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
+    src = _input_source(pnames)
+    args = _arg_names(sig, pnames)
 
     share = bool(sig.recurrent and plan.same_grads and all(plan.same_grads))
     parts = [f"# Derived by kernrnn.autodiff from {origin}, the forward of cell {name!r}.\n"]
@@ -332,14 +338,11 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
 
 def _array_source(plan: Plan, sig, pnames, name, origin) -> str:
     """A one-stage step's ``forward`` and ``backward`` written for arrays (NumPy style)."""
-    head = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"]
+    args = _arg_names(sig, pnames)
     parts = [f"# Derived by kernrnn.autodiff from {origin}, the forward of cell {name!r}, "
              "on arrays.\n"]
     for fname, fn in (("forward", plan.forward), ("backward", plan.backward)):
-        args = []
-        for k in fn.args:
-            args += (head + pnames) if k == "fwd" else (pnames if k == "params" else [k])
-        parts.append(emit_function(fname, args, fn.results, _input_source(pnames),
+        parts.append(emit_function(fname, args(fn.args), fn.results, _input_source(pnames),
                                    unpack=fn.unpack, style=NUMPY,
                                    block='with np.errstate(all="ignore"):'))
     return "\n\n".join(parts)

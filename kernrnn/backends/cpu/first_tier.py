@@ -32,14 +32,16 @@ def supports(cell, reg=None, proj: bool = False) -> bool:
     """True when this tier runs ``cell`` exactly as the kernels define it."""
     d = cell.derivation() if cell.derived_backward else None
     return (d is not None and d.array_forward is not None and reg is None and not proj
-            and not getattr(cell, "hyper", None) and cell.input_norm is None and cell.recurrent_norm is None
+            and cell.input_norm is None and cell.recurrent_norm is None
             and not cell.normalize and cell.recurrent in ("dense", "heads", "none"))
 
 
-def _unit_tuples(cell, params, H: int) -> list[tuple]:
-    """Each per-unit parameter as the tuple of ``[H]`` blocks the step receives."""
-    return [tuple(params[p.name][k * H:(k + 1) * H] for k in range(p.blocks))
-            for p in cell.params]
+def _unit_tuples(cell, params, H: int, hyper, dtype) -> list[tuple]:
+    """The step's trailing arguments: each per-unit parameter as the tuple of ``[H]``
+    blocks, then the hyperparameters (``hyper``, None: the defaults) in ``dtype``."""
+    units = [tuple(params[p.name][k * H:(k + 1) * H] for k in range(p.blocks))
+             for p in cell.params]
+    return units + [tuple(dtype.type(v) for v in a) for a in cell.hyper_args(hyper)]
 
 
 def _full(values, shape, dtype) -> list:
@@ -75,7 +77,7 @@ def _steps(T: int, reverse: bool):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def forward(cell, x, params, h0, lengths, reverse, training, y=None):
+def forward(cell, x, params, h0, lengths, reverse, training, y=None, hyper=None):
     """:func:`kernrnn.backends.cpu.host.forward` in NumPy (no regularisation, no projection)."""
     T, B, I = x.shape
     S, H, G, dtype = cell.n_state, h0.shape[2], cell.n_gates, x.dtype
@@ -87,7 +89,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
     W = common.recurrent_weights(cell, params, H)[0] if cell.recurrent == "dense" else \
         params.get("weight_hh")
     b_hh = params["bias_hh"].reshape(-1, H) if rec else None
-    units = _unit_tuples(cell, params, H)
+    units = _unit_tuples(cell, params, H, hyper, dtype)
     States = np.empty((S, T + 1, B, H), dtype=dtype)
     States[:, T if reverse else 0] = h0
     if y is None:
@@ -119,7 +121,8 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None):
         return y, hn, None
     buf = common.TimeBuffers(States=States, Saved=saved, Mid=None, Zhat=None, Rz=None,
                              HU=None, Rhh=None)
-    ctx = common.ForwardContext(cell, x, params, None, buf, lengths, reverse, path=PATH)
+    ctx = common.ForwardContext(cell, x, params, None, buf, lengths, reverse, path=PATH,
+                                hyper=hyper)
     return y, hn, ctx
 
 
@@ -132,7 +135,7 @@ def backward(ctx, dy, dhn):
     rec = cell.has_recurrent
     rgates = list(cell.recurrent_gate_indices)
     W = params.get("weight_hh")
-    units = _unit_tuples(cell, params, H)
+    units = _unit_tuples(cell, params, H, ctx.hyper, dtype)
     dS = [np.array(v, dtype=dtype) for v in dhn]
     dXW = np.zeros((T, B, G, H), dtype=dtype)
     dHU = np.zeros((T, B, len(rgates), H), dtype=dtype) if rec else None
@@ -155,7 +158,7 @@ def backward(ctx, dy, dhn):
             for r, g in enumerate(rgates):
                 dHU[t, :, r] = dhu[g] if every else np.where(a, dhu[g], 0)
         dprev, dps = _full(rest[0], (B, H), dtype), rest[1:]
-        for acc, dp in zip(dunits, dps):
+        for acc, dp in zip(dunits, dps):  # (hyperparameters have no gradient)
             for k, v in enumerate(_full(dp, (B, H), dtype)):
                 acc[k] += (v if every else np.where(a, v, 0)).sum(axis=0)
         if rec:

@@ -76,7 +76,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, h
     dtype = x.dtype
     proj = common.projection_size(params)
     if tiers.first_tier_call(build, cell, dtype, training, reg, bool(proj), B, I, H):
-        return first_tier.forward(cell, x, params, h0, lengths, reverse, training, y)
+        return first_tier.forward(cell, x, params, h0, lengths, reverse, training, y, hyper)
     if tiers.enabled():  # the layer may have left the check of the math to this point
         _check_math(cell, dtype)
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
