@@ -33,7 +33,13 @@ def supports(cell, reg=None, proj: bool = False) -> bool:
     d = cell.derivation() if cell.derived_backward else None
     return (d is not None and d.array_forward is not None and reg is None and not proj
             and cell.input_norm is None and cell.recurrent_norm is None
-            and not cell.normalize and cell.recurrent in ("dense", "heads", "none"))
+            and not cell.normalize and cell.recurrent in ("dense", "heads", "none")
+            # round 3 of the contract: the raw input, several recurrent states, stage
+            # products and parametrised weights wait for the kernels
+            and not getattr(cell, "raw_input", False)
+            and len(getattr(cell, "recurrent_states", None) or ()) <= 1
+            and not getattr(cell, "products", ())
+            and getattr(cell, "recurrent_weight", None) is None)
 
 
 def _unit_tuples(cell, params, H: int, hyper, dtype) -> list[tuple]:
