@@ -456,6 +456,14 @@ def test_torch_gradcheck_and_layouts():
     assert torch.autograd.gradcheck(lambda a, h, c: m(a, (h, c), resets=resets)[0],
                                     (x, h0, c0))
     y, _ = m(x, (h0, c0), resets=resets)
+    # without resets (the dispatcher drops the default argument) and with an all-False mask
+    # (the argument passed): the same gradients
+    grads = []
+    for mask in (None, torch.zeros(T, B, dtype=torch.bool)):
+        x.grad = None
+        m(x, (h0, c0), resets=mask)[0].pow(2).sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     # unbatched: [T] for a [T, I] input
     y1, _ = m(x[:, 1], (h0[:, 1], c0[:, 1]), resets=resets[:, 1])
     torch.testing.assert_close(y1, y[:, 1], rtol=1e-12, atol=1e-12)

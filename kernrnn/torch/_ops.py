@@ -328,7 +328,10 @@ def _forward_grad(ctx, dy, dhn, _dhandle):
     dy = zeros(ctx.y_shape) if dy is None else dy.contiguous()
     dhn = [zeros(shape) if d is None else d.contiguous() for shape, d in zip(ctx.hn_shapes, dhn)]
     dx, dh0, dparams = rnn_backward(ctx.spec, handle, dy, dhn, list(params))
-    return None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None, None
+    grads = (None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None, None)
+    # one per input as the dispatcher passed them: it leaves out a ``resets`` equal to its
+    # default (None), and autograd checks the structure
+    return grads[:len(ctx.needs_input_grad)]
 
 
 def _no_double_backward(ctx, *grads):
