@@ -55,9 +55,10 @@ class RNN:
     step t-1 from step t, so the reverse direction of a bidirectional layer
     restarts from ``h0`` when it enters step t-1 coming from step t.  Flags
     at step 0 and at padded steps (``t >= lengths[b]``) change nothing.  The
-    backends run once per stretch between reset steps
-    (:mod:`kernrnn.backends.resets`; the cost is measured in the docs'
-    layer page); zoneout in training is refused with resets.
+    backends run once per stretch between steps where some row resets
+    (:mod:`kernrnn.backends.resets`), which costs one backend call per
+    stretch (measured in the docs, "Resets"); zoneout in training is refused
+    with resets.
 
     ``cell`` is a registered name (``"rnn"``, ``"lstm"``, ``"gru"``, plugins)
     or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
