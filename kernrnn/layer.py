@@ -283,7 +283,8 @@ class RNN:
                 idx = layer * D + d
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 args = (self.cell, inp, self._direction_params(layer, d), init)
-                kw = dict(y=out[:, :, d * O:(d + 1) * O], **self._regularization_call(key, layer, d))
+                kw = dict(y=out[:, :, d * O:(d + 1) * O],
+                          **self._regularization_call(key, layer, d))
                 if rplan is None:
                     _, hn[:, idx], ctx = be.forward(*args, dev_lens, bool(d), self.training, **kw)
                 else:  # cut at the resets (kernrnn.backends.resets)

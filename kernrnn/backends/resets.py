@@ -16,10 +16,11 @@ flagged rows replaced by their ``h0`` rows (``xp.where``, on the layer's
 device, no host synchronisation).  Backward runs the chunks in reverse order
 and routes the flagged rows' state gradient to ``dh0``.  So the CPU and the
 CUDA backends, every path of theirs and every cell get resets unchanged; the
-price is one backend call per chunk: measured at T = 100, B = 32, H = 128 (LSTM,
-one CPU thread), a training step takes 1.7x as long with a reset probability
-of 0.01 per (t, b) and 3.1x with 0.05 (docs: benchmarks, "Resets").  A mask without an effective flag gives no plan (:func:`plan` returns
-None) and the caller runs the backend exactly as without resets.
+price is one backend call per chunk: measured at T = 100, B = 32, H = 128
+(LSTM, one CPU thread), a training step takes 1.7x as long with a reset
+probability of 0.01 per (t, b) and 3.1x with 0.05 (docs: benchmarks,
+"Resets").  A mask without an effective flag gives no plan (:func:`plan`
+returns None) and the caller runs the backend exactly as without resets.
 
 Zoneout in training draws its masks from the step index inside the kernel, so
 a chunk would redraw the masks of its first steps; the layer refuses that
