@@ -98,3 +98,26 @@ def check_lengths(lengths, batch: int, T: int):
             f"lengths must lie in [0, {T}] (T = x.shape[0]), got min {arr.min()} max {arr.max()}"
         )
     return arr.astype(np.int64)
+
+
+def check_resets(resets, shape: tuple, layout: str = "[T, B]"):
+    """``resets`` as a bool NumPy array of ``shape`` (read to the host once: the chunking
+    of the time axis is decided there), or None.  ``layout`` names the axes in messages."""
+    if resets is None:
+        return None
+    want = f"{layout} = [{', '.join(str(s) for s in shape)}]"
+    if not hasattr(resets, "shape") or not hasattr(resets, "dtype"):
+        raise TypeError(f"resets must be a bool array {want} (True where a step starts a new "
+                        f"episode), got {type(resets).__name__}")
+    got_shape = tuple(resets.shape)
+    got_dtype = str(resets.dtype).replace("torch.", "")
+    if got_shape != tuple(shape):
+        raise ValueError(f"resets must have shape {want} (True where a step starts a new "
+                         f"episode), got {list(got_shape)}")
+    if got_dtype != "bool":
+        raise TypeError(f"resets must have dtype bool (no silent cast), got {got_dtype}")
+    if hasattr(resets, "get") and not isinstance(resets, np.ndarray):
+        resets = resets.get()  # CuPy array: read once, like the lengths
+    elif hasattr(resets, "detach"):  # a torch tensor
+        resets = resets.detach().cpu().numpy()
+    return np.asarray(resets, dtype=bool)

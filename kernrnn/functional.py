@@ -13,8 +13,9 @@ from collections.abc import Mapping
 
 from kernrnn import _checks
 from kernrnn.backends import device_of, get_backend
-from kernrnn.plugins import resolve_cell
+from kernrnn.backends import resets as _resets
 from kernrnn.backends.cpu import tiers
+from kernrnn.plugins import resolve_cell
 from kernrnn.scalar import check_cell_compiles
 
 # resolve_cell lives with the registry (kernrnn.plugins); it stays importable from here.
@@ -22,7 +23,7 @@ __all__ = ["rnn_forward", "rnn_backward", "resolve_cell"]
 
 
 def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=None, h0=None,
-                lengths=None, reverse=False, training=True, cell_args=None):
+                lengths=None, reverse=False, training=True, cell_args=None, resets=None):
     """Run ``cell`` over ``x`` ``[T, B, I]``.
 
     The parameters are either the four PyTorch arrays (``weight_ih``,
@@ -36,6 +37,10 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     (see :class:`kernrnn.RNN`'s ``proj_size``): ``weight_hh`` is then
     ``[G*H, P]``, and ``y``, ``h0[0]`` and ``hn[0]`` have P units.  ``cell_args``:
     the cell's hyperparameters by name (the defaults for those left out).
+    ``resets`` (bool ``[T, B]``): True where step t of row b starts a new
+    episode; the state entering it is ``h0`` (with ``reverse``: the state
+    entering step t-1 from step t), and :func:`rnn_backward` sends its
+    gradient to ``dh0`` (see :class:`kernrnn.RNN`).
     """
     cell = resolve_cell(cell)
     hyper = {"hyper": cell.hyper_vector(cell_args)} if cell.hyper or cell_args else {}
@@ -74,10 +79,14 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
             raise type(exc)(f"cell {cell.name!r} with H={H} (from bias_ih): {exc}") from None
     h0 = _state_array(backend, h0, cell, B, H, dtype, "h0", P)
     lens = _checks.check_lengths(lengths, B, T)
-    y, hn, ctx = backend.forward(
-        cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
-        backend.lengths(lens), bool(reverse), bool(training), **hyper,
-    )
+    rplan = _resets.plan(backend, _checks.check_resets(resets, (T, B)), lens)
+    args = (cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0)
+    if rplan is None:
+        y, hn, ctx = backend.forward(*args, backend.lengths(lens), bool(reverse), bool(training),
+                                     **hyper)
+    else:  # cut at the resets (kernrnn.backends.resets)
+        y, hn, ctx = _resets.forward(backend, rplan, *args, bool(reverse), bool(training),
+                                     **hyper)
     return y, unstack_states(hn, cell, P), ctx
 
 
@@ -100,8 +109,8 @@ def rnn_backward(ctx, dy, dhn=None):
     H, P = ctx.hidden_size, ctx.proj_size
     _checks.check_array(dy, "dy", (T, B, P or H), ctx.x.dtype)
     dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn", P)
-    dx, dh0, grads = backend.backward(ctx, backend.asarray(dy), dhn)
-    backend.release(ctx)
+    dx, dh0, grads = _resets.backward(backend, ctx, backend.asarray(dy), dhn)
+    _resets.release(backend, ctx)
     return dx, unstack_states(dh0, ctx.cell, P), grads
 
 

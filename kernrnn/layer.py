@@ -16,6 +16,7 @@ import numpy as np
 
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
+from kernrnn.backends import resets as _resets
 from kernrnn.errors import CellError, describe_source
 from kernrnn.functional import direction_shapes, stack_states, unstack_states
 from kernrnn.plugins import resolve_cell
@@ -46,6 +47,20 @@ class RNN:
     computed inside the time loop, so ``y`` is ``[T, B, D*P]``, ``h`` states
     ``[L*D, B, P]`` (``c`` stays ``[L*D, B, H]``) and ``weight_hh_l{k}`` is
     ``[G*H, P]``.
+
+    **Resets** (reinforcement learning's episode starts): ``layer(x, h0,
+    lengths, resets=mask)`` with a bool ``mask`` ``[T, B]`` (``[B, T]`` with
+    ``batch_first``), True where step t of row b starts a new episode.  The
+    state entering a flagged step is that row's ``h0`` (zeros when none is
+    given), in every layer of the stack, and :meth:`backward` sends the
+    gradient reaching it to ``dh0``: none crosses a reset.  A flag separates
+    step t-1 from step t, so the reverse direction of a bidirectional layer
+    restarts from ``h0`` when it enters step t-1 coming from step t.  Flags
+    at step 0 and at padded steps (``t >= lengths[b]``) change nothing.  The
+    backends run once per stretch between steps where some row resets
+    (:mod:`kernrnn.backends.resets`), which costs one backend call per
+    stretch (measured in the docs, "Resets"); zoneout in training is refused
+    with resets.
 
     ``cell`` is a registered name (``"rnn"``, ``"lstm"``, ``"gru"``, plugins)
     or a :class:`~kernrnn.cell.Cell`; ``nonlinearity="relu"`` selects the
@@ -262,15 +277,15 @@ class RNN:
 
     # -- forward / backward ------------------------------------------------
 
-    def __call__(self, x, h0=None, lengths=None):
-        return self.forward(x, h0, lengths)
+    def __call__(self, x, h0=None, lengths=None, resets=None):
+        return self.forward(x, h0, lengths, resets)
 
-    def forward(self, x, h0=None, lengths=None):
-        """Run all layers; see the class docstring for shapes."""
+    def forward(self, x, h0=None, lengths=None, resets=None):
+        """Run all layers; see the class docstring for shapes and ``resets``."""
         with self._lock:
-            return self._forward(x, h0, lengths)
+            return self._forward(x, h0, lengths, resets)
 
-    def _forward(self, x, h0, lengths):
+    def _forward(self, x, h0, lengths, resets=None):
         be, xp = self._backend, self._backend.xp
         D, L, H, S = self.num_directions, self.num_layers, self.hidden_size, self.cell.n_state
         O = self.output_size
@@ -282,7 +297,8 @@ class RNN:
         T, B, _ = x.shape
         h0 = self._check_state(h0, B, "h0")
         lens = _checks.check_lengths(lengths, B, T)
-        dev_lens = be.lengths(lens)
+        rplan = _resets.plan(be, self._check_resets(resets, T, B), lens)
+        dev_lens = be.lengths(lens) if rplan is None else None
         hn = xp.empty((S, L * D, B, H), dtype=self.dtype)
         ctxs = []
         hyper = {"hyper": self.cell.hyper_vector(self.cell_args)} if self.cell.hyper else {}
@@ -294,12 +310,14 @@ class RNN:
             for d in range(D):
                 idx = layer * D + d
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
-                _, hn[:, idx], ctx = be.forward(
-                    self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
-                    self.training,
-                    y=out[:, :, d * O:(d + 1) * O], **self._regularization_call(key, layer, d),
-                    **hyper,
-                )
+                args = (self.cell, inp, self._direction_params(layer, d), init)
+                kw = dict(y=out[:, :, d * O:(d + 1) * O],
+                          **self._regularization_call(key, layer, d), **hyper)
+                if rplan is None:
+                    _, hn[:, idx], ctx = be.forward(*args, dev_lens, bool(d), self.training, **kw)
+                else:  # cut at the resets (kernrnn.backends.resets)
+                    _, hn[:, idx], ctx = _resets.forward(be, rplan, *args, bool(d),
+                                                         self.training, **kw)
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
         self._ctx = (ctxs, T, B, masks) if self.training else None
@@ -323,7 +341,7 @@ class RNN:
             dx, dh0 = self._backward(ctx, dy, dhn, self.grads)
             self._ctx = None
             for c in ctx[0]:  # the forward's buffers go back to the backend
-                self._backend.release(c)
+                _resets.release(self._backend, c)
         return dx, dh0
 
     def _backward(self, ctx, dy, dhn, grads):
@@ -344,7 +362,8 @@ class RNN:
                 idx = layer * D + d
                 sfx = _suffix(layer, d)
                 dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
-                dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * O:(d + 1) * O], dhn_d)
+                dxd, dh0[:, idx], g = _resets.backward(be, ctxs[idx], dy[:, :, d * O:(d + 1) * O],
+                                                       dhn_d)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
                     if f"{kind}{sfx}" in grads:  # bias=False: no bias gradients
@@ -355,7 +374,7 @@ class RNN:
     # -- explicit-parameter calls (for autograd adapters such as kernrnn.torch) --
 
     def forward_with(self, params, x, h0=None, lengths=None, *, training=True,
-                     dropout_seed=None, masks=None):
+                     dropout_seed=None, masks=None, resets=None):
         """:meth:`forward` with ``params`` (a dict like :attr:`params`, e.g. views
         of another framework's tensors) in place of the layer's own.
 
@@ -373,7 +392,7 @@ class RNN:
             self._dropout_key = None if dropout_seed is None else (int(dropout_seed),)
             self._masks_override = None if masks is None else bool(masks)
             try:
-                y, hn = self._forward(x, h0, lengths)
+                y, hn = self._forward(x, h0, lengths, resets)
                 return y, hn, self._ctx
             finally:
                 self.params, self.training, self._ctx = saved
@@ -457,6 +476,21 @@ class RNN:
                 m /= self.dtype.type(keep)
             masks.append(self._backend.asarray(m))
         return masks
+
+    def _check_resets(self, resets, T: int, B: int):
+        """The reset mask as a host bool ``[T, B]`` array (``[B, T]`` given with
+        ``batch_first``), or None; refused with zoneout in training."""
+        layout = "[B, T]" if self.batch_first else "[T, B]"
+        rs = _checks.check_resets(resets, (B, T) if self.batch_first else (T, B), layout)
+        if rs is None:
+            return None
+        if self.regularization.zoneout and self._masks_mode():
+            raise ValueError(
+                f"resets do not combine with zoneout in training, got zoneout="
+                f"{self.regularization.zoneout}: its masks are drawn per step index, which "
+                f"the chunks cut at the resets would restart; use recurrent_dropout or "
+                f"input_dropout, or evaluation mode")
+        return rs.T if self.batch_first else rs
 
     # -- state helpers -----------------------------------------------------
 

@@ -45,7 +45,7 @@ def reference_recurrent_product(cell, h, W_hh):
 
 
 def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=None,
-                        cell_args=None):
+                        cell_args=None, resets=None):
     """One layer, one direction.  ``params`` maps the cell's parameter names to arrays.
 
     ``h0`` is a tuple of S ``[B, H]`` arrays; ``reg`` a
@@ -54,7 +54,9 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     (defaults for those left out), passed to its ``reference`` by name.  Returns
     ``(y [T, B, H], hn tuple)`` in float64.  With ``params["weight_hr"]`` ``[P, H]``
     (LSTMP) the state the recurrence and the output read is ``h = W_hr h_cell``:
-    ``h0[0]``, ``y`` and ``hn[0]`` are ``[.., P]``.
+    ``h0[0]``, ``y`` and ``hn[0]`` are ``[.., P]``.  ``resets`` (bool ``[T, B]``, or
+    None): the state entering a flagged active step t is ``h0`` again (reverse: the
+    state entering step t-1 from step t), one step at a time.
     """
     from kernrnn import regularization as R
 
@@ -78,6 +80,7 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     hp = None
     if W_hr is not None:  # the projected h; the cell's own h starts at zero (it is not read)
         hp, state = state[0], (np.zeros((B, H)),) + state[1:]
+    start, hp_start = state, hp
     unit_params = []
     for prm in cell.params:
         v = p[prm.name]
@@ -91,6 +94,12 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     y = np.zeros((T, B, H if W_hr is None else W_hr.shape[0]))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
+        r = t + 1 if reverse else t  # a flag at r separates steps r-1 and r
+        if resets is not None and 0 < r < T:
+            flag = (np.asarray(resets[r]) & (r < lengths))[:, None]
+            state = tuple(np.where(flag, s0, s) for s0, s in zip(start, state))
+            if hp is not None:
+                hp = np.where(flag, hp_start, hp)
         xw = x[t] @ p["weight_ih"].T
         if cell.input_norm is not None:
             xw = _norm_blocks(xw, cell.input_norm, G) * p["norm_ih_weight"]
@@ -125,15 +134,16 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
 
 
 def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirectional=False,
-                  regularization=None, seed=0, training=True, cell_args=None):
+                  regularization=None, seed=0, training=True, cell_args=None, resets=None):
     """A whole (multi-layer, bidirectional) layer with PyTorch's parameter names.
 
     ``params`` maps ``weight_ih_l{k}[_reverse]`` etc. to arrays (with
     ``weight_hr_l{k}``: an LSTMP, whose ``h`` is ``[.., P]``); ``h0`` is a
     tuple of S ``[num_layers*D, B, H]`` arrays or None; ``regularization`` a
     :class:`~kernrnn.regularization.Regularization` applied with the call seed
-    ``seed``; ``cell_args`` the cell's hyperparameters.  Returns ``(y [T, B, D*H],
-    hn tuple of [num_layers*D, B, H])``.
+    ``seed``; ``cell_args`` the cell's hyperparameters; ``resets`` a bool ``[T, B]`` of
+    episode starts, the same in every layer (see :class:`kernrnn.RNN`).  Returns
+    ``(y [T, B, D*H], hn tuple of [num_layers*D, B, H])``.
     """
     from kernrnn.regularization import RegularizationCall
 
@@ -161,7 +171,8 @@ def reference_rnn(cell, params, x, h0=None, lengths=None, num_layers=1, bidirect
             if regularization is not None and regularization.active:
                 reg = RegularizationCall(regularization, seed, layer, d, training)
             y, st = reference_direction(cell, inp, p, tuple(h[idx] for h in h0), lengths,
-                                        reverse=bool(d), reg=reg, cell_args=cell_args)
+                                        reverse=bool(d), reg=reg, cell_args=cell_args,
+                                        resets=resets)
             outs.append(y)
             for s in range(cell.n_state):
                 hn[s][idx] = st[s]

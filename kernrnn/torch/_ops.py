@@ -260,17 +260,22 @@ _OP_TAGS = ({"tags": (_UNSAFE,)} if _UNSAFE is not None
 
 @torch.library.custom_op("kernrnn::rnn_forward", mutates_args=(), **_OP_TAGS)
 def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: torch.Tensor | None,
-                params: list[torch.Tensor], seed: torch.Tensor, save: bool
+                params: list[torch.Tensor], seed: torch.Tensor, save: bool,
+                resets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """``(y [T,B,D*H], hn (S tensors [L*D,B,H]), handle)`` for time-major ``x``
     (``P`` in place of ``H`` for an LSTMP's output and ``h``).
 
     ``hx`` empty means zeros; ``lengths`` int64 ``[B]`` on the CPU; ``seed`` an
     int64 scalar choosing the dropout masks; ``save`` keeps the context for
-    backward (else ``handle`` is empty).
+    backward (else ``handle`` is empty); ``resets`` an optional bool ``[T, B]``
+    (time-major, any device: read on the host, as the lengths) of episode
+    starts (see :class:`kernrnn.RNN`).  It comes last, with a default, so the
+    schema of calls without it is unchanged.
     """
     engine, names = _engine_and_names(spec, x)
     lens = None if lengths is None else lengths.detach().cpu().numpy()
+    rs = None if resets is None else resets.detach().cpu().numpy()
     masks = parse_regularization(spec)[3]
     training = save or engine.dropout > 0 or masks
     with _on_torch_stream(x.device):
@@ -279,14 +284,14 @@ def rnn_forward(spec: str, x: torch.Tensor, hx: list[torch.Tensor], lengths: tor
         arrays = dict(zip(names, (_param_array(p, engine) for p in params)))
         y, hn, ctx = engine.forward_with(arrays, _array(x, engine), _states(hx, engine), lens,
                                          training=training, dropout_seed=int(seed),
-                                         masks=masks)
+                                         masks=masks, resets=rs)
         y, hn = _tensor(y), _parts(hn)
     handle = _stash(ctx) if save else torch.empty(0, dtype=torch.int64)
     return y, hn, handle
 
 
 @rnn_forward.register_fake
-def _(spec, x, hx, lengths, params, seed, save):
+def _(spec, x, hx, lengths, params, seed, save, resets=None):
     _, _, H, L, bidir, _, _ = parse_spec(spec)
     O = parse_proj_size(spec) or H
     D = 2 if bidir else 1
@@ -319,7 +324,7 @@ def _(spec, handle, dy, dhn, params):
 
 
 def _forward_setup(ctx, inputs, output):
-    spec, x, hx, lengths, params, seed, save = inputs
+    spec, x, hx, lengths, params, seed, save, _resets = inputs
     y, hn, handle = output
     ctx.spec, ctx.has_hx = spec, len(hx) > 0
     ctx.y_shape, ctx.dtype, ctx.device = y.shape, y.dtype, y.device
@@ -340,7 +345,10 @@ def _forward_grad(ctx, dy, dhn, _dhandle):
     dy = zeros(ctx.y_shape) if dy is None else dy.contiguous()
     dhn = [zeros(shape) if d is None else d.contiguous() for shape, d in zip(ctx.hn_shapes, dhn)]
     dx, dh0, dparams = rnn_backward(ctx.spec, handle, dy, dhn, list(params))
-    return None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None
+    grads = (None, dx, (list(dh0) if ctx.has_hx else []), None, list(dparams), None, None, None)
+    # one per input as the dispatcher passed them: it leaves out a ``resets`` equal to its
+    # default (None), and autograd checks the structure
+    return grads[:len(ctx.needs_input_grad)]
 
 
 def _no_double_backward(ctx, *grads):

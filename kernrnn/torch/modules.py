@@ -14,6 +14,7 @@ four PyTorch kinds needs no change here.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 
@@ -120,17 +121,18 @@ def _non_finite(*tensors) -> bool:
     return any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def run_or_fall_back(module, data, input, hx, params, run):
+def run_or_fall_back(module, data, input, hx, params, run, no_fallback=None):
     """``run(input, hx, params)`` on kernrnn's kernels, or ``module._torch_forward`` (PyTorch's
     own forward, with a one-time warning) for a call kernrnn cannot run; ``data`` is the
-    input's tensor.  Without a PyTorch forward to fall back to, such a call is an error."""
+    input's tensor.  Without a PyTorch forward to fall back to, such a call is an error;
+    ``no_fallback`` says why a call has none (an argument PyTorch lacks, like ``resets``)."""
     name = type(module).__name__
-    fallback = module._torch_forward
+    fallback = module._torch_forward if no_fallback is None else None
     reason = unsupported(data, params) if isinstance(data, torch.Tensor) else None
     if reason is not None:
         if fallback is None:
-            raise RuntimeError(f"kernrnn.torch.{name}: {reason}, and this module has no "
-                               f"PyTorch implementation to fall back to")
+            why = no_fallback or "this module has no PyTorch implementation to fall back to"
+            raise RuntimeError(f"kernrnn.torch.{name}: {reason}, and {why}")
         _warn_fallback(name, reason)
         return fallback(input, hx)
     if fallback is None or torch.compiler.is_compiling():
@@ -159,13 +161,25 @@ class _FusedForward:
     #: PyTorch's ``forward`` for calls kernrnn cannot run (None: no fallback, an error).
     _torch_forward = None
 
-    def forward(self, input, hx=None):
-        """``output, h_n`` (``h_n`` a tuple for cells with several states, as ``nn.LSTM``)."""
+    def forward(self, input, hx=None, resets=None):
+        """``output, h_n`` (``h_n`` a tuple for cells with several states, as ``nn.LSTM``).
+
+        ``resets`` (kernrnn's, not PyTorch's): a bool tensor ``[T, B]`` (``[B, T]``
+        with ``batch_first``, ``[T]`` for an unbatched input; rows in the input's
+        order for a ``PackedSequence``), True where step t of row b starts a new
+        episode: the state entering it is ``hx``'s row (zeros without ``hx``), and
+        no gradient crosses it (see :class:`kernrnn.RNN`).  Such a call never
+        falls back to PyTorch, which has no resets.
+        """
         data = input.data if isinstance(input, PackedSequence) else input
         params = [getattr(self, n) for n in self._flat_weights_names]  # parametrisations run
-        return run_or_fall_back(self, data, input, hx, params, self._kernrnn_forward)
+        if resets is None:
+            return run_or_fall_back(self, data, input, hx, params, self._kernrnn_forward)
+        return run_or_fall_back(self, data, input, hx, params,
+                                functools.partial(self._kernrnn_forward, resets=resets),
+                                no_fallback="PyTorch has no resets to fall back to")
 
-    def _kernrnn_forward(self, input, hx, params):
+    def _kernrnn_forward(self, input, hx, params, resets=None):
         S = self._n_state
         name = type(self).__name__
         sorted_indices = unsorted_indices = None
@@ -197,7 +211,10 @@ class _FusedForward:
             if sorted_indices is not None:
                 parts = tuple(p.index_select(1, sorted_indices) for p in parts)
         _check_tensors(name, x, parts or (), params, self._flat_weights_names)
-        y, hn = self._run(x, parts, lengths, params)
+        if resets is not None:
+            resets = _reset_mask(name, resets, x.shape[0], x.shape[1], self.batch_first,
+                                 is_batched, sorted_indices)
+        y, hn = self._run(x, parts, lengths, params, resets)
         if isinstance(input, PackedSequence):
             out = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes,
                                  sorted_indices, unsorted_indices)
@@ -210,8 +227,9 @@ class _FusedForward:
                 hn = [h.squeeze(1) for h in hn]
         return out, (hn[0] if S == 1 else tuple(hn))
 
-    def _run(self, x, parts, lengths, params):
-        """The op call: ``x`` time-major, ``parts`` None or S tensors."""
+    def _run(self, x, parts, lengths, params, resets=None):
+        """The op call: ``x`` time-major, ``parts`` None or S tensors, ``resets`` None or
+        bool ``[T, B]``."""
         active = self.training and self.dropout > 0 and self.num_layers > 1
         rd = getattr(self, "recurrent_dropout", 0.0)
         xd = getattr(self, "input_dropout", 0.0)
@@ -234,8 +252,40 @@ class _FusedForward:
         save = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
             or any(h.requires_grad for h in hx))
-        y, hn, _ = _ops.rnn_forward(spec, x, hx, lengths, params, seed, save)
+        if resets is None:
+            y, hn, _ = _ops.rnn_forward(spec, x, hx, lengths, params, seed, save)
+        else:
+            y, hn, _ = _ops.rnn_forward(spec, x, hx, lengths, params, seed, save, resets)
         return y, list(hn)
+
+
+def _reset_mask(name, resets, T, B, batch_first, is_batched, sorted_indices):
+    """The time-major bool ``[T, B]`` mask of a ``resets`` argument given in the input's
+    layout (``[B, T]`` with ``batch_first``, ``[T]`` unbatched, the input's batch order)."""
+    if not is_batched:
+        want, layout = (T,), "[T]"
+    elif batch_first:
+        want, layout = (B, T), "[B, T]"
+    else:
+        want, layout = (T, B), "[T, B]"
+    expected = f"{layout} = {list(want)}"
+    if not isinstance(resets, torch.Tensor):
+        raise TypeError(f"{name}: resets must be a bool Tensor {expected} (True where a step "
+                        f"starts a new episode), got {type(resets).__name__}")
+    if tuple(resets.shape) != want:
+        raise ValueError(f"{name}: resets must have shape {expected} (True where a step "
+                         f"starts a new episode), got {list(resets.shape)}")
+    if resets.dtype != torch.bool:
+        raise TypeError(f"{name}: resets must have dtype torch.bool (no silent cast), got "
+                        f"{resets.dtype}")
+    resets = resets.detach()
+    if not is_batched:
+        resets = resets.unsqueeze(1)
+    elif batch_first:
+        resets = resets.transpose(0, 1)
+    if sorted_indices is not None:  # the packed (sorted) order the kernels run in
+        resets = resets.index_select(1, sorted_indices.to(resets.device))
+    return resets.contiguous()
 
 
 def _state_parts(name, hx, S, is_batched):
