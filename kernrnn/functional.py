@@ -72,10 +72,14 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
             raise type(exc)(f"cell {cell.name!r} with H={H} (from bias_ih): {exc}") from None
     h0 = _state_array(backend, h0, cell, B, H, dtype, "h0", P)
     lens = _checks.check_lengths(lengths, B, T)
+    params, stored = effective_params(cell, {k: backend.asarray(params[k]) for k in shapes},
+                                      backend.xp, cell_args)
     y, hn, ctx = backend.forward(
-        cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0,
-        backend.lengths(lens), bool(reverse), bool(training), **hyper,
+        cell, backend.asarray(x), params, h0, backend.lengths(lens), bool(reverse),
+        bool(training), **hyper,
     )
+    if ctx is not None:
+        ctx.stored_weight_hh = stored
     return y, unstack_states(hn, cell, P), ctx
 
 
@@ -99,8 +103,32 @@ def rnn_backward(ctx, dy, dhn=None):
     _checks.check_array(dy, "dy", (T, B, P or H), ctx.x.dtype)
     dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn", P)
     dx, dh0, grads = backend.backward(ctx, backend.asarray(dy), dhn)
+    stored_weight_grad(ctx.cell, ctx, grads, backend.xp)
     backend.release(ctx)
     return dx, unstack_states(dh0, ctx.cell, P), grads
+
+
+# -- a parametrised recurrent weight (kernrnn.cell.RecurrentWeight) ----------------------
+# The backends see only the effective W_hh; these wrap a call of one layer direction.
+
+
+def effective_params(cell, params: dict, xp, cell_args=None):
+    """``(params, stored)``: ``params`` with ``weight_hh`` replaced by the cell's effective
+    weight (computed once, before the time loop), and ``(stored weight_hh, hyperparameter
+    values)`` to chain its gradient with; ``(params, None)`` for other cells."""
+    if cell.recurrent_weight is None or "weight_hh" not in params:
+        return params, None
+    W, values = params["weight_hh"], cell.hyper_values(cell_args)
+    return {**params, "weight_hh": cell.effective_weight_hh(W, xp, values)}, (W, values)
+
+
+def stored_weight_grad(cell, ctx, grads: dict, xp) -> None:
+    """Replace, in place, the effective weight's gradient in ``grads`` by the stored one's
+    (``recurrent_weight.vjp``), for a forward context made through :func:`effective_params`."""
+    stored = getattr(ctx, "stored_weight_hh", None)
+    if stored is not None and "weight_hh" in grads:
+        W, values = stored
+        grads["weight_hh"] = cell.weight_hh_vjp(W, grads["weight_hh"], xp, values)
 
 
 # -- PyTorch-style states and parameter shapes <-> what the backends take ------------

@@ -17,7 +17,13 @@ import numpy as np
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
 from kernrnn.errors import CellError, describe_source
-from kernrnn.functional import direction_shapes, stack_states, unstack_states
+from kernrnn.functional import (
+    direction_shapes,
+    effective_params,
+    stack_states,
+    stored_weight_grad,
+    unstack_states,
+)
 from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization, RegularizationCall, call_seed
 from kernrnn.scalar import check_cell_compiles
@@ -60,6 +66,12 @@ class RNN:
     and :meth:`load_state_dict` restores them from there; a state dict without
     them leaves the layer's values as they are.  An unknown name or a value of
     the wrong type is a :class:`~kernrnn.cell.CellError`.
+
+    **A parametrised recurrent weight** (a cell's
+    :class:`~kernrnn.cell.RecurrentWeight`): :attr:`params` and :attr:`grads` hold
+    the stored ``weight_hh_l{k}`` and its gradient; each call computes the
+    effective weight once per layer direction before the time loop and chains
+    the gradient back after BPTT.
 
     **Changing** ``x`` **after forward.**  In training mode forward keeps its
     own copy of ``x`` for backward (the weight gradient needs it), so changing
@@ -118,7 +130,7 @@ class RNN:
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         self.proj_size = self._check_proj_size(proj_size)
-        #: Every hyperparameter of the cell: name -> value (see the class docstring).
+        #: Every hyperparameter of the cell by name, with its value (see the class docstring).
         self.cell_args = _cell_args(self.cell, cell_args, hyper)
         check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
         self.device = check_device(device)
@@ -292,12 +304,15 @@ class RNN:
             for d in range(D):
                 idx = layer * D + d
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
+                params, stored = effective_params(self.cell, self._direction_params(layer, d),
+                                                  xp, self.cell_args)
                 _, hn[:, idx], ctx = be.forward(
-                    self.cell, inp, self._direction_params(layer, d), init, dev_lens, bool(d),
-                    self.training,
+                    self.cell, inp, params, init, dev_lens, bool(d), self.training,
                     y=out[:, :, d * O:(d + 1) * O], **self._regularization_call(key, layer, d),
                     **hyper,
                 )
+                if ctx is not None:
+                    ctx.stored_weight_hh = stored
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
         self._ctx = (ctxs, T, B, masks) if self.training else None
@@ -343,6 +358,7 @@ class RNN:
                 sfx = _suffix(layer, d)
                 dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 dxd, dh0[:, idx], g = be.backward(ctxs[idx], dy[:, :, d * O:(d + 1) * O], dhn_d)
+                stored_weight_grad(self.cell, ctxs[idx], g, xp)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
                     if f"{kind}{sfx}" in grads:  # bias=False: no bias gradients

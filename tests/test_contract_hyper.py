@@ -142,10 +142,6 @@ def test_cells_without_hyperparameters_generate_the_same_kernel_source(name):
 # -- bad declarations and bad values ---------------------------------------------------------
 
 
-def _fwd_missing(xw, hu, prev, eps):
-    return (prev[0] + eps * xw[0],)
-
-
 def _fwd_unknown(xw, hu, prev, eps, beta):
     return (prev[0] + eps * xw[0] + beta,)
 
@@ -169,8 +165,6 @@ def _hand_backward(saved, prev, dstate, eps):
     (dict(forward=_fwd_eps, hyper={"eps": float("nan")}), "the default must be a finite"),
     (dict(forward=_fwd_eps, hyper=(Hyper("eps", 1.0), Hyper("eps", 2.0))), "distinct"),
     (dict(forward=_fwd_eps, hyper=("eps",)), "hyper must be a dict"),
-    (dict(forward=_fwd_missing, hyper={"eps": 0.1, "gamma": 0.2}),
-     "declares the hyperparameter 'gamma'; the forward must take it"),
     (dict(forward=_fwd_unknown, hyper={"eps": 0.1}), "unknown trailing argument 'beta'"),
     (dict(forward=_hand_forward, backward=_hand_backward, hyper={"eps": 0.1},
           reference=lambda xw, hu, prev, eps: (xw[0] + hu[0],)),
@@ -216,6 +210,16 @@ def test_reserved_names_cover_the_layers_keywords():
     for cls in layers:
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "hyper"}
         assert names <= RESERVED_HYPER_NAMES, (cls, names - RESERVED_HYPER_NAMES)
+
+
+def test_a_forward_may_leave_out_a_hyperparameter():
+    """One only a RecurrentWeight reads, say: still declared, set and checked."""
+    cell = Cell("t_unused_hyper", gates="a", forward=_fwd_eps,
+                hyper={"eps": 0.5, "gamma": 0.1})
+    assert cell.hyper_values({"gamma": 2.0}) == {"eps": 0.5, "gamma": 2.0}
+    layer = kernrnn.RNN(cell, 1, 2, dtype=np.float64, gamma=3.0)
+    x = np.ones((2, 1, 1))
+    np.testing.assert_array_equal(layer(x)[0], kernrnn.RNN(cell, 1, 2, dtype=np.float64)(x)[0])
 
 
 def test_values_given_twice_or_not_as_a_dict():

@@ -405,7 +405,7 @@ class Recurrent(_FusedForward, nn.Module):
                             f"torch.float64, got {dtype}")
         from kernrnn.layer import _cell_args
 
-        #: The cell's hyperparameters, name -> value (every one, defaults filled in).
+        #: The cell's hyperparameters by name, every one (the defaults filled in).
         self.cell_args = _cell_args(_ops._cell(self.cell), cell_args, hyper)
         layer = self._native_layer(dtype)
         self._flat_weights_names = list(layer.param_shapes())
