@@ -366,10 +366,40 @@ def test_torch_module_takes_and_keeps_the_values():
     m2.load_state_dict(torch.load(buf))
     assert m2.cell_args == m.cell_args
     torch.testing.assert_close(m2(x)[0], y)
-    m2.cell_args["eps"] = 0.4  # data for the kernels: takes effect at the next call
+    m2.cell_args = {**m2.cell_args, "eps": 0.4}  # data for the kernels: the next call's
     assert not torch.allclose(m2(x)[0], y)
+    with pytest.raises(TypeError):
+        m2.cell_args["eps"] = 0.1  # read-only: an assignment checks the values
+    with pytest.raises(CellError, match="'k' must be an int"):
+        m2.cell_args = {"k": 0.5}
+    assert m2.cell_args["eps"] == 0.4
+    compiled = torch.compile(m2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x)[0], m2(x)[0])
+    m2.cell_args = {"eps": -0.4, "k": 2}  # a new value: torch.compile sees a new configuration
+    torch.testing.assert_close(compiled(x)[0], y)
     with pytest.raises(CellError, match="unknown hyperparameter 'epsilon'"):
         Recurrent(HYP, 2, 3, epsilon=0.1)
+
+
+def test_torch_cell_module_takes_and_keeps_the_values():
+    torch = pytest.importorskip("torch")
+    from kernrnn.torch import Recurrent, RecurrentCell
+
+    torch.manual_seed(0)
+    cell = RecurrentCell(HYP, 2, 3, dtype=torch.float64, cell_args={"eps": -0.4}, flip=True)
+    assert cell.cell_args == {"eps": -0.4, "gamma": 0.1, "k": 1, "flip": True}
+    assert "flip=True" in repr(cell)
+    layer = Recurrent(HYP, 2, 3, dtype=torch.float64, eps=-0.4, flip=True)
+    layer.load_state_dict({f"{k}_l0": v for k, v in cell.state_dict().items()})
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    h0 = torch.full((3, 3), 0.2, dtype=torch.float64)
+    torch.testing.assert_close(cell(x, h0), layer(x[None], h0[None])[0][0])
+    sd = cell.state_dict()
+    assert sd._metadata[""]["cell_args"] == cell.cell_args
+    other = RecurrentCell(HYP, 2, 3, dtype=torch.float64)
+    other.load_state_dict(sd)
+    assert other.cell_args == cell.cell_args
+    torch.testing.assert_close(other(x, h0), cell(x, h0))
 
 
 # -- the CUDA kernels: PTX ---------------------------------------------------------------------
