@@ -503,9 +503,15 @@ class Cell:
 
         The persistent CUDA kernel runs only these.
         """
+        return self.plain_layout and not self.hyper
+
+    @property
+    def plain_layout(self) -> bool:
+        """:attr:`plain`, hyperparameters aside: a dense recurrence over all gates, no
+        per-unit parameters, no normalisation (the arrays' layouts are a plain cell's)."""
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize and not self.hyper)
+                and not self.normalize)
 
     @property
     def derived_backward(self) -> bool:
