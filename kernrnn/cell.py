@@ -64,8 +64,8 @@ Hyperparameters
 ---------------
 ``hyper`` declares constants chosen per layer, not learned (a step size, a
 damping): a dict ``{name: default}`` or a tuple of :class:`Hyper`.  The
-forward takes each as a trailing argument of that name, after the per-unit
-parameters (and ``norm``), in any order::
+forward takes each it reads as a trailing argument of that name, after the
+per-unit parameters (and ``norm``), in any order::
 
     def forward(xw, hu, prev, eps, gamma):
         return (prev[0] + eps * tanh(xw[0] + hu[0] - gamma * prev[0]),)
@@ -81,6 +81,12 @@ before.  The generated functions take them as one last tuple ``hyper`` in
 declaration order (``backward(saved, prev, dstate, *params, hyper)``), a
 reference as keyword arguments (``reference(xw, hu, prev, *params, eps=...,
 gamma=...)``).  They need a derived backward.
+
+``recurrent_weight=RecurrentWeight(forward, vjp)`` parametrises ``W_hh``: the
+step uses ``forward(W, xp, **hyper)`` of the stored ``weight_hh`` ``W`` (e.g.
+``W - W.T - gamma * xp.eye(H)``), computed once per call before the time
+loop; after BPTT the gradient of that effective weight goes back through
+``vjp(W, dW_eff, xp, **hyper)`` to the stored one (``xp``: NumPy or CuPy).
 
 The reference
 -------------
@@ -138,7 +144,7 @@ from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
 from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Hyper", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
+__all__ = ["Cell", "CellError", "Param", "Hyper", "RecurrentWeight", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
            "sin",
            "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
@@ -179,8 +185,8 @@ class Hyper:
     """A hyperparameter of a cell: a constant chosen per layer, not learned.
 
     The forward takes it as a trailing argument called ``name`` (after the
-    per-unit parameters and ``norm``, bound by name, in any order); the
-    layer sets it (``kernrnn.RNN(cell, I, H, name=value)`` or
+    per-unit parameters and ``norm``, bound by name, in any order; it may
+    leave out one it does not read); the layer sets it (``kernrnn.RNN(cell, I, H, name=value)`` or
     ``cell_args={name: value}``), else it is ``default``.  The type of
     ``default`` is the type a value must have: a float takes any finite
     number, an int an integer, a bool ``True``/``False``.  The kernels read
@@ -216,6 +222,27 @@ class Hyper:
             fail(f"hyperparameter {self.name!r} must be {want} (default {self.default!r}), got "
                  f"{value!r} ({type(value).__name__})")
         return kind(value)
+
+
+@dataclass(frozen=True)
+class RecurrentWeight:
+    """A parametrised recurrent weight: the step's ``W_hh`` is a function of the stored one.
+
+    ``forward(W, xp, **hyper) -> W_eff``: the effective weight from the stored
+    ``weight_hh`` ``W`` of one layer direction (its shape, e.g. ``[Gr*H, H]``;
+    ``W_eff`` has the same shape and dtype), with ``xp`` the array module of the
+    layer's device (NumPy, or CuPy on a GPU; under ``kernrnn.torch`` the same,
+    on views of the tensors) and the cell's hyperparameters as keywords.
+    ``vjp(W, dW_eff, xp, **hyper) -> dW``: its vector-Jacobian product, the
+    gradient of the stored weight from that of the effective one.  Computed once
+    per call, before the time loop; the gradient is chained after BPTT.
+    :func:`kernrnn.testing.check_cell` checks ``vjp`` against finite differences
+    of ``forward``.
+    """
+
+    forward: Callable
+    vjp: Callable
+    description: str = ""
 
 
 #: Names a hyperparameter may not take: the arguments of the forward bound by position or
@@ -317,6 +344,9 @@ class Cell:
         Hyperparameters (:class:`Hyper`), or a dict ``{name: default}``: constants
         set per layer, read by the forward as trailing arguments of those names
         (see "Hyperparameters" in the module docstring).  Needs a derived backward.
+    recurrent_weight:
+        A :class:`RecurrentWeight`: the step's ``W_hh`` is a function of the stored
+        ``weight_hh`` (such as ``W - W^T - gamma I``); needs a recurrent product.
     """
 
     name: str
@@ -340,6 +370,7 @@ class Cell:
     linear: bool = False
     state_sampler: Callable | None = None
     hyper: tuple[Hyper, ...] | dict = ()
+    recurrent_weight: RecurrentWeight | None = None
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -406,8 +437,8 @@ class Cell:
 
     @property
     def n_unit_scalars(self) -> int:
-        """Values per unit in the kernels' per-unit vector: the per-unit parameters'
-        scalars, then each hyperparameter (repeated over the H units)."""
+        """Values per unit in the kernels' per-unit vector (the per-unit parameters'
+        scalars, then each hyperparameter, repeated over the H units)."""
         return self.n_param_scalars + self.n_hyper
 
     def hyper_values(self, given=None) -> dict:
@@ -430,6 +461,33 @@ class Cell:
         values = self.hyper_values(values)
         return tuple(float(values[h.name]) for h in self.hyper)
 
+    def effective_weight_hh(self, W, xp, values=None):
+        """The ``W_hh`` the step uses: ``recurrent_weight.forward(W, xp, **hyper)`` of the
+        stored ``W`` (``W`` itself without a :class:`RecurrentWeight`); ``values``: the
+        hyperparameters (:meth:`hyper_values`; None: the defaults).  Raises
+        :class:`CellError` when the result's shape or dtype is not ``W``'s."""
+        if self.recurrent_weight is None:
+            return W
+        out = self.recurrent_weight.forward(W, xp, **self.hyper_values(values))
+        self._check_weight(out, W, "recurrent_weight.forward")
+        return out
+
+    def weight_hh_vjp(self, W, dW_eff, xp, values=None):
+        """The gradient of the stored ``W`` from that of :meth:`effective_weight_hh`
+        (``recurrent_weight.vjp``; ``dW_eff`` itself without a :class:`RecurrentWeight`)."""
+        if self.recurrent_weight is None:
+            return dW_eff
+        out = self.recurrent_weight.vjp(W, dW_eff, xp, **self.hyper_values(values))
+        self._check_weight(out, W, "recurrent_weight.vjp")
+        return out
+
+    def _check_weight(self, out, W, what: str) -> None:
+        shape, dtype = tuple(getattr(out, "shape", ())), getattr(out, "dtype", None)
+        if shape != tuple(W.shape) or dtype != W.dtype:
+            self._fail(f"{what} must return an array of the stored weight_hh's shape and "
+                       f"dtype, {list(W.shape)} {W.dtype}, got {type(out).__name__} "
+                       f"{list(shape)} {dtype}")
+
     def hyper_args(self, values=None) -> tuple:
         """The trailing argument of the cell's math for hyperparameter ``values`` (a tuple of
         floats as :meth:`hyper_vector` gives, or None for the defaults): ``(values,)``, or
@@ -445,9 +503,15 @@ class Cell:
 
         The persistent CUDA kernel runs only these.
         """
+        return self.plain_layout and not self.hyper
+
+    @property
+    def plain_layout(self) -> bool:
+        """:attr:`plain`, hyperparameters aside: a dense recurrence over all gates, no
+        per-unit parameters, no normalisation (the arrays' layouts are a plain cell's)."""
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize and not self.hyper)
+                and not self.normalize)
 
     @property
     def derived_backward(self) -> bool:
@@ -805,6 +869,7 @@ class Cell:
         elif not self.normalize and (self.forward2 is not None or self.backward2 is not None):
             fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
         self._validate_hyper(fail, derived)
+        self._validate_recurrent_weight(fail)
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
@@ -831,6 +896,31 @@ class Cell:
         if self.hyper and not derived:
             fail(f"hyperparameters {names} need a derived backward (leave out backward=..., the "
                  f"forward takes them as trailing arguments by name), got a hand-written one")
+
+
+    def _validate_recurrent_weight(self, fail) -> None:
+        rw = self.recurrent_weight
+        if rw is None:
+            return
+        if not isinstance(rw, RecurrentWeight) or not callable(rw.forward) or \
+                not callable(rw.vjp):
+            fail(f"recurrent_weight must be a kernrnn.cell.RecurrentWeight(forward, vjp) of two "
+                 f"functions, got {rw!r}")
+        if not self.has_recurrent:
+            fail("recurrent_weight parametrises W_hh: it needs a recurrent product, got "
+                 "recurrent='none'")
+        # both functions on a sample weight (H = 3 units, or one per head), in float64 NumPy
+        shape = self.param_shapes(3, 3 * self.n_heads)["weight_hh"]
+        W = np.random.default_rng(0).uniform(-1, 1, shape)
+        for what, call in (("forward", lambda: rw.forward(W, np, **self.hyper_values())),
+                           ("vjp", lambda: rw.vjp(W, np.ones_like(W), np,
+                                                  **self.hyper_values()))):
+            try:
+                out = call()
+            except Exception as exc:
+                fail(f"recurrent_weight.{what} failed on a sample weight_hh {list(shape)} "
+                     f"(float64 NumPy): {type(exc).__name__}: {exc}")
+            self._check_weight(out, W, f"recurrent_weight.{what}")
 
 
 def _unpickle_cell(cls, kwargs):

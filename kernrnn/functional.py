@@ -80,13 +80,17 @@ def rnn_forward(cell, x, weight_ih=None, weight_hh=None, bias_ih=None, bias_hh=N
     h0 = _state_array(backend, h0, cell, B, H, dtype, "h0", P)
     lens = _checks.check_lengths(lengths, B, T)
     rplan = _resets.plan(backend, _checks.check_resets(resets, (T, B)), lens)
-    args = (cell, backend.asarray(x), {k: backend.asarray(params[k]) for k in shapes}, h0)
+    params, stored = effective_params(cell, {k: backend.asarray(params[k]) for k in shapes},
+                                      backend.xp, cell_args)
+    args = (cell, backend.asarray(x), params, h0)
     if rplan is None:
         y, hn, ctx = backend.forward(*args, backend.lengths(lens), bool(reverse), bool(training),
                                      **hyper)
     else:  # cut at the resets (kernrnn.backends.resets)
         y, hn, ctx = _resets.forward(backend, rplan, *args, bool(reverse), bool(training),
                                      **hyper)
+    if ctx is not None:
+        ctx.stored_weight_hh = stored
     return y, unstack_states(hn, cell, P), ctx
 
 
@@ -110,8 +114,32 @@ def rnn_backward(ctx, dy, dhn=None):
     _checks.check_array(dy, "dy", (T, B, P or H), ctx.x.dtype)
     dhn = _state_array(backend, dhn, ctx.cell, B, H, ctx.x.dtype, "dhn", P)
     dx, dh0, grads = _resets.backward(backend, ctx, backend.asarray(dy), dhn)
+    stored_weight_grad(ctx.cell, ctx, grads, backend.xp)
     _resets.release(backend, ctx)
     return dx, unstack_states(dh0, ctx.cell, P), grads
+
+
+# -- a parametrised recurrent weight (kernrnn.cell.RecurrentWeight) ----------------------
+# The backends see only the effective W_hh; these wrap a call of one layer direction.
+
+
+def effective_params(cell, params: dict, xp, cell_args=None):
+    """``(params, stored)``: ``params`` with ``weight_hh`` replaced by the cell's effective
+    weight (computed once, before the time loop), and ``(stored weight_hh, hyperparameter
+    values)`` to chain its gradient with; ``(params, None)`` for other cells."""
+    if cell.recurrent_weight is None or "weight_hh" not in params:
+        return params, None
+    W, values = params["weight_hh"], cell.hyper_values(cell_args)
+    return {**params, "weight_hh": cell.effective_weight_hh(W, xp, values)}, (W, values)
+
+
+def stored_weight_grad(cell, ctx, grads: dict, xp) -> None:
+    """Replace, in place, the effective weight's gradient in ``grads`` by the stored one's
+    (``recurrent_weight.vjp``), for a forward context made through :func:`effective_params`."""
+    stored = getattr(ctx, "stored_weight_hh", None)
+    if stored is not None and "weight_hh" in grads:
+        W, values = stored
+        grads["weight_hh"] = cell.weight_hh_vjp(W, grads["weight_hh"], xp, values)
 
 
 # -- PyTorch-style states and parameter shapes <-> what the backends take ------------

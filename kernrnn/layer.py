@@ -18,7 +18,13 @@ from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
 from kernrnn.backends import resets as _resets
 from kernrnn.errors import CellError, describe_source
-from kernrnn.functional import direction_shapes, stack_states, unstack_states
+from kernrnn.functional import (
+    direction_shapes,
+    effective_params,
+    stack_states,
+    stored_weight_grad,
+    unstack_states,
+)
 from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization, RegularizationCall, call_seed
 from kernrnn.backends.cpu import tiers
@@ -77,6 +83,12 @@ class RNN:
     them leaves the layer's values as they are.  An unknown name or a value of
     the wrong type is a :class:`~kernrnn.cell.CellError`.
 
+    **A parametrised recurrent weight** (a cell's
+    :class:`~kernrnn.cell.RecurrentWeight`): :attr:`params` and :attr:`grads` hold
+    the stored ``weight_hh_l{k}`` and its gradient; each call computes the
+    effective weight once per layer direction before the time loop and chains
+    the gradient back after BPTT.
+
     **Changing** ``x`` **after forward.**  In training mode forward keeps its
     own copy of ``x`` for backward (the weight gradient needs it), so changing
     the caller's array in place before backward cannot corrupt the gradients:
@@ -134,7 +146,7 @@ class RNN:
         self.dtype = _checks.as_dtype(dtype)
         self.cell.check_hidden_size(self.hidden_size)
         self.proj_size = self._check_proj_size(proj_size)
-        #: Every hyperparameter of the cell: name -> value (see the class docstring).
+        #: Every hyperparameter of the cell by name, with its value (see the class docstring).
         self.cell_args = _cell_args(self.cell, cell_args, hyper)
         self.device = check_device(device)
         if not tiers.defers_compile_check(self.cell, self.device):
@@ -310,7 +322,9 @@ class RNN:
             for d in range(D):
                 idx = layer * D + d
                 init = h0[:, idx] if h0 is not None else xp.zeros((S, B, H), dtype=self.dtype)
-                args = (self.cell, inp, self._direction_params(layer, d), init)
+                params, stored = effective_params(self.cell, self._direction_params(layer, d),
+                                                  xp, self.cell_args)
+                args = (self.cell, inp, params, init)
                 kw = dict(y=out[:, :, d * O:(d + 1) * O],
                           **self._regularization_call(key, layer, d), **hyper)
                 if rplan is None:
@@ -318,6 +332,8 @@ class RNN:
                 else:  # cut at the resets (kernrnn.backends.resets)
                     _, hn[:, idx], ctx = _resets.forward(be, rplan, *args, bool(d),
                                                          self.training, **kw)
+                if ctx is not None:
+                    ctx.stored_weight_hh = stored
                 ctxs.append(ctx)
             inp = out if layer == L - 1 or masks is None else out * masks[layer]
         self._ctx = (ctxs, T, B, masks) if self.training else None
@@ -364,6 +380,7 @@ class RNN:
                 dhn_d = dhn[:, idx] if dhn is not None else xp.zeros((S, B, H), dtype=self.dtype)
                 dxd, dh0[:, idx], g = _resets.backward(be, ctxs[idx], dy[:, :, d * O:(d + 1) * O],
                                                        dhn_d)
+                stored_weight_grad(self.cell, ctxs[idx], g, xp)
                 dx = dxd if dx is None else dx + dxd
                 for kind, value in g.items():
                     if f"{kind}{sfx}" in grads:  # bias=False: no bias gradients

@@ -142,10 +142,6 @@ def test_cells_without_hyperparameters_generate_the_same_kernel_source(name):
 # -- bad declarations and bad values ---------------------------------------------------------
 
 
-def _fwd_missing(xw, hu, prev, eps):
-    return (prev[0] + eps * xw[0],)
-
-
 def _fwd_unknown(xw, hu, prev, eps, beta):
     return (prev[0] + eps * xw[0] + beta,)
 
@@ -169,8 +165,6 @@ def _hand_backward(saved, prev, dstate, eps):
     (dict(forward=_fwd_eps, hyper={"eps": float("nan")}), "the default must be a finite"),
     (dict(forward=_fwd_eps, hyper=(Hyper("eps", 1.0), Hyper("eps", 2.0))), "distinct"),
     (dict(forward=_fwd_eps, hyper=("eps",)), "hyper must be a dict"),
-    (dict(forward=_fwd_missing, hyper={"eps": 0.1, "gamma": 0.2}),
-     "declares the hyperparameter 'gamma'; the forward must take it"),
     (dict(forward=_fwd_unknown, hyper={"eps": 0.1}), "unknown trailing argument 'beta'"),
     (dict(forward=_hand_forward, backward=_hand_backward, hyper={"eps": 0.1},
           reference=lambda xw, hu, prev, eps: (xw[0] + hu[0],)),
@@ -216,6 +210,17 @@ def test_reserved_names_cover_the_layers_keywords():
     for cls in layers:
         names = set(inspect.signature(cls.__init__).parameters) - {"self", "hyper"}
         assert names <= RESERVED_HYPER_NAMES, (cls, names - RESERVED_HYPER_NAMES)
+
+
+def test_a_forward_may_leave_out_a_hyperparameter():
+    """One only a RecurrentWeight reads, say: still declared, set and checked."""
+    cell = Cell("t_unused_hyper", gates="a", forward=_fwd_eps,
+                hyper={"eps": 0.5, "gamma": 0.1})
+    assert cell.hyper_values({"gamma": 2.0}) == {"eps": 0.5, "gamma": 2.0}
+    layer = kernrnn.RNN(cell, 1, 2, dtype=np.float64, seed=0, gamma=3.0)
+    x = np.ones((2, 1, 1))
+    default = kernrnn.RNN(cell, 1, 2, dtype=np.float64, seed=0)
+    np.testing.assert_array_equal(layer(x)[0], default(x)[0])
 
 
 def test_values_given_twice_or_not_as_a_dict():
@@ -362,10 +367,40 @@ def test_torch_module_takes_and_keeps_the_values():
     m2.load_state_dict(torch.load(buf))
     assert m2.cell_args == m.cell_args
     torch.testing.assert_close(m2(x)[0], y)
-    m2.cell_args["eps"] = 0.4  # data for the kernels: takes effect at the next call
+    m2.cell_args = {**m2.cell_args, "eps": 0.4}  # data for the kernels: the next call's
     assert not torch.allclose(m2(x)[0], y)
+    with pytest.raises(TypeError):
+        m2.cell_args["eps"] = 0.1  # read-only: an assignment checks the values
+    with pytest.raises(CellError, match="'k' must be an int"):
+        m2.cell_args = {"k": 0.5}
+    assert m2.cell_args["eps"] == 0.4
+    compiled = torch.compile(m2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x)[0], m2(x)[0])
+    m2.cell_args = {"eps": -0.4, "k": 2}  # a new value: torch.compile sees a new configuration
+    torch.testing.assert_close(compiled(x)[0], y)
     with pytest.raises(CellError, match="unknown hyperparameter 'epsilon'"):
         Recurrent(HYP, 2, 3, epsilon=0.1)
+
+
+def test_torch_cell_module_takes_and_keeps_the_values():
+    torch = pytest.importorskip("torch")
+    from kernrnn.torch import Recurrent, RecurrentCell
+
+    torch.manual_seed(0)
+    cell = RecurrentCell(HYP, 2, 3, dtype=torch.float64, cell_args={"eps": -0.4}, flip=True)
+    assert cell.cell_args == {"eps": -0.4, "gamma": 0.1, "k": 1, "flip": True}
+    assert "flip=True" in repr(cell)
+    layer = Recurrent(HYP, 2, 3, dtype=torch.float64, eps=-0.4, flip=True)
+    layer.load_state_dict({f"{k}_l0": v for k, v in cell.state_dict().items()})
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    h0 = torch.full((3, 3), 0.2, dtype=torch.float64)
+    torch.testing.assert_close(cell(x, h0), layer(x[None], h0[None])[0][0])
+    sd = cell.state_dict()
+    assert sd._metadata[""]["cell_args"] == cell.cell_args
+    other = RecurrentCell(HYP, 2, 3, dtype=torch.float64)
+    other.load_state_dict(sd)
+    assert other.cell_args == cell.cell_args
+    torch.testing.assert_close(other(x, h0), cell(x, h0))
 
 
 # -- the CUDA kernels: PTX ---------------------------------------------------------------------

@@ -70,7 +70,9 @@ class Signature:
     (the block count of each per-unit parameter), ``normalize`` (the names
     a two-stage step may pass to ``norm``; ``None``: whatever it calls) and
     ``hyper`` (the names of the hyperparameters, in declaration order: trailing
-    arguments bound by name, read as the inputs ``("hyper", k)``).
+    arguments bound by name, read as the inputs ``("hyper", k)``; a forward may
+    leave out those it does not read, such as one only a
+    :class:`~kernrnn.cell.RecurrentWeight` uses).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
@@ -173,13 +175,6 @@ class _Reader:
                       + (f"; unknown trailing argument{'s' * (len(unknown) > 1)} "
                          f"{', '.join(map(repr, unknown))}" if unknown and len(names) >= len(want)
                          else ""))
-        missing = [h for h in sig.hyper if h not in trailing]
-        if missing:
-            self.fail(ctx, ctx.fdef, f"the cell declares the hyperparameter"
-                      f"{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}; the forward "
-                      f"must take {'them' if len(missing) > 1 else 'it'} as trailing argument"
-                      f"{'s' * (len(missing) > 1)} of that name (after "
-                      f"{', '.join(want)}), it takes {names}")
         has_norm = "norm" in trailing
         env = {}
         env[names[0]] = tuple(self.g.input("xw", k) for k in range(sig.gates))

@@ -115,6 +115,10 @@ class ForwardContext:
     panels: object = None  # CPU fused path: W_hh packed for the backward by the forward
     path_asked: str | None = None  # CUDA: the path argument of the forward call
     hyper: tuple | None = None  # the call's hyperparameter values (None: the cell's defaults)
+    #: For a parametrised W_hh (kernrnn.cell.RecurrentWeight), the stored weight_hh and the
+    #: hyperparameter values the forward's effective one came from, for chaining its gradient
+    #: (the backend itself sees only the effective weight, in ``params``).
+    stored_weight_hh: tuple | None = None
 
     @property
     def States(self):

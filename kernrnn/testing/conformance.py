@@ -10,7 +10,10 @@ test-suite runs on every registered one): on random problems it compares
   direction per tensor, in float64;
 * for a cell with a hand-written backward, that backward with the one kernrnn
   derives from the forward (:func:`compare_backward`), element by element on
-  sample values, naming the first gradient on which they disagree.
+  sample values, naming the first gradient on which they disagree;
+* for a parametrised recurrent weight (:class:`~kernrnn.cell.RecurrentWeight`),
+  its ``vjp`` with finite differences of its ``forward``
+  (:func:`check_recurrent_weight`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from kernrnn.scalar_math import NORM_EPS, reference_norm
 from kernrnn.testing.reference import reference_rnn
 
 __all__ = ["check_cell", "ConformanceReport", "ConformanceError", "random_problem", "LAYER_SEED",
-           "run_layer", "forward_errors", "gradient_errors", "compare_backward"]
+           "run_layer", "forward_errors", "gradient_errors", "compare_backward",
+           "check_recurrent_weight"]
 
 
 class ConformanceError(AssertionError):
@@ -50,6 +54,9 @@ class ConformanceReport:
     max_backward_difference: float | None = None
     #: Why a hand-written backward was not compared with a derived one ("" otherwise).
     backward_note: str = ""
+    #: Largest relative error of a parametrised W_hh's vjp against finite differences of
+    #: its forward; None for a cell without one.
+    max_recurrent_weight_error: float | None = None
 
     def __str__(self) -> str:
         text = (f"cell {self.cell!r} on {self.device}: {self.examples} problems, max forward "
@@ -61,6 +68,9 @@ class ConformanceReport:
                      f"{self.max_backward_difference:.2e}")
         elif self.backward_note:
             text += f", {self.backward_note}"
+        if self.max_recurrent_weight_error is not None:
+            text += (f", recurrent_weight vjp vs finite differences "
+                     f"{self.max_recurrent_weight_error:.2e}")
         return text
 
 
@@ -246,6 +256,9 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
     cell = resolve_cell(cell)
     rng = np.random.default_rng(seed)
     report = ConformanceReport(cell.name, device)
+    if cell.recurrent_weight is not None:
+        report.max_recurrent_weight_error = check_recurrent_weight(cell, seed=seed,
+                                                                   cell_args=cell_args)
     if derived_backward and not cell.derived_backward:
         try:
             report.max_backward_difference = compare_backward(cell, seed=seed)
@@ -273,6 +286,45 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
                                                         cell_args=cell_args))
         report.examples += 1
     return report
+
+
+# -- a parametrised recurrent weight ----------------------------------------------------------
+
+
+def check_recurrent_weight(cell, seed: int = 0, cell_args=None, hidden_size: int = 3,
+                           examples: int = 3) -> float:
+    """Check a :class:`~kernrnn.cell.RecurrentWeight`'s ``vjp`` against its ``forward``.
+
+    On ``examples`` random stored weights (``hidden_size`` units, float64 NumPy) the
+    directional derivative of ``sum(G * forward(W))`` along a random direction, by
+    finite differences, must equal ``sum(vjp(W, G) * V)``.  Raises
+    :class:`ConformanceError` naming the cell, both values and the hyperparameters;
+    returns the largest relative error (0.0 for a cell without a parametrised weight).
+    """
+    cell = resolve_cell(cell)
+    if cell.recurrent_weight is None:
+        return 0.0
+    values = cell.hyper_values(cell_args)
+    rng = np.random.default_rng(seed)
+    shape = cell.param_shapes(hidden_size, hidden_size * cell.n_heads)["weight_hh"]
+    worst = 0.0
+    for example in range(examples):
+        W, V, G = (rng.standard_normal(shape) for _ in range(3))
+
+        def loss(eps):
+            return float(np.sum(G * cell.effective_weight_hh(W + eps * V, np, values)))
+
+        fd = tol.directional_derivative(loss)
+        analytic = float(np.sum(cell.weight_hh_vjp(W, G, np, values) * V))
+        err = abs(analytic - fd) / (tol.FD["atol"] + tol.FD["rtol"] * max(abs(fd), 1.0))
+        if not err <= 1:
+            raise ConformanceError(
+                f"cell {cell.name!r}: recurrent_weight.vjp disagrees with finite differences of "
+                f"recurrent_weight.forward: directional derivative {analytic!r} (vjp) vs "
+                f"{fd!r} (finite differences), on a weight_hh {list(shape)} (example "
+                f"{example}, hyperparameters {values})")
+        worst = max(worst, abs(analytic - fd) / max(abs(fd), 1.0))
+    return worst
 
 
 # -- a hand-written backward against the derived one -----------------------------------------

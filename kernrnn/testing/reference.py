@@ -51,7 +51,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
     ``h0`` is a tuple of S ``[B, H]`` arrays; ``reg`` a
     :class:`~kernrnn.regularization.RegularizationCall` (its masks regenerated
     here from the same generator) or None; ``cell_args`` the cell's hyperparameters
-    (defaults for those left out), passed to its ``reference`` by name.  Returns
+    (defaults for those left out), passed to its ``reference`` by name (and to its
+    :class:`~kernrnn.cell.RecurrentWeight`, whose forward gives ``W_hh``).  Returns
     ``(y [T, B, H], hn tuple)`` in float64.  With ``params["weight_hr"]`` ``[P, H]``
     (LSTMP) the state the recurrence and the output read is ``h = W_hr h_cell``:
     ``h0[0]``, ``y`` and ``hn[0]`` are ``[.., P]``.  ``resets`` (bool ``[T, B]``, or
@@ -86,6 +87,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
         v = p[prm.name]
         unit_params.append(tuple(v[k * H:(k + 1) * H] for k in range(prm.blocks)))
     kwargs = dict(cell.hyper_values(cell_args))
+    if cell.has_recurrent:  # a parametrised W_hh: the effective weight from the stored one
+        p["weight_hh"] = cell.effective_weight_hh(p["weight_hh"], np, kwargs)
     if cell.normalize:
         def norm(name, z):
             return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],

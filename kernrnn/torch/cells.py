@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import rnn as _torch_rnn
 
 from kernrnn.torch import _ops
-from kernrnn.torch.modules import _DTYPES, run_or_fall_back
+from kernrnn.torch.modules import _DTYPES, _CellArgsState, run_or_fall_back
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell", "RecurrentCell"]
 
@@ -100,16 +100,21 @@ class _CellForward:
         return out[0] if S == 1 else tuple(out)
 
 
-def _cell_spec(cell: str, input_size: int, hidden_size: int, bias: bool) -> str:
-    """The op's layer configuration for one step of ``cell`` (a one-layer layer)."""
+def _cell_spec(cell: str, input_size: int, hidden_size: int, bias: bool,
+               cell_args: str = "") -> str:
+    """The op's layer configuration for one step of ``cell`` (a one-layer layer);
+    ``cell_args``: its hyperparameters (:func:`kernrnn.torch._ops.format_cell_args`)."""
     if torch.compiler.is_compiling():  # traced once: formatting, not a cache, in the graph
-        return _ops.make_spec(cell, input_size, hidden_size, 1, False, bias, 0.0)
-    return _cached_spec(cell, input_size, hidden_size, bias)
+        return _ops.make_spec(cell, input_size, hidden_size, 1, False, bias, 0.0,
+                              cell_args=cell_args)
+    return _cached_spec(cell, input_size, hidden_size, bias, cell_args)
 
 
 @lru_cache(maxsize=256)
-def _cached_spec(cell: str, input_size: int, hidden_size: int, bias: bool) -> str:
-    return _ops.make_spec(cell, input_size, hidden_size, 1, False, bias, 0.0)
+def _cached_spec(cell: str, input_size: int, hidden_size: int, bias: bool,
+                 cell_args: str = "") -> str:
+    return _ops.make_spec(cell, input_size, hidden_size, 1, False, bias, 0.0,
+                          cell_args=cell_args)
 
 
 def _state_parts(name, hx, S):
@@ -200,7 +205,7 @@ class RNNCell(_CellDropIn):
 # -- any cell ---------------------------------------------------------------------------
 
 
-class RecurrentCell(_CellForward, nn.Module):
+class RecurrentCell(_CellArgsState, _CellForward, nn.Module):
     """One step of any registered kernrnn cell, with ``nn.LSTMCell``'s interface.
 
     ``RecurrentCell("gru", 16, 32)`` behaves as ``nn.GRUCell(16, 32)``; a plugin
@@ -208,16 +213,22 @@ class RecurrentCell(_CellForward, nn.Module):
     without the ``_l0`` suffix (``weight_ih``, ``weight_hh``, ``bias_ih``,
     ``bias_hh``, then the cell's own kinds), initialised by the cell's own
     initialisers, seeded from torch's RNG.  ``hx`` and the result are a Tensor
-    for one-state cells, else a tuple of the states in the cell's order.
+    for one-state cells, else a tuple of the states in the cell's order.  The
+    cell's hyperparameters are keywords or ``cell_args={...}``, kept in
+    :attr:`cell_args` and the state dict's ``_metadata``, as for
+    :class:`kernrnn.torch.Recurrent`.
     """
 
-    def __init__(self, cell, input_size, hidden_size, bias=True, device=None, dtype=None):
+    def __init__(self, cell, input_size, hidden_size, bias=True, device=None, dtype=None,
+                 cell_args=None, **hyper):
         super().__init__()
+        from kernrnn.layer import _cell_args
         from kernrnn.torch.modules import _check_options
 
         _check_options(input_size, hidden_size, 1, bias, False, 0.0, False)
         self._cell_object = None if isinstance(cell, str) else cell
         self.cell = _ops.register_cell(cell)
+        self.cell_args = _cell_args(_ops._cell(self.cell), cell_args, hyper)
         self._state_names = tuple(_ops._cell(self.cell).state)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -237,7 +248,8 @@ class RecurrentCell(_CellForward, nn.Module):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return NativeRNN(_ops._cell(self.cell), self.input_size, self.hidden_size,
                          bias=self.bias, seed=seed,
-                         dtype=np.dtype(str(dtype).removeprefix("torch.")))
+                         dtype=np.dtype(str(dtype).removeprefix("torch.")),
+                         cell_args=self.cell_args)
 
     def reset_parameters(self) -> None:
         """Draw new values with the cell's initialisers (seeded from torch's RNG)."""
@@ -255,12 +267,13 @@ class RecurrentCell(_CellForward, nn.Module):
         return len(self._state_names)
 
     def _spec(self) -> str:
-        return _cell_spec(self.cell, self.input_size, self.hidden_size, self.bias)
+        return _cell_spec(self.cell, self.input_size, self.hidden_size, self.bias,
+                          self._cell_args_spec)
 
     def extra_repr(self) -> str:
-        """The cell and sizes (and ``bias=False``)."""
+        """The cell and sizes (and ``bias=False``, and hyperparameters not at their defaults)."""
         s = f"{self.cell!r}, {self.input_size}, {self.hidden_size}"
-        return s + (", bias=False" if not self.bias else "")
+        return s + (", bias=False" if not self.bias else "") + self._cell_args_repr()
 
     def __setstate__(self, state):
         super().__setstate__(state)

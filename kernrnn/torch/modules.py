@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import numbers
 import warnings
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -242,7 +243,7 @@ class _FusedForward:
                               self.dropout if active else 0.0,
                               rd if self.training else 0.0, xd if self.training else 0.0, zo,
                               self.training, getattr(self, "proj_size", 0),
-                              _ops.format_cell_args(getattr(self, "cell_args", None) or {}))
+                              getattr(self, "_cell_args_spec", ""))
         if active or (self.training and regularised):
             # masks drawn from torch's RNG: torch.manual_seed reproduces them
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
@@ -410,7 +411,48 @@ class RNN(_DropIn):
 # -- any cell ------------------------------------------------------------------------
 
 
-class Recurrent(_FusedForward, nn.Module):
+class _CellArgsState:
+    """A module's hyperparameters (of cell ``self.cell``): :attr:`cell_args`, kept in the
+    state dict's ``_metadata[prefix]["cell_args"]`` and restored by ``load_state_dict`` (a
+    state dict without them leaves the module's values)."""
+
+    @property
+    def cell_args(self):
+        """The cell's hyperparameters by name, every one (read-only; assign a dict to
+        change them, the defaults for the names it leaves out)."""
+        return MappingProxyType(self._cell_args)
+
+    @cell_args.setter
+    def cell_args(self, values):
+        values = _ops._cell(self.cell).hyper_values(values)  # checked: CellError
+        self._cell_args = values
+        # the op's configuration, written here once: torch.compile traces a plain string
+        self._cell_args_spec = _ops.format_cell_args(values)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if self._cell_args and meta is not None:
+            meta.setdefault(prefix[:-1], {})["cell_args"] = dict(self._cell_args)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        given = local_metadata.get("cell_args") if isinstance(local_metadata, dict) else None
+        if isinstance(given, dict):
+            given = _ops._cell(self.cell).hyper_values(given)  # checked before anything changes
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if isinstance(given, dict):
+            self.cell_args = given
+
+    def _cell_args_repr(self) -> str:
+        """``, name=value`` for each hyperparameter that differs from its default."""
+        return "".join(f", {h.name}={self.cell_args.get(h.name)!r}"
+                       for h in _ops._cell(self.cell).hyper
+                       if self.cell_args.get(h.name) != h.default)
+
+
+class Recurrent(_CellArgsState, _FusedForward, nn.Module):
     """A stack of layers of any registered kernrnn cell, with ``nn.LSTM``'s interface.
 
     ``Recurrent("gru", 16, 32, num_layers=2)`` behaves as ``nn.GRU(16, 32, 2)``;
@@ -421,7 +463,8 @@ class Recurrent(_FusedForward, nn.Module):
 
     The cell's hyperparameters (:class:`kernrnn.cell.Hyper`) are keywords or
     ``cell_args={...}``, as for :class:`kernrnn.RNN`; :attr:`cell_args` holds every
-    value (it may be changed between calls: the value is data for the kernels).
+    value (assign a new dict to change them between calls: the values are data for the
+    kernels).
     ``state_dict()`` keeps them in its ``_metadata`` (``sd._metadata[prefix]
     ["cell_args"]``, which ``torch.save`` keeps) and ``load_state_dict`` restores them.
     """
@@ -455,7 +498,6 @@ class Recurrent(_FusedForward, nn.Module):
                             f"torch.float64, got {dtype}")
         from kernrnn.layer import _cell_args
 
-        #: The cell's hyperparameters, name -> value (every one, defaults filled in).
         self.cell_args = _cell_args(_ops._cell(self.cell), cell_args, hyper)
         layer = self._native_layer(dtype)
         self._flat_weights_names = list(layer.param_shapes())
@@ -520,29 +562,8 @@ class Recurrent(_FusedForward, nn.Module):
                            ("bidirectional", False)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)!r}"
-        for h in _ops._cell(self.cell).hyper:
-            if self.cell_args.get(h.name) != h.default:
-                s += f", {h.name}={self.cell_args.get(h.name)!r}"
-        return s
+        return s + self._cell_args_repr()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The parameters, and the hyperparameters in the state dict's ``_metadata``."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        meta = getattr(destination, "_metadata", None)
-        if self.cell_args and meta is not None:
-            meta.setdefault(prefix[:-1], {})["cell_args"] = dict(self.cell_args)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        """The parameters, and the hyperparameters from ``_metadata`` where it has them (a
-        state dict without them leaves the module's values as they are)."""
-        given = local_metadata.get("cell_args") if isinstance(local_metadata, dict) else None
-        if isinstance(given, dict):
-            given = _ops._cell(self.cell).hyper_values(given)  # checked before anything changes
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if isinstance(given, dict):
-            self.cell_args = given
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -34,12 +34,11 @@ def supports(cell, reg=None, proj: bool = False) -> bool:
     return (d is not None and d.array_forward is not None and reg is None and not proj
             and cell.input_norm is None and cell.recurrent_norm is None
             and not cell.normalize and cell.recurrent in ("dense", "heads", "none")
-            # round 3 of the contract: the raw input, several recurrent states, stage
-            # products and parametrised weights wait for the kernels
+            # round 3 of the contract: the raw input, several recurrent states and stage
+            # products wait for the kernels (a parametrised W_hh is applied above backends)
             and not getattr(cell, "raw_input", False)
             and len(getattr(cell, "recurrent_states", None) or ()) <= 1
-            and not getattr(cell, "products", ())
-            and getattr(cell, "recurrent_weight", None) is None)
+            and not getattr(cell, "products", ()))
 
 
 def _unit_tuples(cell, params, H: int, hyper, dtype) -> list[tuple]:

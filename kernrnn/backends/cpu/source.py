@@ -394,8 +394,9 @@ def same_input_and_recurrent_grads(cell) -> bool:
     then equal, so BPTT stores them once (``dHU`` shares ``dXW``'s memory: one
     ``[T, B, G*H]`` array less to write and read) and ``b_hh``'s gradient is a
     copy of ``b_ih``'s.  Only for plain cells (no per-unit parameters or
-    norms).  A structural fact of the cell (:attr:`kernrnn.cell.Cell.same_grads`):
+    norms; hyperparameters, mere values in the step, do not matter here).  A structural
+    fact of the cell (:attr:`kernrnn.cell.Cell.same_grads`):
     of the derivation for a forward-only cell, of its ``return`` for a
     hand-written backward.
     """
-    return bool(cell.plain and cell.same_grads and all(cell.same_grads))
+    return bool(cell.plain_layout and cell.same_grads and all(cell.same_grads))
