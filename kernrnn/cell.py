@@ -233,6 +233,11 @@ class Cell:
         cell is defined for, drawn by the tests and conformance checks
         (default: every component uniform in [-1, 1]).  For states with a
         restricted domain, such as sLSTM's positive normaliser.
+    raw_input:
+        The step reads its raw input ``x_t`` element-wise (unit j reads
+        ``x[t, b, j]``): the forward takes a trailing argument ``x``.  Needs
+        ``input_size == hidden_size`` in every layer (see "The raw input" in the
+        module docstring).
     """
 
     name: str
@@ -255,6 +260,7 @@ class Cell:
     backward2: Callable | None = None
     linear: bool = False
     state_sampler: Callable | None = None
+    raw_input: bool = False
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -317,13 +323,13 @@ class Cell:
     @property
     def plain(self) -> bool:
         """True for a dense recurrence over all gates and nothing else (no per-unit
-        parameters, no normalisation): an Elman RNN, LSTM or GRU-like cell.
+        parameters, no normalisation, no raw input): an Elman RNN, LSTM or GRU-like cell.
 
         The persistent CUDA kernel runs only these.
         """
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize)
+                and not self.normalize and not self.raw_input)
 
     @property
     def derived_backward(self) -> bool:
@@ -370,6 +376,19 @@ class Cell:
         """
         _cell_validate.check_projection(self)
 
+    def check_input_size(self, input_size: int, hidden_size: int, where: str = "") -> None:
+        """Raise :class:`CellError` unless a layer with ``input_size`` inputs may run this cell.
+
+        A cell with ``raw_input`` reads ``x[t, b, j]`` at unit j, so it needs
+        ``input_size == hidden_size``; ``where`` (e.g. ``" at layer 1"``, with why
+        that layer has that many inputs) goes into the message.
+        """
+        if self.raw_input and input_size != hidden_size:
+            raise CellError(
+                f"cell {self.name!r}{describe_source(self)}: raw_input=True reads x_t "
+                f"element-wise (unit j reads x[t, b, j]), so a layer needs input_size == "
+                f"hidden_size: expected input_size={hidden_size}, got {input_size}{where}")
+
     # -- parameters --------------------------------------------------------------
 
     def param_shapes(self, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
@@ -377,9 +396,11 @@ class Cell:
 
         PyTorch's four first (``weight_hh``/``bias_hh`` only with a recurrent
         product), then the per-unit parameters, then the normalisation gains
-        and biases.
+        and biases.  Raises :class:`CellError` for a size the cell cannot run
+        (:meth:`check_hidden_size`, :meth:`check_input_size`).
         """
         self.check_hidden_size(hidden_size)
+        self.check_input_size(input_size, hidden_size)
         G, H, Gr = self.n_gates, hidden_size, self.n_recurrent_gates
         shapes = {"weight_ih": (G * H, input_size)}
         if self.recurrent == "dense":
@@ -424,16 +445,30 @@ class Cell:
 
     # -- how the math is called (shared by validation, codegen and the reference) ---
 
-    def forward_args(self, xw, hu, prev, params) -> tuple:
-        """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product)."""
+    def forward_args(self, xw, hu, prev, params, x=None) -> tuple:
+        """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product;
+        ``x``, the raw input as a 1-tuple, last with ``raw_input``)."""
         head = (xw, hu, prev) if self.has_recurrent else (xw, prev)
-        return head + tuple(params)
+        return head + tuple(params) + ((x,) if self.raw_input else ())
 
     def split_backward(self, out) -> tuple:
-        """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none")."""
+        """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none";
+        the raw input's gradient, last with ``raw_input``, is :meth:`raw_input_grad`'s)."""
+        end = len(out) - (1 if self.raw_input else 0)
         if self.has_recurrent:
-            return out[0], out[1], out[2], tuple(out[3:])
-        return out[0], None, out[1], tuple(out[2:])
+            return out[0], out[1], out[2], tuple(out[3:end])
+        return out[0], None, out[1], tuple(out[2:end])
+
+    def raw_input_grad(self, out):
+        """The raw input's gradient ``dx`` (a 1-tuple) from what ``backward`` returned, or
+        None without ``raw_input``."""
+        return out[-1] if self.raw_input else None
+
+    @property
+    def n_input_blocks(self) -> int:
+        """Blocks of H values per element in the kernels' ``XW``: G, plus one holding the raw
+        input x itself (no weights, no bias) with ``raw_input``."""
+        return self.n_gates + (1 if self.raw_input else 0)
 
     def math_signatures(self) -> list[tuple[str, list[int], list[int]]]:
         """Each function of the math: ``(attribute, tuple sizes of its arguments, of its results)``.
@@ -445,11 +480,12 @@ class Cell:
         G, S, K, NZ, NM = self.n_gates, self.n_state, self.n_saved, self.n_norm, self.n_mid
         P = [p.blocks for p in self.params]
         rec = [G] if self.has_recurrent else []
-        grads = [G] + rec + [S] + P
+        raw = [1] if self.raw_input else []
+        grads = [G] + rec + [S] + P + raw
         if not self.normalize:
-            return [("forward", [G] + rec + [S] + P, [S, K]),
+            return [("forward", [G] + rec + [S] + P + raw, [S, K]),
                     ("backward", [K, S, S] + P, grads)]
-        return [("forward", [G] + rec + [S] + P, [NZ, NM]),
+        return [("forward", [G] + rec + [S] + P + raw, [NZ, NM]),
                 ("forward2", [NZ, NM, S] + P, [S, K]),
                 ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + P),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
@@ -674,6 +710,8 @@ class Cell:
                  f"norm({self.normalize[0]!r}, value) in the forward")
         elif not self.normalize and (self.forward2 is not None or self.backward2 is not None):
             fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
+        if not isinstance(self.raw_input, bool):
+            fail(f"raw_input must be True or False, got {self.raw_input!r}")
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="

@@ -159,7 +159,8 @@ def _label(n: Node) -> str:
 
 
 def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = True,
-           params=(), normalize=None, recompute: bool = True) -> Derived:
+           params=(), normalize=None, raw_input: bool = False,
+           recompute: bool = True) -> Derived:
     """Differentiate the scalar step ``forward`` and generate the cell's math.
 
     ``forward(xw, [hu,] prev, *params[, norm])`` returns the new state tuple
@@ -167,7 +168,11 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     sizes, ``recurrent=False`` a cell without ``hu`` (``recurrent="none"``),
     ``params`` the block count of each per-unit parameter, ``normalize`` the
     names ``norm`` may be called with (None: taken from the calls, in order of
-    appearance).  ``recompute=False`` saves every value the backward reads
+    appearance).  ``raw_input``: the forward takes a trailing ``x`` (the
+    element's raw input x_t, a number); the generated ``forward`` then takes
+    ``x`` as a 1-tuple last, ``backward`` returns its gradient ``dx`` (a
+    1-tuple) last, and ``reference`` takes ``x`` (an array) by name.
+    ``recompute=False`` saves every value the backward reads
     instead of recomputing arithmetic.  ``name`` is the cell's name, used in
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
     the supported set, naming the file, line and construct.
@@ -177,7 +182,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     for label, v in (("gates", gates), ("state", state)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CellError(f"cell {name!r}: {label} must be an int >= 1, got {v!r}")
-    sig = Signature(gates, state, recurrent, params, normalize)
+    sig = Signature(gates, state, recurrent, params, normalize, raw_input)
     graph, outputs, norms, argnames = parse_forward(forward, name, sig)
     order = tuple(sig.normalize if sig.normalize is not None else norms)
     if order:
@@ -206,10 +211,11 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
 
 def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
     """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
-    gates, state, recurrence, per-unit parameters and normalised values)."""
+    gates, state, recurrence, per-unit parameters, normalised values and raw input)."""
     return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
                   recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
-                  normalize=tuple(cell.normalize), recompute=recompute)
+                  normalize=tuple(cell.normalize), raw_input=cell.raw_input,
+                  recompute=recompute)
 
 
 def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
@@ -224,17 +230,19 @@ def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
     args = ["xw"] + (["hu"] if cell.has_recurrent else []) + ["prev"] + \
         [f"p{i}" for i in range(len(cell.params))]
     call = ", ".join(args)
+    # the step takes the raw input as a number, the contract's forward as a 1-tuple
+    head, call1 = (f"{call}, x", f"{call}, (x,)") if cell.raw_input else (call, call)
     fwd = cell.forward
     # the id keeps two cells' steps apart in the module cache (load_source)
     lines = [f"# The step of cell {cell.name!r}: its hand-written forward "
              f"{getattr(fwd, '__module__', '?')}.{getattr(fwd, '__qualname__', '?')} "
              f"(id {id(fwd):x}) without the saved values."]
     if not cell.normalize:
-        lines += [f"def step({call}):", f"    return _forward({call})[0]"]
+        lines += [f"def step({head}):", f"    return _forward({call1})[0]"]
     else:
         zn = ", ".join(f"norm({v!r}, z[{k}])" for k, v in enumerate(cell.normalize))
         rest = ", ".join(args[args.index("prev"):])
-        lines += [f"def step({call}, norm):", f"    z, mid = _forward({call})",
+        lines += [f"def step({head}, norm):", f"    z, mid = _forward({call1})",
                   f"    return _forward2(({zn},), mid, {rest})[0]"]
     module = load_source("\n".join(lines) + "\n", f"{cell.name}_hand_written_step",
                          {"_forward": fwd, "_forward2": cell.forward2})
@@ -246,7 +254,8 @@ def _param_names(argnames, sig) -> list[str]:
     out = []
     for i in range(len(sig.params)):
         n = argnames[first + i]
-        out.append(n if n.isidentifier() and n not in _TAKEN and n not in out else f"p{i}")
+        taken = n in _TAKEN or (sig.raw_input and n == "x")
+        out.append(n if n.isidentifier() and not taken and n not in out else f"p{i}")
     return out
 
 
@@ -254,11 +263,15 @@ _TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "nor
           "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates"}
 
 
-def _input_source(pnames):
+def _input_source(pnames, raw_array: bool = False):
+    """How an input node is written; ``raw_array``: the raw input ``x`` is an array (the
+    reference), not a 1-tuple (the scalar math)."""
     def source(attr) -> str:
         group, index = attr
         if group.startswith("p") and group[1:].isdigit():
             return f"{pnames[int(group[1:])]}[{index}]"
+        if group == "x" and raw_array:
+            return "x"
         return f"{group}[{index}]"
     return source
 
@@ -271,6 +284,7 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
         for k in kinds:
             if k == "fwd":
                 out += ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
+                out += ["x"] if sig.raw_input else []
             elif k == "params":
                 out += pnames
             else:
@@ -288,6 +302,8 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
         "backward": "Backward of stage 1: (dxw, dhu, dprev, *dparams)." if two else
         "Backward of the step: (dxw, dhu, dprev, *dparams).",
     }
+    if sig.raw_input:  # the raw input's gradient comes last
+        docs["backward"] = docs["backward"].replace("*dparams)", "*dparams, dx)")
     fns = [("forward", plan.forward), ("backward", plan.backward)]
     if two:
         fns = [("forward", plan.forward), ("forward2", plan.forward2),
@@ -301,10 +317,13 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
 
 def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
     args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
-    pre = [f"{a} = _as64({a})" for a in args]
+    pre = [f"{a} = _as64({a})" for a in args] + ["inputs = (" + ", ".join(args) + ",)"]
+    if sig.raw_input:  # an array (by name: reference(..., x=x_t))
+        args.append("x")
+        pre += ["x = np.asarray(x, dtype=np.float64)", "inputs = inputs + ((x,),)"]
     return emit_function(
         "reference", args + (["norm"] if has_norm else []), [list(outputs)],
-        _input_source(pnames), style=NUMPY,
+        _input_source(pnames, raw_array=True), style=NUMPY,
         doc="The step on float64 NumPy arrays: the new state tuple.",
-        preamble=pre + ["inputs = (" + ", ".join(args) + ",)"],
+        preamble=pre,
         block='with np.errstate(all="ignore"):', return_format="_np_state({}, inputs)")

@@ -67,15 +67,17 @@ class Signature:
     """What the arguments of a forward are: the cell's sizes.
 
     ``gates`` G, ``state`` S, ``recurrent`` (an ``hu`` argument), ``params``
-    (the block count of each per-unit parameter) and ``normalize`` (the names
-    a two-stage step may pass to ``norm``; ``None``: whatever it calls).
+    (the block count of each per-unit parameter), ``normalize`` (the names
+    a two-stage step may pass to ``norm``; ``None``: whatever it calls) and
+    ``raw_input`` (a trailing argument ``x``, the element's raw input x_t).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
-                 normalize=None):
+                 normalize=None, raw_input: bool = False):
         self.gates, self.state, self.recurrent = gates, state, recurrent
         self.params = tuple(params)
         self.normalize = None if normalize is None else tuple(normalize)
+        self.raw_input = bool(raw_input)
 
 
 class _Norm:
@@ -144,6 +146,17 @@ class _Reader:
 
     # -- functions ------------------------------------------------------------------
 
+    def trailing_arguments(self) -> dict:
+        """The names a forward may take after its positional part, each with a function
+        making its value: ``norm`` (a step with normalised values) and ``x`` (the raw
+        input, ``raw_input=True``)."""
+        out = {}
+        if self.sig.normalize is None or self.sig.normalize:
+            out["norm"] = _Norm
+        if self.sig.raw_input:
+            out["x"] = lambda: self.g.input("x", 0)
+        return out
+
     def top(self, fn: types.FunctionType):
         ctx = _Context(fn)
         args = ctx.fdef.args
@@ -151,18 +164,34 @@ class _Reader:
         sig = self.sig
         want = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + \
             [f"param {i}" for i in range(len(sig.params))]
-        norm = sig.normalize is None or bool(sig.normalize)
+        # after the positional part, trailing arguments are bound by name, in any order
+        trailing = self.trailing_arguments()
+        usage = ", ".join(want) + "".join(f", {n}" for n in trailing)
         if args.vararg or args.kwarg or args.kwonlyargs or args.defaults:
-            self.fail(ctx, ctx.fdef, "a forward takes plain positional arguments only "
-                      f"({', '.join(want)}{', norm' if sig.normalize else ''})")
-        has_norm = bool(names) and names[-1] == "norm" and len(names) == len(want) + 1
-        if has_norm and not norm:
-            self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
-                      "value (declare normalize=(...))")
-        if len(names) != len(want) + has_norm:
+            self.fail(ctx, ctx.fdef, f"a forward takes plain positional arguments only ({usage})")
+        if len(names) < len(want):
             self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}, the "
                       f"cell gives {len(want)}: {', '.join(want)}"
-                      + (", and 'norm' last" if sig.normalize else ""))
+                      + (f", and by name {', '.join(repr(n) for n in trailing)}"
+                         if trailing else ""))
+        extra = names[len(want):]
+        if "norm" in extra and "norm" not in trailing:
+            self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
+                      "value (declare normalize=(...))")
+        if "x" in extra and "x" not in trailing:
+            self.fail(ctx, ctx.fdef, "the forward takes 'x' (the raw input x_t) but the cell "
+                      "does not declare raw_input=True")
+        unknown = [n for n in extra if n not in trailing]
+        if unknown:
+            self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}: after "
+                      f"the cell's {len(want)} ({', '.join(want)}) its trailing arguments are "
+                      f"bound by name, and {unknown} "
+                      f"{'is not one' if len(unknown) == 1 else 'are not'} of "
+                      + (", ".join(repr(n) for n in trailing) if trailing else "the names this "
+                         "cell gives (none: 'norm' needs normalize=(...), 'x' raw_input=True)"))
+        if sig.raw_input and "x" not in extra:
+            self.fail(ctx, ctx.fdef, f"the cell declares raw_input=True but the forward takes no "
+                      f"'x' (the raw input x_t, a trailing argument: ({', '.join(want)}, x))")
         env = {}
         env[names[0]] = tuple(self.g.input("xw", k) for k in range(sig.gates))
         i = 1
@@ -172,8 +201,8 @@ class _Reader:
         env[names[i]] = tuple(self.g.input("prev", s) for s in range(sig.state))
         for p, blocks in enumerate(sig.params):
             env[names[i + 1 + p]] = tuple(self.g.input(f"p{p}", b) for b in range(blocks))
-        if has_norm:
-            env["norm"] = _Norm()
+        for name in extra:
+            env[name] = trailing[name]()
         self.arg_names = names
         out = self.body(ctx, env)
         if not isinstance(out, tuple):
