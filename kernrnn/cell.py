@@ -60,6 +60,20 @@ Normalisation inside the kernels (each optional):
 b_s`` with ``a``, ``b`` from the input alone (minGRU, minLSTM; needs
 ``recurrent="none"``): the CUDA backend then runs time as a parallel scan.
 
+The raw input
+-------------
+``raw_input=True`` lets the step read its input x_t itself, element-wise: the
+forward takes a trailing argument ``x``, a number (unit j reads ``x[t, b, j]``),
+as SRU's highway ``h = r * c + (1 - r) * x``; its gradient is derived and the
+layer adds it to the input's.  So every layer needs ``input_size ==
+hidden_size`` (a :class:`CellError` otherwise).  Layers above the first read the
+``D*H`` outputs of the layer below (``D*P`` with ``proj_size``): a stack of one
+direction works, a bidirectional or projected stack is refused above layer 0.
+``x`` is the layer's input after input dropout (the one ``W_ih`` reads), never
+normalised by ``input_norm``.  The CPU's packed path and the CUDA persistent
+kernel decline such cells: the BLAS-per-step and GEMM-per-step loops run them.
+Trailing arguments (``norm``, ``x``) are bound by name, in any order.
+
 The reference
 -------------
 ``reference`` is optional: without one, the float64 reference the tests and
@@ -68,7 +82,7 @@ itself, run on NumPy arrays (``Derived.reference`` of :mod:`kernrnn.autodiff`). 
 hand-written ``reference(xw, hu, prev, *params)`` on ``[B, H]`` float64 arrays
 (no ``hu`` for ``recurrent="none"``; each parameter a tuple of ``[H]`` arrays;
 with ``normalize`` also ``norm=``, a function ``norm(name, z)`` applying the
-layer's normalisation) returning the new state tuple stays accepted, as an
+layer's normalisation; with ``raw_input`` also ``x=``, x_t as ``[B, H]``) returning the new state tuple stays accepted, as an
 independent check of the forward (written from the paper, say).
 
 A hand-written backward
@@ -93,7 +107,10 @@ values to normalise and the values stage 2 needs, the core normalises each
 backward runs in reverse: ``backward2(saved, zn, mid, prev, dstate, *params)
 -> (dzn, dmid, dprev, *dparams)``, the core's normalisation backward, then
 ``backward(mid, prev, dz, dmid, *params) -> (dxw, dhu, dprev, *dparams)``
-(both ``dprev`` and ``dparams`` are added up).  These are also the functions
+(both ``dprev`` and ``dparams`` are added up).  With ``raw_input``, ``forward``
+(stage 1) takes ``x`` last as a 1-tuple, ``backward`` (stage 1) returns its
+gradient ``dx``, a 1-tuple, last, and a hand-written ``reference`` takes ``x=``
+(a ``[B, H]`` array) by name.  These are also the functions
 kernrnn generates for a forward-only cell (``cell.forward``, ``cell.backward``,
 ... are the generated ones then, and ``cell.step`` is the forward written).
 :func:`kernrnn.testing.check_cell` compares a hand-written backward with the
