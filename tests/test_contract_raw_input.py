@@ -86,6 +86,19 @@ def test_stacked_and_bidirectional(name, layers, bidirectional):
     _check(CELLS[name], p)
 
 
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_inference_equals_the_training_forward(name):
+    """Inference kernels (nothing saved, two state slots) read the raw block too."""
+    layer = kernrnn.RNN(CELLS[name], 4, 4, num_layers=2, dtype=np.float64, seed=1)
+    x = np.random.default_rng(2).uniform(-1, 1, (6, 3, 4))
+    y, hn = layer(x, lengths=[6, 4, 0])
+    y_eval, hn_eval = layer.eval()(x, lengths=[6, 4, 0])
+    np.testing.assert_allclose(y_eval, y, rtol=1e-13, atol=1e-14)
+    for a, b in zip(hn_eval if isinstance(hn, tuple) else (hn_eval,),
+                    hn if isinstance(hn, tuple) else (hn,)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
 def test_dx_holds_the_raw_inputs_gradient():
     """With W_ih = 0 the input reaches the output only through the raw read: one step of
     the highway cell from h0 = 0 is h = t g + (1 - t) x with t, g constants, so

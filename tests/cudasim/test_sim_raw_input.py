@@ -18,6 +18,8 @@ if not cb.SIMULATOR:
 
 import raw_input_cells  # noqa: E402
 
+import kernrnn  # noqa: E402
+from kernrnn._checks import to_host  # noqa: E402
 from kernrnn.testing.conformance import forward_errors, gradient_errors  # noqa: E402
 from kernrnn.testing.strategies import Problem  # noqa: E402
 
@@ -39,3 +41,16 @@ def test_raw_input_on_the_cuda_kernels(name):
     reg = dict(input_dropout=0.3, zoneout=0.2,
                recurrent_dropout=0.3 if cell.has_recurrent else 0.0)
     assert gradient_errors(cell, p, device="cuda", regularization=reg) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_raw_input_inference_matches_the_cpu(name):
+    """The inference kernels (two state slots; the scan for the linear cell) read x too."""
+    cell = next(c for c in raw_input_cells.CELLS if c.name == name)
+    p = CASES[name]
+    x = np.random.default_rng(p.seed).uniform(-1, 1, (p.T, p.B, p.I))
+    cpu = kernrnn.RNN(cell, p.I, p.H, dtype=np.float64, seed=4).eval()
+    gpu = kernrnn.RNN(cell, p.I, p.H, dtype=np.float64, seed=4, device="cuda").eval()
+    y_cpu, _ = cpu(x, lengths=p.lengths)
+    y_gpu, _ = gpu(x, lengths=p.lengths)
+    np.testing.assert_allclose(to_host(y_gpu), y_cpu, rtol=1e-12, atol=1e-13)
