@@ -82,8 +82,9 @@ itself, run on NumPy arrays (``Derived.reference`` of :mod:`kernrnn.autodiff`). 
 hand-written ``reference(xw, hu, prev, *params)`` on ``[B, H]`` float64 arrays
 (no ``hu`` for ``recurrent="none"``; each parameter a tuple of ``[H]`` arrays;
 with ``normalize`` also ``norm=``, a function ``norm(name, z)`` applying the
-layer's normalisation; with ``raw_input`` also ``x=``, x_t as ``[B, H]``) returning the new state tuple stays accepted, as an
-independent check of the forward (written from the paper, say).
+layer's normalisation; with ``raw_input`` also ``x=``, x_t as ``[B, H]``)
+returning the new state tuple stays accepted, as an independent check of the
+forward (written from the paper, say).
 
 A hand-written backward
 -----------------------
