@@ -79,12 +79,13 @@ def gradient_difference(derived, hand, seed: int = 0) -> float:
     from kernrnn.testing.strategies import Problem, make_arrays
 
     H = 4 * derived.n_heads
-    p = Problem(T=5, B=3, I=4, H=H, num_layers=2, bidirectional=True, lengths=(5, 2, 0),
-                with_h0=True, seed=seed)
+    L = 1 if derived.raw_input else 2  # raw input: layer 1 of a bidirectional stack gets 2H
+    p = Problem(T=5, B=3, I=H if derived.raw_input else 4, H=H, num_layers=L,
+                bidirectional=True, lengths=(5, 2, 0), with_h0=True, seed=seed)
     params, x, h0 = make_arrays(derived, p, np.float64)  # per-unit parameters, gains random
     rng = np.random.default_rng(seed)
     dy = rng.uniform(-1, 1, (p.T, p.B, 2 * p.H))
-    dhn = tuple(rng.uniform(-1, 1, (4, p.B, p.H)) for _ in range(derived.n_state))
+    dhn = tuple(rng.uniform(-1, 1, (2 * L, p.B, p.H)) for _ in range(derived.n_state))
     reg = dict(recurrent_dropout=0.3 if derived.has_recurrent else 0.0, input_dropout=0.2,
                zoneout=0.25)
     a = run_layer(derived, p, params, x, h0, dy=dy, dhn=dhn, regularization=reg)

@@ -78,6 +78,7 @@ def sample_math(cell, fail) -> CellFacts:
     prev = [tuple(float(v[j]) for v in states) for j in range(H)]
     pvals = [tuple(sample(p.blocks) for p in cell.params) for _ in range(H)]
     gains = {v: (np.array(sample(H)) + 1.5, np.array(sample(H))) for v in cell.normalize}
+    raw = [sample(1) if cell.raw_input else None for _ in range(H)]  # x_t as 1-tuples
 
     def call(which, fn, *args):
         try:
@@ -96,7 +97,7 @@ def sample_math(cell, fail) -> CellFacts:
     n_mid = 0
     if cell.normalize:
         firsts = [two_tuples(call("forward", cell.forward,
-                                  *cell.forward_args(xw[j], hu[j], prev[j], pvals[j])),
+                                  *cell.forward_args(xw[j], hu[j], prev[j], pvals[j], raw[j])),
                              "forward", "(z, mid) for a cell with normalize")
                   for j in range(H)]
         for z, _ in firsts:
@@ -121,7 +122,8 @@ def sample_math(cell, fail) -> CellFacts:
     else:
         for j in range(H):
             new, saved = two_tuples(call("forward", cell.forward,
-                                         *cell.forward_args(xw[j], hu[j], prev[j], pvals[j])),
+                                         *cell.forward_args(xw[j], hu[j], prev[j], pvals[j],
+                                                            raw[j])),
                                     "forward", "(new_state, saved)")
             new_rows.append(new)
             saved_rows.append(saved)
@@ -131,9 +133,9 @@ def sample_math(cell, fail) -> CellFacts:
     n_saved = len(saved_rows[0])
     _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev, pvals,
                     new_rows)
-    _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows)
+    _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows, raw)
     if cell.linear:
-        _check_linear(cell, fail, xw, pvals)
+        _check_linear(cell, fail, xw, pvals, raw)
     return CellFacts(n_saved=n_saved, n_mid=n_mid)
 
 
@@ -141,9 +143,9 @@ def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev
                     new_rows) -> None:
     """backward (and backward2) on the first sample row return tuples of the contract's sizes."""
     G, S = cell.n_gates, cell.n_state
-    nres = 3 if cell.has_recurrent else 2
     want = [("dxw", G)] + ([("dhu", G)] if cell.has_recurrent else []) + [("dprev", S)]
-    want += [(f"d{p.name}", p.blocks) for p in cell.params]
+    dparams = [(f"d{p.name}", p.blocks) for p in cell.params]
+    want += dparams + ([("dx", 1)] if cell.raw_input else [])
 
     def check(out, which, sizes):
         if not (isinstance(out, tuple) and len(out) == len(sizes)
@@ -159,7 +161,7 @@ def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev
         out2 = call("backward2", cell.backward2, saved_rows[j], zn_rows[j], mid_rows[j],
                     prev[j], new_rows[j], *pvals[j], *cell.hyper_args())
         check(out2, "backward2", [("dzn", cell.n_norm), ("dmid", n_mid),
-                                  ("dprev", S)] + want[nres:])
+                                  ("dprev", S)] + dparams)
         out = call("backward", cell.backward, mid_rows[j], prev[j], zn_rows[j], out2[1],
                    *pvals[j], *cell.hyper_args())
     else:
@@ -168,7 +170,7 @@ def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev
     check(out, "backward", want)
 
 
-def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
+def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows, raw) -> None:
     """``reference`` on the sample rows as ``[1, H]`` arrays gives forward's new states."""
     G, S = cell.n_gates, cell.n_state
 
@@ -179,6 +181,8 @@ def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
     for i, p in enumerate(cell.params):
         args.append(tuple(np.array([row[i][k] for row in pvals]) for k in range(p.blocks)))
     kwargs = dict(cell.hyper_values())
+    if cell.raw_input:
+        kwargs["x"] = np.array([[row[0] for row in raw]])
     if cell.normalize:
         def norm(name, z):
             if name not in gains:
@@ -200,13 +204,14 @@ def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows) -> None:
                  f"{f.tolist()!r} vs {r.tolist()!r} on the same sample input")
 
 
-def _check_linear(cell, fail, xw, pvals) -> None:
+def _check_linear(cell, fail, xw, pvals, raw) -> None:
     """new_s = a_s * prev_s + b_s: check on samples that the step is affine per component."""
     S = cell.n_state
     rng = np.random.default_rng(1)
     for j in range(len(xw)):
         def step(prev):
-            return cell.forward(*cell.forward_args(xw[j], None, tuple(prev), pvals[j]))[0]
+            return cell.forward(*cell.forward_args(xw[j], None, tuple(prev), pvals[j],
+                                                   raw[j]))[0]
 
         b = step([0.0] * S)
         a = [step([1.0 if s == k else 0.0 for s in range(S)])[k] - b[k] for k in range(S)]
@@ -244,6 +249,8 @@ def check_projection(cell) -> None:
     kwargs = dict(cell.hyper_values())
     if cell.normalize:
         kwargs["norm"] = lambda name, z: reference_norm(z, 1.0, 0.0, cell.normalize_kind)
+    if cell.raw_input:
+        kwargs["x"] = rng.uniform(-1, 1, (B, H))
     other = (cell.sample_states(rng, (B, H))[0],) + tuple(prev[1:])
     a = cell.reference(xw, hu, prev, *params, **kwargs)
     b = cell.reference(xw, hu, other, *params, **kwargs)

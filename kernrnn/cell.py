@@ -87,6 +87,19 @@ step uses ``forward(W, xp, **hyper)`` of the stored ``weight_hh`` ``W`` (e.g.
 ``W - W.T - gamma * xp.eye(H)``), computed once per call before the time
 loop; after BPTT the gradient of that effective weight goes back through
 ``vjp(W, dW_eff, xp, **hyper)`` to the stored one (``xp``: NumPy or CuPy).
+The raw input
+-------------
+``raw_input=True`` lets the step read its input x_t itself, element-wise: the
+forward takes a trailing argument ``x``, a number (unit j reads ``x[t, b, j]``),
+as SRU's highway ``h = r * c + (1 - r) * x``; its gradient is derived and the
+layer adds it to the input's.  So every layer needs ``input_size ==
+hidden_size`` (a :class:`CellError` otherwise).  Layers above the first read the
+``D*H`` outputs of the layer below (``D*P`` with ``proj_size``): a stack of one
+direction works, a bidirectional or projected stack is refused above layer 0.
+``x`` is the layer's input after input dropout (the one ``W_ih`` reads), never
+normalised by ``input_norm``.  The CPU's packed path and the CUDA persistent
+kernel decline such cells: the BLAS-per-step and GEMM-per-step loops run them.
+Trailing arguments (``norm``, ``x``, hyperparameters) are bound by name, in any order.
 
 The reference
 -------------
@@ -96,8 +109,9 @@ itself, run on NumPy arrays (``Derived.reference`` of :mod:`kernrnn.autodiff`). 
 hand-written ``reference(xw, hu, prev, *params)`` on ``[B, H]`` float64 arrays
 (no ``hu`` for ``recurrent="none"``; each parameter a tuple of ``[H]`` arrays;
 with ``normalize`` also ``norm=``, a function ``norm(name, z)`` applying the
-layer's normalisation) returning the new state tuple stays accepted, as an
-independent check of the forward (written from the paper, say).
+layer's normalisation; with ``raw_input`` also ``x=``, x_t as ``[B, H]``)
+returning the new state tuple stays accepted, as an independent check of the
+forward (written from the paper, say).
 
 A hand-written backward
 -----------------------
@@ -121,7 +135,10 @@ values to normalise and the values stage 2 needs, the core normalises each
 backward runs in reverse: ``backward2(saved, zn, mid, prev, dstate, *params)
 -> (dzn, dmid, dprev, *dparams)``, the core's normalisation backward, then
 ``backward(mid, prev, dz, dmid, *params) -> (dxw, dhu, dprev, *dparams)``
-(both ``dprev`` and ``dparams`` are added up).  These are also the functions
+(both ``dprev`` and ``dparams`` are added up).  With ``raw_input``, ``forward``
+(stage 1) takes ``x`` last as a 1-tuple, ``backward`` (stage 1) returns its
+gradient ``dx``, a 1-tuple, last, and a hand-written ``reference`` takes ``x=``
+(a ``[B, H]`` array) by name.  These are also the functions
 kernrnn generates for a forward-only cell (``cell.forward``, ``cell.backward``,
 ... are the generated ones then, and ``cell.step`` is the forward written).
 :func:`kernrnn.testing.check_cell` compares a hand-written backward with the
@@ -347,6 +364,11 @@ class Cell:
     recurrent_weight:
         A :class:`RecurrentWeight`: the step's ``W_hh`` is a function of the stored
         ``weight_hh`` (such as ``W - W^T - gamma I``); needs a recurrent product.
+    raw_input:
+        The step reads its raw input ``x_t`` element-wise (unit j reads
+        ``x[t, b, j]``): the forward takes a trailing argument ``x``.  Needs
+        ``input_size == hidden_size`` in every layer (see "The raw input" in the
+        module docstring).
     """
 
     name: str
@@ -371,6 +393,7 @@ class Cell:
     state_sampler: Callable | None = None
     hyper: tuple[Hyper, ...] | dict = ()
     recurrent_weight: RecurrentWeight | None = None
+    raw_input: bool = False
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -499,7 +522,8 @@ class Cell:
     @property
     def plain(self) -> bool:
         """True for a dense recurrence over all gates and nothing else (no per-unit
-        parameters, no normalisation, no hyperparameters): an Elman RNN, LSTM or GRU-like cell.
+        parameters, no normalisation, no hyperparameters, no raw input): an Elman RNN, LSTM
+        or GRU-like cell.
 
         The persistent CUDA kernel runs only these.
         """
@@ -511,7 +535,7 @@ class Cell:
         per-unit parameters, no normalisation (the arrays' layouts are a plain cell's)."""
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize)
+                and not self.normalize and not self.raw_input)
 
     @property
     def derived_backward(self) -> bool:
@@ -558,6 +582,19 @@ class Cell:
         """
         _cell_validate.check_projection(self)
 
+    def check_input_size(self, input_size: int, hidden_size: int, where: str = "") -> None:
+        """Raise :class:`CellError` unless a layer with ``input_size`` inputs may run this cell.
+
+        A cell with ``raw_input`` reads ``x[t, b, j]`` at unit j, so it needs
+        ``input_size == hidden_size``; ``where`` (e.g. ``" at layer 1"``, with why
+        that layer has that many inputs) goes into the message.
+        """
+        if self.raw_input and input_size != hidden_size:
+            raise CellError(
+                f"cell {self.name!r}{describe_source(self)}: raw_input=True reads x_t "
+                f"element-wise (unit j reads x[t, b, j]), so a layer needs input_size == "
+                f"hidden_size: expected input_size={hidden_size}, got {input_size}{where}")
+
     # -- parameters --------------------------------------------------------------
 
     def param_shapes(self, input_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
@@ -565,9 +602,11 @@ class Cell:
 
         PyTorch's four first (``weight_hh``/``bias_hh`` only with a recurrent
         product), then the per-unit parameters, then the normalisation gains
-        and biases.
+        and biases.  Raises :class:`CellError` for a size the cell cannot run
+        (:meth:`check_hidden_size`, :meth:`check_input_size`).
         """
         self.check_hidden_size(hidden_size)
+        self.check_input_size(input_size, hidden_size)
         G, H, Gr = self.n_gates, hidden_size, self.n_recurrent_gates
         shapes = {"weight_ih": (G * H, input_size)}
         if self.recurrent == "dense":
@@ -612,17 +651,31 @@ class Cell:
 
     # -- how the math is called (shared by validation, codegen and the reference) ---
 
-    def forward_args(self, xw, hu, prev, params, hyper=None) -> tuple:
+    def forward_args(self, xw, hu, prev, params, x=None, hyper=None) -> tuple:
         """Arguments of ``forward`` in order (``hu`` dropped without a recurrent product;
-        the hyperparameters' tuple last, see :meth:`hyper_args`)."""
+        then the hyperparameters' tuple, see :meth:`hyper_args`; ``x``, the raw input as a
+        1-tuple, last with ``raw_input``)."""
         head = (xw, hu, prev) if self.has_recurrent else (xw, prev)
-        return head + tuple(params) + self.hyper_args(hyper)
+        return head + tuple(params) + self.hyper_args(hyper) + ((x,) if self.raw_input else ())
 
     def split_backward(self, out) -> tuple:
-        """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none")."""
+        """``(dxw, dhu, dprev, dparams)`` from what ``backward`` returned (dhu None for "none";
+        the raw input's gradient, last with ``raw_input``, is :meth:`raw_input_grad`'s)."""
+        end = len(out) - (1 if self.raw_input else 0)
         if self.has_recurrent:
-            return out[0], out[1], out[2], tuple(out[3:])
-        return out[0], None, out[1], tuple(out[2:])
+            return out[0], out[1], out[2], tuple(out[3:end])
+        return out[0], None, out[1], tuple(out[2:end])
+
+    def raw_input_grad(self, out):
+        """The raw input's gradient ``dx`` (a 1-tuple) from what ``backward`` returned, or
+        None without ``raw_input``."""
+        return out[-1] if self.raw_input else None
+
+    @property
+    def n_input_blocks(self) -> int:
+        """Blocks of H values per element in the kernels' ``XW``: G, plus one holding the raw
+        input x itself (no weights, no bias) with ``raw_input``."""
+        return self.n_gates + (1 if self.raw_input else 0)
 
     def math_signatures(self) -> list[tuple[str, list[int], list[int]]]:
         """Each function of the math: ``(attribute, tuple sizes of its arguments, of its results)``.
@@ -635,11 +688,12 @@ class Cell:
         P = [p.blocks for p in self.params] + ([self.n_hyper] if self.hyper else [])
         dP = [p.blocks for p in self.params]
         rec = [G] if self.has_recurrent else []
-        grads = [G] + rec + [S] + dP
+        raw = [1] if self.raw_input else []
+        grads = [G] + rec + [S] + dP + raw
         if not self.normalize:
-            return [("forward", [G] + rec + [S] + P, [S, K]),
+            return [("forward", [G] + rec + [S] + P + raw, [S, K]),
                     ("backward", [K, S, S] + P, grads)]
-        return [("forward", [G] + rec + [S] + P, [NZ, NM]),
+        return [("forward", [G] + rec + [S] + P + raw, [NZ, NM]),
                 ("forward2", [NZ, NM, S] + P, [S, K]),
                 ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + dP),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
@@ -870,6 +924,8 @@ class Cell:
             fail("forward2/backward2 are only used with normalize=(...) (a two-stage step)")
         self._validate_hyper(fail, derived)
         self._validate_recurrent_weight(fail)
+        if not isinstance(self.raw_input, bool):
+            fail(f"raw_input must be True or False, got {self.raw_input!r}")
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="

@@ -148,6 +148,7 @@ class RNN:
         self.proj_size = self._check_proj_size(proj_size)
         #: Every hyperparameter of the cell by name, with its value (see the class docstring).
         self.cell_args = _cell_args(self.cell, cell_args, hyper)
+        self._check_raw_input()
         self.device = check_device(device)
         if not tiers.defers_compile_check(self.cell, self.device):
             check_cell_compiles(self.cell, self.dtype)  # a plugin's broken math is named here
@@ -539,6 +540,23 @@ class RNN:
         labels = [name if S == 1 else f"{name} ({sname})" for sname in self.cell.state]
         return stack_states(self._backend, parts, self.cell, (LD,), B, H, self.proj_size,
                             self.dtype, labels)
+
+    def _check_raw_input(self) -> None:
+        """A cell with ``raw_input`` reads x_t element-wise: every layer needs as many inputs
+        as units.  Layers above the first read the D*H outputs of the layer below (D*P with
+        a projection), so a bidirectional (or projected) stack has raw input only in its
+        first layer: such a stack is refused, naming the layer."""
+        if not self.cell.raw_input:
+            return
+        D, O, H = self.num_directions, self.output_size, self.hidden_size
+        self.cell.check_input_size(self.input_size, H, " (input_size of layer 0)")
+        if self.num_layers > 1 and D * O != H:
+            why = "bidirectional" if D == 2 else "proj_size"
+            self.cell.check_input_size(
+                D * O, H, f" at layer 1, which reads the {D}*{O} outputs of layer 0: a "
+                f"{why} stack gives the layers above the first {D * O} inputs, so this cell "
+                f"runs there with num_layers=1 (stack such layers yourself, with a projection "
+                f"to {H} units between them)")
 
     def _check_proj_size(self, proj_size) -> int:
         """PyTorch's rules for ``proj_size``, and a cell whose step allows it."""

@@ -62,6 +62,7 @@ BUILTIN_PLUGINS = (
     "kernrnn_cells.cifg", "kernrnn_cells.janet", "kernrnn_cells.minlstm",
     "kernrnn_cells.gru_ln", "kernrnn_cells.ugrnn", "kernrnn_cells.mgu",
     "kernrnn_cells.antisymmetric",
+    "kernrnn_cells.sru",
 )
 
 

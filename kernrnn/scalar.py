@@ -360,6 +360,8 @@ def cell_fingerprint(cell) -> str:
     h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
              f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
              f"{cell.linear}".encode())
+    if cell.raw_input:  # (only then: the other cells' fingerprints, and kernels, stay as they were)
+        h.update(b"|raw_input")
     return h.hexdigest()[:16]
 
 

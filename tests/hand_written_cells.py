@@ -383,6 +383,34 @@ def slstm_reference(xw, hu, prev):
     return (o * c / n, c, n, m)
 
 
+# -- sru ----------------------------------------------------------------------------------
+# raw_input: the forward takes x_t last, as a 1-tuple; backward returns its gradient last
+
+
+def sru_forward(xw, prev, v, x):
+    f = sigmoid(xw[1] + v[0] * prev[1])
+    r = sigmoid(xw[2] + v[1] * prev[1])
+    c = f * prev[1] + (1 - f) * xw[0]
+    return (r * c + (1 - r) * x[0], c), (f, r, c - x[0], xw[0])
+
+
+def sru_backward(saved, prev, dstate, v):
+    f, r, cx, w = saved
+    dh = dstate[0]
+    dc = dstate[1] + dh * r
+    ar = dh * cx * r * (1 - r)
+    af = dc * (prev[1] - w) * f * (1 - f)
+    return ((dc * (1 - f), af, ar), (0.0, dc * f + af * v[0] + ar * v[1]),
+            (af * prev[1], ar * prev[1]), (dh * (1 - r),))
+
+
+def sru_reference(xw, prev, v, x):
+    f = _sig(xw[1] + v[0] * prev[1])
+    r = _sig(xw[2] + v[1] * prev[1])
+    c = f * prev[1] + (1.0 - f) * xw[0]
+    return (r * c + (1.0 - r) * x, c)
+
+
 # -- ugrnn --------------------------------------------------------------------------------
 
 
@@ -425,6 +453,7 @@ MATH = {
     "rnn_relu": dict(forward=rnn_relu_forward, backward=rnn_relu_backward,
                      reference=rnn_relu_reference),
     "slstm": dict(forward=slstm_forward, backward=slstm_backward, reference=slstm_reference),
+    "sru": dict(forward=sru_forward, backward=sru_backward, reference=sru_reference),
     "ugrnn": dict(forward=ugrnn_forward, backward=ugrnn_backward, reference=ugrnn_reference),
 }
 

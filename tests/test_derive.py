@@ -63,6 +63,12 @@ def _cell_inputs(cell, rng):
     return xw, hu, prev, params, dstate
 
 
+def _raw(cell, rng):
+    """The raw input x_t as the contract passes it (a 1-tuple), or None without raw input
+    (drawn after :func:`_cell_inputs`' values, which stay those of the other cells)."""
+    return (float(rng.uniform(-2, 2)),) if cell.raw_input else None
+
+
 def _assert_same(label, got, want, worst, rel=1e-12):
     assert len(got) == len(want), f"{label}: {len(got)} tuples, expected {len(want)}"
     for k, (g, w) in enumerate(zip(got, want)):
@@ -86,7 +92,7 @@ def test_derived_backward_equals_hand_written(name, recompute, seed):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         xw, hu, prev, params, dstate = _cell_inputs(cell, rng)
-        fargs = cell.forward_args(xw, hu, prev, params)
+        fargs = cell.forward_args(xw, hu, prev, params, _raw(cell, rng))
         new_h, saved_h = cell.forward(*fargs)
         new_d, saved_d = d.forward(*fargs)
         worst = [0.0]
@@ -159,10 +165,14 @@ def test_derived_reference_equals_reference(name):
     prev = cell.sample_states(rng, (B, H))
     params = [tuple(rng.uniform(-1, 1, H) for _ in range(p.blocks)) for p in cell.params]
     args = cell.forward_args(xw, hu, prev, params)
+    if cell.raw_input:  # the reference takes x by name (below), not as the contract's 1-tuple
+        args = args[:-1]
     kw = {}
     if cell.normalize:
         gain, bias = rng.uniform(0.5, 1.5, H), rng.uniform(-0.5, 0.5, H)
         kw["norm"] = lambda _name, z: reference_norm(z, gain, bias, cell.normalize_kind)
+    if cell.raw_input:  # an array, by name
+        kw["x"] = rng.uniform(-2, 2, (B, H))
     want = cell.reference(*args, **kw)
     got = d.reference(*args, **kw)
     assert len(got) == len(want)
@@ -186,8 +196,9 @@ def test_saved_values_and_shared_gradients_of_shipped_cells():
     for name in FORWARDS:
         cell = hand_written(name)
         d = derived(name)
-        xw, hu, prev, params, _ = _cell_inputs(cell, np.random.default_rng(0))
-        out = cell.forward(*cell.forward_args(xw, hu, prev, params))
+        rng = np.random.default_rng(0)
+        xw, hu, prev, params, _ = _cell_inputs(cell, rng)
+        out = cell.forward(*cell.forward_args(xw, hu, prev, params, _raw(cell, rng)))
         hand = len(out[1]) if not cell.normalize else cell.n_mid
         assert (d.n_mid if cell.normalize else d.n_saved) <= hand, (name, d.saved, hand)
         if cell.has_recurrent:
@@ -792,7 +803,8 @@ def _as_cell(name, **changes):
                 state=ref.state, params=ref.params, recurrent=ref.recurrent, heads=ref.heads,
                 input_norm=ref.input_norm, recurrent_norm=ref.recurrent_norm,
                 normalize=ref.normalize, normalize_kind=ref.normalize_kind,
-                state_sampler=ref.state_sampler, linear=ref.linear, **changes)
+                state_sampler=ref.state_sampler, linear=ref.linear, raw_input=ref.raw_input,
+                **changes)
 
 
 @pytest.mark.parametrize("name", sorted(FORWARDS))

@@ -35,7 +35,7 @@ from kernrnn.testing.conformance import (
 from kernrnn.testing.strategies import Problem, make_arrays, problems
 
 ZOO = ("antisymmetric", "cifg", "gru_ln", "indrnn", "janet", "lstm_ln", "lstm_peephole", "mgu",
-       "mingru", "minlstm", "slstm", "ugrnn")
+       "mingru", "minlstm", "slstm", "sru", "ugrnn")
 REGISTRY = load_registry(autoload=False, plugins=[zoo_test_cells])
 CELLS = ZOO + tuple(c.name for c in zoo_test_cells.CELLS)
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "kernrnn_cells"
@@ -81,6 +81,7 @@ def test_the_contract_features_are_all_exercised():
                                                                                      "row"}
     assert any(c.linear for c in cells)
     assert any(c.hyper and c.recurrent_weight is not None for c in cells)
+    assert any(c.raw_input for c in cells)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -155,12 +156,14 @@ NONE_CELLS = [n for n in CELLS if REGISTRY.get(n).recurrent == "none"]
 
 @pytest.mark.parametrize("name", NONE_CELLS)
 def test_none_cell_has_no_recurrent_matrix(name):
-    layer = kernrnn.RNN(REGISTRY.get(name), 3, 4, num_layers=2, bidirectional=True,
-                        dtype=np.float64, seed=0)
+    cell = REGISTRY.get(name)
+    bi = not cell.raw_input  # raw input: I == H, and a stack of one direction (H inputs above)
+    I = 4 if cell.raw_input else 3
+    layer = kernrnn.RNN(cell, I, 4, num_layers=2, bidirectional=bi, dtype=np.float64, seed=0)
     keys = set(layer.state_dict())
     assert not any(k.startswith(("weight_hh", "bias_hh")) for k in keys), keys
-    assert {"weight_ih_l1_reverse", "bias_ih_l0"} <= keys
-    y, _ = layer(np.ones((3, 2, 3)))
+    assert {"weight_ih_l1" + ("_reverse" if bi else ""), "bias_ih_l0"} <= keys
+    y, _ = layer(np.ones((3, 2, I)))
     layer.backward(np.ones_like(y))
     assert set(layer.grads) == keys
 

@@ -1,4 +1,4 @@
-"""PyTorch as an independent oracle for three zoo cells (skipped without torch).
+"""PyTorch as an independent oracle for four zoo cells (skipped without torch).
 
 Each cell is written again from its paper (or haste's definition) as a plain
 PyTorch loop over time, float64, with the very same weights, and compared with
@@ -78,8 +78,22 @@ def haste_layer_norm_lstm_step(x, state, w):
     return torch.sigmoid(o) * torch.tanh(c_hat), c_new
 
 
+def sru_step(x, state, w):
+    """Lei et al. (2018): f, r from the input and c_(t-1) element-wise, a highway onto x_t.
+
+    ``weight_ih`` stacks W, W_f, W_r; ``v`` is (v_f, v_r).  h_(t-1) is not read.
+    """
+    _, c = state
+    wx, af, ar = (x @ w["weight_ih"].T + w["bias_ih"]).chunk(3, dim=1)
+    vf, vr = w["v"].chunk(2)
+    f = torch.sigmoid(af + vf * c)
+    r = torch.sigmoid(ar + vr * c)
+    c_new = f * c + (1 - f) * wx
+    return r * c_new + (1 - r) * x, c_new
+
+
 ORACLES = {"lstm_peephole": peephole_step, "slstm": slstm_step,
-           "lstm_ln": haste_layer_norm_lstm_step}
+           "lstm_ln": haste_layer_norm_lstm_step, "sru": sru_step}
 
 
 def torch_rnn(step, weights, x, h0, lengths, num_layers, bidirectional):

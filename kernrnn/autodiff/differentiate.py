@@ -172,7 +172,8 @@ def _label(n: Node) -> str:
 
 
 def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = True,
-           params=(), normalize=None, hyper=(), recompute: bool = True) -> Derived:
+           params=(), normalize=None, hyper=(), raw_input: bool = False,
+           recompute: bool = True) -> Derived:
     """Differentiate the scalar step ``forward`` and generate the cell's math.
 
     ``forward(xw, [hu,] prev, *params[, norm])`` returns the new state tuple
@@ -182,8 +183,12 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     names ``norm`` may be called with (None: taken from the calls, in order of
     appearance), ``hyper`` the names of the hyperparameters in declaration order
     (trailing arguments of the forward bound by name; every generated function
-    takes them as one last tuple ``hyper``, the reference as keyword arguments,
-    and no gradient is derived for them).  ``recompute=False`` saves every value the backward reads
+    takes them as one last tuple ``hyper`` (before ``x``), the reference as keyword
+    arguments, and no gradient is derived for them).  ``raw_input``: the forward
+    takes a trailing ``x`` (the element's raw input x_t, a number); the generated
+    ``forward`` then takes ``x`` as a 1-tuple last, ``backward`` returns its
+    gradient ``dx`` (a 1-tuple) last, and ``reference`` takes ``x`` (an array) by
+    name.  ``recompute=False`` saves every value the backward reads
     instead of recomputing arithmetic.  ``name`` is the cell's name, used in
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
     the supported set, naming the file, line and construct.
@@ -193,7 +198,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     for label, v in (("gates", gates), ("state", state)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CellError(f"cell {name!r}: {label} must be an int >= 1, got {v!r}")
-    sig = Signature(gates, state, recurrent, params, normalize, hyper)
+    sig = Signature(gates, state, recurrent, params, normalize, hyper, raw_input)
     graph, outputs, norms, argnames = parse_forward(forward, name, sig)
     order = tuple(sig.normalize if sig.normalize is not None else norms)
     if order:
@@ -228,10 +233,12 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
 
 def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
     """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
-    gates, state, recurrence, per-unit parameters, normalised values and hyperparameters)."""
+    gates, state, recurrence, per-unit parameters, normalised values, hyperparameters and
+    raw input)."""
     return derive(forward, name=cell.name, gates=cell.n_gates, state=cell.n_state,
                   recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
                   normalize=tuple(cell.normalize), hyper=tuple(h.name for h in cell.hyper),
+                  raw_input=cell.raw_input,
                   recompute=recompute)
 
 
@@ -247,17 +254,19 @@ def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
     args = ["xw"] + (["hu"] if cell.has_recurrent else []) + ["prev"] + \
         [f"p{i}" for i in range(len(cell.params))]
     call = ", ".join(args)
+    # the step takes the raw input as a number, the contract's forward as a 1-tuple
+    head, call1 = (f"{call}, x", f"{call}, (x,)") if cell.raw_input else (call, call)
     fwd = cell.forward
     # the id keeps two cells' steps apart in the module cache (load_source)
     lines = [f"# The step of cell {cell.name!r}: its hand-written forward "
              f"{getattr(fwd, '__module__', '?')}.{getattr(fwd, '__qualname__', '?')} "
              f"(id {id(fwd):x}) without the saved values."]
     if not cell.normalize:
-        lines += [f"def step({call}):", f"    return _forward({call})[0]"]
+        lines += [f"def step({head}):", f"    return _forward({call1})[0]"]
     else:
         zn = ", ".join(f"norm({v!r}, z[{k}])" for k, v in enumerate(cell.normalize))
         rest = ", ".join(args[args.index("prev"):])
-        lines += [f"def step({call}, norm):", f"    z, mid = _forward({call})",
+        lines += [f"def step({head}, norm):", f"    z, mid = _forward({call1})",
                   f"    return _forward2(({zn},), mid, {rest})[0]"]
     module = load_source("\n".join(lines) + "\n", f"{cell.name}_hand_written_step",
                          {"_forward": fwd, "_forward2": cell.forward2})
@@ -269,7 +278,7 @@ def _param_names(argnames, sig) -> list[str]:
     out = []
     for i in range(len(sig.params)):
         n = argnames[first + i]
-        taken = _TAKEN | set(sig.hyper) | set(out)
+        taken = _TAKEN | set(sig.hyper) | set(out) | ({"x"} if sig.raw_input else set())
         out.append(n if n.isidentifier() and n not in taken else f"p{i}")
     return out
 
@@ -278,16 +287,19 @@ _TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "nor
           "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates", "hyper"}
 
 
-def _input_source(pnames, hyper_names=None):
+def _input_source(pnames, hyper_names=None, raw_array: bool = False):
     """How an input is written: ``group[index]``; a parameter by its argument's name; a
     hyperparameter as ``hyper[k]`` (scalar math) or by its name (``hyper_names``, the
-    reference)."""
+    reference); the raw input ``x`` as an array with ``raw_array`` (the reference), else
+    as the 1-tuple of the scalar math."""
     def source(attr) -> str:
         group, index = attr
         if group.startswith("p") and group[1:].isdigit():
             return f"{pnames[int(group[1:])]}[{index}]"
         if group == "hyper" and hyper_names is not None:
             return hyper_names[index]
+        if group == "x" and raw_array:
+            return "x"
         return f"{group}[{index}]"
     return source
 
@@ -302,6 +314,7 @@ def _arg_names(sig, pnames):
         for k in kinds:
             if k == "fwd":
                 out += ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames + hyper
+                out += ["x"] if sig.raw_input else []
             elif k == "params":
                 out += pnames + hyper
             else:
@@ -325,6 +338,8 @@ def _scalar_source(plan: Plan, sig, pnames, name, origin) -> str:
         "backward": "Backward of stage 1: (dxw, dhu, dprev, *dparams)." if two else
         "Backward of the step: (dxw, dhu, dprev, *dparams).",
     }
+    if sig.raw_input:  # the raw input's gradient comes last
+        docs["backward"] = docs["backward"].replace("*dparams)", "*dparams, dx)")
     fns = [("forward", plan.forward), ("backward", plan.backward)]
     if two:
         fns = [("forward", plan.forward), ("forward2", plan.forward2),
@@ -350,10 +365,13 @@ def _array_source(plan: Plan, sig, pnames, name, origin) -> str:
 
 def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
     args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
-    pre = [f"{a} = _as64({a})" for a in args]
+    pre = [f"{a} = _as64({a})" for a in args] + ["inputs = (" + ", ".join(args) + ",)"]
+    if sig.raw_input:  # an array (by name: reference(..., x=x_t))
+        args.append("x")
+        pre += ["x = np.asarray(x, dtype=np.float64)", "inputs = inputs + ((x,),)"]
     return emit_function(
         "reference", args + (["norm"] if has_norm else []) + list(sig.hyper), [list(outputs)],
-        _input_source(pnames, sig.hyper), style=NUMPY,
+        _input_source(pnames, sig.hyper, raw_array=True), style=NUMPY,
         doc="The step on float64 NumPy arrays: the new state tuple.",
-        preamble=pre + ["inputs = (" + ", ".join(args) + ",)"],
+        preamble=pre,
         block='with np.errstate(all="ignore"):', return_format="_np_state({}, inputs)")

@@ -72,15 +72,17 @@ class Signature:
     ``hyper`` (the names of the hyperparameters, in declaration order: trailing
     arguments bound by name, read as the inputs ``("hyper", k)``; a forward may
     leave out those it does not read, such as one only a
-    :class:`~kernrnn.cell.RecurrentWeight` uses).
+    :class:`~kernrnn.cell.RecurrentWeight` uses) and ``raw_input`` (a trailing
+    argument ``x``, the element's raw input x_t).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
-                 normalize=None, hyper=()):
+                 normalize=None, hyper=(), raw_input: bool = False):
         self.gates, self.state, self.recurrent = gates, state, recurrent
         self.params = tuple(params)
         self.normalize = None if normalize is None else tuple(normalize)
         self.hyper = tuple(hyper)
+        self.raw_input = bool(raw_input)
 
 
 class _Norm:
@@ -149,6 +151,19 @@ class _Reader:
 
     # -- functions ------------------------------------------------------------------
 
+    def trailing_arguments(self) -> dict:
+        """The names a forward may take after its positional part, each with a function
+        making its value: ``norm`` (a step with normalised values), ``x`` (the raw
+        input, ``raw_input=True``) and each hyperparameter."""
+        out = {}
+        if self.sig.normalize is None or self.sig.normalize:
+            out["norm"] = _Norm
+        if self.sig.raw_input:
+            out["x"] = lambda: self.g.input("x", 0)
+        for k, h in enumerate(self.sig.hyper):  # a forward may leave one out
+            out[h] = (lambda k=k: self.g.input("hyper", k))
+        return out
+
     def top(self, fn: types.FunctionType):
         ctx = _Context(fn)
         args = ctx.fdef.args
@@ -156,26 +171,35 @@ class _Reader:
         sig = self.sig
         want = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + \
             [f"param {i}" for i in range(len(sig.params))]
-        norm = sig.normalize is None or bool(sig.normalize)
-        # after the positional part, trailing arguments bound by name, in any order
-        named = (["norm"] if sig.normalize else []) + list(sig.hyper)
+        # after the positional part, trailing arguments are bound by name, in any order
+        trailing = self.trailing_arguments()
+        usage = ", ".join(want) + "".join(f", {n}" for n in trailing)
         if args.vararg or args.kwarg or args.kwonlyargs or args.defaults:
-            self.fail(ctx, ctx.fdef, "a forward takes plain positional arguments only "
-                      f"({', '.join(want + named)})")
-        trailing = names[len(want):]
-        if "norm" in trailing and not norm:
-            self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
-                      "value (declare normalize=(...))")
-        unknown = [n for n in trailing if n != "norm" and n not in sig.hyper]
-        if len(names) < len(want) or unknown:
-            by_name = ["norm"] * norm + list(sig.hyper)
+            self.fail(ctx, ctx.fdef, f"a forward takes plain positional arguments only ({usage})")
+        if len(names) < len(want):
             self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}, the "
                       f"cell gives {len(want)}: {', '.join(want)}"
-                      + (f", then by name {', '.join(map(repr, by_name))}" if by_name else "")
-                      + (f"; unknown trailing argument{'s' * (len(unknown) > 1)} "
-                         f"{', '.join(map(repr, unknown))}" if unknown and len(names) >= len(want)
-                         else ""))
-        has_norm = "norm" in trailing
+                      + (f", and by name {', '.join(repr(n) for n in trailing)}"
+                         if trailing else ""))
+        extra = names[len(want):]
+        if "norm" in extra and "norm" not in trailing:
+            self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
+                      "value (declare normalize=(...))")
+        if "x" in extra and "x" not in trailing:
+            self.fail(ctx, ctx.fdef, "the forward takes 'x' (the raw input x_t) but the cell "
+                      "does not declare raw_input=True")
+        unknown = [n for n in extra if n not in trailing]
+        if unknown:
+            self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}: after "
+                      f"the cell's {len(want)} ({', '.join(want)}) its trailing arguments are "
+                      f"bound by name; unknown trailing argument{'s' * (len(unknown) > 1)} "
+                      f"{', '.join(map(repr, unknown))}, expected "
+                      + (", ".join(repr(n) for n in trailing) if trailing else "none of them "
+                         "('norm' needs normalize=(...), 'x' raw_input=True, a hyperparameter "
+                         "hyper={...})"))
+        if sig.raw_input and "x" not in extra:
+            self.fail(ctx, ctx.fdef, f"the cell declares raw_input=True but the forward takes no "
+                      f"'x' (the raw input x_t, a trailing argument: ({', '.join(want)}, x))")
         env = {}
         env[names[0]] = tuple(self.g.input("xw", k) for k in range(sig.gates))
         i = 1
@@ -185,10 +209,8 @@ class _Reader:
         env[names[i]] = tuple(self.g.input("prev", s) for s in range(sig.state))
         for p, blocks in enumerate(sig.params):
             env[names[i + 1 + p]] = tuple(self.g.input(f"p{p}", b) for b in range(blocks))
-        if has_norm:
-            env["norm"] = _Norm()
-        for k, h in enumerate(sig.hyper):
-            env[h] = self.g.input("hyper", k)
+        for name in extra:
+            env[name] = trailing[name]()
         self.arg_names = names
         out = self.body(ctx, env)
         if not isinstance(out, tuple):

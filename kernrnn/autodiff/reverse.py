@@ -286,7 +286,8 @@ class Plan:
 
 
 def _grads(sig, inputs, contrib, B: Graph):
-    """Result tuples dxw, [dhu,] dprev, *dparams from the contributions at the inputs."""
+    """Result tuples dxw, [dhu,] dprev, *dparams[, dx] from the contributions at the inputs
+    (``dx``: the raw input's, with ``sig.raw_input``)."""
     def total(group, index):
         n = inputs.get((group, index))
         return B.total(contrib.get(n.id, [])) if n is not None else B.const(0.0)
@@ -300,6 +301,8 @@ def _grads(sig, inputs, contrib, B: Graph):
         same = tuple(a is b for a, b in zip(dxw, dhu))
     out.append([total("prev", s) for s in range(sig.state)])
     out += [[total(f"p{i}", b) for b in range(blocks)] for i, blocks in enumerate(sig.params)]
+    if sig.raw_input:
+        out.append([total("x", 0)])
     return out, same
 
 
@@ -342,7 +345,7 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
     ``forward(...) -> (z, mid)``, ``forward2(zn, mid, prev, *p) -> (new_state,
     saved)``, ``backward2(saved, zn, mid, prev, dstate, *p) -> (dzn, dmid,
     dprev, *dp)`` and ``backward(mid, prev, dz, dmid, *p) -> (dxw, dhu, dprev,
-    *dp)``: the contract of :class:`kernrnn.cell.Cell` with ``normalize``.
+    *dp[, dx])``: the contract of :class:`kernrnn.cell.Cell` with ``normalize``.
     ``mid`` holds the stage-1 values stage 2 reads and those stage 1's backward
     needs (its saved values), in evaluation order; the ``dmid`` of the latter
     are zero.
@@ -440,7 +443,9 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
     dmid = [B2.total(contrib2.get(m.id, [])) if not m.is_bool else B2.const(0.0) for m in mid]
     inputs2 = {n.attr: n for n in scope if n.op == "in"}
     rest, _ = _grads(sig, inputs2, contrib2, B2)
-    results2 = [dzn, dmid] + rest[(2 if sig.recurrent else 1):]
+    # stage 2 reads xw, hu and x only through mid: their gradients leave through dmid
+    rest = rest[(2 if sig.recurrent else 1):len(rest) - (1 if sig.raw_input else 0)]
+    results2 = [dzn, dmid] + rest
     bwd2 = Fn(results2, ["saved", "zn", "mid", "prev", "dstate", "params"],
               {"saved": [B2.input("saved", k) for k in range(len(saved2))],
                "mid": [B2.input("mid", j) for j in range(len(mid))]})

@@ -91,16 +91,21 @@ def hu_gates(cell, hu_rec, zero: str) -> list[str]:
     return [hu_rec(rec.index(g)) if g in rec else zero for g in range(cell.n_gates)]
 
 
-def forward_call(cell, *, xw, hu, prev, p, z_or_new, saved_or_mid, indent) -> str:
-    """Stage 1 (or the whole step): ``forward(xw, [hu,] prev, *params)``.
+def forward_call(cell, *, xw, hu, prev, p, z_or_new, saved_or_mid, indent, x=None) -> str:
+    """Stage 1 (or the whole step): ``forward(xw, [hu,] prev, *params[, x])``.
 
     ``xw(g)``, ``hu(g)``, ``prev(s)``, ``p(i)`` give source expressions;
     ``z_or_new(k)`` / ``saved_or_mid(k)`` the targets of the two results (None
-    entries are dropped).
+    entries are dropped).  ``x`` (a source expression) is the raw input of a
+    cell with ``raw_input``; by default ``xw(G)``, the block after the gates
+    in ``XW`` (right where ``XW`` already holds the bias: the raw block has none).
     """
     G, S = cell.n_gates, cell.n_state
+    raw = None
+    if cell.raw_input:
+        raw = [x if x is not None else xw(G)]
     args = cell.forward_args([xw(g) for g in range(G)], [hu(g) for g in range(G)],
-                             [prev(s) for s in range(S)], param_groups(cell, p),
+                             [prev(s) for s in range(S)], param_groups(cell, p), raw,
                              hyper_group(cell, p))
     n0 = cell.n_norm if cell.normalize else S
     n1 = cell.n_mid if cell.normalize else cell.n_saved
@@ -118,7 +123,9 @@ def forward2_call(cell, *, zn, mid, prev, p, new, saved, indent) -> str:
                 indent=indent)
 
 
-def _grad_outs(cell, dxw, dhu, dprev, dp):
+def _grad_outs(cell, dxw, dhu, dprev, dp, dx=None):
+    """Targets of ``(dxw, [dhu,] dprev, *dparams[, dx])``, and the index of the first
+    accumulated one (dparams); the raw input's ``dx`` goes to ``dx`` (default ``dxw(G)``)."""
     G, S = cell.n_gates, cell.n_state
     outs = [[dxw(g) for g in range(G)]]
     if cell.has_recurrent:
@@ -128,22 +135,26 @@ def _grad_outs(cell, dxw, dhu, dprev, dp):
     base = len(outs)
     for group in param_groups(cell, dp):
         outs.append(group)
+    if cell.raw_input:
+        outs.append([dx if dx is not None else dxw(G)])
     return outs, base
 
 
-def backward_call(cell, *, saved, prev, dstate, p, dxw, dhu, dprev, dp, indent) -> str:
+def backward_call(cell, *, saved, prev, dstate, p, dxw, dhu, dprev, dp, indent,
+                  dx=None) -> str:
     """The whole step's backward (no mid-step normalisation).
 
     ``dhu(r)`` is the target for the r-th recurrent gate; ``dp(i)`` targets are
     accumulated; ``dhu`` may return None to drop a value (cells whose dxw and
-    dhu are the same expression).
+    dhu are the same expression).  ``dx``: the target of the raw input's
+    gradient (``raw_input``; default ``dxw(G)``, the raw block of ``dXW``), stored.
     """
     S = cell.n_state
     args = [[saved(k) for k in range(cell.n_saved)], [prev(s) for s in range(S)],
             [dstate(s) for s in range(S)]] + unit_groups(cell, p)
-    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
+    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp, dx)
     return call("cell_backward", args, outs, indent=indent,
-                accumulate=range(base, len(outs)))
+                accumulate=range(base, base + len(cell.params)))
 
 
 def backward2_call(cell, *, saved, zn, mid, prev, dstate, p, dzn, dmid, dprev, dp,
@@ -158,15 +169,17 @@ def backward2_call(cell, *, saved, zn, mid, prev, dstate, p, dzn, dmid, dprev, d
     return call("cell_backward2", args, outs, indent=indent, accumulate=range(3, len(outs)))
 
 
-def backward1_call(cell, *, mid, prev, dz, dmid, p, dxw, dhu, dprev, dp, indent) -> str:
-    """Backward of stage 1: ``backward(mid, prev, dz, dmid, *params)``; dprev is added."""
+def backward1_call(cell, *, mid, prev, dz, dmid, p, dxw, dhu, dprev, dp, indent,
+                   dx=None) -> str:
+    """Backward of stage 1: ``backward(mid, prev, dz, dmid, *params)``; dprev is added
+    (``dx``: as for :func:`backward_call`)."""
     S = cell.n_state
     args = [[mid(m) for m in range(cell.n_mid)], [prev(s) for s in range(S)],
             [dz(k) for k in range(cell.n_norm)], [dmid(m) for m in range(cell.n_mid)]]
     args += unit_groups(cell, p)
-    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
+    outs, base = _grad_outs(cell, dxw, dhu, dprev, dp, dx)
     return call("cell_backward", args, outs, indent=indent,
-                accumulate=[base - 1] + list(range(base, len(outs))))
+                accumulate=[base - 1] + list(range(base, base + len(cell.params))))
 
 
 def forward_body(G, S, K, *, xw, hu, prev, new, saved, y, indent) -> str:

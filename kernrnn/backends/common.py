@@ -184,7 +184,12 @@ def input_projection(xp, cell, x, params, take=None):
 
     ``cache`` is ``(xhat, rstd)`` for the normalisation's backward, or None.
     ``take(shape, dtype)`` gives the product's array (see :func:`time_buffers`).
+    A cell with ``raw_input`` gets ``XW [T, B, (G+1)*H]``: block G is ``x``
+    itself (``I == H``), which the step reads element-wise (no weights, no
+    bias, never normalised).
     """
+    if cell.raw_input:
+        return _raw_input_projection(xp, cell, x, params, take)
     T, B, I = x.shape
     W_ih = params["weight_ih"]
     if take is None:
@@ -201,6 +206,30 @@ def input_projection(xp, cell, x, params, take=None):
         XW = xhat * params["norm_ih_weight"]
         cache = (xhat, rstd)
     return XW.reshape(T, B, W_ih.shape[0]), cache
+
+
+def _raw_input_projection(xp, cell, x, params, take):
+    """:func:`input_projection` of a ``raw_input`` cell: the G blocks of ``W_ih x`` and a
+    copy of ``x`` after them, in one ``[T, B, (G+1)*H]`` array."""
+    T, B, I = x.shape
+    W_ih = params["weight_ih"]
+    GH = W_ih.shape[0]
+    shape = (T, B, GH + I)
+    out = take(shape, x.dtype) if take is not None else xp.empty(shape, dtype=x.dtype)
+    rows, x2 = out.reshape(T * B, GH + I), x.reshape(T * B, I)
+    cache = None
+    if cell.input_norm is None and isinstance(rows, np.ndarray):
+        np.matmul(x2, W_ih.T, out=rows[:, :GH])  # BLAS writes the strided rows directly
+    elif cell.input_norm is None:
+        rows[:, :GH] = xp.matmul(x2, W_ih.T)
+    else:
+        xhat, rstd = normalize_rows(xp, xp.matmul(x2, W_ih.T),
+                                    n_segments(cell.input_norm, cell.n_gates),
+                                    cell.input_norm.kind)
+        rows[:, :GH] = xhat * params["norm_ih_weight"]
+        cache = (xhat, rstd)
+    rows[:, GH:] = x2
+    return out, cache
 
 
 def recurrent_weights(cell, params, hidden_size: int):
@@ -268,7 +297,8 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
     """``(dx, grads)`` after the BPTT loop: input, ``W_ih``, ``W_hh`` and the input norm's gain.
 
     ``dXW [T, B, G*H]`` is the gradient of the input pre-activations (before
-    ``b_ih``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
+    ``b_ih``; ``[T, B, (G+1)*H]`` with ``raw_input``, block G the raw input's
+    gradient, added to ``dx``), ``dHU [NH, T, B, Gr*dh]`` that of the raw recurrent products
     (None without them); ``recurrent_mask [B, H]`` the recurrent-dropout mask
     the products read ``h`` through (None without); ``dHp [T, B, P]`` the
     gradient of the projected h of each step (LSTMP; None without), which
@@ -279,8 +309,11 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
     mm = matmul if matmul is not None else _matmul
     x = ctx.x
     T, B, I = x.shape
-    GH = dXW.shape[2]
-    dXW2 = dXW.reshape(T * B, GH)
+    GH = ctx.params["weight_ih"].shape[0]
+    dXW2 = dXW.reshape(T * B, dXW.shape[2])
+    draw = None
+    if cell.raw_input:  # dXW's block G: the gradient of the raw input the step read
+        dXW2, draw = dXW2[:, :GH], dXW2[:, GH:]
     grads = {}
     if cell.input_norm is not None:
         xhat, rstd = ctx.input_cache
@@ -289,6 +322,8 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
         dXW2 = normalize_rows_backward(xp, dXW2 * g_ih, xhat, rstd, cell.input_norm.kind)
     W_ih = ctx.params["weight_ih"]
     dx = mm(dXW2, W_ih).reshape(T, B, I)
+    if draw is not None:
+        dx += draw.reshape(T, B, I)
     if ctx.input_mask is not None:  # x is the masked input: d(x * M) / dx = M
         dx *= ctx.input_mask[None]
     grads["weight_ih"] = mm(dXW2.T, x.reshape(T * B, I))

@@ -78,17 +78,20 @@ def random_problem(rng: np.random.Generator, max_T=8, max_B=4, max_I=6, max_H=6,
                    cell=None):
     """A random :class:`~kernrnn.testing.strategies.Problem` drawn with ``rng`` (no hypothesis).
 
-    With ``cell``, H fits it (a multiple of its number of heads).
+    With ``cell``, H fits it (a multiple of its number of heads), and a cell with
+    ``raw_input`` gets I == H (see :func:`~kernrnn.testing.strategies.problems`).
     """
-    from kernrnn.testing.strategies import Problem, hidden_multiple
+    from kernrnn.testing.strategies import Problem, hidden_multiple, raw_input_sizes
 
     T, B = int(rng.integers(1, max_T + 1)), int(rng.integers(1, max_B + 1))
     lengths = tuple(int(v) for v in rng.integers(0, T + 1, B)) if rng.random() < 0.5 else None
     m = hidden_multiple(cell)
     H = m * int(rng.integers(1, max(1, max_H // m) + 1))
-    return Problem(T, B, int(rng.integers(1, max_I + 1)), H,
-                   int(rng.integers(1, max_layers + 1)), bool(rng.random() < 0.5), lengths,
-                   bool(rng.random() < 0.5), int(rng.integers(0, 2**32 - 1)))
+    I, L = int(rng.integers(1, max_I + 1)), int(rng.integers(1, max_layers + 1))
+    bi = bool(rng.random() < 0.5)
+    I, L = raw_input_sizes(cell, I, H, L, bi)
+    return Problem(T, B, I, H, L, bi, lengths, bool(rng.random() < 0.5),
+                   int(rng.integers(0, 2**32 - 1)))
 
 
 def _state_tuple(cell, s):
@@ -351,7 +354,8 @@ def compare_backward(cell, examples: int = 10, seed: int = 0, rtol: float = 1e-8
     labels = ([f"dxw[{k}] (gate {cell.gate_labels[k]!r})" for k in range(G)]
               + [f"dhu[{k}] (gate {cell.gate_labels[k]!r})" for k in range(G)]
               + [f"dprev[{s}] (state {cell.state[s]!r})" for s in range(S)]
-              + [f"d{p.name}[{b}]" for p in cell.params for b in range(p.blocks)])
+              + [f"d{p.name}[{b}]" for p in cell.params for b in range(p.blocks)]
+              + (["dx (the raw input)"] if cell.raw_input else []))
     compared = [k not in range(G, 2 * G) or k - G in rec for k in range(len(labels))]
     worst = 0.0
     for example in range(examples):
@@ -375,7 +379,8 @@ def compare_backward(cell, examples: int = 10, seed: int = 0, rtol: float = 1e-8
 
 
 def _sample_rows(cell, rng, H):
-    """(xw, hu, prev, params, dstate) per unit of one row, as tuples of floats."""
+    """(xw, hu, prev, params, dstate, x) per unit of one row, as tuples of floats (x: the
+    raw input as a 1-tuple, None without ``raw_input``)."""
     def draw(n, lo=-1.0, hi=1.0):
         return tuple(float(v) for v in rng.uniform(lo, hi, n))
 
@@ -386,32 +391,36 @@ def _sample_rows(cell, rng, H):
         hu = tuple(v if k in rec else 0.0 for k, v in enumerate(draw(cell.n_gates, -2, 2)))
         rows.append((draw(cell.n_gates, -2, 2), hu if cell.has_recurrent else None,
                      tuple(float(v[j]) for v in states), tuple(draw(p.blocks) for p in cell.params),
-                     draw(cell.n_state)))
+                     draw(cell.n_state), draw(1, -2, 2) if cell.raw_input else None))
     return rows
 
 
 def _row_gradients(math_, cell, rows, norms) -> list[list[float]]:
-    """Per unit, the flat gradients (dxw, dhu, dprev, dparams; dhu zeros without ``hu``)
-    of ``math_``'s forward/backward (and second stage), run over one row."""
+    """Per unit, the flat gradients (dxw, dhu, dprev, dparams[, dx]; dhu zeros without
+    ``hu``) of ``math_``'s forward/backward (and second stage), run over one row."""
     G = cell.n_gates
 
-    def flat(dxw, dhu, dprev, dparams):
+    def flat(out, dprev=None, dparams=None):
+        dxw, dhu, dprev0, dparams0 = cell.split_backward(out)
+        dprev = dprev0 if dprev is None else dprev
+        dparams = dparams0 if dparams is None else dparams
+        dx = cell.raw_input_grad(out) or ()
         return [float(v) for v in (*dxw, *(dhu if dhu is not None else (0.0,) * G), *dprev,
-                                   *(v for d in dparams for v in d))]
+                                   *(v for d in dparams for v in d), *dx)]
 
     if not cell.normalize:
         out = []
-        for xw, hu, prev, params, dstate in rows:
-            _, saved = math_.forward(*cell.forward_args(xw, hu, prev, params))
-            out.append(flat(*cell.split_backward(math_.backward(saved, prev, dstate, *params))))
+        for xw, hu, prev, params, dstate, x in rows:
+            _, saved = math_.forward(*cell.forward_args(xw, hu, prev, params, x))
+            out.append(flat(math_.backward(saved, prev, dstate, *params)))
         return out
-    firsts = [math_.forward(*cell.forward_args(xw, hu, prev, params))
-              for xw, hu, prev, params, _ in rows]
+    firsts = [math_.forward(*cell.forward_args(xw, hu, prev, params, x))
+              for xw, hu, prev, params, _, x in rows]
     Z = np.array([z for z, _ in firsts], dtype=np.float64)  # [H, NZ]
     ZN = np.stack([reference_norm(Z[:, k], *norms[v], cell.normalize_kind)
                    for k, v in enumerate(cell.normalize)], axis=1)
     seconds = []
-    for j, (_, _, prev, params, dstate) in enumerate(rows):
+    for j, (_, _, prev, params, dstate, _) in enumerate(rows):
         zn, mid = tuple(float(v) for v in ZN[j]), firsts[j][1]
         _, saved = math_.forward2(zn, mid, prev, *params)
         seconds.append(math_.backward2(saved, zn, mid, prev, dstate, *params))
@@ -419,13 +428,13 @@ def _row_gradients(math_, cell, rows, norms) -> list[list[float]]:
     dZ = np.stack([_norm_backward(Z[:, k], dZN[:, k], norms[v][0], cell.normalize_kind)
                    for k, v in enumerate(cell.normalize)], axis=1)
     out = []
-    for j, (_, _, prev, params, _) in enumerate(rows):
+    for j, (_, _, prev, params, _, _) in enumerate(rows):
         b2 = seconds[j]
-        dxw, dhu, dprev, dparams = cell.split_backward(
-            math_.backward(firsts[j][1], prev, tuple(float(v) for v in dZ[j]), b2[1], *params))
+        back = math_.backward(firsts[j][1], prev, tuple(float(v) for v in dZ[j]), b2[1], *params)
+        _, _, dprev, dparams = cell.split_backward(back)
         dprev = tuple(a + b for a, b in zip(dprev, b2[2]))
         dparams = tuple(tuple(a + b for a, b in zip(p, q)) for p, q in zip(dparams, b2[3:]))
-        out.append(flat(dxw, dhu, dprev, dparams))
+        out.append(flat(back, dprev, dparams))
     return out
 
 

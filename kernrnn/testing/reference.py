@@ -119,6 +119,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
             args.append(tuple(hr[:, rec.index(g) * H:(rec.index(g) + 1) * H] if g in rec
                               else zero for g in range(G)))
         args.append(state)
+        if cell.raw_input:  # x_t itself, element-wise (I == H), after input dropout
+            kwargs["x"] = x[t]
         new = cell.reference(*args, *unit_params, **kwargs)
         if reg is not None and reg.zoneout:
             zo = reg.settings.zoneout

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-__all__ = ["Problem", "problems", "make_arrays", "hidden_multiple"]
+__all__ = ["Problem", "problems", "make_arrays", "hidden_multiple", "raw_input_sizes"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirection
              variable_lengths=True, cell=None, projection=False):
     """A random problem; ``bidirectional=None`` draws it too.
 
-    With ``cell``, H fits it (a multiple of its number of heads).  With
-    ``projection``, an LSTMP problem: H >= 2 and ``proj_size`` in [1, H-1].
+    With ``cell``, H fits it (a multiple of its number of heads), and for a
+    cell with ``raw_input`` I == H and a stack only where the layers above the
+    first get H inputs (one direction, no projection).  With ``projection``, an
+    LSTMP problem: H >= 2 and ``proj_size`` in [1, H-1].
     """
     T = draw(st.integers(1, max_T))
     B = draw(st.integers(1, max_B))
@@ -61,7 +63,16 @@ def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirection
     if projection:
         H = max(H, 2)
         P = draw(st.integers(1, H - 1))
+    I, L = raw_input_sizes(cell, I, H, L, bi, P)
     return Problem(T, B, I, H, L, bi, lengths, with_h0, seed, P)
+
+
+def raw_input_sizes(cell, I: int, H: int, L: int, bidirectional: bool, P: int = 0):
+    """``(I, L)`` a cell with ``raw_input`` runs with: I == H, and one layer where the
+    layers above the first would get D*P or 2*H inputs; unchanged for other cells."""
+    if cell is None or not getattr(cell, "raw_input", False):
+        return I, L
+    return H, (1 if (bidirectional or P) else L)
 
 
 def hidden_multiple(cell) -> int:

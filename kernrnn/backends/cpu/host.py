@@ -227,7 +227,7 @@ def backward(ctx: ForwardContext, dy, dhn):
         dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
         dR = np.empty((B, H), dtype=dtype)
         dS[0] = 0
-    dXW = workspace.take((T, B, G * H), dtype)
+    dXW = workspace.take((T, B, cell.n_input_blocks * H), dtype)  # raw_input: + dx's block
     one = np.ones(1, dtype=dtype)
     if not cell.has_recurrent:
         dHU = one.reshape(1, 1, 1, 1)

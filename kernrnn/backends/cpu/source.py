@@ -59,6 +59,9 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
     def xw(g):
         return f"XW[t, b, {g} * H + j] + b_ih[{g} * H + j]"
 
+    # the raw input (raw_input): XW's block after the gates holds x itself, no bias
+    raw = f"XW[t, b, {cell.n_gates} * H + j]" if cell.raw_input else None
+
     def prev(s):
         return f"States[{s}, p, b, j]"
 
@@ -97,12 +100,12 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
                                  f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
     if not cell.normalize:
         step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
-                            z_or_new=target, saved_or_mid=saved, indent=0) + after
+                            z_or_new=target, saved_or_mid=saved, indent=0, x=raw) + after
         body.append(elem + "\n" + ind(step, 8) + y_store)
     else:
         st1 = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                            z_or_new=lambda k: f"Zhat[{k}, {tm}, b, j]",
-                           saved_or_mid=lambda m: f"Mid[{m}, {tm}, b, j]", indent=0)
+                           saved_or_mid=lambda m: f"Mid[{m}, {tm}, b, j]", indent=0, x=raw)
         body.append(elem + "\n" + ind(st1, 8))
         for k in range(cell.n_norm):
             body.append(row_norm(cell.normalize_kind, ["for j in range(H):"],
@@ -228,8 +231,9 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     # finds the read and written spans interleaved (scalar fallback).
     row = f"{lo}:{hi}" if packed is not None else ""
     sub = f", {row}" if row else ""
+    # (with raw_input, view G is dXW's raw block: the raw input's gradient, no bias)
     views = "\n".join(
-        [f"dxw{g} = dXW[t, b, {span(g)}]" for g in range(G)]
+        [f"dxw{g} = dXW[t, b, {span(g)}]" for g in range(cell.n_input_blocks)]
         + [f"ds{s} = dS[{s}, b{sub}]\nhp{s} = States[{s}, p, b{sub}]" for s in range(S)]
         + [f"sv{k} = Saved[{k}, t, b{sub}]" for k in range(K)]
         + [f"dRr = dR[b{sub}]" if proj else f"dyr = dY[t, b{sub}]"]

@@ -197,7 +197,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     x, input_mask = common.input_dropout(xp, reg, x)
     ka = regularization.kernel_arrays(xp, reg, cell, B, H, dtype)
     XW, input_cache = common.input_projection(xp, cell, x, params)
-    XW += params["bias_ih"]
+    XW[:, :, :cell.n_gates * H] += params["bias_ih"]  # (raw_input: block G is x, no bias)
     # Training keeps the state at every time boundary (for BPTT); inference only the
     # current one, in two slots that take turns (step s reads slot s & 1), as on the CPU.
     buf = common.time_buffers(xp, cell, T, B, H, dtype, training, proj,
@@ -391,7 +391,7 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHp = xp.empty((T, B, proj), dtype=dtype)
         dSp = dS[0, :, :proj].copy()  # a copy: ascontiguousarray may return a view
         dS[0] = 0
-    dXW = xp.empty((T, B, G * H), dtype=dtype)
+    dXW = xp.empty((T, B, cell.n_input_blocks * H), dtype=dtype)  # raw_input: + dx's block
     rec = cell.has_recurrent
     dHU = xp.empty((NH, T, B, Gr * H // NH), dtype=dtype) if rec else \
         xp.empty((1, 1, 1, 1), dtype=dtype)
@@ -426,7 +426,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     if T == 0 or B == 0:
         dXW.fill(0)
     sums = {name: a.sum(axis=0) for name, a in acc.items()}
-    grads = {"bias_ih": dXW.sum(axis=(0, 1))}
+    grads = {"bias_ih": dXW[:, :, :G * H].sum(axis=(0, 1))}
     if rec:
         if cell.recurrent_norm is not None:
             grads["bias_hh"] = sums["bias_hh"]

@@ -17,7 +17,10 @@ and scan kernels of cells without a recurrent matrix one thread per element
 (and time chunk) looping over time.
 Per-unit parameter gradients are accumulated per (b, j) by the thread that
 owns the element (no atomics) and summed over b afterwards.  Array layouts are
-those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.
+those of :mod:`kernrnn.backends.common`; ``XW`` holds ``b_ih`` already.  A cell
+with ``raw_input`` reads x_t as block G of ``XW`` (x itself, no bias: the
+default ``x`` of :func:`~kernrnn.backends.codegen.forward_call`) and writes its
+gradient to block G of ``dXW``.
 """
 
 from __future__ import annotations
@@ -277,7 +280,7 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
             ("DZ", 3), ("DM", 3), ("Gz", 1), ("Bz", 1), ("dGz", 2), ("dBz", 2), ("t", "i"),
             ("p", "i"), ("H", "i"), ("dh", "i")) + REG_ARGS
     masked = (f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n" if rec else "")
-    masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_gates))
+    masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_input_blocks))
     if rec:
         masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
     specs = []
@@ -377,7 +380,7 @@ def _fused_specs(cell, reg) -> list[KernelSpec]:
                                dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
                                dhu=lambda r: None, dprev=lambda s: f"dS[{s}, b, j]", dp=dpp,
                                indent=0))
-    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_gates))
+    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_input_blocks))
     bsteps = ("for step in range(s0, s1):\n"
               "    if reverse:\n        t = step\n        p = t + 1\n"
               "    else:\n        t = T - 1 - step\n        p = t\n")
@@ -489,7 +492,7 @@ def _scan_specs(cell) -> list[KernelSpec]:
                          dstate=dstate, p=pp, dxw=lambda g: f"dXW[t, b, {g} * H + j]",
                          dhu=lambda r: None, dprev=lambda q: f"dv{q}",
                          dp=lambda k: f"dP[c * B + b, {k} * H + j]", indent=0)
-    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_gates))
+    zero = "\n".join(f"dXW[t, b, {g} * H + j] = 0" for g in range(cell.n_input_blocks))
     last = "if c == NC - 1:\n" + _ind("\n".join(f"dS[{s}, b, j] = dv{s}" for s in range(S)), 4)
     specs.append(KernelSpec("scan_apply_backward",
                             (("dY", "Y"), ("Saved", 4), ("States", 4), ("P", 1), ("Start", 4),

@@ -141,12 +141,12 @@ def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=
         return chosen
     if path is not None:
         raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
-                         f"and no per-unit parameters or normalisation; cell {cell.name!r} "
-                         f"needs path='gemm' or 'auto'")
+                         f"and no per-unit parameters, normalisation or raw input; cell "
+                         f"{cell.name!r} needs path='gemm' or 'auto'")
     if cell.name not in _fallback_warned:
         _fallback_warned.add(cell.name)
         warnings.warn(f"kernrnn: the persistent CUDA path ({PATH_ENV} or set_path) runs only "
-                      f"cells with a dense recurrence over all gates and no per-unit parameters "
-                      f"or normalisation; cell {cell.name!r} runs on the 'gemm' path",
+                      f"cells with a dense recurrence over all gates and no per-unit parameters, "
+                      f"normalisation or raw input; cell {cell.name!r} runs on the 'gemm' path",
                       RuntimeWarning, stacklevel=4)
     return "gemm"

@@ -167,10 +167,11 @@ def supported(cell, B: int, H: int, dtype, device_props: DeviceProps | None = No
     """Whether the persistent path should run this problem (the automatic choice).
 
     Only cells of the first contract (:attr:`kernrnn.cell.Cell.plain`: a
-    dense recurrence over all gates, no per-unit parameters or
-    normalisation).  Heuristic: one block per SM (so the grid is co-resident whatever the
-    register use), each block keeps ``G*ceil(H/SMs)`` rows of ``W_hh`` (and
-    the same number of values of ``W_hh^T`` for the backward pass) plus a
+    dense recurrence over all gates, no per-unit parameters,
+    normalisation or raw input).  Heuristic: one block per SM (so the grid
+    is co-resident whatever the register use), each block keeps
+    ``G*ceil(H/SMs)`` rows of ``W_hh`` (and the same number of values of
+    ``W_hh^T`` for the backward pass) plus a
     reduction scratch in shared memory; the problem is taken when that fits
     the per-block opt-in limit (on an H100, 227 KiB: an fp32 LSTM up to
     H = 1,320, a GRU 1,504, an Elman RNN 2,688 at B = 16) and

@@ -349,7 +349,8 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         from kernrnn.cell import CellError
 
         raise CellError(f"cell {cell.name!r}: the persistent kernel runs cells with a dense "
-                        f"recurrence over all gates and no per-unit parameters or normalisation")
+                        f"recurrence over all gates and no per-unit parameters, normalisation or "
+                        f"raw input")
     dtype = np.dtype(dtype)
     sim = _simulator()
     intrinsics = None if sim else _grid_intrinsics()
