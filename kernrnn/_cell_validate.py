@@ -232,6 +232,9 @@ def check_projection(cell) -> None:
     if cell.recurrent != "dense":
         fail(f"a dense recurrence (the projected h feeds W_hh), got recurrent="
              f"{cell.recurrent!r}")
+    if not cell.reads_h_only:
+        fail(f"a recurrent product on h alone (the projected h feeds W_hh), got "
+             f"recurrent_states={cell.recurrent_states!r}")
     if cell.n_state < 2:
         fail(f"a state besides h (like the LSTM's c), got state={cell.state}")
     rng = np.random.default_rng(0)

@@ -40,7 +40,9 @@ The recurrent product is declared with ``recurrent``:
 
 ``recurrent_gates`` names the gates that have a recurrent part (default: all);
 ``hu`` still has G entries, zero for the others, and ``weight_hh`` has ``Gr*H``
-rows for the ``Gr`` recurrent gates only.
+rows for the ``Gr`` recurrent gates only.  ``recurrent_states`` names the state
+components a dense product reads, side by side (default ``("h",)``):
+``("h", "z")`` gives ``weight_hh [Gr*H, 2*H]`` and ``hu = W_hh [h; z] + b_hh``.
 
 Normalisation inside the kernels (each optional):
 
@@ -233,6 +235,11 @@ class Cell:
         cell is defined for, drawn by the tests and conformance checks
         (default: every component uniform in [-1, 1]).  For states with a
         restricted domain, such as sLSTM's positive normaliser.
+    recurrent_states:
+        Names of the state components the recurrent product reads, side by side
+        (default: ``("h",)``, the first).  ``("h", "z")`` gives ``weight_hh
+        [Gr*H, 2*H]`` and ``hu = W_hh [h; z] + b_hh`` (coRNN's ``W y + 𝒲 z``);
+        dense recurrence only.
     """
 
     name: str
@@ -255,6 +262,7 @@ class Cell:
     backward2: Callable | None = None
     linear: bool = False
     state_sampler: Callable | None = None
+    recurrent_states: tuple[str, ...] | None = None
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -300,6 +308,25 @@ class Cell:
         return tuple(self.gate_labels.index(c) for c in self.recurrent_gates)
 
     @property
+    def recurrent_state_indices(self) -> tuple[int, ...]:
+        """Indices of the state components the recurrent product reads, in order
+        (``(0,)``: h alone, the default)."""
+        if self.recurrent_states is None:
+            return (0,)
+        return tuple(self.state.index(v) for v in self.recurrent_states)
+
+    @property
+    def n_recurrent_states(self) -> int:
+        """R, the state components side by side in the recurrent product's input
+        (``weight_hh`` is ``[Gr*H, R*H]``)."""
+        return len(self.recurrent_state_indices)
+
+    @property
+    def reads_h_only(self) -> bool:
+        """True when the recurrent product reads ``h`` alone (the default ``recurrent_states``)."""
+        return self.recurrent_state_indices == (0,)
+
+    @property
     def n_recurrent_gates(self) -> int:
         """Gr, the number of gate blocks with a recurrent part."""
         return len(self.recurrent_gate_indices)
@@ -323,7 +350,7 @@ class Cell:
         """
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize)
+                and not self.normalize and self.reads_h_only)
 
     @property
     def derived_backward(self) -> bool:
@@ -383,7 +410,7 @@ class Cell:
         G, H, Gr = self.n_gates, hidden_size, self.n_recurrent_gates
         shapes = {"weight_ih": (G * H, input_size)}
         if self.recurrent == "dense":
-            shapes["weight_hh"] = (Gr * H, H)
+            shapes["weight_hh"] = (Gr * H, self.n_recurrent_states * H)
         elif self.recurrent == "heads":
             dh = H // self.heads
             shapes["weight_hh"] = (self.heads, Gr * dh, dh)
@@ -477,6 +504,8 @@ class Cell:
                 canonical[name] = Norm(getattr(self, name))
         if isinstance(self.normalize, str):
             canonical["normalize"] = (self.normalize,)
+        if isinstance(self.recurrent_states, str):
+            canonical["recurrent_states"] = (self.recurrent_states,)
         self._set(canonical)
         self._set(self._math())
         facts = self.validate()
@@ -622,6 +651,7 @@ class Cell:
             if order != sorted(order):
                 fail(f"recurrent_gates must keep the order of gates={self.gates!r}, got "
                      f"{self.recurrent_gates!r}")
+        self._validate_recurrent_states(fail)
         if not isinstance(self.params, tuple) or not all(isinstance(p, Param)
                                                            for p in self.params):
             fail(f"params must be a tuple of kernrnn.cell.Param, got {self.params!r}")
@@ -678,6 +708,25 @@ class Cell:
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
                  f"{self.recurrent!r}")
+
+
+    def _validate_recurrent_states(self, fail) -> None:
+        rs = self.recurrent_states
+        if rs is None:
+            return
+        if not isinstance(rs, tuple) or not rs or not all(isinstance(v, str) for v in rs):
+            fail(f"recurrent_states must be a non-empty tuple of state names out of "
+                 f"{self.state}, got {rs!r}")
+        unknown = [v for v in rs if v not in self.state]
+        if unknown:
+            fail(f"recurrent_states names the state components the recurrent product reads: "
+                 f"expected names out of the state {self.state}, got {rs!r} "
+                 f"({', '.join(repr(v) for v in unknown)} not a state)")
+        if len(set(rs)) != len(rs):
+            fail(f"recurrent_states must name each state component once, got {rs!r}")
+        if rs != ("h",) and self.recurrent != "dense":
+            fail(f"recurrent_states={rs!r} needs recurrent='dense' (one W_hh over the states "
+                 f"side by side), got recurrent={self.recurrent!r}")
 
 
 def _unpickle_cell(cls, kwargs):

@@ -360,6 +360,8 @@ def cell_fingerprint(cell) -> str:
     h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
              f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
              f"{cell.linear}".encode())
+    if not cell.reads_h_only:  # only what a cell declares beyond the defaults: unchanged others
+        h.update(f"|recurrent_states={cell.recurrent_state_indices}".encode())
     return h.hexdigest()[:16]
 
 

@@ -383,6 +383,30 @@ def slstm_reference(xw, hu, prev):
     return (o * c / n, c, n, m)
 
 
+# -- cornn --------------------------------------------------------------------------------
+
+CORNN_DT, CORNN_GAMMA, CORNN_EPSILON = 0.042, 2.7, 4.7
+
+
+def cornn_forward(xw, hu, prev):
+    a = tanh(xw[0] + hu[0])
+    z = prev[1] + CORNN_DT * (a - CORNN_GAMMA * prev[0] - CORNN_EPSILON * prev[1])
+    return (prev[0] + CORNN_DT * z, z), (a,)
+
+
+def cornn_backward(saved, prev, dstate):
+    (a,) = saved
+    dz = dstate[1] + CORNN_DT * dstate[0]
+    d = (dz * CORNN_DT * (1 - a * a),)
+    return d, d, (dstate[0] - dz * CORNN_DT * CORNN_GAMMA, dz * (1 - CORNN_DT * CORNN_EPSILON))
+
+
+def cornn_reference(xw, hu, prev):
+    z = prev[1] + CORNN_DT * (np.tanh(xw[0] + hu[0]) - CORNN_GAMMA * prev[0]
+                              - CORNN_EPSILON * prev[1])
+    return (prev[0] + CORNN_DT * z, z)
+
+
 # -- ugrnn --------------------------------------------------------------------------------
 
 
@@ -407,6 +431,7 @@ def ugrnn_reference(xw, hu, prev):
 
 MATH = {
     "cifg": dict(forward=cifg_forward, backward=cifg_backward, reference=cifg_reference),
+    "cornn": dict(forward=cornn_forward, backward=cornn_backward, reference=cornn_reference),
     "gru": dict(forward=gru_forward, backward=gru_backward, reference=gru_reference),
     "gru_ln": dict(forward=gru_ln_forward, backward=gru_ln_backward, reference=gru_ln_reference),
     "indrnn": dict(forward=indrnn_forward, backward=indrnn_backward, reference=indrnn_reference),

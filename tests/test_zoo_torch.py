@@ -1,4 +1,4 @@
-"""PyTorch as an independent oracle for three zoo cells (skipped without torch).
+"""PyTorch as an independent oracle for zoo cells (skipped without torch).
 
 Each cell is written again from its paper (or haste's definition) as a plain
 PyTorch loop over time, float64, with the very same weights, and compared with
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernrnn_cells import cornn
 
 import kernrnn
 from kernrnn.testing.strategies import make_arrays, problems
@@ -51,6 +52,16 @@ def slstm_step(x, state, w):
     return torch.sigmoid(ao) * c_new / n_new, c_new, n_new, m_new
 
 
+def cornn_step(x, state, w):
+    """Rusch & Mishra (2021): z' = z + dt (tanh(W y + 𝒲 z + V u + b) - gamma y - eps z),
+    y' = y + dt z'; ``weight_hh`` is ``[W 𝒲]`` (y's columns first), b = b_ih + b_hh."""
+    y, z = state
+    W, Wz = w["weight_hh"].chunk(2, dim=1)
+    a = x @ w["weight_ih"].T + y @ W.T + z @ Wz.T + w["bias_ih"] + w["bias_hh"]
+    z_new = z + cornn.DT * (torch.tanh(a) - cornn.GAMMA * y - cornn.EPSILON * z)
+    return y + cornn.DT * z_new, z_new
+
+
 HASTE_ORDER = [0, 2, 1, 3]  # haste's gate blocks (i, g, f, o) in kernrnn's order (i, f, g, o)
 
 
@@ -79,7 +90,7 @@ def haste_layer_norm_lstm_step(x, state, w):
 
 
 ORACLES = {"lstm_peephole": peephole_step, "slstm": slstm_step,
-           "lstm_ln": haste_layer_norm_lstm_step}
+           "lstm_ln": haste_layer_norm_lstm_step, "cornn": cornn_step}
 
 
 def torch_rnn(step, weights, x, h0, lengths, num_layers, bidirectional):

@@ -285,7 +285,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
         Hprev = hs[1:] if ctx.reverse else hs[:T]
         if recurrent_mask is not None:  # the product read the masked h
             Hprev = Hprev * recurrent_mask[None]
-        Hprev = Hprev.reshape(T * B, hs.shape[2])
+        if not cell.reads_h_only:  # the states of recurrent_states side by side
+            Hprev = xp.concatenate([ctx.States[s, 1:] if ctx.reverse else ctx.States[s, :T]
+                                    for s in cell.recurrent_state_indices], axis=2)
+        Hprev = Hprev.reshape(T * B, Hprev.shape[2])
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:

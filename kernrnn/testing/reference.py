@@ -97,6 +97,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
         if cell.has_recurrent:
             h_in = state[0] if hp is None else hp
             h_in = h_in if Mr is None else h_in * Mr
+            if not cell.reads_h_only:  # W_hh [Gr*H, R*H] reads the states side by side
+                h_in = np.concatenate([state[s] for s in cell.recurrent_state_indices], axis=1)
             hr = reference_recurrent_product(cell, h_in, p["weight_hh"])
             if cell.recurrent_norm is not None:
                 hr = _norm_blocks(hr, cell.recurrent_norm, len(rec)) * p["norm_hh_weight"]

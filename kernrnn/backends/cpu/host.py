@@ -73,7 +73,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None):
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
-    if ka.Hd.shape == (B, H):  # the first step's recurrent input: h0, masked
+    if reg is not None and reg.recurrent_dropout:  # the first step's recurrent input: h0, masked
         ka.Hd[...] = h0[0] * ka.Mr
     if k.fused is not None:
         return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
@@ -202,7 +202,7 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHU = dXW.reshape(1, T, B, G * H)
     else:
         dHU = workspace.take((NH, T, B, GrH // NH), dtype)
-    dH = workspace.take((NH, B, proj or H // NH) if k.fused is None else
+    dH = workspace.take((NH, B, proj or H // NH * cell.n_recurrent_states) if k.fused is None else
                         (1, B, -(-H // k.fused.nu) * k.fused.nu), dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)

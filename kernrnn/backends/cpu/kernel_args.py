@@ -57,7 +57,8 @@ GLOSSARY = {
     "reverse": "run the steps from T-1 down to 0",
     # regularisation (kernrnn.regularization.KernelArrays)
     "Mr": "recurrent-dropout mask [B, H] (0 or 1/(1-p))",
-    "Hd": "scratch [B, H]: the masked h_{t-1} the recurrent product reads",
+    "Hd": "scratch [B, H]: the masked h_{t-1} the recurrent product reads ([B, R*H]: the "
+          "states of recurrent_states side by side)",
     "Zthr": "zoneout thresholds, uint64 [S] (training; compared with 24 Philox bits)",
     "Zp": "zoneout rates [S] (evaluation: the expectation)",
     "seed_lo": "the call's seed, low word",

@@ -77,6 +77,11 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
     h_in = "Hd" if rdrop else ("Hp[p]" if proj else "States[0, p]")
     y_store = "" if proj else "\n        Y[t, b, j] = States[0, n, b, j]"
     lines = []
+    if not cell.reads_h_only:  # the states the product reads, side by side in Hd [B, R*H]
+        h_in = "Hd"
+        lines.append("for b in range(b0, b1):\n    for j in range(H):\n" + "\n".join(
+            f"        Hd[b, {k} * H + j] = States[{s}, p, b, j]"
+            for k, s in enumerate(cell.recurrent_state_indices)))
     if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
         lines.append(f"np.dot({h_in}[b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
     elif rec:
@@ -190,8 +195,15 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     ds0 = f"ds0[{x}] + dRr[{x}]" if proj else \
         f"ds0[{x}] + dyr[{x}]" + (f" + {dh_in}{mr_}" if rec else "")
 
+    rs = cell.recurrent_state_indices
+    if not cell.reads_h_only:  # dH [1, B, R*H]: the gradients of the states side by side
+        ds0 = f"ds0[{x}] + dyr[{x}]"
+
     def arriving(s):
-        return ds0 if s == 0 else f"ds{s}[{x}]"
+        head = ds0 if s == 0 else f"ds{s}[{x}]"
+        if cell.reads_h_only or s not in rs:
+            return head
+        return head + f" + dH[0, b, {rs.index(s)} * H + j]"
 
     dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"ds{s}[{x}]", zone)
 
@@ -312,7 +324,10 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
               "                    for u in range(j_hi - j_lo):\n"
               "                        dXW[t, b, g * H + j_lo + u] = 0")
     mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
-    if rec and not proj:
+    if not cell.reads_h_only:
+        masked += "\n                for j in range(H):\n" + "\n".join(
+            f"                    dS[{s}, b, j] += dH[0, b, {k} * H + j]" for k, s in enumerate(rs))
+    elif rec and not proj:
         masked += ("\n                for hd in range(NH):\n"
                    f"                    for i in {irange}:\n"
                    f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
@@ -336,6 +351,9 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              f"            for i in {irange}:\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
+    if not cell.reads_h_only:
+        final = "    for b in range(b0, b1):\n        for j in range(H):\n" + "\n".join(
+            f"            dS[{s}, b, j] += dH[0, b, {k} * H + j]" for k, s in enumerate(rs))
     pre = ""
     if proj:
         final = ("    for b in range(b0, b1):\n        for k in range(dSp.shape[1]):\n"

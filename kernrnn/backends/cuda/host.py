@@ -65,6 +65,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
 
     dense = cell.recurrent == "dense" and not keep_hu
+    scratch_in = rdrop or not cell.reads_h_only  # the product reads Hd, which the steps write
 
     def make_scratch():
         return xp.empty((T, B, H), dtype=dtype) if proj else Y
@@ -72,10 +73,13 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     def issue(scratch):
         Yk = scratch  # where the step kernels write the (unprojected) h
         # the product's input, by step: the masked h, the projected h or h
-        h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
+        h_in = ka.Hd[None] if scratch_in else (buf.Hp if proj else buf.States[0])
+        first = _boundary_slots(T, reverse, training)[0]
         if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
-            xp.multiply(buf.States[0, _boundary_slots(T, reverse, training)[0]], ka.Mr,
-                        out=ka.Hd)
+            xp.multiply(buf.States[0, first], ka.Mr, out=ka.Hd)
+        elif scratch_in:  # the states of recurrent_states side by side
+            for r, s in enumerate(cell.recurrent_state_indices):
+                ka.Hd[:, r * H:(r + 1) * H] = buf.States[s, first]
         if dense:
             recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
         else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
@@ -107,9 +111,9 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
             tt = t if keep_hu else 0
             tm = t if training else 0
             if dense:
-                recurrent_gemm(0 if rdrop else p)
+                recurrent_gemm(0 if scratch_in else p)
             else:
-                heads_gemm(0 if rdrop else p, tt)
+                heads_gemm(0 if scratch_in else p, tt)
             if cell.recurrent_norm is not None:
                 launch.rows(k.norm_hu, B * nseg, *norm_hu(t, p, n, tt, tm))
             if cell.normalize:
@@ -263,7 +267,7 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
 
     def make_scratch():
         if not proj:
-            return (xp.empty((NH, B, dh), dtype=dtype), None, None)
+            return (xp.empty((NH, B, dh * cell.n_recurrent_states), dtype=dtype), None, None)
         return (xp.empty((1, B, NP), dtype=dtype), xp.zeros((1, B, H), dtype=dtype),
                 xp.empty((T, B, H), dtype=dtype))
 

@@ -135,6 +135,9 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
     after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
     # the next step's recurrent input, h masked by the per-sequence dropout mask
     masked_h = "\nHd[b, j] = States[0, n, b, j] * Mr[b, j]" if rdrop else ""
+    if not cell.reads_h_only:  # the states the next product reads, side by side
+        masked_h = "".join(f"\nHd[b, {k} * H + j] = States[{s}, n, b, j]"
+                           for k, s in enumerate(cell.recurrent_state_indices))
     specs = []
     fwd_args = (("XW", 3), ("HU", 4), ("b_hh", 1), ("g_hh", 1), ("P", 1), ("States", 4),
                 ("Saved", 4), ("Mid", 4), ("Zhat", 4), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
@@ -256,10 +259,13 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     xw, prev, new, pp, dpp = _common()
     mr = " * Mr[b, j]" if rdrop else ""  # dHrec is the gradient of the masked h
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dHrec[hd, b, i]{mr}" if rec else "")
+    rs = cell.recurrent_state_indices
+    multi = not cell.reads_h_only  # dHrec [1, B, R*H]: the states' gradients side by side
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dHrec[hd, b, i]{mr}" if rec and not multi else "")
 
     def arriving(s):
-        return ds0 if s == 0 else f"dS[{s}, b, j]"
+        head = ds0 if s == 0 else f"dS[{s}, b, j]"
+        return head + (f" + dHrec[0, b, {rs.index(s)} * H + j]" if multi and s in rs else "")
 
     dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
 
@@ -276,7 +282,10 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
             ("Zhat", 4), ("P", 1), ("lengths", "L"), ("dXW", 3), ("dHU", 4), ("dP", 2),
             ("DZ", 3), ("DM", 3), ("Gz", 1), ("Bz", 1), ("dGz", 2), ("dBz", 2), ("t", "i"),
             ("p", "i"), ("H", "i"), ("dh", "i")) + REG_ARGS
-    masked = (f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n" if rec else "")
+    add_rec = "".join(f"dS[{s}, b, j] = dS[{s}, b, j] + dHrec[0, b, {k} * H + j]\n"
+                      for k, s in enumerate(rs)) if multi else \
+        f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n"
+    masked = add_rec if rec else ""
     masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_gates))
     if rec:
         masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
@@ -332,7 +341,7 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
     if rec:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
                                                   ("H", "i"), ("dh", "i"), ("Mr", 2)),
-                                _ELEM + f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}"))
+                                _ELEM + add_rec.rstrip()))
     return specs
 
 
