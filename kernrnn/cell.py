@@ -117,8 +117,8 @@ from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
 from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Norm", "hookimpl", "sigmoid", "tanh", "relu", "sin",
-           "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
+__all__ = ["Cell", "CellError", "Param", "Norm", "Product", "hookimpl", "sigmoid", "tanh",
+           "relu", "sin", "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -150,6 +150,27 @@ class Param:
     init: Callable | float | int | None = None
     blocks: int = 1
     description: str = ""
+
+
+@dataclass(frozen=True)
+class Product:
+    """A recurrent product between two element-wise stages of a step (a staged cell).
+
+    The forward calls ``hm = matmul(name, m)`` on a value ``m`` of the stage
+    before; the core multiplies the row's ``m`` (its H units) by the learnable
+    ``weight_h{name}`` ``[G_m*H, H]``, adds ``bias_h{name}`` ``[G_m*H]`` and hands
+    the next stage ``hm``, this unit's ``G_m`` pre-activations (gate ``k`` of unit
+    ``j`` is row ``k*H + j``).  ``gates``: G_m, a number or a string of labels.
+    """
+
+    name: str
+    gates: int | str = 1
+    description: str = ""
+
+    @property
+    def n_gates(self) -> int:
+        """G_m, the pre-activations per unit (rows of ``weight_h{name}`` are ``G_m*H``)."""
+        return self.gates if isinstance(self.gates, int) else len(self.gates)
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,10 @@ class Cell:
         (default: ``("h",)``, the first).  ``("h", "z")`` gives ``weight_hh
         [Gr*H, 2*H]`` and ``hu = W_hh [h; z] + b_hh`` (coRNN's ``W y + 𝒲 z``);
         dense recurrence only.
+    products:
+        Recurrent products between stages of the step (:class:`Product`); the
+        forward takes ``matmul`` last and calls ``matmul(name, value)`` (see the
+        module docstring).  Forward-only cells, no ``normalize``.
     """
 
     name: str
@@ -263,6 +288,7 @@ class Cell:
     linear: bool = False
     state_sampler: Callable | None = None
     recurrent_states: tuple[str, ...] | None = None
+    products: tuple[Product, ...] = ()
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -337,6 +363,37 @@ class Cell:
         return sum(p.blocks for p in self.params)
 
     @property
+    def staged(self) -> bool:
+        """True for a step cut into stages by recurrent products (``products``)."""
+        return bool(self.products)
+
+    @property
+    def n_stages(self) -> int:
+        """K, the element-wise stages of the step: 1, 2 with ``normalize``, or one more than
+        the boundaries of recurrent products (known once the math was derived)."""
+        if self.staged:
+            return self._derivation.n_stages
+        return 2 if self.normalize else 1
+
+    @property
+    def stage_boundaries(self) -> tuple:
+        """Per boundary of a staged step, its products ``((name, G_m), ...)`` in declaration
+        order, and the number of values stage s passes to stage s + 1: ``((products,
+        n_mid), ...)``; empty for other cells."""
+        if not self.staged:
+            return ()
+        d = self._derivation
+        return tuple((b, len(m)) for b, m in zip(d.boundaries, d.stage_mids))
+
+    def math_function(self, which: str):
+        """The scalar function ``which`` of :meth:`math_signatures` (``forward``,
+        ``forward3``, ``backward2``, ...): an attribute, or for a step of more than two
+        stages one of the derivation's."""
+        if self.staged:
+            return self._derivation.functions[which]
+        return getattr(self, which)
+
+    @property
     def n_norm(self) -> int:
         """Number of values normalised in the middle of the step (``len(normalize)``)."""
         return len(self.normalize)
@@ -350,7 +407,7 @@ class Cell:
         """
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize and self.reads_h_only)
+                and not self.normalize and self.reads_h_only and not self.products)
 
     @property
     def derived_backward(self) -> bool:
@@ -417,6 +474,9 @@ class Cell:
         shapes["bias_ih"] = (G * H,)
         if self.has_recurrent:
             shapes["bias_hh"] = (Gr * H,)
+        for prod in self.products:
+            shapes[f"weight_h{prod.name}"] = (prod.n_gates * H, H)
+            shapes[f"bias_h{prod.name}"] = (prod.n_gates * H,)
         for p in self.params:
             shapes[p.name] = (p.blocks * H,)
         if self.input_norm is not None:
@@ -473,6 +533,8 @@ class Cell:
         P = [p.blocks for p in self.params]
         rec = [G] if self.has_recurrent else []
         grads = [G] + rec + [S] + P
+        if self.staged:
+            return self._staged_signatures(G, S, K, P, rec, grads)
         if not self.normalize:
             return [("forward", [G] + rec + [S] + P, [S, K]),
                     ("backward", [K, S, S] + P, grads)]
@@ -480,6 +542,25 @@ class Cell:
                 ("forward2", [NZ, NM, S] + P, [S, K]),
                 ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + P),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
+
+    def _staged_signatures(self, G, S, K, P, rec, grads) -> list:
+        """:meth:`math_signatures` of a step of K stages (see
+        :func:`kernrnn.autodiff.reverse.plan_stages`)."""
+        bounds = self.stage_boundaries
+        nz = [len(b) for b, _ in bounds]  # operands of boundary s
+        nzin = [sum(g for _, g in b) for b, _ in bounds]  # pre-activations it hands on
+        nm = [m for _, m in bounds]
+        n = len(bounds) + 1
+        fwd = [("forward", [G] + rec + [S] + P, [nz[0], nm[0]])]
+        bwd = [("backward", [nm[0], S, nz[0], nm[0]] + P, grads)]
+        for s in range(1, n):
+            last = s == n - 1
+            fwd.append((f"forward{s + 1}", [nzin[s - 1], nm[s - 1], S] + P,
+                        [S, K] if last else [nz[s], nm[s]]))
+            args = ([K, nzin[s - 1], nm[s - 1], S, S] if last else
+                    [nm[s], nzin[s - 1], nm[s - 1], S, nz[s], nm[s]])
+            bwd.append((f"backward{s + 1}", args + P, [nzin[s - 1], nm[s - 1], S] + P))
+        return fwd + bwd[::-1]
 
     def sample_states(self, rng, shape) -> tuple:
         """Initial states for tests: ``state_sampler`` or uniform in [-1, 1], float64."""
@@ -652,6 +733,7 @@ class Cell:
                 fail(f"recurrent_gates must keep the order of gates={self.gates!r}, got "
                      f"{self.recurrent_gates!r}")
         self._validate_recurrent_states(fail)
+        self._validate_products(fail, derived)
         if not isinstance(self.params, tuple) or not all(isinstance(p, Param)
                                                            for p in self.params):
             fail(f"params must be a tuple of kernrnn.cell.Param, got {self.params!r}")
@@ -709,6 +791,41 @@ class Cell:
                  f"new = a*prev + b with a, b from the input), got recurrent="
                  f"{self.recurrent!r}")
 
+
+    def _validate_products(self, fail, derived: bool) -> None:
+        prods = self.products
+        if not isinstance(prods, tuple) or not all(isinstance(p, Product) for p in prods):
+            fail(f"products must be a tuple of kernrnn.cell.Product, got {prods!r}")
+        if not prods:
+            return
+        names = [p.name for p in prods]
+        for p in prods:
+            if not isinstance(p.name, str) or not _NAME_RE.match(p.name) or p.name == "h":
+                fail(f"product name must be lower case letters, digits and '_' (not 'h': "
+                     f"weight_hh is the first stage's), got {p.name!r}")
+            g = p.gates
+            if isinstance(g, bool) or not isinstance(g, (int, str)) or \
+                    (isinstance(g, int) and g < 1) or (isinstance(g, str) and not g):
+                fail(f"product {p.name!r}: gates must be an int >= 1 or a string of labels "
+                     f"(G_m, the pre-activations per unit), got {g!r}")
+        if len(set(names)) != len(names):
+            fail(f"product names must be distinct, got {names}")
+        if not derived:
+            fail("products need a forward-only cell: kernrnn derives the staged backward "
+                 "(leave out backward)")
+        if self.normalize:
+            fail(f"a step with recurrent products cannot also normalise a value in the middle "
+                 f"yet: expected normalize=() with products, got normalize={self.normalize!r}")
+        if self.linear:
+            fail("linear=True needs a step with no recurrent product, got products="
+                 f"{tuple(names)!r}")
+        taken = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"} | {
+            q.name for q in self.params if isinstance(q, Param)}
+        for n in names:
+            for key in (f"weight_h{n}", f"bias_h{n}"):
+                if key in taken:
+                    fail(f"product {n!r} gives the parameter {key!r}, which the cell already "
+                         f"has; expected distinct parameter names")
 
     def _validate_recurrent_states(self, fail) -> None:
         rs = self.recurrent_states

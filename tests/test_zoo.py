@@ -35,7 +35,7 @@ from kernrnn.testing.conformance import (
 from kernrnn.testing.strategies import Problem, make_arrays, problems
 
 ZOO = ("cifg", "cornn", "gru_ln", "indrnn", "janet", "lstm_ln", "lstm_peephole", "mgu",
-       "mingru", "minlstm", "slstm", "ugrnn")
+       "mingru", "minlstm", "rhn", "slstm", "ugrnn")
 REGISTRY = load_registry(autoload=False, plugins=[zoo_test_cells])
 CELLS = ZOO + tuple(c.name for c in zoo_test_cells.CELLS)
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "kernrnn_cells"
@@ -81,6 +81,7 @@ def test_the_contract_features_are_all_exercised():
                                                                                      "row"}
     assert any(c.linear for c in cells)
     assert any(not c.reads_h_only for c in cells)
+    assert any(c.n_stages > 2 for c in cells)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])

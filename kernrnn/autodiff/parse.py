@@ -67,19 +67,30 @@ class Signature:
     """What the arguments of a forward are: the cell's sizes.
 
     ``gates`` G, ``state`` S, ``recurrent`` (an ``hu`` argument), ``params``
-    (the block count of each per-unit parameter) and ``normalize`` (the names
-    a two-stage step may pass to ``norm``; ``None``: whatever it calls).
+    (the block count of each per-unit parameter), ``normalize`` (the names
+    a two-stage step may pass to ``norm``; ``None``: whatever it calls) and
+    ``products`` (name -> G_m of each recurrent product a staged step may call
+    ``matmul`` with; ``{}``: none).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
-                 normalize=None):
+                 normalize=None, products=None):
         self.gates, self.state, self.recurrent = gates, state, recurrent
         self.params = tuple(params)
         self.normalize = None if normalize is None else tuple(normalize)
+        self.products = dict(products or {})
 
 
 class _Norm:
     """The ``norm`` argument of a two-stage forward (callable only)."""
+
+
+class _Matmul:
+    """The ``matmul`` argument of a staged forward (callable only)."""
+
+
+#: The trailing arguments a forward may take after its per-unit parameters, bound by name.
+TRAILING = ("norm", "matmul")
 
 
 _LOCAL = object()  # a name of the function's own (a value, not a module or function)
@@ -130,6 +141,7 @@ class _Reader:
         self.g = graph
         self.stack: list = []
         self.norms: dict[str, Node] = {}  # name -> the norm node, in order of first call
+        self.products: dict[str, Node] = {}  # name -> the product node, in order of first call
 
     # -- errors ---------------------------------------------------------------------
 
@@ -152,17 +164,33 @@ class _Reader:
         want = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + \
             [f"param {i}" for i in range(len(sig.params))]
         norm = sig.normalize is None or bool(sig.normalize)
+        # the trailing arguments this cell gives, bound by name in any order
+        given = (["norm"] if sig.normalize else []) + (["matmul"] if sig.products else [])
         if args.vararg or args.kwarg or args.kwonlyargs or args.defaults:
             self.fail(ctx, ctx.fdef, "a forward takes plain positional arguments only "
-                      f"({', '.join(want)}{', norm' if sig.normalize else ''})")
-        has_norm = bool(names) and names[-1] == "norm" and len(names) == len(want) + 1
-        if has_norm and not norm:
-            self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
-                      "value (declare normalize=(...))")
-        if len(names) != len(want) + has_norm:
+                      f"({', '.join(want + given)})")
+        trailing = list(names[len(want):])
+        if len(names) > len(want) and all(n in TRAILING for n in trailing) and \
+                len(set(trailing)) == len(trailing):
+            if "norm" in trailing and not norm:
+                self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
+                          "value (declare normalize=(...))")
+            if "matmul" in trailing and not sig.products:
+                self.fail(ctx, ctx.fdef, "the forward takes 'matmul' but the cell declares no "
+                          "recurrent product (declare products=(Product(...),))")
+        else:
+            trailing = []
+        if len(names) != len(want) + len(trailing):
+            extra = names[len(want):]
+            unknown = [n for n in extra if n not in TRAILING]
+            if len(names) > len(want) and unknown:
+                self.fail(ctx, ctx.fdef, f"the forward takes unknown trailing arguments "
+                          f"{unknown}: after {', '.join(want)} a forward takes "
+                          f"{', '.join(repr(n) for n in TRAILING)}, by name")
             self.fail(ctx, ctx.fdef, f"the forward takes {len(names)} arguments {names}, the "
                       f"cell gives {len(want)}: {', '.join(want)}"
-                      + (", and 'norm' last" if sig.normalize else ""))
+                      + (f", and {', '.join(repr(n) for n in given)} last" if given else ""))
+        has_norm = "norm" in trailing
         env = {}
         env[names[0]] = tuple(self.g.input("xw", k) for k in range(sig.gates))
         i = 1
@@ -174,7 +202,9 @@ class _Reader:
             env[names[i + 1 + p]] = tuple(self.g.input(f"p{p}", b) for b in range(blocks))
         if has_norm:
             env["norm"] = _Norm()
-        self.arg_names = names
+        if "matmul" in trailing:
+            env["matmul"] = _Matmul()
+        self.arg_names = names[:len(want)]
         out = self.body(ctx, env)
         if not isinstance(out, tuple):
             self.fail(ctx, ctx.fdef, f"the forward must return the new state, a tuple of "
@@ -292,6 +322,8 @@ class _Reader:
                 v = env[node.id]
                 if isinstance(v, _Norm):
                     self.fail(ctx, node, "'norm' may only be called: norm(\"name\", value)")
+                if isinstance(v, _Matmul):
+                    self.fail(ctx, node, "'matmul' may only be called: matmul(\"name\", value)")
                 return v
             return self.global_value(ctx, node, self.resolve(ctx, node, env))
         if isinstance(node, ast.Attribute):
@@ -426,6 +458,8 @@ class _Reader:
         f = node.func
         if isinstance(f, ast.Name) and isinstance(env.get(f.id), _Norm):
             return self.norm(ctx, node, env)
+        if isinstance(f, ast.Name) and isinstance(env.get(f.id), _Matmul):
+            return self.matmul(ctx, node, env)
         if isinstance(f, ast.Name) and f.id in env:
             self.fail(ctx, node, f"{f.id!r} is a value, not a function")
         if not isinstance(f, (ast.Name, ast.Attribute)):
@@ -479,8 +513,35 @@ class _Reader:
         return n
 
 
+    def matmul(self, ctx, node: ast.Call, env) -> tuple:
+        """``matmul("m", m)``: the G_m pre-activations the recurrent product of ``m`` (over
+        the row's units) gives this unit, a tuple of ``mmout`` nodes of one ``product``."""
+        if len(node.args) != 2 or not (isinstance(node.args[0], ast.Constant)
+                                       and isinstance(node.args[0].value, str)):
+            self.fail(ctx, node, "matmul takes a product name literal and a value: "
+                      "matmul(\"m\", m)")
+        name = node.args[0].value
+        if name not in self.sig.products:
+            self.fail(ctx, node, f"matmul({name!r}, ...) but the cell declares the products "
+                      f"{tuple(self.sig.products)!r}")
+        value = self.scalar(ctx, node.args[1], env)
+        where = ctx.where(node)
+        p = self.g.node("product", (value,), name, where=where)
+        if name in self.products and self.products[name] is not p:
+            self.fail(ctx, node, f"matmul({name!r}, ...) is applied to two different values; "
+                      f"each product has its own name (and its own weight_h{name})")
+        self.products[name] = p
+        out = []
+        for k in range(self.sig.products[name]):
+            n = self.g.node("mmout", (p,), (name, k), where=where)
+            n.name = n.name or f"{name}_hu{k}"
+            out.append(n)
+        return tuple(out)
+
+
 def parse_forward(fn, cellname: str, sig: Signature):
-    """``(graph, state outputs, norm nodes by name, argument names)`` of forward ``fn``.
+    """``(graph, state outputs, norm nodes by name, argument names up to the per-unit
+    parameters, product nodes by name)`` of forward ``fn``.
 
     Raises :class:`kernrnn.cell.CellError` naming the cell, file, line and
     construct for anything outside the supported set.
@@ -502,4 +563,9 @@ def parse_forward(fn, cellname: str, sig: Signature):
         if missing:
             raise CellError(f"cell {cellname!r}: the cell normalises {sig.normalize!r}, the "
                             f"forward never calls norm({missing[0]!r}, ...)")
-    return graph, tuple(out), dict(reader.norms), reader.arg_names
+    missing = [n for n in sig.products if n not in reader.products]
+    if missing:
+        raise CellError(f"cell {cellname!r}: the cell declares the products "
+                        f"{tuple(sig.products)!r}, the forward never calls "
+                        f"matmul({missing[0]!r}, ...)")
+    return graph, tuple(out), dict(reader.norms), reader.arg_names, dict(reader.products)

@@ -86,6 +86,11 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
             return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],
                                   cell.normalize_kind)
         kwargs["norm"] = norm
+    if cell.products:
+        def matmul(name, m):  # W_m m + b_m over the row, split into the G_m gate blocks
+            out = m @ p[f"weight_h{name}"].T + p[f"bias_h{name}"]
+            return tuple(out[:, g * H:(g + 1) * H] for g in range(out.shape[1] // H))
+        kwargs["matmul"] = matmul
     y = np.zeros((T, B, H if W_hr is None else W_hr.shape[0]))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:

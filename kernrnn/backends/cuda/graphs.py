@@ -69,6 +69,8 @@ def graph_refusal(cell, regularised: bool) -> str | None:
                 "every call")
     if not cell.reads_h_only:
         return "the scratch its recurrent_states are gathered in is a new array every call"
+    if cell.staged:
+        return "its stages' buffers and products' weights are new arrays every call"
     return None
 
 

@@ -32,6 +32,9 @@ from kernrnn.backends.codegen import (
     forward2_call,
     forward_call,
     hu_gates,
+    stage_backward_call,
+    stage_forward_call,
+    staged_layout,
     zoneout_backward,
     zoneout_stores,
 )
@@ -142,10 +145,14 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
     fwd_args = (("XW", 3), ("HU", 4), ("b_hh", 1), ("g_hh", 1), ("P", 1), ("States", 4),
                 ("Saved", 4), ("Mid", 4), ("Zhat", 4), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
                 ("p", "i"), ("n", "i"), ("tt", "i"), ("tm", "i"), ("H", "i"), ("dh", "i"))
+    if cell.staged:
+        specs += _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h)
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
         tag = "train" if train else "infer"
-        if not cell.normalize:
+        if cell.staged:
+            pass
+        elif not cell.normalize:
             body = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                                 z_or_new=target, saved_or_mid=saved, indent=0) + after
             body += "\nY[t, b, j] = States[0, n, b, j]"
@@ -184,7 +191,7 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
                                             ("tt", "i"), ("H", "i"), ("dh", "i"), ("NSEG", "i")),
                                 ROW_HEAD + body))
     specs += _backward_specs(cell, reg)
-    if not rec and not cell.normalize:
+    if not rec and not cell.normalize and not cell.staged:
         specs += _fused_specs(cell, reg)
     if not any(reg) and _projectable(cell):
         specs += _projection_specs()
@@ -290,7 +297,9 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
     if rec:
         masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
     specs = []
-    if not cell.normalize:
+    if cell.staged:
+        specs += _staged_backward_specs(cell, args, dstate, zwrap, masked, dxw, dhu, dprev)
+    elif not cell.normalize:
         body = zwrap(backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
                                    dstate=dstate, p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp,
                                    indent=0))
@@ -342,6 +351,95 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
                                                   ("H", "i"), ("dh", "i"), ("Mr", 2)),
                                 _ELEM + add_rec.rstrip()))
+    return specs
+
+
+def _staged_zin(layout, s):
+    """What stage ``s`` of a staged cell receives from the products before it, at (t?, b, j):
+    ``HM{q}[T, b, g * H + j] + bM[...]`` with ``T`` the time slot."""
+    out = []
+    for q, _, G, gq, _ in layout[s - 1]["products"]:
+        out += [f"HM{q}[{{T}}, b, {g} * H + j] + bM[{gq + g} * H + j]" for g in range(G)]
+    return out
+
+
+def _staged_product_args(layout, array: str):
+    return tuple((f"{array}{q}", 3) for bnd in layout for q, *_ in bnd["products"])
+
+
+def _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h) -> list[KernelSpec]:
+    """A staged cell's forward: one kernel per stage (the last one per train/infer), the
+    host running the products' GEMMs between them (``HM{q}[tm] = Zhat[row, tm] @ W_q.T``)."""
+    layout = staged_layout(cell)
+    K = len(layout) + 1
+    S = cell.n_state
+    xw, prev, new, pp, _ = _common()
+    args = fwd_args + (("bM", 1),) + _staged_product_args(layout, "HM")
+    specs = []
+    for s in range(K):
+        kw = dict(prev=prev, p=pp)
+        if s == 0:
+            kw.update(xw=xw, hu=lambda g: gates[g])
+        else:
+            zin = [v.format(T="tm") for v in _staged_zin(layout, s)]
+            kw.update(zn=lambda k, zin=zin: zin[k],
+                      mid=lambda m, o=layout[s - 1]["moff"]: f"Mid[{o + m}, tm, b, j]")
+        if s < K - 1:
+            bnd = layout[s]
+            body = stage_forward_call(
+                cell, s, out0=lambda k, o=bnd["zoff"]: f"Zhat[{o + k}, tm, b, j]",
+                out1=lambda m, o=bnd["moff"]: f"Mid[{o + m}, tm, b, j]", indent=0, **kw)
+            zero = "\n".join(f"Zhat[{bnd['zoff'] + k}, tm, b, j] = 0" for k in range(bnd["nz"]))
+            specs.append(KernelSpec(f"staged_forward{s}", args, _ELEM + "if t < lengths[b]:\n"
+                                    + _ind(body, 4) + "\nelse:\n" + _ind(zero, 4)))
+            continue
+        for train in (True, False):
+            saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+            body = stage_forward_call(cell, s, out0=target, out1=saved, indent=0, **kw) + after
+            body += "\nY[t, b, j] = States[0, n, b, j]"
+            specs.append(KernelSpec(f"staged_forward{s}_{'train' if train else 'infer'}",
+                                    args + REG_ARGS, _ELEM + "if t < lengths[b]:\n"
+                                    + _ind(body, 4) + "\nelse:\n" + _carry(S, 4) + masked_h))
+    return specs
+
+
+def _staged_backward_specs(cell, args, dstate, zwrap, masked, dxw, dhu, dprev) -> list:
+    """A staged cell's BPTT: one kernel per stage, last stage first; between them the host
+    runs the products backward (``DZ[row] = dHM{q}[t] @ W_q``).  The last stage's kernel
+    zeroes every product's gradient at a finished row."""
+    layout = staged_layout(cell)
+    K = len(layout) + 1
+    _, prev, _, pp, dpp = _common()
+    args = args + (("bM", 1),) + _staged_product_args(layout, "HM") + \
+        _staged_product_args(layout, "dHM")
+    specs = []
+    for s in range(K - 1, -1, -1):
+        kw = dict(prev=prev, p=pp, dp=dpp, dprev=dprev)
+        if s:
+            zin = [v.format(T="t") for v in _staged_zin(layout, s)]
+            dz = [f"dHM{q}[t, b, {g} * H + j]" for q, _, G, _, _ in layout[s - 1]["products"]
+                  for g in range(G)]
+            mo = layout[s - 1]["moff"]
+            kw.update(zn=lambda k, zin=zin: zin[k], mid=lambda m, o=mo: f"Mid[{o + m}, t, b, j]",
+                      dzn=lambda k, dz=dz: dz[k], dmid_out=lambda m, o=mo: f"DM[{o + m}, b, j]")
+        if s == K - 1:
+            kw.update(own=lambda k: f"Saved[{k}, t, b, j]", dstate=dstate)
+        else:
+            bnd = layout[s]
+            kw.update(own=lambda m, o=bnd["moff"]: f"Mid[{o + m}, t, b, j]",
+                      dz=lambda k, o=bnd["zoff"]: f"DZ[{o + k}, b, j]",
+                      dmid=lambda m, o=bnd["moff"]: f"DM[{o + m}, b, j]")
+        if s == 0:
+            kw.update(dxw=dxw, dhu=dhu)
+        body = stage_backward_call(cell, s, indent=0, **kw)
+        if s == K - 1:
+            zeros = [f"dHM{q}[t, b, {g} * H + j] = 0" for bnd in layout
+                     for q, _, G, _, _ in bnd["products"] for g in range(G)]
+            text = (_ELEM + "if t < lengths[b]:\n" + _ind(zwrap(body), 4) + "\nelse:\n"
+                    + _ind(masked.rstrip() + "\n" + "\n".join(zeros), 4))
+        else:
+            text = _ELEM + "if t < lengths[b]:\n" + _ind(body, 4)
+        specs.append(KernelSpec(f"staged_backward{s}", args, text))
     return specs
 
 
