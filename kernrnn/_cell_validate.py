@@ -312,6 +312,9 @@ def check_projection(cell) -> None:
     if not cell.reads_h_only:
         fail(f"a recurrent product on h alone (the projected h feeds W_hh), got "
              f"recurrent_states={cell.recurrent_states!r}")
+    if cell.staged:
+        fail(f"a step of one stage, got recurrent products between stages "
+             f"{tuple(p.name for p in cell.products)!r}")
     if cell.n_state < 2:
         fail(f"a state besides h (like the LSTM's c), got state={cell.state}")
     rng = np.random.default_rng(0)

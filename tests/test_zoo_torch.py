@@ -62,6 +62,22 @@ def cornn_step(x, state, w):
     return y + cornn.DT * z_new, z_new
 
 
+def rhn_step(x, state, w, depth=3):
+    """Zilly et al. (2017): L highway layers per step, the input into the first only, carry
+    coupled (c = 1 - t): s_l = tanh(h_l) t_l + s_(l-1) (1 - t_l); layer l > 1 reads
+    ``weight_hs{l-1}`` (``[R_H; R_T]``) on s_(l-1)."""
+    (s,) = state
+    H = s.shape[1]
+    for layer in range(1, depth + 1):
+        if layer == 1:
+            a = x @ w["weight_ih"].T + w["bias_ih"] + s @ w["weight_hh"].T + w["bias_hh"]
+        else:
+            a = s @ w[f"weight_hs{layer - 1}"].T + w[f"bias_hs{layer - 1}"]
+        t = torch.sigmoid(a[:, H:])
+        s = torch.tanh(a[:, :H]) * t + s * (1 - t)
+    return (s,)
+
+
 HASTE_ORDER = [0, 2, 1, 3]  # haste's gate blocks (i, g, f, o) in kernrnn's order (i, f, g, o)
 
 
@@ -90,7 +106,7 @@ def haste_layer_norm_lstm_step(x, state, w):
 
 
 ORACLES = {"lstm_peephole": peephole_step, "slstm": slstm_step,
-           "lstm_ln": haste_layer_norm_lstm_step, "cornn": cornn_step}
+           "lstm_ln": haste_layer_norm_lstm_step, "cornn": cornn_step, "rhn": rhn_step}
 
 
 def torch_rnn(step, weights, x, h0, lengths, num_layers, bidirectional):

@@ -43,3 +43,25 @@ def test_gradients_match_finite_differences(name, data):
     cell = CELLS[name]
     p = data.draw(problems(cell=cell, **SMALL), label="problem")
     gradient_errors(cell, p, device="cuda")  # raises ConformanceError naming the tensor
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_inference_and_training_match_the_cpu(name):
+    """The GEMM loop in inference (two state slots, one time slot of the stages' buffers) and
+    in training against the CPU backend, one direction each way, with lengths."""
+    from kernrnn.backends import cpu
+    from kernrnn.testing.strategies import Problem, make_arrays
+
+    cell = CELLS[name]
+    p = Problem(T=4, B=3, I=2, H=4, num_layers=1, bidirectional=False, lengths=(4, 1, 0),
+                with_h0=True, seed=3)
+    prm, x, h0s = make_arrays(cell, p)
+    params = {k.removesuffix("_l0"): v for k, v in prm.items()}
+    h0 = np.stack([v[0] for v in h0s])
+    lens = np.array(p.lengths, np.int64)
+    for reverse in (False, True):
+        y_c, hn_c, _ = cpu.forward(cell, x, params, h0, lens, reverse, True)
+        for training in (True, False):
+            y_g, hn_g, _ = cb.forward(cell, x, params, h0, cb.lengths(lens), reverse, training)
+            np.testing.assert_allclose(y_g, y_c, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(hn_g, hn_c, rtol=1e-12, atol=1e-12)

@@ -157,7 +157,7 @@ def _staged_forward(k, cell, params, buf, tag, values, bind):
     values.update(extra)
     stages, products = [], []
     for s in range(len(layout) + 1):
-        name = f"staged_forward{s}" + (f"_{tag}" if s == len(layout) else "")
+        name = f"staged_forward_{tag}" if s == len(layout) else f"staged_forward{s}"
         stages.append((getattr(k, name), bind(name)))
         products.append([] if s == len(layout) else [
             step_gemm(buf.Zhat[zrow], params[f"weight_h{pname}"], views[pname], trans_b=True,

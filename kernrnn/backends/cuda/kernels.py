@@ -368,8 +368,9 @@ def _staged_product_args(layout, array: str):
 
 
 def _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h) -> list[KernelSpec]:
-    """A staged cell's forward: one kernel per stage (the last one per train/infer), the
-    host running the products' GEMMs between them (``HM{q}[tm] = Zhat[row, tm] @ W_q.T``)."""
+    """A staged cell's forward: one kernel per stage, ``staged_forward{s}`` and the last one
+    ``staged_forward_train``/``_infer``; the host runs the products' GEMMs between them
+    (``HM{q}[tm] = Zhat[row, tm] @ W_q.T``)."""
     layout = staged_layout(cell)
     K = len(layout) + 1
     S = cell.n_state
@@ -397,7 +398,7 @@ def _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h) -> lis
             saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
             body = stage_forward_call(cell, s, out0=target, out1=saved, indent=0, **kw) + after
             body += "\nY[t, b, j] = States[0, n, b, j]"
-            specs.append(KernelSpec(f"staged_forward{s}_{'train' if train else 'infer'}",
+            specs.append(KernelSpec(f"staged_forward_{'train' if train else 'infer'}",
                                     args + REG_ARGS, _ELEM + "if t < lengths[b]:\n"
                                     + _ind(body, 4) + "\nelse:\n" + _carry(S, 4) + masked_h))
     return specs
