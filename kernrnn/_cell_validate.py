@@ -63,6 +63,8 @@ def sample_math(cell, fail) -> CellFacts:
     with ``forward`` and, for ``linear=True``, that the step is affine in the
     state.  Returns the sizes only the math reveals.
     """
+    if cell.staged:
+        return _sample_staged(cell, fail)
     G, S, NZ = cell.n_gates, cell.n_state, cell.n_norm
     rng = np.random.default_rng(0)
 
@@ -139,6 +141,80 @@ def sample_math(cell, fail) -> CellFacts:
     return CellFacts(n_saved=n_saved, n_mid=n_mid)
 
 
+def _sample_staged(cell, fail) -> CellFacts:
+    """:func:`sample_math` for a step cut by recurrent products: its stages on a row of a few
+    units with random product weights, each result of the size the contract gives, the
+    final state against ``reference`` (given a ``matmul`` over the same weights), then the
+    backwards in reverse."""
+    G, S, H = cell.n_gates, cell.n_state, 3
+    rng = np.random.default_rng(0)
+    d = cell._derivation
+    fns = d.functions
+    K = d.n_stages
+    rec = set(cell.recurrent_gate_indices)
+    xw = [tuple(float(v) for v in rng.uniform(-1, 1, G)) for _ in range(H)]
+    hu = [tuple(float(v) if g in rec else 0.0 for g, v in enumerate(rng.uniform(-1, 1, G)))
+          for _ in range(H)]
+    states = cell.sample_states(rng, (H,))
+    prev = [tuple(float(v[j]) for v in states) for j in range(H)]
+    pvals = [tuple(tuple(float(v) for v in rng.uniform(-1, 1, p.blocks)) for p in cell.params)
+             for _ in range(H)]
+    weights = {p.name: (rng.uniform(-1, 1, (p.n_gates * H, H)), rng.uniform(-1, 1, p.n_gates * H))
+               for p in cell.products}
+
+    def product(name, m):  # m [.., H] -> G_m arrays [.., H]
+        W, b = weights[name]
+        out = np.asarray(m, dtype=np.float64) @ W.T + b
+        return tuple(out[..., k * H:(k + 1) * H] for k in range(W.shape[0] // H))
+
+    def call(which, *args):
+        try:
+            out = fns[which](*args)
+        except Exception as exc:
+            fail(f"{which} failed on sample input ({G} gates, state {cell.state}): "
+                 f"{type(exc).__name__}: {exc}")
+        if not (isinstance(out, tuple) and all(isinstance(v, tuple) for v in out)):
+            fail(f"{which} must return tuples of scalars, got {out!r}")
+        return out
+
+    hyper = cell.hyper_args()
+    rows = [call("forward", *cell.forward_args(xw[j], hu[j], prev[j], pvals[j]))
+            for j in range(H)]
+    history = []  # per stage: (zn rows, mid rows fed to it)
+    for s in range(1, K):
+        bnd = d.boundaries[s - 1]
+        Z = np.array([r[0] for r in rows])  # [H, products at the boundary]
+        zn = np.concatenate([np.stack(product(name, Z[:, i]), axis=1)
+                             for i, (name, _) in enumerate(bnd)], axis=1)  # [H, sum G_m]
+        zn_rows = [tuple(float(v) for v in zn[j]) for j in range(H)]
+        mids = [r[1] for r in rows]
+        history.append((zn_rows, mids))
+        rows = [call(f"forward{s + 1}", zn_rows[j], mids[j], prev[j], *pvals[j], *hyper)
+                for j in range(H)]
+    new_rows = [r[0] for r in rows]
+    if any(len(n) != S for n in new_rows):
+        fail(f"the last stage returned a state of {len(new_rows[0])} values, the cell declares "
+             f"{S} ({cell.state})")
+    # backward on the first row, stage by stage in reverse
+    dstate = tuple(float(v) for v in rng.uniform(-1, 1, S))
+    out = call(f"backward{K}", rows[0][1], history[-1][0][0], history[-1][1][0], prev[0],
+               dstate, *pvals[0], *hyper)
+    for s in range(K - 2, -1, -1):
+        nz = len(d.boundaries[s])
+        dz = tuple(float(v) for v in rng.uniform(-1, 1, nz))
+        own = history[s][1][0]  # mid_s of row 0
+        if s == 0:
+            out = call("backward", own, prev[0], dz, out[1], *pvals[0], *hyper)
+        else:
+            out = call(f"backward{s + 1}", own, history[s - 1][0][0], history[s - 1][1][0],
+                       prev[0], dz, out[1], *pvals[0], *hyper)
+    want = [G] + ([G] if cell.has_recurrent else []) + [S] + [p.blocks for p in cell.params]
+    if [len(v) for v in out] != want:
+        fail(f"backward returned tuples of sizes {[len(v) for v in out]}, expected {want}")
+    _check_reference(cell, fail, xw, hu, prev, pvals, {}, new_rows, matmul=product)
+    return CellFacts(n_saved=len(rows[0][1]), n_mid=0)
+
+
 def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev, pvals,
                     new_rows) -> None:
     """backward (and backward2) on the first sample row return tuples of the contract's sizes."""
@@ -170,7 +246,8 @@ def _check_backward(cell, fail, call, n_mid, saved_rows, mid_rows, zn_rows, prev
     check(out, "backward", want)
 
 
-def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows, raw) -> None:
+def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows, raw=None,
+                     matmul=None) -> None:
     """``reference`` on the sample rows as ``[1, H]`` arrays gives forward's new states."""
     G, S = cell.n_gates, cell.n_state
 
@@ -189,6 +266,8 @@ def _check_reference(cell, fail, xw, hu, prev, pvals, gains, new_rows, raw) -> N
                 raise KeyError(f"normalize declares {cell.normalize!r}, got {name!r}")
             return reference_norm(z, *gains[name], cell.normalize_kind)
         kwargs["norm"] = norm
+    if matmul is not None:
+        kwargs["matmul"] = matmul
     try:
         ref = cell.reference(*args, **kwargs)
     except Exception as exc:
@@ -238,6 +317,12 @@ def check_projection(cell) -> None:
     if cell.recurrent != "dense":
         fail(f"a dense recurrence (the projected h feeds W_hh), got recurrent="
              f"{cell.recurrent!r}")
+    if not cell.reads_h_only:
+        fail(f"a recurrent product on h alone (the projected h feeds W_hh), got "
+             f"recurrent_states={cell.recurrent_states!r}")
+    if cell.staged:
+        fail(f"a step of one stage, got recurrent products between stages "
+             f"{tuple(p.name for p in cell.products)!r}")
     if cell.n_state < 2:
         fail(f"a state besides h (like the LSTM's c), got state={cell.state}")
     rng = np.random.default_rng(0)

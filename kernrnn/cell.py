@@ -40,7 +40,9 @@ The recurrent product is declared with ``recurrent``:
 
 ``recurrent_gates`` names the gates that have a recurrent part (default: all);
 ``hu`` still has G entries, zero for the others, and ``weight_hh`` has ``Gr*H``
-rows for the ``Gr`` recurrent gates only.
+rows for the ``Gr`` recurrent gates only.  ``recurrent_states`` names the state
+components a dense product reads, side by side (default ``("h",)``):
+``("h", "z")`` gives ``weight_hh [Gr*H, 2*H]`` and ``hu = W_hh [h; z] + b_hh``.
 
 Normalisation inside the kernels (each optional):
 
@@ -161,9 +163,9 @@ from kernrnn.errors import CellError, describe_source
 from kernrnn.hooks import hookimpl
 from kernrnn.scalar_math import NORM_EPS, cos, reference_norm, relu, sigmoid, sin, tan, tanh
 
-__all__ = ["Cell", "CellError", "Param", "Hyper", "RecurrentWeight", "Norm", "hookimpl", "sigmoid", "tanh", "relu",
-           "sin",
-           "cos", "tan", "NORM_EPS", "RECURRENT_FORMS", "reference_norm"]
+__all__ = ["Cell", "CellError", "Param", "Hyper", "RecurrentWeight", "Norm", "Product", "hookimpl",
+           "sigmoid", "tanh", "relu", "sin", "cos", "tan", "NORM_EPS", "RECURRENT_FORMS",
+           "reference_norm"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -275,6 +277,27 @@ RESERVED_HYPER_NAMES = frozenset({
 
 
 @dataclass(frozen=True)
+class Product:
+    """A recurrent product between two element-wise stages of a step (a staged cell).
+
+    The forward calls ``hm = matmul(name, m)`` on a value ``m`` of the stage
+    before; the core multiplies the row's ``m`` (its H units) by the learnable
+    ``weight_h{name}`` ``[G_m*H, H]``, adds ``bias_h{name}`` ``[G_m*H]`` and hands
+    the next stage ``hm``, this unit's ``G_m`` pre-activations (gate ``k`` of unit
+    ``j`` is row ``k*H + j``).  ``gates``: G_m, a number or a string of labels.
+    """
+
+    name: str
+    gates: int | str = 1
+    description: str = ""
+
+    @property
+    def n_gates(self) -> int:
+        """G_m, the pre-activations per unit (rows of ``weight_h{name}`` are ``G_m*H``)."""
+        return self.gates if isinstance(self.gates, int) else len(self.gates)
+
+
+@dataclass(frozen=True)
 class Norm:
     """A normalisation the core runs inside the kernels.
 
@@ -369,6 +392,15 @@ class Cell:
         ``x[t, b, j]``): the forward takes a trailing argument ``x``.  Needs
         ``input_size == hidden_size`` in every layer (see "The raw input" in the
         module docstring).
+    recurrent_states:
+        Names of the state components the recurrent product reads, side by side
+        (default: ``("h",)``, the first).  ``("h", "z")`` gives ``weight_hh
+        [Gr*H, 2*H]`` and ``hu = W_hh [h; z] + b_hh`` (coRNN's ``W y + 𝒲 z``);
+        dense recurrence only.
+    products:
+        Recurrent products between stages of the step (:class:`Product`); the
+        forward takes ``matmul`` last and calls ``matmul(name, value)`` (see the
+        module docstring).  Forward-only cells, no ``normalize``.
     """
 
     name: str
@@ -394,6 +426,8 @@ class Cell:
     hyper: tuple[Hyper, ...] | dict = ()
     recurrent_weight: RecurrentWeight | None = None
     raw_input: bool = False
+    recurrent_states: tuple[str, ...] | None = None
+    products: tuple[Product, ...] = ()
     #: K, the values forward saves for backward (known once the constructor ran the math).
     n_saved: int = field(init=False, default=-1)
     #: NM, the values stage 1 of a two-stage step passes to stage 2 (0 without ``normalize``).
@@ -439,6 +473,25 @@ class Cell:
         return tuple(self.gate_labels.index(c) for c in self.recurrent_gates)
 
     @property
+    def recurrent_state_indices(self) -> tuple[int, ...]:
+        """Indices of the state components the recurrent product reads, in order
+        (``(0,)``: h alone, the default)."""
+        if self.recurrent_states is None:
+            return (0,)
+        return tuple(self.state.index(v) for v in self.recurrent_states)
+
+    @property
+    def n_recurrent_states(self) -> int:
+        """R, the state components side by side in the recurrent product's input
+        (``weight_hh`` is ``[Gr*H, R*H]``)."""
+        return len(self.recurrent_state_indices)
+
+    @property
+    def reads_h_only(self) -> bool:
+        """True when the recurrent product reads ``h`` alone (the default ``recurrent_states``)."""
+        return self.recurrent_state_indices == (0,)
+
+    @property
     def n_recurrent_gates(self) -> int:
         """Gr, the number of gate blocks with a recurrent part."""
         return len(self.recurrent_gate_indices)
@@ -447,6 +500,37 @@ class Cell:
     def n_param_scalars(self) -> int:
         """Scalars of per-unit parameters per element (the sum of their ``blocks``)."""
         return sum(p.blocks for p in self.params)
+
+    @property
+    def staged(self) -> bool:
+        """True for a step cut into stages by recurrent products (``products``)."""
+        return bool(self.products)
+
+    @property
+    def n_stages(self) -> int:
+        """K, the element-wise stages of the step: 1, 2 with ``normalize``, or one more than
+        the boundaries of recurrent products (known once the math was derived)."""
+        if self.staged:
+            return self._derivation.n_stages
+        return 2 if self.normalize else 1
+
+    @property
+    def stage_boundaries(self) -> tuple:
+        """Per boundary of a staged step, its products ``((name, G_m), ...)`` in declaration
+        order, and the number of values stage s passes to stage s + 1: ``((products,
+        n_mid), ...)``; empty for other cells."""
+        if not self.staged:
+            return ()
+        d = self._derivation
+        return tuple((b, len(m)) for b, m in zip(d.boundaries, d.stage_mids))
+
+    def math_function(self, which: str):
+        """The scalar function ``which`` of :meth:`math_signatures` (``forward``,
+        ``forward3``, ``backward2``, ...): an attribute, or for a step of more than two
+        stages one of the derivation's."""
+        if self.staged:
+            return self._derivation.functions[which]
+        return getattr(self, which)
 
     @property
     def n_norm(self) -> int:
@@ -535,7 +619,8 @@ class Cell:
         per-unit parameters, no normalisation (the arrays' layouts are a plain cell's)."""
         return (self.recurrent == "dense" and self.recurrent_gates is None and not self.params
                 and self.input_norm is None and self.recurrent_norm is None
-                and not self.normalize and not self.raw_input)
+                and not self.normalize and not self.raw_input and self.reads_h_only
+                and not self.products)
 
     @property
     def derived_backward(self) -> bool:
@@ -610,13 +695,16 @@ class Cell:
         G, H, Gr = self.n_gates, hidden_size, self.n_recurrent_gates
         shapes = {"weight_ih": (G * H, input_size)}
         if self.recurrent == "dense":
-            shapes["weight_hh"] = (Gr * H, H)
+            shapes["weight_hh"] = (Gr * H, self.n_recurrent_states * H)
         elif self.recurrent == "heads":
             dh = H // self.heads
             shapes["weight_hh"] = (self.heads, Gr * dh, dh)
         shapes["bias_ih"] = (G * H,)
         if self.has_recurrent:
             shapes["bias_hh"] = (Gr * H,)
+        for prod in self.products:
+            shapes[f"weight_h{prod.name}"] = (prod.n_gates * H, H)
+            shapes[f"bias_h{prod.name}"] = (prod.n_gates * H,)
         for p in self.params:
             shapes[p.name] = (p.blocks * H,)
         if self.input_norm is not None:
@@ -690,6 +778,8 @@ class Cell:
         rec = [G] if self.has_recurrent else []
         raw = [1] if self.raw_input else []
         grads = [G] + rec + [S] + dP + raw
+        if self.staged:
+            return self._staged_signatures(G, S, K, P, dP, rec, grads)
         if not self.normalize:
             return [("forward", [G] + rec + [S] + P + raw, [S, K]),
                     ("backward", [K, S, S] + P, grads)]
@@ -697,6 +787,25 @@ class Cell:
                 ("forward2", [NZ, NM, S] + P, [S, K]),
                 ("backward2", [K, NZ, NM, S, S] + P, [NZ, NM, S] + dP),
                 ("backward", [NM, S, NZ, NM] + P, grads)]
+
+    def _staged_signatures(self, G, S, K, P, dP, rec, grads) -> list:
+        """:meth:`math_signatures` of a step of K stages (see
+        :func:`kernrnn.autodiff.reverse.plan_stages`)."""
+        bounds = self.stage_boundaries
+        nz = [len(b) for b, _ in bounds]  # operands of boundary s
+        nzin = [sum(g for _, g in b) for b, _ in bounds]  # pre-activations it hands on
+        nm = [m for _, m in bounds]
+        n = len(bounds) + 1
+        fwd = [("forward", [G] + rec + [S] + P, [nz[0], nm[0]])]
+        bwd = [("backward", [nm[0], S, nz[0], nm[0]] + P, grads)]
+        for s in range(1, n):
+            last = s == n - 1
+            fwd.append((f"forward{s + 1}", [nzin[s - 1], nm[s - 1], S] + P,
+                        [S, K] if last else [nz[s], nm[s]]))
+            args = ([K, nzin[s - 1], nm[s - 1], S, S] if last else
+                    [nm[s], nzin[s - 1], nm[s - 1], S, nz[s], nm[s]])
+            bwd.append((f"backward{s + 1}", args + P, [nzin[s - 1], nm[s - 1], S] + dP))
+        return fwd + bwd[::-1]
 
     def sample_states(self, rng, shape) -> tuple:
         """Initial states for tests: ``state_sampler`` or uniform in [-1, 1], float64."""
@@ -725,6 +834,8 @@ class Cell:
             canonical["hyper"] = tuple(Hyper(k, v) for k, v in self.hyper.items())
         elif isinstance(self.hyper, list):
             canonical["hyper"] = tuple(self.hyper)
+        if isinstance(self.recurrent_states, str):
+            canonical["recurrent_states"] = (self.recurrent_states,)
         self._set(canonical)
         self._set(self._math())
         facts = self.validate()
@@ -870,6 +981,8 @@ class Cell:
             if order != sorted(order):
                 fail(f"recurrent_gates must keep the order of gates={self.gates!r}, got "
                      f"{self.recurrent_gates!r}")
+        self._validate_recurrent_states(fail)
+        self._validate_products(fail, derived)
         if not isinstance(self.params, tuple) or not all(isinstance(p, Param)
                                                            for p in self.params):
             fail(f"params must be a tuple of kernrnn.cell.Param, got {self.params!r}")
@@ -926,6 +1039,11 @@ class Cell:
         self._validate_recurrent_weight(fail)
         if not isinstance(self.raw_input, bool):
             fail(f"raw_input must be True or False, got {self.raw_input!r}")
+        if self.raw_input and (self.products or not self.reads_h_only):
+            fail(f"raw_input runs on steps of one stage whose recurrent product reads h alone; "
+                 f"expected no products and recurrent_states=('h',), got products="
+                 f"{tuple(p.name for p in self.products)!r}, recurrent_states="
+                 f"{self.recurrent_states!r}")
         if self.linear and (self.has_recurrent or self.normalize):
             fail(f"linear=True needs recurrent='none' and no normalize (the step must be "
                  f"new = a*prev + b with a, b from the input), got recurrent="
@@ -977,6 +1095,58 @@ class Cell:
                 fail(f"recurrent_weight.{what} failed on a sample weight_hh {list(shape)} "
                      f"(float64 NumPy): {type(exc).__name__}: {exc}")
             self._check_weight(out, W, f"recurrent_weight.{what}")
+    def _validate_products(self, fail, derived: bool) -> None:
+        prods = self.products
+        if not isinstance(prods, tuple) or not all(isinstance(p, Product) for p in prods):
+            fail(f"products must be a tuple of kernrnn.cell.Product, got {prods!r}")
+        if not prods:
+            return
+        names = [p.name for p in prods]
+        for p in prods:
+            if not isinstance(p.name, str) or not _NAME_RE.match(p.name) or p.name == "h":
+                fail(f"product name must be lower case letters, digits and '_' (not 'h': "
+                     f"weight_hh is the first stage's), got {p.name!r}")
+            g = p.gates
+            if isinstance(g, bool) or not isinstance(g, (int, str)) or \
+                    (isinstance(g, int) and g < 1) or (isinstance(g, str) and not g):
+                fail(f"product {p.name!r}: gates must be an int >= 1 or a string of labels "
+                     f"(G_m, the pre-activations per unit), got {g!r}")
+        if len(set(names)) != len(names):
+            fail(f"product names must be distinct, got {names}")
+        if not derived:
+            fail("products need a forward-only cell: kernrnn derives the staged backward "
+                 "(leave out backward)")
+        if self.normalize:
+            fail(f"a step with recurrent products cannot also normalise a value in the middle "
+                 f"yet: expected normalize=() with products, got normalize={self.normalize!r}")
+        if self.linear:
+            fail("linear=True needs a step with no recurrent product, got products="
+                 f"{tuple(names)!r}")
+        taken = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"} | {
+            q.name for q in self.params if isinstance(q, Param)}
+        for n in names:
+            for key in (f"weight_h{n}", f"bias_h{n}"):
+                if key in taken:
+                    fail(f"product {n!r} gives the parameter {key!r}, which the cell already "
+                         f"has; expected distinct parameter names")
+
+    def _validate_recurrent_states(self, fail) -> None:
+        rs = self.recurrent_states
+        if rs is None:
+            return
+        if not isinstance(rs, tuple) or not rs or not all(isinstance(v, str) for v in rs):
+            fail(f"recurrent_states must be a non-empty tuple of state names out of "
+                 f"{self.state}, got {rs!r}")
+        unknown = [v for v in rs if v not in self.state]
+        if unknown:
+            fail(f"recurrent_states names the state components the recurrent product reads: "
+                 f"expected names out of the state {self.state}, got {rs!r} "
+                 f"({', '.join(repr(v) for v in unknown)} not a state)")
+        if len(set(rs)) != len(rs):
+            fail(f"recurrent_states must name each state component once, got {rs!r}")
+        if rs != ("h",) and self.recurrent != "dense":
+            fail(f"recurrent_states={rs!r} needs recurrent='dense' (one W_hh over the states "
+                 f"side by side), got recurrent={self.recurrent!r}")
 
 
 def _unpickle_cell(cls, kwargs):

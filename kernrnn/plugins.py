@@ -61,8 +61,8 @@ BUILTIN_PLUGINS = (
     "kernrnn_cells.lstm_ln", "kernrnn_cells.slstm",
     "kernrnn_cells.cifg", "kernrnn_cells.janet", "kernrnn_cells.minlstm",
     "kernrnn_cells.gru_ln", "kernrnn_cells.ugrnn", "kernrnn_cells.mgu",
-    "kernrnn_cells.antisymmetric",
-    "kernrnn_cells.sru",
+    "kernrnn_cells.antisymmetric", "kernrnn_cells.sru", "kernrnn_cells.cornn",
+    "kernrnn_cells.rhn",
 )
 
 

@@ -68,6 +68,11 @@ class Regularization:
             raise ValueError(
                 f"recurrent_dropout={rd} needs a recurrent product, but cell {cell.name!r} has "
                 f"recurrent='none' (no W_hh h to drop from); use input_dropout or zoneout")
+        if rd > 0 and not cell.reads_h_only:
+            raise ValueError(
+                f"recurrent_dropout={rd} masks h before W_hh, but cell {cell.name!r} feeds the "
+                f"recurrent product recurrent_states={cell.recurrent_states!r}; expected "
+                f"recurrent_dropout=0 for it (use input_dropout or zoneout)")
         return cls(rd, xd, zo if any(zo) else ())
 
     @property
@@ -172,7 +177,8 @@ class KernelArrays:
     """
 
     Mr: object  # [B, H] recurrent-dropout mask (0 or 1/(1-p))
-    Hd: object  # [B, H] scratch: the masked h_{t-1} the recurrent product reads
+    Hd: object  # [B, H] scratch: the masked h_{t-1} the recurrent product reads ([B, R*H]:
+    # the R states of ``recurrent_states`` side by side)
     Zthr: object  # [S] uint64 zoneout thresholds (training; compared with 24 Philox bits)
     Zp: object  # [S] zoneout rates (evaluation: the expectation)
     seed_lo: int
@@ -186,11 +192,13 @@ def kernel_arrays(xp, call, cell, B: int, H: int, dtype) -> KernelArrays:
     dtype = np.dtype(dtype)
     one = xp.ones((1, 1), dtype=dtype)
     S = cell.n_state
+    # a cell with recurrent_states reads its states side by side from Hd (no dropout then)
+    Hd = one if cell.reads_h_only else xp.empty((B, cell.n_recurrent_states * H), dtype=dtype)
     if call is None:
-        return KernelArrays(one, one, xp.zeros(S, dtype=np.uint64), xp.zeros(S, dtype=dtype),
+        return KernelArrays(one, Hd, xp.zeros(S, dtype=np.uint64), xp.zeros(S, dtype=dtype),
                             0, 0, 0, 0)
     lo, hi = seed_words(call.seed)
-    Mr = Hd = one
+    Mr = one
     if call.recurrent_dropout:
         Mr = recurrent_mask(xp, call.seed, call.layer, call.direction, B, H,
                             call.settings.recurrent_dropout, dtype)

@@ -355,13 +355,17 @@ def cell_fingerprint(cell) -> str:
     """A hash of everything in a cell that ends up in compiled code."""
     h = hashlib.sha256()
     for which, args, results in cell.math_signatures():
-        h.update(math_fingerprint(getattr(cell, which)).encode())
+        h.update(math_fingerprint(cell.math_function(which)).encode())
         h.update(f"{which}{args}{results}".encode())
     h.update(f"{cell.name}|{cell.recurrent}|{cell.heads}|{cell.recurrent_gate_indices}|"
              f"{cell.input_norm}|{cell.recurrent_norm}|{cell.normalize}|{cell.normalize_kind}|"
              f"{cell.linear}".encode())
     if cell.raw_input:  # (only then: the other cells' fingerprints, and kernels, stay as they were)
         h.update(b"|raw_input")
+    if not cell.reads_h_only:  # only what a cell declares beyond the defaults: unchanged others
+        h.update(f"|recurrent_states={cell.recurrent_state_indices}".encode())
+    if cell.products:
+        h.update(f"|products={cell.stage_boundaries}".encode())
     return h.hexdigest()[:16]
 
 
@@ -424,14 +428,14 @@ def _check_cell_compiles(cell, dtype) -> None:
     for which, arg_sizes, result_sizes in cell.math_signatures():
         args = tuple(tuple_type(n) for n in arg_sizes)
         try:
-            scalar = compile_scalar(getattr(cell, which), dtype)
+            scalar = compile_scalar(cell.math_function(which), dtype)
             driver = numba.njit(_driver(scalar, len(args)))
             driver.compile(args)
             rtype = driver.overloads[args].signature.return_type
             _check_result(which, rtype, nbtype, result_sizes)
         except CellError as exc:
             raise CellError(f"cell {cell.name!r}{describe_source(cell)}: {exc}"
-                            f"{_leak_note(getattr(cell, which), dtype, args)}") from None
+                            f"{_leak_note(cell.math_function(which), dtype, args)}") from None
         except Exception as exc:
             raise CellError(
                 f"cell {cell.name!r}{describe_source(cell)}: its {which} math does not compile "

@@ -81,10 +81,11 @@ def test_shipped_cells_are_forward_only():
     """Every shipped cell derives its backward; a hand-written one is kept only where it
     measured faster, with the measurement in a comment (none today)."""
     assert [n for n in SHIPPED if not REGISTRY.get(n).derived_backward] == []
-    assert sorted(MATH) == SHIPPED
+    # a step with recurrent products (rhn) has no hand-written form: the contract has none
+    assert sorted(MATH) == [n for n in SHIPPED if not REGISTRY.get(n).staged]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", sorted(MATH))
 def test_derived_saves_no_more_than_hand_written(name):
     cell, hand = REGISTRY.get(name), hand_written(name)
     assert cell.n_saved + cell.n_mid <= hand.n_saved + hand.n_mid

@@ -50,7 +50,9 @@ def derived(name, recompute=True):
 
 
 def test_every_shipped_cell_has_a_forward_and_hand_written_math():
-    assert sorted(FORWARDS) == SHIPPED == sorted(MATH)
+    assert sorted(FORWARDS) == SHIPPED
+    # a step with recurrent products (rhn) has no hand-written form: the contract has none
+    assert sorted(MATH) == [n for n in SHIPPED if not get_registry().get(n).staged]
 
 
 def _cell_inputs(cell, rng):
@@ -79,7 +81,9 @@ def _assert_same(label, got, want, worst, rel=1e-12):
             assert err <= rel, f"{label}[{k}][{m}]: derived {a!r}, hand-written {b!r}"
 
 
-ONE_STAGE = [n for n in FORWARDS if n != "lstm_ln"]
+#: The shipped cells with a hand-written form (all but the staged ones).
+HANDS = sorted(n for n in FORWARDS if n in MATH)
+ONE_STAGE = [n for n in HANDS if n != "lstm_ln"]
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save-all"])
@@ -153,7 +157,7 @@ def _two_stage_row(math_, rows, gain, bias, kind="layer"):
     return result
 
 
-@pytest.mark.parametrize("name", sorted(FORWARDS))
+@pytest.mark.parametrize("name", HANDS)
 def test_derived_reference_equals_reference(name):
     """The float64 NumPy step generated from the forward equals the hand-written reference."""
     cell = hand_written(name)
@@ -193,7 +197,7 @@ def test_saved_values_and_shared_gradients_of_shipped_cells():
     assert derived("lstm_peephole").saved == ("i", "f", "tanh2", "o", "tanh_c")  # c recomputed
     assert derived("lstm_ln").mid == ("i", "f", "g", "o", "c")
     assert derived("lstm_ln").saved == ("tanh_norm_c",)
-    for name in FORWARDS:
+    for name in HANDS:
         cell = hand_written(name)
         d = derived(name)
         rng = np.random.default_rng(0)
@@ -807,7 +811,7 @@ def _as_cell(name, **changes):
                 **changes)
 
 
-@pytest.mark.parametrize("name", sorted(FORWARDS))
+@pytest.mark.parametrize("name", HANDS)
 def test_derived_math_passes_cell_validation(name):
     """Cell validation (contract sizes, forward against the derived reference, linearity)
     accepts the derived functions unchanged; plain cells keep the dxw == dhu fast path."""

@@ -34,8 +34,8 @@ from kernrnn.testing.conformance import (
 )
 from kernrnn.testing.strategies import Problem, make_arrays, problems
 
-ZOO = ("antisymmetric", "cifg", "gru_ln", "indrnn", "janet", "lstm_ln", "lstm_peephole", "mgu",
-       "mingru", "minlstm", "slstm", "sru", "ugrnn")
+ZOO = ("antisymmetric", "cifg", "cornn", "gru_ln", "indrnn", "janet", "lstm_ln",
+       "lstm_peephole", "mgu", "mingru", "minlstm", "rhn", "slstm", "sru", "ugrnn")
 REGISTRY = load_registry(autoload=False, plugins=[zoo_test_cells])
 CELLS = ZOO + tuple(c.name for c in zoo_test_cells.CELLS)
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "kernrnn_cells"
@@ -82,6 +82,8 @@ def test_the_contract_features_are_all_exercised():
     assert any(c.linear for c in cells)
     assert any(c.hyper and c.recurrent_weight is not None for c in cells)
     assert any(c.raw_input for c in cells)
+    assert any(not c.reads_h_only for c in cells)
+    assert any(c.n_stages > 2 for c in cells)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])

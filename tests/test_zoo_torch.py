@@ -1,10 +1,12 @@
-"""PyTorch as an independent oracle for four zoo cells (skipped without torch).
+"""PyTorch as an independent oracle for zoo cells (skipped without torch).
 
 Each cell is written again from its paper (or haste's definition) as a plain
 PyTorch loop over time, float64, with the very same weights, and compared with
 kernrnn's layer: outputs, final states, and every gradient (autograd against
 kernrnn's BPTT, per-unit parameters and norm gains included).
 """
+
+import functools
 
 import numpy as np
 import pytest
@@ -51,6 +53,33 @@ def slstm_step(x, state, w):
     return torch.sigmoid(ao) * c_new / n_new, c_new, n_new, m_new
 
 
+def cornn_step(x, state, w, hyper):
+    """Rusch & Mishra (2021): z' = z + dt (tanh(W y + 𝒲 z + V u + b) - gamma y - eps z),
+    y' = y + dt z'; ``weight_hh`` is ``[W 𝒲]`` (y's columns first), b = b_ih + b_hh."""
+    y, z = state
+    W, Wz = w["weight_hh"].chunk(2, dim=1)
+    a = x @ w["weight_ih"].T + y @ W.T + z @ Wz.T + w["bias_ih"] + w["bias_hh"]
+    dt, gamma, epsilon = (hyper[k] for k in ("dt", "gamma", "epsilon"))
+    z_new = z + dt * (torch.tanh(a) - gamma * y - epsilon * z)
+    return y + dt * z_new, z_new
+
+
+def rhn_step(x, state, w, depth=3):
+    """Zilly et al. (2017): L highway layers per step, the input into the first only, carry
+    coupled (c = 1 - t): s_l = tanh(h_l) t_l + s_(l-1) (1 - t_l); layer l > 1 reads
+    ``weight_hs{l-1}`` (``[R_H; R_T]``) on s_(l-1)."""
+    (s,) = state
+    H = s.shape[1]
+    for layer in range(1, depth + 1):
+        if layer == 1:
+            a = x @ w["weight_ih"].T + w["bias_ih"] + s @ w["weight_hh"].T + w["bias_hh"]
+        else:
+            a = s @ w[f"weight_hs{layer - 1}"].T + w[f"bias_hs{layer - 1}"]
+        t = torch.sigmoid(a[:, H:])
+        s = torch.tanh(a[:, :H]) * t + s * (1 - t)
+    return (s,)
+
+
 HASTE_ORDER = [0, 2, 1, 3]  # haste's gate blocks (i, g, f, o) in kernrnn's order (i, f, g, o)
 
 
@@ -93,7 +122,12 @@ def sru_step(x, state, w):
 
 
 ORACLES = {"lstm_peephole": peephole_step, "slstm": slstm_step,
-           "lstm_ln": haste_layer_norm_lstm_step, "sru": sru_step}
+           "lstm_ln": haste_layer_norm_lstm_step, "sru": sru_step, "cornn": cornn_step,
+           "rhn": rhn_step}
+
+
+#: Hyperparameters drawn for an oracle (the layer gets the same values as ``cell_args``).
+HYPER_RANGES = {"cornn": {"dt": (0.01, 0.1), "gamma": (0.5, 5.0), "epsilon": (0.5, 5.0)}}
 
 
 def torch_rnn(step, weights, x, h0, lengths, num_layers, bidirectional):
@@ -130,8 +164,13 @@ def test_zoo_cell_matches_its_pytorch_oracle(name, data):
     p = data.draw(problems(max_T=5, max_B=3, max_I=4, max_H=6, cell=cell), label="problem")
     params, x, h0 = make_arrays(cell, p, np.float64)
     D = 2 if p.bidirectional else 1
+    hyper = {k: data.draw(st.floats(lo, hi), label=k)
+             for k, (lo, hi) in HYPER_RANGES.get(name, {}).items()}
+    step = ORACLES[name]
+    if cell.hyper:
+        step = functools.partial(step, hyper=cell.hyper_values(hyper))
     layer = kernrnn.RNN(cell, p.I, p.H, num_layers=p.num_layers, bidirectional=p.bidirectional,
-                        dtype=np.float64)
+                        dtype=np.float64, cell_args=hyper)
     layer.load_state_dict(params)
     h0_arg = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
     y, hn = layer(x, h0_arg, p.lengths)
@@ -146,7 +185,7 @@ def test_zoo_cell_matches_its_pytorch_oracle(name, data):
     h0t = tuple(torch.tensor(v, requires_grad=True)
                 for v in (h0 if h0 is not None else (zeros,) * cell.n_state))
     lengths = p.lengths if p.lengths is not None else (p.T,) * p.B
-    yt, hnt = torch_rnn(ORACLES[name], wt, xt, h0t, lengths, p.num_layers, p.bidirectional)
+    yt, hnt = torch_rnn(step, wt, xt, h0t, lengths, p.num_layers, p.bidirectional)
     loss = (yt * torch.tensor(dy)).sum() + sum((a * torch.tensor(b)).sum()
                                                for a, b in zip(hnt, dhn))
     loss.backward()

@@ -73,7 +73,7 @@ import numpy as np
 from kernrnn.autodiff.emit import NUMPY, emit_function, load_source
 from kernrnn.autodiff.ir import Node
 from kernrnn.autodiff.parse import Signature, parse_forward
-from kernrnn.autodiff.reverse import Plan, plan_single, plan_two_stage
+from kernrnn.autodiff.reverse import Plan, StagedPlan, plan_single, plan_stages, plan_two_stage
 
 __all__ = ["derive", "derive_for_cell", "derive_hand_written", "Derived"]
 
@@ -114,6 +114,14 @@ class Derived:
     #: kernels compile (:mod:`kernrnn.backends.cpu.tiers`).  None for a two-stage step.
     array_forward: object = None
     array_backward: object = None
+    #: A step cut by recurrent products: per boundary, its products ``((name, G_m), ...)``
+    #: in declaration order (empty for a one- or two-stage step).
+    boundaries: tuple = ()
+    #: Per boundary, the names of the values stage s passes to stage s + 1 (staged step).
+    stage_mids: tuple = ()
+    #: Every generated scalar function by name (``forward``, ``forward2``, ...,
+    #: ``backward2``, ``backward``), for a staged step of any number of stages.
+    functions: dict = None
 
     @property
     def n_saved(self) -> int:
@@ -124,6 +132,14 @@ class Derived:
     def n_mid(self) -> int:
         """Values stage 1 passes to stage 2 (0 for a one-stage step)."""
         return len(self.mid)
+
+    @property
+    def n_stages(self) -> int:
+        """K, the element-wise stages of the step (1, 2 with a normalised value, 1 + the
+        boundaries of a step with recurrent products)."""
+        if self.boundaries:
+            return len(self.boundaries) + 1
+        return 2 if self.forward2 is not None else 1
 
 
 def _namespace() -> dict:
@@ -172,7 +188,7 @@ def _label(n: Node) -> str:
 
 
 def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = True,
-           params=(), normalize=None, hyper=(), raw_input: bool = False,
+           params=(), normalize=None, hyper=(), raw_input: bool = False, products=None,
            recompute: bool = True) -> Derived:
     """Differentiate the scalar step ``forward`` and generate the cell's math.
 
@@ -188,7 +204,10 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     takes a trailing ``x`` (the element's raw input x_t, a number); the generated
     ``forward`` then takes ``x`` as a 1-tuple last, ``backward`` returns its
     gradient ``dx`` (a 1-tuple) last, and ``reference`` takes ``x`` (an array) by
-    name.  ``recompute=False`` saves every value the backward reads
+    name.  ``products``: the recurrent products ``matmul`` may be called with
+    (``{name: G_m}``, in declaration order; the step is then cut into stages, see
+    :func:`kernrnn.autodiff.reverse.plan_stages`).  ``recompute=False`` saves
+    every value the backward reads
     instead of recomputing arithmetic.  ``name`` is the cell's name, used in
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside
     the supported set, naming the file, line and construct.
@@ -198,9 +217,16 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     for label, v in (("gates", gates), ("state", state)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CellError(f"cell {name!r}: {label} must be an int >= 1, got {v!r}")
-    sig = Signature(gates, state, recurrent, params, normalize, hyper, raw_input)
-    graph, outputs, norms, argnames = parse_forward(forward, name, sig)
+    sig = Signature(gates, state, recurrent, params, normalize, hyper, raw_input, products)
+    graph, outputs, norms, argnames, prods = parse_forward(forward, name, sig)
     order = tuple(sig.normalize if sig.normalize is not None else norms)
+    if sig.products:
+        if order:
+            raise CellError(f"cell {name!r}: a step with recurrent products (matmul) cannot "
+                            f"also normalise a value in the middle (norm) yet; expected one "
+                            f"of the two, got normalize={order!r} and products "
+                            f"{tuple(sig.products)!r}")
+        return _derive_staged(forward, name, sig, graph, outputs, prods, argnames, recompute)
     if order:
         plan = plan_two_stage(graph, outputs, norms, order, sig, recompute, name)
     else:
@@ -231,6 +257,61 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     return d
 
 
+def _derive_staged(forward, name, sig, graph, outputs, prods, argnames, recompute) -> Derived:
+    """:func:`derive` for a step with recurrent products: K stages, K forwards and backwards."""
+    plan = plan_stages(graph, outputs, prods, tuple(sig.products), sig, recompute, name)
+    pnames = _param_names(argnames, sig)
+    origin = f"{getattr(forward, '__module__', '?')}.{forward.__qualname__}"
+    source = _staged_source(plan, sig, pnames, name, origin)
+    module = load_source(source, name, _namespace())
+    ref_source = _reference_source(graph, outputs, sig, pnames, False, matmul=True)
+    ref_module = load_source(ref_source, f"{name}_reference", _reference_namespace())
+    K = plan.n_stages
+    functions = {fn: getattr(module, fn) for fn in _stage_names(K)}
+    d = Derived(
+        name=name, forward=module.forward, backward=module.backward,
+        reference=ref_module.reference, source=source + "\n\n" + ref_source,
+        saved=tuple(_label(v) for v in plan.saved), same_grads=plan.same_grads,
+        forward2=None, backward2=None, step=forward,
+        boundaries=tuple(tuple(b) for b in plan.boundaries),
+        stage_mids=tuple(tuple(_label(v) for v in m) for m in plan.mids), functions=functions)
+    for fn in list(functions.values()) + [d.reference]:
+        fn.kernrnn_step = forward
+    return d
+
+
+def _stage_names(K: int) -> list[str]:
+    """The generated functions of a K-stage step, in the order they are written."""
+    fwd = ["forward"] + [f"forward{s + 1}" for s in range(1, K)]
+    bwd = [f"backward{s + 1}" for s in range(K - 1, 0, -1)] + ["backward"]
+    return fwd + bwd
+
+
+def _staged_source(plan: StagedPlan, sig, pnames, name, origin) -> str:
+    src = _input_source(pnames)
+    K = plan.n_stages
+
+    args = _arg_names(sig, pnames)
+    share = bool(sig.recurrent and plan.same_grads and all(plan.same_grads))
+    parts = [f"# Derived by kernrnn.autodiff from {origin}, the forward of cell {name!r}: "
+             f"{K} stages split by the recurrent products "
+             f"{[[p for p, _ in b] for b in plan.boundaries]}.\n"]
+    for s, fname in enumerate(_stage_names(K)[:K]):
+        doc = (f"Stage {s + 1} of {K}: " + ("(new_state, saved)." if s == K - 1 else
+                                            "the products' operands and mid."))
+        fn = plan.forwards[s]
+        parts.append(emit_function(fname, args(fn.args), fn.results, src, unpack=fn.unpack,
+                                   doc=doc))
+    for fname in _stage_names(K)[K:]:
+        s = 0 if fname == "backward" else int(fname[len("backward"):]) - 1
+        fn = plan.backwards[s]
+        doc = (f"Backward of stage {s + 1}: " + ("(dxw, dhu, dprev, *dparams)." if s == 0 else
+                                                 "(dzn, dmid, dprev, *dparams)."))
+        parts.append(emit_function(fname, args(fn.args), fn.results, src, unpack=fn.unpack,
+                                   share_first=share and s == 0, doc=doc))
+    return "\n\n".join(parts)
+
+
 def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
     """:func:`derive` with the sizes of :class:`kernrnn.cell.Cell` ``cell`` (its name,
     gates, state, recurrence, per-unit parameters, normalised values, hyperparameters and
@@ -239,7 +320,7 @@ def derive_for_cell(cell, forward, *, recompute: bool = True) -> Derived:
                   recurrent=cell.has_recurrent, params=tuple(p.blocks for p in cell.params),
                   normalize=tuple(cell.normalize), hyper=tuple(h.name for h in cell.hyper),
                   raw_input=cell.raw_input,
-                  recompute=recompute)
+                  products={p.name: p.n_gates for p in cell.products}, recompute=recompute)
 
 
 def derive_hand_written(cell, *, recompute: bool = True) -> Derived:
@@ -283,8 +364,8 @@ def _param_names(argnames, sig) -> list[str]:
     return out
 
 
-_TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "norm", "math",
-          "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates", "hyper"}
+_TAKEN = {"xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "norm", "matmul",
+          "math", "np", "sigmoid", "tanh", "relu", "sin", "cos", "dgates", "hyper"}
 
 
 def _input_source(pnames, hyper_names=None, raw_array: bool = False):
@@ -363,14 +444,15 @@ def _array_source(plan: Plan, sig, pnames, name, origin) -> str:
     return "\n\n".join(parts)
 
 
-def _reference_source(graph, outputs, sig, pnames, has_norm) -> str:
+def _reference_source(graph, outputs, sig, pnames, has_norm, matmul=False) -> str:
     args = ["xw"] + (["hu"] if sig.recurrent else []) + ["prev"] + pnames
     pre = [f"{a} = _as64({a})" for a in args] + ["inputs = (" + ", ".join(args) + ",)"]
     if sig.raw_input:  # an array (by name: reference(..., x=x_t))
         args.append("x")
         pre += ["x = np.asarray(x, dtype=np.float64)", "inputs = inputs + ((x,),)"]
     return emit_function(
-        "reference", args + (["norm"] if has_norm else []) + list(sig.hyper), [list(outputs)],
+        "reference", args + (["norm"] if has_norm else []) + (["matmul"] if matmul else [])
+        + list(sig.hyper), [list(outputs)],
         _input_source(pnames, sig.hyper, raw_array=True), style=NUMPY,
         doc="The step on float64 NumPy arrays: the new state tuple.",
         preamble=pre,

@@ -31,7 +31,7 @@ __all__ = ["Style", "SCALAR", "NUMPY", "emit_function", "load_source"]
 _PREC = {"select": 0, "or": 1, "and": 2, "not": 3, "cmp": 4, "add": 5, "sub": 5, "mul": 6,
          "div": 6, "neg": 7, "pow": 8}
 _ATOM = 10
-_RESERVED = {"math", "np", "sigmoid", "tanh", "relu", "sin", "cos", "norm", "dgates",
+_RESERVED = {"math", "np", "sigmoid", "tanh", "relu", "sin", "cos", "norm", "matmul", "dgates",
              "xw", "hu", "prev", "saved", "dstate", "zn", "mid", "dz", "dmid", "abs", "min",
              "max", "float", "int", "range", "len", "tuple", "_np_sigmoid", "_np_relu",
              "_np_erf", "_np_state", "_as64"}
@@ -118,6 +118,10 @@ class _Writer:
             return f"{self.style.calls[n.attr]}({self.render(a[0])[0]})", _ATOM
         if op == "norm":
             return f"norm({n.attr!r}, {self.render(a[0])[0]})", _ATOM
+        if op == "product":  # a tuple of the G_m pre-activations (the reference only)
+            return f"matmul({n.attr!r}, {self.render(a[0])[0]})", _ATOM
+        if op == "mmout":
+            return f"{self.render(a[0])[0]}[{n.attr[1]}]", _ATOM
         if op == "select":
             c, x, y = (self.render(v)[0] for v in a) if self.style.vectorised else (
                 self.wrap(a[0], 1), self.wrap(a[1], 1), self.wrap(a[2], 1))

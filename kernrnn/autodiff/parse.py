@@ -72,21 +72,27 @@ class Signature:
     ``hyper`` (the names of the hyperparameters, in declaration order: trailing
     arguments bound by name, read as the inputs ``("hyper", k)``; a forward may
     leave out those it does not read, such as one only a
-    :class:`~kernrnn.cell.RecurrentWeight` uses) and ``raw_input`` (a trailing
-    argument ``x``, the element's raw input x_t).
+    :class:`~kernrnn.cell.RecurrentWeight` uses), ``raw_input`` (a trailing
+    argument ``x``, the element's raw input x_t) and ``products`` (name -> G_m
+    of each recurrent product a staged step may call ``matmul`` with; ``{}``: none).
     """
 
     def __init__(self, gates: int, state: int, recurrent: bool = True, params=(),
-                 normalize=None, hyper=(), raw_input: bool = False):
+                 normalize=None, hyper=(), raw_input: bool = False, products=None):
         self.gates, self.state, self.recurrent = gates, state, recurrent
         self.params = tuple(params)
         self.normalize = None if normalize is None else tuple(normalize)
         self.hyper = tuple(hyper)
         self.raw_input = bool(raw_input)
+        self.products = dict(products or {})
 
 
 class _Norm:
     """The ``norm`` argument of a two-stage forward (callable only)."""
+
+
+class _Matmul:
+    """The ``matmul`` argument of a staged forward (callable only)."""
 
 
 _LOCAL = object()  # a name of the function's own (a value, not a module or function)
@@ -137,6 +143,7 @@ class _Reader:
         self.g = graph
         self.stack: list = []
         self.norms: dict[str, Node] = {}  # name -> the norm node, in order of first call
+        self.products: dict[str, Node] = {}  # name -> the product node, in order of first call
 
     # -- errors ---------------------------------------------------------------------
 
@@ -154,12 +161,15 @@ class _Reader:
     def trailing_arguments(self) -> dict:
         """The names a forward may take after its positional part, each with a function
         making its value: ``norm`` (a step with normalised values), ``x`` (the raw
-        input, ``raw_input=True``) and each hyperparameter."""
+        input, ``raw_input=True``), ``matmul`` (a staged step's recurrent products) and
+        each hyperparameter."""
         out = {}
         if self.sig.normalize is None or self.sig.normalize:
             out["norm"] = _Norm
         if self.sig.raw_input:
             out["x"] = lambda: self.g.input("x", 0)
+        if self.sig.products:
+            out["matmul"] = _Matmul
         for k, h in enumerate(self.sig.hyper):  # a forward may leave one out
             out[h] = (lambda k=k: self.g.input("hyper", k))
         return out
@@ -185,6 +195,9 @@ class _Reader:
         if "norm" in extra and "norm" not in trailing:
             self.fail(ctx, ctx.fdef, "the forward takes 'norm' but the cell normalises no "
                       "value (declare normalize=(...))")
+        if "matmul" in extra and "matmul" not in trailing:
+            self.fail(ctx, ctx.fdef, "the forward takes 'matmul' but the cell declares no "
+                      "recurrent product (declare products=(Product(...),))")
         if "x" in extra and "x" not in trailing:
             self.fail(ctx, ctx.fdef, "the forward takes 'x' (the raw input x_t) but the cell "
                       "does not declare raw_input=True")
@@ -195,8 +208,8 @@ class _Reader:
                       f"bound by name; unknown trailing argument{'s' * (len(unknown) > 1)} "
                       f"{', '.join(map(repr, unknown))}, expected "
                       + (", ".join(repr(n) for n in trailing) if trailing else "none of them "
-                         "('norm' needs normalize=(...), 'x' raw_input=True, a hyperparameter "
-                         "hyper={...})"))
+                         "('norm' needs normalize=(...), 'x' raw_input=True, 'matmul' "
+                         "products=(...), a hyperparameter hyper={...})"))
         if sig.raw_input and "x" not in extra:
             self.fail(ctx, ctx.fdef, f"the cell declares raw_input=True but the forward takes no "
                       f"'x' (the raw input x_t, a trailing argument: ({', '.join(want)}, x))")
@@ -211,7 +224,7 @@ class _Reader:
             env[names[i + 1 + p]] = tuple(self.g.input(f"p{p}", b) for b in range(blocks))
         for name in extra:
             env[name] = trailing[name]()
-        self.arg_names = names
+        self.arg_names = names[:len(want)]
         out = self.body(ctx, env)
         if not isinstance(out, tuple):
             self.fail(ctx, ctx.fdef, f"the forward must return the new state, a tuple of "
@@ -329,6 +342,8 @@ class _Reader:
                 v = env[node.id]
                 if isinstance(v, _Norm):
                     self.fail(ctx, node, "'norm' may only be called: norm(\"name\", value)")
+                if isinstance(v, _Matmul):
+                    self.fail(ctx, node, "'matmul' may only be called: matmul(\"name\", value)")
                 return v
             return self.global_value(ctx, node, self.resolve(ctx, node, env))
         if isinstance(node, ast.Attribute):
@@ -463,6 +478,8 @@ class _Reader:
         f = node.func
         if isinstance(f, ast.Name) and isinstance(env.get(f.id), _Norm):
             return self.norm(ctx, node, env)
+        if isinstance(f, ast.Name) and isinstance(env.get(f.id), _Matmul):
+            return self.matmul(ctx, node, env)
         if isinstance(f, ast.Name) and f.id in env:
             self.fail(ctx, node, f"{f.id!r} is a value, not a function")
         if not isinstance(f, (ast.Name, ast.Attribute)):
@@ -516,8 +533,35 @@ class _Reader:
         return n
 
 
+    def matmul(self, ctx, node: ast.Call, env) -> tuple:
+        """``matmul("m", m)``: the G_m pre-activations the recurrent product of ``m`` (over
+        the row's units) gives this unit, a tuple of ``mmout`` nodes of one ``product``."""
+        if len(node.args) != 2 or not (isinstance(node.args[0], ast.Constant)
+                                       and isinstance(node.args[0].value, str)):
+            self.fail(ctx, node, "matmul takes a product name literal and a value: "
+                      "matmul(\"m\", m)")
+        name = node.args[0].value
+        if name not in self.sig.products:
+            self.fail(ctx, node, f"matmul({name!r}, ...) but the cell declares the products "
+                      f"{tuple(self.sig.products)!r}")
+        value = self.scalar(ctx, node.args[1], env)
+        where = ctx.where(node)
+        p = self.g.node("product", (value,), name, where=where)
+        if name in self.products and self.products[name] is not p:
+            self.fail(ctx, node, f"matmul({name!r}, ...) is applied to two different values; "
+                      f"each product has its own name (and its own weight_h{name})")
+        self.products[name] = p
+        out = []
+        for k in range(self.sig.products[name]):
+            n = self.g.node("mmout", (p,), (name, k), where=where)
+            n.name = n.name or f"{name}_hu{k}"
+            out.append(n)
+        return tuple(out)
+
+
 def parse_forward(fn, cellname: str, sig: Signature):
-    """``(graph, state outputs, norm nodes by name, argument names)`` of forward ``fn``.
+    """``(graph, state outputs, norm nodes by name, argument names up to the per-unit
+    parameters, product nodes by name)`` of forward ``fn``.
 
     Raises :class:`kernrnn.cell.CellError` naming the cell, file, line and
     construct for anything outside the supported set.
@@ -539,4 +583,9 @@ def parse_forward(fn, cellname: str, sig: Signature):
         if missing:
             raise CellError(f"cell {cellname!r}: the cell normalises {sig.normalize!r}, the "
                             f"forward never calls norm({missing[0]!r}, ...)")
-    return graph, tuple(out), dict(reader.norms), reader.arg_names
+    missing = [n for n in sig.products if n not in reader.products]
+    if missing:
+        raise CellError(f"cell {cellname!r}: the cell declares the products "
+                        f"{tuple(sig.products)!r}, the forward never calls "
+                        f"matmul({missing[0]!r}, ...)")
+    return graph, tuple(out), dict(reader.norms), reader.arg_names, dict(reader.products)

@@ -20,9 +20,13 @@ from dataclasses import dataclass, field
 
 from kernrnn.autodiff.ir import Graph, Node, is_const, live
 
-__all__ = ["partials", "sweep", "choose_saved", "Plan", "plan_single", "plan_two_stage"]
+__all__ = ["partials", "sweep", "choose_saved", "Plan", "plan_single", "plan_two_stage",
+           "StagedPlan", "plan_stages"]
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+#: Nodes a sweep does not differentiate through: inputs, and the values a stage receives
+#: from a stage boundary (a normalised value, a recurrent product's outputs).
+_LEAVES = frozenset({"in", "norm", "product", "mmout"})
 #: Input groups a backward receives (``xw`` and ``hu`` are gone by then).
 _BACKWARD_INPUTS = ("prev",)
 
@@ -119,11 +123,11 @@ def sweep(scope: list[Node], seeds: dict[int, list[Node]], P, B: Graph) -> dict[
     def is_constant(v: Node) -> bool:
         if v.id not in constant:
             constant[v.id] = v.op == "const" or (v.op == "in" and v.attr[0] == "hyper") or (
-                v.op not in ("in", "norm") and all(is_constant(a) for a in v.args))
+                v.op not in _LEAVES and all(is_constant(a) for a in v.args))
         return constant[v.id]
     for n in reversed(scope):
         terms = contrib.get(n.id)
-        if not terms or n.op in ("in", "const", "norm") or n.is_bool:
+        if not terms or n.op in _LEAVES or n.op == "const" or n.is_bool:
             continue
         g = B.total(terms)
         contrib[n.id] = [g]
@@ -233,7 +237,7 @@ def transplant(B: Graph, loads: dict[int, Node], inputs=None):
                                            or v.attr[0] == "hyper"):
                 raise AssertionError(f"{v!r} is not available here")
             r = B.input(*v.attr)
-        elif v.op == "norm":
+        elif v.op in ("norm", "product", "mmout"):
             raise AssertionError(f"{v!r} is not available here")
         else:
             r = B.node(v.op, tuple(P(a) for a in v.args), v.attr)
@@ -450,3 +454,199 @@ def plan_two_stage(graph: Graph, outputs, norms: dict, order, sig, recompute=Tru
               {"saved": [B2.input("saved", k) for k in range(len(saved2))],
                "mid": [B2.input("mid", j) for j in range(len(mid))]})
     return Plan(fwd1, bwd1, fwd2, bwd2, saved2, mid, same, tuple(order))
+
+
+@dataclass
+class StagedPlan:
+    """The derived functions of a step of ``K`` stages split by recurrent products.
+
+    Stage ``s`` (0-based) computes the operands of boundary ``s``'s products and
+    ``mids[s]``, the values later stages read and its own backward needs (the
+    last stage the new state and ``saved``).  ``boundaries[s]`` lists the products
+    between stage ``s`` and ``s + 1`` as ``(name, G_m)``, in declaration order; the
+    next stage receives their ``G_m`` pre-activations each, one after the other
+    (``zn``).  See :func:`plan_stages` for the functions' arguments.
+    """
+
+    forwards: list  # Fn per stage
+    backwards: list  # Fn per stage
+    saved: list  # the last stage's saved values
+    mids: list  # per boundary: the nodes passed from stage s to stage s + 1
+    boundaries: list  # per boundary: [(product name, G_m), ...]
+    same_grads: tuple
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.forwards)
+
+
+def plan_stages(graph: Graph, outputs, products: dict, order, sig, recompute=True,
+                name: str = "?") -> StagedPlan:
+    """A step cut into stages by recurrent products (``matmul("m", m)``).
+
+    A node's stage is the largest of its operands', plus one past a product;
+    boundary ``s`` holds the products whose operand stage ``s`` computes.  With
+    ``zn`` the pre-activations boundary ``s-1``'s products hand stage ``s``, and
+    ``mid`` the values stage ``s-1`` passes on (mid_{s-1}):
+
+    * stage 0: ``forward(xw, [hu,] prev, *p) -> (z_0, mid_0)`` and
+      ``backward(mid_0, prev, dz_0, dmid_0, *p) -> (dxw, [dhu,] dprev, *dp)``;
+    * a middle stage ``s``: ``forward{s+1}(zn, mid, prev, *p) -> (z_s, mid_s)`` and
+      ``backward{s+1}(saved, zn, mid, prev, dz_s, dmid_s, *p) -> (dzn, dmid, dprev,
+      *dp)`` where ``saved`` is its own ``mid_s``;
+    * the last stage: ``forward{K}(zn, mid, prev, *p) -> (new_state, saved)`` and
+      ``backward{K}(saved, zn, mid, prev, dstate, *p) -> (dzn, dmid, dprev, *dp)``.
+
+    ``z_s`` are the products' operands (the core multiplies them by the
+    products' matrices over the units of a row); ``dz_s`` their gradients, which
+    the core computes from ``dzn`` of the stage after (``dm = W_m^T dhm``).
+    ``mid_s`` holds the values of stages up to ``s`` that later stages read
+    (carried on through every boundary up to their use), then the values stage
+    ``s``'s backward needs (the rule of :func:`choose_saved`, with its inputs,
+    ``zn``, ``mid_{s-1}`` and the carried values at hand); the ``dmid`` of
+    values only saved are zero.  dprev and dparams of every stage add up.
+    """
+    from kernrnn.errors import CellError
+
+    nodes = live(outputs)
+    stage: dict[int, int] = {}
+    for n in nodes:
+        if n.op in ("in", "const"):
+            stage[n.id] = 0
+        elif n.op == "product":
+            stage[n.id] = stage[n.args[0].id] + 1
+        else:
+            stage[n.id] = max(stage[a.id] for a in n.args)
+    dead = [nm for nm in order if products[nm].id not in stage]
+    if dead:
+        raise CellError(f"cell {name!r}: cannot derive the backward of the forward: "
+                        f"matmul({dead[0]!r}, ...) ({products[dead[0]].where}) does not reach "
+                        f"the new state")
+    K = 1 + max(stage[n.id] for n in nodes)
+    bounds = [[products[nm] for nm in order if stage[products[nm].id] == s + 1]
+              for s in range(K - 1)]
+    mmouts = [[graph.node("mmout", (p,), (p.attr, k)) for p in bnd
+               for k in range(sig.products[p.attr])] for bnd in bounds]
+
+    def base_free(v):
+        return v.op == "const" or is_step_input(v)
+
+    carried: list[dict[int, Node]] = [{} for _ in range(K - 1)]
+
+    def carry(v, upto):
+        for b in range(stage[v.id], upto):
+            carried[b][v.id] = v
+
+    for n in nodes:
+        if n.op == "product":
+            continue
+        for a in n.args:
+            if not base_free(a) and stage[a.id] < stage[n.id]:
+                carry(a, stage[n.id])
+    for o in outputs:
+        if not base_free(o):
+            carry(o, K - 1)
+    scopes = [[n for n in nodes if stage[n.id] == s and n.op != "product"] for s in range(K)]
+    inputs_all = {n.attr: n for n in nodes if n.op == "in"}
+
+    def dz_seeds(R, s):
+        out: dict[int, list] = {}
+        for k, p in enumerate(bounds[s]):
+            out.setdefault(p.args[0].id, []).append(R.input("dz", k))
+        return out
+
+    def mid_seeds(R, s, index):
+        out: dict[int, list] = {}
+        for v in carried[s].values():
+            if not v.is_bool:
+                out.setdefault(v.id, []).append(R.input("dmid", index[v.id]))
+        return out
+
+    mids: list[list[Node]] = []
+    forwards, backwards = [], []
+    same = ()
+    saved_last: list[Node] = []
+    for s in range(K):
+        last = s == K - 1
+        prev_mid = mids[s - 1] if s else []
+        zin = {v.id for v in mmouts[s - 1]} if s else set()
+        received = {m.id for m in prev_mid} | zin
+
+        def free(v, s=s, received=received):
+            return base_free(v) or v.id in received or (s < K - 1 and v.id in carried[s])
+
+        if last:
+            seeds = _dstate_seeds(outputs)
+        else:
+            def seeds(R, s=s):
+                out = dz_seeds(R, s)
+                order_ = {m: j for j, m in enumerate(sorted(carried[s]))}
+                for k, v in mid_seeds(R, s, order_).items():
+                    out.setdefault(k, []).extend(v)
+                return out
+        needed = needed_values(scopes[s], seeds, free)
+        own = choose_saved([v for v in needed if not free(v)], free, recompute)
+        if last:
+            saved_last = own
+            name_saved(own)
+        else:
+            mid = sorted(list(carried[s].values()) + own, key=lambda n: n.id)
+            name_saved(mid)
+            mids.append(mid)
+
+        # forward of stage s
+        if s == 0:
+            F, Pf = graph, (lambda v: v)
+            fargs, funpack = ["fwd"], {}
+        else:
+            F = Graph()
+            loads = {v.id: F.input("zn", k) for k, v in enumerate(mmouts[s - 1])}
+            loads.update({m.id: load(F, "mid", j, m) for j, m in enumerate(prev_mid)})
+            Pf = transplant(F, loads, _BACKWARD_INPUTS)
+            fargs = ["zn", "mid", "prev", "params"]
+            funpack = {"mid": [F.input("mid", j) for j in range(len(prev_mid))]}
+        if last:
+            results = [[Pf(o) for o in outputs], [as_number(F, Pf(v)) for v in own]]
+        else:
+            results = [[Pf(p.args[0]) for p in bounds[s]],
+                       [as_number(F, Pf(m)) for m in mids[s]]]
+        forwards.append(Fn(results, fargs, funpack))
+
+        # backward of stage s
+        B = Graph(simplify=True)
+        loads = {}
+        unpack = {}
+        if s:
+            loads.update({v.id: B.input("zn", k) for k, v in enumerate(mmouts[s - 1])})
+            loads.update({m.id: load(B, "mid", j, m) for j, m in enumerate(prev_mid)})
+            unpack["mid"] = [B.input("mid", j) for j in range(len(prev_mid))]
+        own_loads = own if last else mids[s]
+        group = "mid" if s == 0 else "saved"
+        loads.update({v.id: load(B, group, k, v) for k, v in enumerate(own_loads)})
+        if s == 0:
+            unpack["mid"] = [B.input("mid", j) for j in range(len(own_loads))]
+        else:
+            unpack["saved"] = [B.input("saved", k) for k in range(len(own_loads))]
+        P = transplant(B, loads, _BACKWARD_INPUTS)
+        if last:
+            contrib = sweep(scopes[s], _dstate_seeds(outputs)(B), P, B)
+        else:
+            index = {v.id: j for j, v in enumerate(mids[s])}
+            sd = dz_seeds(B, s)
+            for k, v in mid_seeds(B, s, index).items():
+                sd.setdefault(k, []).extend(v)
+            contrib = sweep(scopes[s], sd, P, B)
+        if s == 0:
+            results, same = _grads(sig, inputs_all, contrib, B)
+            bargs = ["mid", "prev", "dz", "dmid", "params"]
+        else:
+            dzn = [B.total(contrib.get(v.id, [])) for v in mmouts[s - 1]]
+            dmid = [B.total(contrib.get(m.id, [])) if not m.is_bool else B.const(0.0)
+                    for m in prev_mid]
+            rest, _ = _grads(sig, inputs_all, contrib, B)
+            results = [dzn, dmid] + rest[(2 if sig.recurrent else 1):]
+            bargs = (["saved", "zn", "mid", "prev", "dstate", "params"] if last else
+                     ["saved", "zn", "mid", "prev", "dz", "dmid", "params"])
+        backwards.append(Fn(results, bargs, unpack))
+    boundaries = [[(p.attr, sig.products[p.attr]) for p in bnd] for bnd in bounds]
+    return StagedPlan(forwards, backwards, saved_last, mids, boundaries, same)

@@ -25,6 +25,8 @@ from kernrnn.scalar import cell_fingerprint, compile_scalar  # cell_fingerprint:
 from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
+           "stage_sizes", "staged_layout", "stage_function", "stage_forward_call",
+           "stage_backward_call",
            "backward1_call", "param_groups", "hyper_group", "unit_groups", "hu_gates",
            "row_norm", "row_norm_backward",
            "load_module", "cell_fingerprint", "math_namespace", "zoneout_stores",
@@ -182,6 +184,94 @@ def backward1_call(cell, *, mid, prev, dz, dmid, p, dxw, dhu, dprev, dp, indent,
                 accumulate=[base - 1] + list(range(base, base + len(cell.params))))
 
 
+def stage_sizes(cell) -> list[tuple[int, int, int]]:
+    """Per boundary of a staged cell: ``(nz, nzin, nm)``, the products' operands stage s
+    gives, the pre-activations stage s + 1 receives and the values passed on (``mid_s``)."""
+    return [(len(b), sum(g for _, g in b), nm) for b, nm in cell.stage_boundaries]
+
+
+def staged_layout(cell) -> list[dict]:
+    """Where a staged cell's values live in the flat and stacked buffers, per boundary:
+    ``zoff``/``moff`` its first row of ``Zhat``/``Mid``, ``nz``/``nzin``/``nm`` its sizes,
+    and ``products``: per product ``(q, name, G_q, pre-activation offset, Zhat row)``; ``q``
+    counts the products over all boundaries (``HM``, ``WMT``, ``bM`` take them in that
+    order, each after the ones before)."""
+    out, zoff, moff, q, gq = [], 0, 0, 0, 0
+    for nz, nzin, nm in stage_sizes(cell):
+        prods = []
+        bnd = cell.stage_boundaries[len(out)][0]
+        for i, (name, G) in enumerate(bnd):
+            prods.append((q, name, G, gq, zoff + i))
+            q, gq = q + 1, gq + G
+        out.append(dict(zoff=zoff, moff=moff, nz=nz, nzin=nzin, nm=nm, products=prods))
+        zoff, moff = zoff + nz, moff + nm
+    return out
+
+
+def stage_function(s: int, backward: bool = False) -> str:
+    """The compiled name of stage ``s``'s function (0-based): ``cell_forward``,
+    ``cell_forward2``, ..., ``cell_backward2``, ``cell_backward``."""
+    base = "cell_backward" if backward else "cell_forward"
+    return base if s == 0 else f"{base}{s + 1}"
+
+
+def stage_forward_call(cell, s: int, *, xw=None, hu=None, zn=None, mid=None, prev, p, out0,
+                       out1, indent) -> str:
+    """Stage ``s`` of a staged step: ``forward(xw, [hu,] prev, *p)`` for s = 0, else
+    ``forward{s+1}(zn, mid, prev, *p)``; results ``(z_s, mid_s)``, or ``(new_state,
+    saved)`` for the last stage, to the targets ``out0(k)``, ``out1(k)`` (None: dropped)."""
+    sizes = stage_sizes(cell)
+    K = len(sizes) + 1
+    S = cell.n_state
+    if s == 0:
+        G = cell.n_gates
+        args = list(cell.forward_args([xw(g) for g in range(G)], [hu(g) for g in range(G)],
+                                      [prev(q) for q in range(S)], param_groups(cell, p),
+                                      hyper=hyper_group(cell, p)))
+    else:
+        args = [[zn(k) for k in range(sizes[s - 1][1])], [mid(m) for m in range(sizes[s - 1][2])],
+                [prev(q) for q in range(S)]] + unit_groups(cell, p)
+    n0, n1 = (S, cell.n_saved) if s == K - 1 else (sizes[s][0], sizes[s][2])
+    return call(stage_function(s), args, [[out0(k) for k in range(n0)],
+                                          [out1(k) for k in range(n1)]], indent=indent)
+
+
+def stage_backward_call(cell, s: int, *, own, zn=None, mid=None, prev, dz=None, dmid=None,
+                        dstate=None, p, dzn=None, dmid_out=None, dxw=None, dhu=None, dprev, dp,
+                        indent) -> str:
+    """Backward of stage ``s`` of a staged step (see
+    :func:`kernrnn.autodiff.reverse.plan_stages`).  ``own(k)``: the stage's saved values
+    (the last stage's ``saved``, else its ``mid_s``); the last stage reads ``dstate``,
+    the others ``dz``/``dmid``.  Results: ``dzn``, ``dmid`` of the values stage s - 1
+    passed (s > 0) or ``dxw``, ``dhu`` (s = 0); ``dprev`` is assigned by the last stage and
+    added by the others; ``dp`` always added."""
+    sizes = stage_sizes(cell)
+    K = len(sizes) + 1
+    S = cell.n_state
+    last = s == K - 1
+    n_own = cell.n_saved if last else sizes[s][2]
+    args = [[own(k) for k in range(n_own)]]
+    if s:
+        args += [[zn(k) for k in range(sizes[s - 1][1])],
+                 [mid(m) for m in range(sizes[s - 1][2])]]
+    args.append([prev(q) for q in range(S)])
+    if last:
+        args.append([dstate(q) for q in range(S)])
+    else:
+        args += [[dz(k) for k in range(sizes[s][0])], [dmid(m) for m in range(sizes[s][2])]]
+    args += unit_groups(cell, p)
+    if s == 0:
+        args = [args[0]] + args[1:]  # (mid_0, prev, dz, dmid, *p)
+        outs, base = _grad_outs(cell, dxw, dhu, dprev, dp)
+        return call(stage_function(0, True), args, outs, indent=indent,
+                    accumulate=[base - 1] + list(range(base, len(outs))))
+    outs = [[dzn(k) for k in range(sizes[s - 1][1])],
+            [dmid_out(m) for m in range(sizes[s - 1][2])],
+            [dprev(q) for q in range(S)]] + param_groups(cell, dp)
+    acc = list(range(3, len(outs))) if last else list(range(2, len(outs)))
+    return call(stage_function(s, True), args, outs, indent=indent, accumulate=acc)
+
+
 def forward_body(G, S, K, *, xw, hu, prev, new, saved, y, indent) -> str:
     """Per-element forward step of a plain cell (dense recurrence over all gates, no
     per-unit parameters or normalisation), as the persistent CUDA kernel runs it.
@@ -298,7 +388,7 @@ def math_namespace(cell, dtype) -> dict:
     ``DT`` keep the generated normalisation code in the kernel's precision.
     """
     dtype = np.dtype(dtype)
-    ns = {f"cell_{which}": compile_scalar(getattr(cell, which), dtype)
+    ns = {f"cell_{which}": compile_scalar(cell.math_function(which), dtype)
           for which, _, _ in cell.math_signatures()}
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
               math=math, zoneout_words=zoneout_words)

@@ -28,7 +28,8 @@ from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
            "recurrent_weights", "projection_size", "projection_state", "param_vector", "norm_vectors", "weight_gradients",
-           "per_unit_gradients"]
+           "per_unit_gradients", "stage_totals", "product_views", "product_weights",
+           "product_gradients"]
 
 
 @dataclass
@@ -55,11 +56,12 @@ class TimeBuffers:
     HU: object
     Rhh: object
     Hp: object = None
+    HM: object = None  # a staged cell's products, flat (see :func:`product_views`)
 
     def arrays(self) -> list:
         """Every array of the set (for handing them back to a workspace)."""
         return [a for a in (self.States, self.Saved, self.Mid, self.Zhat, self.Rz, self.HU,
-                            self.Rhh, self.Hp) if a is not None]
+                            self.Rhh, self.Hp, self.HM) if a is not None]
 
 
 def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
@@ -79,9 +81,14 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
         return take(shape, dtype)
 
     one = empty(1, 1, 1, 1)
+    HM = None
     if cell.normalize:
         Mid, Zhat = empty(cell.n_mid, Tm, B, H), empty(cell.n_norm, Tm, B, H)
         Rz = empty(cell.n_norm, Tm, B)
+    elif cell.staged:
+        nz, nzin, nm = stage_totals(cell)
+        Mid, Zhat, Rz = empty(max(nm, 1), Tm, B, H), empty(nz, Tm, B, H), empty(1, 1, 1)
+        HM = empty(Tm * B * nzin * H)
     else:
         Mid, Zhat, Rz = one, one, empty(1, 1, 1)
     if cell.has_recurrent:
@@ -94,7 +101,64 @@ def time_buffers(xp, cell, T: int, B: int, H: int, dtype, training: bool,
     else:
         HU, Rhh = one, empty(1, 1, 1)
     return TimeBuffers(empty(S, state_slots or T + 1, B, H), empty(K if training else 0, T, B, H),
-                       Mid, Zhat, Rz, HU, Rhh, empty(T + 1, B, proj) if proj else None)
+                       Mid, Zhat, Rz, HU, Rhh, empty(T + 1, B, proj) if proj else None, HM)
+
+
+def stage_totals(cell) -> tuple[int, int, int]:
+    """A staged cell's ``(NZ, NZIN, NM)`` over all boundaries: products' operands, their
+    pre-activations (``sum G_q``) and the values passed between stages."""
+    from kernrnn.backends.codegen import stage_sizes
+
+    sizes = stage_sizes(cell)
+    return tuple(sum(v[k] for v in sizes) for k in range(3))
+
+
+def product_views(cell, flat, T: int, B: int, H: int) -> dict:
+    """Product name -> its ``[T, B, G_q*H]`` view of a flat ``HM``/``dHM`` (product q after
+    the products before it, see :func:`kernrnn.backends.codegen.staged_layout`)."""
+    from kernrnn.backends.codegen import staged_layout
+
+    out = {}
+    for bnd in staged_layout(cell):
+        for _, name, G, gq, _ in bnd["products"]:
+            out[name] = flat[T * B * H * gq:T * B * H * (gq + G)].reshape(T, B, G * H)
+    return out
+
+
+def product_weights(xp, cell, params, transposed: bool):
+    """``(W, b)``: the products' matrices, flat, product after product (``W_q.T`` when
+    ``transposed``, as the forward multiplies), and their biases, flat."""
+    Ws = [params[f"weight_h{p.name}"] for p in _products_in_order(cell)]
+    bs = [params[f"bias_h{p.name}"] for p in _products_in_order(cell)]
+    W = xp.concatenate([(w.T if transposed else w).reshape(-1) for w in Ws])
+    return xp.ascontiguousarray(W), xp.ascontiguousarray(xp.concatenate(bs))
+
+
+def _products_in_order(cell):
+    """The products in the kernels' order: by boundary, then as declared."""
+    from kernrnn.backends.codegen import staged_layout
+
+    by_name = {p.name: p for p in cell.products}
+    return [by_name[name] for bnd in staged_layout(cell) for _, name, _, _, _ in bnd["products"]]
+
+
+def product_gradients(cell, Zhat, dHM, matmul=None) -> dict:
+    """``weight_h{name}`` and ``bias_h{name}`` gradients of a staged cell after BPTT: per
+    product ``dW = sum_t dhm_t^T m_t`` (one GEMM over all ``T*B`` rows) and the sum of
+    ``dhm``.  ``Zhat [NZ, T, B, H]`` holds the operands ``m`` (zero at finished steps),
+    ``dHM`` the flat gradients of the products' results."""
+    from kernrnn.backends.codegen import staged_layout
+
+    mm = matmul if matmul is not None else _matmul
+    _, T, B, H = Zhat.shape
+    views = product_views(cell, dHM, T, B, H)
+    grads = {}
+    for bnd in staged_layout(cell):
+        for _, name, G, _, zrow in bnd["products"]:
+            d = views[name].reshape(T * B, G * H)
+            grads[f"weight_h{name}"] = mm(d.T, Zhat[zrow].reshape(T * B, H))
+            grads[f"bias_h{name}"] = d.sum(axis=0)
+    return grads
 
 
 @dataclass
@@ -334,7 +398,10 @@ def weight_gradients(xp, cell, ctx, dXW, dHU, recurrent_mask=None, dHp=None, mat
         Hprev = hs[1:] if ctx.reverse else hs[:T]
         if recurrent_mask is not None:  # the product read the masked h
             Hprev = Hprev * recurrent_mask[None]
-        Hprev = Hprev.reshape(T * B, hs.shape[2])
+        if not cell.reads_h_only:  # the states of recurrent_states side by side
+            Hprev = xp.concatenate([ctx.States[s, 1:] if ctx.reverse else ctx.States[s, :T]
+                                    for s in cell.recurrent_state_indices], axis=2)
+        Hprev = Hprev.reshape(T * B, Hprev.shape[2])
         NH = dHU.shape[0]
         dh = H // NH
         if NH == 1:

@@ -166,7 +166,7 @@ def gpu_math_problems(cell) -> list[str]:
     Numba's runtime, which GPU kernels lack.
     """
     problems = []
-    roots = [getattr(cell, which) for which, _, _ in cell.math_signatures()]
+    roots = [cell.math_function(which) for which, _, _ in cell.math_signatures()]
     for fn in [f for root in roots for f in _functions_of(root)]:
         try:
             src = textwrap.dedent(inspect.getsource(fn))
@@ -289,7 +289,7 @@ def _f64_origin(cell, kernel, sig) -> str:
             lines.append(line)
     spans = []
     for fn in [f for which, _, _ in cell.math_signatures()
-               for f in _functions_of(getattr(cell, which))]:
+               for f in _functions_of(cell.math_function(which))]:
         try:
             src, first = inspect.getsourcelines(fn)
             filename = inspect.getsourcefile(fn) or fn.__code__.co_filename
@@ -308,7 +308,7 @@ def _f64_origin(cell, kernel, sig) -> str:
     if found:
         return "from " + "; then ".join(dict.fromkeys(found))
     leaks = [leak for which, sizes, _ in cell.math_signatures()
-             for leak in _leaks(getattr(cell, which), sizes)]
+             for leak in _leaks(cell.math_function(which), sizes)]
     if leaks:
         return "float64 computed at " + "; then ".join(leaks[:3])
     return "from no line of the cell's math (a function Numba's CUDA target lowers to float64)"
@@ -374,7 +374,7 @@ def check_compiles(cell, dtypes=("float32", "float64"), cpu=True, cuda=None) -> 
     report.checked.append("scalar math " + ", ".join(d.name for d in dtypes))
     if np.dtype(np.float32) in math_ok:
         for which, args in _scalar_args(cell, np.float32).items():
-            leaks = find_precision_leaks(getattr(cell, which), np.float32, args)
+            leaks = find_precision_leaks(cell.math_function(which), np.float32, args)
             if leaks:
                 report.failures.append(f"float32 {which} math computes in another precision "
                                        f"(float64 on a GPU is many times slower): "

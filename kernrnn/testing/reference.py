@@ -94,6 +94,11 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
             return reference_norm(z, p[f"norm_{name}_weight"], p[f"norm_{name}_bias"],
                                   cell.normalize_kind)
         kwargs["norm"] = norm
+    if cell.products:
+        def matmul(name, m):  # W_m m + b_m over the row, split into the G_m gate blocks
+            out = m @ p[f"weight_h{name}"].T + p[f"bias_h{name}"]
+            return tuple(out[:, g * H:(g + 1) * H] for g in range(out.shape[1] // H))
+        kwargs["matmul"] = matmul
     y = np.zeros((T, B, H if W_hr is None else W_hr.shape[0]))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
@@ -111,6 +116,8 @@ def reference_direction(cell, x, params, h0, lengths=None, reverse=False, reg=No
         if cell.has_recurrent:
             h_in = state[0] if hp is None else hp
             h_in = h_in if Mr is None else h_in * Mr
+            if not cell.reads_h_only:  # W_hh [Gr*H, R*H] reads the states side by side
+                h_in = np.concatenate([state[s] for s in cell.recurrent_state_indices], axis=1)
             hr = reference_recurrent_product(cell, h_in, p["weight_hh"])
             if cell.recurrent_norm is not None:
                 hr = _norm_blocks(hr, cell.recurrent_norm, len(rec)) * p["norm_hh_weight"]

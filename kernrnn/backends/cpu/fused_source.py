@@ -22,14 +22,14 @@ __all__ = ["fused_path", "fused_forward_source", "pack_training_source", "same_b
 def fused_path(cell) -> bool:
     """True when the cell runs on packed-``W_hh`` tiles with the step in the epilogue.
 
-    Dense recurrence without normalisations (those need whole rows of the
-    products before the step), and few enough gates that a tile of one unit
+    Dense recurrence on h alone, one stage, without normalisations (those need whole
+    rows of the products before the step), and few enough gates that a tile of one unit
     block fits the registers.  Not a cell with ``raw_input`` (its step reads x
     itself, which the packed kernels never hold): the plain kernels run it.
     """
     return (cell.recurrent == "dense" and cell.input_norm is None and cell.recurrent_norm is None
             and not cell.normalize and not cell.raw_input and 1 <= cell.n_recurrent_gates <= 6
-            and cell.n_gates <= 6)
+            and cell.n_gates <= 6 and cell.reads_h_only and not cell.products)
 
 
 def fused_forward_source(cell, train: bool, mr: int, mrx: int, nu: int,

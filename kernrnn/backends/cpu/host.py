@@ -19,7 +19,7 @@ from kernrnn.backends import common
 from kernrnn.backends.cpu import microkernel as mk
 from kernrnn.backends.cpu import first_tier, tiers, timing, tuning
 from kernrnn.backends.cpu.build import FusedKernels, get_kernels, precompile
-from kernrnn.backends.cpu.kernel_args import BACKWARD
+from kernrnn.backends.cpu.kernel_args import BACKWARD, BACKWARD_STAGED, FORWARD, FORWARD_STAGED
 from kernrnn.backends.cpu.packed import inference_panels, training_panels
 from kernrnn.backends.cpu.threads import (
     Part,
@@ -82,7 +82,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, h
     k = get_kernels(cell, dtype, reg.flags() if reg is not None else (False, False), bool(proj))
     x, input_mask = common.input_dropout(np, reg, x)
     ka = regularization.kernel_arrays(np, reg, cell, B, H, dtype)
-    if ka.Hd.shape == (B, H):  # the first step's recurrent input: h0, masked
+    if reg is not None and reg.recurrent_dropout:  # the first step's recurrent input: h0, masked
         ka.Hd[...] = h0[0] * ka.Mr
     if k.fused is not None:
         return _forward_fused(k.fused, cell, x, params, h0, lengths, reverse, training, y,
@@ -103,12 +103,17 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, h
     unit_params = common.param_vector(np, cell, params, H, dtype, hyper)
     g_hh, Gz, Bz = common.norm_vectors(np, cell, params, H, dtype)
     kernel = k.forward_train if training else k.forward_infer
+    staged = {}
+    if cell.staged:  # the recurrent products between the stages
+        WMT, bM = common.product_weights(np, cell, params, transposed=True)
+        staged = dict(WMT=WMT, bM=bM, HM=buf.HM)
     if T > 0:
         run_chunks(kernel, dict(
             XW=XW, b_ih=params["bias_ih"], WT=WT, b_hh=b_hh, g_hh=g_hh, unit_params=unit_params,
             Gz=Gz, Bz=Bz, States=buf.States, Saved=buf.Saved, Mid=buf.Mid, Zhat=buf.Zhat,
             Rz=buf.Rz, HU=buf.HU, Rhh=buf.Rhh, Y=y, lengths=lengths, reverse=reverse,
-            **_reg_args(ka), WrT=WrT, Hp=Hp), B)
+            **_reg_args(ka), WrT=WrT, Hp=Hp, **staged), B,
+            FORWARD_STAGED if cell.staged else FORWARD)
     hn = buf.States[:, 0 if reverse else T].copy()
     if proj:
         hn[0] = 0
@@ -235,10 +240,18 @@ def backward(ctx: ForwardContext, dy, dhn):
         dHU = dXW.reshape(1, T, B, G * H)
     else:
         dHU = workspace.take((NH, T, B, GrH // NH), dtype)
-    dH = workspace.take((NH, B, proj or H // NH) if k.fused is None else
+    dH = workspace.take((NH, B, proj or H // NH * cell.n_recurrent_states) if k.fused is None else
                         (1, B, -(-H // k.fused.nu) * k.fused.nu), dtype)
     DZ = np.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = np.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
+    staged, dHM = {}, None
+    if cell.staged:  # the products' operands' and mid values' gradients, the products'
+        nz, nzin, nm = common.stage_totals(cell)
+        DZ = np.empty((nz, B, H), dtype=dtype)
+        DM = np.empty((max(nm, 1), B, H), dtype=dtype)
+        dHM = workspace.take((T * B * nzin * H,), dtype)
+        WMb, bM = common.product_weights(np, cell, params, transposed=False)
+        staged = dict(WMb=WMb, bM=bM, HM=buf.HM, dHM=dHM)
     loop = k.backward_loop
     if k.fused is not None:
         loop = k.fused.backward_loop
@@ -269,13 +282,14 @@ def backward(ctx: ForwardContext, dy, dhn):
             lengths=ctx.lengths, reverse=ctx.reverse, dXW=dXW, dHU=dHU, dH=dH, DZ=DZ, DM=DM,
             Mr=ka.Mr, Zthr=ka.Zthr, Zp=ka.Zp, seed_lo=ka.seed_lo, seed_hi=ka.seed_hi,
             zstream=ka.zstream, ztrain=ka.ztrain, Wr=Wr, dHp=dHp, dSp=dSp, dR=dR, **acc,
-            chunk=chunk)
+            chunk=chunk, **staged)
+        spec = BACKWARD_STAGED if cell.staged else BACKWARD
         if k.fused is not None:
             key, parts = thread_parts(loop, dy.shape, B, W.shape[0])
         else:
             key, parts = None, [Part(1, 0, b0, b1, 0, 0) for b0, b1 in rows]
         flags = np.zeros(parts[0].nthr * mk.FLAG_STRIDE, dtype=np.int64)
-        work = [[(loop, BACKWARD.pack(args, flags=flags, **part._asdict()))] for part in parts]
+        work = [[(loop, spec.pack(args, flags=flags, **part._asdict()))] for part in parts]
         if k.fused is not None:
             precompile(loop, work[0][0][1])
         launch_timed(work, key, parts)
@@ -286,6 +300,11 @@ def backward(ctx: ForwardContext, dy, dhn):
             ka.Mr if reg is not None and reg.recurrent_dropout else None,
             dHp if proj else None,
             matmul=threaded_matmul if T * B >= tuning.THREADED_GEMM_MIN_ROWS else _blas_matmul)
+    if cell.staged:
+        if T == 0:
+            dHM[...] = 0
+        grads.update(common.product_gradients(cell, buf.Zhat, dHM, matmul=_blas_matmul))
+        workspace.give(dHM)
     if proj:
         dS[0] = 0
         dS[0, :, :proj] = dSp

@@ -21,7 +21,7 @@ import textwrap
 from collections.abc import Mapping
 
 __all__ = ["GLOSSARY", "KernelArgs", "FORWARD", "FUSED_FORWARD", "BACKWARD", "PACK_TRAINING",
-           "INPUT_PROJECTION"]
+           "INPUT_PROJECTION", "FORWARD_STAGED", "BACKWARD_STAGED"]
 
 # What each argument name holds, the same in every kernel that takes it.
 GLOSSARY = {
@@ -46,8 +46,10 @@ GLOSSARY = {
     # time buffers (kernrnn.backends.common.TimeBuffers)
     "States": "state at every time boundary [S, T+1, B, H] ([S, 2, B, H]: fused inference)",
     "Saved": "what the cell saved for BPTT [K, T, B, H]",
-    "Mid": "a two-stage step's intermediate values [NM, T', B, H]",
-    "Zhat": "a two-stage step's normalised values [NZ, T', B, H]",
+    "Mid": "a two-stage step's intermediate values [NM, T', B, H] (a staged step's, of every "
+           "boundary, one after the other)",
+    "Zhat": "a two-stage step's normalised values [NZ, T', B, H] (a staged step's: the "
+            "operands of its recurrent products, every boundary's)",
     "Rz": "their reciprocal deviations [NZ, T', B]",
     "HU": "the recurrent products [T'', NH, B, Gr*dh] (normalised, with a recurrent norm)",
     "Rhh": "the recurrent norm's reciprocal deviations [T'', B, nseg]",
@@ -57,7 +59,8 @@ GLOSSARY = {
     "reverse": "run the steps from T-1 down to 0",
     # regularisation (kernrnn.regularization.KernelArrays)
     "Mr": "recurrent-dropout mask [B, H] (0 or 1/(1-p))",
-    "Hd": "scratch [B, H]: the masked h_{t-1} the recurrent product reads",
+    "Hd": "scratch [B, H]: the masked h_{t-1} the recurrent product reads ([B, R*H]: the "
+          "states of recurrent_states side by side)",
     "Zthr": "zoneout thresholds, uint64 [S] (training; compared with 24 Philox bits)",
     "Zp": "zoneout rates [S] (evaluation: the expectation)",
     "seed_lo": "the call's seed, low word",
@@ -70,8 +73,16 @@ GLOSSARY = {
     "dXW": "gradient of the input pre-activations [T, B, G*H]",
     "dHU": "gradient of the recurrent products [NH, T, B, Gr*dh] (dXW's memory when equal)",
     "dH": "dHU_t @ W_hh of a step: [NH, B, dh], [1, B, proj] (LSTMP), [1, B, Hpad] (packed)",
-    "DZ": "scratch [n_norm, B, H]: gradients of the normalised mid-step values",
-    "DM": "scratch [n_mid, B, H]: gradients of the mid-step values",
+    "DZ": "scratch [n_norm, B, H]: gradients of the normalised mid-step values (a staged "
+          "step's: of its products' operands)",
+    "DM": "scratch [n_mid, B, H]: gradients of the mid-step values (a staged step's: of every "
+          "boundary's)",
+    # a staged step's recurrent products (Cell.products), flat, product q after product q-1
+    "WMT": "the products' matrices transposed, flat: product q's W_q.T [H, G_q*H]",
+    "WMb": "the products' matrices, flat: product q's W_q [G_q*H, H]",
+    "bM": "the products' biases, flat [sum G_q * H]",
+    "HM": "the products' results, flat: product q's [T', B, G_q*H] (bias not added)",
+    "dHM": "their gradients, flat: product q's [T, B, G_q*H]",
     "dHp": "gradient of the projected h of each step [T, B, proj] (LSTMP)",
     "dSp": "gradient arriving at the projected h from later steps [B, proj] (LSTMP)",
     "dR": "scratch [B, H]: the unprojected h's gradient, dHp_t @ W_hr (LSTMP)",
@@ -173,6 +184,13 @@ FORWARD = KernelArgs("forward", """
     lengths reverse Mr Hd Zthr Zp seed_lo seed_hi zstream ztrain WrT Hp
     b0 b1""")
 
+#: The plain forward of a staged cell (recurrent products between stages): ``FORWARD`` and
+#: the products' weights, biases and results.
+FORWARD_STAGED = KernelArgs("staged forward", """
+    XW b_ih WT b_hh g_hh unit_params Gz Bz States Saved Mid Zhat Rz HU Rhh Y
+    lengths reverse Mr Hd Zthr Zp seed_lo seed_hi zstream ztrain WrT Hp
+    WMT bM HM b0 b1""")
+
 #: Arguments of the fused forward kernels, the same on packed panels, for rows ``b0:b1``
 #: and unit blocks ``jb0:jb1``
 #: (:func:`~kernrnn.backends.cpu.fused_source.fused_forward_source`).
@@ -186,6 +204,14 @@ BACKWARD = KernelArgs("backward_loop", """
     dY dS W States Saved Mid Zhat Rz HU Rhh g_hh unit_params Gz Bz lengths
     reverse dXW dHU dH DZ DM Mr Zthr Zp seed_lo seed_hi zstream
     ztrain Wr dHp dSp dR db_ih db_hh dg_hh d_unit_params dGz dBz chunk flags
+    nthr tid b0 b1 jb0 jb1""")
+
+#: ``backward_loop`` of a staged cell: ``BACKWARD`` and the products' weights, biases,
+#: results and gradients.
+BACKWARD_STAGED = KernelArgs("staged backward_loop", """
+    dY dS W States Saved Mid Zhat Rz HU Rhh g_hh unit_params Gz Bz lengths
+    reverse dXW dHU dH DZ DM Mr Zthr Zp seed_lo seed_hi zstream
+    ztrain Wr dHp dSp dR db_ih db_hh dg_hh d_unit_params dGz dBz chunk WMb bM HM dHM flags
     nthr tid b0 b1 jb0 jb1""")
 
 #: Arguments of ``pack_training``, a training forward's share of packing ``W_hh`` and

@@ -22,13 +22,17 @@ from kernrnn.backends.codegen import (
     hu_gates,
     row_norm,
     row_norm_backward,
+    stage_backward_call,
+    stage_forward_call,
+    staged_layout,
     zoneout_backward,
     zoneout_stores,
 )
 from kernrnn.backends.cpu import microkernel as mk
-from kernrnn.backends.cpu.kernel_args import BACKWARD, FORWARD
+from kernrnn.backends.cpu.kernel_args import BACKWARD, BACKWARD_STAGED, FORWARD, FORWARD_STAGED
 
-__all__ = ["forward_source", "backward_source", "same_input_and_recurrent_grads", "ind"]
+__all__ = ["forward_source", "backward_source", "same_input_and_recurrent_grads", "ind",
+           "staged_views"]
 
 
 def ind(text: str, n: int) -> str:
@@ -80,6 +84,11 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
     h_in = "Hd" if rdrop else ("Hp[p]" if proj else "States[0, p]")
     y_store = "" if proj else "\n        Y[t, b, j] = States[0, n, b, j]"
     lines = []
+    if not cell.reads_h_only:  # the states the product reads, side by side in Hd [B, R*H]
+        h_in = "Hd"
+        lines.append("for b in range(b0, b1):\n    for j in range(H):\n" + "\n".join(
+            f"        Hd[b, {k} * H + j] = States[{s}, p, b, j]"
+            for k, s in enumerate(cell.recurrent_state_indices)))
     if cell.recurrent == "dense":  # contiguous operands: BLAS straight on the arrays
         lines.append(f"np.dot({h_in}[b0:b1], WT[0], HU[{tt}, 0, b0:b1])")
     elif rec:
@@ -98,6 +107,9 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
             body.append(row_norm(rnorm.kind, [f"for r in range({Gr}):"]
                                  + loops, value, f"{Gr} * H",
                                  f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    if cell.staged:
+        return _staged_forward(cell, train, lines, body, elem, dict(
+            xw=xw, hu=lambda g: gates[g], prev=prev, p=pp), target, after, saved, tm, rdrop)
     if not cell.normalize:
         step = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                             z_or_new=target, saved_or_mid=saved, indent=0, x=raw) + after
@@ -153,6 +165,92 @@ def forward_source(cell, train: bool, reg=(False, False), proj=False) -> str:
 
 
 
+def staged_views(cell, tslots: str, array: str = "HM") -> str:
+    """Lines that cut the flat ``array`` (``HM`` or ``dHM``) into per-product views
+    ``{array}{q} [tslots, B, G_q*H]``, before the time loop; ``tslots`` its time slots
+    (``T`` or ``Tm``)."""
+    lines = []
+    for bnd in staged_layout(cell):
+        for q, _, G, gq, _ in bnd["products"]:
+            lines += [f"{array}{q} = {array}[{tslots} * B * H * {gq}:{tslots} * B * H * "
+                      f"{gq + G}].reshape(({tslots}, B, {G} * H))"]
+    return "\n".join(lines)
+
+
+def _staged_forward(cell, train, lines, body, elem, stage0, target, after, saved, tm,
+                    rdrop) -> str:
+    """The steps of a staged cell: per stage a pass over the rows, the products of the
+    stage's operands (one GEMM each, over the thread's rows) between the passes."""
+    layout = staged_layout(cell)
+    K = len(layout) + 1
+    S = cell.n_state
+    lines = lines[:-1]  # the one-stage step's pass over the rows: written per stage below
+
+    def zeros(bnd):  # a finished row's operands: zero rows in the products' GEMMs
+        return "\n".join(f"        Zhat[{bnd['zoff'] + i}, {tm}, b, j] = 0"
+                         for i in range(bnd["nz"]))
+
+    for s in range(K):
+        last = s == K - 1
+        kw = dict(stage0) if s == 0 else dict(prev=stage0["prev"], p=stage0["p"])
+        if s:
+            inb = layout[s - 1]
+            zin = []
+            for q, _, G, gq, _ in inb["products"]:
+                zin += [f"HM{q}[{tm}, b, {g} * H + j] + bM[{gq + g} * H + j]" for g in range(G)]
+            kw.update(zn=lambda k, zin=zin: zin[k],
+                      mid=lambda m, o=inb["moff"]: f"Mid[{o + m}, {tm}, b, j]")
+        if last:
+            out0, out1 = target, saved
+        else:
+            bnd = layout[s]
+            out0 = (lambda k, o=bnd["zoff"]: f"Zhat[{o + k}, {tm}, b, j]")
+            out1 = (lambda m, o=bnd["moff"]: f"Mid[{o + m}, {tm}, b, j]")
+        step = stage_forward_call(cell, s, out0=out0, out1=out1, indent=0, **kw)
+        if last:
+            step += after
+        stage_body = (body if s == 0 else []) + [elem + "\n" + ind(step, 8) + (
+            "\n        Y[t, b, j] = States[0, n, b, j]" if last else "")]
+        lines.append("for b in range(b0, b1):\n    if t < lengths[b]:")
+        lines.append(ind("\n".join(stage_body), 8))
+        if last:
+            carry = "\n".join(f"            States[{q}, n, b, j] = States[{q}, p, b, j]"
+                              for q in range(S)) + "\n            Y[t, b, j] = 0"
+            lines.append(f"    else:\n        for j in range(H):\n{carry}")
+            if rdrop:
+                lines.append("    for j in range(H):\n        Hd[b, j] = States[0, n, b, j] "
+                             "* Mr[b, j]")
+        else:
+            lines.append("    else:\n        for j in range(H):\n" + ind(zeros(layout[s]), 4))
+            for q, _, G, gq, zrow in layout[s]["products"]:
+                lines.append(f"np.dot(Zhat[{zrow}, {tm}, b0:b1], WMT[H * H * {gq}:H * H * "
+                             f"{gq + G}].reshape((H, {G} * H)), HM{q}[{tm}, b0:b1])")
+    loop = ind("\n".join(lines), 8)
+    name = "forward_train" if train else "forward_infer"
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+{FORWARD_STAGED.signature(name)}
+    """All T steps for batch rows b0:b1, stage by stage, the recurrent products between."""
+    T = XW.shape[0]
+    H = States.shape[3]
+    B = States.shape[2]
+    Tm = Zhat.shape[1]
+    NH = HU.shape[1]
+    dh = H // NH
+{ind(staged_views(cell, "Tm"), 4)}
+    for step in range(T):
+        if reverse:
+            t = T - 1 - step
+            p = t + 1
+            n = t
+        else:
+            t = step
+            p = t
+            n = t + 1
+{loop}
+'''
+
+
 def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=False) -> str:
     """BPTT over all steps for batch rows b0:b1.
 
@@ -176,6 +274,8 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     accumulators, its chunk under the row split, so both splits add the same
     values in the same order (bit for bit the same gradients).
     """
+    if cell.staged:
+        return _staged_backward(cell, reg)
     rdrop, zone = reg
     G, Gr = cell.n_gates, cell.n_recurrent_gates
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
@@ -193,8 +293,15 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     ds0 = f"ds0[{x}] + dRr[{x}]" if proj else \
         f"ds0[{x}] + dyr[{x}]" + (f" + {dh_in}{mr_}" if rec else "")
 
+    rs = cell.recurrent_state_indices
+    if not cell.reads_h_only:  # dH [1, B, R*H]: the gradients of the states side by side
+        ds0 = f"ds0[{x}] + dyr[{x}]"
+
     def arriving(s):
-        return ds0 if s == 0 else f"ds{s}[{x}]"
+        head = ds0 if s == 0 else f"ds{s}[{x}]"
+        if cell.reads_h_only or s not in rs:
+            return head
+        return head + f" + dH[0, b, {rs.index(s)} * H + j]"
 
     dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"ds{s}[{x}]", zone)
 
@@ -317,7 +424,10 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
               "                    for u in range(j_hi - j_lo):\n"
               "                        dXW[t, b, g * H + j_lo + u] = 0")
     mrj = " * Mr[b, hd * dh + i]" if rdrop else ""
-    if rec and not proj:
+    if not cell.reads_h_only:
+        masked += "\n                for j in range(H):\n" + "\n".join(
+            f"                    dS[{s}, b, j] += dH[0, b, {k} * H + j]" for k, s in enumerate(rs))
+    elif rec and not proj:
         masked += ("\n                for hd in range(NH):\n"
                    f"                    for i in {irange}:\n"
                    f"                        dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}")
@@ -341,6 +451,9 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
     final = ("    for hd in range(NH):\n        for b in range(b0, b1):\n"
              f"            for i in {irange}:\n"
              f"                dS[0, b, hd * dh + i] += dH[hd, b, i]{mrj}") if rec else ""
+    if not cell.reads_h_only:
+        final = "    for b in range(b0, b1):\n        for j in range(H):\n" + "\n".join(
+            f"            dS[{s}, b, j] += dH[0, b, {k} * H + j]" for k, s in enumerate(rs))
     pre = ""
     if proj:
         final = ("    for b in range(b0, b1):\n        for k in range(dSp.shape[1]):\n"
@@ -404,3 +517,172 @@ def same_input_and_recurrent_grads(cell) -> bool:
     hand-written backward.
     """
     return bool(cell.plain_layout and cell.same_grads and all(cell.same_grads))
+
+
+def _staged_backward(cell, reg) -> str:
+    """BPTT of a staged cell for rows b0:b1: per step the stages' backwards in reverse, each a
+    pass over the rows, and between them the products' ``dm = dhm @ W_m`` (one GEMM each);
+    ``dHM`` keeps every step's ``dhm`` for the weight gradients after the loop.  The last
+    stage's pass also handles finished rows (their products' gradients are zero)."""
+    rdrop, zone = reg
+    G, Gr = cell.n_gates, cell.n_recurrent_gates
+    rec, rnorm = cell.has_recurrent, cell.recurrent_norm
+    tt = "t" if rnorm is not None else "0"
+    S, K, NP = cell.n_state, cell.n_saved, cell.n_param_scalars
+    layout = staged_layout(cell)
+    NS = len(layout) + 1
+    rs = cell.recurrent_state_indices
+    multi = not cell.reads_h_only
+    mr_ = " * mrr[j]" if rdrop else ""
+    ds0 = "ds0[j] + dyr[j]" + (f" + dH[hd, b, i]{mr_}" if rec and not multi else "")
+
+    def arriving(q):
+        head = ds0 if q == 0 else f"ds{q}[j]"
+        return head + (f" + dH[0, b, {rs.index(q)} * H + j]" if multi and q in rs else "")
+
+    dstate, zwrap = zoneout_backward(S, arriving, lambda q: f"ds{q}[j]", zone)
+
+    def prev(q):
+        return f"hp{q}[j]"
+
+    def pp(i):
+        return f"pv{i}[j]"
+
+    def dp(i):
+        return f"dpv{i}[j]"
+
+    def dprev(q):
+        return f"ds{q}[j]"
+
+    elem = "for hd in range(NH):\n    for i in range(dh):\n        j = hd * dh + i"
+    common = ([f"ds{q} = dS[{q}, b]\nhp{q} = States[{q}, p, b]" for q in range(S)]
+              + [f"pv{i} = unit_params[{i} * H:{i + 1} * H]\n"
+                 f"dpv{i} = d_unit_params[c, {i} * H:{i + 1} * H]" for i in range(NP)]
+              + [f"pv{i} = unit_params[{i} * H:{i + 1} * H]"
+                 for i in range(NP, cell.n_unit_scalars)])
+
+    def zin(s):  # what stage s received from the products before it, at (t, b, j)
+        out = []
+        for q, _, Gq, gq, _ in layout[s - 1]["products"]:
+            out += [f"HM{q}[t, b, {g} * H + j] + bM[{gq + g} * H + j]" for g in range(Gq)]
+        return out
+
+    def dzin(s):
+        out = []
+        for q, _, Gq, _, _ in layout[s - 1]["products"]:
+            out += [f"dHM{q}[t, b, {g} * H + j]" for g in range(Gq)]
+        return out
+
+    passes = []
+    for s in range(NS - 1, -1, -1):
+        last, first = s == NS - 1, s == 0
+        kw = dict(prev=prev, p=pp, dp=dp, dprev=dprev)
+        views = list(common)
+        if s:
+            z, dz_ = zin(s), dzin(s)
+            mo = layout[s - 1]["moff"]
+            kw.update(zn=lambda k, z=z: z[k], mid=lambda m, o=mo: f"Mid[{o + m}, t, b, j]",
+                      dzn=lambda k, d=dz_: d[k], dmid_out=lambda m, o=mo: f"DM[{o + m}, b, j]")
+        if last:
+            views += [f"sv{k} = Saved[{k}, t, b]" for k in range(K)] + ["dyr = dY[t, b]"]
+            views += ["mrr = Mr[b]"] if rdrop else []
+            kw.update(own=lambda k: f"sv{k}[j]", dstate=dstate)
+        else:
+            bnd = layout[s]
+            kw.update(own=lambda m, o=bnd["moff"]: f"Mid[{o + m}, t, b, j]",
+                      dz=lambda k, o=bnd["zoff"]: f"DZ[{o + k}, b, j]",
+                      dmid=lambda m, o=bnd["moff"]: f"DM[{o + m}, b, j]")
+        head = elem
+        if first:
+            views += [f"dxw{g} = dXW[t, b, {g} * H:{g + 1} * H]" for g in range(G)]
+            if rec:
+                head = ("for hd in range(NH):\n" + "\n".join(
+                    f"    dhu{r} = dHU[hd, t, b, {r} * dh:{r + 1} * dh]" for r in range(Gr))
+                    + "\n    for i in range(dh):\n        j = hd * dh + i")
+            kw.update(dxw=lambda g: f"dxw{g}[j]", dhu=lambda r: f"dhu{r}[i]")
+        call_src = stage_backward_call(cell, s, indent=0, **kw)
+        if last:
+            call_src = zwrap(call_src)
+        body = ["\n".join(views), head + "\n" + ind(call_src, 8)]
+        if first:
+            body.append("\n".join(f"dbi{g} = db_ih[c, {g} * H:{g + 1} * H]\n"
+                                   f"for e in range(H):\n    dbi{g}[e] += dxw{g}[e]"
+                                   for g in range(G)))
+            if rec:
+                u = "r * H + hd * dh + i"
+                v = "dHU[hd, t, b, r * dh + i]"
+                hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
+                          "        for i in range(dh):", f"            db_hh[c, {u}] += {v}"]
+                if rnorm is not None:
+                    hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
+                               f"            {v} = {v} * g_hh[{u}]"]
+                body.append("\n".join(hu_sum))
+                if rnorm is not None:
+                    loops = ["for hd in range(NH):", "for i in range(dh):"]
+                    xhat = f"HU[{tt}, hd, b, r * dh + i]"
+                    if rnorm.over == "gate":
+                        body.append(f"for r in range({Gr}):\n" + ind(row_norm_backward(
+                            rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
+                            prefix="n_"), 4))
+                    else:
+                        body.append(row_norm_backward(
+                            rnorm.kind, [f"for r in range({Gr}):"] + loops,
+                            v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+        text = ("for b in range(b0, b1):\n    c = chunk[b]\n    if t < lengths[b]:\n"
+                + ind("\n".join(body), 8))
+        if last:  # a finished row: no gradient into this step; the carried one passes on
+            masked = [f"dXW[t, b, {g} * H + j] = 0" for g in range(G)]
+            for bnd in layout:
+                for q, _, Gq, _, _ in bnd["products"]:
+                    masked += [f"dHM{q}[t, b, {g} * H + j] = 0" for g in range(Gq)]
+            if multi:
+                masked += [f"dS[{q}, b, j] += dH[0, b, {k} * H + j]" for k, q in enumerate(rs)]
+            text += "\n    else:\n        for j in range(H):\n" + ind("\n".join(masked), 12)
+            if rec:
+                heads = [f"dHU[hd, t, b, {r} * dh + i] = 0" for r in range(Gr)]
+                if not multi:
+                    heads.append(f"dS[0, b, hd * dh + i] += dH[hd, b, i]"
+                                 f"{' * Mr[b, hd * dh + i]' if rdrop else ''}")
+                text += ("\n        for hd in range(NH):\n            for i in range(dh):\n"
+                         + ind("\n".join(heads), 16))
+        passes.append(text)
+        if not first:  # the products before stage s, backward: dm = dhm @ W_m
+            for q, _, Gq, gq, zrow in layout[s - 1]["products"]:
+                passes.append(f"np.dot(dHM{q}[t, b0:b1], WMb[H * H * {gq}:H * H * "
+                              f"{gq + Gq}].reshape(({Gq} * H, H)), DZ[{zrow}, b0:b1])")
+    if rec:
+        passes.append("for hd in range(NH):\n    np.dot(dHU[hd, t, b0:b1], W[hd], dH[hd, b0:b1])")
+    if rec and multi:
+        final = ("for b in range(b0, b1):\n    for j in range(H):\n" + "\n".join(
+            f"        dS[{q}, b, j] += dH[0, b, {k} * H + j]" for k, q in enumerate(rs)))
+    elif rec:
+        final = ("for hd in range(NH):\n    for b in range(b0, b1):\n        for i in range(dh):\n"
+                 f"            dS[0, b, hd * dh + i] += dH[hd, b, i]"
+                 f"{' * Mr[b, hd * dh + i]' if rdrop else ''}")
+    else:
+        final = ""
+    views = staged_views(cell, "T") + "\n" + staged_views(cell, "T", "dHM")
+    return f'''
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+{BACKWARD_STAGED.signature("backward_loop")}
+    """BPTT of a staged step for rows b0:b1."""
+    T = dY.shape[0]
+    H = dS.shape[2]
+    B = dS.shape[1]
+    NH = dHU.shape[0]
+    dh = H // NH
+{ind(views, 4)}
+    for hd in range(dH.shape[0]):
+        for b in range(b0, b1):
+            for i in range(dH.shape[2]):
+                dH[hd, b, i] = 0
+    for step in range(T):
+        if reverse:
+            t = step
+            p = t + 1
+        else:
+            t = T - 1 - step
+            p = t
+{ind(chr(10).join(passes), 8)}
+{ind(final, 4)}
+'''

@@ -116,15 +116,16 @@ def n_chunks(batch: int) -> int:
     return max(1, min(batch // tuning.MIN_ROWS_PER_CHUNK, n_threads()))
 
 
-def run_chunks(kernel, args: dict, batch: int) -> None:
+def run_chunks(kernel, args: dict, batch: int, spec=FORWARD) -> None:
     """A plain forward kernel over batch chunks, one per thread.
 
-    ``args``: its arguments by name (:data:`~kernrnn.backends.cpu.kernel_args.FORWARD`),
-    but for each thread's rows ``b0``, ``b1``.
+    ``args``: its arguments by name (``spec``:
+    :data:`~kernrnn.backends.cpu.kernel_args.FORWARD`, or ``FORWARD_STAGED``), but for
+    each thread's rows ``b0``, ``b1``.
     """
     nchunk = n_chunks(batch)
-    launch([[(kernel, FORWARD.pack(args, b0=c * batch // nchunk,
-                                   b1=(c + 1) * batch // nchunk))]
+    launch([[(kernel, spec.pack(args, b0=c * batch // nchunk,
+                                b1=(c + 1) * batch // nchunk))]
             for c in range(nchunk)])
 
 

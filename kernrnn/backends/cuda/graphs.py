@@ -67,6 +67,10 @@ def graph_refusal(cell, regularised: bool) -> str | None:
     if cell.n_unit_scalars or cell.normalize or cell.recurrent_norm is not None:
         return ("its per-unit parameters (or hyperparameters) or norm vectors and their "
                 "gradients are new arrays every call")
+    if not cell.reads_h_only:
+        return "the scratch its recurrent_states are gathered in is a new array every call"
+    if cell.staged:
+        return "its stages' buffers and products' weights are new arrays every call"
     return None
 
 

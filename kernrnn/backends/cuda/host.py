@@ -24,6 +24,7 @@ import numpy as np
 
 from kernrnn import regularization
 from kernrnn.backends import common
+from kernrnn.backends.codegen import staged_layout
 from kernrnn.backends.common import ForwardContext
 from kernrnn.backends.cuda.arrays import xp
 from kernrnn.backends.cuda.graphs import layout_key, may_capture, run_loop
@@ -65,6 +66,7 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     proj = buf.Hp is not None  # LSTMP: the product and Y read Hp = States[0] @ W_hr.T
 
     dense = cell.recurrent == "dense" and not keep_hu
+    scratch_in = rdrop or not cell.reads_h_only  # the product reads Hd, which the steps write
 
     def make_scratch():
         return xp.empty((T, B, H), dtype=dtype) if proj else Y
@@ -72,10 +74,13 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
     def issue(scratch):
         Yk = scratch  # where the step kernels write the (unprojected) h
         # the product's input, by step: the masked h, the projected h or h
-        h_in = ka.Hd[None] if rdrop else (buf.Hp if proj else buf.States[0])
+        h_in = ka.Hd[None] if scratch_in else (buf.Hp if proj else buf.States[0])
+        first = _boundary_slots(T, reverse, training)[0]
         if rdrop:  # into Hd itself: a temporary made during a capture would be baked in
-            xp.multiply(buf.States[0, _boundary_slots(T, reverse, training)[0]], ka.Mr,
-                        out=ka.Hd)
+            xp.multiply(buf.States[0, first], ka.Mr, out=ka.Hd)
+        elif scratch_in:  # the states of recurrent_states side by side
+            for r, s in enumerate(cell.recurrent_state_indices):
+                ka.Hd[:, r * H:(r + 1) * H] = buf.States[s, first]
         if dense:
             recurrent_gemm = step_gemm(h_in, params["weight_hh"], buf.HU[0, 0], trans_b=True)
         else:  # one product per head, [B, dh] @ [dh, Gr*dh], into HU's time slot
@@ -96,23 +101,30 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
         if cell.normalize:
             stage1, stage2 = bind("step_stage1"), bind(f"step_stage2_{tag}")
             norm_z = bind("norm_z", NSEG=cell.n_norm)
-        else:
+        elif not cell.staged:
             step_args = bind(f"step_forward_{tag}")
         if cell.recurrent_norm is not None:
             norm_hu = bind("norm_hu", NSEG=nseg)
         if proj:
             proj_args = bind("proj_forward", Hp=buf.Hp, Y=Y, NP=buf.Hp.shape[2])
+        if cell.staged:  # one kernel per stage, the products' GEMMs between them
+            stages, products = _staged_forward(k, cell, params, buf, tag, values, bind)
         for step in range(T):
             t, p, n = _step_indices(step, T, reverse, training)
             tt = t if keep_hu else 0
             tm = t if training else 0
             if dense:
-                recurrent_gemm(0 if rdrop else p)
+                recurrent_gemm(0 if scratch_in else p)
             else:
-                heads_gemm(0 if rdrop else p, tt)
+                heads_gemm(0 if scratch_in else p, tt)
             if cell.recurrent_norm is not None:
                 launch.rows(k.norm_hu, B * nseg, *norm_hu(t, p, n, tt, tm))
-            if cell.normalize:
+            if cell.staged:
+                for (kernel, stage_args), gemms in zip(stages, products):
+                    launch(kernel, B * H, *stage_args(t, p, n, tt, tm))
+                    for gemm in gemms:
+                        gemm(tm)
+            elif cell.normalize:
                 launch(k.step_stage1, B * H, *stage1(t, p, n, tt, tm))
                 launch.rows(k.norm_z, B * cell.n_norm, *norm_z(t, p, n, tt, tm))
                 launch(getattr(k, f"step_stage2_{tag}"), B * H, *stage2(t, p, n, tt, tm))
@@ -128,6 +140,29 @@ def _gemm_forward_loop(cell, XW, params, P, buf, Y, lengths, reverse, training, 
                layout_key(XW, buf.States, buf.Saved, buf.HU, Y, lengths, *params.values(),
                            *((buf.Hp,) if proj else ())))
     run_loop(key, issue, make_scratch)
+
+
+def _staged_forward(k, cell, params, buf, tag, values, bind):
+    """``(stages, products)`` of a staged cell's forward loop: per stage its kernel and bound
+    arguments, and the GEMMs ``f(tm)`` that follow it (``HM{q}[tm] = Zhat[row, tm] @
+    W_q.T``, one per product of the boundary after it)."""
+    layout = staged_layout(cell)
+    _, Tm, B, H = buf.Zhat.shape
+    views = common.product_views(cell, buf.HM, Tm, B, H)
+    _, bM = common.product_weights(xp, cell, params, transposed=False)
+    extra = {"bM": bM}
+    for bnd in layout:
+        for q, name, _, _, _ in bnd["products"]:
+            extra[f"HM{q}"] = views[name]
+    values.update(extra)
+    stages, products = [], []
+    for s in range(len(layout) + 1):
+        name = f"staged_forward_{tag}" if s == len(layout) else f"staged_forward{s}"
+        stages.append((getattr(k, name), bind(name)))
+        products.append([] if s == len(layout) else [
+            step_gemm(buf.Zhat[zrow], params[f"weight_h{pname}"], views[pname], trans_b=True,
+                      c_stack=True) for _, pname, _, _, zrow in layout[s]["products"]])
+    return stages, products
 
 
 def _boundary_slots(T, reverse, training):
@@ -223,7 +258,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
                 buf.States[:, first] = h0  # the initial state included (two slots)
         if chosen == "persistent":
             pass
-        elif not cell.has_recurrent and not cell.normalize:
+        elif not cell.has_recurrent and not cell.normalize and not cell.staged:
             _fused_forward(cell, XW, P, buf, y, lengths, reverse, training, reg, ka)
         else:
             _gemm_forward_loop(cell, XW, params, P, buf, y, lengths, reverse, training, reg, ka)
@@ -238,7 +273,7 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, path=None, 
     return y, hn, ctx
 
 
-def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None):
+def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None, dHM=None):
     """Per step: the fused backward (one or three kernels), the recurrent norm's
     backward if any, then ``dHrec = dHU_t @ W_hh`` (cuBLAS; per head).
 
@@ -259,13 +294,16 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
     g_hh, Gz, Bz = common.norm_vectors(xp, cell, params, H, dtype)
     DZ = xp.empty((max(cell.n_norm, 1), B, H), dtype=dtype)
     DM = xp.empty((max(cell.n_mid, 1), B, H), dtype=dtype)
+    if cell.staged:
+        nz, _, nm = common.stage_totals(cell)
+        DZ, DM = xp.empty((nz, B, H), dtype=dtype), xp.empty((max(nm, 1), B, H), dtype=dtype)
 
     proj = dHp is not None
     NP = dHp.shape[2] if proj else 0
 
     def make_scratch():
         if not proj:
-            return (xp.empty((NH, B, dh), dtype=dtype), None, None)
+            return (xp.empty((NH, B, dh * cell.n_recurrent_states), dtype=dtype), None, None)
         return (xp.empty((1, B, NP), dtype=dtype), xp.zeros((1, B, H), dtype=dtype),
                 xp.empty((T, B, H), dtype=dtype))
 
@@ -295,7 +333,9 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
             return launch.bind(names[name], {**values, **extra}, ("t", "p"))
 
         nseg = buf.Rhh.shape[2]
-        if cell.normalize:
+        if cell.staged:
+            stages = _staged_backward(k, cell, params, buf, dHM, DZ, values, bind)
+        elif cell.normalize:
             back2, back1 = bind("step_backward2"), bind("step_backward1")
             norm_z = bind("norm_z_backward", NSEG=cell.n_norm)
         else:
@@ -313,7 +353,12 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
             if proj:
                 launch(k.proj_backward, B * NP, *proj_args(t, p))
                 proj_gemm(t)
-            if cell.normalize:
+            if cell.staged:
+                for kernel, stage_args, gemms in stages:
+                    launch(kernel, B * H, *stage_args(t, p))
+                    for gemm in gemms:
+                        gemm(t)
+            elif cell.normalize:
                 launch(k.step_backward2, B * H, *back2(t, p))
                 launch.rows(k.norm_z_backward, B * cell.n_norm, *norm_z(t, p))
                 launch(k.step_backward1, B * H, *back1(t, p))
@@ -338,6 +383,28 @@ def _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp=None, dSp=None
                layout_key(dy, dS, dXW, dHU, buf.States, buf.Saved, ctx.lengths,
                            *params.values(), *((dHp, dSp) if proj else ())))
     run_loop(key, issue, make_scratch)
+
+
+def _staged_backward(k, cell, params, buf, dHM, DZ, values, bind):
+    """Per stage of a staged cell, last first: its BPTT kernel, bound arguments and the
+    GEMMs ``f(t)`` that follow it (``DZ[row] = dHM{q}[t] @ W_q`` for the products before
+    the stage)."""
+    layout = staged_layout(cell)
+    _, T, B, H = buf.Zhat.shape
+    views = common.product_views(cell, buf.HM, T, B, H)
+    dviews = common.product_views(cell, dHM, T, B, H)
+    _, bM = common.product_weights(xp, cell, params, transposed=False)
+    values["bM"] = bM
+    for bnd in layout:
+        for q, name, _, _, _ in bnd["products"]:
+            values[f"HM{q}"], values[f"dHM{q}"] = views[name], dviews[name]
+    out = []
+    for s in range(len(layout), -1, -1):
+        gemms = [] if s == 0 else [
+            step_gemm(dviews[name], params[f"weight_h{name}"], DZ[zrow], trans_b=False)
+            for _, name, _, _, zrow in layout[s - 1]["products"]]
+        out.append((getattr(k, f"staged_backward{s}"), bind(f"staged_backward{s}"), gemms))
+    return out
 
 
 def _fused_backward(cell, ctx, dy, dS, dXW, acc, ka):
@@ -400,6 +467,9 @@ def backward(ctx: ForwardContext, dy, dhn):
         ("bias_hh", Gr * H), ("norm_hh", Gr * H), ("params", cell.n_param_scalars * H),
         ("gz", cell.n_norm * H), ("bz", cell.n_norm * H))}
     ka = regularization.kernel_arrays(xp, ctx.reg, cell, B, H, dtype)  # masks regenerated
+    dHM = None
+    if cell.staged:  # the gradients of the products' results, every step (flat)
+        dHM = xp.zeros(T * B * common.stage_totals(cell)[1] * H, dtype=dtype)
     if T > 0 and B > 0:
         path = ctx.path
         if path == "persistent":
@@ -415,10 +485,10 @@ def backward(ctx: ForwardContext, dy, dhn):
                 path = "gemm"
         if path == "persistent":
             pass
-        elif not rec and not cell.normalize:
+        elif not rec and not cell.normalize and not cell.staged:
             _fused_backward(cell, ctx, dy, dS, dXW, acc, ka)
         else:
-            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp, dSp)
+            _gemm_backward_loop(cell, ctx, dy, dS, dXW, dHU, acc, ka, dHp, dSp, dHM)
     elif rec:
         dHU.fill(0)
     if proj and (T == 0 or B == 0):
@@ -438,6 +508,8 @@ def backward(ctx: ForwardContext, dy, dhn):
         xp, cell, ctx, dXW, dHU if rec else None,
         ka.Mr if ctx.reg is not None and ctx.reg.recurrent_dropout else None, dHp)
     grads.update(wgrads)
+    if cell.staged:
+        grads.update(common.product_gradients(cell, buf.Zhat, dHM))
     if proj:
         dS[0] = 0
         dS[0, :, :proj] = dSp

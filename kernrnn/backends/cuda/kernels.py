@@ -35,6 +35,9 @@ from kernrnn.backends.codegen import (
     forward2_call,
     forward_call,
     hu_gates,
+    stage_backward_call,
+    stage_forward_call,
+    staged_layout,
     zoneout_backward,
     zoneout_stores,
 )
@@ -138,14 +141,21 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
     after = ("\n" + zoneout_stores(S, target, prev, new)) if zone else ""
     # the next step's recurrent input, h masked by the per-sequence dropout mask
     masked_h = "\nHd[b, j] = States[0, n, b, j] * Mr[b, j]" if rdrop else ""
+    if not cell.reads_h_only:  # the states the next product reads, side by side
+        masked_h = "".join(f"\nHd[b, {k} * H + j] = States[{s}, n, b, j]"
+                           for k, s in enumerate(cell.recurrent_state_indices))
     specs = []
     fwd_args = (("XW", 3), ("HU", 4), ("b_hh", 1), ("g_hh", 1), ("P", 1), ("States", 4),
                 ("Saved", 4), ("Mid", 4), ("Zhat", 4), ("Y", "Y"), ("lengths", "L"), ("t", "i"),
                 ("p", "i"), ("n", "i"), ("tt", "i"), ("tm", "i"), ("H", "i"), ("dh", "i"))
+    if cell.staged:
+        specs += _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h)
     for train in (True, False):
         saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
         tag = "train" if train else "infer"
-        if not cell.normalize:
+        if cell.staged:
+            pass
+        elif not cell.normalize:
             body = forward_call(cell, xw=xw, hu=lambda g: gates[g], prev=prev, p=pp,
                                 z_or_new=target, saved_or_mid=saved, indent=0) + after
             body += "\nY[t, b, j] = States[0, n, b, j]"
@@ -184,7 +194,7 @@ def kernel_specs(cell, reg=(False, False)) -> list[KernelSpec]:
                                             ("tt", "i"), ("H", "i"), ("dh", "i"), ("NSEG", "i")),
                                 ROW_HEAD + body))
     specs += _backward_specs(cell, reg)
-    if not rec and not cell.normalize:
+    if not rec and not cell.normalize and not cell.staged:
         specs += _fused_specs(cell, reg)
     if not any(reg) and _projectable(cell):
         specs += _projection_specs()
@@ -259,10 +269,13 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
     rec, rnorm = cell.has_recurrent, cell.recurrent_norm
     xw, prev, new, pp, dpp = _common()
     mr = " * Mr[b, j]" if rdrop else ""  # dHrec is the gradient of the masked h
-    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dHrec[hd, b, i]{mr}" if rec else "")
+    rs = cell.recurrent_state_indices
+    multi = not cell.reads_h_only  # dHrec [1, B, R*H]: the states' gradients side by side
+    ds0 = "dS[0, b, j] + dY[t, b, j]" + (f" + dHrec[hd, b, i]{mr}" if rec and not multi else "")
 
     def arriving(s):
-        return ds0 if s == 0 else f"dS[{s}, b, j]"
+        head = ds0 if s == 0 else f"dS[{s}, b, j]"
+        return head + (f" + dHrec[0, b, {rs.index(s)} * H + j]" if multi and s in rs else "")
 
     dstate, zwrap = zoneout_backward(S, arriving, lambda s: f"dS[{s}, b, j]", zone)
 
@@ -279,12 +292,17 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
             ("Zhat", 4), ("P", 1), ("lengths", "L"), ("dXW", 3), ("dHU", 4), ("dP", 2),
             ("DZ", 3), ("DM", 3), ("Gz", 1), ("Bz", 1), ("dGz", 2), ("dBz", 2), ("t", "i"),
             ("p", "i"), ("H", "i"), ("dh", "i")) + REG_ARGS
-    masked = (f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n" if rec else "")
+    add_rec = "".join(f"dS[{s}, b, j] = dS[{s}, b, j] + dHrec[0, b, {k} * H + j]\n"
+                      for k, s in enumerate(rs)) if multi else \
+        f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}\n"
+    masked = add_rec if rec else ""
     masked += "".join(f"dXW[t, b, {g} * H + j] = 0\n" for g in range(cell.n_input_blocks))
     if rec:
         masked += "".join(f"dHU[hd, t, b, {r} * dh + i] = 0\n" for r in range(Gr))
     specs = []
-    if not cell.normalize:
+    if cell.staged:
+        specs += _staged_backward_specs(cell, args, dstate, zwrap, masked, dxw, dhu, dprev)
+    elif not cell.normalize:
         body = zwrap(backward_call(cell, saved=lambda k: f"Saved[{k}, t, b, j]", prev=prev,
                                    dstate=dstate, p=pp, dxw=dxw, dhu=dhu, dprev=dprev, dp=dpp,
                                    indent=0))
@@ -335,7 +353,97 @@ def _backward_specs(cell, reg) -> list[KernelSpec]:
     if rec:
         specs.append(KernelSpec("add_recurrent", (("dS", 3), ("dHrec", 3), ("lengths", "L"),
                                                   ("H", "i"), ("dh", "i"), ("Mr", 2)),
-                                _ELEM + f"dS[0, b, j] = dS[0, b, j] + dHrec[hd, b, i]{mr}"))
+                                _ELEM + add_rec.rstrip()))
+    return specs
+
+
+def _staged_zin(layout, s):
+    """What stage ``s`` of a staged cell receives from the products before it, at (t?, b, j):
+    ``HM{q}[T, b, g * H + j] + bM[...]`` with ``T`` the time slot."""
+    out = []
+    for q, _, G, gq, _ in layout[s - 1]["products"]:
+        out += [f"HM{q}[{{T}}, b, {g} * H + j] + bM[{gq + g} * H + j]" for g in range(G)]
+    return out
+
+
+def _staged_product_args(layout, array: str):
+    return tuple((f"{array}{q}", 3) for bnd in layout for q, *_ in bnd["products"])
+
+
+def _staged_forward_specs(cell, fwd_args, gates, target, after, masked_h) -> list[KernelSpec]:
+    """A staged cell's forward: one kernel per stage, ``staged_forward{s}`` and the last one
+    ``staged_forward_train``/``_infer``; the host runs the products' GEMMs between them
+    (``HM{q}[tm] = Zhat[row, tm] @ W_q.T``)."""
+    layout = staged_layout(cell)
+    K = len(layout) + 1
+    S = cell.n_state
+    xw, prev, new, pp, _ = _common()
+    args = fwd_args + (("bM", 1),) + _staged_product_args(layout, "HM")
+    specs = []
+    for s in range(K):
+        kw = dict(prev=prev, p=pp)
+        if s == 0:
+            kw.update(xw=xw, hu=lambda g: gates[g])
+        else:
+            zin = [v.format(T="tm") for v in _staged_zin(layout, s)]
+            kw.update(zn=lambda k, zin=zin: zin[k],
+                      mid=lambda m, o=layout[s - 1]["moff"]: f"Mid[{o + m}, tm, b, j]")
+        if s < K - 1:
+            bnd = layout[s]
+            body = stage_forward_call(
+                cell, s, out0=lambda k, o=bnd["zoff"]: f"Zhat[{o + k}, tm, b, j]",
+                out1=lambda m, o=bnd["moff"]: f"Mid[{o + m}, tm, b, j]", indent=0, **kw)
+            zero = "\n".join(f"Zhat[{bnd['zoff'] + k}, tm, b, j] = 0" for k in range(bnd["nz"]))
+            specs.append(KernelSpec(f"staged_forward{s}", args, _ELEM + "if t < lengths[b]:\n"
+                                    + _ind(body, 4) + "\nelse:\n" + _ind(zero, 4)))
+            continue
+        for train in (True, False):
+            saved = (lambda k: f"Saved[{k}, t, b, j]") if train else (lambda k: None)
+            body = stage_forward_call(cell, s, out0=target, out1=saved, indent=0, **kw) + after
+            body += "\nY[t, b, j] = States[0, n, b, j]"
+            specs.append(KernelSpec(f"staged_forward_{'train' if train else 'infer'}",
+                                    args + REG_ARGS, _ELEM + "if t < lengths[b]:\n"
+                                    + _ind(body, 4) + "\nelse:\n" + _carry(S, 4) + masked_h))
+    return specs
+
+
+def _staged_backward_specs(cell, args, dstate, zwrap, masked, dxw, dhu, dprev) -> list:
+    """A staged cell's BPTT: one kernel per stage, last stage first; between them the host
+    runs the products backward (``DZ[row] = dHM{q}[t] @ W_q``).  The last stage's kernel
+    zeroes every product's gradient at a finished row."""
+    layout = staged_layout(cell)
+    K = len(layout) + 1
+    _, prev, _, pp, dpp = _common()
+    args = args + (("bM", 1),) + _staged_product_args(layout, "HM") + \
+        _staged_product_args(layout, "dHM")
+    specs = []
+    for s in range(K - 1, -1, -1):
+        kw = dict(prev=prev, p=pp, dp=dpp, dprev=dprev)
+        if s:
+            zin = [v.format(T="t") for v in _staged_zin(layout, s)]
+            dz = [f"dHM{q}[t, b, {g} * H + j]" for q, _, G, _, _ in layout[s - 1]["products"]
+                  for g in range(G)]
+            mo = layout[s - 1]["moff"]
+            kw.update(zn=lambda k, zin=zin: zin[k], mid=lambda m, o=mo: f"Mid[{o + m}, t, b, j]",
+                      dzn=lambda k, dz=dz: dz[k], dmid_out=lambda m, o=mo: f"DM[{o + m}, b, j]")
+        if s == K - 1:
+            kw.update(own=lambda k: f"Saved[{k}, t, b, j]", dstate=dstate)
+        else:
+            bnd = layout[s]
+            kw.update(own=lambda m, o=bnd["moff"]: f"Mid[{o + m}, t, b, j]",
+                      dz=lambda k, o=bnd["zoff"]: f"DZ[{o + k}, b, j]",
+                      dmid=lambda m, o=bnd["moff"]: f"DM[{o + m}, b, j]")
+        if s == 0:
+            kw.update(dxw=dxw, dhu=dhu)
+        body = stage_backward_call(cell, s, indent=0, **kw)
+        if s == K - 1:
+            zeros = [f"dHM{q}[t, b, {g} * H + j] = 0" for bnd in layout
+                     for q, _, G, _, _ in bnd["products"] for g in range(G)]
+            text = (_ELEM + "if t < lengths[b]:\n" + _ind(zwrap(body), 4) + "\nelse:\n"
+                    + _ind(masked.rstrip() + "\n" + "\n".join(zeros), 4))
+        else:
+            text = _ELEM + "if t < lengths[b]:\n" + _ind(body, 4)
+        specs.append(KernelSpec(f"staged_backward{s}", args, text))
     return specs
 
 

@@ -124,7 +124,7 @@ def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=
 
     The persistent kernel has no dropout masks and no ``W_hr``: calls with
     regularisation or a projection run on ``"gemm"``.  It also runs only cells
-    with a dense recurrence over all gates (``cell.plain``).  For another cell,
+    with a dense recurrence on h over all gates, one stage (``cell.plain``).  For another cell,
     an explicit ``path="persistent"`` raises; a ``persistent`` that comes from
     ``KERNRNN_CUDA_PATH`` or :func:`set_path` (a process-wide choice, meant for
     the cells that can use it) falls back to ``"gemm"`` with one warning per cell.
@@ -140,13 +140,14 @@ def choose_path(path, cell, dtype, B, H, training, regularised=False, projected=
     if cell.plain:
         return chosen
     if path is not None:
-        raise ValueError(f"path='persistent' runs cells with a dense recurrence over all gates "
-                         f"and no per-unit parameters, normalisation or raw input; cell "
-                         f"{cell.name!r} needs path='gemm' or 'auto'")
+        raise ValueError(f"path='persistent' runs cells with a dense recurrence on h over all "
+                         f"gates, one stage and no per-unit parameters, normalisation or raw "
+                         f"input; cell {cell.name!r} needs path='gemm' or 'auto'")
     if cell.name not in _fallback_warned:
         _fallback_warned.add(cell.name)
         warnings.warn(f"kernrnn: the persistent CUDA path ({PATH_ENV} or set_path) runs only "
-                      f"cells with a dense recurrence over all gates and no per-unit parameters, "
-                      f"normalisation or raw input; cell {cell.name!r} runs on the 'gemm' path",
+                      f"cells with a dense recurrence on h over all gates, one stage and no "
+                      f"per-unit parameters, normalisation or raw input; cell {cell.name!r} "
+                      f"runs on the 'gemm' path",
                       RuntimeWarning, stacklevel=4)
     return "gemm"
