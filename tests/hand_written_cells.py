@@ -409,6 +409,50 @@ def sru_reference(xw, prev, v, x):
     r = _sig(xw[2] + v[1] * prev[1])
     c = f * prev[1] + (1.0 - f) * xw[0]
     return (r * c + (1.0 - r) * x, c)
+# -- antisymmetric and cornn: at their default hyperparameters ---------------------------
+# (a hand-written backward takes no hyperparameters: these oracles fix the defaults, and the
+# tests call the derived math with the registered cell's default values)
+
+ANTISYMMETRIC_EPS = 0.01
+
+
+def antisymmetric_forward(xw, hu, prev):
+    a = tanh(xw[0] + hu[0])
+    return (prev[0] + ANTISYMMETRIC_EPS * a,), (a,)
+
+
+def antisymmetric_backward(saved, prev, dstate):
+    (a,) = saved
+    d = (dstate[0] * ANTISYMMETRIC_EPS * (1 - a * a),)
+    return d, d, (dstate[0],)
+
+
+def antisymmetric_reference(xw, hu, prev):
+    return (prev[0] + ANTISYMMETRIC_EPS * np.tanh(xw[0] + hu[0]),)
+
+
+CORNN_DT, CORNN_GAMMA, CORNN_EPSILON = 0.042, 2.7, 4.7
+
+
+def cornn_forward(xw, hu, prev):
+    a = tanh(xw[0] + hu[0])
+    z = prev[1] + CORNN_DT * (a - CORNN_GAMMA * prev[0] - CORNN_EPSILON * prev[1])
+    return (prev[0] + CORNN_DT * z, z), (a,)
+
+
+def cornn_backward(saved, prev, dstate):
+    (a,) = saved
+    dz = dstate[1] + CORNN_DT * dstate[0]
+    d = (dz * CORNN_DT * (1 - a * a),)
+    return d, d, (dstate[0] - dz * CORNN_DT * CORNN_GAMMA, dz * (1 - CORNN_DT * CORNN_EPSILON))
+
+
+def cornn_reference(xw, hu, prev):
+    z = prev[1] + CORNN_DT * (np.tanh(xw[0] + hu[0]) - CORNN_GAMMA * prev[0]
+                              - CORNN_EPSILON * prev[1])
+    return (prev[0] + CORNN_DT * z, z)
+
+
 # -- ugrnn --------------------------------------------------------------------------------
 
 
@@ -432,6 +476,10 @@ def ugrnn_reference(xw, hu, prev):
 
 
 MATH = {
+    "antisymmetric": dict(forward=antisymmetric_forward, backward=antisymmetric_backward,
+                          reference=antisymmetric_reference, hyper=(), recurrent_weight=None),
+    "cornn": dict(forward=cornn_forward, backward=cornn_backward, reference=cornn_reference,
+                  hyper=()),
     "cifg": dict(forward=cifg_forward, backward=cifg_backward, reference=cifg_reference),
     "gru": dict(forward=gru_forward, backward=gru_backward, reference=gru_reference),
     "gru_ln": dict(forward=gru_ln_forward, backward=gru_ln_backward, reference=gru_ln_reference),

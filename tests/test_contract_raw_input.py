@@ -171,7 +171,7 @@ def step_unknown_name(xw, prev, x, y):
     (step_reads_x, False, "the forward takes 'x' (the raw input x_t) but the cell does not "
                           "declare raw_input=True"),
     (step_without_x, True, "the cell declares raw_input=True but the forward takes no 'x'"),
-    (step_unknown_name, True, "and ['y'] is not one of 'x'"),
+    (step_unknown_name, True, "unknown trailing argument 'y', expected 'x'"),
 ])
 def test_the_forwards_trailing_x(step, raw, expected):
     with pytest.raises(CellError) as err:

@@ -91,18 +91,20 @@ ONE_STAGE = [n for n in HANDS if n != "lstm_ln"]
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_derived_backward_equals_hand_written(name, recompute, seed):
-    cell = hand_written(name)
+    cell, shipped = hand_written(name), get_registry().get(name)
     d = derived(name, recompute)
     rng = np.random.default_rng(seed)
     for _ in range(5):
         xw, hu, prev, params, dstate = _cell_inputs(cell, rng)
-        fargs = cell.forward_args(xw, hu, prev, params, _raw(cell, rng))
-        new_h, saved_h = cell.forward(*fargs)
-        new_d, saved_d = d.forward(*fargs)
+        raw = _raw(cell, rng)
+        new_h, saved_h = cell.forward(*cell.forward_args(xw, hu, prev, params, raw))
+        # the derived math takes the registered cell's hyperparameters (the defaults the
+        # hand-written oracle fixes)
+        new_d, saved_d = d.forward(*shipped.forward_args(xw, hu, prev, params, raw))
         worst = [0.0]
         _assert_same(f"{name} new state", [new_d], [new_h], worst)
         assert len(saved_d) == d.n_saved
-        got = d.backward(saved_d, prev, dstate, *params)
+        got = d.backward(saved_d, prev, dstate, *params, *shipped.hyper_args())
         want = cell.backward(saved_h, prev, dstate, *params)
         _assert_same(f"{name} (dxw, dhu, dprev, *dparams)", got, want, worst)
 
@@ -178,7 +180,7 @@ def test_derived_reference_equals_reference(name):
     if cell.raw_input:  # an array, by name
         kw["x"] = rng.uniform(-2, 2, (B, H))
     want = cell.reference(*args, **kw)
-    got = d.reference(*args, **kw)
+    got = d.reference(*args, **kw, **get_registry().get(name).hyper_values())  # the defaults
     assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want)):
         assert a.shape == (B, H)
@@ -811,7 +813,9 @@ def _as_cell(name, **changes):
                 **changes)
 
 
-@pytest.mark.parametrize("name", HANDS)
+# (a cell with hyperparameters takes a derived backward only: its own registration runs the
+# same validation on the derived math, with its hyperparameters)
+@pytest.mark.parametrize("name", [n for n in HANDS if not get_registry().get(n).hyper])
 def test_derived_math_passes_cell_validation(name):
     """Cell validation (contract sizes, forward against the derived reference, linearity)
     accepts the derived functions unchanged; plain cells keep the dxw == dhu fast path."""
