@@ -36,7 +36,7 @@ __all__ = ["ZOO", "SIZE", "file_lines", "conformance", "time_training_steps", "t
            "mingru_forms", "main"]
 
 ZOO = ("lstm_peephole", "cifg", "janet", "indrnn", "mingru", "minlstm", "lstm_ln", "gru_ln",
-       "ugrnn", "mgu", "slstm")
+       "ugrnn", "mgu", "slstm", "rhn", "cornn", "sru", "antisymmetric")
 #: Sizes of the timed training step.
 SIZE = {"B": 64, "T": 100, "I": 256, "H": 256}
 
@@ -130,9 +130,34 @@ def _torch_cells(torch):
         c2, n2 = f * c + i * th(z), f * n + i
         return sg(o) * c2 / n2, c2, n2, m2
 
+    def rhn(a, u, s, w):  # depth 3: layers 2, 3 read only the state, through weight_hs{l}
+        def layer(h, t, prev):
+            t = sg(t)
+            return th(h) * t + prev * (1 - t)
+        s1 = layer(*(a + u).chunk(2, 1), s[0])
+        s2 = layer(*(s1 @ w["weight_hs1"].T + w["bias_hs1"]).chunk(2, 1), s1)
+        return (layer(*(s2 @ w["weight_hs2"].T + w["bias_hs2"]).chunk(2, 1), s2),)
+
+    def cornn(a, u, s, w, dt=0.042, gamma=2.7, epsilon=4.7):  # u = W y + W_z z + b_hh
+        y, z = s
+        z2 = z + dt * (th(a + u) - gamma * y - epsilon * z)
+        return y + dt * z2, z2
+
+    def sru(a, u, s, w, x=None):  # a = [W x; W_f x; W_r x] + b; h_(t-1) not read
+        wx, af, ar = a.chunk(3, 1)
+        vf, vr = w["v"].chunk(2)
+        c = s[1]
+        f, r = sg(af + vf * c), sg(ar + vr * c)
+        c2 = f * c + (1 - f) * wx
+        return r * c2 + (1 - r) * x, c2
+
+    def antisymmetric(a, u, s, w, eps=0.01):  # u from W - W^T - gamma I (see recurrent)
+        return (s[0] + eps * th(a + u),)
+
     return {"lstm_peephole": lstm_peephole, "cifg": cifg, "janet": janet, "indrnn": indrnn,
             "mingru": mingru, "minlstm": minlstm, "lstm_ln": lstm_ln, "gru_ln": gru,
-            "ugrnn": ugrnn, "mgu": mgu, "slstm": slstm}
+            "ugrnn": ugrnn, "mgu": mgu, "slstm": slstm, "rhn": rhn, "cornn": cornn,
+            "sru": sru, "antisymmetric": antisymmetric}
 
 
 def _torch_norm(torch, v, norm, n_blocks, gain):
@@ -159,8 +184,9 @@ def _torch_train_step(torch, cell, params, x, dy):
     H = dy.shape[2]
     G = cell.n_gates
 
-    def recurrent(h):
-        W = w["weight_hh"]
+    def recurrent(state, W):
+        # the states the product reads side by side (coRNN: [y; z]), else h
+        h = torch.cat([state[k] for k in cell.recurrent_state_indices], 1)
         if cell.recurrent == "dense":
             v = h @ W.T
         else:  # heads: one product per head, back to gate-major [B, G*H]
@@ -178,10 +204,14 @@ def _torch_train_step(torch, cell, params, x, dy):
         state = tuple(torch.zeros(B, H, dtype=xt.dtype) for _ in range(cell.n_state))
         if cell.name == "slstm":
             state = state[:2] + (torch.ones(B, H, dtype=xt.dtype),) + state[3:]
+        W = w.get("weight_hh")
+        if cell.recurrent_weight is not None:  # the parametrised W_hh, once per call
+            W = cell.recurrent_weight.forward(W, torch, **cell.hyper_values())
         ys = []
         for t in range(T):
-            u = recurrent(state[0]) if cell.has_recurrent else None
-            state = step(a[t], u, state, w)
+            u = recurrent(state, W) if cell.has_recurrent else None
+            state = step(a[t], u, state, w, x=xt[t]) if cell.raw_input else \
+                step(a[t], u, state, w)
             ys.append(state[0])
         y = torch.stack(ys)
         (y * dyt).sum().backward()

@@ -89,6 +89,23 @@ step uses ``forward(W, xp, **hyper)`` of the stored ``weight_hh`` ``W`` (e.g.
 ``W - W.T - gamma * xp.eye(H)``), computed once per call before the time
 loop; after BPTT the gradient of that effective weight goes back through
 ``vjp(W, dW_eff, xp, **hyper)`` to the stored one (``xp``: NumPy or CuPy).
+
+Stages with recurrent products
+------------------------------
+``products=(Product("m", gates=2),)`` lets the step apply a learnable matrix
+between two element-wise stages: the forward takes a trailing ``matmul`` and
+calls ``hm = matmul("m", value)``; kernrnn multiplies the row's values (H
+units) by ``weight_hm [G_m*H, H]``, adds ``bias_hm [G_m*H]`` and hands the
+next stage the G_m pre-activations of this unit.  kernrnn cuts the step at
+each ``matmul`` into stages (the recurrent highway network's depth, the
+multiplicative LSTM's ``W_hm (W_mx x * W_mh h)``); BPTT runs the products in
+reverse.  Forward-only cells, no ``normalize``; the CPU's BLAS-per-step loop
+and the CUDA GEMM-per-step path run them (one GEMM per product and step).
+
+``recurrent_states=("h", "z")`` makes the dense recurrent product read
+several state components side by side: ``weight_hh [Gr*H, 2*H]``, ``hu =
+W_hh [h; z] + b_hh`` (coRNN's ``W y + 𝒲 z`` in one GEMM).
+
 The raw input
 -------------
 ``raw_input=True`` lets the step read its input x_t itself, element-wise: the
@@ -101,7 +118,8 @@ direction works, a bidirectional or projected stack is refused above layer 0.
 ``x`` is the layer's input after input dropout (the one ``W_ih`` reads), never
 normalised by ``input_norm``.  The CPU's packed path and the CUDA persistent
 kernel decline such cells: the BLAS-per-step and GEMM-per-step loops run them.
-Trailing arguments (``norm``, ``x``, hyperparameters) are bound by name, in any order.
+Trailing arguments (``norm``, ``x``, ``matmul``, hyperparameters) are bound by
+name, in any order.
 
 The reference
 -------------

@@ -220,7 +220,7 @@ def _warn_no_hooks(obj, source: CellSource) -> None:
 
 
 def _add_plugin(pm: pluggy.PluginManager, registry: CellRegistry, obj, source: CellSource):
-    """Register one plugin and call its hook; on any failure leave no trace and raise PluginError."""
+    """Register one plugin and call its hook; on any failure leave no trace, raise PluginError."""
     if pm.is_registered(obj):
         return  # the same module behind two entry points
     try:

@@ -319,7 +319,8 @@ def find_precision_leaks(fn: types.FunctionType, dtype, arg_types, limit: int = 
     found, lines = [], set()
     stmts = [st for block in annotation.blocks.values() for st in block.body]
     defs = {st.target.name: st.value for st in stmts if isinstance(st, ir.Assign)}
-    for stmt in sorted((st for st in stmts if isinstance(st, ir.Assign)), key=lambda st: st.loc.line):
+    assigns = (st for st in stmts if isinstance(st, ir.Assign))
+    for stmt in sorted(assigns, key=lambda st: st.loc.line):
         t = annotation.typemap.get(stmt.target.name)
         if isinstance(stmt.value, ir.Const):
             continue  # a literal on its way into the precision cast

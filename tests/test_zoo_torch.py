@@ -174,10 +174,12 @@ def test_zoo_cell_matches_its_pytorch_oracle(name, data):
     layer.load_state_dict(params)
     h0_arg = None if h0 is None else (h0[0] if cell.n_state == 1 else h0)
     y, hn = layer(x, h0_arg, p.lengths)
+    hn = (hn,) if cell.n_state == 1 else hn  # one state: an array, not a tuple
     rng = np.random.default_rng(p.seed)
     dy = rng.standard_normal(y.shape)
     dhn = tuple(rng.standard_normal((p.num_layers * D, p.B, p.H)) for _ in range(cell.n_state))
-    dx, dh0 = layer.backward(dy, dhn)
+    dx, dh0 = layer.backward(dy, dhn[0] if cell.n_state == 1 else dhn)
+    dh0 = (dh0,) if cell.n_state == 1 else dh0
 
     wt = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     xt = torch.tensor(x, requires_grad=True)

@@ -24,11 +24,10 @@ from kernrnn.philox import zoneout_words
 from kernrnn.scalar import cell_fingerprint, compile_scalar  # cell_fingerprint: re-exported
 from kernrnn.scalar_math import NORM_EPS
 
-__all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call", "forward2_call", "backward2_call",
-           "stage_sizes", "staged_layout", "stage_function", "stage_forward_call",
-           "stage_backward_call",
-           "backward1_call", "param_groups", "hyper_group", "unit_groups", "hu_gates",
-           "row_norm", "row_norm_backward",
+__all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call",
+           "forward2_call", "backward2_call", "stage_sizes", "staged_layout", "stage_function",
+           "stage_forward_call", "stage_backward_call", "backward1_call", "param_groups",
+           "hyper_group", "unit_groups", "hu_gates", "row_norm", "row_norm_backward",
            "load_module", "cell_fingerprint", "math_namespace", "zoneout_stores",
            "zoneout_backward"]
 

@@ -26,10 +26,11 @@ import numpy as np
 from kernrnn import regularization
 from kernrnn.scalar_math import NORM_EPS
 
-__all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments", "normalize_rows", "normalize_rows_backward", "input_projection",
-           "recurrent_weights", "projection_size", "projection_state", "param_vector", "norm_vectors", "weight_gradients",
-           "per_unit_gradients", "stage_totals", "product_views", "product_weights",
-           "product_gradients"]
+__all__ = ["ForwardContext", "TimeBuffers", "time_buffers", "input_dropout", "n_segments",
+           "normalize_rows", "normalize_rows_backward", "input_projection", "recurrent_weights",
+           "projection_size", "projection_state", "param_vector", "norm_vectors",
+           "weight_gradients", "per_unit_gradients", "stage_totals", "product_views",
+           "product_weights", "product_gradients"]
 
 
 @dataclass
