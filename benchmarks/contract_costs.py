@@ -2,9 +2,14 @@
 
 ``python -m benchmarks.contract_costs``: one layer, float32, T=100, B=32, I=H=128,
 one Numba thread and one BLAS thread; a training step (forward and BPTT) per
-pair, the two cells timed with interleaved repetitions in one process (medians).
+pair, the cells timed with interleaved repetitions in one process (medians of
+the process's CPU time, which a busy machine stretches less than wall time).
 Each pair computes something different by design (the capability is the
-difference), so only the times are compared:
+difference), so only the times are compared.  A cell with a round-3 capability
+(but the parametrised weight) runs on the BLAS-per-step kernels, which the
+packed (fused) path outruns for plain dense cells: the cell without it is timed
+on the same path (``same path``, the capability's own cost) and on its own
+(``own path``, what a user sees):
 
 * hyperparameters: ``cornn`` (Δt, γ, ε read from the per-unit vector) against
   the same step with the three values as literals in its source;
@@ -68,6 +73,19 @@ def _cells() -> dict:
             "recurrent_weight": (reg.get("antisymmetric"), plain)}
 
 
+def _step(layer, x, dy):
+    layer.zero_grad()
+    layer(x)
+    layer.backward(dy)
+
+
+def _renamed(cell):
+    """The same cell under another name (its own kernels, built on the current path)."""
+    import dataclasses
+
+    return dataclasses.replace(cell, name=cell.name + "_plain")
+
+
 PAIRS = ("hyperparameters", "recurrent_states", "stage products", "recurrent_weight")
 
 
@@ -77,7 +95,8 @@ def cost(repeats: int = 21, T: int = 100, B: int = 32, I: int = 128, H: int = 12
     from threadpoolctl import threadpool_limits
 
     import kernrnn
-    from kernrnn.backends.cpu import tiers
+    from kernrnn.backends.cpu import tiers, tuning
+    from kernrnn.backends.cpu.fused_source import fused_path
 
     tiers.set_enabled(False)  # the compiled kernels on both sides
     numba.set_num_threads(1)
@@ -88,26 +107,31 @@ def cost(repeats: int = 21, T: int = 100, B: int = 32, I: int = 128, H: int = 12
     with threadpool_limits(1):
         for what, (cell, without) in _cells().items():
             layers = {"with": kernrnn.RNN(cell, I, H, seed=0),
-                      "without": kernrnn.RNN(without, I, H, seed=0)}
+                      "own path": kernrnn.RNN(without, I, H, seed=0)}
+            for layer in layers.values():  # compile (each on its own path) and warm up
+                _step(layer, x, dy)
+            if fused_path(without) and not fused_path(cell):
+                tuning.FUSED = False  # the cell without it, built on the plain path too
+                try:
+                    layers["same path"] = kernrnn.RNN(_renamed(without), I, H, seed=0)
+                    _step(layers["same path"], x, dy)
+                finally:
+                    tuning.FUSED = True
+            else:
+                layers["same path"] = layers.pop("own path")
             times = {k: [] for k in layers}
-
-            def step(layer):
-                layer.zero_grad()
-                layer(x)
-                layer.backward(dy)
-
-            for layer in layers.values():  # compile and warm up
-                step(layer)
-                step(layer)
+            keys = list(layers)
             for r in range(repeats):
-                for k in (("with", "without") if r % 2 == 0 else ("without", "with")):
-                    t0 = time.perf_counter()
-                    step(layers[k])
-                    times[k].append(time.perf_counter() - t0)
+                for k in (keys if r % 2 == 0 else keys[::-1]):
+                    t0 = time.process_time()
+                    _step(layers[k], x, dy)
+                    times[k].append(time.process_time() - t0)
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-            out[what] = {"with": f"{cell.name}", "without": without.name,
-                         "with_ms": round(med["with"], 2), "without_ms": round(med["without"], 2),
-                         "ratio": round(med["with"] / med["without"], 3)}
+            out[what] = {"with": cell.name, "without": without.name,
+                         **{f"{k} ms": round(v, 2) for k, v in med.items()},
+                         "ratio (same path)": round(med["with"] / med["same path"], 3)}
+            if "own path" in med:
+                out[what]["ratio (own path)"] = round(med["with"] / med["own path"], 3)
     return out
 
 
