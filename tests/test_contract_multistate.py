@@ -85,6 +85,18 @@ def test_paths_that_decline_such_cells():
     assert fused_path(kernrnn.get_registry().get("lstm"))
 
 
+def test_check_cell_runs_its_regularised_example_without_recurrent_dropout():
+    """kernrnn.testing.check_cell's last example adds dropout and zoneout; for a product
+    over several states it leaves recurrent dropout out (which the layer refuses) and
+    checks the rest."""
+    from kernrnn.testing import check_cell
+
+    cell = MULTISTATE_CELLS[0]
+    report = check_cell(cell, examples=2)
+    assert report.examples == 2
+    assert report.max_gradient_error < 1e-6
+
+
 def test_regularisation_and_projection_that_need_h_alone_are_refused():
     cell = CELLS["test_lstm_ch"]
     with pytest.raises(ValueError, match=r"recurrent_dropout=0.2 masks h before W_hh, but cell "

@@ -271,8 +271,9 @@ def check_cell(cell, device="cpu", examples=10, seed=0, regularized=True,
         p = random_problem(rng, cell=cell)
         reg = None
         if regularized and example == examples - 1:
-            reg = dict(recurrent_dropout=0.3 if cell.has_recurrent else 0.0, input_dropout=0.2,
-                       zoneout=0.25)
+            # recurrent dropout masks h before W_hh: only for a product on h alone
+            rdrop = 0.3 if cell.has_recurrent and cell.reads_h_only else 0.0
+            reg = dict(recurrent_dropout=rdrop, input_dropout=0.2, zoneout=0.25)
         for dtype in (np.float64, np.float32):
             scaled, absolute = forward_errors(cell, p, dtype, device, regularization=reg,
                                               cell_args=cell_args)
