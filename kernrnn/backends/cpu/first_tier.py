@@ -34,11 +34,9 @@ def supports(cell, reg=None, proj: bool = False) -> bool:
     return (d is not None and d.array_forward is not None and reg is None and not proj
             and cell.input_norm is None and cell.recurrent_norm is None
             and not cell.normalize and cell.recurrent in ("dense", "heads", "none")
-            # round 3 of the contract: the raw input, several recurrent states and stage
-            # products wait for the kernels (a parametrised W_hh is applied above backends)
-            and not getattr(cell, "raw_input", False)
-            and len(getattr(cell, "recurrent_states", None) or ()) <= 1
-            and not getattr(cell, "products", ()))
+            # stage products wait for the kernels (a parametrised W_hh is applied above
+            # the backends; the raw input and several recurrent states run here)
+            and not cell.products)
 
 
 def _unit_tuples(cell, params, H: int, hyper, dtype) -> list[tuple]:
@@ -55,11 +53,20 @@ def _full(values, shape, dtype) -> list:
     return [np.broadcast_to(np.asarray(v, dtype=dtype), shape) for v in values]
 
 
+def _product_input(cell, prev):
+    """What the recurrent product reads: h, or the named states side by side ``[B, R*H]``."""
+    if cell.reads_h_only:
+        return prev[0]
+    return np.concatenate([prev[k] for k in cell.recurrent_state_indices], axis=1)
+
+
 def _recurrent(cell, W, h):
-    """``h @ W_hh`` of one step as ``[B, Gr, H]`` (gate ``r`` of unit ``j``)."""
-    B, H = h.shape
+    """``h @ W_hh`` of one step as ``[B, Gr, H]`` (gate ``r`` of unit ``j``); ``h`` is
+    :func:`_product_input`'s."""
+    B = h.shape[0]
     if cell.recurrent == "dense":
-        return (h @ W.T).reshape(B, -1, H)
+        return (h @ W.T).reshape(B, cell.n_recurrent_gates, -1)
+    H = h.shape[1]
     NH, Grdh, dh = W.shape
     hu = np.einsum("bkd,ked->bke", h.reshape(B, NH, dh), W)  # [B, NH, Gr*dh]
     return hu.reshape(B, NH, Grdh // dh, dh).transpose(0, 2, 1, 3).reshape(B, -1, H)
@@ -68,7 +75,7 @@ def _recurrent(cell, W, h):
 def _recurrent_backward(cell, W, dhu, h):
     """``(dh, dW)`` of :func:`_recurrent` for one step, ``dhu [B, Gr, H]``."""
     B, Gr, H = dhu.shape
-    if cell.recurrent == "dense":
+    if cell.recurrent == "dense":  # (h: the product's input, [B, R*H] for several states)
         d = dhu.reshape(B, Gr * H)
         return d @ W, d.T @ h
     NH, _, dh = W.shape
@@ -108,12 +115,13 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, hyper=None)
         xw = tuple(XW[t, :, g] for g in range(G))
         args = (xw,)
         if rec:
-            hu_r = _recurrent(cell, W, prev[0]) + b_hh
+            hu_r = _recurrent(cell, W, _product_input(cell, prev)) + b_hh
             hu = [zero] * G
             for r, g in enumerate(rgates):
                 hu[g] = hu_r[:, r]
             args += (tuple(hu),)
-        new, sv = d.array_forward(*args, prev, *units)
+        raw = ((x[t],),) if cell.raw_input else ()  # x_t itself (I == H), after the rest
+        new, sv = d.array_forward(*args, prev, *units, *raw)
         a = active[t][:, None]
         every = bool(a.all())  # no row has ended: no masking
         for s, v in enumerate(new):
@@ -146,6 +154,7 @@ def backward(ctx, dy, dhn):
     dHU = np.zeros((T, B, len(rgates), H), dtype=dtype) if rec else None
     dW_hh = np.zeros_like(W) if rec else None
     dunits = [np.zeros((p.blocks, H), dtype=dtype) for p in cell.params]
+    dx_raw = np.zeros((T, B, H), dtype=dtype) if cell.raw_input else None
     active = ctx.lengths[None, :] > np.arange(T)[:, None]
     for t in reversed(_steps(T, ctx.reverse)):
         p = t + 1 if ctx.reverse else t
@@ -162,14 +171,19 @@ def backward(ctx, dy, dhn):
             dhu, rest = rest[0], rest[1:]
             for r, g in enumerate(rgates):
                 dHU[t, :, r] = dhu[g] if every else np.where(a, dhu[g], 0)
+        if cell.raw_input:  # the raw input's gradient comes last
+            (v,) = _full(rest[-1], (B, H), dtype)
+            dx_raw[t] = v if every else np.where(a, v, 0)
+            rest = rest[:-1]
         dprev, dps = _full(rest[0], (B, H), dtype), rest[1:]
         for acc, dp in zip(dunits, dps):  # (hyperparameters have no gradient)
             for k, v in enumerate(_full(dp, (B, H), dtype)):
                 acc[k] += (v if every else np.where(a, v, 0)).sum(axis=0)
         if rec:
-            dh, dW = _recurrent_backward(cell, W, dHU[t], prev[0])
+            dh, dW = _recurrent_backward(cell, W, dHU[t], _product_input(cell, prev))
             dW_hh += dW
-            dprev = [dprev[0] + dh] + dprev[1:]
+            for k, s in enumerate(cell.recurrent_state_indices):  # back to each state read
+                dprev[s] = dprev[s] + dh[:, k * H:(k + 1) * H]
         dS = list(dprev) if every else [np.where(a, v, dS[s]) for s, v in enumerate(dprev)]
     dXW2 = dXW.reshape(T * B, G * H)
     grads = {"weight_ih": dXW2.T @ x.reshape(T * B, I), "bias_ih": dXW2.sum(axis=0)}
@@ -179,4 +193,6 @@ def backward(ctx, dy, dhn):
     for p, acc in zip(cell.params, dunits):
         grads[p.name] = acc.reshape(-1)
     dx = (dXW2 @ params["weight_ih"]).reshape(T, B, I)
+    if cell.raw_input:
+        dx += dx_raw
     return dx, np.stack(dS), {k: np.asarray(v, dtype=dtype) for k, v in grads.items()}
