@@ -14,7 +14,7 @@ from kernrnn.train.model import SequenceModel
 @st.composite
 def model_problems(draw):
     p = dict(
-        cell=draw(st.sampled_from(["rnn", "lstm", "gru", "lstmp"])),
+        cell=draw(st.sampled_from(["rnn", "lstm", "gru", "lstmp", "sru"])),
         head=draw(st.sampled_from(["seq", "last"])),
         tokens=draw(st.booleans()),
         T=draw(st.integers(1, 5)),
@@ -31,6 +31,11 @@ def model_problems(draw):
     if p["cell"] == "lstmp":  # LSTM with projections: 1 <= proj_size < hidden_size
         p.update(cell="lstm", H=max(p["H"], 2))
         p["proj"] = draw(st.integers(1, p["H"] - 1))
+    if p["cell"] == "sru":  # the raw input: a stack above layer 0 reads D*H = H inputs
+        if p["layers"] > 1:
+            p["bidirectional"] = False
+        if p["tokens"]:  # real input of another size goes through input.weight
+            p["I"] = p["H"]
     return p
 
 
@@ -54,6 +59,8 @@ def _reference_forward(model, x, lengths):
     """The model's maths in float64 from the reference layer (no kernels)."""
     P = {k: np.asarray(v, np.float64) for k, v in model.params.items()}
     inp = P["embedding.weight"][x] if model.vocab_size else x
+    if "input.weight" in P:  # the projection a raw-input cell's real input goes through
+        inp = inp @ P["input.weight"].T + P["input.bias"]
     rnn = {k[4:]: v for k, v in P.items() if k.startswith("rnn.")}
     y, _ = reference_rnn(resolve_cell(model.cell), rnn, inp, None, lengths,
                          model.num_layers, model.rnn.bidirectional)
@@ -99,6 +106,28 @@ def test_gradients_match_finite_differences(p):
         fd = (loss_at(1) - loss_at(-1)) / (2 * FD_STEP)
         analytic = sum(float(np.sum(grads[k] * v[k])) for k in params)
         np.testing.assert_allclose(analytic, fd, **FD)
+
+
+def test_a_raw_input_cell_gets_an_input_projection_and_its_input_gradient():
+    """SRU reads x_t itself: 3 input features go through input.weight [H, 3] first; the
+    model's input gradient is the projection's, checked by finite differences."""
+    model = SequenceModel("sru", input_size=3, hidden_size=4, dtype=np.float64, seed=1)
+    assert model.param_shapes()["input.weight"] == (4, 3)
+    assert model.rnn.input_size == 4
+    same = SequenceModel("sru", input_size=4, hidden_size=4, dtype=np.float64, seed=1)
+    assert "input.weight" not in same.params  # sizes already match: no projection
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 2, 3))
+    R = np.random.default_rng(1).normal(size=(5, 2, 1))
+    model.forward(x)
+    model.backward(R)
+    v = np.random.default_rng(2).normal(size=x.shape)
+    model.eval()
+    fd = (np.sum(model.forward(x + FD_STEP * v)[0] * R)
+          - np.sum(model.forward(x - FD_STEP * v)[0] * R)) / (2 * FD_STEP)
+    np.testing.assert_allclose(np.sum(model.last_dx * v), fd, **FD)
+    rebuilt = SequenceModel.from_config(model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    np.testing.assert_array_equal(rebuilt.forward(x)[0], model.forward(x)[0])
 
 
 def test_backward_accumulates_and_zero_grad_keeps_arrays():

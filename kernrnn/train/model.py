@@ -61,6 +61,12 @@ def training_memory_estimate(cell, hidden_size, *, input_size=1, output_size=1, 
 class SequenceModel:
     """Embedding (optional) -> recurrent stack -> linear head.
 
+    A cell that reads its raw input (``raw_input``, such as SRU) needs as many
+    input features as units: real-valued input of another size first goes
+    through a learned linear projection to ``hidden_size`` features
+    (``input.weight``, ``input.bias``), and token input gets ``embedding_dim =
+    hidden_size`` by default.
+
     ``out, hn = model.forward(x, h0=None, lengths=None)``; ``out`` is
     ``[T, B, output_size]`` for ``head="seq"`` and ``[B, output_size]`` for
     ``head="last"``.  ``dh0 = model.backward(dout, dhn=None)`` accumulates into
@@ -92,9 +98,10 @@ class SequenceModel:
                     f"got input_size={input_size!r}, vocab_size={vocab_size!r}"
                 )
             self.vocab_size = _checks.positive_int(vocab_size, "vocab_size")
-            self.embedding_dim = _checks.positive_int(
-                embedding_dim if embedding_dim is not None else min(64, 2 * vocab_size),
-                "embedding_dim")
+            raw = _reads_raw_input(cell, nonlinearity)
+            if embedding_dim is None:
+                embedding_dim = hidden_size if raw else min(64, 2 * vocab_size)
+            self.embedding_dim = _checks.positive_int(embedding_dim, "embedding_dim")
             rnn_in = self.embedding_dim
         else:
             if input_size is None:
@@ -106,6 +113,11 @@ class SequenceModel:
             self.embedding_dim = None
             rnn_in = _checks.positive_int(input_size, "input_size")
         self.input_size = rnn_in if vocab_size is None else None
+        # a raw-input cell reads x_t itself: project real input to hidden_size features
+        self._projects_input = (vocab_size is None and _reads_raw_input(cell, nonlinearity)
+                                and rnn_in != hidden_size)
+        if self._projects_input:
+            rnn_in = hidden_size
         rng = np.random.default_rng(seed)
         self.rnn = RNN(cell, input_size=rnn_in, hidden_size=hidden_size, num_layers=num_layers,
                        bidirectional=bidirectional, dtype=dtype, device=device,
@@ -124,6 +136,10 @@ class SequenceModel:
         if self.vocab_size is not None:
             # PyTorch's nn.Embedding draws N(0, 1).
             own["embedding.weight"] = rng.standard_normal((self.vocab_size, self.embedding_dim))
+        if self._projects_input:  # PyTorch's nn.Linear init
+            b_in = 1.0 / np.sqrt(self.input_size)
+            own["input.weight"] = rng.uniform(-b_in, b_in, (rnn_in, self.input_size))
+            own["input.bias"] = rng.uniform(-b_in, b_in, (rnn_in,))
         bound = 1.0 / np.sqrt(feat)  # PyTorch's nn.Linear init
         own["head.weight"] = rng.uniform(-bound, bound, (self.output_size, feat))
         own["head.bias"] = rng.uniform(-bound, bound, (self.output_size,))
@@ -200,9 +216,8 @@ class SequenceModel:
     @property
     def params(self) -> dict:
         """All parameters by name (the live arrays, not copies)."""
-        out = {}
-        if "embedding.weight" in self._own:
-            out["embedding.weight"] = self._own["embedding.weight"]
+        out = {k: self._own[k] for k in ("embedding.weight", "input.weight", "input.bias")
+               if k in self._own}
         out.update({f"rnn.{k}": v for k, v in self.rnn.params.items()})
         out["head.weight"] = self._own["head.weight"]
         out["head.bias"] = self._own["head.bias"]
@@ -211,9 +226,8 @@ class SequenceModel:
     @property
     def grads(self) -> dict:
         """Gradients, same keys as :attr:`params` (the live arrays)."""
-        out = {}
-        if "embedding.weight" in self._own_grads:
-            out["embedding.weight"] = self._own_grads["embedding.weight"]
+        out = {k: self._own_grads[k] for k in ("embedding.weight", "input.weight", "input.bias")
+               if k in self._own_grads}
         out.update({f"rnn.{k}": v for k, v in self.rnn.grads.items()})
         out["head.weight"] = self._own_grads["head.weight"]
         out["head.bias"] = self._own_grads["head.bias"]
@@ -301,6 +315,8 @@ class SequenceModel:
         else:
             tokens = None
             inp = x
+            if self._projects_input:
+                inp = x @ self._own["input.weight"].T + self._own["input.bias"]
         y, hn = self.rnn.forward(inp, h0, lengths)
         T, B = y.shape[0], y.shape[1]
         lens = _checks.check_lengths(lengths, B, T)
@@ -311,7 +327,7 @@ class SequenceModel:
             feats = self._gather_last(y, lens)
         out = feats @ W.T + b
         if self.training:
-            self._ctx = (tokens, feats, lens, T, B)
+            self._ctx = (tokens, x, feats, lens, T, B)
         return (self._time_major(out) if self.head == "seq" else out), hn
 
     def _time_major(self, a):
@@ -336,7 +352,7 @@ class SequenceModel:
         """Backward for the last training-mode forward; returns ``dh0``."""
         if self._ctx is None:
             raise ValueError("backward() needs a forward() call in training mode first")
-        tokens, feats, lens, T, B = self._ctx
+        tokens, x, feats, lens, T, B = self._ctx
         xp = self.xp
         if self.head == "seq":
             want = (B, T, self.output_size) if self.batch_first else (T, B, self.output_size)
@@ -371,8 +387,21 @@ class SequenceModel:
                          dx.reshape(-1, self.embedding_dim))
             self.last_dx = None
         else:
+            if self._projects_input:
+                Win = self._own["input.weight"]
+                dx2 = dx.reshape(-1, Win.shape[0])
+                g["input.weight"] += dx2.T @ x.reshape(-1, Win.shape[1])
+                g["input.bias"] += dx2.sum(axis=0)
+                dx = dx @ Win
             self.last_dx = self._time_major(dx)
         return dh0
+
+
+def _reads_raw_input(cell, nonlinearity) -> bool:
+    """Whether ``cell`` (a name or Cell, as SequenceModel takes it) reads x_t itself."""
+    if nonlinearity is not None:  # the Elman RNN's spelling: never a raw-input cell
+        return False
+    return bool(resolve_cell(cell).raw_input)
 
 
 def _scatter_add(xp, target, index, values):
