@@ -400,25 +400,7 @@ def backward_source(cell, same: bool, packed=None, reg=(False, False), proj=Fals
                               f"for e in range(j_hi - j_lo):\n    dbh{r}[e] += dhu{r}[e]"
                               for r in range(Gr)))
     elif rec and not same:
-        u = "r * H + hd * dh + i"
-        v = "dHU[hd, t, b, r * dh + i]"
-        hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
-                  f"        for i in {irange}:", f"            db_hh[c, {u}] += {v}"]
-        if rnorm is not None:
-            hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
-                       f"            {v} = {v} * g_hh[{u}]"]
-        body.append("\n".join(hu_sum))
-        if rnorm is not None:
-            loops = ["for hd in range(NH):", "for i in range(dh):"]
-            xhat = f"HU[{tt}, hd, b, r * dh + i]"
-            if rnorm.over == "gate":
-                body.append(f"for r in range({Gr}):\n" + ind(row_norm_backward(
-                    rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
-                    prefix="n_"), 4))
-            else:
-                body.append(row_norm_backward(
-                    rnorm.kind, [f"for r in range({Gr}):"] + loops,
-                    v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+        body += _hu_backward(Gr, rnorm, tt, irange)
     active = ind("\n".join(body), 16)
     masked = ("                for g in range(G):\n"
               "                    for u in range(j_hi - j_lo):\n"
@@ -609,25 +591,7 @@ def _staged_backward(cell, reg) -> str:
                                    f"for e in range(H):\n    dbi{g}[e] += dxw{g}[e]"
                                    for g in range(G)))
             if rec:
-                u = "r * H + hd * dh + i"
-                v = "dHU[hd, t, b, r * dh + i]"
-                hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
-                          "        for i in range(dh):", f"            db_hh[c, {u}] += {v}"]
-                if rnorm is not None:
-                    hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
-                               f"            {v} = {v} * g_hh[{u}]"]
-                body.append("\n".join(hu_sum))
-                if rnorm is not None:
-                    loops = ["for hd in range(NH):", "for i in range(dh):"]
-                    xhat = f"HU[{tt}, hd, b, r * dh + i]"
-                    if rnorm.over == "gate":
-                        body.append(f"for r in range({Gr}):\n" + ind(row_norm_backward(
-                            rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
-                            prefix="n_"), 4))
-                    else:
-                        body.append(row_norm_backward(
-                            rnorm.kind, [f"for r in range({Gr}):"] + loops,
-                            v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+                body += _hu_backward(Gr, rnorm, tt)
         text = ("for b in range(b0, b1):\n    c = chunk[b]\n    if t < lengths[b]:\n"
                 + ind("\n".join(body), 8))
         if last:  # a finished row: no gradient into this step; the carried one passes on
@@ -686,3 +650,28 @@ def _staged_backward(cell, reg) -> str:
 {ind(chr(10).join(passes), 8)}
 {ind(final, 4)}
 '''
+
+
+def _hu_backward(Gr: int, rnorm, tt: str, irange: str = "range(dh)") -> list[str]:
+    """Source of one row's step: ``b_hh``'s gradient from ``dHU`` and, with a recurrent
+    norm, its gain's gradient and the norm's backward (``dHU`` becomes the product's)."""
+    u = "r * H + hd * dh + i"
+    v = "dHU[hd, t, b, r * dh + i]"
+    hu_sum = ["for hd in range(NH):", f"    for r in range({Gr}):",
+              f"        for i in {irange}:", f"            db_hh[c, {u}] += {v}"]
+    if rnorm is not None:
+        hu_sum += [f"            dg_hh[c, {u}] += {v} * HU[{tt}, hd, b, r * dh + i]",
+                   f"            {v} = {v} * g_hh[{u}]"]
+    out = ["\n".join(hu_sum)]
+    if rnorm is not None:
+        loops = ["for hd in range(NH):", "for i in range(dh):"]
+        xhat = f"HU[{tt}, hd, b, r * dh + i]"
+        if rnorm.over == "gate":
+            out.append(f"for r in range({Gr}):\n" + ind(row_norm_backward(
+                rnorm.kind, loops, v, xhat, "H", f"Rhh[{tt}, b, r]", indent=0,
+                prefix="n_"), 4))
+        else:
+            out.append(row_norm_backward(
+                rnorm.kind, [f"for r in range({Gr}):"] + loops,
+                v, xhat, f"{Gr} * H", f"Rhh[{tt}, b, 0]", indent=0, prefix="n_"))
+    return out
