@@ -25,7 +25,7 @@ def forward(xw, hu, prev, dt, gamma, epsilon):
 
 
 CORNN = Cell(
-    "cornn", gates=1, state=("h", "z"), forward=forward, recurrent_states=("h", "z"),
+    "cornn", gates="a", state=("h", "z"), forward=forward, recurrent_states=("h", "z"),
     hyper=(Hyper("dt", 0.042, "the time step Δt"),
            Hyper("gamma", 2.7, "γ, the oscillators' stiffness"),
            Hyper("epsilon", 4.7, "ε, their damping")),
