@@ -526,8 +526,8 @@ class Cell:
 
     @property
     def n_stages(self) -> int:
-        """K, the element-wise stages of the step: 1, 2 with ``normalize``, or one more than
-        the boundaries of recurrent products (known once the math was derived)."""
+        """The number K of element-wise stages of the step (1, or 2 with ``normalize``, or one
+        more than the boundaries of recurrent products, known once the math was derived)."""
         if self.staged:
             return self._derivation.n_stages
         return 2 if self.normalize else 1
@@ -808,7 +808,7 @@ class Cell:
 
     def _staged_signatures(self, G, S, K, P, dP, rec, grads) -> list:
         """:meth:`math_signatures` of a step of K stages (see
-        :func:`kernrnn.autodiff.reverse.plan_stages`)."""
+        ``kernrnn.autodiff.reverse.plan_stages``)."""
         bounds = self.stage_boundaries
         nz = [len(b) for b, _ in bounds]  # operands of boundary s
         nzin = [sum(g for _, g in b) for b, _ in bounds]  # pre-activations it hands on

@@ -114,7 +114,7 @@ class Derived:
     #: kernels compile (:mod:`kernrnn.backends.cpu.tiers`).  None for a two-stage step.
     array_forward: object = None
     array_backward: object = None
-    #: A step cut by recurrent products: per boundary, its products ``((name, G_m), ...)``
+    #: Per boundary of a step cut by recurrent products, its products ``((name, G_m), ...)``
     #: in declaration order (empty for a one- or two-stage step).
     boundaries: tuple = ()
     #: Per boundary, the names of the values stage s passes to stage s + 1 (staged step).
@@ -206,7 +206,7 @@ def derive(forward, *, name: str, gates: int, state: int = 1, recurrent: bool = 
     gradient ``dx`` (a 1-tuple) last, and ``reference`` takes ``x`` (an array) by
     name.  ``products``: the recurrent products ``matmul`` may be called with
     (``{name: G_m}``, in declaration order; the step is then cut into stages, see
-    :func:`kernrnn.autodiff.reverse.plan_stages`).  ``recompute=False`` saves
+    ``kernrnn.autodiff.reverse.plan_stages``).  ``recompute=False`` saves
     every value the backward reads
     instead of recomputing arithmetic.  ``name`` is the cell's name, used in
     errors.  Raises :class:`kernrnn.cell.CellError` for a construct outside

@@ -239,7 +239,7 @@ def stage_backward_call(cell, s: int, *, own, zn=None, mid=None, prev, dz=None, 
                         dstate=None, p, dzn=None, dmid_out=None, dxw=None, dhu=None, dprev, dp,
                         indent) -> str:
     """Backward of stage ``s`` of a staged step (see
-    :func:`kernrnn.autodiff.reverse.plan_stages`).  ``own(k)``: the stage's saved values
+    ``kernrnn.autodiff.reverse.plan_stages``).  ``own(k)``: the stage's saved values
     (the last stage's ``saved``, else its ``mid_s``); the last stage reads ``dstate``,
     the others ``dz``/``dmid``.  Results: ``dzn``, ``dmid`` of the values stage s - 1
     passed (s > 0) or ``dxw``, ``dhu`` (s = 0); ``dprev`` is assigned by the last stage and

@@ -215,7 +215,7 @@ class RecurrentCell(_CellArgsState, _CellForward, nn.Module):
     initialisers, seeded from torch's RNG.  ``hx`` and the result are a Tensor
     for one-state cells, else a tuple of the states in the cell's order.  The
     cell's hyperparameters are keywords or ``cell_args={...}``, kept in
-    :attr:`cell_args` and the state dict's ``_metadata``, as for
+    ``cell_args`` and the state dict's ``_metadata``, as for
     :class:`kernrnn.torch.Recurrent`.
     """
 

@@ -412,7 +412,7 @@ class RNN(_DropIn):
 
 
 class _CellArgsState:
-    """A module's hyperparameters (of cell ``self.cell``): :attr:`cell_args`, kept in the
+    """A module's hyperparameters (of cell ``self.cell``): ``cell_args``, kept in the
     state dict's ``_metadata[prefix]["cell_args"]`` and restored by ``load_state_dict`` (a
     state dict without them leaves the module's values)."""
 
@@ -462,7 +462,7 @@ class Recurrent(_CellArgsState, _FusedForward, nn.Module):
     ``hx``/``h_n`` are a Tensor for one-state cells, else a tuple of the states.
 
     The cell's hyperparameters (:class:`kernrnn.cell.Hyper`) are keywords or
-    ``cell_args={...}``, as for :class:`kernrnn.RNN`; :attr:`cell_args` holds every
+    ``cell_args={...}``, as for :class:`kernrnn.RNN`; ``cell_args`` holds every
     value (assign a new dict to change them between calls: the values are data for the
     kernels).
     ``state_dict()`` keeps them in its ``_metadata`` (``sd._metadata[prefix]

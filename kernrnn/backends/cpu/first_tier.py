@@ -2,7 +2,7 @@
 
 A new cell's fused kernels take seconds to compile (``kernrnn bench
 --startup``); this loop takes none.  It runs the derived step on ``[B, H]``
-arrays (:attr:`kernrnn.autodiff.Derived.array_forward` / ``array_backward``:
+arrays (:attr:`kernrnn.autodiff.differentiate.Derived.array_forward` / ``array_backward``:
 the same graph the kernels are generated from, written for NumPy) with one
 BLAS product per step, and BPTT in reverse with the weight gradients as large
 products after the loop, as the kernels do.  :mod:`~kernrnn.backends.cpu.tiers`

@@ -184,7 +184,7 @@ FORWARD = KernelArgs("forward", """
     lengths reverse Mr Hd Zthr Zp seed_lo seed_hi zstream ztrain WrT Hp
     b0 b1""")
 
-#: The plain forward of a staged cell (recurrent products between stages): ``FORWARD`` and
+#: The plain forward of a staged cell (recurrent products between stages), ``FORWARD`` with
 #: the products' weights, biases and results.
 FORWARD_STAGED = KernelArgs("staged forward", """
     XW b_ih WT b_hh g_hh unit_params Gz Bz States Saved Mid Zhat Rz HU Rhh Y

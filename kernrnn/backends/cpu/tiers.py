@@ -65,7 +65,7 @@ def set_enabled(on: bool | None) -> None:
 
 def defers_compile_check(cell, device: str) -> bool:
     """Whether a layer leaves the check of ``cell``'s math
-    (:func:`kernrnn.scalar.check_cell_compiles`, a compile of 1-3 s) to the background
+    (``kernrnn.scalar.check_cell_compiles``, a compile of 1-3 s) to the background
     build: with tiers on, on the CPU, for a cell the first tier runs.  The build runs the
     check first, so a plugin's broken math is reported with the same error, once."""
     return device == "cpu" and enabled() and first_tier.supports(cell)
