@@ -75,6 +75,51 @@ def _cell_of(item) -> str:
     return str(params.get("cell_name", params.get("cell", "")))
 
 
+#: Tests that spend minutes in a simulator subprocess: each is its own pytest-xdist work unit
+#: under ``--dist loadfile`` (not its file's), and they are handed out first.
+OWN_UNIT = ("tests/test_cuda_sim.py::test_cuda_backend_under_simulator[",
+            "tests/test_cuda_persistent.py::test_persistent_kernels_under_simulator")
+
+
+def _own_unit(nodeid: str) -> bool:
+    return nodeid.startswith(OWN_UNIT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the simulator runs split off and the longest work first.
+
+    pytest-xdist hands out files by their number of tests, so the one-test simulator files
+    (minutes each) started last and one worker ran them alone at the end.  Here each
+    simulator run is its own unit, and the units go out in collection order, which
+    :func:`pytest_collection_modifyitems` sets: simulator runs, then files by their number
+    of tests (the order pytest-xdist would use).
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            return nodeid if _own_unit(nodeid) else super()._split_scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return Scheduler(config, log)
+
+
+def _xdist_order(items):
+    """Simulator runs first, then whole files, most tests first (stable, files together)."""
+    files = [item.nodeid.split("::")[0] for item in items]
+    count = {path: files.count(path) for path in set(files)}
+    first = {path: files.index(path) for path in count}
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return (not _own_unit(item.nodeid), -count[path], first[path])
+
+    items.sort(key=key)
+
+
 def pytest_collection_modifyitems(config, items):
     """Select tests by cell, for the device check (benchmarks/devicecheck.py), which runs
     the GPU tests in parallel processes, for loading kernels is their cost.
@@ -104,3 +149,5 @@ def pytest_collection_modifyitems(config, items):
         kept = set(map(id, keep))
         config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
         items[:] = keep
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (its option dist reads "no")
+        _xdist_order(items)  # the order in which the controller hands out the work units
