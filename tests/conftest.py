@@ -76,9 +76,11 @@ def _cell_of(item) -> str:
 
 
 #: Tests that spend minutes in a simulator subprocess: each is its own pytest-xdist work unit
-#: under ``--dist loadfile`` (not its file's), and they are handed out first.
+#: under ``--dist loadfile`` (not its file's).
 OWN_UNIT = ("tests/test_cuda_sim.py::test_cuda_backend_under_simulator[",
             "tests/test_cuda_persistent.py::test_persistent_kernels_under_simulator")
+#: Files of at least this many tests go out before the simulator runs.
+BIG_FILE = 20
 
 
 def _own_unit(nodeid: str) -> bool:
@@ -87,13 +89,12 @@ def _own_unit(nodeid: str) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` with the simulator runs split off and the longest work first.
+    """``--dist loadfile`` with the simulator runs split off, handed out in collection order.
 
-    pytest-xdist hands out files by their number of tests, so the one-test simulator files
-    (minutes each) started last and one worker ran them alone at the end.  Here each
-    simulator run is its own unit, and the units go out in collection order, which
-    :func:`pytest_collection_modifyitems` sets: simulator runs, then files by their number
-    of tests (the order pytest-xdist would use).
+    pytest-xdist hands out files by their number of tests, so the one-test simulator file
+    (minutes) started last and one worker ran it alone at the end.  Here each simulator
+    run is its own unit, and the units go out in the order that
+    :func:`pytest_collection_modifyitems` gives a worker's collection (:func:`_xdist_order`).
     """
     if config.getvalue("dist") != "loadfile":
         return None
@@ -108,14 +109,22 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def _xdist_order(items):
-    """Simulator runs first, then whole files, most tests first (stable, files together)."""
+    """Files of many tests first (most first, as pytest-xdist orders them), then the
+    simulator runs, then the other files.
+
+    The big files compile most CPU kernels that the simulator runs compare against, so those
+    find them in the kernel cache (run first, cold, two of them compiled the same kernels at
+    once); the small files after them fill the workers' ends.  Files stay together.
+    """
     files = [item.nodeid.split("::")[0] for item in items]
     count = {path: files.count(path) for path in set(files)}
     first = {path: files.index(path) for path in count}
 
     def key(item):
         path = item.nodeid.split("::")[0]
-        return (not _own_unit(item.nodeid), -count[path], first[path])
+        if _own_unit(item.nodeid):
+            return (1, 0, 0)  # stable: in collection order
+        return (0 if count[path] >= BIG_FILE else 2, -count[path], first[path])
 
     items.sort(key=key)
 

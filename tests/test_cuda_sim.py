@@ -33,7 +33,7 @@ def test_every_simulator_file_runs_once():
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.parametrize("name", list(RUNS))  # the longest first
 def test_cuda_backend_under_simulator(name):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env.pop("KERNRNN_CUDA_PATH", None)
