@@ -75,6 +75,60 @@ def _cell_of(item) -> str:
     return str(params.get("cell_name", params.get("cell", "")))
 
 
+#: Tests that spend minutes in a simulator subprocess: each is its own pytest-xdist work unit
+#: under ``--dist loadfile`` (not its file's).
+OWN_UNIT = ("tests/test_cuda_sim.py::test_cuda_backend_under_simulator[",
+            "tests/test_cuda_persistent.py::test_persistent_kernels_under_simulator")
+#: Files of at least this many tests go out before the simulator runs.
+BIG_FILE = 20
+
+
+def _own_unit(nodeid: str) -> bool:
+    return nodeid.startswith(OWN_UNIT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the simulator runs split off, handed out in collection order.
+
+    pytest-xdist hands out files by their number of tests, so the one-test simulator file
+    (minutes) started last and one worker ran it alone at the end.  Here each simulator
+    run is its own unit, and the units go out in the order that
+    :func:`pytest_collection_modifyitems` gives a worker's collection (:func:`_xdist_order`).
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            return nodeid if _own_unit(nodeid) else super()._split_scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return Scheduler(config, log)
+
+
+def _xdist_order(items):
+    """Files of many tests first (most first, as pytest-xdist orders them), then the
+    simulator runs, then the other files.
+
+    The big files compile most CPU kernels that the simulator runs compare against, so those
+    find them in the kernel cache (run first, cold, two of them compiled the same kernels at
+    once); the small files after them fill the workers' ends.  Files stay together.
+    """
+    files = [item.nodeid.split("::")[0] for item in items]
+    count = {path: files.count(path) for path in set(files)}
+    first = {path: files.index(path) for path in count}
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        if _own_unit(item.nodeid):
+            return (1, 0, 0)  # stable: in collection order
+        return (0 if count[path] >= BIG_FILE else 2, -count[path], first[path])
+
+    items.sort(key=key)
+
+
 def pytest_collection_modifyitems(config, items):
     """Select tests by cell, for the device check (benchmarks/devicecheck.py), which runs
     the GPU tests in parallel processes, for loading kernels is their cost.
@@ -104,3 +158,5 @@ def pytest_collection_modifyitems(config, items):
         kept = set(map(id, keep))
         config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
         items[:] = keep
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (its option dist reads "no")
+        _xdist_order(items)  # the order in which the controller hands out the work units
