@@ -98,7 +98,12 @@ def pytest_xdist_make_scheduler(config, log):
     """
     if config.getvalue("dist") != "loadfile":
         return None
-    from xdist.scheduler import LoadFileScheduling
+    try:  # pytest-xdist 3.x; another layout falls back to its own loadfile scheduler
+        from xdist.scheduler import LoadFileScheduling
+    except ImportError:
+        return None
+    if not hasattr(LoadFileScheduling, "_split_scope"):
+        return None
 
     class Scheduler(LoadFileScheduling):
         def _split_scope(self, nodeid):
