@@ -614,3 +614,27 @@ def test_kernels_leave_numbas_threading_layer_unlaunched():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def _probe_step(xw, hu, prev):
+    z = sigmoid(xw[0] + hu[0])
+    return (z * prev[0] + (1 - z) * tanh(xw[1] + hu[1]),)
+
+
+def test_a_bidirectional_layer_compiles_no_second_kernel_signature():
+    """One direction's half of a bidirectional output (and of its gradient) is strided; the
+    kernels run on contiguous buffers instead, so a bidirectional layer uses the kernels a
+    one-direction call (or the background build) compiled, not a second compile of each."""
+    from kernrnn.backends.cpu.build import get_kernels
+    from kernrnn.cell import Cell
+
+    cell = Cell("t_one_signature", gates="zc", forward=_probe_step)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 2, 3))
+    for bidirectional in (False, True):
+        layer = kernrnn.RNN(cell, 3, 4, bidirectional=bidirectional, dtype=np.float64, seed=0)
+        y, _ = layer(x)
+        layer.backward(np.ones_like(y))
+    k = get_kernels(cell, np.dtype(np.float64), (False, False), False)
+    assert k.fused is not None  # a dense cell: the packed path
+    assert len(k.fused.forward_train.signatures) == 1
+    assert len(k.fused.backward_loop.signatures) == 1

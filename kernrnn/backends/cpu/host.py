@@ -61,6 +61,10 @@ def _reg_args(ka) -> dict:
 def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, hyper=None):
     """Run one layer in one direction; arguments are already validated.
 
+    A strided ``y`` (one direction's half of a bidirectional output) is written through a
+    contiguous buffer: the kernels then have one signature, the one the background build
+    compiled, instead of a second compile for a strided output.
+
     ``params`` maps the cell's parameter names (``weight_ih``, ...; see
     :meth:`kernrnn.cell.Cell.param_shapes`) to arrays; ``h0`` is ``[S, B, H]``,
     ``lengths`` int64 ``[B]``; ``y`` an optional ``[T, B, H]`` (possibly
@@ -71,6 +75,10 @@ def forward(cell, x, params, h0, lengths, reverse, training, y=None, reg=None, h
     (``params["weight_hr"]`` ``[proj, H]``, LSTMP) ``y`` is ``[T, B, proj]`` and the
     projected h travels in the first ``proj`` columns of ``h0[0]``/``hn[0]``.
     """
+    if y is not None and not y.flags.c_contiguous:
+        y_c, hn, ctx = forward(cell, x, params, h0, lengths, reverse, training, None, reg, hyper)
+        y[...] = y_c
+        return y, hn, ctx
     T, B, I = x.shape
     H = h0.shape[2]
     dtype = x.dtype
@@ -213,6 +221,7 @@ def backward(ctx: ForwardContext, dy, dhn):
     """
     if ctx.path == first_tier.PATH:
         return first_tier.backward(ctx, dy, dhn)
+    dy = np.ascontiguousarray(dy)  # one kernel signature (a strided dy compiled a second)
     cell, x, params, buf = ctx.cell, ctx.x, ctx.params, ctx.buffers
     T, B, _ = x.shape
     H = dhn.shape[2]
