@@ -1,4 +1,4 @@
-"""Where the test-suite's time goes: every Numba CPU compile, per test, compiled or loaded from the cache.
+"""Where the test-suite's time goes: each Numba CPU compile or cache load (from 0.05 s), per test.
 
 A pytest plugin and a summary.  Run the suite with an empty kernel cache and the plugin
 (``PYTEST_PLUGINS`` reaches the simulator subprocesses too)::

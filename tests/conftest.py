@@ -32,7 +32,7 @@ def _simulator_block_manager_yields() -> None:
     ``BlockManager.run`` polls them in a busy loop (``is_alive`` and the barrier
     flags) that holds the GIL against the very threads it waits for: a simulated
     kernel ran 5-10x slower than its threads' own work (``tests/cudasim``: 162 tests in
-    35 s with this, about 200 s without).  ``time.sleep(0)`` in the polled ``is_alive``
+    about 40 s with this, about 200 s without).  ``time.sleep(0)`` in the polled ``is_alive``
     hands the GIL over at each poll; what the threads compute, and when the barrier
     releases them, is unchanged.  Only the manager calls ``is_alive`` on these threads.
     """
@@ -105,8 +105,8 @@ def _cell_of(item) -> str:
     return str(params.get("cell_name", params.get("cell", "")))
 
 
-#: Tests that spend tens of seconds in a simulator subprocess: each is its own pytest-xdist work unit
-#: under ``--dist loadfile`` (not its file's).
+#: Tests that spend tens of seconds in a simulator subprocess: each is its own pytest-xdist
+#: work unit under ``--dist loadfile`` (not its file's).
 OWN_UNIT = ("tests/test_cuda_sim.py::test_cuda_backend_under_simulator",
             "tests/test_cuda_persistent.py::test_persistent_kernels_under_simulator")
 #: Files of at least this many tests go out before the simulator runs.
@@ -122,8 +122,8 @@ def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with the simulator runs split off, handed out in collection order.
 
     pytest-xdist hands out files by their number of tests, so the one-test simulator file
-    (tens of seconds, minutes before) started last and one worker ran it alone at the end.  Here each simulator
-    run is its own unit, and the units go out in the order that
+    started last and one worker ran it alone at the end.  Here each simulator run is its own
+    unit, and the units go out in the order that
     :func:`pytest_collection_modifyitems` gives a worker's collection (:func:`_xdist_order`).
     """
     if config.getvalue("dist") != "loadfile":

@@ -19,16 +19,13 @@ import pytest
 pytest.importorskip("numba.cuda", reason="the CUDA simulator needs numba-cuda (extra 'cudasim')")
 
 HERE = Path(__file__).resolve().parent
-SIM_FILES = sorted(p.name for p in (HERE / "cudasim").glob("test_*.py"))
 
 
 @pytest.mark.cudasim
 def test_cuda_backend_under_simulator():
-    assert len(SIM_FILES) >= 11  # a glob that finds nothing would check nothing
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env.pop("KERNRNN_CUDA_PATH", None)
-    files = [str(HERE / "cudasim" / f) for f in SIM_FILES]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "cudasim"), "-q", "-p", "no:cacheprovider",
            "--rootdir", str(HERE.parent), "-x"]
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
                           timeout=1200)

@@ -237,7 +237,7 @@ def input_projection_source(cell, mrx: int, nu: int) -> str:
     rows = b1 - b0
     Xc = np.empty((T * rows, X.shape[2]), X.dtype)
     for t in range(T):  # element by element: a row assignment compiles Numba's shape-error
-        for r in range(rows):  # message (about 3 s of a cold process's first compile)
+        for r in range(rows):  # message (1.6 s of a cold process's first compile)
             for k in range(X.shape[2]):
                 Xc[t * rows + r, k] = X[t, b0 + r, k]
     for g0 in range(0, T * rows, {rg}):
