@@ -1,7 +1,8 @@
 """Public testing tools for kernrnn and for cell-plugin authors.
 
 * :mod:`kernrnn.testing.reference`: float64 NumPy reference of a layer.
-* :mod:`kernrnn.testing.strategies`: hypothesis strategies (needs hypothesis).
+* :mod:`kernrnn.testing.strategies`: hypothesis strategies (``problems()`` needs
+  hypothesis; the problems' arrays do not).
 * :mod:`kernrnn.testing.conformance`: :func:`check_cell`, the check any cell
   must pass (forward vs reference, gradients vs finite differences).
 * :mod:`kernrnn.testing.compiles`: :func:`check_compiles`, which compiles a

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for recurrent-layer problems.
+"""Hypothesis strategies for recurrent-layer problems, and the problems' arrays.
 
 ``problems()`` draws shapes (T, B, I, H from 1 up), layers, directions,
 lengths, whether there is an initial state, and a seed; the arrays themselves
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from hypothesis import strategies as st
 
 __all__ = ["Problem", "problems", "make_arrays", "hidden_multiple", "raw_input_sizes"]
 
@@ -37,34 +36,41 @@ class Problem:
         return self.proj_size or self.H
 
 
-@st.composite
-def problems(draw, max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirectional=None,
+def problems(max_T=8, max_B=4, max_I=6, max_H=6, max_layers=2, bidirectional=None,
              variable_lengths=True, cell=None, projection=False):
-    """A random problem; ``bidirectional=None`` draws it too.
+    """A hypothesis strategy of random problems; ``bidirectional=None`` draws it too.
 
     With ``cell``, H fits it (a multiple of its number of heads), and for a
     cell with ``raw_input`` I == H and a stack only where the layers above the
     first get H inputs (one direction, no projection).  With ``projection``, an
-    LSTMP problem: H >= 2 and ``proj_size`` in [1, H-1].
+    LSTMP problem: H >= 2 and ``proj_size`` in [1, H-1].  Hypothesis is imported
+    here, so the rest of this module (and :func:`kernrnn.testing.check_cell`) works
+    without it.
     """
-    T = draw(st.integers(1, max_T))
-    B = draw(st.integers(1, max_B))
-    I = draw(st.integers(1, max_I))
-    m = hidden_multiple(cell)
-    H = m * draw(st.integers(1, max(1, max_H // m)))
-    L = draw(st.integers(1, max_layers))
-    bi = draw(st.booleans()) if bidirectional is None else bidirectional
-    lengths = None
-    if variable_lengths and draw(st.booleans()):
-        lengths = tuple(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
-    with_h0 = draw(st.booleans())
-    seed = draw(st.integers(0, 2**32 - 1))
-    P = 0
-    if projection:
-        H = max(H, 2)
-        P = draw(st.integers(1, H - 1))
-    I, L = raw_input_sizes(cell, I, H, L, bi, P)
-    return Problem(T, B, I, H, L, bi, lengths, with_h0, seed, P)
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw_problem(draw):
+        T = draw(st.integers(1, max_T))
+        B = draw(st.integers(1, max_B))
+        I = draw(st.integers(1, max_I))
+        m = hidden_multiple(cell)
+        H = m * draw(st.integers(1, max(1, max_H // m)))
+        L = draw(st.integers(1, max_layers))
+        bi = draw(st.booleans()) if bidirectional is None else bidirectional
+        lengths = None
+        if variable_lengths and draw(st.booleans()):
+            lengths = tuple(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
+        with_h0 = draw(st.booleans())
+        seed = draw(st.integers(0, 2**32 - 1))
+        P = 0
+        if projection:
+            H = max(H, 2)
+            P = draw(st.integers(1, H - 1))
+        I, L = raw_input_sizes(cell, I, H, L, bi, P)
+        return Problem(T, B, I, H, L, bi, lengths, with_h0, seed, P)
+
+    return draw_problem()
 
 
 def raw_input_sizes(cell, I: int, H: int, L: int, bidirectional: bool, P: int = 0):
