@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from kernrnn.numba_inline import register
+
 __all__ = ["philox", "philox_scalar", "philox_words", "zoneout_words", "bits24", "threshold",
            "uniform", "below_scalar",
            "stream_id", "PURPOSES", "SEQUENCE"]
@@ -81,6 +83,7 @@ def uniform(seed: int, stream: int, t, b, j, xp=np):
     return bits24(seed, stream, t, b, j, xp=xp).astype(xp.float64) * (1.0 / (1 << 24))
 
 
+@register
 @numba.njit(inline="always")
 def philox_words(c0, c1, c2, c3, k0, k1):
     """Philox-4x32-10 on one counter; every value a ``uint64`` holding 32 bits.
@@ -103,12 +106,14 @@ def philox_words(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
+@register
 @numba.njit(inline="always")
 def philox_scalar(c0, c1, c2, c3, k0, k1):
     """The first output word of :func:`philox_words` (the dropout masks use one per element)."""
     return philox_words(c0, c1, c2, c3, k0, k1)[0]
 
 
+@register
 @numba.njit(inline="always")
 def zoneout_words(seed_lo, seed_hi, stream, t, b, j):
     """The four 24-bit draws of element (t, b, j): zoneout of states ``4g .. 4g+3`` where
@@ -119,6 +124,7 @@ def zoneout_words(seed_lo, seed_hi, stream, t, b, j):
     return w[0] >> s8, w[1] >> s8, w[2] >> s8, w[3] >> s8
 
 
+@register
 @numba.njit(inline="always")
 def below_scalar(seed_lo, seed_hi, stream, t, b, j, thresh):
     """True when element (t, b, j) of ``stream`` falls below ``thresh`` (see :func:`bits24`).

@@ -50,6 +50,7 @@ import numba
 import numpy as np
 
 from kernrnn.errors import CellError, describe_source
+from kernrnn.numba_inline import register
 
 __all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
            "find_precision_leaks"]
@@ -259,7 +260,7 @@ def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.Funct
     tree, used = _located_tree(fn, dtype)
     namespace = _retyped_namespace(fn, dtype, seen, used)
     exec(compile(tree, _source_file(fn), "exec"), namespace)
-    compiled = numba.njit(inline="always")(namespace[fn.__name__])
+    compiled = register(numba.njit(inline="always")(namespace[fn.__name__]))
     seen[key] = compiled
     seen[(orig, dtype.str)] = compiled
     return compiled

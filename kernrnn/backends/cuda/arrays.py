@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from kernrnn.numba_inline import install as install_inliner
+
 __all__ = ["cuda", "cupy", "xp", "SIMULATOR", "INSTALL_HINT", "CudaUnavailableError", "require",
            "asarray", "from_host", "lengths", "need_numba_cuda"]
 
@@ -32,6 +34,8 @@ try:
 except Exception as exc:  # numba-cuda missing or broken
     cuda = None
     _import_error = f"numba-cuda could not be imported ({type(exc).__name__}: {exc})"
+else:
+    install_inliner()  # the cheaper inlining of kernrnn's math (numba_inline) in CUDA kernels
 
 
 def _simulator_enabled() -> bool:

@@ -1,0 +1,156 @@
+"""Cheaper Numba-IR inlining of kernrnn's own ``inline="always"`` functions.
+
+Every kernel inlines the cell's math, its helpers (``sigmoid``, ``tanh``, ...)
+and the Philox draws at Numba IR level (:mod:`kernrnn.scalar`,
+:mod:`kernrnn.philox`), and a cell's math is inlined into many kernels: the
+compile check, the training and inference forwards, the backward, a dozen
+CUDA kernels.  At every such site Numba redoes two things whose result is
+the same each time:
+
+1. it runs the callee's untyped passes again (byte code to canonical IR,
+   with the callee's own inlines), and
+2. it copies the callee's IR one block at a time, and each block's copy
+   deep-copies the function's whole variable scope: every variable and its
+   location, once per block (NVIDIA/numba-cuda#688 describes the same cost).
+
+For the functions registered here (:func:`register`: kernrnn's, never a
+user's own Numba functions) this module keeps the canonical IR of each
+function per target and compiler flags (Numba's inliner copies it before it
+changes anything), and copies all blocks of a callee with one memo, so the
+scope and each variable are copied once per inline (:class:`_InlinerCopy`).
+The inlined IR is the same as before; ``tests/test_numba_inline.py`` compares the machine
+code with and without it.  Measured on the 2-core development machine:
+compiling four new cells' CPU kernels 47.6 -> 37.9 s, their PTX 10.5 -> 7.4 s
+(``benchmarks/README.md``).
+
+``KERNRNN_FAST_INLINE=0`` in the environment leaves Numba's inliner as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+import sys
+import threading
+import weakref
+
+__all__ = ["register", "install", "enabled", "numba_inliner"]
+
+_registered: weakref.WeakSet = weakref.WeakSet()  # the plain Python functions
+_ir_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {key: IR}
+_lock = threading.Lock()
+_patched: set = set()
+_state = threading.local()
+_off = False  # numba_inliner() sets it
+
+
+def enabled() -> bool:
+    """False when ``KERNRNN_FAST_INLINE=0`` asks for Numba's inliner unchanged."""
+    return os.environ.get("KERNRNN_FAST_INLINE", "1").strip() != "0"
+
+
+@contextlib.contextmanager
+def numba_inliner():
+    """Compile with Numba's own inliner inside the block (to compare with it)."""
+    global _off
+    before, _off = _off, True
+    try:
+        yield
+    finally:
+        _off = before
+
+
+def register(dispatcher):
+    """Mark a Numba ``inline="always"`` dispatcher as kernrnn's (returns it unchanged)."""
+    _registered.add(dispatcher.py_func)
+    install()
+    return dispatcher
+
+
+def install() -> None:
+    """Hook the inliners of the Numba targets imported so far (CPU; CUDA once imported).
+
+    Called by :func:`register` and by :mod:`kernrnn.backends.cuda`; calling it
+    again is free.  Nothing changes for functions that were not registered.
+    """
+    if not enabled():
+        return
+    names = ["numba.core.inline_closurecall"]
+    if "numba.cuda" in sys.modules:  # never import numba-cuda for this
+        names.append("numba.cuda.core.inline_closurecall")
+    for name in names:
+        if name in _patched:
+            continue
+        _patched.add(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # numba's own CUDA target, or another layout: Numba's inliner
+            continue
+        worker = getattr(module, "InlineWorker", None)
+        if (worker is None or getattr(module, "copy", None) is not copy
+                or not callable(getattr(worker, "run_untyped_passes", None))
+                or not callable(getattr(worker, "inline_ir", None))):
+            continue  # not the inliner this was written against: leave it as it is
+        worker.run_untyped_passes = _memoised(worker.run_untyped_passes)
+        worker.inline_ir = _one_memo_per_scope(worker.inline_ir)
+        module.copy = _InlinerCopy()
+
+
+def _memoised(run_untyped_passes):
+    def wrapper(self, func, enable_ssa=False):
+        if _off or func not in _registered:
+            return run_untyped_passes(self, func, enable_ssa)
+        # Numba's version sets this on the caller's flags before it runs; so do we.
+        self.flags.enable_ssa = enable_ssa
+        key = (type(self), type(self.targetctx), enable_ssa, self.flags.summary())
+        with _lock:
+            cached = _ir_cache.get(func, {}).get(key)
+        if cached is not None:
+            return cached
+        func_ir = run_untyped_passes(self, func, enable_ssa)  # the inliner copies it: kept intact
+        with _lock:
+            _ir_cache.setdefault(func, {})[key] = func_ir
+        return func_ir
+
+    wrapper.__wrapped__ = run_untyped_passes
+    return wrapper
+
+
+class _InlinerCopy:
+    """Stands in for the ``copy`` module inside Numba's inliner.
+
+    Numba copies a callee block by block, each with a fresh memo, so every
+    block's copy deep-copies the whole variable scope again.  While a
+    registered function is being inlined, the blocks that share a scope share
+    one memo instead: one copy of the scope and of each variable, exactly what
+    a deep copy of all blocks at once gives.  (Inlining a function copies its
+    IR, then copies that copy; the two have different scopes, so they never
+    share a memo.)  Everything else passes straight to :mod:`copy`.
+    """
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+    def deepcopy(self, x, memo=None):
+        memos = getattr(_state, "memos", None)
+        scope = getattr(x, "scope", None)
+        if memos is None or memo is not None or scope is None or not hasattr(x, "body"):
+            return copy.deepcopy(x, memo)
+        return copy.deepcopy(x, memos.setdefault(id(scope), {}))
+
+
+def _one_memo_per_scope(inline_ir):
+    def wrapper(self, caller_ir, block, i, callee_ir, *args, **kwargs):
+        func = getattr(getattr(callee_ir, "func_id", None), "func", None)
+        if _off or func not in _registered:
+            return inline_ir(self, caller_ir, block, i, callee_ir, *args, **kwargs)
+        outer, _state.memos = getattr(_state, "memos", None), {}
+        try:
+            return inline_ir(self, caller_ir, block, i, callee_ir, *args, **kwargs)
+        finally:
+            _state.memos = outer
+
+    wrapper.__wrapped__ = inline_ir
+    return wrapper
