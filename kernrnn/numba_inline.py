@@ -1,29 +1,31 @@
-"""Cheaper Numba-IR inlining of kernrnn's own ``inline="always"`` functions.
+"""Cheaper Numba-IR inlining of kernrnn's math into CUDA kernels.
 
 Every kernel inlines the cell's math, its helpers (``sigmoid``, ``tanh``, ...)
 and the Philox draws at Numba IR level (:mod:`kernrnn.scalar`,
-:mod:`kernrnn.philox`), and a cell's math is inlined into many kernels: the
-compile check, the training and inference forwards, the backward, a dozen
-CUDA kernels.  At every such site Numba redoes two things whose result is
-the same each time:
+:mod:`kernrnn.philox`), and a cell's math goes into a dozen CUDA kernels.  At
+every such site numba-cuda's inliner redoes two things whose result is the
+same each time:
 
 1. it runs the callee's untyped passes again (byte code to canonical IR,
    with the callee's own inlines), and
-2. it copies the callee's IR one block at a time, and each block's copy
-   deep-copies the function's whole variable scope: every variable and its
-   location, once per block (NVIDIA/numba-cuda#688 describes the same cost).
+2. it copies the callee's IR one block at a time, each block with a fresh
+   memo, so every block's copy deep-copies the function's whole variable scope
+   (NVIDIA/numba-cuda#688 describes the same cost).
 
 For the functions registered here (:func:`register`: kernrnn's, never a
-user's own Numba functions) this module keeps the canonical IR of each
-function per target and compiler flags (Numba's inliner copies it before it
-changes anything), and copies all blocks of a callee with one memo, so the
-scope and each variable are copied once per inline (:class:`_InlinerCopy`).
-The inlined IR is the same as before; ``tests/test_numba_inline.py`` compares the machine
-code with and without it.  Measured on the 2-core development machine:
-compiling four new cells' CPU kernels 47.6 -> 37.9 s, their PTX 10.5 -> 7.4 s
-(``benchmarks/README.md``).
+user's own Numba functions) :func:`install` makes numba-cuda's inliner keep
+the canonical IR of each function per target and compiler flags (the inliner
+copies it before it changes anything) and copy all blocks of a callee with
+one memo, so the scope and each variable are copied once per inline
+(:class:`_InlinerCopy`).  The PTX is the same as before
+(``tests/test_numba_inline.py``).  Measured on the 2-core development machine
+(``python -m benchmarks.inline_cost``): the PTX of every CUDA kernel of four
+cells 11.6 -> 9.0 s, ``tests/test_ptx.py`` 75.1 -> 63.6 s.  Numba's CPU
+inliner is left as it is: the same change there measured no gain (the CPU
+kernels of a training step of the four cells, 78.1 s with Numba's inliner,
+80.5 s with this one).
 
-``KERNRNN_FAST_INLINE=0`` in the environment leaves Numba's inliner as it is.
+``KERNRNN_FAST_INLINE=0`` in the environment leaves numba-cuda's inliner as it is.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ _off = False  # numba_inliner() sets it
 
 
 def enabled() -> bool:
-    """False when ``KERNRNN_FAST_INLINE=0`` asks for Numba's inliner unchanged."""
+    """False when ``KERNRNN_FAST_INLINE=0`` asks for numba-cuda's inliner unchanged."""
     return os.environ.get("KERNRNN_FAST_INLINE", "1").strip() != "0"
 
 
 @contextlib.contextmanager
 def numba_inliner():
-    """Compile with Numba's own inliner inside the block (to compare with it)."""
+    """Compile with numba-cuda's own inliner inside the block (to compare with it)."""
     global _off
     before, _off = _off, True
     try:
@@ -65,28 +67,23 @@ def numba_inliner():
 def register(dispatcher):
     """Mark a Numba ``inline="always"`` dispatcher as kernrnn's (returns it unchanged)."""
     _registered.add(dispatcher.py_func)
-    install()
     return dispatcher
 
 
 def install() -> None:
-    """Hook the inliners of the Numba targets imported so far (CPU; CUDA once imported).
-
-    Called by :func:`register` and by :mod:`kernrnn.backends.cuda`; calling it
-    again is free.  Nothing changes for functions that were not registered.
-    """
-    if not enabled():
+    """Hook numba-cuda's inliner (called by :mod:`kernrnn.backends.cuda` once it has
+    imported numba-cuda; calling it again is free).  Nothing changes for functions that
+    were not registered, nor anywhere when numba-cuda is not the one this was written
+    against."""
+    if not enabled() or "numba.cuda" not in sys.modules:  # never import numba-cuda for this
         return
-    names = ["numba.core.inline_closurecall"]
-    if "numba.cuda" in sys.modules:  # never import numba-cuda for this
-        names.append("numba.cuda.core.inline_closurecall")
-    for name in names:
+    for name in ("numba.cuda.core.inline_closurecall",):
         if name in _patched:
             continue
         _patched.add(name)
         try:
             module = importlib.import_module(name)
-        except ImportError:  # numba's own CUDA target, or another layout: Numba's inliner
+        except ImportError:  # numba's own CUDA target, or another layout: its own inliner
             continue
         worker = getattr(module, "InlineWorker", None)
         if (worker is None or getattr(module, "copy", None) is not copy
@@ -119,9 +116,9 @@ def _memoised(run_untyped_passes):
 
 
 class _InlinerCopy:
-    """Stands in for the ``copy`` module inside Numba's inliner.
+    """Stands in for the ``copy`` module inside numba-cuda's inliner.
 
-    Numba copies a callee block by block, each with a fresh memo, so every
+    It copies a callee block by block, each with a fresh memo, so every
     block's copy deep-copies the whole variable scope again.  While a
     registered function is being inlined, the blocks that share a scope share
     one memo instead: one copy of the scope and of each variable, exactly what
