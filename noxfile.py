@@ -14,7 +14,7 @@ nox.options.error_on_missing_interpreters = False
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test-suite, installed as the README's test command does."""
-    session.install("--no-compile", "-e", ".[test,cudasim,train]", "torch==2.13.0")
+    session.install("-e", ".[test,cudasim,train]", "torch==2.13.0")
     session.run("python", "-m", "pytest", "-n", "auto", "--dist", "loadfile", *session.posargs)
 
 
