@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import os
 import sys
 import threading
@@ -43,7 +42,7 @@ __all__ = ["register", "install", "enabled", "numba_inliner"]
 _registered: weakref.WeakSet = weakref.WeakSet()  # the plain Python functions
 _ir_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # function -> {key: IR}
 _lock = threading.Lock()
-_patched: set = set()
+_installed = False
 _state = threading.local()
 _off = False  # numba_inliner() sets it
 
@@ -75,24 +74,22 @@ def install() -> None:
     imported numba-cuda; calling it again is free).  Nothing changes for functions that
     were not registered, nor anywhere when numba-cuda is not the one this was written
     against."""
-    if not enabled() or "numba.cuda" not in sys.modules:  # never import numba-cuda for this
+    global _installed
+    if _installed or not enabled() or "numba.cuda" not in sys.modules:
+        return  # (never imports numba-cuda for this)
+    _installed = True
+    try:
+        from numba.cuda.core import inline_closurecall as module
+    except ImportError:  # numba's own CUDA target, or another layout: its own inliner
         return
-    for name in ("numba.cuda.core.inline_closurecall",):
-        if name in _patched:
-            continue
-        _patched.add(name)
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # numba's own CUDA target, or another layout: its own inliner
-            continue
-        worker = getattr(module, "InlineWorker", None)
-        if (worker is None or getattr(module, "copy", None) is not copy
-                or not callable(getattr(worker, "run_untyped_passes", None))
-                or not callable(getattr(worker, "inline_ir", None))):
-            continue  # not the inliner this was written against: leave it as it is
-        worker.run_untyped_passes = _memoised(worker.run_untyped_passes)
-        worker.inline_ir = _one_memo_per_scope(worker.inline_ir)
-        module.copy = _InlinerCopy()
+    worker = getattr(module, "InlineWorker", None)
+    if (worker is None or getattr(module, "copy", None) is not copy
+            or not callable(getattr(worker, "run_untyped_passes", None))
+            or not callable(getattr(worker, "inline_ir", None))):
+        return  # not the inliner this was written against: leave it as it is
+    worker.run_untyped_passes = _memoised(worker.run_untyped_passes)
+    worker.inline_ir = _one_memo_per_scope(worker.inline_ir)
+    module.copy = _InlinerCopy()
 
 
 def _memoised(run_untyped_passes):

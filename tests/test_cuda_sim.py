@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.cudasim
 def test_cuda_backend_under_simulator():
+    assert len(list((HERE / "cudasim").glob("test_*.py"))) >= 11  # files lost would check less
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env.pop("KERNRNN_CUDA_PATH", None)
     cmd = [sys.executable, "-m", "pytest", str(HERE / "cudasim"), "-q", "-p", "no:cacheprovider",
