@@ -19,7 +19,7 @@ copies it before it changes anything) and copy all blocks of a callee with
 one memo, so the scope and each variable are copied once per inline
 (:class:`_InlinerCopy`).  The PTX is the same as before
 (``tests/test_numba_inline.py``).  Measured on the 2-core development machine
-(``python -m benchmarks.inline_cost``): the PTX of every CUDA kernel of four
+(``python -m benchmarks.compile_cost --switch inline --what ptx``): the PTX of every CUDA kernel of four
 cells 11.6 -> 9.0 s, ``tests/test_ptx.py`` 75.1 -> 63.6 s.  Numba's CPU
 inliner is left as it is: the same change there measured no gain (the CPU
 kernels of a training step of the four cells, 78.1 s with Numba's inliner,

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from kernrnn import numba_gc
 from kernrnn.numba_inline import install as install_inliner
 
 __all__ = ["cuda", "cupy", "xp", "SIMULATOR", "INSTALL_HINT", "CudaUnavailableError", "require",
@@ -36,6 +37,7 @@ except Exception as exc:  # numba-cuda missing or broken
     _import_error = f"numba-cuda could not be imported ({type(exc).__name__}: {exc})"
 else:
     install_inliner()  # the cheaper inlining of kernrnn's math (numba_inline) in CUDA kernels
+    numba_gc.install_cuda()  # numba-cuda's compiles with the garbage collector paused too
 
 
 def _simulator_enabled() -> bool:
