@@ -62,6 +62,8 @@ def _leave() -> None:
 
 
 def _listener(event_module):
+    """A listener for ``event_module`` (Numba's or numba-cuda's: each has its own
+    ``Listener`` base class, so the class is made per module)."""
     class _PauseGC(event_module.Listener):
         """Pauses the collector from a compiler lock's start event to its end event."""
 
