@@ -52,7 +52,7 @@ import numpy as np
 from kernrnn.errors import CellError, describe_source
 from kernrnn.numba_inline import register
 
-__all__ = ["compile_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
+__all__ = ["compile_scalar", "python_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
            "find_precision_leaks"]
 
 _CAST_NAME = "__kernrnn_cast"
@@ -240,30 +240,33 @@ def math_fingerprint(fn: types.FunctionType) -> str:
 
 
 def _retyped_namespace(fn: types.FunctionType, dtype: np.dtype, seen: dict,
-                       used: dict) -> dict:
+                       used: dict, python: bool = False) -> dict:
     namespace = _namespace(fn)
     namespace[_CAST_NAME] = numba.from_dtype(dtype)
     for name, helper in used.items():
-        namespace[name] = _rebuild(helper, dtype, seen)
+        namespace[name] = _rebuild(helper, dtype, seen, python)
     # Helpers the function calls are rewritten the same way, so a helper such
     # as ``sigmoid`` keeps the kernel's precision too (or becomes its variant).
     for name, obj in _helpers(fn):
-        namespace[name] = _rebuild(obj, dtype, seen)
+        namespace[name] = _rebuild(obj, dtype, seen, python)
     return namespace
 
 
-def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict) -> types.FunctionType:
+def _rebuild(fn: types.FunctionType, dtype: np.dtype, seen: dict,
+             python: bool = False) -> types.FunctionType:
     key = (fn, dtype.str)
     if key in seen:
         return seen[key]
     orig, fn = fn, _variant(fn, dtype)
     tree, used = _located_tree(fn, dtype)
-    namespace = _retyped_namespace(fn, dtype, seen, used)
+    namespace = _retyped_namespace(fn, dtype, seen, used, python)
     exec(compile(tree, _source_file(fn), "exec"), namespace)
-    compiled = register(numba.njit(inline="always")(namespace[fn.__name__]))
-    seen[key] = compiled
-    seen[(orig, dtype.str)] = compiled
-    return compiled
+    built = namespace[fn.__name__]
+    if not python:
+        built = register(numba.njit(inline="always")(built))
+    seen[key] = built
+    seen[(orig, dtype.str)] = built
+    return built
 
 
 def _located_tree(fn: types.FunctionType, dtype: np.dtype) -> tuple[ast.Module, dict]:
@@ -280,15 +283,33 @@ def _source_file(fn: types.FunctionType) -> str:
         return fn.__code__.co_filename
 
 
-@lru_cache(maxsize=None)
-def compile_scalar(fn: types.FunctionType, dtype) -> numba.core.registry.CPUDispatcher:
-    """``fn`` as an inline Numba function whose constants have ``dtype``."""
+def _require_plain(fn) -> None:
     if not _is_plain_python_function(fn):
         raise ScalarCompileError(
             f"expected a plain Python function for the cell math, got {type(fn).__name__} "
             f"{fn!r}; pass the undecorated function (the core compiles it)"
         )
+
+
+@lru_cache(maxsize=None)
+def compile_scalar(fn: types.FunctionType, dtype) -> numba.core.registry.CPUDispatcher:
+    """``fn`` as an inline Numba function whose constants have ``dtype``."""
+    _require_plain(fn)
     return _rebuild(fn, np.dtype(dtype), {})
+
+
+@lru_cache(maxsize=None)
+def python_scalar(fn: types.FunctionType, dtype) -> types.FunctionType:
+    """``fn`` retyped like :func:`compile_scalar` (its helpers too), left as Python.
+
+    For Numba's CUDA simulator, which runs the kernels as Python: a compiled function
+    called from there is compiled for the CPU, for each new set of argument types, and
+    called through Numba's dispatcher (half of ``tests/cudasim``'s time went there).
+    The simulator checks the kernels' logic; the machine code of the math is checked by
+    the CPU kernels and the PTX compile.
+    """
+    _require_plain(fn)
+    return _rebuild(fn, np.dtype(dtype), {}, python=True)
 
 
 def find_precision_leaks(fn: types.FunctionType, dtype, arg_types, limit: int = 3) -> list[str]:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernrnn.scalar import ScalarCompileError, compile_scalar, retype_source
+from kernrnn.scalar import ScalarCompileError, compile_scalar, python_scalar, retype_source
+from kernrnn.scalar_math import sigmoid
 
 
 def poly(x):
@@ -49,6 +50,29 @@ def test_float64_result_equals_python(x):
         return f(v)
 
     assert drive(x) == pytest.approx(poly(x), rel=1e-14, abs=1e-14)
+
+
+def gated(a, b):
+    return sigmoid(a) * poly(b) + 0.25
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(a=st.floats(-8, 8), b=st.floats(-3, 3))
+def test_python_variant_is_the_same_math_left_uncompiled(dtype, a, b):
+    """What the CUDA simulator runs: the retyped math and its helpers (the float32 variant of
+    ``sigmoid`` included), none of them a Numba dispatcher, equal to the compiled math."""
+    f, g = python_scalar(gated, dtype), compile_scalar(gated, dtype)
+    assert not hasattr(f, "py_func") and not hasattr(f.__globals__["poly"], "py_func")
+    assert f.__globals__["sigmoid"].__name__ == ("_sigmoid_float32" if dtype is np.float32
+                                                 else "sigmoid")
+
+    @numba.njit
+    def drive(u, v):
+        return g(u, v)
+
+    x, y = dtype(a), dtype(b)
+    tol = 1e-5 if dtype is np.float32 else 1e-14
+    assert f(x, y) == pytest.approx(drive(x, y), rel=tol, abs=tol)
 
 
 def test_lambda_is_rejected_with_reason():

@@ -21,7 +21,7 @@ import numpy as np
 
 from kernrnn.backends import kernel_cache
 from kernrnn.philox import zoneout_words
-from kernrnn.scalar import cell_fingerprint, compile_scalar  # cell_fingerprint: re-exported
+from kernrnn.scalar import cell_fingerprint, compile_scalar, python_scalar  # cell_fingerprint: re-exported
 from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call",
@@ -379,15 +379,18 @@ def row_norm_backward(kind: str, loops: list[str], grad: str, xhat: str, length:
     return "\n".join(pad + line for line in lines)
 
 
-def math_namespace(cell, dtype) -> dict:
+def math_namespace(cell, dtype, python: bool = False) -> dict:
     """Globals of a generated kernel module: the cell's compiled math and typed constants.
 
     ``cell_forward``/``cell_backward`` (and ``cell_forward2``/``cell_backward2``
     for a two-stage step) compiled for ``dtype``; ``ZERO``, ``ONE``, ``EPS`` and
     ``DT`` keep the generated normalisation code in the kernel's precision.
+    ``python``: the retyped math left as Python (:func:`~kernrnn.scalar.python_scalar`),
+    for kernels that Numba's CUDA simulator runs as Python.
     """
     dtype = np.dtype(dtype)
-    ns = {f"cell_{which}": compile_scalar(cell.math_function(which), dtype)
+    build = python_scalar if python else compile_scalar
+    ns = {f"cell_{which}": build(cell.math_function(which), dtype)
           for which, _, _ in cell.math_signatures()}
     ns.update(ZERO=dtype.type(0), ONE=dtype.type(1), EPS=dtype.type(NORM_EPS), DT=dtype.type,
               math=math, zoneout_words=zoneout_words)

@@ -45,7 +45,7 @@ def get_kernels(cell, dtype, reg=(False, False)):
     dtype = np.dtype(dtype)
     reg = (bool(reg[0]), bool(reg[1]))
     source = f"# dtype {dtype}\n" + kernel_sources(cell, reg)
-    namespace = math_namespace(cell, dtype)
+    namespace = math_namespace(cell, dtype, python=SIMULATOR)
     namespace["CACHE"] = not SIMULATOR
     namespace["NBT"] = numba.from_dtype(dtype)  # the shared arrays' element type
     tag = (f"cuda{'sim' if SIMULATOR else ''}_{cell.name}_{dtype.name}"

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from kernrnn.backends.codegen import backward_body, cell_fingerprint, forward_body, load_module
-from kernrnn.scalar import compile_scalar
+from kernrnn.scalar import compile_scalar, python_scalar
 
 __all__ = ["NB_CHOICES", "ACC_REGISTERS", "PersistentKernels", "kernel_sources", "get_kernels",
            "ptx_signatures"]
@@ -359,9 +359,10 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n"
         + kernel_sources(cell, NB, public_barrier=intrinsics is None)
     )
+    math = python_scalar if sim else compile_scalar  # the simulator runs Python
     namespace = {
-        "cell_forward": compile_scalar(cell.forward, dtype),
-        "cell_backward": compile_scalar(cell.backward, dtype),
+        "cell_forward": math(cell.forward, dtype),
+        "cell_backward": math(cell.backward, dtype),
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
         "U64": numba.uint64,
