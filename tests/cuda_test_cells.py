@@ -9,6 +9,7 @@ empty-saved-tuple corner of the generated kernels).
 Registered through the public hook, exactly as a third-party plugin would.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -79,8 +80,10 @@ def registry_with_test_cells():
     return load_registry(autoload=False, plugins=[TestCellsPlugin()])
 
 
+@functools.cache
 def nvvm_available() -> bool:
-    """Whether ``cuda.compile_ptx`` works here (NVVM from numba-cuda's cu12/cu13 wheels)."""
+    """Whether ``cuda.compile_ptx`` works here (NVVM from numba-cuda's cu12/cu13 wheels);
+    asked once per process (each PTX test file asks at collection)."""
     from numba import cuda
 
     try:

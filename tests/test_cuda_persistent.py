@@ -12,6 +12,7 @@
   and this process needs the real target for the PTX check).
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -159,23 +160,30 @@ def _ptxas_report(ptx: str):
     return regs, spills, stack
 
 
+@functools.cache
+def _ptx(cell_name: str, dtype: np.dtype, nb: int, which: str) -> str:
+    """sm_90 PTX of one persistent kernel, compiled once per process (two tests read the
+    fp32 LSTM's)."""
+    k = cp.get_kernels(REGISTRY.get(cell_name), dtype, nb)
+    fwd, bwd = cp.ptx_signatures(dtype)
+    sig = bwd if which == "backward" else fwd
+    return cuda.compile_ptx(getattr(k, which).py_func, sig, cc=(9, 0))[0]
+
+
 @ptx_check
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("cell_name", PLAIN)
 def test_persistent_kernels_compile_to_ptx(cell_name, dtype):
     cell = REGISTRY.get(cell_name)
-    k = cp.get_kernels(cell, dtype, 4)
-    fwd, bwd = cp.ptx_signatures(dtype)
-    kernels = [("forward_train", k.forward_train, fwd), ("backward", k.backward, bwd)]
+    kernels = [("forward_train", 4), ("backward", 4)]
     if dtype == np.float32:
-        kernels.append(("forward_infer", k.forward_infer, fwd))
+        kernels.append(("forward_infer", 4))
     nb = cp._nb_for(cp.MAX_BATCH, cell.n_gates, np.dtype(dtype).itemsize)
     if nb != 4:  # the largest tile the plan picks for this dtype: most registers
-        kmax = cp.get_kernels(cell, dtype, nb)
-        kernels += [(f"forward_train nb={nb}", kmax.forward_train, fwd),
-                    (f"backward nb={nb}", kmax.backward, bwd)]
-    for label, disp, sig in kernels:
-        ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
+        kernels += [("forward_train", nb), ("backward", nb)]
+    for which, nbk in kernels:
+        ptx = _ptx(cell_name, np.dtype(dtype), nbk, which)
+        label = which if nbk == 4 else f"{which} nb={nbk}"
         where = f"{cell_name} {label} {np.dtype(dtype)}"
         assert "cudaCGSynchronize" in ptx, f"{where}: no grid barrier in the PTX"
         assert ".extern .shared" in ptx, f"{where}: no dynamic shared memory"
@@ -216,11 +224,7 @@ def test_inner_loop_index_math_is_cheap(which, limit):
     """The k-loop steps unsigned offsets from hoisted row bases: no negative-index fix-up
     (shr.s64 of a signed index) and at most ``limit`` integer or control instructions
     per FMA in the PTX (fp32 LSTM, NB = 4; before: 2.8 forward, 6.7 backward)."""
-    k = cp.get_kernels(REGISTRY.get("lstm"), np.float32, 4)
-    fwd, bwd = cp.ptx_signatures(np.float32)
-    disp, sig = (k.backward, bwd) if which == "backward" else (k.forward_train, fwd)
-    ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
-    loop = _k_loop(ptx)
+    loop = _k_loop(_ptx("lstm", np.dtype(np.float32), 4, which))
     fma = sum(i.startswith("fma.rn") for i in loop)
     other = sum(not (i.startswith("fma.rn") or i.startswith("ld.")) for i in loop)
     assert not [i for i in loop if i.startswith("shr.s64")], "\n".join(loop)
