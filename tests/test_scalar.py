@@ -1,5 +1,6 @@
 """The precision-preserving compilation of cell math."""
 
+import functools
 import math
 
 import numba
@@ -18,6 +19,16 @@ def poly(x):
 
 def uses_helper(a, b, c):
     return (poly(a[0]) + 2,), (b[0],)
+
+
+@functools.cache
+def _compiled(fn, dtype):
+    """``fn`` compiled for ``dtype`` behind one driver: one compile per (function, dtype),
+    not one per hypothesis example."""
+    g = compile_scalar(fn, dtype)
+    if fn.__code__.co_argcount == 1:
+        return numba.njit(lambda u: g(u))
+    return numba.njit(lambda u, v: g(u, v))
 
 
 def test_literals_are_wrapped_but_indices_and_exponents_are_not():
@@ -43,13 +54,7 @@ def test_result_keeps_precision(dtype):
 
 @given(st.floats(-5, 5))
 def test_float64_result_equals_python(x):
-    f = compile_scalar(poly, np.float64)
-
-    @numba.njit
-    def drive(v):
-        return f(v)
-
-    assert drive(x) == pytest.approx(poly(x), rel=1e-14, abs=1e-14)
+    assert _compiled(poly, np.float64)(x) == pytest.approx(poly(x), rel=1e-14, abs=1e-14)
 
 
 def gated(a, b):
@@ -61,18 +66,15 @@ def gated(a, b):
 def test_python_variant_is_the_same_math_left_uncompiled(dtype, a, b):
     """What the CUDA simulator runs: the retyped math and its helpers (the float32 variant of
     ``sigmoid`` included), none of them a Numba dispatcher, equal to the compiled math."""
-    f, g = python_scalar(gated, dtype), compile_scalar(gated, dtype)
+    f = python_scalar(gated, dtype)
     assert not hasattr(f, "py_func") and not hasattr(f.__globals__["poly"], "py_func")
     assert f.__globals__["sigmoid"].__name__ == ("_sigmoid_float32" if dtype is np.float32
                                                  else "sigmoid")
-
-    @numba.njit
-    def drive(u, v):
-        return g(u, v)
-
     x, y = dtype(a), dtype(b)
     tol = 1e-5 if dtype is np.float32 else 1e-14
-    assert f(x, y) == pytest.approx(drive(x, y), rel=tol, abs=tol)
+    assert f(x, y) == pytest.approx(_compiled(gated, dtype)(x, y), rel=tol, abs=tol)
+
+
 
 
 def test_lambda_is_rejected_with_reason():

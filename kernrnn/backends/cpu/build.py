@@ -152,13 +152,13 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     ns.update(shared)
     for a, b in sorted(tiles):
         ns[mk.tile_name(a, b)] = _tile(a, b, nu, dtype)
+    project = _input_projection(G, mrx, nu, dtype)
     # the shared modules' names (hashes of their source) are part of this source, so a
     # change there also gives this module a new name and Numba cache entry
     used = sorted({getattr(v, "__module__", "") for k, v in ns.items()
-                   if k.startswith("tile_") or k in shared})
+                   if k.startswith("tile_") or k in shared} | {project.__module__})
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n",
-         input_projection_source(cell, mrx, nu),
          fused_forward_source(cell, True, mr, mrx, nu, reg),
          fused_forward_source(cell, False, mr, mrx, nu, reg),
          backward_source(cell, same, packed=(mrb, nu), reg=reg)])
@@ -169,7 +169,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
                          + ("_reg" if any(reg) else ""), ns)
     return FusedKernels(module.forward_train, module.forward_infer, module.backward_loop,
                         mr, nu, mrb, shared["pack_panels"], shared["pack_panels_backward"],
-                        shared["pack_training"], module.input_projection, shared["same_bits"])
+                        shared["pack_training"], project, shared["same_bits"])
 
 
 @lru_cache(maxsize=None)
@@ -182,6 +182,22 @@ def _tile(mr: int, nr: int, nu: int, dtype) -> object:
     module = load_module(f"# kernrnn register tile, {dtype}\n" + source,
                          f"cpu_{mk.tile_name(mr, nr)}_{dtype.name}", {"ZERO": dtype.type(0)})
     return getattr(module, mk.tile_name(mr, nr))
+
+
+@lru_cache(maxsize=None)
+def _input_projection(n_gates: int, mrx: int, nu: int, dtype) -> object:
+    """The input projection of all steps (:func:`~kernrnn.backends.cpu.fused_source.input_projection_source`),
+    in a module of its own: no cell math in it, so every cell with ``n_gates`` gates shares
+    one compilation and kernel-cache entry per precision."""
+    dtype = np.dtype(dtype)
+    ns = {mk.tile_name(h, n_gates * nu): _tile(h, n_gates * nu, nu, dtype)
+          for h in (mrx, *mk.tail_heights(mrx, exact=False))}
+    tiles = ", ".join(sorted(f.__module__ for f in ns.values()))
+    source = (f"# kernrnn input projection of all steps, {n_gates} gates, {dtype}\n"
+              f"# tiles from {tiles}\nimport numba\nimport numpy as np\n"
+              + input_projection_source(n_gates, mrx, nu))
+    module = load_module(source, f"cpu_projection_g{n_gates}_{dtype.name}", ns)
+    return module.input_projection
 
 
 @lru_cache(maxsize=None)

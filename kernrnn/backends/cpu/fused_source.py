@@ -211,7 +211,7 @@ def same_bits(a, b):
 '''
 
 
-def input_projection_source(cell, mrx: int, nu: int) -> str:
+def input_projection_source(n_gates: int, mrx: int, nu: int) -> str:
     """``input_projection(X, Wxp, XWc, b0, b1, jb0, jb1)``: ``x_t @ W_ih.T`` of all steps first.
 
     For one or two rows per thread (``pre`` in
@@ -221,9 +221,10 @@ def input_projection_source(cell, mrx: int, nu: int) -> str:
     per group rather than once per step; row ``t * rows + (b - b0)`` of
     ``XWc [T * rows, G*Hpad]`` (unit blocks ``jb0:jb1``) is what the forward
     kernel then reads.  A kernel of its own, so the forward kernels carry one
-    tile sequence less (compile time).
+    tile sequence less (compile time).  No cell math in it: every cell with ``n_gates``
+    gates shares one compilation per precision (see ``build._input_projection``).
     """
-    nrx = cell.n_gates * nu
+    nrx = n_gates * nu
     rg = 16
     ptiles = mk.row_tiles_source(
         mrx, nrx, mk.tail_heights(mrx, exact=False), "g0", "g1",

@@ -231,9 +231,9 @@ def run_fused(kernel, args: dict, batch: int, n_blocks: int, project, prepare=No
     ``args``: its arguments by name
     (:data:`~kernrnn.backends.cpu.kernel_args.FUSED_FORWARD`), but for the
     per-thread ones set here (``XWc``, ``flags``, the :class:`Part`, ``pre``).
-    ``project`` is the module's ``input_projection``, run first (same split)
-    when ``pre``; ``prepare(parts)``, when given, the calls each thread makes
-    before anything else (one per thread: packing the panels).
+    ``project`` is the ``input_projection`` shared by the cells of this gate count, run
+    first (same split) when ``pre``; ``prepare(parts)``, when given, the calls each
+    thread makes before anything else (one per thread: packing the panels).
     """
     X, Wxp = args["X"], args["Wxp"]
     key, parts = thread_parts(kernel, X.shape, batch, n_blocks)
