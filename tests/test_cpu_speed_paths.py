@@ -3,6 +3,7 @@
 No timings are asserted here; speed is measured by ``kernrnn bench``.
 """
 
+import functools
 import math
 
 import numba
@@ -20,7 +21,10 @@ from kernrnn.scalar_math import _sigmoid_float32, _tanh_float32, sigmoid, tanh
 from kernrnn.testing.strategies import make_arrays, problems
 
 
+@functools.cache
 def _vectorised(fn, dtype):
+    """``fn`` for ``dtype`` over an array; one compile per (function, dtype), not one per
+    hypothesis example."""
     f = compile_scalar(fn, dtype)
 
     @numba.njit(error_model="numpy")
