@@ -194,7 +194,7 @@ def _sources(cell) -> str:
     if fused_path(cell):  # the packed CPU kernels
         mr, nu = block_shape(cell.n_recurrent_gates, 4)
         mrx, _ = block_shape(cell.n_gates, 4)
-        parts += [input_projection_source(cell, mrx, nu),
+        parts += [input_projection_source(cell.n_gates, mrx, nu),
                   fused_forward_source(cell, True, mr, mrx, nu),
                   backward_source(cell, same, packed=(mr, nu))]
     return "\n".join(parts)
