@@ -17,6 +17,7 @@ import numpy as np
 from kernrnn import _checks
 from kernrnn.backends import check_device, get_backend
 from kernrnn.backends import resets as _resets
+from kernrnn.backends.cpu import tiers
 from kernrnn.errors import CellError, describe_source
 from kernrnn.functional import (
     direction_shapes,
@@ -27,7 +28,6 @@ from kernrnn.functional import (
 )
 from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization, RegularizationCall, call_seed
-from kernrnn.backends.cpu import tiers
 from kernrnn.scalar import check_cell_compiles
 
 __all__ = ["RNN"]

@@ -38,8 +38,8 @@ import builtins
 import hashlib
 import inspect
 import linecache
-import os
 import math
+import os
 import textwrap
 import types
 from functools import lru_cache

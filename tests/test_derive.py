@@ -20,8 +20,16 @@ import re
 import numba
 import numpy as np
 import pytest
-from derive_helpers import (args_of, chain, fd_mismatches, flat, make_driver, programs,
-                            random_inputs, relclose)
+from derive_helpers import (
+    args_of,
+    chain,
+    fd_mismatches,
+    flat,
+    make_driver,
+    programs,
+    random_inputs,
+    relclose,
+)
 from hand_written_cells import MATH, hand_written
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -485,7 +493,7 @@ F64 = re.compile(r"\.f64\b")
 
 def _ptx_f64_lines(d, prog, seed):
     hits = {}
-    for name, run, args, result in _compiled_calls(d, prog, np.float32, seed):
+    for name, run, _args, _result in _compiled_calls(d, prog, np.float32, seed):
         ptx, _ = CUDA.compile_ptx(run, "void(float32[:], float32[:])", cc=(9, 0))
         lines = [ln.strip() for ln in ptx.splitlines() if F64.search(ln)]
         if lines:

@@ -21,7 +21,11 @@ import numpy as np
 
 from kernrnn.backends import kernel_cache
 from kernrnn.philox import zoneout_words
-from kernrnn.scalar import cell_fingerprint, compile_scalar, python_scalar  # cell_fingerprint: re-exported
+from kernrnn.scalar import (  # cell_fingerprint: re-exported
+    cell_fingerprint,
+    compile_scalar,
+    python_scalar,
+)
 from kernrnn.scalar_math import NORM_EPS
 
 __all__ = ["tup", "call", "forward_body", "backward_body", "forward_call", "backward_call",

@@ -63,7 +63,7 @@ def run(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows, registry.skipped)
-        for row, cell in zip(rows, cells):
+        for cell in cells:
             if cell.hyper:  # what `kernrnn train --cell-arg NAME=VALUE` may set
                 print(f"{cell.name} hyperparameters: " + ", ".join(
                     f"{h.name}={h.default!r}" + (f" ({h.description})" if h.description else "")

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernrnn._checks import to_host
+from kernrnn.errors import CellError
 from kernrnn.layer import RNN
 from kernrnn.plugins import resolve_cell
 from kernrnn.regularization import Regularization
-from kernrnn.testing import tolerances as tol
-from kernrnn.errors import CellError
 from kernrnn.scalar_math import NORM_EPS, reference_norm
+from kernrnn.testing import tolerances as tol
 from kernrnn.testing.reference import reference_rnn
 
 __all__ = ["check_cell", "ConformanceReport", "ConformanceError", "random_problem", "LAYER_SEED",

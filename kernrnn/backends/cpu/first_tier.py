@@ -143,7 +143,7 @@ def backward(ctx, dy, dhn):
     """:func:`kernrnn.backends.cpu.host.backward` of a :func:`forward` context."""
     cell, x, params, buf = ctx.cell, ctx.x, ctx.params, ctx.buffers
     T, B, I = x.shape
-    S, H, G, dtype = cell.n_state, dhn.shape[2], cell.n_gates, x.dtype
+    H, G, dtype = dhn.shape[2], cell.n_gates, x.dtype
     d = cell.derivation()
     rec = cell.has_recurrent
     rgates = list(cell.recurrent_gate_indices)

@@ -16,8 +16,8 @@ import numpy as np
 
 from kernrnn import regularization
 from kernrnn.backends import common
-from kernrnn.backends.cpu import microkernel as mk
 from kernrnn.backends.cpu import first_tier, tiers, timing, tuning
+from kernrnn.backends.cpu import microkernel as mk
 from kernrnn.backends.cpu.build import FusedKernels, get_kernels, precompile
 from kernrnn.backends.cpu.kernel_args import BACKWARD, BACKWARD_STAGED, FORWARD, FORWARD_STAGED
 from kernrnn.backends.cpu.packed import inference_panels, training_panels

@@ -204,8 +204,12 @@ def _staged_forward(cell, train, lines, body, elem, stage0, target, after, saved
             out0, out1 = target, saved
         else:
             bnd = layout[s]
-            out0 = (lambda k, o=bnd["zoff"]: f"Zhat[{o + k}, {tm}, b, j]")
-            out1 = (lambda m, o=bnd["moff"]: f"Mid[{o + m}, {tm}, b, j]")
+
+            def out0(k, o=bnd["zoff"]):
+                return f"Zhat[{o + k}, {tm}, b, j]"
+
+            def out1(m, o=bnd["moff"]):
+                return f"Mid[{o + m}, {tm}, b, j]"
         step = stage_forward_call(cell, s, out0=out0, out1=out1, indent=0, **kw)
         if last:
             step += after
