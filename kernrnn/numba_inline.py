@@ -17,7 +17,7 @@ user's own Numba functions) :func:`install` makes numba-cuda's inliner keep
 the canonical IR of each function per target and compiler flags (the inliner
 copies it before it changes anything) and copy all blocks of a callee with
 one memo, so the scope and each variable are copied once per inline
-(:class:`_InlinerCopy`).  The PTX is the same as before
+(``_InlinerCopy``).  The PTX is the same as before
 (``tests/test_numba_inline.py``).  Measured on the 2-core development machine
 (``python -m benchmarks.compile_cost --switch inline --what ptx``): the PTX of every CUDA kernel of four
 cells 11.6 -> 9.0 s, ``tests/test_ptx.py`` 75.1 -> 63.6 s.  Numba's CPU
