@@ -52,8 +52,8 @@ import numpy as np
 from kernrnn.errors import CellError, describe_source
 from kernrnn.numba_inline import register
 
-__all__ = ["compile_scalar", "python_scalar", "retype_source", "ScalarCompileError", "math_fingerprint",
-           "find_precision_leaks"]
+__all__ = ["compile_scalar", "python_scalar", "retype_source", "ScalarCompileError",
+           "math_fingerprint", "find_precision_leaks"]
 
 _CAST_NAME = "__kernrnn_cast"
 

@@ -156,7 +156,7 @@ def _fused_kernels(cell, dtype, same: bool, reg=(False, False)) -> FusedKernels:
     # the shared modules' names (hashes of their source) are part of this source, so a
     # change there also gives this module a new name and Numba cache entry
     used = sorted({getattr(v, "__module__", "") for k, v in ns.items()
-                   if k.startswith("tile_") or k in shared} | {project.__module__})
+                   if k.startswith("tile_") or k in shared})
     source = "\n".join(
         ["import math\nimport numba\nimport numpy as np\n",
          fused_forward_source(cell, True, mr, mrx, nu, reg),

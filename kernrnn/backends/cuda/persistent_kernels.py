@@ -359,10 +359,10 @@ def get_kernels(cell, dtype, NB: int) -> PersistentKernels:
         f"math {cell_fingerprint(cell)}{', simulator' if sim else ''}\n"
         + kernel_sources(cell, NB, public_barrier=intrinsics is None)
     )
-    math = python_scalar if sim else compile_scalar  # the simulator runs Python
+    build_math = python_scalar if sim else compile_scalar  # the simulator runs Python
     namespace = {
-        "cell_forward": math(cell.forward, dtype),
-        "cell_backward": math(cell.backward, dtype),
+        "cell_forward": build_math(cell.forward, dtype),
+        "cell_backward": build_math(cell.backward, dtype),
         "DT": dtype.type,
         "NBT": numba.from_dtype(dtype),
         "U64": numba.uint64,
